@@ -1,0 +1,56 @@
+# instar: `make` builds release libinstar.so and the instar CLI into build/; `make test` installs what it needs
+# and runs every suite; `make demo` shows the main job on an image it makes itself.
+SWIFT   ?= swift
+PYTHON  ?= python3
+PREFIX  ?= /usr/local
+OUT     := build
+RELEASE := -c release -Xswiftc -static-stdlib
+APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest pkg-config
+
+.PHONY: all deps build test unit-test diff-test demo fuzz bench install clean
+
+all: build
+
+build:
+	$(SWIFT) build $(RELEASE) --product instar
+	$(SWIFT) build $(RELEASE) --product instar-cli
+	mkdir -p $(OUT)/bin $(OUT)/lib
+	cp .build/release/libinstar.so $(OUT)/lib/libinstar.so
+	cp .build/release/instar-cli $(OUT)/bin/instar
+
+# Installs the system packages the build and the tests need, only when some are missing.
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
+
+test: deps build unit-test diff-test
+
+unit-test:
+	$(SWIFT) test
+
+diff-test:
+	INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider Tests/diff
+
+demo: deps build
+	bash bench/demo.sh $(OUT)/bin/instar
+
+fuzz: deps
+	bash fuzz/run.sh
+
+bench: deps build
+	$(PYTHON) bench/run.py --build $(OUT)
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 0755 $(OUT)/lib/libinstar.so $(DESTDIR)$(PREFIX)/lib/libinstar.so
+	install -m 0644 include/instar.h $(DESTDIR)$(PREFIX)/include/instar.h
+	install -m 0755 $(OUT)/bin/instar $(DESTDIR)$(PREFIX)/bin/instar
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e "s|@VERSION@|$$(sed -n 's/.*version = \"\(.*\)\".*/\1/p' Sources/Instar/Instar.swift)|g" \
+	  pkgconfig/instar.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/instar.pc
+
+clean:
+	rm -rf .build $(OUT)

@@ -1,0 +1,40 @@
+#define _GNU_SOURCE
+#include "instar_shims.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+int instar_shim_open(const char *path, int flags, unsigned int mode) {
+    return open(path, flags | O_CLOEXEC, (mode_t)mode);
+}
+
+int instar_shim_o_direct(void) { return O_DIRECT; }
+
+int instar_shim_ofd_lock(int fd, int64_t start, int64_t len, int type) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)start;
+    fl.l_len = (off_t)len;
+    fl.l_type = type == 0 ? F_UNLCK : (type == 1 ? F_RDLCK : F_WRLCK);
+    if (fcntl(fd, F_OFD_SETLK, &fl) == -1) return -errno;
+    return 0;
+}
+
+int instar_shim_ofd_test(int fd, int64_t start, int64_t len, int type) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)start;
+    fl.l_len = (off_t)len;
+    fl.l_type = type == 1 ? F_RDLCK : F_WRLCK;
+    if (fcntl(fd, F_OFD_GETLK, &fl) == -1) return -errno;
+    return fl.l_type == F_UNLCK ? 0 : 1;
+}
+
+int instar_shim_punch_hole(int fd, int64_t offset, int64_t length) {
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == -1) return -errno;
+    return 0;
+}

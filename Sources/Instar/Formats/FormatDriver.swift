@@ -1,0 +1,181 @@
+/// The format driver protocol. Every format (raw, qcow2, ...) lives in `Formats/<Format>/` and conforms to
+/// `ImageFormat` for an open image plus a `FormatDescriptor` entry in `FormatRegistry` for probing, opening and
+/// creating. Operations are written against these types only; they never ask which format an image is.
+
+/// How one guest range stands in one layer of a chain, in qemu's BDRV_BLOCK_* terms.
+public struct BlockStatus: Equatable {
+    /// Bytes from the queried offset that share this status (> 0).
+    public var length: UInt64
+    /// This layer decides the contents of the range (BDRV_BLOCK_ALLOCATED); false sends readers to the backing file.
+    public var allocated: Bool
+    /// The range holds data (BDRV_BLOCK_DATA).
+    public var data: Bool
+    /// The range reads as zeroes (BDRV_BLOCK_ZERO).
+    public var zero: Bool
+    /// Where the range lives in `hostFile` (BDRV_BLOCK_OFFSET_VALID), if it is stored contiguously and plainly.
+    public var hostOffset: UInt64?
+    /// The host file name holding `hostOffset` (the image file, or an external data file).
+    public var hostFile: String?
+
+    public init(length: UInt64, allocated: Bool, data: Bool, zero: Bool, hostOffset: UInt64? = nil,
+                hostFile: String? = nil) {
+        self.length = length
+        self.allocated = allocated
+        self.data = data
+        self.zero = zero
+        self.hostOffset = hostOffset
+        self.hostFile = hostFile
+    }
+
+    /// Not allocated in this layer: the backing file (or zeroes) decides.
+    public static func unallocated(_ length: UInt64) -> BlockStatus {
+        BlockStatus(length: length, allocated: false, data: false, zero: false)
+    }
+}
+
+/// The backing file an image names, exactly as stored in the image.
+public struct BackingReference: Equatable {
+    public var filename: String
+    public var format: String?
+    public init(filename: String, format: String?) {
+        self.filename = filename
+        self.format = format
+    }
+}
+
+/// One internal snapshot, as `qemu-img info` lists it.
+public struct SnapshotInfo: Equatable {
+    public var id: String
+    public var name: String
+    public var vmStateSize: UInt64
+    public var dateSec: UInt32
+    public var dateNsec: UInt32
+    public var vmClockNsec: UInt64
+    /// nil when the image does not record an instruction count (qemu omits "icount").
+    public var icount: UInt64?
+    public init(id: String, name: String, vmStateSize: UInt64, dateSec: UInt32, dateNsec: UInt32,
+                vmClockNsec: UInt64, icount: UInt64?) {
+        self.id = id
+        self.name = name
+        self.vmStateSize = vmStateSize
+        self.dateSec = dateSec
+        self.dateNsec = dateNsec
+        self.vmClockNsec = vmClockNsec
+        self.icount = icount
+    }
+}
+
+/// What a driver reports for `qemu-img info`, beyond what the generic layer knows (filename, sizes, backing).
+public struct FormatInfo {
+    /// "cluster-size", if the format has one.
+    public var clusterSize: UInt64?
+    /// "dirty-flag"; nil when qemu omits the key for this format.
+    public var dirty: Bool?
+    /// "encrypted": true, or nil to omit.
+    public var encrypted: Bool?
+    public var snapshots: [SnapshotInfo]
+    /// "format-specific": `{"type": ..., "data": {...}}` with members in QAPI declaration order.
+    public var formatSpecific: QObject?
+
+    public init(clusterSize: UInt64? = nil, dirty: Bool? = false, encrypted: Bool? = nil,
+                snapshots: [SnapshotInfo] = [], formatSpecific: QObject? = nil) {
+        self.clusterSize = clusterSize
+        self.dirty = dirty
+        self.encrypted = encrypted
+        self.snapshots = snapshots
+        self.formatSpecific = formatSpecific
+    }
+}
+
+/// Reads guest bytes of a layer below (the backing file). The chain layer implements it.
+public protocol GuestReader: AnyObject {
+    var virtualSize: UInt64 { get }
+    /// Fills `buffer` with guest bytes at `offset`; bytes past `virtualSize` read as zeroes.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
+}
+
+/// An open image of one format: one layer of a chain.
+public protocol ImageFormat: AnyObject {
+    /// The qemu format name ("raw", "qcow2").
+    var formatName: String { get }
+    /// The guest-visible size in bytes.
+    var virtualSize: UInt64 { get }
+    /// The backing file the image names, if any.
+    var backingReference: BackingReference? { get }
+    /// The host files this layer reads (image file first, then e.g. an external data file), for actual-size.
+    var hostFiles: [HostFile] { get }
+
+    /// Fills `buffer` with guest bytes at `offset` (offset + count <= virtualSize). Ranges this layer does not
+    /// allocate come from `backing`, or read as zeroes when there is none.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws
+
+    /// The status of the range starting at `offset`, at most `length` bytes, in this layer alone.
+    func blockStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus
+
+    /// What `qemu-img info` shows for this image beyond the generic fields.
+    func formatInfo() throws -> FormatInfo
+
+    // Writing. Read-only drivers keep the default implementations below, which refuse.
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws
+    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws
+    func discard(at offset: UInt64, length: UInt64) throws
+    func flush() throws
+    /// Called once before the image is dropped; writers write back caches and clear the dirty flag here.
+    func close() throws
+}
+
+extension ImageFormat {
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        throw InstarError(.permission, "Image is read-only")
+    }
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        throw InstarError(.permission, "Image is read-only")
+    }
+    public func discard(at offset: UInt64, length: UInt64) throws {}
+    public func flush() throws {}
+    public func close() throws {}
+}
+
+/// What a driver is given to open an image.
+public struct OpenRequest {
+    /// The image file (or the window of it a json: filename selects, see `RawWindow`).
+    public var file: HostFile
+    /// The name the user gave, as qemu prints it.
+    public var filename: String
+    /// Directory used to resolve relative names stored in the image (backing and data files).
+    public var baseDirectory: String
+    public var writable: Bool
+    public var options: ImageOpenOptions
+    public init(file: HostFile, filename: String, baseDirectory: String, writable: Bool, options: ImageOpenOptions) {
+        self.file = file
+        self.filename = filename
+        self.baseDirectory = baseDirectory
+        self.writable = writable
+        self.options = options
+    }
+}
+
+/// Options that reach the drivers.
+public struct ImageOpenOptions {
+    public var forceShare = false
+    public var direct = false
+    /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
+    public var driverOptions: [String: QObject] = [:]
+    /// Secrets by id, from --object secret,id=...,data=...
+    public var secrets: [String: String] = [:]
+    public init() {}
+}
+
+/// A format's entry in the registry.
+public struct FormatDescriptor {
+    public var name: String
+    /// qemu's probe score for the first 2048 bytes of a file (0: not this format; raw scores 1).
+    public var probe: (_ header: [UInt8], _ filename: String) -> Int
+    public var open: (OpenRequest) throws -> ImageFormat
+    public init(name: String, probe: @escaping ([UInt8], String) -> Int,
+                open: @escaping (OpenRequest) throws -> ImageFormat) {
+        self.name = name
+        self.probe = probe
+        self.open = open
+    }
+}

@@ -1,0 +1,33 @@
+/// The table of formats instar knows, and qemu's probing over it.
+public enum FormatRegistry {
+    /// Every driver. Drivers add themselves here; nothing else lists formats.
+    public static let all: [FormatDescriptor] = [
+        RawFormat.descriptor,
+        Qcow2Format.descriptor,
+    ]
+
+    /// qemu's probe buffer size (BLOCK_PROBE_BUF_SIZE).
+    public static let probeSize = 2048
+
+    public static func descriptor(named name: String) -> FormatDescriptor? {
+        all.first { $0.name == name }
+    }
+
+    /// Picks the format of `file` the way qemu does: the highest probe score over the first 2048 bytes wins, an
+    /// empty file is raw.
+    public static func probe(_ file: HostFile, filename: String) throws -> FormatDescriptor {
+        let size = try file.size()
+        if size == 0 { return RawFormat.descriptor }
+        let header = try file.readBytes(at: 0, count: Int(min(UInt64(probeSize), size)))
+        var best = RawFormat.descriptor
+        var bestScore = 0
+        for d in all {
+            let score = d.probe(header, filename)
+            if score > bestScore {
+                best = d
+                bestScore = score
+            }
+        }
+        return best
+    }
+}

@@ -1,0 +1,86 @@
+/// The raw format: guest bytes are the file's bytes, optionally a window of it (json: "offset"/"size", as
+/// ovirt-imageio opens tar members).
+public final class RawFormat: ImageFormat {
+    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+
+    public let formatName = "raw"
+    public let file: HostFile
+    let windowOffset: UInt64
+    let windowSize: UInt64?
+    public var hostFiles: [HostFile] { [file] }
+    public var backingReference: BackingReference? { nil }
+
+    init(request: OpenRequest) throws {
+        file = request.file
+        let opts = request.options.driverOptions
+        var off: UInt64 = 0
+        if let o = opts["offset"] {
+            guard let v = o.int64Value, v >= 0 else { throw InstarError.invalid("Parameter 'offset' expects a non-negative number below 2^64") }
+            off = UInt64(v)
+        }
+        windowOffset = off
+        if let s = opts["size"] {
+            guard let v = s.int64Value, v >= 0 else { throw InstarError.invalid("Parameter 'size' expects a non-negative number below 2^64") }
+            windowSize = UInt64(v)
+        } else {
+            windowSize = nil
+        }
+        let fileSize = try file.size()
+        if windowOffset > fileSize { throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (0) has to be smaller or equal to the  actual size of the containing file (\(fileSize))") }
+        if let ws = windowSize, try windowOffset.adding(ws) > fileSize {
+            throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (\(ws)) has to be smaller or equal to the  actual size of the containing file (\(fileSize))")
+        }
+    }
+
+    /// The virtual size: the window size, else the file size rounded up to 512 bytes as qemu's block layer does.
+    public var virtualSize: UInt64 {
+        if let ws = windowSize { return ws }
+        let fileSize = (try? file.size()) ?? 0
+        let len = fileSize - windowOffset
+        return (try? len.alignedUp(512)) ?? len
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        try file.readZeroPadded(into: buffer, at: try windowOffset.adding(offset))
+    }
+
+    public func blockStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus {
+        let hostStart = try windowOffset.adding(offset)
+        let fileSize = try file.size()
+        if hostStart >= fileSize {
+            // The tail of the last sector past end of file: a hole.
+            return BlockStatus(length: length, allocated: true, data: false, zero: true, hostOffset: hostStart, hostFile: file.path)
+        }
+        let limit = min(try hostStart.adding(length), fileSize)
+        guard let data = file.nextData(from: hostStart) else {
+            return BlockStatus(length: length, allocated: true, data: false, zero: true, hostOffset: hostStart, hostFile: file.path)
+        }
+        if data > hostStart {
+            return BlockStatus(length: min(data, limit) - hostStart, allocated: true, data: false, zero: true,
+                               hostOffset: hostStart, hostFile: file.path)
+        }
+        let hole = file.nextHole(from: hostStart)
+        var end = min(max(hole, hostStart + 1), limit)
+        // The part of the final partial sector past EOF belongs to the data extent in qemu's sector view.
+        if end == fileSize { end = min(try hostStart.adding(length), try fileSize.alignedUp(512)) }
+        return BlockStatus(length: end - hostStart, allocated: true, data: true, zero: false, hostOffset: hostStart,
+                           hostFile: file.path)
+    }
+
+    public func formatInfo() throws -> FormatInfo { FormatInfo(dirty: false) }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        try file.write(buffer, at: try windowOffset.adding(offset))
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        let start = try windowOffset.adding(offset)
+        if mayUnmap { try file.punchHole(at: start, length: length) } else { try file.writeZeroes(at: start, length: length) }
+    }
+
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try file.punchHole(at: try windowOffset.adding(offset), length: length)
+    }
+
+    public func flush() throws { try file.sync() }
+}

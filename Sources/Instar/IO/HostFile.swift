@@ -1,0 +1,229 @@
+import CInstar
+import Glibc
+
+/// An open host file: the "file" protocol layer under every format driver.
+/// Reads and writes are positional (pread/pwrite) so one handle serves any offset; with `direct` the file is
+/// opened O_DIRECT and unaligned requests go through an aligned bounce buffer.
+public final class HostFile {
+    public let path: String
+    public let fd: Int32
+    public let writable: Bool
+    public let direct: Bool
+    /// O_DIRECT alignment for offsets, lengths and buffers.
+    public static let directAlignment = 4096
+
+    private init(path: String, fd: Int32, writable: Bool, direct: Bool) {
+        self.path = path
+        self.fd = fd
+        self.writable = writable
+        self.direct = direct
+    }
+
+    deinit { Glibc.close(fd) }
+
+    /// Opens `path`. Errors carry qemu's file-posix wording: "Could not open 'PATH': <strerror>".
+    public static func open(_ path: String, writable: Bool = false, create: Bool = false, truncate: Bool = false,
+                            direct: Bool = false) throws -> HostFile {
+        var flags = writable ? O_RDWR : O_RDONLY
+        if create { flags |= O_CREAT }
+        if truncate { flags |= O_TRUNC }
+        if direct { flags |= instar_shim_o_direct() }
+        var fd = instar_shim_open(path, flags, 0o644)
+        if fd < 0 && direct && errno == EINVAL {
+            // The filesystem refuses O_DIRECT (tmpfs); qemu fails the same way, so report it.
+            throw InstarError.system(EINVAL, "Could not open '\(path)'")
+        }
+        if fd < 0 {
+            throw InstarError.system(errno, "Could not open '\(path)'")
+        }
+        var st = stat()
+        if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR {
+            Glibc.close(fd)
+            fd = -1
+            throw InstarError(.invalid, "Could not open '\(path)': Is a directory", errno: EISDIR)
+        }
+        return HostFile(path: path, fd: fd, writable: writable, direct: direct)
+    }
+
+    /// The file length in bytes.
+    public func size() throws -> UInt64 {
+        var st = stat()
+        if fstat(fd, &st) != 0 { throw InstarError.system(errno, "Could not stat '\(path)'") }
+        return UInt64(max(0, st.st_size))
+    }
+
+    /// Bytes allocated on the host (st_blocks * 512), as qemu's "actual-size"/"disk size".
+    public func allocatedSize() throws -> UInt64 {
+        var st = stat()
+        if fstat(fd, &st) != 0 { throw InstarError.system(errno, "Could not stat '\(path)'") }
+        return UInt64(max(0, st.st_blocks)) &* 512
+    }
+
+    /// Reads up to `buffer.count` bytes at `offset`; returns how many were read (fewer only at end of file).
+    @discardableResult
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        if buffer.count == 0 { return 0 }
+        guard offset <= UInt64(Int64.max) else { throw InstarError.corrupt("read offset out of range") }
+        if direct { return try directRead(into: buffer, at: offset) }
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw InstarError.system(errno, "Could not read '\(path)'")
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Reads exactly `buffer.count` bytes; the part past end of file reads as zeroes (as qemu's file driver does).
+    public func readZeroPadded(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        let n = try read(into: buffer, at: offset)
+        if n < buffer.count { memset(buffer.baseAddress! + n, 0, buffer.count - n) }
+    }
+
+    /// Reads `count` bytes at `offset` into a new array; bytes past end of file read as zeroes.
+    public func readBytes(at offset: UInt64, count: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        try out.withUnsafeMutableBytes { try readZeroPadded(into: $0, at: offset) }
+        return out
+    }
+
+    /// Reads `count` bytes at `offset`; fails with `.corrupt("<what> is truncated")` if the file ends first.
+    public func readExactly(at offset: UInt64, count: Int, what: String) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let n = try out.withUnsafeMutableBytes { try read(into: $0, at: offset) }
+        if n < count { throw InstarError.corrupt("\(what) is truncated") }
+        return out
+    }
+
+    /// Writes all of `buffer` at `offset`.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if buffer.count == 0 { return }
+        guard offset <= UInt64(Int64.max) else { throw InstarError.invalid("write offset out of range") }
+        if direct { return try directWrite(buffer, at: offset) }
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw InstarError.system(errno, "Could not write to '\(path)'")
+            }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { try write($0, at: offset) }
+    }
+
+    public func truncate(to length: UInt64) throws {
+        guard length <= UInt64(Int64.max) else { throw InstarError.invalid("size out of range") }
+        if ftruncate(fd, off_t(length)) != 0 { throw InstarError.system(errno, "Could not resize file") }
+    }
+
+    /// fdatasync(2), as qemu's flush on a file with a writeback cache.
+    public func sync() throws {
+        if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
+    }
+
+    /// The start of the next data extent at or after `offset`, or nil when only a hole follows (SEEK_DATA).
+    /// Falls back to "all data" where the filesystem lacks SEEK_DATA.
+    public func nextData(from offset: UInt64) -> UInt64? {
+        let r = lseek(fd, off_t(offset), 3 /* SEEK_DATA */)
+        if r < 0 { return errno == ENXIO ? nil : offset }
+        return UInt64(r)
+    }
+
+    /// The start of the next hole at or after `offset` (end of file counts as a hole) (SEEK_HOLE).
+    public func nextHole(from offset: UInt64) -> UInt64 {
+        let r = lseek(fd, off_t(offset), 4 /* SEEK_HOLE */)
+        if r < 0 { return (try? size()) ?? offset }
+        return UInt64(r)
+    }
+
+    /// Punches a hole (deallocates) or, failing that, writes zeroes over the range.
+    public func punchHole(at offset: UInt64, length: UInt64) throws {
+        if length == 0 { return }
+        if instar_shim_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
+        try writeZeroes(at: offset, length: length)
+    }
+
+    /// Writes explicit zeroes over the range.
+    public func writeZeroes(at offset: UInt64, length: UInt64) throws {
+        let chunk = 1 << 20
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: HostFile.directAlignment)
+        defer { zeros.deallocate() }
+        memset(zeros.baseAddress!, 0, chunk)
+        var pos = offset
+        let end = try offset.adding(length)
+        while pos < end {
+            let n = Int(min(UInt64(chunk), end - pos))
+            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: pos)
+            pos += UInt64(n)
+        }
+    }
+
+    /// posix_fallocate(3) over the range (preallocation=falloc).
+    public func allocate(at offset: UInt64, length: UInt64) throws {
+        if length == 0 { return }
+        let r = posix_fallocate(fd, off_t(offset), off_t(length))
+        if r != 0 { throw InstarError.system(r, "Could not preallocate data for the new file") }
+    }
+
+    // MARK: O_DIRECT
+
+    private func directRead(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        let align = UInt64(HostFile.directAlignment)
+        let start = offset.alignedDown(align)
+        let end = try (offset + UInt64(buffer.count)).alignedUp(align)
+        let len = Int(end - start)
+        let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: len, alignment: HostFile.directAlignment)
+        defer { bounce.deallocate() }
+        var done = 0
+        while done < len {
+            let n = pread(fd, bounce.baseAddress! + done, len - done, off_t(start) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw InstarError.system(errno, "Could not read '\(path)'")
+            }
+            if n == 0 { break }
+            done += n
+        }
+        let skip = Int(offset - start)
+        let avail = max(0, min(buffer.count, done - skip))
+        if avail > 0 { memcpy(buffer.baseAddress!, bounce.baseAddress! + skip, avail) }
+        return avail
+    }
+
+    private func directWrite(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        let align = UInt64(HostFile.directAlignment)
+        let start = offset.alignedDown(align)
+        let end = try (offset + UInt64(buffer.count)).alignedUp(align)
+        let len = Int(end - start)
+        let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: len, alignment: HostFile.directAlignment)
+        defer { bounce.deallocate() }
+        memset(bounce.baseAddress!, 0, len)
+        let fileSize = try size()
+        if start != offset || end != offset + UInt64(buffer.count) {
+            // Read-modify-write of the partial blocks at either end.
+            let n = try directRead(into: bounce, at: start)
+            _ = n
+        }
+        memcpy(bounce.baseAddress! + Int(offset - start), buffer.baseAddress!, buffer.count)
+        var done = 0
+        while done < len {
+            let n = pwrite(fd, bounce.baseAddress! + done, len - done, off_t(start) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw InstarError.system(errno, "Could not write to '\(path)'")
+            }
+            done += n
+        }
+        // An aligned write may have grown the file past the logical end; restore it.
+        let logicalEnd = max(fileSize, offset + UInt64(buffer.count))
+        if end > logicalEnd { try truncate(to: logicalEnd) }
+    }
+}

@@ -1,0 +1,59 @@
+import Glibc
+
+/// The one error type of the engine. `message` is the text qemu-img prints after its "qemu-img: " prefix.
+/// Codes map one to one onto the INSTAR_E_* values of instar.h.
+public struct InstarError: Error, CustomStringConvertible {
+    public enum Code: Int32, Sendable {
+        case invalid = -1
+        case io = -2
+        case notFound = -3
+        case corrupt = -4
+        case unsupported = -5
+        case locked = -6
+        case noMemory = -7
+        case cancelled = -8
+        case permission = -9
+        case encrypted = -10
+        case chain = -11
+        case range = -12
+    }
+
+    public var code: Code
+    public var message: String
+    public var errnoValue: Int32
+
+    public init(_ code: Code, _ message: String, errno: Int32 = 0) {
+        self.code = code
+        self.message = message
+        self.errnoValue = errno
+    }
+
+    public var description: String { message }
+
+    public static func invalid(_ message: String) -> InstarError { InstarError(.invalid, message) }
+    public static func corrupt(_ message: String) -> InstarError { InstarError(.corrupt, message) }
+    public static func unsupported(_ message: String) -> InstarError { InstarError(.unsupported, message) }
+
+    /// An error from a failed system call: `what` followed by strerror, as qemu words them.
+    public static func system(_ err: Int32, _ what: String) -> InstarError {
+        let code: Code
+        switch err {
+        case ENOENT: code = .notFound
+        case EACCES, EPERM, EROFS: code = .permission
+        case ENOMEM: code = .noMemory
+        default: code = .io
+        }
+        return InstarError(code, "\(what): \(strerrorString(err))", errno: err)
+    }
+
+    /// The same error with `prefix` put before the message (qemu's error_prepend).
+    public func prepending(_ prefix: String) -> InstarError {
+        InstarError(code, prefix + message, errno: errnoValue)
+    }
+}
+
+/// strerror(3) as a Swift string, with glibc's wording (which qemu prints).
+public func strerrorString(_ err: Int32) -> String {
+    guard let s = strerror(err) else { return "Unknown error \(err)" }
+    return String(cString: s)
+}

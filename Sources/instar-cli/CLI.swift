@@ -1,0 +1,58 @@
+import Glibc
+import Instar
+
+/// Process-wide helpers for the qemu-img-compatible command line.
+enum CLI {
+    /// The program name qemu-img prints before its messages: the basename of argv[0].
+    static var programName = "instar"
+
+    /// Prints "PROGRAM: message" to stderr, as qemu's error_report().
+    static func error(_ message: String) {
+        out.flush()
+        fputs("\(programName): \(message)\n", stderr)
+    }
+
+    /// Prints without the trailing newline (a few qemu messages end without one).
+    static func errorNoNewline(_ message: String) {
+        out.flush()
+        fputs("\(programName): \(message)", stderr)
+    }
+
+    /// The "Try 'qemu-img --help'" hint after a usage error.
+    static func usageError(_ message: String) -> Int32 {
+        error("\(message)\nTry '\(programName) --help' for more information")
+        return 1
+    }
+
+    /// qemu-img's handling of getopt's '?' and ':' results.
+    static func badOption(_ c: Int32, _ arg: String?) -> Int32 {
+        if c == Int32.opt(":") { return usageError("Option '\(arg ?? "")' requires an argument") }
+        return usageError("Unrecognized option '\(arg ?? "")'")
+    }
+
+    static var out = StdoutBuffer()
+}
+
+/// Buffered stdout writer; flushed before anything goes to stderr and at exit.
+struct StdoutBuffer {
+    private var buffer: [UInt8] = []
+    mutating func write(_ s: String) {
+        buffer.append(contentsOf: s.utf8)
+        if buffer.count > 1 << 16 { flush() }
+    }
+    mutating func flush() {
+        if buffer.isEmpty { return }
+        buffer.withUnsafeBytes { p in
+            var done = 0
+            while done < p.count {
+                let n = Glibc.write(1, p.baseAddress! + done, p.count - done)
+                if n <= 0 { if errno == EINTR { continue }; break }
+                done += n
+            }
+        }
+        buffer.removeAll(keepingCapacity: true)
+    }
+}
+
+/// A subcommand: takes argv shifted so that args[0] is the subcommand name; returns the exit status.
+typealias Command = ([String]) -> Int32

@@ -1,0 +1,296 @@
+/*
+ * instar.h - the C API of libinstar, a disk-image engine compatible with qemu-img 7.2.
+ *
+ * This header is the one copy of the API: the Swift engine fills these very structs.
+ *
+ * Conventions (see ARCHITECTURE.md):
+ *  - Every symbol starts with instar_ / INSTAR_.
+ *  - Handles are opaque; the library allocates them and the caller releases them with the matching
+ *    instar_*_close / instar_*_free function.
+ *  - Option structs begin with `uint32_t struct_size`. Initialise them with the INSTAR_*_OPTIONS_INIT macro or
+ *    the instar_*_options_init() function, then set the fields you need. The library reads only the fields
+ *    that fit in struct_size, so a caller built against an older header keeps working.
+ *  - Every call returns an int: 0 (INSTAR_OK) on success or a negative INSTAR_E_* code, and fills the optional
+ *    instar_error_t (pass NULL if you do not want it). The library never prints anything.
+ *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes.
+ *  - All functions are thread-safe; one instar_image_t may be used by one thread at a time.
+ */
+#ifndef INSTAR_H
+#define INSTAR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define INSTAR_API_VERSION 0
+
+/* ---- Errors ------------------------------------------------------------------------------------------ */
+
+/** Return codes. 0 is success; every error is negative. */
+enum {
+    INSTAR_OK = 0,
+    INSTAR_E_INVALID = -1,      /**< bad argument or option */
+    INSTAR_E_IO = -2,           /**< an I/O system call failed (see errno_value) */
+    INSTAR_E_NOT_FOUND = -3,    /**< file, snapshot or bitmap not found */
+    INSTAR_E_CORRUPT = -4,      /**< the image is malformed or hostile; nothing was written */
+    INSTAR_E_UNSUPPORTED = -5,  /**< a feature or format that is not supported */
+    INSTAR_E_LOCKED = -6,       /**< another process holds a conflicting image lock */
+    INSTAR_E_NOMEM = -7,        /**< an allocation failed or a header asked for too much memory */
+    INSTAR_E_CANCELLED = -8,    /**< the progress callback asked to stop */
+    INSTAR_E_PERMISSION = -9,   /**< permission denied, or the image is read-only */
+    INSTAR_E_ENCRYPTED = -10,   /**< the image is encrypted and no usable secret was given */
+    INSTAR_E_CHAIN = -11,       /**< the backing chain is broken, loops or is too deep */
+    INSTAR_E_RANGE = -12        /**< an offset or size is out of range */
+};
+
+/** Details of a failure. `message` is what qemu-img would print after "qemu-img: ". */
+typedef struct instar_error {
+    int32_t code;         /**< INSTAR_E_* */
+    int32_t errno_value;  /**< the errno behind the failure, or 0 */
+    char message[1024];   /**< NUL-terminated, truncated if longer */
+} instar_error_t;
+
+/** The library version as "MAJOR.MINOR.PATCH". Static storage; never free it. */
+const char *instar_version(void);
+
+/** A short static description of an INSTAR_E_* code. Never free it. */
+const char *instar_strerror(int code);
+
+/** Frees a string the library returned (for example from instar_info_json). NULL is allowed. */
+void instar_string_free(char *s);
+
+/* ---- Opening images ---------------------------------------------------------------------------------- */
+
+typedef struct instar_image instar_image_t;
+
+/** Open flags. */
+enum {
+    INSTAR_OPEN_READ_WRITE = 1u << 0,   /**< open for writing (takes QEMU-compatible write locks) */
+    INSTAR_OPEN_FORCE_SHARE = 1u << 1,  /**< qemu-img -U: read even if another process holds a write lock */
+    INSTAR_OPEN_NO_BACKING = 1u << 2,   /**< do not open the backing chain */
+    INSTAR_OPEN_NO_CACHE = 1u << 3      /**< O_DIRECT on the image files (qemu-img -t/-T none) */
+};
+
+typedef struct instar_open_options {
+    uint32_t struct_size;        /**< sizeof(instar_open_options_t) */
+    uint32_t flags;              /**< INSTAR_OPEN_* */
+    const char *format;          /**< "qcow2", "raw", ...; NULL to probe (like omitting qemu-img -f) */
+} instar_open_options_t;
+
+#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL }
+void instar_open_options_init(instar_open_options_t *opts);
+
+/**
+ * Opens an image (and its backing chain unless INSTAR_OPEN_NO_BACKING). `filename` may be a path or a
+ * qemu-style "json:{...}" string. On success *out is a handle to release with instar_close.
+ * Errors: INSTAR_E_NOT_FOUND, INSTAR_E_IO, INSTAR_E_CORRUPT, INSTAR_E_UNSUPPORTED, INSTAR_E_LOCKED, INSTAR_E_CHAIN.
+ */
+int instar_open(const char *filename, const instar_open_options_t *opts, instar_image_t **out,
+                instar_error_t *err);
+
+/** Closes a handle from instar_open. NULL is allowed. */
+void instar_close(instar_image_t *image);
+
+/** The virtual size in bytes. */
+int instar_get_size(instar_image_t *image, uint64_t *size, instar_error_t *err);
+
+/**
+ * Reads `count` guest bytes at `offset` into `buf`, through the backing chain (unallocated areas read as
+ * zeroes). Errors: INSTAR_E_RANGE when offset+count passes the virtual size, INSTAR_E_IO, INSTAR_E_CORRUPT,
+ * INSTAR_E_ENCRYPTED.
+ */
+int instar_read(instar_image_t *image, void *buf, uint64_t count, uint64_t offset, instar_error_t *err);
+
+/* ---- info -------------------------------------------------------------------------------------------- */
+
+typedef struct instar_snapshot {
+    const char *id;
+    const char *name;
+    uint64_t vm_state_size;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t icount;      /**< UINT64_MAX when the image does not record it */
+} instar_snapshot_t;
+
+/** Bitmap flags, as in qemu-img info ("in-use", "auto"). */
+enum { INSTAR_BITMAP_IN_USE = 1u << 0, INSTAR_BITMAP_AUTO = 1u << 1 };
+
+typedef struct instar_bitmap {
+    const char *name;
+    uint64_t granularity;
+    uint32_t flags;       /**< INSTAR_BITMAP_* */
+} instar_bitmap_t;
+
+/** Tri-state for optional booleans. */
+enum { INSTAR_UNSET = -1, INSTAR_FALSE = 0, INSTAR_TRUE = 1 };
+
+/**
+ * What `qemu-img info` reports for one image. Strings are NULL when qemu-img would omit the key; integers
+ * use -1 for "omitted". Everything is owned by the enclosing instar_info_t and freed with it.
+ */
+typedef struct instar_info {
+    const char *filename;
+    const char *format;
+    int64_t virtual_size;
+    int64_t actual_size;             /**< bytes allocated on the host, -1 when unavailable */
+    int64_t cluster_size;            /**< -1 when the format has none */
+    int32_t dirty_flag;              /**< INSTAR_UNSET/FALSE/TRUE */
+    int32_t encrypted;               /**< INSTAR_UNSET or INSTAR_TRUE */
+    int32_t compressed;              /**< INSTAR_UNSET or a boolean (only some formats report it) */
+    const char *backing_filename;
+    const char *full_backing_filename;
+    const char *backing_format;
+    uint32_t snapshot_count;
+    const instar_snapshot_t *snapshots;
+    /* format-specific (qcow2); `specific_type` is NULL when there is no format-specific block */
+    const char *specific_type;       /**< "qcow2", "luks", "vmdk", ... */
+    const char *compat;              /**< "0.10" or "1.1" */
+    const char *compression_type;    /**< "zlib" or "zstd" */
+    int32_t lazy_refcounts;          /**< tri-state */
+    int32_t refcount_bits;           /**< -1 when omitted */
+    int32_t corrupt;                 /**< tri-state */
+    int32_t extended_l2;             /**< tri-state */
+    const char *data_file;           /**< external data file name as stored, or NULL */
+    int32_t data_file_raw;           /**< tri-state */
+    const char *encrypt_format;      /**< "luks" or "aes" for encrypted qcow2, else NULL */
+    uint32_t bitmap_count;
+    const instar_bitmap_t *bitmaps;  /**< NULL when qemu-img prints no "bitmaps" key */
+    int32_t has_bitmaps;             /**< 1 when qemu-img prints the "bitmaps" key */
+    /** The next image in the chain (its backing file) when --backing-chain was asked for, else NULL. */
+    struct instar_info *backing;
+} instar_info_t;
+
+typedef struct instar_info_options {
+    uint32_t struct_size;
+    uint32_t open_flags;             /**< INSTAR_OPEN_FORCE_SHARE is the useful one here */
+    const char *format;              /**< NULL to probe */
+    int32_t backing_chain;           /**< nonzero: fill ->backing for the whole chain */
+} instar_info_options_t;
+
+#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0 }
+void instar_info_options_init(instar_info_options_t *opts);
+
+/** Fills *out with what `qemu-img info` reports. Free it with instar_info_free. */
+int instar_info(const char *filename, const instar_info_options_t *opts, instar_info_t **out,
+                instar_error_t *err);
+void instar_info_free(instar_info_t *info);
+
+/**
+ * The text of `qemu-img info --output=json` (or of `--backing-chain --output=json`, a JSON array), byte for
+ * byte, including the trailing newline. Free *json with instar_string_free.
+ */
+int instar_info_json(const char *filename, const instar_info_options_t *opts, char **json, instar_error_t *err);
+
+/** The text of human `qemu-img info`. Free *text with instar_string_free. */
+int instar_info_human(const char *filename, const instar_info_options_t *opts, char **text, instar_error_t *err);
+
+/* ---- map --------------------------------------------------------------------------------------------- */
+
+typedef struct instar_map_entry {
+    uint64_t start;
+    uint64_t length;
+    int32_t depth;
+    int32_t present;
+    int32_t zero;
+    int32_t data;
+    int32_t has_offset;
+    uint64_t offset;             /**< host offset, valid when has_offset */
+    const char *filename;        /**< file holding the data when has_offset, else NULL */
+} instar_map_entry_t;
+
+typedef struct instar_map {
+    uint64_t count;
+    instar_map_entry_t *entries;
+} instar_map_t;
+
+typedef struct instar_map_options {
+    uint32_t struct_size;
+    uint32_t open_flags;
+    const char *format;
+    uint64_t start_offset;       /**< --start-offset */
+    int64_t max_length;          /**< --max-length, -1 for to the end */
+} instar_map_options_t;
+
+#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1 }
+void instar_map_options_init(instar_map_options_t *opts);
+
+/** What `qemu-img map --output=json` reports, entry for entry. Free with instar_map_free. */
+int instar_map(const char *filename, const instar_map_options_t *opts, instar_map_t **out, instar_error_t *err);
+void instar_map_free(instar_map_t *map);
+
+/* ---- progress and cancellation ----------------------------------------------------------------------- */
+
+/**
+ * Called with the percentage done (0.0 to 100.0). Return 0 to go on, nonzero to cancel: the operation then
+ * fails with INSTAR_E_CANCELLED. Called from the thread that called the operation.
+ */
+typedef int (*instar_progress_fn)(double percent, void *user_data);
+
+/* ---- compare ----------------------------------------------------------------------------------------- */
+
+typedef struct instar_compare_options {
+    uint32_t struct_size;
+    uint32_t open_flags;
+    const char *format1;         /**< -f */
+    const char *format2;         /**< -F */
+    int32_t strict;              /**< -s */
+    instar_progress_fn progress;
+    void *progress_data;
+} instar_compare_options_t;
+
+#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL }
+void instar_compare_options_init(instar_compare_options_t *opts);
+
+typedef struct instar_compare_result {
+    uint32_t struct_size;
+    int32_t identical;           /**< 1 identical, 0 different */
+    int32_t size_mismatch;       /**< 1 when the virtual sizes differ */
+    int64_t mismatch_offset;     /**< first differing byte offset qemu-img reports, -1 if none */
+    /** The message qemu-img prints on stdout (without -q), e.g. "Images are identical.\n". */
+    char message[256];
+} instar_compare_result_t;
+
+/** Compares two images' guest contents like `qemu-img compare`. */
+int instar_compare(const char *filename1, const char *filename2, const instar_compare_options_t *opts,
+                   instar_compare_result_t *result, instar_error_t *err);
+
+/* ---- convert ----------------------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_CONVERT_NO_CREATE = 1u << 0,        /**< -n: the target exists already */
+    INSTAR_CONVERT_TARGET_IS_ZERO = 1u << 1,   /**< --target-is-zero */
+    INSTAR_CONVERT_FORCE_SHARE = 1u << 2,      /**< -U */
+    INSTAR_CONVERT_COMPRESS = 1u << 3,         /**< -c */
+    INSTAR_CONVERT_UNORDERED_WRITES = 1u << 4  /**< -W */
+};
+
+typedef struct instar_convert_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_CONVERT_* */
+    const char *source_format;   /**< -f, NULL to probe */
+    const char *target_format;   /**< -O, NULL means raw */
+    const char *source_cache;    /**< -T: "none", "writeback", "unsafe", ...; NULL for qemu-img's default */
+    const char *target_cache;    /**< -t; NULL for qemu-img's default (unsafe) */
+    int64_t sparse_size;         /**< -S in bytes; -1 for the default (4 KiB); 0 to write every zero */
+    instar_progress_fn progress;
+    void *progress_data;
+} instar_convert_options_t;
+
+#define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL }
+void instar_convert_options_init(instar_convert_options_t *opts);
+
+/**
+ * Copies the guest contents of `source` into `target` like `qemu-img convert`. A target the call created is
+ * removed again if the call fails or is cancelled.
+ */
+int instar_convert(const char *source, const char *target, const instar_convert_options_t *opts,
+                   instar_error_t *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* INSTAR_H */
