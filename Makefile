@@ -1,7 +1,7 @@
 # instar: `make` builds release libinstar.so and the instar CLI into build/; `make test` installs what it needs
 # and runs every suite; `make demo` shows the main job on an image it makes itself.
 SWIFT   ?= swift
-PYTHON  ?= python3
+PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
@@ -25,7 +25,6 @@ deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install -q pytest
 
 test: deps build unit-test diff-test
 

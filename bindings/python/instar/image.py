@@ -1,0 +1,68 @@
+"""instar_open / instar_read / instar_close."""
+import ctypes
+
+from ._lib import Error, check, encode, lib
+
+OPEN_READ_WRITE = 1 << 0
+OPEN_FORCE_SHARE = 1 << 1
+OPEN_NO_BACKING = 1 << 2
+OPEN_NO_CACHE = 1 << 3
+
+
+class OpenOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p)]
+
+
+def _setup():
+    L = lib()
+    if getattr(L, "_image_ready", False):
+        return L
+    L.instar_open.argtypes = [ctypes.c_char_p, ctypes.POINTER(OpenOptions), ctypes.POINTER(ctypes.c_void_p),
+                              ctypes.POINTER(Error)]
+    L.instar_close.argtypes = [ctypes.c_void_p]
+    L.instar_close.restype = None
+    L.instar_get_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(Error)]
+    L.instar_read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                              ctypes.POINTER(Error)]
+    L._image_ready = True
+    return L
+
+
+class Image:
+    """An open image chain. Use as a context manager or call close()."""
+
+    def __init__(self, path, format=None, flags=0):
+        self._h = None
+        L = _setup()
+        opts = OpenOptions(ctypes.sizeof(OpenOptions), flags, encode(format))
+        err = Error()
+        h = ctypes.c_void_p()
+        check(L.instar_open(encode(path), ctypes.byref(opts), ctypes.byref(h), ctypes.byref(err)), err)
+        self._h = h
+
+    @property
+    def size(self):
+        err = Error()
+        v = ctypes.c_uint64()
+        check(lib().instar_get_size(self._h, ctypes.byref(v), ctypes.byref(err)), err)
+        return v.value
+
+    def read(self, offset, count):
+        buf = ctypes.create_string_buffer(count)
+        err = Error()
+        check(lib().instar_read(self._h, buf, count, offset, ctypes.byref(err)), err)
+        return buf.raw
+
+    def close(self):
+        if self._h:
+            lib().instar_close(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
