@@ -7,7 +7,7 @@ OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest pkg-config
 
-.PHONY: all deps build test unit-test diff-test demo fuzz bench install clean
+.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install clean
 
 all: build
 
@@ -17,6 +17,14 @@ build:
 	mkdir -p $(OUT)/bin $(OUT)/lib
 	cp .build/release/libinstar.so $(OUT)/lib/libinstar.so
 	cp .build/release/instar-cli $(OUT)/bin/instar
+
+# Debug build into the same build/ folder, for quick iteration (not static; needs the Swift toolchain).
+dev:
+	$(SWIFT) build --product instar
+	$(SWIFT) build --product instar-cli
+	mkdir -p $(OUT)/bin $(OUT)/lib
+	cp .build/debug/libinstar.so $(OUT)/lib/libinstar.so
+	cp .build/debug/instar-cli $(OUT)/bin/instar
 
 # Installs the system packages the build and the tests need, only when some are missing.
 deps:
