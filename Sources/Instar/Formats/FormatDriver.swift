@@ -16,15 +16,19 @@ public struct BlockStatus: Equatable {
     public var hostOffset: UInt64?
     /// The host file name holding `hostOffset` (the image file, or an external data file).
     public var hostFile: String?
+    /// BDRV_BLOCK_RECURSE: the data may sit over a hole of `hostFile`, so the generic layer asks the host file
+    /// whether the range reads as zeroes (qcow2 with preallocated metadata sets this).
+    public var recurse: Bool
 
     public init(length: UInt64, allocated: Bool, data: Bool, zero: Bool, hostOffset: UInt64? = nil,
-                hostFile: String? = nil) {
+                hostFile: String? = nil, recurse: Bool = false) {
         self.length = length
         self.allocated = allocated
         self.data = data
         self.zero = zero
         self.hostOffset = hostOffset
         self.hostFile = hostFile
+        self.recurse = recurse
     }
 
     /// Not allocated in this layer: the backing file (or zeroes) decides.

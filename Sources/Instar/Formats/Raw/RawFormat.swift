@@ -60,9 +60,8 @@ public final class RawFormat: ImageFormat {
                                hostOffset: hostStart, hostFile: file.path)
         }
         let hole = file.nextHole(from: hostStart)
-        var end = min(max(hole, hostStart + 1), limit)
-        // The part of the final partial sector past EOF belongs to the data extent in qemu's sector view.
-        if end == fileSize { end = min(try hostStart.adding(length), try fileSize.alignedUp(512)) }
+        // The part of the final partial sector past EOF is a trailing hole, as file-posix reports it.
+        let end = min(max(hole, hostStart + 1), limit)
         return BlockStatus(length: end - hostStart, allocated: true, data: true, zero: false, hostOffset: hostStart,
                            hostFile: file.path)
     }
