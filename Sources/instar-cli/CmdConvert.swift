@@ -119,7 +119,7 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
     defer { for s in sources { try? s.close() } }
     for name in sourceNames {
         guard let s = cliOpenImage(name, format: sourceFormat, imageOpts: imageOpts, forceShare: forceShare,
-                                   direct: sourceCache.direct) else { return 1 }
+                                   direct: sourceCache.direct, noShareWrite: true) else { return 1 }
         sources.append(s)
     }
     if bitmaps {

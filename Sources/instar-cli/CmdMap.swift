@@ -104,12 +104,13 @@ func imageOptsSpec(_ text: String) throws -> ImageSpec {
 /// qemu-img's img_open(): opens `name` (a filename, json: name or --image-opts string), printing
 /// "Could not open 'NAME': ..." on failure.
 func cliOpenImage(_ name: String, format: String?, imageOpts: Bool, forceShare: Bool, writable: Bool = false,
-                  direct: Bool = false) -> ImageLayer? {
+                  direct: Bool = false, noShareWrite: Bool = false) -> ImageLayer? {
     do {
         let spec = imageOpts ? try imageOptsSpec(name) : try ImageOpener.parseSpec(name, format: format)
         var options = ImageOpenOptions()
         options.forceShare = forceShare
         options.direct = direct
+        options.noShareWrite = noShareWrite
         return try ImageOpener.open(spec, options: options, writable: writable)
     } catch let e as InstarError {
         CLI.error("Could not open '\(name)': \(e.message)")

@@ -45,7 +45,7 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
 
         var flags: UInt32 = sourceCache.direct ? UInt32(INSTAR_OPEN_NO_CACHE) : 0
         if o.flags & UInt32(INSTAR_CONVERT_FORCE_SHARE) != 0 { flags |= UInt32(INSTAR_OPEN_FORCE_SHARE) }
-        let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags)
+        let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true)
         defer { try? image.close() }
         guard FormatRegistry.descriptor(named: options.targetFormat) != nil else {
             throw InstarError.invalid("Unknown file format '\(options.targetFormat)'")

@@ -8,10 +8,12 @@ public func instar_map_options_init(_ opts: UnsafeMutablePointer<instar_map_opti
 }
 
 /// Opens `name` read-only for an operation, with qemu-img's "Could not open 'NAME': " prefix on failure.
-func openForOperation(_ name: String, format: String?, flags: UInt32) throws -> ImageLayer {
+func openForOperation(_ name: String, format: String?, flags: UInt32, noShareWrite: Bool = false) throws -> ImageLayer {
     let spec = try ImageOpener.parseSpec(name, format: format)
+    var options = openOptions(flags: flags)
+    options.noShareWrite = noShareWrite
     do {
-        return try ImageOpener.open(spec, options: openOptions(flags: flags), writable: false,
+        return try ImageOpener.open(spec, options: options, writable: false,
                                     openBacking: flags & UInt32(INSTAR_OPEN_NO_BACKING) == 0)
     } catch let e as InstarError {
         throw e.prepending("Could not open '\(name)': ")

@@ -1,7 +1,8 @@
 /// The raw format: guest bytes are the file's bytes, optionally a window of it (json: "offset"/"size", as
 /// ovirt-imageio opens tar members).
 public final class RawFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) },
+                                                  sharesWriteWhenReading: true)
 
     public let formatName = "raw"
     public let file: HostFile
