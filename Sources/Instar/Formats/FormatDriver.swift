@@ -16,8 +16,8 @@ public struct BlockStatus: Equatable {
     public var hostOffset: UInt64?
     /// The host file name holding `hostOffset` (the image file, or an external data file).
     public var hostFile: String?
-    /// BDRV_BLOCK_RECURSE: the data may sit over a hole of `hostFile`, so the generic layer asks the host file
-    /// whether the range reads as zeroes (qcow2 with preallocated metadata sets this).
+    /// BDRV_BLOCK_RECURSE: the data range may still read as zeroes in `hostFile` (qcow2 with preallocated
+    /// metadata); the caller asks the host file's own status at `hostOffset` to find out.
     public var recurse: Bool
 
     public init(length: UInt64, allocated: Bool, data: Bool, zero: Bool, hostOffset: UInt64? = nil,
