@@ -4,10 +4,7 @@ import Instar
 // MARK: helpers shared by map, compare and convert
 
 /// qemu-img's missing_argument()/unrecognized_option() for getopt's ':' and '?' results.
-func optionError(_ c: Int32, _ arg: String?) -> Int32 {
-    if c == Int32.opt(":") { return CLI.usageError("missing argument for option '\(arg ?? "")'") }
-    return CLI.usageError("unrecognized option '\(arg ?? "")'")
-}
+func optionError(_ c: Int32, _ arg: String?) -> Int32 { CLI.badOption(c, arg) }
 
 /// qemu_strtosz(): a byte count with an optional k/M/G/T/P/E suffix (binary), fractions allowed with a suffix.
 /// nil for malformed input; .max (overflow) maps to ERANGE by the caller.
