@@ -177,7 +177,6 @@ public enum ImageOpener {
         let file = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
         var opts = options
         if let fs = spec.forceShare { opts.forceShare = fs }
-        try ImageLock.acquireForOpen(file, writable: writable, forceShare: opts.forceShare)
         let descriptor: FormatDescriptor
         if let f = spec.format {
             guard let d = FormatRegistry.descriptor(named: f) else {
@@ -186,6 +185,11 @@ public enum ImageOpener {
             descriptor = d
         } else {
             descriptor = try FormatRegistry.probe(file, filename: spec.filename)
+        }
+        if descriptor.sharesWrites && !writable && !opts.forceShare {
+            try ImageLock.acquire(file, perm: [.consistentRead], shared: .all)
+        } else {
+            try ImageLock.acquireForOpen(file, writable: writable, forceShare: opts.forceShare)
         }
         opts.driverOptions = spec.driverOptions
         let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: directoryName(spec.filename),

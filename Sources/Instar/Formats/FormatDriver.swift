@@ -172,6 +172,9 @@ public struct FormatDescriptor {
     /// qemu's probe score for the first 2048 bytes of a file (0: not this format; raw scores 1).
     public var probe: (_ header: [UInt8], _ filename: String) -> Int
     public var open: (OpenRequest) throws -> ImageFormat
+    /// The driver hands its users' permissions straight to the file (qemu's raw driver acts as a filter), so a
+    /// reader shares writing with other processes; drivers that cache metadata refuse to share writes.
+    public var sharesWrites = false
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name
