@@ -59,7 +59,7 @@ QCOW2 = {
                         ["bitmap", "--add", "--disable", "q_bitmaps.qcow2", "bm1"],
                         ["bitmap", "--add", "-g", "1M", "q_bitmaps.qcow2", "b-\u00e9"]],
     "q_luks.qcow2": [["create", "-f", "qcow2", "--object", SECRET, "-o",
-                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "q_luks.qcow2", "16M"]],
+                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=200", "q_luks.qcow2", "16M"]],
     "base.qcow2": [["create", "-f", "qcow2", "base.qcow2", "64M"]],
     "base.raw": [["create", "-f", "raw", "base.raw", "64M"]],
     "mid.qcow2": [["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"]],

@@ -119,6 +119,11 @@ public protocol ImageFormat: AnyObject {
     /// What `qemu-img info` shows for this image beyond the generic fields.
     func formatInfo() throws -> FormatInfo
 
+    /// "actual-size": bytes the layer occupies on the host, nil when unknown. qemu 7.2 counts the image file
+    /// only (an external qcow2 data file is not included); drivers whose image spans several files of their
+    /// own (vmdk extents) override this to add them up.
+    func allocatedFileSize() -> UInt64?
+
     // Writing. Read-only drivers keep the default implementations below, which refuse.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws
@@ -129,6 +134,11 @@ public protocol ImageFormat: AnyObject {
 }
 
 extension ImageFormat {
+    public func allocatedFileSize() -> UInt64? {
+        guard let file = hostFiles.first else { return nil }
+        return try? file.allocatedSize()
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         throw InstarError(.permission, "Image is read-only")
     }

@@ -24,14 +24,7 @@ public struct ImageInfo {
         filename = layer.filename
         format = driver.formatName
         virtualSize = driver.virtualSize
-        // Allocated bytes of every host file the layer stores data or metadata in; qemu drops the key when any
-        // of them cannot say.
-        var total: UInt64? = 0
-        for file in driver.hostFiles {
-            guard let sum = total, let size = try? file.allocatedSize() else { total = nil; break }
-            total = sum.addingReportingOverflow(size).overflow ? nil : sum + size
-        }
-        actualSize = total
+        actualSize = driver.allocatedFileSize()
         if let c = details.clusterSize, c != 0 { clusterSize = c }
         dirtyFlag = details.dirty
         encrypted = details.encrypted == true ? true : nil
