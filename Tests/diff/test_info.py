@@ -72,6 +72,20 @@ QCOW2 = {
     "missing.qcow2": [["create", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "-u", "missing.qcow2", "64M"]],
     "bigger.qcow2": [["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "bigger.qcow2", "128M"]],
     "q_dirty.qcow2": None,  # made in the fixture: qemu-io killed after an allocating write
+    "q_aes.qcow2": [["create", "-f", "qcow2", "--object", SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=sec0",
+                     "q_aes.qcow2", "16M"]],
+    "q010_snap.qcow2": [["create", "-f", "qcow2", "-o", "compat=0.10", "q010_snap.qcow2", "16M"],
+                        ["snapshot", "-c", "old", "q010_snap.qcow2"]],
+    "q_jsonback.qcow2": [["create", "-f", "qcow2", "-u", "-F", "raw", "-b",
+                          'json:{"driver":"raw","file":{"driver":"file","filename":"data.raw"}}',
+                          "q_jsonback.qcow2", "1M"]],
+    "q_jsonwin.qcow2": [["create", "-f", "qcow2", "-u", "-F", "raw", "-b",
+                         'json:{"driver":"raw","file":{"driver":"file","filename":"data.raw"},"offset":512}',
+                         "q_jsonwin.qcow2", "1M"]],
+    "nofmt.qcow2": None,  # made in the fixture: backing format extension hidden
+    "sp ace \u00e9.raw": [["create", "-f", "raw", "sp ace \u00e9.raw", "1M"]],
+    'q"uo\\te.raw': [["create", "-f", "raw", 'q"uo\\te.raw', "1M"]],
+    "tab\there.raw": [["create", "-f", "raw", "tab\there.raw", "1M"]],
     "q_written.qcow2": None,  # made in the fixture: some data and a compressed cluster
 }
 
@@ -95,14 +109,38 @@ def corpus(tmp_path_factory):
     qimg("create", "-f", "qcow2", "q_written.qcow2", "64M", cwd=d)
     qemu_io("-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "write -c 4M 64k", "-c", "write -z 8M 64k",
             "q_written.qcow2", cwd=d)
+    qimg("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "nofmt.qcow2", cwd=d)
+    _hide_backing_format(os.path.join(d, "nofmt.qcow2"))
     qimg("create", "-f", "qcow2", "chain_missing.qcow2", "1M", cwd=d)
     qimg("create", "-f", "qcow2", "-b", "chain_missing.qcow2", "-F", "qcow2", "chain_top.qcow2", cwd=d)
     os.remove(os.path.join(d, "chain_missing.qcow2"))
     return d
 
 
+def _hide_backing_format(path):
+    """Renames the backing-format header extension (qcow2.txt: magic 0xe2792aca) to an unknown one, which qemu
+    ignores: the image then names its backing file without a format."""
+    with open(path, "r+b") as f:
+        hdr = f.read(4096)
+        pos = int.from_bytes(hdr[100:104], "big")  # header_length (version 3)
+        while pos + 8 <= len(hdr):
+            magic = int.from_bytes(hdr[pos:pos + 4], "big")
+            length = int.from_bytes(hdr[pos + 4:pos + 8], "big")
+            if magic == 0:
+                break
+            if magic == 0xE2792ACA:
+                f.seek(pos)
+                f.write((0x12345678).to_bytes(4, "big"))
+                return
+            pos += 8 + (length + 7) // 8 * 8
+    raise AssertionError("no backing format extension")
+
+
 RAW_NAMES = sorted(RAW) + ["data.raw"]
 QCOW2_NAMES = sorted(QCOW2) + ["chain_top.qcow2"]
+for _n in [n for n in QCOW2_NAMES if n.endswith(".raw")]:
+    QCOW2_NAMES.remove(_n)
+    RAW_NAMES.append(_n)
 ALL = RAW_NAMES + QCOW2_NAMES
 OUTPUTS = [[], ["--output=json"], ["--output=human"], ["--backing-chain"], ["--backing-chain", "--output=json"]]
 
