@@ -191,8 +191,15 @@ public final class Qcow2Format: ImageFormat {
             status = BlockStatus(length: len, allocated: true, data: false, zero: true)
         case .compressed:
             status = BlockStatus(length: len, allocated: true, data: true, zero: false)
-        case .unallocatedPlain, .unallocatedAlloc:
+        case .unallocatedPlain:
             status = .unallocated(len)
+        case .unallocatedAlloc:
+            // Not allocated (the backing file decides), yet qemu reports where the host cluster is.
+            status = .unallocated(len)
+            if !encrypted {
+                status.hostOffset = run.hostOffset
+                status.hostFile = dataFile.path
+            }
         }
         return status
     }
