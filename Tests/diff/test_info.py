@@ -226,6 +226,16 @@ IMAGE_OPTS = [
 def test_image_opts(corpus, opts):
     _same(corpus, "--image-opts", opts)
     _same(corpus, "--image-opts", "--output=json", opts)
+    _same(corpus, "--image-opts", "--backing-chain", "--output=json", opts)
+
+
+@pytest.mark.parametrize("obj", [
+    SECRET, "secret,id=sec0", "secret,data=x", "secret", "bogus,id=x", "id=x,data=y",
+    "secret,id=s,data=eA==,format=base64", "secret,id=s,data=x,format=hex", "secret,id=s,file=/nonexist",
+    "secret,id=s,data=x,bogus=1", "secret,id=1bad,data=x", "secret,id=a_b-c.d,data=x", "",
+])
+def test_object_definitions(corpus, obj):
+    _same(corpus, "--object", obj, "odd.raw")
 
 
 @pytest.mark.parametrize("args", [

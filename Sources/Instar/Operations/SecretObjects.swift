@@ -81,18 +81,35 @@ public enum SecretObjects {
         var fields: [String: String] = [:]
         for (k, v) in pairs { fields[k] = v }
         guard let type = fields["qom-type"] else { throw InstarError.invalid("Parameter 'qom-type' is missing") }
-        guard type == "secret" else { throw InstarError.invalid("invalid object type: \(type)") }
+        guard type == "secret" else { throw InstarError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }
         guard let id = fields["id"] else { throw InstarError.invalid("Parameter 'id' is missing") }
+        guard isIdentifier(id) else {
+            throw InstarError.invalid("Parameter 'id' expects an identifier\n"
+                + "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
+        }
+        for (k, _) in pairs where !secretProperties.contains(k) {
+            throw InstarError.invalid("Parameter '\(k)' is unexpected")
+        }
+        if fields["keyid"] != nil {
+            throw InstarError.unsupported("Secrets encrypted with another secret (keyid) are not supported")
+        }
         var data: String
         if let d = fields["data"] {
             data = d
         } else if let path = fields["file"] {
-            let file = try HostFile.open(path)
+            let file: HostFile
+            do {
+                file = try HostFile.open(path)
+            } catch let e as InstarError {
+                // glib's g_file_get_contents wording, which qemu passes on.
+                throw InstarError(e.code, "Unable to read \(path): Failed to open file \u{201C}\(path)\u{201D}: "
+                    + strerrorString(e.errnoValue), errno: e.errnoValue)
+            }
             let size = try file.size()
             guard size <= 1 << 20 else { throw InstarError.invalid("Unable to read \(path): File too large") }
             data = String(decoding: try file.readBytes(at: 0, count: Int(size)), as: UTF8.self)
         } else {
-            throw InstarError.invalid("Either 'data' or 'file' must be provided")
+            throw InstarError.invalid("Either 'file' or 'data' must be provided")
         }
         switch fields["format"] ?? "raw" {
         case "raw": break
@@ -102,6 +119,22 @@ public enum SecretObjects {
         case let f: throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
         }
         secrets[id] = data
+    }
+
+    /// The properties a secret object takes (besides its type).
+    static let secretProperties: Set<String> = ["qom-type", "id", "data", "file", "format", "keyid", "iv"]
+
+    /// qemu's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+    static func isIdentifier(_ s: String) -> Bool {
+        let bytes = Array(s.utf8)
+        guard let first = bytes.first, (first | 0x20) >= UInt8(ascii: "a"), (first | 0x20) <= UInt8(ascii: "z") else {
+            return false
+        }
+        return bytes.allSatisfy { c in
+            let l = c | 0x20
+            return (l >= UInt8(ascii: "a") && l <= UInt8(ascii: "z")) || (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9"))
+                || c == UInt8(ascii: "-") || c == UInt8(ascii: ".") || c == UInt8(ascii: "_")
+        }
     }
 
     static func base64Decode(_ s: String) -> [UInt8]? {
