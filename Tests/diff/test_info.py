@@ -197,6 +197,13 @@ JSON_NAMES = [
     'json:{"driver":"raw","file":{"driver":"file","filename":"nosuch.raw"}}',
     'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_default.qcow2"}}',
     'json:{"driver":"qcow2","file":{"driver":"file","filename":"sub/over.qcow2"}}',
+    'json:{"driver":"qcow2","file":{"driver":"file","filename":"top.qcow2"},"backing":null}',
+    'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_luks.qcow2"},"encrypt":{"key-secret":"sec0"}}',
+    'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_luks.qcow2"},"encrypt.key-secret":"sec0"}',
+    'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_default.qcow2"},"lazy-refcounts":true}',
+    'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_default.qcow2"},"read-only":true}',
+    'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_default.qcow2","locking":"off"}}',
+    'json:{"driver":"raw","file":{"driver":"file","filename":"odd.raw"},"detect-zeroes":"on"}',
 ]
 
 
@@ -204,7 +211,7 @@ JSON_NAMES = [
 @pytest.mark.parametrize("out", [[], ["--output=json"], ["--backing-chain", "--output=json"]],
                          ids=["human", "json", "chain"])
 def test_json_filenames(corpus, name, out):
-    _same(corpus, *out, name)
+    _same(corpus, "--object", SECRET, *out, name)
 
 
 IMAGE_OPTS = [

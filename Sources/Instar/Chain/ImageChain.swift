@@ -71,13 +71,19 @@ public struct ImageSpec {
         self.displayName = filename
     }
 
+    /// Options that change what an image reads as, so qemu keeps them in a rebuilt json: name (the union of its
+    /// drivers' strong_runtime_opts: raw's window, the secrets of luks and encrypted qcow2). Other options are
+    /// passed to the driver but leave the plain file name.
+    public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret"]
+
     /// The name qemu-img shows once the image is open (bdrv_refresh_filename): the plain file name, unless
     /// driver options remain, in which case qemu rebuilds a `json:` name from the driver, those options and
     /// the file node, in its QDict order.
     public func displayName(formatName: String) -> String {
-        if driverOptions.isEmpty { return displayName }
+        let strong = driverOptionOrder.filter { ImageSpec.strongOptions.contains($0) && driverOptions[$0] != nil }
+        if strong.isEmpty { return displayName }
         var members: [(String, QObject)] = [("driver", .string(formatName))]
-        for k in driverOptionOrder { if let v = driverOptions[k] { members.append((k, v)) } }
+        for k in strong { if let v = driverOptions[k] { members.append((k, v)) } }
         members.append(("file", .dict([("driver", .string("file")), ("filename", .string(filename))])))
         return "json:" + QJSON.compact(.dict(members))
     }
