@@ -173,6 +173,9 @@ public struct OpenRequest {
 public struct ImageOpenOptions {
     public var forceShare = false
     public var direct = false
+    /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
+    /// the files that hold guest data only (an external qcow2 data file), which then need not exist.
+    public var metadataOnly = false
     /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
     public var driverOptions: [String: QObject] = [:]
     /// Secrets by id, from --object secret,id=...,data=...

@@ -224,7 +224,9 @@ public enum InfoOperation {
             do {
                 if let e = parseError { throw e }
                 guard let spec else { throw InstarError.invalid("no image") }
-                layer = try ImageOpener.open(spec, options: options.open, writable: false, openBacking: false)
+                var open = options.open
+                open.metadataOnly = true
+                layer = try ImageOpener.open(spec, options: open, writable: false, openBacking: false)
             } catch let e as InstarError {
                 throw e.prepending("Could not open '\(filename)': ")
             }
