@@ -15,6 +15,7 @@ func infoCommand(_ args: [String]) -> Int32 {
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
     ])
     var options = InfoOperation.Options()
+    options.warn = { CLI.error("warning: \($0)") }
     var output: String?
     for (c, arg) in parsed.options {
         switch c {

@@ -222,6 +222,14 @@ JSON_NAMES = [
     'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_default.qcow2"},"read-only":true}',
     'json:{"driver":"qcow2","file":{"driver":"file","filename":"q_default.qcow2","locking":"off"}}',
     'json:{"driver":"raw","file":{"driver":"file","filename":"odd.raw"},"detect-zeroes":"on"}',
+    'json:',
+    'json:{"driver":"raw","file":{"driver":"file","filename":""}}',
+    'json:{"driver":1,"file":{"filename":"odd.raw"}}',
+    'json:{"driver":"raw","file":{"filename":"odd.raw"},"offset":-1}',
+    'json:{"driver":"raw","file":{"filename":"odd.raw"},"offset":"abc"}',
+    'json:{"driver":"raw","file":{"filename":"odd.raw"},"offset":"1k"}',
+    'json:{"driver":"raw","file":{"filename":"odd.raw"},"bogus":1}',
+    'json:{"driver":"bogus","file":{"filename":"odd.raw"}}',
 ]
 
 
@@ -244,6 +252,8 @@ IMAGE_OPTS = [
     "driver=raw,file.filename=nosuch",
     "data.raw",
     "=x",
+    "driver=raw,file.filename=data.raw,offset=1k,size=2K",
+    "driver=raw,file.filename=data.raw,nooffset",
 ]
 
 
@@ -265,6 +275,7 @@ def test_object_definitions(corpus, obj):
 
 @pytest.mark.parametrize("args", [
     ["nosuch.img"],
+    [""],
     ["--output=json", "nosuch.img"],
     ["-f", "qcow2", "odd.raw"],
     ["-f", "bogus", "odd.raw"],
@@ -325,6 +336,13 @@ def _nbd_serving(corpus, name, fmt):
         if os.path.exists(sock):
             break
         time.sleep(0.02)
+    # The socket can appear before the image locks are taken: wait until a qcow2 image reports the lock
+    # (a raw image shares writes and never does).
+    for _ in range(100):
+        if fmt != "qcow2" or qemu("info", name, cwd=corpus).rc != 0:
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)
     return p
 
 

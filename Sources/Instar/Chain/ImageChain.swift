@@ -104,8 +104,15 @@ public enum ImageOpener {
 
     /// Splits a `json:{...}` filename into an ImageSpec; plain names pass through.
     public static func parseSpec(_ name: String, format: String?) throws -> ImageSpec {
-        guard name.hasPrefix("json:") else { return ImageSpec(filename: name, format: format) }
-        let parsed = try JSONParser.parse(String(name.dropFirst(5)))
+        guard name.hasPrefix("json:") else {
+            if name.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            return ImageSpec(filename: name, format: format)
+        }
+        let text = String(name.dropFirst(5))
+        if text.allSatisfy({ $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }) {
+            throw InstarError.invalid("Could not parse the JSON options: Expecting a JSON value")
+        }
+        let parsed = try JSONParser.parse(text)
         guard case let .dict(members) = parsed else { throw InstarError.invalid("Invalid JSON object given") }
         return try spec(fromOptions: members, format: format)
     }
@@ -126,7 +133,8 @@ public enum ImageOpener {
         for (k, v) in flatten(members, prefix: "") {
             switch k {
             case "driver":
-                guard let s = v.stringValue else { throw InstarError.invalid("Invalid parameter type for 'driver', expected: string") }
+                // qemu reads the driver name with qdict_get_try_str: a non-string value is as if absent.
+                guard let s = v.stringValue else { continue }
                 if let f = format, f != s { throw InstarError.invalid("Cannot use 'driver' with a format that conflicts") }
                 spec.format = s
             case "file":
@@ -160,6 +168,7 @@ public enum ImageOpener {
             if spec.format == nil { throw InstarError.invalid("Must specify either driver or file") }
             throw InstarError.invalid("A block device must be specified for \"file\"")
         }
+        if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
         spec.filename = f
         spec.displayName = f
         return spec
@@ -191,6 +200,11 @@ public enum ImageOpener {
             descriptor = d
         } else {
             descriptor = try FormatRegistry.probe(file, filename: spec.filename)
+        }
+        if let accepted = descriptor.runtimeOptions {
+            for k in spec.driverOptionOrder where !accepted.contains(k) {
+                throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(k)'")
+            }
         }
         if descriptor.sharesWrites && !writable && !opts.forceShare {
             try ImageLock.acquire(file, perm: [.consistentRead], shared: .all)

@@ -192,6 +192,8 @@ public struct FormatDescriptor {
     /// The driver hands its users' permissions straight to the file (qemu's raw driver acts as a filter), so a
     /// reader shares writing with other processes; drivers that cache metadata refuse to share writes.
     public var sharesWrites = false
+    /// The json:/--image-opts options the driver takes; nil when it does not declare them (all are passed on).
+    public var runtimeOptions: Set<String>?
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name

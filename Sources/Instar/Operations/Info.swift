@@ -184,6 +184,8 @@ public enum InfoOperation {
         public var imageOpts = false
         /// -U and the --object secrets.
         public var open = ImageOpenOptions()
+        /// Receives qemu's warnings (deprecated option syntax) as they arise; the library drops them.
+        public var warn: ((String) -> Void)?
         public init() {}
     }
 
@@ -210,7 +212,7 @@ public enum InfoOperation {
             var parseError: InstarError?
             do {
                 if imageOpts {
-                    spec = try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(filename), format: nil)
+                    spec = try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(filename, warn: options.warn), format: nil)
                 } else {
                     spec = try ImageOpener.parseSpec(filename, format: format)
                 }

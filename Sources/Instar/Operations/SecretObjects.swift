@@ -4,7 +4,8 @@ public enum QemuOptsParser {
     /// Splits `text` into (key, value) pairs. A value runs to the next single ','; ",," stands for a literal
     /// comma. A leading element without '=' takes `impliedKey` when one is given; any other element without '='
     /// is a flag: "foo" means foo=on and "nofoo" means foo=off.
-    public static func parse(_ text: String, impliedKey: String?) -> [(String, String)] {
+    /// `warn` receives qemu's deprecation warning for each short-form flag.
+    public static func parse(_ text: String, impliedKey: String?, warn: ((String) -> Void)? = nil) -> [(String, String)] {
         let chars = Array(text.utf8)
         var pairs: [(String, String)] = []
         var pos = 0
@@ -21,11 +22,15 @@ public enum QemuOptsParser {
                     pairs.append((implied, value))
                     pos = next
                 } else {
-                    var name = String(decoding: chars[pos..<(pos + len)], as: UTF8.self)
+                    let written = String(decoding: chars[pos..<(pos + len)], as: UTF8.self)
+                    var name = written
                     var value = "on"
                     if name.hasPrefix("no") {
                         name = String(name.dropFirst(2))
                         value = "off"
+                    }
+                    if value == "off" || (name != "help" && name != "?") {
+                        warn?("short-form boolean option '\(written)' deprecated\nPlease use \(name)=\(value) instead")
                     }
                     pairs.append((name, value))
                     pos += len
@@ -64,9 +69,9 @@ public enum QemuOptsParser {
 
     /// An --image-opts string as block options, the way qemu_opts_to_qdict hands them to the block layer: every
     /// value a string, a later duplicate replacing the earlier value.
-    public static func blockOptions(_ text: String) -> [(String, QObject)] {
+    public static func blockOptions(_ text: String, warn: ((String) -> Void)? = nil) -> [(String, QObject)] {
         var out: [(String, QObject)] = []
-        for (k, v) in parse(text, impliedKey: "file") {
+        for (k, v) in parse(text, impliedKey: "file", warn: warn) {
             if let i = out.firstIndex(where: { $0.0 == k }) { out[i].1 = .string(v) } else { out.append((k, .string(v))) }
         }
         return out
