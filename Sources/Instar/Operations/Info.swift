@@ -3,6 +3,8 @@ import Glibc
 /// What `qemu-img info` reports for one image (QAPI ImageInfo), built from an open layer and its driver's
 /// `formatInfo()`. Optional members are nil where qemu leaves the key out.
 public struct ImageInfo {
+    // The members are QAPI ImageInfo's, named after its keys ("virtual-size" is virtualSize).
+    /// The name as qemu-img shows it ("image:").
     public var filename: String
     public var format: String
     public var dirtyFlag: Bool?
