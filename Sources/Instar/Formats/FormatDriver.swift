@@ -119,6 +119,11 @@ public protocol ImageFormat: AnyObject {
     /// What `qemu-img info` shows for this image beyond the generic fields.
     func formatInfo() throws -> FormatInfo
 
+    /// "actual-size": bytes the layer occupies on the host, nil when unknown. qemu 7.2 counts the image file
+    /// only (an external qcow2 data file is not included); drivers whose image spans several files of their
+    /// own (vmdk extents) override this to add them up.
+    func allocatedFileSize() -> UInt64?
+
     // Writing. Read-only drivers keep the default implementations below, which refuse.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws
@@ -129,6 +134,11 @@ public protocol ImageFormat: AnyObject {
 }
 
 extension ImageFormat {
+    public func allocatedFileSize() -> UInt64? {
+        guard let file = hostFiles.first else { return nil }
+        return try? file.allocatedSize()
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         throw InstarError(.permission, "Image is read-only")
     }
@@ -165,6 +175,9 @@ public struct ImageOpenOptions {
     /// Readers refuse to share writing even through pass-through formats (qemu-img convert's sources).
     public var noShareWrite = false
     public var direct = false
+    /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
+    /// the files that hold guest data only (an external qcow2 data file), which then need not exist.
+    public var metadataOnly = false
     /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
     public var driverOptions: [String: QObject] = [:]
     /// Secrets by id, from --object secret,id=...,data=...
@@ -178,14 +191,15 @@ public struct FormatDescriptor {
     /// qemu's probe score for the first 2048 bytes of a file (0: not this format; raw scores 1).
     public var probe: (_ header: [UInt8], _ filename: String) -> Int
     public var open: (OpenRequest) throws -> ImageFormat
-    /// A pass-through format (raw): like qemu's filter children it passes the user's permissions to the file, so a
-    /// plain reader lets others write the file; formats with metadata (qcow2) never share writing.
-    public var sharesWriteWhenReading: Bool
+    /// The driver hands its users' permissions straight to the file (qemu's raw driver acts as a filter), so a
+    /// reader shares writing with other processes; drivers that cache metadata refuse to share writes.
+    public var sharesWrites = false
+    /// The json:/--image-opts options the driver takes; nil when it does not declare them (all are passed on).
+    public var runtimeOptions: Set<String>?
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
-                open: @escaping (OpenRequest) throws -> ImageFormat, sharesWriteWhenReading: Bool = false) {
+                open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name
         self.probe = probe
         self.open = open
-        self.sharesWriteWhenReading = sharesWriteWhenReading
     }
 }

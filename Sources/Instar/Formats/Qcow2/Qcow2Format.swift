@@ -65,7 +65,11 @@ public final class Qcow2Format: ImageFormat {
         extensions = ext
 
         // qcow2.txt: incompatible bit 2 means guest data lives in the file the data file extension names.
-        if h.hasDataFile {
+        if h.hasDataFile && request.options.metadataOnly {
+            // qemu-img info opens with BDRV_O_NO_IO and never touches the data file.
+            externalDataFile = nil
+            dataFile = file
+        } else if h.hasDataFile {
             guard let name = ext.dataFile else { throw InstarError.invalid("'data-file' is required for this image") }
             // qemu 7.2 opens the stored name as it is: a relative name is relative to the working directory,
             // not to the image (unlike backing file names).
