@@ -853,7 +853,9 @@ final class Qcow2Builder {
         }
         if let f = backingFormat { try ext(0xe279_2aca, Array(f.utf8)) }
         if let d = s.dataFile { try ext(0x4441_5441, Array(d.utf8)) }
-        if s.version >= 3 {
+        // qemu 7.2 leaves the feature-name table out of images with clusters of 4 KiB or less (observed for
+        // 512..4k; 8k and up carry it).
+        if s.version >= 3 && cs > 4096 {
             let features: [(UInt8, UInt8, String)] = [
                 (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
                 (0, 3, "compression type"), (0, 4, "extended L2 entries"), (1, 0, "lazy refcounts"),

@@ -9,6 +9,10 @@ public enum RawCreate {
 
     static func create(_ r: CreateRequest) throws {
         let size = try (r.options.size("size") ?? 0).alignedUp(512)
+        if r.options.text("preallocation") == "metadata" {
+            // file-posix creates and empties the file before it rejects the mode.
+            try HostFileCreate.create(r.filename, size: 0, preallocation: .off)
+        }
         let mode = try preallocation(r.options.text("preallocation"))
         try HostFileCreate.create(r.filename, size: size, preallocation: mode)
     }
