@@ -222,7 +222,12 @@ public enum Qcow2Create {
         let extendedL2 = o.bool("extended_l2")
         let clusterSize = o.size("cluster_size") ?? 65536
         try validateClusterSizeForMeasure(clusterSize)
-        let version = try parseVersion(o.text("compat")) ?? 3
+        let version: UInt32
+        do {
+            version = try parseVersion(o.text("compat")) ?? 3
+        } catch {
+            throw InstarError.invalid("Invalid compatibility level: '\(o.text("compat") ?? "")'")
+        }
         let refcountBits = o.number("refcount_bits") ?? 16
         if refcountBits > 64 || !isPowerOfTwo(refcountBits) {
             throw InstarError.invalid("Refcount width must be a power of two and may not exceed 64 bits")
@@ -233,7 +238,7 @@ public enum Qcow2Create {
         let prealloc: Preallocation
         if let t = o.text("preallocation") {
             guard let p = Preallocation(rawValue: t) else {
-                throw InstarError.invalid("Invalid parameter '\(t)'")
+                throw InstarError.invalid("invalid parameter value: \(t)")
             }
             prealloc = p
         } else {
@@ -254,6 +259,11 @@ public enum Qcow2Create {
             }
         } else {
             virtualSize = try (o.size("size") ?? 0).alignedUp(clusterSize)
+        }
+        // The L1 table of the result must stay within QCOW_MAX_L1_SIZE (32 MiB).
+        let l2Tables = (virtualSize / clusterSize).divCeil(clusterSize / (extendedL2 ? 16 : 8))
+        if l2Tables > (32 << 20) / 8 {
+            throw InstarError(.range, "The image size is too large (try using a larger cluster size)")
         }
         if prealloc == .full || prealloc == .falloc { required = virtualSize }
         let full = try preallocSize(virtualSize, clusterSize: clusterSize, refcountOrder: refcountOrder, extendedL2: extendedL2)
