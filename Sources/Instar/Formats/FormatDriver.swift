@@ -16,15 +16,19 @@ public struct BlockStatus: Equatable {
     public var hostOffset: UInt64?
     /// The host file name holding `hostOffset` (the image file, or an external data file).
     public var hostFile: String?
+    /// BDRV_BLOCK_RECURSE: the data range may still read as zeroes in `hostFile` (qcow2 with preallocated
+    /// metadata); the caller asks the host file's own status at `hostOffset` to find out.
+    public var recurse: Bool
 
     public init(length: UInt64, allocated: Bool, data: Bool, zero: Bool, hostOffset: UInt64? = nil,
-                hostFile: String? = nil) {
+                hostFile: String? = nil, recurse: Bool = false) {
         self.length = length
         self.allocated = allocated
         self.data = data
         self.zero = zero
         self.hostOffset = hostOffset
         self.hostFile = hostFile
+        self.recurse = recurse
     }
 
     /// Not allocated in this layer: the backing file (or zeroes) decides.
