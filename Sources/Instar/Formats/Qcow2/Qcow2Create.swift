@@ -269,10 +269,20 @@ public enum Qcow2Create {
         let full = try preallocSize(virtualSize, clusterSize: clusterSize, refcountOrder: refcountOrder, extendedL2: extendedL2)
         let req = try full.subtracting(virtualSize).adding(required)
         var result = MeasureResult(required: req, fullyAllocated: full)
-        if version >= 3, let src = r.source, src.format.formatName == "qcow2" {
-            // Only a qcow2 v3 source reports bitmaps; the size of its persistent bitmaps is counted here once the
-            // qcow2 reader exposes them.
-            result.bitmaps = 0
+        // Bitmaps are reported when both the target (v3) and the source (a qcow2 v3 image) can hold them
+        // (qemu's bdrv_supports_persistent_dirty_bitmap); every persistent bitmap is counted fully allocated.
+        if version >= 3, let src = r.source, let q = src.format as? Qcow2Format, q.header.version >= 3 {
+            var total: UInt64 = 0
+            var dirSize: UInt64 = 0
+            for b in q.bitmaps {
+                let granularity = UInt64(1) << UInt64(min(b.granularityBits, 63))
+                let bits = src.virtualSize.divCeil(granularity)
+                let clusters = bits.divCeil(8).divCeil(clusterSize)
+                total = try total.adding(try clusters.multiplied(by: clusterSize))
+                total = try total.adding(try (clusters * 8).alignedUp(clusterSize))
+                dirSize = try dirSize.adding(try (24 + UInt64(b.name.utf8.count)).alignedUp(8))
+            }
+            result.bitmaps = try total.adding(try dirSize.alignedUp(clusterSize))
         }
         return result
     }
