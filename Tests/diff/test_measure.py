@@ -61,3 +61,30 @@ def test_python_measure(tmp):
     q = qemu("measure", "--output=json", "-O", "qcow2", "--size", "1G")
     import json
     assert r == json.loads(q.out)
+
+
+def make_qcow2_sources(tmp):
+    s = os.path.join(tmp, "s.qcow2")
+    qimg("create", "-q", "-f", "qcow2", s, "64M")
+    qemu_io("-c", "write -P 1 0 1M", "-c", "write -P 2 10M 100k", "-c", "write -z 20M 1M", s)
+    qimg("bitmap", "--add", s, "b0")
+    qimg("bitmap", "--add", "-g", "512", s, "a_long_bitmap_name")
+    v2 = os.path.join(tmp, "v2.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "64M")
+    qemu_io("-c", "write -P 1 0 3M", v2)
+    qimg("snapshot", "-c", "sn", v2)
+    top = os.path.join(tmp, "top.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-b", "s.qcow2", "-F", "qcow2", top)
+    qemu_io("-c", "write -P 5 30M 1M", top)
+    qimg("convert", "-c", "-O", "qcow2", s, os.path.join(tmp, "comp.qcow2"))
+    return ["s.qcow2", "v2.qcow2", "top.qcow2", "comp.qcow2"]
+
+
+@pytest.mark.parametrize("opts", [[], ["-o", "cluster_size=4k"], ["-o", "cluster_size=512"], ["-o", "compat=0.10"],
+                                  ["-o", "preallocation=full"], ["-o", "backing_file=x"]],
+                         ids=lambda o: ",".join(o) or "default")
+def test_measure_qcow2_source(tmp, opts):
+    for src in make_qcow2_sources(tmp):
+        for out in ("human", "json"):
+            assert_same("measure", "-O", "qcow2", "--output=" + out, *opts, src, cwd=tmp)
+        assert_same("measure", "--output=json", src, cwd=tmp)

@@ -126,7 +126,6 @@ public enum ImageOpener {
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
         let file = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
-        try ImageLock.acquireForOpen(file, writable: writable, forceShare: options.forceShare)
         let descriptor: FormatDescriptor
         if let f = spec.format {
             guard let d = FormatRegistry.descriptor(named: f) else {
@@ -135,6 +134,12 @@ public enum ImageOpener {
             descriptor = d
         } else {
             descriptor = try FormatRegistry.probe(file, filename: spec.filename)
+        }
+        if !writable && !options.forceShare && depth == 0 && descriptor.sharesWriteWhenReading && !options.noShareWrite {
+            // qemu passes a plain reader's "share everything" through raw to the file.
+            try ImageLock.acquire(file, perm: [.consistentRead], shared: .all)
+        } else {
+            try ImageLock.acquireForOpen(file, writable: writable, forceShare: options.forceShare)
         }
         var opts = options
         opts.driverOptions = spec.driverOptions

@@ -162,6 +162,8 @@ public struct OpenRequest {
 /// Options that reach the drivers.
 public struct ImageOpenOptions {
     public var forceShare = false
+    /// Readers refuse to share writing even through pass-through formats (qemu-img convert's sources).
+    public var noShareWrite = false
     public var direct = false
     /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
     public var driverOptions: [String: QObject] = [:]
@@ -178,11 +180,15 @@ public struct FormatDescriptor {
     public var open: (OpenRequest) throws -> ImageFormat
     /// Creation and measurement; nil for formats that cannot create images (filled in by `FormatRegistry`).
     public var creator: FormatCreator? = nil
+    /// A pass-through format (raw): like qemu's filter children it passes the user's permissions to the file, so a
+    /// plain reader lets others write the file; formats with metadata (qcow2) never share writing.
+    public var sharesWriteWhenReading: Bool
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
-                open: @escaping (OpenRequest) throws -> ImageFormat) {
+                open: @escaping (OpenRequest) throws -> ImageFormat, sharesWriteWhenReading: Bool = false) {
         self.name = name
         self.probe = probe
         self.open = open
+        self.sharesWriteWhenReading = sharesWriteWhenReading
     }
 }
 

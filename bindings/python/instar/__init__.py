@@ -6,3 +6,4 @@ from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_W
 
 def version():
     return lib().instar_version().decode()
+from .ops import compare, convert, map  # noqa: E402,F401

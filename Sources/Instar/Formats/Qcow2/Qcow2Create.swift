@@ -300,7 +300,7 @@ public enum Qcow2Create {
         var offset: UInt64 = 0
         var required: UInt64 = 0
         while offset < ssize {
-            let st = try ChainStatus.status(src, at: offset, length: ssize - offset)
+            let st = try ChainStatus.aboveStatus(src, at: offset, length: ssize - offset)
             var pnum = max(1, min(st.length, ssize - offset))
             if !st.zero && st.data && st.allocated {
                 pnum = try (offset + pnum).alignedUp(clusterSize) - offset
@@ -312,25 +312,6 @@ public enum Qcow2Create {
     }
 }
 
-/// The chain-level block status qcow2_measure needs (bdrv_block_status_above over the whole chain): the first
-/// layer that allocates a range decides it; ranges no layer allocates read as zeroes.
-enum ChainStatus {
-    static func status(_ top: ImageLayer, at offset: UInt64, length: UInt64) throws -> BlockStatus {
-        var layer: ImageLayer? = top
-        var len = length
-        while let l = layer {
-            if offset >= l.virtualSize { break }
-            var st = try l.format.blockStatus(at: offset, length: min(len, l.virtualSize - offset))
-            if st.allocated {
-                st.length = min(st.length, len)
-                return st
-            }
-            len = min(len, max(1, st.length))
-            layer = l.backing
-        }
-        return BlockStatus(length: max(1, len), allocated: false, data: false, zero: true)
-    }
-}
 /// Replays qemu 7.2's qcow2 image construction (qcow2_co_create, qcow2_co_truncate, preallocate_co and the
 /// refcount allocator in qcow2-refcount.c) on an in-memory model, writing to the file what qemu writes.
 /// Only the paths a freshly created image takes are modelled: no snapshots, no compressed clusters.

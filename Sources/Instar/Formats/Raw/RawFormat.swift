@@ -1,7 +1,8 @@
 /// The raw format: guest bytes are the file's bytes, optionally a window of it (json: "offset"/"size", as
 /// ovirt-imageio opens tar members).
 public final class RawFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) },
+                                                  sharesWriteWhenReading: true)
 
     public let formatName = "raw"
     public let file: HostFile
@@ -60,9 +61,8 @@ public final class RawFormat: ImageFormat {
                                hostOffset: hostStart, hostFile: file.path)
         }
         let hole = file.nextHole(from: hostStart)
-        var end = min(max(hole, hostStart + 1), limit)
-        // The part of the final partial sector past EOF belongs to the data extent in qemu's sector view.
-        if end == fileSize { end = min(try hostStart.adding(length), try fileSize.alignedUp(512)) }
+        // The part of the final partial sector past EOF is a trailing hole, as file-posix reports it.
+        let end = min(max(hole, hostStart + 1), limit)
         return BlockStatus(length: end - hostStart, allocated: true, data: true, zero: false, hostOffset: hostStart,
                            hostFile: file.path)
     }
