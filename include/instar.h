@@ -295,6 +295,62 @@ void instar_convert_options_init(instar_convert_options_t *opts);
 int instar_convert(const char *source, const char *target, const instar_convert_options_t *opts,
                    instar_error_t *err);
 
+/* ---- create and measure ----------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_CREATE_NO_BACKING_OPEN = 1u << 0  /**< qemu-img create -u: do not open the backing file */
+};
+
+typedef struct instar_create_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_CREATE_* */
+    const char *format;          /**< -f; NULL means raw */
+    int64_t size;                /**< virtual size in bytes; -1 to take it from the backing file or options */
+    const char *backing_file;    /**< -b, or NULL */
+    const char *backing_format;  /**< -F, or NULL */
+    const char *options;         /**< -o: "key=value,key=value" as qemu-img takes it (",," escapes a comma), or NULL */
+} instar_create_options_t;
+
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL }
+void instar_create_options_init(instar_create_options_t *opts);
+
+/**
+ * Creates an image like `qemu-img create` (raw or qcow2; the same bytes qemu-img writes). An existing file is
+ * overwritten. Errors carry qemu-img's message, including the "FILENAME: " prefix: INSTAR_E_INVALID (bad
+ * option or size, missing backing format), INSTAR_E_UNSUPPORTED (format cannot create, encryption),
+ * INSTAR_E_RANGE (image too large), INSTAR_E_IO, INSTAR_E_NOT_FOUND (backing file).
+ */
+int instar_create(const char *filename, const instar_create_options_t *opts, instar_error_t *err);
+
+typedef struct instar_measure_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE is honoured */
+    const char *source_format;   /**< -f for the source image, NULL to probe */
+    const char *output_format;   /**< -O; NULL means raw */
+    const char *options;         /**< -o for the output format, or NULL */
+    int64_t size;                /**< --size in bytes when no filename is given; -1 otherwise */
+} instar_measure_options_t;
+
+#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1 }
+void instar_measure_options_init(instar_measure_options_t *opts);
+
+typedef struct instar_measure_result {
+    uint32_t struct_size;
+    int32_t has_bitmaps;         /**< 1 when qemu-img would print "bitmaps" */
+    uint64_t required;           /**< "required size" */
+    uint64_t fully_allocated;    /**< "fully allocated size" */
+    uint64_t bitmaps;            /**< "bitmaps size", valid when has_bitmaps */
+} instar_measure_result_t;
+
+/**
+ * Measures the file size a new image needs, like `qemu-img measure`: for `opts->size` when `filename` is NULL,
+ * else for the contents of `filename`. Set result->struct_size before the call. Errors: INSTAR_E_INVALID (both
+ * or neither of size and filename, bad options), INSTAR_E_UNSUPPORTED (format cannot measure), and the
+ * instar_open errors for the source.
+ */
+int instar_measure(const char *filename, const instar_measure_options_t *opts, instar_measure_result_t *result,
+                   instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

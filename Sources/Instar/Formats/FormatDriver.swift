@@ -196,10 +196,92 @@ public struct FormatDescriptor {
     public var sharesWrites = false
     /// The json:/--image-opts options the driver takes; nil when it does not declare them (all are passed on).
     public var runtimeOptions: Set<String>?
+    /// Creation and measurement; nil for formats that cannot create images (filled in by `FormatRegistry`).
+    public var creator: FormatCreator? = nil
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name
         self.probe = probe
         self.open = open
+    }
+}
+
+// MARK: Creating and measuring
+
+/// One creation option of a format or of the host-file layer (qemu's QemuOptDesc in `create_opts`).
+public struct CreateOptionSpec {
+    public enum Kind: Equatable {
+        case string, bool, number, size
+        /// How `-o help` names the type.
+        public var helpName: String {
+            switch self {
+            case .string: return "str"
+            case .bool: return "bool (on/off)"
+            case .number: return "num"
+            case .size: return "size"
+            }
+        }
+    }
+    public var name: String
+    public var kind: Kind
+    public var help: String
+    /// The value qemu prints on the `Formatting ...` line when the option is not given; nil prints nothing.
+    public var defaultValue: String?
+    public init(_ name: String, _ kind: Kind, _ help: String, default defaultValue: String? = nil) {
+        self.name = name
+        self.kind = kind
+        self.help = help
+        self.defaultValue = defaultValue
+    }
+}
+
+/// What a driver's create entry is given: the file to create and the parsed `-o` options (with size,
+/// backing_file and backing_fmt filled in from the command line).
+public struct CreateRequest {
+    public var filename: String
+    public var options: CreateOptionValues
+    public init(filename: String, options: CreateOptionValues) {
+        self.filename = filename
+        self.options = options
+    }
+}
+
+/// What a driver's measure entry is given: the options and, when measuring an image, its open chain.
+public struct MeasureRequest {
+    public var options: CreateOptionValues
+    public var source: ImageLayer?
+    public init(options: CreateOptionValues, source: ImageLayer?) {
+        self.options = options
+        self.source = source
+    }
+}
+
+/// qemu's BlockMeasureInfo.
+public struct MeasureResult: Equatable {
+    public var required: UInt64
+    public var fullyAllocated: UInt64
+    /// nil when qemu leaves "bitmaps" out.
+    public var bitmaps: UInt64?
+    public init(required: UInt64, fullyAllocated: UInt64, bitmaps: UInt64? = nil) {
+        self.required = required
+        self.fullyAllocated = fullyAllocated
+        self.bitmaps = bitmaps
+    }
+}
+
+/// A format's creation entries, kept apart from `FormatDescriptor` so a driver file can add them in an
+/// extension; `FormatRegistry` merges them into the descriptors by format name.
+public struct FormatCreator {
+    public var name: String
+    /// The format's create options in declaration order (this order decides the `Formatting` line).
+    public var options: [CreateOptionSpec]
+    public var create: (CreateRequest) throws -> Void
+    public var measure: ((MeasureRequest) throws -> MeasureResult)?
+    public init(name: String, options: [CreateOptionSpec], create: @escaping (CreateRequest) throws -> Void,
+                measure: ((MeasureRequest) throws -> MeasureResult)? = nil) {
+        self.name = name
+        self.options = options
+        self.create = create
+        self.measure = measure
     }
 }
