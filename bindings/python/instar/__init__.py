@@ -1,6 +1,6 @@
 """Python ctypes binding for libinstar (see include/instar.h)."""
 from ._lib import InstarError, lib
-from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, Image
+from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, ZERO_MAY_UNMAP, Image
 
 
 def version():
