@@ -120,6 +120,12 @@ extension Qcow2Writer {
     func allocateClusters(_ n: UInt64) throws -> UInt64 {
         for _ in 0..<64 {
             let first = try findFree(n)
+            // Rather than grow the file, make clusters freed since the last L2 write-back reusable (qemu reuses
+            // them at once; here their L2 tables must reach the disk first).
+            if !pendingFree.isEmpty, first + n > (try file.size()) >> clusterBits {
+                try flushL2()
+                continue
+            }
             // Every refcount block the run needs must exist; creating one may take clusters of the run, so
             // search again after creating any.
             var created = false

@@ -217,33 +217,75 @@ extension Qcow2Writer {
         let a = try offset.alignedUp(subclusterSize)
         var b = end.alignedDown(subclusterSize)
         if end == imageEnd { b = try end.alignedUp(subclusterSize) }
-        if a >= b {
-            try zeroPiece(offset, end, backing: backing)
+        if end <= a && b <= offset {
+            // Within one subcluster (qemu's block layer hands such a request down whole).
+            try zeroPiece(offset, end, mayUnmap: mayUnmap, backing: backing)
             return
         }
-        try zeroPiece(offset, a, backing: backing)
-        try zeroAligned(a, b, mayUnmap: mayUnmap, backing: backing)
-        if b < end { try zeroPiece(b, end, backing: backing) }
+        if offset < a { try zeroPiece(offset, a, mayUnmap: mayUnmap, backing: backing) }
+        if a < b { try zeroAligned(a, b, mayUnmap: mayUnmap, backing: backing) }
+        if max(a, b) < end { try zeroPiece(max(a, b), end, mayUnmap: mayUnmap, backing: backing) }
     }
 
-    /// A range smaller than a subcluster: nothing to do when it already reads as zeroes, else explicit zeroes
-    /// (what qemu's generic layer falls back to).
-    private func zeroPiece(_ start: UInt64, _ end: UInt64, backing: GuestReader?) throws {
+    /// Part of one subcluster (qemu's qcow2_co_pwrite_zeroes with head/tail): when the rest of the subcluster
+    /// already reads as zeroes and it holds no data in this layer, the whole subcluster is marked zero;
+    /// otherwise zeroes are written.
+    private func zeroPiece(_ start: UInt64, _ end: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
         if end <= start { return }
+        let s0 = start.alignedDown(subclusterSize)
+        let s1 = min(s0 + subclusterSize, format.virtualSize)
+        if header.version >= 3 && end <= s0 + subclusterSize,
+           try chainIsZero(s0, start, backing: backing), try chainIsZero(end, s1, backing: backing) {
+            let run = try mapper.lookup(s0, maxBytes: 1)
+            switch run.kind {
+            case .unallocatedPlain, .unallocatedAlloc, .zeroPlain, .zeroAlloc:
+                try zeroAligned(s0, s0 + subclusterSize, mayUnmap: mayUnmap, backing: backing)
+                return
+            default:
+                break
+            }
+        }
+        // Already zero by status: nothing to write.
+        if try chainIsZero(start, end, backing: backing) { return }
+        try writeZeroBytes(start, end, backing: backing)
+    }
+
+    /// Whether [start, end) reads as zeroes by block status alone, down the chain (qemu's is_zero, which
+    /// never reads data).
+    private func chainIsZero(_ start: UInt64, _ end: UInt64, backing: GuestReader?) throws -> Bool {
         var pos = start
-        var needWrite = false
         while pos < end {
             let run = try mapper.lookup(pos, maxBytes: end - pos)
+            let n = max(run.length, 1)
             switch run.kind {
-            case .zeroPlain, .zeroAlloc: break
+            case .zeroPlain, .zeroAlloc:
+                break
             case .unallocatedPlain, .unallocatedAlloc:
-                if backing != nil { needWrite = true }
-            default: needWrite = true
+                if !(try Qcow2Writer.layerIsZero(backing, pos, min(end, pos + n))) { return false }
+            default:
+                return false
             }
-            if needWrite { break }
-            pos += max(run.length, 1)
+            pos += n
         }
-        if needWrite { try writeZeroBytes(start, end, backing: backing) }
+        return true
+    }
+
+    private static func layerIsZero(_ reader: GuestReader?, _ start: UInt64, _ end: UInt64) throws -> Bool {
+        guard let reader else { return true }
+        guard let layer = reader as? ImageLayer else { return false }
+        var pos = start
+        while pos < end {
+            if pos >= layer.virtualSize { return true }
+            let st = try layer.format.blockStatus(at: pos, length: min(end, layer.virtualSize) - pos)
+            let n = max(st.length, 1)
+            if st.allocated {
+                if !st.zero { return false }
+            } else if !(try layerIsZero(layer.backing, pos, min(end, pos + n))) {
+                return false
+            }
+            pos += n
+        }
+        return true
     }
 
     private func writeZeroBytes(_ start: UInt64, _ end: UInt64, backing: GuestReader?) throws {
@@ -313,9 +355,11 @@ extension Qcow2Writer {
     // MARK: Discard
 
     /// qemu's qcow2_co_pdiscard: only whole clusters (and the partial last cluster of the image) are discarded;
-    /// they read as zeroes afterwards on version 3, and from the backing file (or zeroes) on version 2.
+    /// they read as zeroes afterwards on version 3, and as unallocated on version 2 (which has no backing file then).
     func discard(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
+        // Without zero clusters a discard would expose the backing file's stale data: qemu refuses it there.
+        if header.version < 3 && format.backingReference != nil { return }
         try prepare()
         let end = try offset.adding(length)
         let a = try offset.alignedUp(clusterSize)
