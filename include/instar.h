@@ -162,6 +162,11 @@ typedef struct instar_info {
     int32_t has_bitmaps;             /**< 1 when qemu-img prints the "bitmaps" key */
     /** The next image in the chain (its backing file) when --backing-chain was asked for, else NULL. */
     struct instar_info *backing;
+    /**
+     * The whole "format-specific" member as qemu-img prints it (compact JSON, qemu's key order), or NULL when
+     * qemu-img prints none. It carries what the fields above cannot (luks slots, bitmaps' details, ...).
+     */
+    const char *format_specific_json;
 } instar_info_t;
 
 typedef struct instar_info_options {

@@ -119,6 +119,11 @@ public protocol ImageFormat: AnyObject {
     /// What `qemu-img info` shows for this image beyond the generic fields.
     func formatInfo() throws -> FormatInfo
 
+    /// "actual-size": bytes the layer occupies on the host, nil when unknown. qemu 7.2 counts the image file
+    /// only (an external qcow2 data file is not included); drivers whose image spans several files of their
+    /// own (vmdk extents) override this to add them up.
+    func allocatedFileSize() -> UInt64?
+
     // Writing. Read-only drivers keep the default implementations below, which refuse.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws
@@ -129,6 +134,11 @@ public protocol ImageFormat: AnyObject {
 }
 
 extension ImageFormat {
+    public func allocatedFileSize() -> UInt64? {
+        guard let file = hostFiles.first else { return nil }
+        return try? file.allocatedSize()
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         throw InstarError(.permission, "Image is read-only")
     }
@@ -176,6 +186,9 @@ public struct FormatDescriptor {
     /// qemu's probe score for the first 2048 bytes of a file (0: not this format; raw scores 1).
     public var probe: (_ header: [UInt8], _ filename: String) -> Int
     public var open: (OpenRequest) throws -> ImageFormat
+    /// The driver hands its users' permissions straight to the file (qemu's raw driver acts as a filter), so a
+    /// reader shares writing with other processes; drivers that cache metadata refuse to share writes.
+    public var sharesWrites = false
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name

@@ -1,7 +1,11 @@
 /// The raw format: guest bytes are the file's bytes, optionally a window of it (json: "offset"/"size", as
 /// ovirt-imageio opens tar members).
 public final class RawFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+    public static let descriptor: FormatDescriptor = {
+        var d = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+        d.sharesWrites = true
+        return d
+    }()
 
     public let formatName = "raw"
     public let file: HostFile
@@ -25,7 +29,8 @@ public final class RawFormat: ImageFormat {
         } else {
             windowSize = nil
         }
-        let fileSize = try file.size()
+        // The file node's length as qemu's block layer sees it: whole 512-byte sectors.
+        let fileSize = try file.size().alignedUp(512)
         if windowOffset > fileSize { throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (0) has to be smaller or equal to the  actual size of the containing file (\(fileSize))") }
         if let ws = windowSize, try windowOffset.adding(ws) > fileSize {
             throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (\(ws)) has to be smaller or equal to the  actual size of the containing file (\(fileSize))")
