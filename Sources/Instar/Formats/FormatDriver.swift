@@ -172,6 +172,8 @@ public struct OpenRequest {
 /// Options that reach the drivers.
 public struct ImageOpenOptions {
     public var forceShare = false
+    /// Opened for `check` (qemu's BDRV_O_CHECK): a corrupt image may still be opened writable, to repair it.
+    public var check = false
     public var direct = false
     /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
     public var driverOptions: [String: QObject] = [:]
