@@ -78,9 +78,13 @@ func checkCommand(_ args: [String]) -> Int32 {
 
     let outcome: CheckOperation.Outcome
     do {
-        outcome = try CheckOperation.run(filename, options: options) { line in
-            CLI.out.flush()
-            fputs(line + "\n", stderr)
+        outcome = try CheckOperation.run(filename, options: options) { message in
+            if message.errorReport {
+                CLI.error(message.text)
+            } else {
+                CLI.out.flush()
+                fputs(message.text + "\n", stderr)
+            }
         }
     } catch is CheckNotSupported {
         CLI.error("This image format does not support checks")

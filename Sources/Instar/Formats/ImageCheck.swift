@@ -57,9 +57,21 @@ public struct CheckFailure: Error {
     }
 }
 
+/// One line a check prints to stderr.
+public struct CheckMessage: Equatable {
+    /// The line, without its newline.
+    public var text: String
+    /// qemu prints it with error_report, i.e. after the program name ("qemu-img: ").
+    public var errorReport: Bool
+    public init(_ text: String, errorReport: Bool = false) {
+        self.text = text
+        self.errorReport = errorReport
+    }
+}
+
 /// A format that can check (and repair) its own metadata.
 public protocol ImageCheckable: AnyObject {
     /// Runs one check pass. `report` receives each line qemu prints to stderr during the check (without the
     /// newline), in order. Throws `CheckFailure` where qemu's check returns an error.
-    func check(repair: CheckRepair, report: (String) -> Void) throws -> CheckResult
+    func check(repair: CheckRepair, report: (CheckMessage) -> Void) throws -> CheckResult
 }

@@ -114,7 +114,7 @@ public enum CheckOperation {
     /// Opens `name` (writable when repairing) and checks it. Open failures throw InstarError with qemu-img's
     /// full message; a format without checks throws `CheckNotSupported`. `messages` receives the lines the
     /// check prints to stderr.
-    public static func run(_ name: String, options: Options, messages: (String) -> Void) throws -> Outcome {
+    public static func run(_ name: String, options: Options, messages: (CheckMessage) -> Void) throws -> Outcome {
         if options.imageOpts && options.format != nil {
             throw InstarError.invalid("--image-opts and --format are mutually exclusive")
         }

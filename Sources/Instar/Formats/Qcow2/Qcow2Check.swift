@@ -8,7 +8,7 @@ import Glibc
 /// The checker reads the header, L1 table and refcount table afresh from the file, so a second pass after a
 /// repair sees what the first one wrote.
 extension Qcow2Format: ImageCheckable {
-    public func check(repair: CheckRepair, report: (String) -> Void) throws -> CheckResult {
+    public func check(repair: CheckRepair, report: (CheckMessage) -> Void) throws -> CheckResult {
         try withoutActuallyEscaping(report) { report in
             let checker = try Qcow2Checker(format: self, repair: repair, report: report)
             return try checker.run()
@@ -47,7 +47,7 @@ final class Qcow2Checker {
     let repairMode: CheckRepair
     /// The mode in force (qemu recounts with no repair after a rebuild).
     var fix: CheckRepair { fixOverride ?? repairMode }
-    let report: (String) -> Void
+    let report: (CheckMessage) -> Void
     var header: Qcow2Header
     let clusterBits: Int64
     let clusterSize: Int64
@@ -67,7 +67,7 @@ final class Qcow2Checker {
     /// qcow2_signal_corruption reports only the first corruption event.
     private var signalledCorruption = false
 
-    init(format: Qcow2Format, repair: CheckRepair, report: @escaping (String) -> Void) throws {
+    init(format: Qcow2Format, repair: CheckRepair, report: @escaping (CheckMessage) -> Void) throws {
         self.format = format
         file = format.file
         repairMode = repair
@@ -87,7 +87,9 @@ final class Qcow2Checker {
         try readSnapshotTable()
     }
 
-    private func say(_ line: String) { report(line) }
+    private func say(_ line: String) { report(CheckMessage(line)) }
+    /// error_report / error_report_err: the line goes out after the program name.
+    private func errorReport(_ line: String) { report(CheckMessage(line, errorReport: true)) }
 
     /// "%" PRIx64.
     static func x(_ v: UInt64) -> String { String(v, radix: 16) }
@@ -149,11 +151,20 @@ final class Qcow2Checker {
         return b
     }
 
-    /// qcow2_signal_corruption for a fatal event: one message, then silence.
+    /// qcow2_signal_corruption for an event qemu calls fatal: one message, then silence. It is fatal only when
+    /// the image is writable (a repair), and then the image is marked corrupt on disk.
     private func signalCorruption(_ message: String) {
         if signalledCorruption { return }
         signalledCorruption = true
+        if repairMode.isEmpty {
+            say("qcow2: Image is corrupt: \(message); further non-fatal corruption events will be suppressed")
+            return
+        }
         say("qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed")
+        var field = [UInt8](repeating: 0, count: 8)
+        header.incompatibleFeatures |= Qcow2.incompatCorrupt
+        field.putU64be(header.incompatibleFeatures, at: 0)
+        if header.version >= 3 { try? file.write(field, at: 72) }
     }
 
     /// update_refcount for one cluster whose refblock exists: adds or subtracts `diff`.
@@ -178,12 +189,72 @@ final class Qcow2Checker {
             new = old + diff
         }
         Qcow2RefcountArray.setEntry(&block, index: inBlock, order: order, value: new)
+        guard writeAllowed(ignore: Self.olRefcountBlock, offset: Int64(blockOffset), size: clusterSize) else {
+            throw Qcow2CheckAbort(errno: EIO)
+        }
         do {
             try file.write(block, at: blockOffset)
         } catch {
             throw Qcow2CheckAbort(errno: EIO)
         }
         refblockCache[blockOffset] = block
+    }
+
+    // MARK: - Metadata overlap
+
+    // block/qcow2.h QCow2MetadataOverlap bits; qemu's default template ("cached") checks all but inactive L2.
+    static let olMainHeader = 1 << 0, olActiveL1 = 1 << 1, olActiveL2 = 1 << 2, olRefcountTable = 1 << 3
+    static let olRefcountBlock = 1 << 4, olSnapshotTable = 1 << 5, olInactiveL1 = 1 << 6, olInactiveL2 = 1 << 7
+    static let olBitmapDirectory = 1 << 8
+
+    /// qcow2_check_metadata_overlap: the first metadata structure [offset, offset + size) would overwrite.
+    private func metadataOverlap(ignore: Int, offset: Int64, size: Int64) -> String? {
+        if size == 0 { return nil }
+        let chk = ~ignore & ~Self.olInactiveL2
+        if chk & Self.olMainHeader != 0 && offset < clusterSize { return "qcow2_header" }
+        let start = offset & ~(clusterSize - 1)
+        let length = ((offset & (clusterSize - 1)) &+ size &+ clusterSize &- 1) & ~(clusterSize - 1)
+        func hits(_ o: UInt64, _ n: Int64) -> Bool {
+            let o = Int64(bitPattern: o)
+            return start < o &+ n && o < start &+ length
+        }
+        if chk & Self.olActiveL1 != 0 && header.l1Size != 0 && hits(header.l1TableOffset, Int64(header.l1Size) * 8) {
+            return "active L1 table"
+        }
+        if chk & Self.olRefcountTable != 0 && !reftable.isEmpty
+            && hits(header.refcountTableOffset, Int64(reftable.count) * 8) {
+            return "refcount table"
+        }
+        if chk & Self.olSnapshotTable != 0 && snapshotsSize != 0 && hits(header.snapshotsOffset, snapshotsSize) {
+            return "snapshot table"
+        }
+        if chk & Self.olInactiveL1 != 0 {
+            for sn in snapshots where sn.l1Size != 0 && hits(sn.l1Offset, Int64(sn.l1Size) * 8) {
+                return "inactive L1 table"
+            }
+        }
+        if chk & Self.olActiveL2 != 0 {
+            for e in l1 where e & Qcow2.l1OffsetMask != 0 && hits(e & Qcow2.l1OffsetMask, clusterSize) {
+                return "active L2 table"
+            }
+        }
+        if chk & Self.olRefcountBlock != 0 {
+            for e in reftable where e & Qcow2.reftableOffsetMask != 0 && hits(e & Qcow2.reftableOffsetMask, clusterSize) {
+                return "refcount block"
+            }
+        }
+        if chk & Self.olBitmapDirectory != 0 && header.autoclearFeatures & Qcow2.autoclearBitmaps != 0,
+           let b = format.extensions.bitmaps, hits(b.directoryOffset, Int64(bitPattern: b.directorySize)) {
+            return "bitmap directory"
+        }
+        return nil
+    }
+
+    /// qcow2_pre_write_overlap_check: false (after signalling the corruption) when the write would hit metadata.
+    private func writeAllowed(ignore: Int, offset: Int64, size: Int64) -> Bool {
+        guard let what = metadataOverlap(ignore: ignore, offset: offset, size: size) else { return true }
+        signalCorruption("Preventing invalid write on metadata (overlaps with \(what))")
+        return false
     }
 
     // MARK: - Counting references
@@ -315,7 +386,7 @@ final class Qcow2Checker {
                         say("\(fix.contains(.errors) ? "Repairing" : "ERROR") offset=\(Self.x(offset)): Preallocated "
                             + "cluster is not properly aligned; L2 entry corrupted.")
                         if fix.contains(.errors) {
-                            if try fixL2EntryByZero(&table, l2Offset: l2Offset, index: i, bitmap: bitmap) {
+                            if try fixL2EntryByZero(&table, l2Offset: l2Offset, index: i, bitmap: bitmap, active: active) {
                                 continue
                             }
                         }
@@ -343,7 +414,8 @@ final class Qcow2Checker {
     }
 
     /// fix_l2_entry_by_zero: turns an entry into a plain zero cluster on disk. True when fixed.
-    private func fixL2EntryByZero(_ table: inout [UInt8], l2Offset: UInt64, index: Int, bitmap: UInt64) throws -> Bool {
+    private func fixL2EntryByZero(_ table: inout [UInt8], l2Offset: UInt64, index: Int, bitmap: UInt64,
+                                  active: Bool) throws -> Bool {
         let base = index * l2EntryBytes
         if extendedL2 {
             var b = bitmap | (bitmap << 32)
@@ -354,6 +426,12 @@ final class Qcow2Checker {
             table.putU64be(Qcow2.l2Zero, at: base)
         }
         let entryOffset = l2Offset &+ UInt64(base)
+        guard writeAllowed(ignore: active ? Self.olActiveL2 : Self.olInactiveL2, offset: Int64(bitPattern: entryOffset),
+                           size: Int64(l2EntryBytes)) else {
+            say("ERROR: Overlap check failed")
+            res.checkErrors += 1
+            throw Qcow2CheckAbort(errno: EIO)
+        }
         do {
             try file.write(Array(table[base..<(base + l2EntryBytes)]), at: entryOffset)
         } catch {
@@ -613,6 +691,11 @@ final class Qcow2Checker {
                     let fixed = refcount == 1 ? l1Entry | Qcow2.l2Copied : l1Entry & ~Qcow2.l2Copied
                     var bytes = [UInt8](repeating: 0, count: 8)
                     bytes.putU64be(fixed, at: 0)
+                    let at = header.l1TableOffset &+ UInt64(i) * 8
+                    guard writeAllowed(ignore: Self.olActiveL1, offset: Int64(bitPattern: at), size: 8) else {
+                        res.checkErrors += 1
+                        throw Qcow2CheckAbort(errno: EIO)
+                    }
                     do {
                         try file.write(bytes, at: header.l1TableOffset &+ UInt64(i) * 8)
                     } catch {
@@ -658,6 +741,11 @@ final class Qcow2Checker {
                 }
             }
             if dirty > 0 {
+                guard writeAllowed(ignore: Self.olActiveL2, offset: Int64(l2Offset), size: clusterSize) else {
+                    say("ERROR: Could not write L2 table; metadata overlap check failed: \(strerrorString(EIO))")
+                    res.checkErrors += 1
+                    throw Qcow2CheckAbort(errno: EIO)
+                }
                 do {
                     try file.write(table, at: l2Offset)
                 } catch {
@@ -725,7 +813,7 @@ final class Qcow2Checker {
                 do {
                     blockOffset = try allocClusters(&imrt, count: 1, nbClusters: &nbClusters, firstFree: &firstFree)
                 } catch let e as Qcow2CheckAbort {
-                    say("ERROR allocating refblock: \(strerrorString(e.errno))")
+                    errorReport("ERROR allocating refblock: \(strerrorString(e.errno))")
                     throw e
                 }
                 let blockCluster = Int(blockOffset >> clusterBits)
@@ -738,12 +826,16 @@ final class Qcow2Checker {
                 }
                 newTable[index] = UInt64(blockOffset)
             }
+            guard writeAllowed(ignore: 0, offset: blockOffset, size: clusterSize) else {
+                errorReport("ERROR writing refblock: \(strerrorString(EIO))")
+                throw Qcow2CheckAbort(errno: EIO)
+            }
             let sliceStart = index * Int(clusterSize)
             let slice = Array(imrt.bytes[sliceStart..<min(sliceStart + Int(clusterSize), imrt.bytes.count)])
             do {
                 try file.write(slice, at: UInt64(blockOffset))
             } catch {
-                say("ERROR writing refblock: \(strerrorString(EIO))")
+                errorReport("ERROR writing refblock: \(strerrorString(EIO))")
                 throw Qcow2CheckAbort(errno: EIO)
             }
             cluster = blockStart + perBlock
@@ -773,7 +865,7 @@ final class Qcow2Checker {
                 tableOffset = try allocClusters(&imrt, count: tableClusters, nbClusters: &nbClusters,
                                                 firstFree: &firstFree)
             } catch let e as Qcow2CheckAbort {
-                say("ERROR allocating reftable: \(strerrorString(e.errno))")
+                errorReport("ERROR allocating reftable: \(strerrorString(e.errno))")
                 res.checkErrors += 1
                 throw e
             }
@@ -788,10 +880,14 @@ final class Qcow2Checker {
         }
         var bytes = [UInt8](repeating: 0, count: newTable.count * 8)
         for (i, e) in newTable.enumerated() { bytes.putU64be(e, at: i * 8) }
+        guard writeAllowed(ignore: 0, offset: tableOffset, size: Int64(bytes.count)) else {
+            errorReport("ERROR writing reftable: \(strerrorString(EIO))")
+            throw Qcow2CheckAbort(errno: EIO)
+        }
         do {
             try file.write(bytes, at: UInt64(tableOffset))
         } catch {
-            say("ERROR writing reftable: \(strerrorString(EIO))")
+            errorReport("ERROR writing reftable: \(strerrorString(EIO))")
             throw Qcow2CheckAbort(errno: EIO)
         }
         // qcow2.txt: header bytes 48-55 refcount_table_offset, 56-59 refcount_table_clusters.
@@ -802,7 +898,7 @@ final class Qcow2Checker {
             try file.write(field, at: 48)
             try file.sync()
         } catch {
-            say("ERROR setting reftable: \(strerrorString(EIO))")
+            errorReport("ERROR setting reftable: \(strerrorString(EIO))")
             throw Qcow2CheckAbort(errno: EIO)
         }
         header.refcountTableOffset = UInt64(tableOffset)
