@@ -334,3 +334,37 @@ def test_repair_overlapping_l2(tmp):
     q = Q(path)
     q.set_l1(2, q.l1(0))
     repair_both(tmp, path, "all")
+
+
+# ---- library and Python binding ----------------------------------------------------------------------------
+
+def test_python_check_matches_qemu_json(tmp):
+    import json
+    import instar
+    clean = make(tmp)
+    q = qemu("check", "--output=json", "img.qcow2", cwd=tmp)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert instar.check("img.qcow2") == json.loads(q.out)
+        assert instar.check_json("img.qcow2") == q.out
+    finally:
+        os.chdir(cwd)
+    os.makedirs(os.path.join(tmp, "leaky"))
+    leaky = corrupted(os.path.join(tmp, "leaky"), corrupt_refcount_high)
+    d = os.path.dirname(leaky)
+    os.makedirs(os.path.join(d, "q"))
+    shutil.copy(leaky, os.path.join(d, "q", "img.qcow2"))
+    q = qemu("check", "-r", "leaks", "--output=json", "img.qcow2", cwd=os.path.join(d, "q"))
+    os.chdir(d)
+    try:
+        assert instar.check("img.qcow2", repair="leaks") == json.loads(q.out)
+        assert instar.check("img.qcow2") == json.loads(qemu("check", "--output=json", "img.qcow2").out)
+    finally:
+        os.chdir(cwd)
+    raw = os.path.join(tmp, "r.img")
+    qimg("create", "-q", "-f", "raw", raw, "1M")
+    with pytest.raises(instar.InstarError) as e:
+        instar.check(raw)
+    assert e.value.message == "This image format does not support checks"
+    assert clean
