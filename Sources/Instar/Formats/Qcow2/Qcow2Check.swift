@@ -555,6 +555,8 @@ final class Qcow2Checker {
                             nbClusters = newClusters
                             if cluster >= UInt64(nbClusters) { failure = EINVAL }
                         } catch let e as InstarError {
+                            // error_report_err of the failed truncate comes first.
+                            errorReport(e.message)
                             failure = e.errnoValue != 0 ? e.errnoValue : EIO
                         }
                     }
