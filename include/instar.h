@@ -382,6 +382,52 @@ int instar_discard(instar_image_t *image, uint64_t count, uint64_t offset, insta
 /** Writes cached metadata back and syncs the image files to stable storage. */
 int instar_flush(instar_image_t *image, instar_error_t *err);
 
+/* ---- check ------------------------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_CHECK_REPAIR_LEAKS = 1u << 0,   /**< -r leaks: drop leaked references */
+    INSTAR_CHECK_REPAIR_ERRORS = 1u << 1,  /**< with LEAKS: -r all */
+    INSTAR_CHECK_REPAIR_ALL = 3u           /**< -r all */
+};
+
+typedef struct instar_check_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE (-U) and INSTAR_OPEN_NO_CACHE (-T none) are used */
+    const char *format;          /**< -f, NULL to probe */
+    uint32_t repair;             /**< INSTAR_CHECK_REPAIR_*; nonzero opens the image for writing */
+} instar_check_options_t;
+
+#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0 }
+void instar_check_options_init(instar_check_options_t *opts);
+
+/** What `qemu-img check` reports. Counters qemu-img omits from its JSON (because they are 0) are -1. */
+typedef struct instar_check_result {
+    uint32_t struct_size;
+    int32_t exit_code;           /**< qemu-img check's exit status: 0 clean, 1 internal errors, 2 corrupt, 3 leaks */
+    int64_t check_errors;
+    int64_t corruptions;
+    int64_t leaks;
+    int64_t corruptions_fixed;   /**< repairs made by the first pass */
+    int64_t leaks_fixed;
+    int64_t image_end_offset;
+    int64_t total_clusters;
+    int64_t allocated_clusters;
+    int64_t fragmented_clusters;
+    int64_t compressed_clusters;
+} instar_check_result_t;
+
+/**
+ * Checks (and with opts->repair, repairs and checks again) an image like `qemu-img check`. Fills `result`
+ * (whose struct_size the caller sets). Errors: the open errors of instar_open; INSTAR_E_UNSUPPORTED when the
+ * format has no check ("This image format does not support checks"); INSTAR_E_IO when the check itself fails
+ * ("Check failed: ..."). An image with problems is no error: see result->exit_code.
+ */
+int instar_check(const char *filename, const instar_check_options_t *opts, instar_check_result_t *result,
+                 instar_error_t *err);
+
+/** Like instar_check, but returns the text of `qemu-img check --output=json`; free it with instar_string_free. */
+int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -5,6 +5,7 @@ import Instar
 
 let commands: [String: Command] = [
     "info": infoCommand,
+    "check": checkCommand,
     "map": mapCommand,
     "compare": compareCommand,
     "convert": convertCommand,

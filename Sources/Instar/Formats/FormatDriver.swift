@@ -174,6 +174,8 @@ public struct ImageOpenOptions {
     public var forceShare = false
     /// Readers refuse to share writing even through pass-through formats (qemu-img convert's sources).
     public var noShareWrite = false
+    /// Opened for `check` (qemu's BDRV_O_CHECK): a corrupt image may still be opened writable, to repair it.
+    public var check = false
     public var direct = false
     /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
     /// the files that hold guest data only (an external qcow2 data file), which then need not exist.

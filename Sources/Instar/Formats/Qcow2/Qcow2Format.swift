@@ -58,7 +58,7 @@ public final class Qcow2Format: ImageFormat {
             throw InstarError(.unsupported, Qcow2Extensions.unsupportedFeatureMessage(unknown, table: table),
                               errno: 95 /* ENOTSUP */)
         }
-        if h.incompatibleFeatures & Qcow2.incompatCorrupt != 0 && request.writable {
+        if h.incompatibleFeatures & Qcow2.incompatCorrupt != 0 && request.writable && !request.options.check {
             throw InstarError(.permission, "qcow2: Image is corrupt; cannot be opened read/write", errno: EACCES)
         }
         try h.validateLayout()

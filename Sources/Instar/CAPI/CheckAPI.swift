@@ -1,0 +1,80 @@
+import CInstar
+import Glibc
+
+// instar_check*: `qemu-img check` through the C ABI. The per-cluster messages qemu prints to stderr are not
+// returned (the library never prints); the counters and the JSON text are.
+
+@_cdecl("instar_check_options_init")
+public func instar_check_options_init(_ opts: UnsafeMutablePointer<instar_check_options_t>?) {
+    opts?.pointee = instar_check_options_t(struct_size: UInt32(MemoryLayout<instar_check_options_t>.size),
+                                           open_flags: 0, format: nil, repair: 0)
+}
+
+/// Runs the check the options describe and returns its report (throws for open failures, missing check
+/// support and failed check passes).
+func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?) throws
+    -> ImageCheckReport
+{
+    let name = try cString(filename, "filename")
+    var defaults = instar_check_options_t()
+    instar_check_options_init(&defaults)
+    let o = try readOptions(opts, defaults: defaults)
+    var options = CheckOperation.Options()
+    options.format = optionalString(o.format)
+    options.open = openOptions(flags: o.open_flags)
+    var repair: CheckRepair = []
+    if o.repair & UInt32(INSTAR_CHECK_REPAIR_LEAKS) != 0 { repair.insert(.leaks) }
+    if o.repair & UInt32(INSTAR_CHECK_REPAIR_ERRORS) != 0 { repair.insert(.errors) }
+    options.repair = repair
+    let outcome: CheckOperation.Outcome
+    do {
+        outcome = try CheckOperation.run(name, options: options) { _ in }
+    } catch let e as CheckNotSupported {
+        throw InstarError(.unsupported, e.description, errno: 95 /* ENOTSUP */)
+    }
+    if let e = outcome.failureErrno {
+        throw InstarError(.io, "Check failed: \(strerrorString(e))", errno: e)
+    }
+    guard let report = outcome.report else { throw InstarError(.io, "Check failed") }
+    return report
+}
+
+@_cdecl("instar_check")
+public func instar_check(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?,
+                         _ result: UnsafeMutablePointer<instar_check_result_t>?,
+                         _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        guard let result else { throw InstarError.invalid("result must not be NULL") }
+        let declared = Int(UnsafeRawPointer(result).load(as: UInt32.self))
+        guard declared >= MemoryLayout<UInt32>.size else {
+            throw InstarError.invalid("struct_size of the result struct is too small")
+        }
+        let report = try runCheck(filename, opts)
+        let r = report.result
+        func opt(_ v: Int64) -> Int64 { v != 0 ? v : -1 }
+        let exitCode: Int32 = r.checkErrors != 0 ? 1 : r.corruptions != 0 ? 2 : r.leaks != 0 ? 3 : 0
+        var out = instar_check_result_t(
+            struct_size: UInt32(MemoryLayout<instar_check_result_t>.size), exit_code: exitCode,
+            check_errors: r.checkErrors, corruptions: opt(r.corruptions), leaks: opt(r.leaks),
+            corruptions_fixed: opt(r.corruptionsFixed), leaks_fixed: opt(r.leaksFixed),
+            image_end_offset: opt(r.imageEndOffset), total_clusters: opt(r.totalClusters),
+            allocated_clusters: opt(r.allocatedClusters), fragmented_clusters: opt(r.fragmentedClusters),
+            compressed_clusters: opt(r.compressedClusters))
+        // Fill only what the caller's version of the struct holds; struct_size stays the caller's.
+        let n = min(declared, MemoryLayout<instar_check_result_t>.size)
+        withUnsafeBytes(of: &out) { src in
+            UnsafeMutableRawPointer(result).advanced(by: 4).copyMemory(from: src.baseAddress! + 4, byteCount: n - 4)
+        }
+    }
+}
+
+@_cdecl("instar_check_json")
+public func instar_check_json(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?,
+                              _ json: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?,
+                              _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        guard let json else { throw InstarError.invalid("json must not be NULL") }
+        json.pointee = nil
+        json.pointee = mallocString(try runCheck(filename, opts).json)
+    }
+}
