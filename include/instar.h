@@ -162,6 +162,11 @@ typedef struct instar_info {
     int32_t has_bitmaps;             /**< 1 when qemu-img prints the "bitmaps" key */
     /** The next image in the chain (its backing file) when --backing-chain was asked for, else NULL. */
     struct instar_info *backing;
+    /**
+     * The whole "format-specific" member as qemu-img prints it (compact JSON, qemu's key order), or NULL when
+     * qemu-img prints none. It carries what the fields above cannot (luks slots, bitmaps' details, ...).
+     */
+    const char *format_specific_json;
 } instar_info_t;
 
 typedef struct instar_info_options {
@@ -289,6 +294,93 @@ void instar_convert_options_init(instar_convert_options_t *opts);
  */
 int instar_convert(const char *source, const char *target, const instar_convert_options_t *opts,
                    instar_error_t *err);
+
+/* ---- create and measure ----------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_CREATE_NO_BACKING_OPEN = 1u << 0  /**< qemu-img create -u: do not open the backing file */
+};
+
+typedef struct instar_create_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_CREATE_* */
+    const char *format;          /**< -f; NULL means raw */
+    int64_t size;                /**< virtual size in bytes; -1 to take it from the backing file or options */
+    const char *backing_file;    /**< -b, or NULL */
+    const char *backing_format;  /**< -F, or NULL */
+    const char *options;         /**< -o: "key=value,key=value" as qemu-img takes it (",," escapes a comma), or NULL */
+} instar_create_options_t;
+
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL }
+void instar_create_options_init(instar_create_options_t *opts);
+
+/**
+ * Creates an image like `qemu-img create` (raw or qcow2; the same bytes qemu-img writes). An existing file is
+ * overwritten. Errors carry qemu-img's message, including the "FILENAME: " prefix: INSTAR_E_INVALID (bad
+ * option or size, missing backing format), INSTAR_E_UNSUPPORTED (format cannot create, encryption),
+ * INSTAR_E_RANGE (image too large), INSTAR_E_IO, INSTAR_E_NOT_FOUND (backing file).
+ */
+int instar_create(const char *filename, const instar_create_options_t *opts, instar_error_t *err);
+
+typedef struct instar_measure_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE is honoured */
+    const char *source_format;   /**< -f for the source image, NULL to probe */
+    const char *output_format;   /**< -O; NULL means raw */
+    const char *options;         /**< -o for the output format, or NULL */
+    int64_t size;                /**< --size in bytes when no filename is given; -1 otherwise */
+} instar_measure_options_t;
+
+#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1 }
+void instar_measure_options_init(instar_measure_options_t *opts);
+
+typedef struct instar_measure_result {
+    uint32_t struct_size;
+    int32_t has_bitmaps;         /**< 1 when qemu-img would print "bitmaps" */
+    uint64_t required;           /**< "required size" */
+    uint64_t fully_allocated;    /**< "fully allocated size" */
+    uint64_t bitmaps;            /**< "bitmaps size", valid when has_bitmaps */
+} instar_measure_result_t;
+
+/**
+ * Measures the file size a new image needs, like `qemu-img measure`: for `opts->size` when `filename` is NULL,
+ * else for the contents of `filename`. Set result->struct_size before the call. Errors: INSTAR_E_INVALID (both
+ * or neither of size and filename, bad options), INSTAR_E_UNSUPPORTED (format cannot measure), and the
+ * instar_open errors for the source.
+ */
+int instar_measure(const char *filename, const instar_measure_options_t *opts, instar_measure_result_t *result,
+                   instar_error_t *err);
+
+/* ---- Writing (images opened with INSTAR_OPEN_READ_WRITE) ---- */
+
+/** instar_write_zeroes flags. */
+enum {
+    INSTAR_ZERO_MAY_UNMAP = 1u << 0   /**< the range may be deallocated as long as it reads as zeroes */
+};
+
+/**
+ * Writes `count` bytes from `buf` at guest `offset` of the top image. Ranges that the write covers only
+ * partially are completed from the backing chain (copy-on-write). The range must lie within the image
+ * (INSTAR_E_RANGE otherwise); a read-only handle gives INSTAR_E_PERMISSION, formats without write support
+ * INSTAR_E_UNSUPPORTED. Data may stay in the library's caches until instar_flush or instar_close.
+ */
+int instar_write(instar_image_t *image, const void *buf, uint64_t count, uint64_t offset, instar_error_t *err);
+
+/**
+ * Makes `count` bytes at `offset` read as zeroes, using the format's zero markers where it can (qcow2 v3 zero
+ * clusters) instead of writing zeroes. With INSTAR_ZERO_MAY_UNMAP, storage behind the range may be released.
+ */
+int instar_write_zeroes(instar_image_t *image, uint64_t count, uint64_t offset, uint32_t flags,
+                        instar_error_t *err);
+
+/**
+ * Releases the storage of whole clusters within the range (like qemu-io -d unmap "discard"). What the range
+ * reads afterwards is format-defined (zeroes for qcow2 v3, the backing file for qcow2 v2).
+ */
+int instar_discard(instar_image_t *image, uint64_t count, uint64_t offset, instar_error_t *err);
+
+/** Writes cached metadata back and syncs the image files to stable storage. */
+int instar_flush(instar_image_t *image, instar_error_t *err);
 
 #ifdef __cplusplus
 }

@@ -26,8 +26,8 @@ enum CLI {
 
     /// qemu-img's handling of getopt's '?' and ':' results.
     static func badOption(_ c: Int32, _ arg: String?) -> Int32 {
-        if c == Int32.opt(":") { return usageError("Option '\(arg ?? "")' requires an argument") }
-        return usageError("Unrecognized option '\(arg ?? "")'")
+        if c == Int32.opt(":") { return usageError("missing argument for option '\(arg ?? "")'") }
+        return usageError("unrecognized option '\(arg ?? "")'")
     }
 
     static var out = StdoutBuffer()

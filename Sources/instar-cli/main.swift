@@ -8,6 +8,8 @@ let commands: [String: Command] = [
     "map": mapCommand,
     "compare": compareCommand,
     "convert": convertCommand,
+    "create": createCommand,
+    "measure": measureCommand,
 ]
 
 func runMain() -> Int32 {

@@ -58,13 +58,34 @@ public struct ImageSpec {
     public var filename: String
     public var format: String?
     public var driverOptions: [String: QObject] = [:]
-    /// The name qemu-img shows for the image.
+    /// The keys of `driverOptions` in the order given.
+    public var driverOptionOrder: [String] = []
+    /// "force-share" from the options, if given.
+    public var forceShare: Bool?
+    /// The name the user gave for a plain file; see `displayName(formatName:)` for what qemu-img shows.
     public var displayName: String
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
         self.format = format
         self.displayName = filename
+    }
+
+    /// Options that change what an image reads as, so qemu keeps them in a rebuilt json: name (the union of its
+    /// drivers' strong_runtime_opts: raw's window, the secrets of luks and encrypted qcow2). Other options are
+    /// passed to the driver but leave the plain file name.
+    public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret"]
+
+    /// The name qemu-img shows once the image is open (bdrv_refresh_filename): the plain file name, unless
+    /// driver options remain, in which case qemu rebuilds a `json:` name from the driver, those options and
+    /// the file node, in its QDict order.
+    public func displayName(formatName: String) -> String {
+        let strong = driverOptionOrder.filter { ImageSpec.strongOptions.contains($0) && driverOptions[$0] != nil }
+        if strong.isEmpty { return displayName }
+        var members: [(String, QObject)] = [("driver", .string(formatName))]
+        for k in strong { if let v = driverOptions[k] { members.append((k, v)) } }
+        members.append(("file", .dict([("driver", .string("file")), ("filename", .string(filename))])))
+        return "json:" + QJSON.compact(.dict(members))
     }
 }
 
@@ -83,50 +104,94 @@ public enum ImageOpener {
 
     /// Splits a `json:{...}` filename into an ImageSpec; plain names pass through.
     public static func parseSpec(_ name: String, format: String?) throws -> ImageSpec {
-        var spec = ImageSpec(filename: name, format: format)
-        guard name.hasPrefix("json:") else { return spec }
-        let parsed = try JSONParser.parse(String(name.dropFirst(5)))
-        guard case let .dict(members) = parsed else {
-            throw InstarError.invalid("Could not parse the JSON options")
+        guard name.hasPrefix("json:") else {
+            if name.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            return ImageSpec(filename: name, format: format)
         }
+        let text = String(name.dropFirst(5))
+        if text.allSatisfy({ $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }) {
+            throw InstarError.invalid("Could not parse the JSON options: Expecting a JSON value")
+        }
+        let parsed = try JSONParser.parse(text)
+        guard case let .dict(members) = parsed else { throw InstarError.invalid("Invalid JSON object given") }
+        return try spec(fromOptions: members, format: format)
+    }
+
+    /// Block-layer options that every node accepts and that never show in a regenerated `json:` filename.
+    static let genericOptions: Set<String> = [
+        "read-only", "auto-read-only", "cache.direct", "cache.no-flush", "discard", "detect-zeroes", "node-name",
+    ]
+    /// file-posix options accepted (and ignored) under "file.".
+    static let fileOptions: Set<String> = ["locking", "aio", "aio-max-batch", "drop-cache", "x-check-cache-dropped"]
+
+    /// An ImageSpec from block options (a parsed json: filename or --image-opts), after qemu's flattening of
+    /// nested objects into dotted keys.
+    public static func spec(fromOptions members: [(String, QObject)], format: String?) throws -> ImageSpec {
+        var spec = ImageSpec(filename: "", format: format)
         var file: String?
-        for (k, v) in members {
+        var fileDriver: String?
+        for (k, v) in flatten(members, prefix: "") {
             switch k {
             case "driver":
-                guard let s = v.stringValue else { throw InstarError.invalid("Invalid parameter type for 'driver', expected: string") }
-                if spec.format != nil && spec.format != s {
-                    throw InstarError.invalid("Cannot use 'driver' with a format that conflicts")
-                }
+                // qemu reads the driver name with qdict_get_try_str: a non-string value is as if absent.
+                guard let s = v.stringValue else { continue }
+                if let f = format, f != s { throw InstarError.invalid("Cannot use 'driver' with a format that conflicts") }
                 spec.format = s
             case "file":
-                if let s = v.stringValue { file = s; break }
-                guard case let .dict(fm) = v else { throw InstarError.invalid("Invalid parameter type for 'file'") }
-                for (fk, fv) in fm {
-                    switch fk {
-                    case "driver":
-                        guard fv.stringValue == "file" else { throw InstarError.unsupported("Unsupported protocol driver '\(fv.stringValue ?? "")'") }
-                    case "filename": file = fv.stringValue
-                    default: throw InstarError.invalid("Invalid parameter '\(fk)'")
-                    }
-                }
-            case "file.filename": file = v.stringValue
+                // A plain string names an existing node, which a command line never has.
+                let s = v.stringValue ?? ""
+                throw InstarError.invalid("Cannot find device='\(s)' nor node-name='\(s)'")
+            case "file.filename":
+                guard let s = v.stringValue else { throw InstarError.invalid("Invalid parameter type for 'filename', expected: string") }
+                file = s
             case "file.driver":
-                guard v.stringValue == "file" else { throw InstarError.unsupported("Unsupported protocol driver '\(v.stringValue ?? "")'") }
+                fileDriver = v.stringValue
+            case "force-share":
+                switch v {
+                case let .bool(b): spec.forceShare = b
+                case .string("on"): spec.forceShare = true
+                case .string("off"): spec.forceShare = false
+                default: throw InstarError.invalid("Parameter 'force-share' expects 'on' or 'off'")
+                }
             default:
+                if genericOptions.contains(k) { continue }
+                if k.hasPrefix("file.") {
+                    if fileOptions.contains(String(k.dropFirst(5))) { continue }
+                    throw InstarError.invalid("Invalid parameter '\(k.dropFirst(5))'")
+                }
                 spec.driverOptions[k] = v
+                spec.driverOptionOrder.append(k)
             }
         }
-        guard let f = file else { throw InstarError.invalid("A block device must be specified for \"file\"") }
+        if let d = fileDriver, d != "file" { throw InstarError.unsupported("Unknown protocol driver '\(d)'") }
+        guard let f = file else {
+            if spec.format == nil { throw InstarError.invalid("Must specify either driver or file") }
+            throw InstarError.invalid("A block device must be specified for \"file\"")
+        }
+        if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
         spec.filename = f
         spec.displayName = f
-        if !spec.driverOptions.isEmpty { spec.displayName = name }
         return spec
+    }
+
+    /// qdict_flatten: {"a": {"b": 1}} becomes {"a.b": 1}; lists stay as they are.
+    static func flatten(_ members: [(String, QObject)], prefix: String) -> [(String, QObject)] {
+        var out: [(String, QObject)] = []
+        for (k, v) in members {
+            if case let .dict(inner) = v {
+                out += flatten(inner, prefix: prefix + k + ".")
+            } else {
+                out.append((prefix + k, v))
+            }
+        }
+        return out
     }
 
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
         let file = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
-        try ImageLock.acquireForOpen(file, writable: writable, forceShare: options.forceShare)
+        var opts = options
+        if let fs = spec.forceShare { opts.forceShare = fs }
         let descriptor: FormatDescriptor
         if let f = spec.format {
             guard let d = FormatRegistry.descriptor(named: f) else {
@@ -136,7 +201,17 @@ public enum ImageOpener {
         } else {
             descriptor = try FormatRegistry.probe(file, filename: spec.filename)
         }
-        var opts = options
+        if let accepted = descriptor.runtimeOptions {
+            for k in spec.driverOptionOrder where !accepted.contains(k) {
+                throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(k)'")
+            }
+        }
+        if descriptor.sharesWrites && !writable && !opts.forceShare && depth == 0 && !opts.noShareWrite {
+            // qemu passes a plain reader's "share everything" through raw to the file.
+            try ImageLock.acquire(file, perm: [.consistentRead], shared: .all)
+        } else {
+            try ImageLock.acquireForOpen(file, writable: writable, forceShare: opts.forceShare)
+        }
         opts.driverOptions = spec.driverOptions
         let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: directoryName(spec.filename),
                                   writable: writable, options: opts)
@@ -155,8 +230,7 @@ public enum ImageOpener {
                 if seen.contains(key) {
                     throw InstarError(.chain, "Backing file '\(full)' creates an infinite loop")
                 }
-                var bspec = try parseSpec(full, format: ref.format)
-                if ref.filename.hasPrefix("json:") { bspec.displayName = bspec.filename }
+                let bspec = try parseSpec(full, format: ref.format)
                 do {
                     backingLayer = try openLayer(bspec, options: options, writable: false, openBacking: true,
                                                  depth: depth + 1, seen: &seen)
@@ -166,7 +240,7 @@ public enum ImageOpener {
                 }
             }
         }
-        return ImageLayer(format: format, filename: spec.displayName, backing: backingLayer,
+        return ImageLayer(format: format, filename: spec.displayName(formatName: format.formatName), backing: backingLayer,
                           fullBackingFilename: fullBacking, writable: writable)
     }
 

@@ -16,15 +16,19 @@ public struct BlockStatus: Equatable {
     public var hostOffset: UInt64?
     /// The host file name holding `hostOffset` (the image file, or an external data file).
     public var hostFile: String?
+    /// BDRV_BLOCK_RECURSE: the data range may still read as zeroes in `hostFile` (qcow2 with preallocated
+    /// metadata); the caller asks the host file's own status at `hostOffset` to find out.
+    public var recurse: Bool
 
     public init(length: UInt64, allocated: Bool, data: Bool, zero: Bool, hostOffset: UInt64? = nil,
-                hostFile: String? = nil) {
+                hostFile: String? = nil, recurse: Bool = false) {
         self.length = length
         self.allocated = allocated
         self.data = data
         self.zero = zero
         self.hostOffset = hostOffset
         self.hostFile = hostFile
+        self.recurse = recurse
     }
 
     /// Not allocated in this layer: the backing file (or zeroes) decides.
@@ -115,6 +119,11 @@ public protocol ImageFormat: AnyObject {
     /// What `qemu-img info` shows for this image beyond the generic fields.
     func formatInfo() throws -> FormatInfo
 
+    /// "actual-size": bytes the layer occupies on the host, nil when unknown. qemu 7.2 counts the image file
+    /// only (an external qcow2 data file is not included); drivers whose image spans several files of their
+    /// own (vmdk extents) override this to add them up.
+    func allocatedFileSize() -> UInt64?
+
     // Writing. Read-only drivers keep the default implementations below, which refuse.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws
@@ -125,6 +134,11 @@ public protocol ImageFormat: AnyObject {
 }
 
 extension ImageFormat {
+    public func allocatedFileSize() -> UInt64? {
+        guard let file = hostFiles.first else { return nil }
+        return try? file.allocatedSize()
+    }
+
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         throw InstarError(.permission, "Image is read-only")
     }
@@ -158,7 +172,12 @@ public struct OpenRequest {
 /// Options that reach the drivers.
 public struct ImageOpenOptions {
     public var forceShare = false
+    /// Readers refuse to share writing even through pass-through formats (qemu-img convert's sources).
+    public var noShareWrite = false
     public var direct = false
+    /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
+    /// the files that hold guest data only (an external qcow2 data file), which then need not exist.
+    public var metadataOnly = false
     /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
     public var driverOptions: [String: QObject] = [:]
     /// Secrets by id, from --object secret,id=...,data=...
@@ -172,10 +191,97 @@ public struct FormatDescriptor {
     /// qemu's probe score for the first 2048 bytes of a file (0: not this format; raw scores 1).
     public var probe: (_ header: [UInt8], _ filename: String) -> Int
     public var open: (OpenRequest) throws -> ImageFormat
+    /// The driver hands its users' permissions straight to the file (qemu's raw driver acts as a filter), so a
+    /// reader shares writing with other processes; drivers that cache metadata refuse to share writes.
+    public var sharesWrites = false
+    /// The json:/--image-opts options the driver takes; nil when it does not declare them (all are passed on).
+    public var runtimeOptions: Set<String>?
+    /// Creation and measurement; nil for formats that cannot create images (filled in by `FormatRegistry`).
+    public var creator: FormatCreator? = nil
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name
         self.probe = probe
         self.open = open
+    }
+}
+
+// MARK: Creating and measuring
+
+/// One creation option of a format or of the host-file layer (qemu's QemuOptDesc in `create_opts`).
+public struct CreateOptionSpec {
+    public enum Kind: Equatable {
+        case string, bool, number, size
+        /// How `-o help` names the type.
+        public var helpName: String {
+            switch self {
+            case .string: return "str"
+            case .bool: return "bool (on/off)"
+            case .number: return "num"
+            case .size: return "size"
+            }
+        }
+    }
+    public var name: String
+    public var kind: Kind
+    public var help: String
+    /// The value qemu prints on the `Formatting ...` line when the option is not given; nil prints nothing.
+    public var defaultValue: String?
+    public init(_ name: String, _ kind: Kind, _ help: String, default defaultValue: String? = nil) {
+        self.name = name
+        self.kind = kind
+        self.help = help
+        self.defaultValue = defaultValue
+    }
+}
+
+/// What a driver's create entry is given: the file to create and the parsed `-o` options (with size,
+/// backing_file and backing_fmt filled in from the command line).
+public struct CreateRequest {
+    public var filename: String
+    public var options: CreateOptionValues
+    public init(filename: String, options: CreateOptionValues) {
+        self.filename = filename
+        self.options = options
+    }
+}
+
+/// What a driver's measure entry is given: the options and, when measuring an image, its open chain.
+public struct MeasureRequest {
+    public var options: CreateOptionValues
+    public var source: ImageLayer?
+    public init(options: CreateOptionValues, source: ImageLayer?) {
+        self.options = options
+        self.source = source
+    }
+}
+
+/// qemu's BlockMeasureInfo.
+public struct MeasureResult: Equatable {
+    public var required: UInt64
+    public var fullyAllocated: UInt64
+    /// nil when qemu leaves "bitmaps" out.
+    public var bitmaps: UInt64?
+    public init(required: UInt64, fullyAllocated: UInt64, bitmaps: UInt64? = nil) {
+        self.required = required
+        self.fullyAllocated = fullyAllocated
+        self.bitmaps = bitmaps
+    }
+}
+
+/// A format's creation entries, kept apart from `FormatDescriptor` so a driver file can add them in an
+/// extension; `FormatRegistry` merges them into the descriptors by format name.
+public struct FormatCreator {
+    public var name: String
+    /// The format's create options in declaration order (this order decides the `Formatting` line).
+    public var options: [CreateOptionSpec]
+    public var create: (CreateRequest) throws -> Void
+    public var measure: ((MeasureRequest) throws -> MeasureResult)?
+    public init(name: String, options: [CreateOptionSpec], create: @escaping (CreateRequest) throws -> Void,
+                measure: ((MeasureRequest) throws -> MeasureResult)? = nil) {
+        self.name = name
+        self.options = options
+        self.create = create
+        self.measure = measure
     }
 }

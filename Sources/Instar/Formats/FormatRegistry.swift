@@ -4,7 +4,20 @@ public enum FormatRegistry {
     public static let all: [FormatDescriptor] = [
         RawFormat.descriptor,
         Qcow2Format.descriptor,
+    ].map(attachingCreator)
+
+    /// Create/measure entries by format name. They live beside each driver (RawCreate.swift,
+    /// Qcow2Create.swift) and are merged into the descriptors here, so the reading side stays untouched.
+    public static let creators: [FormatCreator] = [
+        RawCreate.creator,
+        Qcow2Create.creator,
     ]
+
+    private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {
+        var d = d
+        if d.creator == nil { d.creator = creators.first { $0.name == d.name } }
+        return d
+    }
 
     /// qemu's probe buffer size (BLOCK_PROBE_BUF_SIZE).
     public static let probeSize = 2048

@@ -40,7 +40,7 @@ public final class HostFile {
         if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR {
             Glibc.close(fd)
             fd = -1
-            throw InstarError(.invalid, "Could not open '\(path)': Is a directory", errno: EISDIR)
+            throw InstarError(.invalid, "'file' driver requires '\(path)' to be a regular file", errno: EINVAL)
         }
         return HostFile(path: path, fd: fd, writable: writable, direct: direct)
     }

@@ -1,7 +1,10 @@
 """Python ctypes binding for libinstar (see include/instar.h)."""
 from ._lib import InstarError, lib
-from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, Image
+from .create import create, measure
+from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, ZERO_MAY_UNMAP, Image
+from .info import ImageInfo, Snapshot, info, info_human, info_json
 
 
 def version():
     return lib().instar_version().decode()
+from .ops import compare, convert, map  # noqa: E402,F401

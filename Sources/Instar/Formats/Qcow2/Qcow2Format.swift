@@ -1,11 +1,307 @@
-/// qcow2 (docs/interop/qcow2.txt). Placeholder until the driver lands: probes, refuses to open.
-public final class Qcow2Format {
+import Glibc
+
+/// qcow2 (docs/interop/qcow2.txt), read side: versions 2 and 3, cluster sizes 512 B .. 2 MiB, extended L2,
+/// zlib/zstd compressed clusters, backing files, external data files, internal snapshots, bitmaps and the
+/// info of encrypted images (whose data it refuses to read). The open sequence and its messages follow qemu's
+/// qcow2_do_open.
+public final class Qcow2Format: ImageFormat {
     public static let descriptor = FormatDescriptor(
         name: "qcow2",
         probe: { header, _ in
-            guard header.count >= 8, header[0] == 0x51, header[1] == 0x46, header[2] == 0x49, header[3] == 0xfb else { return 0 }
-            let version = UInt32(header[4]) << 24 | UInt32(header[5]) << 16 | UInt32(header[6]) << 8 | UInt32(header[7])
-            return version >= 2 ? 100 : 0
+            // qemu's qcow2_probe: the magic and a version of 2 or more.
+            let r = ByteReader(header)
+            guard let magic = try? r.u32be(at: 0), magic == Qcow2.magic, let version = try? r.u32be(at: 4),
+                  version >= 2 else { return 0 }
+            return 100
         },
-        open: { _ in throw InstarError.unsupported("qcow2 is not supported yet") })
+        open: { try Qcow2Format(request: $0) })
+
+    public let formatName = "qcow2"
+    let file: HostFile
+    /// Where guest data lives: the image file, or the external data file.
+    let dataFile: HostFile
+    let externalDataFile: HostFile?
+    var header: Qcow2Header
+    let extensions: Qcow2Extensions
+    let mapper: Qcow2Mapper
+    let refcounts: Qcow2RefcountReader
+    let snapshots: [SnapshotInfo]
+    let bitmaps: [Qcow2BitmapEntry]
+    let luks: Qcow2LuksInfo?
+    public let backingReference: BackingReference?
+    private let decompressor: Qcow2Decompressor
+    /// The last decompressed cluster (reads in chunks smaller than a cluster hit it repeatedly).
+    private var decompressedEntry: UInt64?
+    private var decompressed: [UInt8] = []
+    private var metadataPreallocated: Bool?
+    /// Opened read/write (the host file is writable and write locks are held).
+    let writable: Bool
+    /// The write side, created on the first change.
+    private var writer: Qcow2Writer?
+
+    public var hostFiles: [HostFile] { externalDataFile.map { [file, $0] } ?? [file] }
+    public var virtualSize: UInt64 { header.size / 512 * 512 }
+    var encrypted: Bool { header.cryptMethod != Qcow2.cryptNone }
+
+    init(request: OpenRequest) throws {
+        file = request.file
+        writable = request.writable
+        let first = try file.readBytes(at: 0, count: Qcow2.decodedHeaderBytes)
+        let h = try Qcow2Header(bytes: first)
+        header = h
+        // The first cluster holds the header, its extensions and the backing file name.
+        let area = try file.readBytes(at: 0, count: Int(h.clusterSize))
+
+        let unknown = h.incompatibleFeatures & ~Qcow2.incompatKnownMask
+        if unknown != 0 {
+            let table = (try? Qcow2Extensions.parse(area: area, header: h, lenient: true))?.featureNames ?? []
+            throw InstarError(.unsupported, Qcow2Extensions.unsupportedFeatureMessage(unknown, table: table),
+                              errno: 95 /* ENOTSUP */)
+        }
+        if h.incompatibleFeatures & Qcow2.incompatCorrupt != 0 && request.writable {
+            throw InstarError(.permission, "qcow2: Image is corrupt; cannot be opened read/write", errno: EACCES)
+        }
+        try h.validateLayout()
+        let l1 = try Qcow2Mapper.readL1(header: h, file: file)
+        guard h.cryptMethod <= Qcow2.cryptLUKS else {
+            throw InstarError.unsupported("Unsupported encryption method \(h.cryptMethod)")
+        }
+        let ext = try Qcow2Extensions.parse(area: area, header: h)
+        extensions = ext
+
+        // qcow2.txt: incompatible bit 2 means guest data lives in the file the data file extension names.
+        if h.hasDataFile && request.options.metadataOnly {
+            // qemu-img info opens with BDRV_O_NO_IO and never touches the data file.
+            externalDataFile = nil
+            dataFile = file
+        } else if h.hasDataFile {
+            guard let name = ext.dataFile else { throw InstarError.invalid("'data-file' is required for this image") }
+            // qemu 7.2 opens the stored name as it is: a relative name is relative to the working directory,
+            // not to the image (unlike backing file names).
+            let path = name
+            let df = try HostFile.open(path, writable: request.writable, direct: request.options.direct)
+            try ImageLock.acquireForOpen(df, writable: request.writable, forceShare: request.options.forceShare)
+            externalDataFile = df
+            dataFile = df
+        } else {
+            if h.dataFileRaw { throw InstarError.invalid("data-file-raw requires a data file") }
+            externalDataFile = nil
+            dataFile = file
+        }
+
+        if let c = ext.crypto {
+            let len = Int(min(c.length, UInt64(Qcow2LuksInfo.headerBytes)))
+            luks = try Qcow2LuksInfo(bytes: try file.readBytes(at: c.offset, count: max(len, Qcow2LuksInfo.headerBytes)))
+        } else {
+            luks = nil
+        }
+
+        // qcow2.txt: the backing file name is not NUL-terminated; qemu caps it at 1023 bytes.
+        if h.backingFileOffset != 0 {
+            let len = h.backingFileSize
+            guard UInt64(len) <= min(UInt64(Qcow2.maxBackingNameLength), h.clusterSize - h.backingFileOffset) else {
+                throw InstarError.invalid("Backing file name too long")
+            }
+            let bytes = try file.readBytes(at: h.backingFileOffset, count: Int(len))
+            backingReference = BackingReference(filename: Qcow2Snapshots.cString(bytes), format: ext.backingFormat)
+        } else {
+            backingReference = nil
+        }
+
+        snapshots = try Qcow2Snapshots.read(header: h, file: file)
+        if let b = ext.bitmaps {
+            bitmaps = try Qcow2Bitmaps.read(b, header: h, file: file)
+        } else {
+            bitmaps = []
+        }
+        mapper = Qcow2Mapper(header: h, file: file, l1: l1)
+        refcounts = Qcow2RefcountReader(header: h, file: file)
+        decompressor = Qcow2Decompressor(type: h.compressionType)
+    }
+
+    /// The writer, created on first use; read-only images refuse.
+    private func writeSide() throws -> Qcow2Writer {
+        if let w = writer { return w }
+        guard writable else { throw InstarError(.permission, "Image is read-only", errno: EACCES) }
+        let w = try Qcow2Writer(format: self)
+        writer = w
+        return w
+    }
+
+    /// Drops the decompressed-cluster memo (its entry may be freed and its host bytes reused by a write).
+    func forgetDecompressed() {
+        decompressedEntry = nil
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        try checkRange(offset, UInt64(buffer.count))
+        try writeSide().write(buffer, at: offset, backing: backing)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        try checkRange(offset, length)
+        try writeSide().writeZeroes(at: offset, length: length, mayUnmap: mayUnmap, backing: backing)
+    }
+
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try checkRange(offset, length)
+        try writeSide().discard(at: offset, length: length)
+    }
+
+    /// Stores one already compressed cluster (see `Qcow2Compressor`) at guest cluster `clusterIndex`, which must
+    /// not be allocated yet (qemu's compressed write path, used by convert -c).
+    public func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws {
+        try writeSide().writeCompressed(clusterIndex: clusterIndex, compressedBytes: compressedBytes)
+    }
+
+    /// A compressor for this image's compression type.
+    public func makeCompressor() -> Qcow2Compressor {
+        Qcow2Compressor(type: header.compressionType, clusterSize: Int(header.clusterSize))
+    }
+
+    public func flush() throws {
+        try writer?.flush()
+    }
+
+    public func close() throws {
+        if let w = writer {
+            writer = nil
+            try w.close()
+        }
+    }
+
+    private func checkRange(_ offset: UInt64, _ length: UInt64) throws {
+        let size = virtualSize
+        guard offset <= size, length <= size - offset else {
+            throw InstarError(.range, "Request of \(length) bytes at offset \(offset) is beyond the end of the image (\(size) bytes)",
+                              errno: EINVAL)
+        }
+    }
+
+    private func refuseEncrypted() throws {
+        if encrypted {
+            throw InstarError(.encrypted, "Parameter 'encrypt.key-secret' is required for cipher", errno: EINVAL)
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        if buffer.isEmpty { return }
+        try refuseEncrypted()
+        var done = 0
+        while done < buffer.count {
+            let guest = try offset.adding(UInt64(done))
+            let want = UInt64(buffer.count - done)
+            let run = try mapper.lookup(guest, maxBytes: want)
+            let n = Int(min(max(run.length, 1), want))
+            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            switch run.kind {
+            case .normal:
+                try dataFile.readZeroPadded(into: dst, at: run.hostOffset)
+            case .zeroPlain, .zeroAlloc:
+                dst.initializeMemory(as: UInt8.self, repeating: 0)
+            case .unallocatedPlain, .unallocatedAlloc:
+                if let b = backing {
+                    try b.read(into: dst, at: guest)
+                } else {
+                    dst.initializeMemory(as: UInt8.self, repeating: 0)
+                }
+            case .compressed:
+                let inCluster = Int(guest & (header.clusterSize - 1))
+                let cluster = try decompressedCluster(entry: run.hostOffset)
+                let m = min(n, cluster.count - inCluster)
+                cluster.withUnsafeBytes { src in
+                    if let s = src.baseAddress, let d = dst.baseAddress { memcpy(d, s + inCluster, m) }
+                }
+            }
+            done += n
+        }
+    }
+
+    /// The cluster a compressed L2 entry describes, inflated (and kept until the next one).
+    private func decompressedCluster(entry: UInt64) throws -> [UInt8] {
+        if decompressedEntry == entry { return decompressed }
+        let d = Qcow2CompressedDescriptor(entry: entry, clusterBits: header.clusterBits)
+        let fileSize = try file.size()
+        guard d.hostOffset < fileSize else {
+            throw InstarError(.corrupt, "Compressed cluster at \(hex(d.hostOffset)) lies past the end of the image",
+                              errno: EIO)
+        }
+        let input = try file.readBytes(at: d.hostOffset, count: Int(d.length))
+        var out = [UInt8](repeating: 0, count: Int(header.clusterSize))
+        try input.withUnsafeBytes { src in
+            try out.withUnsafeMutableBytes { dst in try decompressor.decompress(src, into: dst) }
+        }
+        decompressed = out
+        decompressedEntry = entry
+        return out
+    }
+
+    public func blockStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus {
+        if metadataPreallocated == nil { metadataPreallocated = try refcounts.looksMetadataPreallocated() }
+        let run = try mapper.lookup(offset, maxBytes: min(length, UInt64(Int32.max)))
+        let len = max(run.length, 1)
+        var status: BlockStatus
+        switch run.kind {
+        case .normal:
+            status = BlockStatus(length: len, allocated: true, data: true, zero: false)
+            if !encrypted {
+                status.hostOffset = run.hostOffset
+                status.hostFile = dataFile.path
+                status.recurse = metadataPreallocated ?? false
+            }
+        case .zeroAlloc:
+            status = BlockStatus(length: len, allocated: true, data: false, zero: true)
+            if !encrypted {
+                status.hostOffset = run.hostOffset
+                status.hostFile = dataFile.path
+            }
+        case .zeroPlain:
+            status = BlockStatus(length: len, allocated: true, data: false, zero: true)
+        case .compressed:
+            status = BlockStatus(length: len, allocated: true, data: true, zero: false)
+        case .unallocatedPlain:
+            status = .unallocated(len)
+        case .unallocatedAlloc:
+            // Not allocated (the backing file decides), yet qemu reports where the host cluster is.
+            status = .unallocated(len)
+            if !encrypted {
+                status.hostOffset = run.hostOffset
+                status.hostFile = dataFile.path
+            }
+        }
+        return status
+    }
+
+    public func formatInfo() throws -> FormatInfo {
+        var data: [(String, QObject)] = []
+        let encrypt: QObject?
+        switch header.cryptMethod {
+        case Qcow2.cryptAES: encrypt = .dict([("format", .string("aes"))])
+        case Qcow2.cryptLUKS: encrypt = luks?.qobject
+        default: encrypt = nil
+        }
+        let refcountBits = Int64(1) << Int64(header.refcountOrder)
+        // Members in the QAPI order of ImageInfoSpecificQCow2 (qapi/block-core.json, QEMU 7.2).
+        if header.version == 2 {
+            data.append(("compat", .string("0.10")))
+            data.append(("refcount-bits", .int(refcountBits)))
+            if let e = encrypt { data.append(("encrypt", e)) }
+        } else {
+            data.append(("compat", .string("1.1")))
+            if let df = extensions.dataFile { data.append(("data-file", .string(df))) }
+            if header.hasDataFile { data.append(("data-file-raw", .bool(header.dataFileRaw))) }
+            data.append(("extended-l2", .bool(header.extendedL2)))
+            data.append(("lazy-refcounts", .bool(header.compatibleFeatures & Qcow2.compatLazyRefcounts != 0)))
+            data.append(("corrupt", .bool(header.incompatibleFeatures & Qcow2.incompatCorrupt != 0)))
+            data.append(("refcount-bits", .int(refcountBits)))
+            if let e = encrypt { data.append(("encrypt", e)) }
+            if !bitmaps.isEmpty { data.append(("bitmaps", .list(bitmaps.map { $0.info }))) }
+        }
+        data.append(("compression-type", .string(header.compressionType == Qcow2.compressionZstd ? "zstd" : "zlib")))
+        return FormatInfo(clusterSize: header.clusterSize,
+                          dirty: header.incompatibleFeatures & Qcow2.incompatDirty != 0,
+                          encrypted: encrypted ? true : nil,
+                          snapshots: snapshots,
+                          formatSpecific: .dict([("type", .string("qcow2")), ("data", .dict(data))]))
+    }
 }

@@ -1,7 +1,12 @@
 /// The raw format: guest bytes are the file's bytes, optionally a window of it (json: "offset"/"size", as
 /// ovirt-imageio opens tar members).
 public final class RawFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+    public static let descriptor: FormatDescriptor = {
+        var d = FormatDescriptor(name: "raw", probe: { _, _ in 1 }, open: { try RawFormat(request: $0) })
+        d.sharesWrites = true
+        d.runtimeOptions = ["offset", "size"]
+        return d
+    }()
 
     public let formatName = "raw"
     public let file: HostFile
@@ -15,21 +20,45 @@ public final class RawFormat: ImageFormat {
         let opts = request.options.driverOptions
         var off: UInt64 = 0
         if let o = opts["offset"] {
-            guard let v = o.int64Value, v >= 0 else { throw InstarError.invalid("Parameter 'offset' expects a non-negative number below 2^64") }
+            guard let v = RawFormat.sizeOption(o) else { throw RawFormat.sizeOptionError("offset") }
             off = UInt64(v)
         }
         windowOffset = off
         if let s = opts["size"] {
-            guard let v = s.int64Value, v >= 0 else { throw InstarError.invalid("Parameter 'size' expects a non-negative number below 2^64") }
+            guard let v = RawFormat.sizeOption(s) else { throw RawFormat.sizeOptionError("size") }
             windowSize = UInt64(v)
         } else {
             windowSize = nil
         }
-        let fileSize = try file.size()
+        // The file node's length as qemu's block layer sees it: whole 512-byte sectors.
+        let fileSize = try file.size().alignedUp(512)
         if windowOffset > fileSize { throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (0) has to be smaller or equal to the  actual size of the containing file (\(fileSize))") }
         if let ws = windowSize, try windowOffset.adding(ws) > fileSize {
             throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (\(ws)) has to be smaller or equal to the  actual size of the containing file (\(fileSize))")
         }
+    }
+
+    /// A size option: a JSON number, or a string with qemu's optional k/M/G/T/P/E suffix (as --image-opts
+    /// gives every value).
+    static func sizeOption(_ v: QObject) -> Int64? {
+        if case let .string(text) = v {
+            var digits = Substring(text)
+            var shift: Int64 = 0
+            if let last = digits.last, let i = "bkmgtpe".firstIndex(of: Character(last.lowercased())) {
+                shift = Int64("bkmgtpe".distance(from: "bkmgtpe".startIndex, to: i)) * 10
+                digits = digits.dropLast()
+            }
+            guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int64(digits) else { return nil }
+            let (r, o) = n.multipliedReportingOverflow(by: Int64(1) << shift)
+            return o ? nil : r
+        }
+        guard let n = v.int64Value, n >= 0 else { return nil }
+        return n
+    }
+
+    static func sizeOptionError(_ name: String) -> InstarError {
+        InstarError.invalid("Parameter '\(name)' expects a non-negative number below 2^64\n"
+            + "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
     }
 
     /// The virtual size: the window size, else the file size rounded up to 512 bytes as qemu's block layer does.
@@ -60,9 +89,8 @@ public final class RawFormat: ImageFormat {
                                hostOffset: hostStart, hostFile: file.path)
         }
         let hole = file.nextHole(from: hostStart)
-        var end = min(max(hole, hostStart + 1), limit)
-        // The part of the final partial sector past EOF belongs to the data extent in qemu's sector view.
-        if end == fileSize { end = min(try hostStart.adding(length), try fileSize.alignedUp(512)) }
+        // The part of the final partial sector past EOF is a trailing hole, as file-posix reports it.
+        let end = min(max(hole, hostStart + 1), limit)
         return BlockStatus(length: end - hostStart, allocated: true, data: true, zero: false, hostOffset: hostStart,
                            hostFile: file.path)
     }

@@ -1,0 +1,30 @@
+import CInstar
+import Glibc
+
+@_cdecl("instar_create_options_init")
+public func instar_create_options_init(_ opts: UnsafeMutablePointer<instar_create_options_t>?) {
+    opts?.pointee = instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
+                                            format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil)
+}
+
+@_cdecl("instar_create")
+public func instar_create(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_create_options_t>?,
+                          _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        let name = try cString(filename, "filename")
+        var defaults = instar_create_options_t()
+        instar_create_options_init(&defaults)
+        let o = try readOptions(opts, defaults: defaults)
+        var p = Create.Parameters(filename: name)
+        p.format = optionalString(o.format) ?? "raw"
+        p.size = o.size >= 0 ? UInt64(o.size) : nil
+        p.backingFile = optionalString(o.backing_file)
+        p.backingFormat = optionalString(o.backing_format)
+        if let list = optionalString(o.options) {
+            guard CreateOptionValues.isValidList(list) else { throw InstarError.invalid("Invalid option list: \(list)") }
+            p.options = list
+        }
+        p.unsafeBacking = o.flags & UInt32(INSTAR_CREATE_NO_BACKING_OPEN) != 0
+        try Create.create(p)
+    }
+}

@@ -1,0 +1,138 @@
+/// qcow2 header extensions (qcow2.txt "Header extensions"): a list of {type, length, data padded to 8} between
+/// the header and the backing file name. Parsed with qemu's checks and messages (qcow2_read_extensions).
+
+/// One entry of the feature name table extension (qcow2.txt: 48 bytes: type, bit, name[46]).
+struct Qcow2FeatureName: Equatable {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    var type: UInt8
+    var bit: UInt8
+    var name: String
+}
+
+/// The bitmaps extension (qcow2.txt "Bitmaps extension", 24 bytes).
+struct Qcow2BitmapsExtension: Equatable {
+    var count: UInt32
+    var directorySize: UInt64
+    var directoryOffset: UInt64
+}
+
+/// The full-disk-encryption header extension (qcow2.txt: offset and length of the LUKS header).
+struct Qcow2CryptoExtension: Equatable {
+    var offset: UInt64
+    var length: UInt64
+}
+
+/// Everything the extensions say.
+struct Qcow2Extensions {
+    var backingFormat: String?
+    var featureNames: [Qcow2FeatureName] = []
+    var bitmaps: Qcow2BitmapsExtension?
+    var crypto: Qcow2CryptoExtension?
+    var dataFile: String?
+
+    /// Bytes of one extension header (type + length).
+    static let entryHeaderBytes: UInt64 = 8
+    // qcow2.txt: the backing format name is shorter than 1024 bytes (qemu's bs->backing_format).
+    static let maxBackingFormatLength: UInt32 = 1023
+    static let featureEntryBytes = 48
+    static let bitmapsExtensionBytes: UInt32 = 24
+    static let cryptoExtensionBytes: UInt32 = 16
+
+    /// Reads the extensions from the first cluster (`area`, starting at file offset 0). With `lenient`, only the
+    /// feature table is wanted and errors are ignored, as qemu does when it reports unknown features.
+    static func parse(area: [UInt8], header: Qcow2Header, lenient: Bool = false) throws -> Qcow2Extensions {
+        var ext = Qcow2Extensions()
+        let r = ByteReader(area, what: "qcow2 header extension")
+        var offset = UInt64(header.headerLength)
+        let end = min(header.extensionsEnd, UInt64(area.count))
+        while offset < end {
+            guard offset + entryHeaderBytes <= UInt64(area.count) else {
+                if lenient { return ext }
+                throw InstarError.invalid("Header extension too large")
+            }
+            let type = try r.u32be(at: Int(offset))
+            let len = try r.u32be(at: Int(offset) + 4)
+            offset += entryHeaderBytes
+            guard offset <= end, UInt64(len) <= end - offset else {
+                if lenient { return ext }
+                throw InstarError.invalid("Header extension too large")
+            }
+            let data = try r.slice(at: Int(offset), count: Int(len))
+            let dr = ByteReader(data, what: "qcow2 header extension")
+            switch type {
+            case Qcow2.extEnd:
+                return ext
+            case Qcow2.extBackingFormat:
+                guard len < maxBackingFormatLength + 1 else {
+                    if lenient { break }
+                    throw InstarError.invalid("ERROR: ext_backing_format: len=\(len) too large (>=1024)")
+                }
+                ext.backingFormat = try dr.string(at: 0, count: Int(len))
+            case Qcow2.extFeatureTable:
+                var i = 0
+                while i + featureEntryBytes <= data.count {
+                    let name = try dr.string(at: i + 2, count: 46)
+                    if name.isEmpty { break }
+                    ext.featureNames.append(Qcow2FeatureName(type: try dr.u8(at: i), bit: try dr.u8(at: i + 1),
+                                                             name: name))
+                    i += featureEntryBytes
+                }
+            case Qcow2.extBitmaps:
+                if lenient { break }
+                guard len == bitmapsExtensionBytes else { throw InstarError.invalid("bitmaps_ext: Invalid extension length") }
+                // Without the autoclear bit a program unaware of bitmaps changed the image: qemu ignores them.
+                guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0 else { break }
+                let count = try dr.u32be(at: 0)
+                guard try dr.u32be(at: 4) == 0 else { throw InstarError.invalid("bitmaps_ext: Reserved field is not zero") }
+                let dirSize = try dr.u64be(at: 8)
+                let dirOffset = try dr.u64be(at: 16)
+                guard count <= Qcow2.maxBitmaps else {
+                    throw InstarError.invalid("bitmaps_ext: Image has \(count) bitmaps, exceeding the QEMU supported maximum of \(Qcow2.maxBitmaps)")
+                }
+                guard count != 0 else { throw InstarError.invalid("found bitmaps extension with zero bitmaps") }
+                guard dirOffset % header.clusterSize == 0 else {
+                    throw InstarError.invalid("bitmaps_ext: invalid bitmap directory offset")
+                }
+                guard dirSize <= Qcow2.maxBitmapDirectoryBytes else {
+                    throw InstarError.invalid("bitmaps_ext: bitmap directory size (\(dirSize)) exceeds the maximum supported size (\(Qcow2.maxBitmapDirectoryBytes))")
+                }
+                ext.bitmaps = Qcow2BitmapsExtension(count: count, directorySize: dirSize, directoryOffset: dirOffset)
+            case Qcow2.extCryptoHeader:
+                if lenient { break }
+                guard header.cryptMethod == Qcow2.cryptLUKS else {
+                    throw InstarError.invalid("CRYPTO header extension only expected with LUKS encryption method")
+                }
+                guard len == cryptoExtensionBytes else {
+                    throw InstarError.invalid("CRYPTO header extension size \(len), but expected size \(cryptoExtensionBytes)")
+                }
+                let off = try dr.u64be(at: 0)
+                guard off % header.clusterSize == 0 else {
+                    throw InstarError.invalid("Encryption header offset '\(off)' is not a multiple of cluster size '\(header.clusterSize)'")
+                }
+                ext.crypto = Qcow2CryptoExtension(offset: off, length: try dr.u64be(at: 8))
+            case Qcow2.extDataFile:
+                ext.dataFile = try dr.string(at: 0, count: Int(len))
+            default:
+                // Unknown extensions are preserved by qemu on rewrite; reading just skips them.
+                break
+            }
+            offset += (UInt64(len) + 7) & ~7
+        }
+        return ext
+    }
+
+    /// qemu's report_unsupported_feature: named features from the table, then the unnamed remainder.
+    static func unsupportedFeatureMessage(_ mask: UInt64, table: [Qcow2FeatureName]) -> String {
+        var remaining = mask
+        var parts: [String] = []
+        for f in table where f.type == 0 && f.bit < 64 {
+            let bit = UInt64(1) << UInt64(f.bit)
+            if remaining & bit != 0 {
+                parts.append(String(f.name.prefix(46)))
+                remaining &= ~bit
+            }
+        }
+        if remaining != 0 { parts.append("Unknown incompatible feature: " + String(remaining, radix: 16)) }
+        return "Unsupported qcow2 feature(s): " + parts.joined(separator: ", ")
+    }
+}

@@ -1,0 +1,51 @@
+/// `qemu-img measure` (qemu's img_measure + bdrv_measure): the file size a new image of the output format
+/// needs, for a given virtual size or for the contents of an existing image.
+public enum Measure {
+    public struct Parameters {
+        /// The source image, or nil to measure `size`.
+        public var filename: String?
+        public var sourceFormat: String?
+        public var outputFormat = "raw"
+        public var options: String?
+        public var size: UInt64?
+        public var forceShare = false
+        public init() {}
+    }
+
+    public static func measure(_ p: Parameters) throws -> MeasureResult {
+        if p.filename == nil && p.sourceFormat != nil {
+            throw InstarError.invalid("--image-opts, -f, and -l require a filename argument.")
+        }
+        if p.filename != nil && p.size != nil {
+            throw InstarError.invalid("--size N cannot be used together with a filename.")
+        }
+        if p.filename == nil && p.size == nil {
+            throw InstarError.invalid("Either --size N or one filename must be specified.")
+        }
+        var source: ImageLayer?
+        if let name = p.filename {
+            var opts = ImageOpenOptions()
+            opts.forceShare = p.forceShare
+            do {
+                source = try ImageOpener.open(try ImageOpener.parseSpec(name, format: p.sourceFormat), options: opts)
+            } catch let e as InstarError {
+                throw e.prepending("Could not open '\(name)': ")
+            }
+        }
+        defer { try? source?.close() }
+        let creator = try Create.creator(for: p.outputFormat)
+        var values = CreateOptionValues(specs: Create.optionTable(for: creator))
+        if let o = p.options {
+            do {
+                try values.parse(o)
+            } catch let e as InstarError {
+                throw InstarError(e.code, "\(e.message)\nInvalid options for file format '\(p.outputFormat)'")
+            }
+        }
+        if let s = p.size { try values.set("size", String(s)) }
+        guard let measure = creator.measure else {
+            throw InstarError.unsupported("Block driver '\(p.outputFormat)' does not support size measurement")
+        }
+        return try measure(MeasureRequest(options: values, source: source))
+    }
+}

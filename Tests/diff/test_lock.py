@@ -1,0 +1,81 @@
+"""Image locking interoperates with QEMU: a qemu-nbd writer blocks instar readers exactly as it blocks qemu-img
+(same message and exit code), -U reads anyway, and an instar reader blocks a qemu writer."""
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import assert_same, qemu, qemu_io, qimg, run
+from imgs import sparse_raw
+
+import instar as pyinstar
+
+
+@pytest.fixture
+def nbd_writer(tmp):
+    procs = []
+
+    def start(path, fmt):
+        sock = os.path.join(tmp, f"nbd{len(procs)}.sock")
+        p = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", fmt, path], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        procs.append(p)
+        for _ in range(100):
+            if os.path.exists(sock):
+                return p
+            time.sleep(0.05)
+        raise RuntimeError("qemu-nbd did not start")
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait()
+
+
+def test_qcow2_held_by_qemu_nbd(tmp, nbd_writer):
+    qimg("create", "-q", "-f", "qcow2", os.path.join(tmp, "l.qcow2"), "1M")
+    nbd_writer(os.path.join(tmp, "l.qcow2"), "qcow2")
+    for args in (["map", "l.qcow2"], ["map", "--output=json", "l.qcow2"], ["convert", "l.qcow2", "o.raw"],
+                 ["convert", "-f", "raw", "l.qcow2", "o.raw"], ["compare", "l.qcow2", "l.qcow2"]):
+        q = assert_same(*args, cwd=tmp)
+        assert q.rc != 0 and "Failed to get shared \"write\" lock" in q.err
+    # -U reads it anyway (as raw here, which needs no qcow2 driver).
+    assert_same("map", "-U", "-f", "raw", "--output=json", "l.qcow2", cwd=tmp)
+    assert_same("convert", "-U", "-f", "raw", "l.qcow2", "o.raw", cwd=tmp)
+    assert_same("map", "-U", "--output=json", "l.qcow2", cwd=tmp)
+
+
+def test_info_of_qcow2_held_by_qemu_nbd(tmp, nbd_writer):
+    qimg("create", "-q", "-f", "qcow2", os.path.join(tmp, "l.qcow2"), "1M")
+    nbd_writer(os.path.join(tmp, "l.qcow2"), "qcow2")
+    assert_same("info", "l.qcow2", cwd=tmp)
+    assert_same("info", "-U", "l.qcow2", cwd=tmp)
+
+
+def test_raw_held_by_qemu_nbd(tmp, nbd_writer):
+    sparse_raw(tmp)
+    nbd_writer(os.path.join(tmp, "s.raw"), "raw")
+    # qemu's raw passes a plain reader's sharing through: map and compare work, convert refuses.
+    for args in (["map", "--output=json", "s.raw"], ["compare", "s.raw", "s.raw"], ["convert", "s.raw", "o.raw"],
+                 ["convert", "-U", "s.raw", "o.raw"], ["map", "-f", "raw", "s.raw"]):
+        assert_same(*args, cwd=tmp)
+
+
+def test_instar_reader_blocks_qemu_writer(tmp):
+    p = sparse_raw(tmp)
+    q = os.path.join(tmp, "l.qcow2")
+    qimg("create", "-q", "-f", "qcow2", q, "1M")
+    with pyinstar.Image(p, format="raw", flags=0):
+        # A raw reader shares writing, as qemu's does.
+        r = run(["qemu-io", "-f", "raw", "-c", "write 0 512", p])
+        assert r.rc == 0, r
+    with pyinstar.Image(q, format="raw"):
+        r = run(["qemu-io", "-f", "raw", "-c", "write 0 512", q])
+        assert r.rc == 0
+    # Opening for writing takes the write lock: qemu-io can neither write nor read without -U.
+    with pyinstar.Image(p, flags=pyinstar.OPEN_READ_WRITE):
+        r = run(["qemu-io", "-f", "raw", "-c", "write 0 512", p])
+        assert r.rc != 0 and "Failed to get \"write\" lock" in r.err, r
+        # qemu-img's plain raw reader shares writing, so it still maps the file.
+        assert qemu("map", p).rc == 0
+    r = run(["qemu-io", "-f", "raw", "-c", "write 0 512", p])
+    assert r.rc == 0, r

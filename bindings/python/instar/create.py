@@ -1,0 +1,69 @@
+"""instar_create / instar_measure: qemu-img create and measure."""
+import ctypes
+
+from ._lib import Error, check, encode, lib
+
+CREATE_NO_BACKING_OPEN = 1 << 0
+
+
+class CreateOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("size", ctypes.c_int64), ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
+                ("options", ctypes.c_char_p)]
+
+
+class MeasureOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32),
+                ("source_format", ctypes.c_char_p), ("output_format", ctypes.c_char_p),
+                ("options", ctypes.c_char_p), ("size", ctypes.c_int64)]
+
+
+class MeasureResult(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("has_bitmaps", ctypes.c_int32), ("required", ctypes.c_uint64),
+                ("fully_allocated", ctypes.c_uint64), ("bitmaps", ctypes.c_uint64)]
+
+
+def _setup():
+    L = lib()
+    if getattr(L, "_create_ready", False):
+        return L
+    L.instar_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(CreateOptions), ctypes.POINTER(Error)]
+    L.instar_measure.argtypes = [ctypes.c_char_p, ctypes.POINTER(MeasureOptions), ctypes.POINTER(MeasureResult),
+                                 ctypes.POINTER(Error)]
+    L._create_ready = True
+    return L
+
+
+def _option_string(opts):
+    parts = []
+    for k, v in opts.items():
+        if isinstance(v, bool):
+            v = "on" if v else "off"
+        parts.append("%s=%s" % (k, str(v).replace(",", ",,")))
+    return ",".join(parts) or None
+
+
+def create(path, fmt="raw", size=None, backing_file=None, backing_format=None, no_backing_open=False, **opts):
+    """Creates an image like `qemu-img create -f FMT [-b B -F BF] [-o k=v,...] PATH SIZE`.
+    Extra keyword arguments are -o options (cluster_size=65536, preallocation="metadata", ...)."""
+    L = _setup()
+    o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
+                      -1 if size is None else int(size), encode(backing_file), encode(backing_format),
+                      encode(_option_string(opts)))
+    err = Error()
+    check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
+
+
+def measure(path=None, out_fmt="raw", size=None, source_format=None, **opts):
+    """Like `qemu-img measure`; returns {"required", "fully-allocated"[, "bitmaps"]}."""
+    L = _setup()
+    o = MeasureOptions(ctypes.sizeof(MeasureOptions), 0, encode(source_format), encode(out_fmt),
+                       encode(_option_string(opts)), -1 if size is None else int(size))
+    r = MeasureResult()
+    r.struct_size = ctypes.sizeof(MeasureResult)
+    err = Error()
+    check(L.instar_measure(encode(path), ctypes.byref(o), ctypes.byref(r), ctypes.byref(err)), err)
+    out = {"required": r.required, "fully-allocated": r.fully_allocated}
+    if r.has_bitmaps:
+        out["bitmaps"] = r.bitmaps
+    return out

@@ -1,0 +1,182 @@
+"""instar_info / instar_info_json / instar_info_human: what `qemu-img info` reports.
+
+`info()` returns an `ImageInfo` dataclass whose fields are qemu-img's JSON keys with '-' written as '_';
+`ImageInfo.to_dict()` gives back exactly the object `qemu-img info --output=json` prints.
+"""
+import ctypes
+import dataclasses
+import json
+from typing import List, Optional
+
+from ._lib import Error, check, encode, lib, take_string
+from .image import OPEN_FORCE_SHARE
+
+UNSET = -1
+
+
+class _Snapshot(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_char_p), ("name", ctypes.c_char_p), ("vm_state_size", ctypes.c_uint64),
+                ("date_sec", ctypes.c_uint32), ("date_nsec", ctypes.c_uint32), ("vm_clock_nsec", ctypes.c_uint64),
+                ("icount", ctypes.c_uint64)]
+
+
+class _Bitmap(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("granularity", ctypes.c_uint64), ("flags", ctypes.c_uint32)]
+
+
+class _Info(ctypes.Structure):
+    pass
+
+
+_Info._fields_ = [
+    ("filename", ctypes.c_char_p), ("format", ctypes.c_char_p), ("virtual_size", ctypes.c_int64),
+    ("actual_size", ctypes.c_int64), ("cluster_size", ctypes.c_int64), ("dirty_flag", ctypes.c_int32),
+    ("encrypted", ctypes.c_int32), ("compressed", ctypes.c_int32), ("backing_filename", ctypes.c_char_p),
+    ("full_backing_filename", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
+    ("snapshot_count", ctypes.c_uint32), ("snapshots", ctypes.POINTER(_Snapshot)),
+    ("specific_type", ctypes.c_char_p), ("compat", ctypes.c_char_p), ("compression_type", ctypes.c_char_p),
+    ("lazy_refcounts", ctypes.c_int32), ("refcount_bits", ctypes.c_int32), ("corrupt", ctypes.c_int32),
+    ("extended_l2", ctypes.c_int32), ("data_file", ctypes.c_char_p), ("data_file_raw", ctypes.c_int32),
+    ("encrypt_format", ctypes.c_char_p), ("bitmap_count", ctypes.c_uint32), ("bitmaps", ctypes.POINTER(_Bitmap)),
+    ("has_bitmaps", ctypes.c_int32), ("backing", ctypes.POINTER(_Info)), ("format_specific_json", ctypes.c_char_p),
+]
+
+
+class _InfoOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("backing_chain", ctypes.c_int32)]
+
+
+def _setup():
+    L = lib()
+    if getattr(L, "_info_ready", False):
+        return L
+    opts, err = ctypes.POINTER(_InfoOptions), ctypes.POINTER(Error)
+    L.instar_info.argtypes = [ctypes.c_char_p, opts, ctypes.POINTER(ctypes.POINTER(_Info)), err]
+    L.instar_info_free.argtypes = [ctypes.POINTER(_Info)]
+    L.instar_info_free.restype = None
+    for name in ("instar_info_json", "instar_info_human"):
+        getattr(L, name).argtypes = [ctypes.c_char_p, opts, ctypes.POINTER(ctypes.c_void_p), err]
+    L._info_ready = True
+    return L
+
+
+def _key(field_name):
+    return field_name.replace("_", "-")
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """One internal snapshot (QAPI SnapshotInfo)."""
+    id: str
+    name: str
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_sec: int
+    vm_clock_nsec: int
+    icount: Optional[int] = None
+
+    def to_dict(self):
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+
+@dataclasses.dataclass
+class ImageInfo:
+    """One image as `qemu-img info` reports it (QAPI ImageInfo). None means qemu-img omits the key."""
+    filename: str
+    format: str
+    virtual_size: int
+    dirty_flag: Optional[bool] = None
+    actual_size: Optional[int] = None
+    cluster_size: Optional[int] = None
+    encrypted: Optional[bool] = None
+    compressed: Optional[bool] = None
+    backing_filename: Optional[str] = None
+    full_backing_filename: Optional[str] = None
+    backing_filename_format: Optional[str] = None
+    snapshots: Optional[List[Snapshot]] = None
+    format_specific: Optional[dict] = None
+
+    def to_dict(self):
+        """The JSON object qemu-img prints for this image (as Python values)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.name == "snapshots":
+                v = [s.to_dict() for s in v]
+            out[_key(f.name)] = v
+        return out
+
+
+def _s(b):
+    return None if b is None else b.decode("utf-8", "surrogateescape")
+
+
+def _tri(v):
+    return None if v == UNSET else bool(v)
+
+
+def _convert(node):
+    n = node.contents
+    snaps = None
+    if n.snapshot_count:
+        snaps = []
+        for k in range(n.snapshot_count):
+            s = n.snapshots[k]
+            snaps.append(Snapshot(_s(s.id), _s(s.name), s.vm_state_size, s.date_sec, s.date_nsec,
+                                  s.vm_clock_nsec // 1000000000, s.vm_clock_nsec % 1000000000,
+                                  None if s.icount == 2 ** 64 - 1 else s.icount))
+    return ImageInfo(
+        filename=_s(n.filename), format=_s(n.format), virtual_size=n.virtual_size,
+        dirty_flag=_tri(n.dirty_flag), actual_size=None if n.actual_size < 0 else n.actual_size,
+        cluster_size=None if n.cluster_size < 0 else n.cluster_size, encrypted=_tri(n.encrypted),
+        compressed=_tri(n.compressed), backing_filename=_s(n.backing_filename),
+        full_backing_filename=_s(n.full_backing_filename), backing_filename_format=_s(n.backing_format),
+        snapshots=snaps,
+        format_specific=None if n.format_specific_json is None else json.loads(n.format_specific_json))
+
+
+def _options(format, force_share, backing_chain):
+    flags = OPEN_FORCE_SHARE if force_share else 0
+    return _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0)
+
+
+def info(path, format=None, force_share=False, backing_chain=False):
+    """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first."""
+    L = _setup()
+    opts = _options(format, force_share, backing_chain)
+    err = Error()
+    out = ctypes.POINTER(_Info)()
+    check(L.instar_info(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
+    try:
+        chain = []
+        node = out
+        while node:
+            chain.append(_convert(node))
+            node = node.contents.backing
+    finally:
+        L.instar_info_free(out)
+    return chain if backing_chain else chain[0]
+
+
+def _text(fn, path, format, force_share, backing_chain):
+    L = _setup()
+    opts = _options(format, force_share, backing_chain)
+    err = Error()
+    out = ctypes.c_void_p()
+    check(getattr(L, fn)(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
+    return take_string(out)
+
+
+def info_json(path, format=None, force_share=False, backing_chain=False):
+    """The exact text of `qemu-img info --output=json` (an array with backing_chain)."""
+    return _text("instar_info_json", path, format, force_share, backing_chain)
+
+
+def info_human(path, format=None, force_share=False, backing_chain=False):
+    """The exact text of human `qemu-img info`."""
+    return _text("instar_info_human", path, format, force_share, backing_chain)
