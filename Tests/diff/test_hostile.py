@@ -4,8 +4,8 @@ timeout, next to the real qemu-img on the same file.
 
 What must hold for every variant and command:
   * instar is never killed by a signal (Swift trap, SIGSEGV, OOM abort) and never times out;
-  * where qemu-img rejects the input, instar rejects it too, with exit code 1 (compare: 2) and a short
-    "instar: ..." error on stderr;
+  * where qemu-img rejects the input, instar rejects it too, with qemu-img's exit code (1; compare: 2, 3 or 4)
+    and a short "instar: ..." error on stderr (no more lines than qemu-img prints);
   * where qemu-img accepts it, `info` / `info --output=json` / `map --output=json` print the same, convert
     produces the same bytes and compare answers the same.
 
@@ -32,7 +32,6 @@ COMMANDS = {
     "convert": lambda x, out: ["convert", "-O", "raw", x, out],
     "compare": lambda x, out: ["compare", x, x],
 }
-ERROR_RC = {"compare": 2}
 
 
 class Run:
@@ -109,11 +108,14 @@ def _one(ctx, root, name):
 
 
 @pytest.fixture(scope="session")
-def results(tmp_path_factory):
+def results(request, tmp_path_factory):
+    # Only the variants the selected tests look at (so `-k name` stays quick).
+    wanted = {item.callspec.params["name"] for item in request.session.items
+              if hasattr(item, "callspec") and "name" in item.callspec.params}
     root = str(tmp_path_factory.mktemp("hostile"))
     ctx = H.Context(os.path.join(root, "_base"))
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-        futures = {name: pool.submit(_one, ctx, root, name) for name in H.VARIANTS}
+        futures = {name: pool.submit(_one, ctx, root, name) for name in H.VARIANTS if name in wanted}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -140,14 +142,15 @@ def test_never_crashes(results, name):
 def test_rejects_where_qemu_rejects(results, name):
     """Where qemu-img fails, instar fails with the same exit code and a short, prefixed message."""
     for cmd, (q, i) in _get(results, name).items():
-        # A qemu-img that hangs or dies has not accepted the image either.
-        if q.rc == 0 or (cmd == "compare" and q.rc == 1):
+        # A qemu-img that hangs or dies (qemu 7.2 segfaults on LUKS without its header extension) decides
+        # nothing; instar must still only fail cleanly, which test_never_crashes checks.
+        if q.timed_out or q.rc < 0 or q.rc == 0 or (cmd == "compare" and q.rc == 1):
             continue
-        want = ERROR_RC.get(cmd, 1)
-        assert i.rc == want, f"{name}: {cmd}: qemu-img rc {q.rc}, instar rc {i.rc}\n qemu: {q}\n instar: {i}"
+        # qemu-img's own code: 1, or for compare 2 (error), 3 (allocation status failed), 4 (read failed).
+        assert i.rc == q.rc, f"{name}: {cmd}: qemu-img rc {q.rc}, instar rc {i.rc}\n qemu: {q}\n instar: {i}"
         lines = i.err.strip("\n").split("\n")
         assert i.err.strip() and lines[-1].startswith("instar: "), f"{name}: {cmd}: no clear error: {i}"
-        qlines = 1 if q.rc is None or q.rc < 0 else len(q.err.strip("\n").split("\n"))
+        qlines = len(q.err.strip("\n").split("\n"))
         assert len(lines) <= max(1, qlines), f"{name}: {cmd}: error too long: {i}"
 
 
