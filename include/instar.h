@@ -351,6 +351,37 @@ typedef struct instar_measure_result {
 int instar_measure(const char *filename, const instar_measure_options_t *opts, instar_measure_result_t *result,
                    instar_error_t *err);
 
+/* ---- Writing (images opened with INSTAR_OPEN_READ_WRITE) ---- */
+
+/** instar_write_zeroes flags. */
+enum {
+    INSTAR_ZERO_MAY_UNMAP = 1u << 0   /**< the range may be deallocated as long as it reads as zeroes */
+};
+
+/**
+ * Writes `count` bytes from `buf` at guest `offset` of the top image. Ranges that the write covers only
+ * partially are completed from the backing chain (copy-on-write). The range must lie within the image
+ * (INSTAR_E_RANGE otherwise); a read-only handle gives INSTAR_E_PERMISSION, formats without write support
+ * INSTAR_E_UNSUPPORTED. Data may stay in the library's caches until instar_flush or instar_close.
+ */
+int instar_write(instar_image_t *image, const void *buf, uint64_t count, uint64_t offset, instar_error_t *err);
+
+/**
+ * Makes `count` bytes at `offset` read as zeroes, using the format's zero markers where it can (qcow2 v3 zero
+ * clusters) instead of writing zeroes. With INSTAR_ZERO_MAY_UNMAP, storage behind the range may be released.
+ */
+int instar_write_zeroes(instar_image_t *image, uint64_t count, uint64_t offset, uint32_t flags,
+                        instar_error_t *err);
+
+/**
+ * Releases the storage of whole clusters within the range (like qemu-io -d unmap "discard"). What the range
+ * reads afterwards is format-defined (zeroes for qcow2 v3, the backing file for qcow2 v2).
+ */
+int instar_discard(instar_image_t *image, uint64_t count, uint64_t offset, instar_error_t *err);
+
+/** Writes cached metadata back and syncs the image files to stable storage. */
+int instar_flush(instar_image_t *image, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,4 +1,4 @@
-"""instar_open / instar_read / instar_close."""
+"""instar_open / instar_read / instar_write / instar_write_zeroes / instar_discard / instar_flush / instar_close."""
 import ctypes
 
 from ._lib import Error, check, encode, lib
@@ -7,6 +7,8 @@ OPEN_READ_WRITE = 1 << 0
 OPEN_FORCE_SHARE = 1 << 1
 OPEN_NO_BACKING = 1 << 2
 OPEN_NO_CACHE = 1 << 3
+
+ZERO_MAY_UNMAP = 1 << 0
 
 
 class OpenOptions(ctypes.Structure):
@@ -24,6 +26,12 @@ def _setup():
     L.instar_get_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(Error)]
     L.instar_read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
                               ctypes.POINTER(Error)]
+    L.instar_write.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64,
+                               ctypes.POINTER(Error)]
+    L.instar_write_zeroes.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32,
+                                      ctypes.POINTER(Error)]
+    L.instar_discard.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(Error)]
+    L.instar_flush.argtypes = [ctypes.c_void_p, ctypes.POINTER(Error)]
     L._image_ready = True
     return L
 
@@ -52,6 +60,27 @@ class Image:
         err = Error()
         check(lib().instar_read(self._h, buf, count, offset, ctypes.byref(err)), err)
         return buf.raw
+
+    def write(self, offset, data):
+        """Writes bytes at guest `offset` (image opened with OPEN_READ_WRITE)."""
+        data = bytes(data)
+        err = Error()
+        check(lib().instar_write(self._h, data, len(data), offset, ctypes.byref(err)), err)
+
+    def write_zeroes(self, offset, count, may_unmap=False):
+        """Makes `count` bytes at `offset` read as zeroes; `may_unmap` lets the storage go."""
+        err = Error()
+        flags = ZERO_MAY_UNMAP if may_unmap else 0
+        check(lib().instar_write_zeroes(self._h, count, offset, flags, ctypes.byref(err)), err)
+
+    def discard(self, offset, count):
+        """Releases whole clusters within the range."""
+        err = Error()
+        check(lib().instar_discard(self._h, count, offset, ctypes.byref(err)), err)
+
+    def flush(self):
+        err = Error()
+        check(lib().instar_flush(self._h, ctypes.byref(err)), err)
 
     def close(self):
         if self._h:

@@ -72,3 +72,62 @@ final class Qcow2Decompressor {
         }
     }
 }
+
+/// Compresses whole clusters for compressed writes, as qemu's qcow2_co_compress: zlib as raw deflate with a
+/// 4 KiB window, or a zstd frame. A result is only useful when it is smaller than the cluster.
+public final class Qcow2Compressor {
+    let type: UInt8
+    let clusterSize: Int
+    private var zstd: OpaquePointer?
+
+    init(type: UInt8, clusterSize: Int) {
+        self.type = type
+        self.clusterSize = clusterSize
+    }
+
+    deinit { if let z = zstd { ZSTD_freeCCtx(z) } }
+
+    /// The compressed form of `input` (one cluster), or nil when it would not be smaller than
+    /// clusterSize - 1 bytes (qemu then writes the cluster uncompressed).
+    public func compress(_ input: UnsafeRawBufferPointer) throws -> [UInt8]? {
+        let limit = clusterSize - 1
+        guard let inBase = input.baseAddress, limit > 0 else { return nil }
+        var out = [UInt8](repeating: 0, count: limit)
+        var produced = 0
+        switch type {
+        case Qcow2.compressionZlib:
+            var strm = z_stream()
+            // qemu's qcow2_zlib_compress: default level, raw deflate (-12 window bits), memLevel 9.
+            guard deflateInit2_(&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY, zlibVersion(),
+                                Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
+                throw InstarError(.noMemory, "Could not initialise zlib", errno: ENOMEM)
+            }
+            let r: Int32 = out.withUnsafeMutableBytes { dst in
+                strm.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: UInt8.self))
+                strm.avail_in = uInt(input.count)
+                strm.next_out = dst.baseAddress?.assumingMemoryBound(to: UInt8.self)
+                strm.avail_out = uInt(limit)
+                return deflate(&strm, Z_FINISH)
+            }
+            produced = limit - Int(strm.avail_out)
+            deflateEnd(&strm)
+            guard r == Z_STREAM_END else { return nil }
+        case Qcow2.compressionZstd:
+            if zstd == nil { zstd = ZSTD_createCCtx() }
+            guard let cctx = zstd else { throw InstarError(.noMemory, "Could not initialise zstd", errno: ENOMEM) }
+            ZSTD_CCtx_reset(cctx, ZSTD_reset_session_only)
+            let r: Int = out.withUnsafeMutableBytes { dst in
+                var o = ZSTD_outBuffer(dst: dst.baseAddress, size: limit, pos: 0)
+                var i = ZSTD_inBuffer(src: inBase, size: input.count, pos: 0)
+                let ret = ZSTD_compressStream2(cctx, &o, &i, ZSTD_e_end)
+                produced = o.pos
+                return ret
+            }
+            // Non-zero: an error, or output left over because it did not fit.
+            if ZSTD_isError(r) != 0 || r != 0 { return nil }
+        default:
+            throw InstarError(.invalid, "Unknown compression type")
+        }
+        return Array(out[0..<produced])
+    }
+}

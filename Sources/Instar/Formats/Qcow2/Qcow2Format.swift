@@ -21,7 +21,7 @@ public final class Qcow2Format: ImageFormat {
     /// Where guest data lives: the image file, or the external data file.
     let dataFile: HostFile
     let externalDataFile: HostFile?
-    let header: Qcow2Header
+    var header: Qcow2Header
     let extensions: Qcow2Extensions
     let mapper: Qcow2Mapper
     let refcounts: Qcow2RefcountReader
@@ -34,6 +34,10 @@ public final class Qcow2Format: ImageFormat {
     private var decompressedEntry: UInt64?
     private var decompressed: [UInt8] = []
     private var metadataPreallocated: Bool?
+    /// Opened read/write (the host file is writable and write locks are held).
+    let writable: Bool
+    /// The write side, created on the first change.
+    private var writer: Qcow2Writer?
 
     public var hostFiles: [HostFile] { externalDataFile.map { [file, $0] } ?? [file] }
     public var virtualSize: UInt64 { header.size / 512 * 512 }
@@ -41,6 +45,7 @@ public final class Qcow2Format: ImageFormat {
 
     init(request: OpenRequest) throws {
         file = request.file
+        writable = request.writable
         let first = try file.readBytes(at: 0, count: Qcow2.decodedHeaderBytes)
         let h = try Qcow2Header(bytes: first)
         header = h
@@ -112,6 +117,65 @@ public final class Qcow2Format: ImageFormat {
         mapper = Qcow2Mapper(header: h, file: file, l1: l1)
         refcounts = Qcow2RefcountReader(header: h, file: file)
         decompressor = Qcow2Decompressor(type: h.compressionType)
+    }
+
+    /// The writer, created on first use; read-only images refuse.
+    private func writeSide() throws -> Qcow2Writer {
+        if let w = writer { return w }
+        guard writable else { throw InstarError(.permission, "Image is read-only", errno: EACCES) }
+        let w = try Qcow2Writer(format: self)
+        writer = w
+        return w
+    }
+
+    /// Drops the decompressed-cluster memo (its entry may be freed and its host bytes reused by a write).
+    func forgetDecompressed() {
+        decompressedEntry = nil
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        try checkRange(offset, UInt64(buffer.count))
+        try writeSide().write(buffer, at: offset, backing: backing)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        try checkRange(offset, length)
+        try writeSide().writeZeroes(at: offset, length: length, mayUnmap: mayUnmap, backing: backing)
+    }
+
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try checkRange(offset, length)
+        try writeSide().discard(at: offset, length: length)
+    }
+
+    /// Stores one already compressed cluster (see `Qcow2Compressor`) at guest cluster `clusterIndex`, which must
+    /// not be allocated yet (qemu's compressed write path, used by convert -c).
+    public func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws {
+        try writeSide().writeCompressed(clusterIndex: clusterIndex, compressedBytes: compressedBytes)
+    }
+
+    /// A compressor for this image's compression type.
+    public func makeCompressor() -> Qcow2Compressor {
+        Qcow2Compressor(type: header.compressionType, clusterSize: Int(header.clusterSize))
+    }
+
+    public func flush() throws {
+        try writer?.flush()
+    }
+
+    public func close() throws {
+        if let w = writer {
+            writer = nil
+            try w.close()
+        }
+    }
+
+    private func checkRange(_ offset: UInt64, _ length: UInt64) throws {
+        let size = virtualSize
+        guard offset <= size, length <= size - offset else {
+            throw InstarError(.range, "Request of \(length) bytes at offset \(offset) is beyond the end of the image (\(size) bytes)",
+                              errno: EINVAL)
+        }
     }
 
     private func refuseEncrypted() throws {

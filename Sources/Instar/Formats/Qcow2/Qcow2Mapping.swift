@@ -59,8 +59,12 @@ struct Qcow2Extent: Equatable {
 final class Qcow2Mapper {
     let header: Qcow2Header
     let file: HostFile
-    let l1: [UInt64]
+    /// The active L1 table; the writer replaces entries (and the whole table when it grows).
+    var l1: [UInt64]
     let hasDataFile: Bool
+    /// Set while the image is open for writing: L2 tables then come from the writer's write-back cache, so
+    /// reads see entries that are not on disk yet.
+    var l2Provider: ((UInt64) throws -> [UInt64])?
     /// Decoded L2 tables: plain entries, or (entry, bitmap) pairs with extended L2.
     let cache: Qcow2TableCache<[UInt64]>
     private let clusterBits: UInt64
@@ -106,7 +110,8 @@ final class Qcow2Mapper {
     }
 
     private func l2Table(at offset: UInt64) throws -> [UInt64] {
-        try cache.table(at: offset) {
+        if let provider = l2Provider { return try provider(offset) }
+        return try cache.table(at: offset) {
             let bytes = try file.readBytes(at: offset, count: Int(clusterSize))
             return Qcow2Mapper.decodeBE64(bytes, count: Int(clusterSize / 8))
         }

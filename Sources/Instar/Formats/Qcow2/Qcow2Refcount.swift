@@ -18,6 +18,12 @@ final class Qcow2RefcountReader {
         blocks = Qcow2TableCache(capacity: Int(max(4, (1 << 20) / header.clusterSize)))
     }
 
+    /// Forgets what was read, after a writer changed the refcounts.
+    func invalidate() {
+        table = nil
+        blocks.removeAll()
+    }
+
     /// Refcount width in bits.
     var bits: UInt64 { 1 << UInt64(header.refcountOrder) }
 

@@ -1,0 +1,298 @@
+import Glibc
+
+/// Refcount updates and cluster allocation of the writer (qemu's qcow2-refcount.c). Crash safety rests on the
+/// order in which things reach the file: a refcount block is on disk before the refcount table points at it,
+/// a cluster's refcount is on disk before any L2 or L1 entry points at it, and an L2 entry that dropped a
+/// reference is on disk before the refcount that counted it goes down. A crash can then leak clusters but
+/// never leave a reference to a cluster whose refcount is too low.
+extension Qcow2Writer {
+    // MARK: Refcount entries
+
+    /// Entry `index` of a refcount block of width 2^order bits, written in place.
+    static func setEntry(_ block: inout [UInt8], index: UInt64, order: UInt64, value: UInt64) {
+        let width = UInt64(1) << order
+        if width < 8 {
+            let perByte = 8 / width
+            let byte = Int(index / perByte)
+            guard byte < block.count else { return }
+            let shift = (index % perByte) * width
+            let mask = UInt8(truncatingIfNeeded: ((1 << width) - 1) << shift)
+            block[byte] = (block[byte] & ~mask) | (UInt8(truncatingIfNeeded: value << shift) & mask)
+            return
+        }
+        let bytes = Int(width / 8)
+        let start = Int(index) * bytes
+        guard start >= 0, start + bytes <= block.count else { return }
+        var v = value
+        for i in stride(from: bytes - 1, through: 0, by: -1) {
+            block[start + i] = UInt8(truncatingIfNeeded: v)
+            v >>= 8
+        }
+    }
+
+    /// The refcount block offset for refcount table index `t`, or nil when no block exists.
+    func blockOffset(tableIndex t: UInt64) throws -> UInt64? {
+        guard t < UInt64(reftable.count) else { return nil }
+        let off = reftable[Int(t)] & Qcow2.reftableOffsetMask
+        if off == 0 { return nil }
+        if off & (clusterSize - 1) != 0 {
+            throw InstarError(.corrupt, "Refblock offset \(hex(off)) unaligned (reftable index: \(hex(t)))", errno: EIO)
+        }
+        return off
+    }
+
+    func refBlock(at offset: UInt64) throws -> Qcow2WriteCache<[UInt8]>.Entry {
+        try rbCache.entry(at: offset) { try file.readBytes(at: offset, count: Int(clusterSize)) }
+    }
+
+    /// The refcount of host cluster `cluster` as the writer sees it (cache included).
+    func refcount(ofCluster cluster: UInt64) throws -> UInt64 {
+        guard let off = try blockOffset(tableIndex: cluster >> refBlockBits) else { return 0 }
+        let e = try refBlock(at: off)
+        return Qcow2RefcountReader.entry(e.table, index: cluster & refIndexMask, order: refOrder)
+    }
+
+    /// Adds `delta` (+1 or -1) to the refcount of `cluster`, whose refcount block must exist.
+    func changeRefcount(ofCluster cluster: UInt64, by delta: Int) throws {
+        guard let off = try blockOffset(tableIndex: cluster >> refBlockBits) else {
+            if delta < 0 {
+                throw InstarError(.corrupt, "Freeing cluster \(hex(cluster << clusterBits)) with no refcount block",
+                                  errno: EIO)
+            }
+            throw InstarError(.io, "Internal error: no refcount block for cluster \(cluster)", errno: EIO)
+        }
+        let e = try refBlock(at: off)
+        let index = cluster & refIndexMask
+        let old = Qcow2RefcountReader.entry(e.table, index: index, order: refOrder)
+        let new: UInt64
+        if delta > 0 {
+            guard old < refMax else {
+                throw InstarError(.range, "Reference count overflow on cluster \(hex(cluster << clusterBits))",
+                                  errno: ERANGE)
+            }
+            new = old + 1
+        } else {
+            guard old > 0 else {
+                throw InstarError(.corrupt, "Reference count underflow on cluster \(hex(cluster << clusterBits))",
+                                  errno: EINVAL)
+            }
+            new = old - 1
+        }
+        Qcow2Writer.setEntry(&e.table, index: index, order: refOrder, value: new)
+        rbCache.markDirty(e)
+        if new == 0 {
+            // The L2 entry that dropped this cluster may not be on disk yet: keep the cluster out of new
+            // allocations until the L2 cache has been written back.
+            pendingFree.insert(cluster)
+        }
+    }
+
+    // MARK: Finding free clusters
+
+    func isFree(_ cluster: UInt64) throws -> Bool {
+        if cluster == 0 || pendingFree.contains(cluster) { return false }
+        return try refcount(ofCluster: cluster) == 0
+    }
+
+    /// The first run of `n` free clusters at or after the free-cluster hint (qemu's alloc_clusters_noref).
+    func findFree(_ n: UInt64) throws -> UInt64 {
+        var start = freeHint
+        var i = start
+        while i - start < n {
+            if try isFree(i) {
+                i += 1
+            } else {
+                i += 1
+                start = i
+            }
+            guard i < Qcow2Writer.maxHostClusters(clusterBits) else {
+                throw InstarError(.unsupported, "Image file is full", errno: EFBIG)
+            }
+        }
+        return start
+    }
+
+    /// Host offsets must fit in the 56-bit offset fields of L1/L2 entries.
+    static func maxHostClusters(_ clusterBits: UInt64) -> UInt64 { (UInt64(1) << 56) >> clusterBits }
+
+    /// Allocates `n` contiguous clusters with refcount 1 and returns the host offset of the first
+    /// (qemu's qcow2_alloc_clusters). The refcounts are changed in the cache only.
+    func allocateClusters(_ n: UInt64) throws -> UInt64 {
+        for _ in 0..<64 {
+            let first = try findFree(n)
+            // Rather than grow the file, make clusters freed since the last L2 write-back reusable (qemu reuses
+            // them at once; here their L2 tables must reach the disk first).
+            if !pendingFree.isEmpty, first + n > (try file.size()) >> clusterBits {
+                try flushL2()
+                continue
+            }
+            // Every refcount block the run needs must exist; creating one may take clusters of the run, so
+            // search again after creating any.
+            var created = false
+            var t = first >> refBlockBits
+            while t <= (first + n - 1) >> refBlockBits {
+                if try blockOffset(tableIndex: t) == nil {
+                    try createRefBlock(tableIndex: t, depth: 0)
+                    created = true
+                }
+                t += 1
+            }
+            if created { continue }
+            for c in first..<(first + n) { try changeRefcount(ofCluster: c, by: 1) }
+            freeHint = first + n
+            highestAllocated = max(highestAllocated, first + n)
+            return first << clusterBits
+        }
+        throw InstarError(.io, "Could not allocate clusters", errno: EIO)
+    }
+
+    /// Drops one reference to each host cluster touched by [offset, offset + length) (qcow2_free_clusters).
+    func freeRange(_ offset: UInt64, _ length: UInt64) throws {
+        if length == 0 { return }
+        try setRefcountDependsOnL2()
+        let first = offset >> clusterBits
+        let last = (try offset.adding(length - 1)) >> clusterBits
+        for c in first...last { try changeRefcount(ofCluster: c, by: -1) }
+    }
+
+    /// Frees whatever host storage an L2 entry references (qcow2_free_any_cluster).
+    func freeEntry(_ entry: UInt64) throws {
+        if entry & Qcow2.l2Compressed != 0 {
+            let d = Qcow2CompressedDescriptor(entry: entry, clusterBits: UInt32(clusterBits))
+            try freeRange(d.hostOffset, d.length)
+            return
+        }
+        let host = entry & Qcow2.l2OffsetMask
+        if host != 0 { try freeRange(host, clusterSize) }
+    }
+
+    // MARK: New refcount blocks
+
+    /// Creates the refcount block for table index `t` (growing the table first if it is too small), writes it
+    /// and only then points the refcount table at it (qemu's alloc_refcount_block).
+    func createRefBlock(tableIndex t: UInt64, depth: Int) throws {
+        guard depth < 8 else { throw InstarError(.io, "Could not allocate a refcount block", errno: EIO) }
+        if t >= UInt64(reftable.count) {
+            try growRefcountTable(covering: t)
+            if try blockOffset(tableIndex: t) != nil { return }
+        }
+        let b = try findFree(1)
+        let bt = b >> refBlockBits
+        var block = [UInt8](repeating: 0, count: Int(clusterSize))
+        if bt == t {
+            // Self-describing: the block counts its own cluster.
+            Qcow2Writer.setEntry(&block, index: b & refIndexMask, order: refOrder, value: 1)
+        } else if try blockOffset(tableIndex: bt) == nil {
+            try createRefBlock(tableIndex: bt, depth: depth + 1)
+            return try createRefBlock(tableIndex: t, depth: depth + 1)
+        } else {
+            try changeRefcount(ofCluster: b, by: 1)
+        }
+        freeHint = b + 1
+        highestAllocated = max(highestAllocated, b + 1)
+        let offset = b << clusterBits
+        // The refcount of the new block and the block itself reach the disk before the table entry does.
+        try flushRefcounts()
+        try file.write(block, at: offset)
+        try file.sync()
+        try writeReftableEntry(Int(t), value: offset)
+        _ = rbCache.insert(block, at: offset)
+    }
+
+    private func writeReftableEntry(_ t: Int, value: UInt64) throws {
+        guard t < reftable.count else { return }
+        reftable[t] = value
+        var be = value.bigEndian
+        try withUnsafeBytes(of: &be) { try file.write($0, at: header.refcountTableOffset + UInt64(t) * 8) }
+        try file.sync()
+    }
+
+    /// Moves the refcount table to a larger one at the end of the file, together with the refcount blocks that
+    /// describe the new area, so the new table is complete before the header switches to it
+    /// (qemu's qcow2_refcount_area).
+    func growRefcountTable(covering t: UInt64) throws {
+        let oldCount = UInt64(reftable.count)
+        let perCluster = clusterSize / 8
+        let fileEnd = try file.size().divCeil(clusterSize)
+        let start = max(fileEnd, highestAllocated, 1)
+        var newCount = max(t + 1, oldCount + oldCount.divCeil(2))
+        var tableClusters: UInt64 = 0
+        var newBlocks: [UInt64] = []   // table indices that get a new block
+        for _ in 0..<64 {
+            tableClusters = newCount.divCeil(perCluster)
+            var blocks: [UInt64] = []
+            var count = UInt64(newBlocks.count)
+            // Blocks live at [start, start + count), the table right after them.
+            while true {
+                let end = start + count + tableClusters
+                blocks = []
+                var i = start >> refBlockBits
+                while i <= (end - 1) >> refBlockBits {
+                    if i >= oldCount || reftable[Int(i)] & Qcow2.reftableOffsetMask == 0 { blocks.append(i) }
+                    i += 1
+                }
+                if UInt64(blocks.count) == count { break }
+                count = UInt64(blocks.count)
+            }
+            newBlocks = blocks
+            let lastIndex = (start + count + tableClusters - 1) >> refBlockBits
+            if lastIndex < newCount { break }
+            newCount = lastIndex + 1
+        }
+        guard newCount * 8 <= Qcow2.maxRefcountTableBytes else {
+            throw InstarError(.unsupported, "Refcount table too large", errno: EFBIG)
+        }
+        let blockCount = UInt64(newBlocks.count)
+        let areaEnd = start + blockCount + tableClusters
+        let tableOffset = (start + blockCount) << clusterBits
+
+        var table = [UInt64](repeating: 0, count: Int(tableClusters * perCluster))
+        for i in 0..<reftable.count { table[i] = reftable[i] }
+        var blockData = [[UInt8]](repeating: [UInt8](repeating: 0, count: Int(clusterSize)), count: newBlocks.count)
+        var blockPos: [UInt64: Int] = [:]
+        for (j, idx) in newBlocks.enumerated() {
+            table[Int(idx)] = (start + UInt64(j)) << clusterBits
+            blockPos[idx] = j
+        }
+        // Count every cluster of the new area: in the new blocks directly, in existing blocks via the cache.
+        for c in start..<areaEnd {
+            let idx = c >> refBlockBits
+            if let j = blockPos[idx] {
+                Qcow2Writer.setEntry(&blockData[j], index: c & refIndexMask, order: refOrder, value: 1)
+            } else {
+                try changeRefcount(ofCluster: c, by: 1)
+            }
+        }
+        try flushRefcounts()
+        for j in 0..<newBlocks.count { try file.write(blockData[j], at: (start + UInt64(j)) << clusterBits) }
+        var bytes = [UInt8](repeating: 0, count: table.count * 8)
+        for (i, v) in table.enumerated() {
+            var x = v
+            for k in stride(from: 7, through: 0, by: -1) {
+                bytes[i * 8 + k] = UInt8(truncatingIfNeeded: x)
+                x >>= 8
+            }
+        }
+        try file.write(bytes, at: tableOffset)
+        try file.sync()
+
+        // qcow2.txt: header bytes 48-55 refcount_table_offset, 56-59 refcount_table_clusters, written at once.
+        var h = [UInt8](repeating: 0, count: 12)
+        for k in 0..<8 { h[k] = UInt8(truncatingIfNeeded: tableOffset >> UInt64(56 - 8 * k)) }
+        for k in 0..<4 { h[8 + k] = UInt8(truncatingIfNeeded: tableClusters >> UInt64(24 - 8 * k)) }
+        try file.write(h, at: 48)
+        try file.sync()
+
+        let oldOffset = header.refcountTableOffset
+        let oldClusters = UInt64(header.refcountTableClusters)
+        header.refcountTableOffset = tableOffset
+        header.refcountTableClusters = UInt32(tableClusters)
+        reftable = table
+        for j in 0..<newBlocks.count { _ = rbCache.insert(blockData[j], at: (start + UInt64(j)) << clusterBits) }
+        highestAllocated = max(highestAllocated, areaEnd)
+        // The header no longer names the old table, so its clusters can go right away.
+        for c in (oldOffset >> clusterBits)..<((oldOffset >> clusterBits) + oldClusters) {
+            try changeRefcount(ofCluster: c, by: -1)
+        }
+    }
+}

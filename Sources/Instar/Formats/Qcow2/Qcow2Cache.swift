@@ -1,0 +1,67 @@
+/// A write-back cache of cluster-sized metadata tables (L2 tables, refcount blocks) keyed by host offset, as
+/// qemu's qcow2-cache.c: tables are changed in memory, marked dirty, and written back on flush or when the
+/// cache is trimmed. The writer decides the order in which the two caches reach the disk.
+final class Qcow2WriteCache<Table> {
+    final class Entry {
+        var table: Table
+        var dirty = false
+        var stamp: UInt64 = 0
+        init(table: Table) { self.table = table }
+    }
+
+    private(set) var entries: [UInt64: Entry] = [:]
+    private var clock: UInt64 = 0
+    let capacity: Int
+
+    init(capacity: Int) { self.capacity = max(4, capacity) }
+
+    /// The entry at `offset`, loaded with `load` on a miss. Entries are never evicted here: callers hold them
+    /// across an operation, so eviction happens only in `trim`, between operations.
+    func entry(at offset: UInt64, load: () throws -> Table) rethrows -> Entry {
+        clock &+= 1
+        if let hit = entries[offset] {
+            hit.stamp = clock
+            return hit
+        }
+        let e = Entry(table: try load())
+        e.stamp = clock
+        entries[offset] = e
+        return e
+    }
+
+    /// Puts a table that is already on disk (a new, just written table) into the cache.
+    func insert(_ table: Table, at offset: UInt64, dirty: Bool = false) -> Entry {
+        clock &+= 1
+        let e = Entry(table: table)
+        e.stamp = clock
+        e.dirty = dirty
+        entries[offset] = e
+        return e
+    }
+
+    func markDirty(_ e: Entry) { e.dirty = true }
+
+    var hasDirty: Bool { entries.values.contains { $0.dirty } }
+
+    /// Dirty entries by ascending offset (sequential writes back to back).
+    func dirtyEntries() -> [(UInt64, Entry)] {
+        entries.filter { $0.value.dirty }.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+    }
+
+    /// True when the cache holds more than its capacity and would like to drop entries.
+    var overCapacity: Bool { entries.count > capacity }
+
+    /// Drops least recently used clean entries until the cache is within capacity (callers write dirty
+    /// entries back first).
+    func trim() {
+        guard entries.count > capacity else { return }
+        let clean = entries.filter { !$0.value.dirty }.sorted { $0.value.stamp < $1.value.stamp }
+        var excess = entries.count - capacity
+        for (k, _) in clean where excess > 0 {
+            entries.removeValue(forKey: k)
+            excess -= 1
+        }
+    }
+
+    func remove(at offset: UInt64) { entries.removeValue(forKey: offset) }
+}

@@ -1,0 +1,476 @@
+import Glibc
+
+/// Guest-visible write operations of the writer: data writes (qemu's qcow2_alloc_host_offset with
+/// handle_copied / handle_alloc and the COW of partial clusters), zero writes (qcow2_subcluster_zeroize),
+/// discards (qcow2_cluster_discard) and compressed cluster writes (qcow2_alloc_compressed_cluster_offset).
+extension Qcow2Writer {
+    /// How one cluster of a write is carried out.
+    private struct ClusterPlan {
+        var guestCluster: UInt64
+        /// The host cluster to write into: the existing one (in place) or nil for a new one.
+        var keepHost: UInt64?
+        /// Guest range written into the cluster (the request widened by copy-on-write padding).
+        var writeStart: UInt64
+        var writeEnd: UInt64
+        /// Subclusters [first, end) that become allocated (extended L2).
+        var firstSub: UInt64
+        var endSub: UInt64
+        /// The whole cluster is rewritten and every subcluster becomes allocated.
+        var whole: Bool
+        var oldEntry: UInt64
+        var oldBitmap: UInt64
+    }
+
+    private static let maxRunBytes: UInt64 = 16 << 20
+
+    func entryPair(_ table: [UInt64], _ index: UInt64) -> (UInt64, UInt64) {
+        let stride = extended ? 2 : 1
+        let base = Int(index) * stride
+        guard base + stride <= table.count else { return (0, 0) }
+        return (table[base], extended ? table[base + 1] : 0)
+    }
+
+    func setEntryPair(_ e: Qcow2WriteCache<[UInt64]>.Entry, _ index: UInt64, _ entry: UInt64, _ bitmap: UInt64) {
+        let stride = extended ? 2 : 1
+        let base = Int(index) * stride
+        guard base + stride <= e.table.count else { return }
+        e.table[base] = entry
+        if extended { e.table[base + 1] = bitmap }
+        l2Cache.markDirty(e)
+    }
+
+    private func subRangeMask(_ first: UInt64, _ end: UInt64) -> UInt64 {
+        if end <= first { return 0 }
+        let n = end - first
+        let bits: UInt64 = n >= 64 ? UInt64.max : (UInt64(1) << n) - 1
+        return (bits << first) & 0xffff_ffff
+    }
+
+    /// Whether the subcluster `sc` of a cluster reads from its host cluster (allocated, not zero).
+    private func subclusterIsData(entry: UInt64, bitmap: UInt64, sc: UInt64) -> Bool {
+        if entry & Qcow2.l2Compressed != 0 { return false }
+        if entry & Qcow2.l2OffsetMask == 0 { return false }
+        if !extended { return entry & Qcow2.l2Zero == 0 }
+        return bitmap & (UInt64(1) << sc) != 0 && bitmap & (UInt64(1) << (sc + 32)) == 0
+    }
+
+    private func plan(guest start: UInt64, end: UInt64, entry: UInt64, bitmap: UInt64) throws -> ClusterPlan {
+        let cstart = start & ~(clusterSize - 1)
+        let cend = cstart + clusterSize
+        let host = entry & Qcow2.l2OffsetMask
+        let compressed = entry & Qcow2.l2Compressed != 0
+        if !compressed && host & (clusterSize - 1) != 0 {
+            throw InstarError(.corrupt, "Cluster allocation offset \(hex(host)) unaligned", errno: EIO)
+        }
+        let inPlace = !compressed && host != 0 && entry & Qcow2.l2Copied != 0
+        var p = ClusterPlan(guestCluster: cstart, keepHost: inPlace ? host : nil, writeStart: start, writeEnd: end,
+                            firstSub: 0, endSub: 0, whole: false, oldEntry: entry, oldBitmap: bitmap)
+        if !extended {
+            p.whole = true
+            if !(inPlace && entry & Qcow2.l2Zero == 0) {
+                p.writeStart = cstart
+                p.writeEnd = cend
+            }
+            return p
+        }
+        if compressed || (host != 0 && !inPlace) {
+            // A compressed or shared cluster is copied whole into a new one.
+            p.whole = true
+            p.writeStart = cstart
+            p.writeEnd = cend
+            return p
+        }
+        let subBits = UInt64(subclusterSize.trailingZeroBitCount)
+        p.firstSub = (start - cstart) >> subBits
+        p.endSub = (end - cstart + subclusterSize - 1) >> subBits
+        if !subclusterIsData(entry: entry, bitmap: bitmap, sc: p.firstSub) {
+            p.writeStart = cstart + (p.firstSub << subBits)
+        }
+        if !subclusterIsData(entry: entry, bitmap: bitmap, sc: p.endSub - 1) {
+            p.writeEnd = min(cend, cstart + (p.endSub << subBits))
+        }
+        return p
+    }
+
+    /// The L2 entry and bitmap a cluster gets once `p` is written at host cluster `host`.
+    private func newEntry(_ p: ClusterPlan, host: UInt64) -> (UInt64, UInt64) {
+        let entry = host | Qcow2.l2Copied
+        if !extended { return (entry, 0) }
+        if p.whole { return (entry, 0xffff_ffff) }
+        let mask = subRangeMask(p.firstSub, p.endSub)
+        return (entry, (p.oldBitmap | mask) & ~(mask << 32))
+    }
+
+    // MARK: Data writes
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
+        if buffer.isEmpty { return }
+        try prepare()
+        var done: UInt64 = 0
+        let total = UInt64(buffer.count)
+        while done < total {
+            let guest = try offset.adding(done)
+            let inTable = ((l2Entries - ((guest >> clusterBits) & (l2Entries - 1))) << clusterBits)
+                - (guest & (clusterSize - 1))
+            let n = min(total - done, inTable)
+            try writeInTable(buffer, from: Int(done), count: n, at: guest, backing: backing)
+            done += n
+        }
+    }
+
+    /// A write that stays within one L2 table.
+    private func writeInTable(_ buffer: UnsafeRawBufferPointer, from: Int, count: UInt64, at guest: UInt64,
+                              backing: GuestReader?) throws {
+        let l1Index = guest >> (clusterBits + UInt64(header.l2Bits))
+        let (_, l2) = try writableL2(l1Index: l1Index)
+        let end = guest + count
+        var pos = guest
+        var plans: [ClusterPlan] = []
+        while pos < end {
+            let cend = (pos & ~(clusterSize - 1)) + clusterSize
+            let e = min(end, cend)
+            let (entry, bitmap) = entryPair(l2.table, (pos >> clusterBits) & (l2Entries - 1))
+            plans.append(try plan(guest: pos, end: e, entry: entry, bitmap: bitmap))
+            pos = e
+        }
+        // Group clusters into runs written with one pwrite each: in-place clusters with contiguous hosts, or
+        // clusters that get new, contiguous hosts.
+        var i = 0
+        while i < plans.count {
+            var j = i + 1
+            let newHost = plans[i].keepHost == nil
+            while j < plans.count && UInt64(j - i) * clusterSize < Qcow2Writer.maxRunBytes {
+                if newHost {
+                    if plans[j].keepHost != nil { break }
+                } else {
+                    guard let h = plans[j].keepHost, let h0 = plans[j - 1].keepHost, h == h0 + clusterSize else { break }
+                }
+                j += 1
+            }
+            try writeRun(Array(plans[i..<j]), l2: l2, buffer: buffer, bufferStart: guest, bufferFrom: from,
+                         backing: backing)
+            i = j
+        }
+        format.forgetDecompressed()
+    }
+
+    private func writeRun(_ run: [ClusterPlan], l2: Qcow2WriteCache<[UInt64]>.Entry, buffer: UnsafeRawBufferPointer,
+                          bufferStart: UInt64, bufferFrom: Int, backing: GuestReader?) throws {
+        guard let first = run.first, let last = run.last else { return }
+        let wStart = first.writeStart
+        let wEnd = last.writeEnd
+        // Request bytes inside the run.
+        let reqStart = max(wStart, bufferStart)
+        let reqEnd = min(wEnd, bufferStart + UInt64(buffer.count - bufferFrom))
+        let dataFrom = bufferFrom + Int(reqStart - bufferStart)
+        let len = Int(wEnd - wStart)
+        // Old contents for the copy-on-write padding are read before any mapping changes.
+        var bounce: UnsafeMutableRawBufferPointer?
+        defer { bounce?.deallocate() }
+        let data: UnsafeRawBufferPointer
+        if reqStart == wStart && reqEnd == wEnd {
+            data = UnsafeRawBufferPointer(rebasing: buffer[dataFrom..<(dataFrom + len)])
+        } else {
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: len, alignment: 4096)
+            bounce = b
+            if reqStart > wStart {
+                try format.read(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<Int(reqStart - wStart)]),
+                                at: wStart, backing: backing)
+            }
+            if wEnd > reqEnd {
+                try format.read(into: UnsafeMutableRawBufferPointer(rebasing: b[Int(reqEnd - wStart)..<len]),
+                                at: reqEnd, backing: backing)
+            }
+            let n = Int(reqEnd - reqStart)
+            if n > 0, let d = b.baseAddress, let s = buffer.baseAddress {
+                memcpy(d + Int(reqStart - wStart), s + dataFrom, n)
+            }
+            data = UnsafeRawBufferPointer(b)
+        }
+        let hostBase: UInt64
+        if let h = first.keepHost {
+            hostBase = h
+        } else {
+            hostBase = try allocateClusters(UInt64(run.count))
+            try setL2DependsOnRefcount()
+        }
+        try file.write(data, at: hostBase + (wStart - first.guestCluster))
+        // The data must be stable before an L2 entry points at it.
+        for (k, p) in run.enumerated() {
+            let host = hostBase + UInt64(k) * clusterSize
+            let (entry, bitmap) = newEntry(p, host: host)
+            if entry != p.oldEntry || bitmap != p.oldBitmap {
+                setEntryPair(l2, (p.guestCluster >> clusterBits) & (l2Entries - 1), entry, bitmap)
+                l2DependsOnFlush = true
+            }
+            if p.keepHost == nil { try freeEntry(p.oldEntry) }
+        }
+    }
+
+    // MARK: Zero writes
+
+    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        if length == 0 { return }
+        try prepare()
+        let end = try offset.adding(length)
+        let imageEnd = format.virtualSize
+        let a = try offset.alignedUp(subclusterSize)
+        var b = end.alignedDown(subclusterSize)
+        if end == imageEnd { b = try end.alignedUp(subclusterSize) }
+        if end <= a && b <= offset {
+            // Within one subcluster (qemu's block layer hands such a request down whole).
+            try zeroPiece(offset, end, mayUnmap: mayUnmap, backing: backing)
+            return
+        }
+        if offset < a { try zeroPiece(offset, a, mayUnmap: mayUnmap, backing: backing) }
+        if a < b { try zeroAligned(a, b, mayUnmap: mayUnmap, backing: backing) }
+        if max(a, b) < end { try zeroPiece(max(a, b), end, mayUnmap: mayUnmap, backing: backing) }
+    }
+
+    /// Part of one subcluster (qemu's qcow2_co_pwrite_zeroes with head/tail): when the rest of the subcluster
+    /// already reads as zeroes and it holds no data in this layer, the whole subcluster is marked zero;
+    /// otherwise zeroes are written.
+    private func zeroPiece(_ start: UInt64, _ end: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        if end <= start { return }
+        let s0 = start.alignedDown(subclusterSize)
+        let s1 = min(s0 + subclusterSize, format.virtualSize)
+        if header.version >= 3 && end <= s0 + subclusterSize,
+           try chainIsZero(s0, start, backing: backing), try chainIsZero(end, s1, backing: backing) {
+            let run = try mapper.lookup(s0, maxBytes: 1)
+            switch run.kind {
+            case .unallocatedPlain, .unallocatedAlloc, .zeroPlain, .zeroAlloc:
+                try zeroAligned(s0, s0 + subclusterSize, mayUnmap: mayUnmap, backing: backing)
+                return
+            default:
+                break
+            }
+        }
+        // Already zero by status: nothing to write.
+        if try chainIsZero(start, end, backing: backing) { return }
+        try writeZeroBytes(start, end, backing: backing)
+    }
+
+    /// Whether [start, end) reads as zeroes by block status alone, down the chain (qemu's is_zero, which
+    /// never reads data).
+    private func chainIsZero(_ start: UInt64, _ end: UInt64, backing: GuestReader?) throws -> Bool {
+        var pos = start
+        while pos < end {
+            let run = try mapper.lookup(pos, maxBytes: end - pos)
+            let n = max(run.length, 1)
+            switch run.kind {
+            case .zeroPlain, .zeroAlloc:
+                break
+            case .unallocatedPlain, .unallocatedAlloc:
+                if !(try Qcow2Writer.layerIsZero(backing, pos, min(end, pos + n))) { return false }
+            default:
+                return false
+            }
+            pos += n
+        }
+        return true
+    }
+
+    private static func layerIsZero(_ reader: GuestReader?, _ start: UInt64, _ end: UInt64) throws -> Bool {
+        guard let reader else { return true }
+        guard let layer = reader as? ImageLayer else { return false }
+        var pos = start
+        while pos < end {
+            if pos >= layer.virtualSize { return true }
+            let st = try layer.format.blockStatus(at: pos, length: min(end, layer.virtualSize) - pos)
+            let n = max(st.length, 1)
+            if st.allocated {
+                if !st.zero { return false }
+            } else if !(try layerIsZero(layer.backing, pos, min(end, pos + n))) {
+                return false
+            }
+            pos += n
+        }
+        return true
+    }
+
+    private func writeZeroBytes(_ start: UInt64, _ end: UInt64, backing: GuestReader?) throws {
+        let chunk: UInt64 = 1 << 20
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(chunk, end - start)), alignment: 4096)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var pos = start
+        while pos < end {
+            let n = min(chunk, end - pos)
+            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<Int(n)]), at: pos, backing: backing)
+            pos += n
+        }
+    }
+
+    private func zeroAligned(_ start: UInt64, _ end: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        if header.version < 3 {
+            // No zero flag before version 3: without a backing file an unallocated cluster reads as zeroes, so
+            // whole clusters are dropped; otherwise zeroes are written.
+            if format.backingReference == nil && backing == nil {
+                try discardClusters(start, end, zeroOnly: true)
+            } else {
+                try writeZeroBytes(start, min(end, format.virtualSize), backing: backing)
+            }
+            return
+        }
+        var pos = start
+        while pos < end {
+            let l1Index = pos >> (clusterBits + UInt64(header.l2Bits))
+            let (_, l2) = try writableL2(l1Index: l1Index)
+            let tableEnd = ((pos >> (clusterBits + UInt64(header.l2Bits))) + 1) << (clusterBits + UInt64(header.l2Bits))
+            let stop = min(end, tableEnd)
+            while pos < stop {
+                let cstart = pos & ~(clusterSize - 1)
+                let cend = min(cstart + clusterSize, stop)
+                let index = (pos >> clusterBits) & (l2Entries - 1)
+                let (entry, bitmap) = entryPair(l2.table, index)
+                if pos == cstart && cend == cstart + clusterSize {
+                    // A whole cluster (qemu's zero_in_l2_slice).
+                    let compressed = entry & Qcow2.l2Compressed != 0
+                    let allocated = compressed || entry & Qcow2.l2OffsetMask != 0
+                    let unmap = compressed || (mayUnmap && allocated)
+                    var newEntry = unmap ? 0 : entry
+                    var newBitmap = bitmap
+                    if extended { newBitmap = 0xffff_ffff_0000_0000 } else { newEntry |= Qcow2.l2Zero }
+                    if newEntry != entry || newBitmap != bitmap {
+                        setEntryPair(l2, index, newEntry, newBitmap)
+                        if unmap { try freeEntry(entry) }
+                    }
+                } else if entry & Qcow2.l2Compressed != 0 {
+                    // Part of a compressed cluster cannot be zeroed in the table.
+                    try writeZeroBytes(pos, cend, backing: backing)
+                } else {
+                    // Subclusters of an extended L2 entry (qemu's zero_l2_subclusters).
+                    let first = (pos - cstart) / subclusterSize
+                    let last = (cend - cstart) / subclusterSize
+                    let mask = subRangeMask(first, last)
+                    let newBitmap = (bitmap | (mask << 32)) & ~mask
+                    if newBitmap != bitmap { setEntryPair(l2, index, entry, newBitmap) }
+                }
+                pos = cend
+            }
+        }
+        format.forgetDecompressed()
+    }
+
+    // MARK: Discard
+
+    /// qemu's qcow2_co_pdiscard: only whole clusters (and the partial last cluster of the image) are discarded;
+    /// they read as zeroes afterwards on version 3, and as unallocated on version 2 (which has no backing file then).
+    func discard(at offset: UInt64, length: UInt64) throws {
+        if length == 0 { return }
+        // Without zero clusters a discard would expose the backing file's stale data: qemu refuses it there.
+        if header.version < 3 && format.backingReference != nil { return }
+        try prepare()
+        let end = try offset.adding(length)
+        let a = try offset.alignedUp(clusterSize)
+        var b = end.alignedDown(clusterSize)
+        if end == format.virtualSize { b = try end.alignedUp(clusterSize) }
+        if a >= b { return }
+        try discardClusters(a, b, zeroOnly: false)
+    }
+
+    private func discardClusters(_ start: UInt64, _ end: UInt64, zeroOnly: Bool) throws {
+        let hasBacking = format.backingReference != nil
+        var pos = start
+        while pos < end {
+            let l1Index = pos >> (clusterBits + UInt64(header.l2Bits))
+            let tableEnd = (l1Index + 1) << (clusterBits + UInt64(header.l2Bits))
+            let stop = min(end, tableEnd)
+            if l1Index >= UInt64(mapper.l1.count) || mapper.l1[Int(l1Index)] & Qcow2.l1OffsetMask == 0 {
+                if !hasBacking || header.version < 3 { pos = stop; continue }
+            }
+            let (_, l2) = try writableL2(l1Index: l1Index)
+            while pos < stop {
+                let index = (pos >> clusterBits) & (l2Entries - 1)
+                let (entry, bitmap) = entryPair(l2.table, index)
+                let allocated = entry & Qcow2.l2Compressed != 0 || entry & Qcow2.l2OffsetMask != 0
+                var newEntry = entry
+                var newBitmap = bitmap
+                if hasBacking || allocated {
+                    if extended {
+                        newEntry = 0
+                        newBitmap = 0xffff_ffff_0000_0000
+                    } else {
+                        newEntry = header.version >= 3 ? Qcow2.l2Zero : 0
+                    }
+                }
+                if zeroOnly && header.version < 3 { newEntry = 0 }
+                if newEntry != entry || newBitmap != bitmap {
+                    setEntryPair(l2, index, newEntry, newBitmap)
+                    try freeEntry(entry)
+                }
+                pos += clusterSize
+            }
+        }
+        format.forgetDecompressed()
+    }
+
+    // MARK: Compressed clusters
+
+    /// Stores an already compressed cluster at guest cluster `clusterIndex`, which must be unallocated. The
+    /// stream is packed right after the previous one, sharing host clusters (each reference counts).
+    func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws {
+        try prepare()
+        let guest = try clusterIndex.shifted(left: clusterBits)
+        guard guest < format.virtualSize else { throw InstarError(.range, "Compressed write beyond the end of the image") }
+        guard !compressedBytes.isEmpty, UInt64(compressedBytes.count) < clusterSize else {
+            throw InstarError.invalid("Compressed data must be smaller than a cluster")
+        }
+        let l1Index = guest >> (clusterBits + UInt64(header.l2Bits))
+        let (_, l2) = try writableL2(l1Index: l1Index)
+        let index = clusterIndex & (l2Entries - 1)
+        let (entry, _) = entryPair(l2.table, index)
+        if entry & Qcow2.l2OffsetMask != 0 || entry & Qcow2.l2Compressed != 0 {
+            throw InstarError(.io, "Compressed write to an allocated cluster", errno: EIO)
+        }
+        let size = UInt64(compressedBytes.count)
+        let offset = try allocateBytes(size)
+        try setL2DependsOnRefcount()
+        try file.write(compressedBytes, at: offset)
+        // qcow2.txt: bits x..61 hold the number of additional 512-byte sectors.
+        let sectors = ((offset + size - 1) >> 9) - (offset >> 9)
+        let shift = 62 - (clusterBits - 8)
+        let newEntry = Qcow2.l2Compressed | (sectors << shift) | offset
+        setEntryPair(l2, index, newEntry, 0)
+        l2DependsOnFlush = true
+        format.forgetDecompressed()
+    }
+
+    /// qemu's qcow2_alloc_bytes: `size` bytes right after the last compressed stream when they fit (or spill
+    /// into the next cluster when it is the next free one), else at a new cluster.
+    private func allocateBytes(_ size: UInt64) throws -> UInt64 {
+        for _ in 0..<64 {
+            var offset = freeByteOffset
+            if offset != 0 {
+                let rc = try refcount(ofCluster: offset >> clusterBits)
+                if rc >= refMax { offset = 0 }
+            }
+            var freeInCluster = clusterSize - (offset & (clusterSize - 1))
+            if offset == 0 || freeInCluster < size {
+                let next = try findFree(1) << clusterBits
+                let roundedUp = try offset.alignedUp(clusterSize)
+                if offset == 0 || roundedUp != next {
+                    offset = next
+                    freeInCluster = clusterSize
+                } else {
+                    freeInCluster += clusterSize
+                }
+            }
+            let first = offset >> clusterBits
+            let last = (offset + size - 1) >> clusterBits
+            var created = false
+            for c in first...last where try blockOffset(tableIndex: c >> refBlockBits) == nil {
+                try createRefBlock(tableIndex: c >> refBlockBits, depth: 0)
+                created = true
+            }
+            if created { freeByteOffset = 0; continue }
+            for c in first...last { try changeRefcount(ofCluster: c, by: 1) }
+            freeHint = max(freeHint, last + 1)
+            highestAllocated = max(highestAllocated, last + 1)
+            freeByteOffset = offset + size
+            if freeByteOffset & (clusterSize - 1) == 0 { freeByteOffset = 0 }
+            return offset
+        }
+        throw InstarError(.io, "Could not allocate bytes for a compressed cluster", errno: EIO)
+    }
+}
