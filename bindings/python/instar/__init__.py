@@ -1,12 +1,8 @@
 """Python ctypes binding for libinstar (see include/instar.h)."""
 from ._lib import InstarError, lib
-<<<<<<< HEAD
 from .create import create, measure
-from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, Image
-from .info import ImageInfo, Snapshot, info, info_human, info_json
-=======
 from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, ZERO_MAY_UNMAP, Image
->>>>>>> qcow2w
+from .info import ImageInfo, Snapshot, info, info_human, info_json
 
 
 def version():
