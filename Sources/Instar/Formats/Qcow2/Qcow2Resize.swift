@@ -11,7 +11,7 @@ extension Qcow2Format: ImageResizable {
         }
         // v2 snapshots need not record their disk size, so a resize could not be undone by loading one.
         if header.nbSnapshots != 0 && header.version < 3 {
-            throw InstarError(.unsupported, "Can't resize a v2 image which has internal snapshots", errno: ENOTSUP)
+            throw InstarError(.unsupported, "Can't resize a v2 image which has snapshots", errno: ENOTSUP)
         }
         if !bitmaps.isEmpty {
             throw InstarError(.unsupported, "Cannot resize qcow2 image with persistent bitmaps", errno: ENOTSUP)
