@@ -24,10 +24,14 @@ public struct AmendOption: Equatable {
     }
 }
 
+/// The amend options of each format that can amend, in qemu's declaration order (qemu's `amend_opts`), for
+/// `amend -o help` without an image and for parsing `-o` before the driver sees it.
+public enum AmendOptionTable {
+    public static let byFormat: [String: [CreateOptionSpec]] = ["qcow2": Qcow2Format.amendOptionSpecs]
+}
+
 /// A format whose creation options can be changed on an existing image (qemu's bdrv_amend_options).
 public protocol ImageAmendable: ImageFormat {
-    /// The options `amend -o help` lists, in qemu's order.
-    static var amendOptionSpecs: [CreateOptionSpec] { get }
     /// Applies `options`; `force` is qemu-img amend's --force. `progress` receives values in 0...100.
     /// `backing` is the layer below (its size matters when the image shrinks or loses zero clusters).
     func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
