@@ -75,7 +75,13 @@ func amendCommand(_ args: [String]) -> Int32 {
         }
         return finish(0)
     } catch let e as InstarError {
-        CLI.error(e.message)
+        // The hint names the program by the name it was run as.
+        var message = e.message
+        let hint = "You can use 'qemu-img rebase' instead."
+        if message.hasSuffix(hint) {
+            message = String(message.dropLast(hint.count)) + "You can use '\(CLI.programName) rebase' instead."
+        }
+        CLI.error(message)
         return finish(1)
     } catch {
         CLI.error("\(error)")
