@@ -204,3 +204,28 @@ def test_lock_held(tmp):
     finally:
         p.terminate()
         p.wait()
+
+
+def test_python_and_c_api(tmp):
+    import instar
+    src = seeded(tmp, writes=[(0, 65536, 1), (3 * 1024 * 1024, 65536, 2)])
+    a = os.path.join(tmp, "q.qcow2")
+    b = os.path.join(tmp, "i.qcow2")
+    for path in (a, b):
+        shutil.copyfile(src, path)
+    qimg("resize", "-f", "qcow2", a, "+2M")
+    instar.resize(b, "+2M", fmt="qcow2")
+    qimg("resize", "-f", "qcow2", "--shrink", a, "5M")
+    instar.resize(b, 5 * 1024 * 1024, fmt="qcow2", shrink=True)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    with pytest.raises(instar.InstarError) as e:
+        instar.resize(b, 1024 * 1024, fmt="qcow2")
+    assert "Use the --shrink option" in str(e.value)
+    seen = []
+    qimg("amend", "-o", "compat=0.10", a)
+    instar.amend(b, compat="0.10", progress=seen.append)
+    assert seen and seen[0] == 0 and seen[-1] == 100
+    assert open(a, "rb").read() == open(b, "rb").read()
+    with pytest.raises(instar.InstarError) as e:
+        instar.amend(b, "cluster_size=4k")
+    assert "only supported for image creation" in str(e.value)

@@ -35,5 +35,5 @@ public protocol ImageAmendable: ImageFormat {
     /// Applies `options`; `force` is qemu-img amend's --force. `progress` receives values in 0...100.
     /// `backing` is the layer below (its size matters when the image shrinks or loses zero clusters).
     func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
-               progress: ((Double) -> Void)?) throws
+               progress: ((Double) throws -> Void)?) throws
 }

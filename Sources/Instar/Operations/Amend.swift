@@ -15,7 +15,7 @@ public enum AmendOperation {
         /// Receives warnings printed while the operation goes on (the probed-raw warning).
         public var warn: ((String) -> Void)?
         /// Receives the percentages qemu-img -p would print, unfiltered.
-        public var progress: ((Double) -> Void)?
+        public var progress: ((Double) throws -> Void)?
         public init() {}
     }
 
@@ -60,9 +60,9 @@ public enum AmendOperation {
         }
         var list: [AmendOption] = []
         for (n, v) in try CreateOptionValues.split(optionList) { list.append(AmendOption(name: n, value: v)) }
-        options.progress?(0)
+        try options.progress?(0)
         try amendable.amend(options: list, force: options.force, backing: layer.backing, progress: options.progress)
-        options.progress?(100)
+        try options.progress?(100)
         closed = true
         try layer.close()
         return nil

@@ -8,3 +8,4 @@ from .info import ImageInfo, Snapshot, info, info_human, info_json
 def version():
     return lib().instar_version().decode()
 from .ops import compare, convert, map  # noqa: E402,F401
+from .resize import amend, resize  # noqa: E402,F401

@@ -22,7 +22,7 @@ extension Qcow2Format: ImageAmendable {
     ]
 
     public func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
-                      progress: ((Double) -> Void)?) throws {
+                      progress: ((Double) throws -> Void)?) throws {
         let oldVersion = header.version
         var newVersion = oldVersion
         var newSize: UInt64 = 0
@@ -83,17 +83,17 @@ extension Qcow2Format: ImageAmendable {
 
         if newVersion > oldVersion {
             meter.start(1)
-            meter.status(0, 2)
+            try meter.status(0, 2)
             if try snapshotsNeedV3Update() {
                 throw InstarError(.unsupported, "Failed to update the snapshot table: Operation not supported",
                                   errno: ENOTSUP)
             }
-            meter.status(1, 2)
+            try meter.status(1, 2)
             try w.flushAll()
             header.version = newVersion
             w.header.version = newVersion
             try w.rewriteHeader()
-            meter.status(2, 2)
+            try meter.status(2, 2)
         }
         if encryptionUpdate {
             throw InstarError(.unsupported, "Amending LUKS keyslots is not supported", errno: ENOTSUP)
@@ -228,21 +228,21 @@ extension Qcow2Format: ImageAmendable {
 /// operation projecting the remaining ones from the work seen so far.
 struct AmendProgress {
     let total: Int
-    let report: ((Double) -> Void)?
+    let report: ((Double) throws -> Void)?
     private var current = 0
     private var last = 0
     private var completed = 0
     private var offsetCompleted: Int64 = 0
     private var lastWork: Int64 = 0
 
-    init(total: Int, report: ((Double) -> Void)?) {
+    init(total: Int, report: ((Double) throws -> Void)?) {
         self.total = total
         self.report = report
     }
 
     mutating func start(_ operation: Int) { current = operation }
 
-    mutating func status(_ offset: Int64, _ work: Int64) {
+    mutating func status(_ offset: Int64, _ work: Int64) throws {
         if current != last {
             if last != 0 {
                 offsetCompleted += lastWork
@@ -255,7 +255,7 @@ struct AmendProgress {
         let currentWork = offsetCompleted + work
         let projected = currentWork * Int64(total - completed - 1) / Int64(completed + 1)
         let all = currentWork + projected
-        if all > 0 { report?(100.0 * Double(Float(offsetCompleted + offset) / Float(all))) }
+        if all > 0 { try report?(100.0 * Double(Float(offsetCompleted + offset) / Float(all))) }
     }
 }
 
@@ -392,14 +392,14 @@ extension Qcow2Writer {
                 try flushAll()
             }
             visited += 1
-            meter.status(visited, total)
+            try meter.status(visited, total)
         }
         for _ in try format.snapshotL1Sizes() {
             // Their entries were checked above; only the progress moves.
         }
         if visited < total {
             visited = total
-            meter.status(visited, total)
+            try meter.status(visited, total)
         }
         format.forgetDecompressed()
     }
