@@ -428,6 +428,53 @@ int instar_check(const char *filename, const instar_check_options_t *opts, insta
 /** Like instar_check, but returns the text of `qemu-img check --output=json`; free it with instar_string_free. */
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
 
+/* ---- resize and amend -------------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_RESIZE_RELATIVE = 1u << 0,  /**< `size` is a signed change of the current size (qemu-img resize +N / -N) */
+    INSTAR_RESIZE_SHRINK = 1u << 1     /**< --shrink: allow the image to get smaller */
+};
+
+typedef struct instar_resize_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_NO_CACHE is honoured; the image is always opened read/write */
+    const char *format;          /**< -f; NULL to probe */
+    const char *preallocation;   /**< --preallocation: "off", "metadata", "falloc" or "full"; NULL means off */
+    uint32_t flags;              /**< INSTAR_RESIZE_* */
+} instar_resize_options_t;
+
+#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0 }
+void instar_resize_options_init(instar_resize_options_t *opts);
+
+/**
+ * Changes an image's virtual size like `qemu-img resize`: to `size` bytes, or by `size` bytes with
+ * INSTAR_RESIZE_RELATIVE. Shrinking needs INSTAR_RESIZE_SHRINK. Errors carry qemu-img's messages:
+ * INSTAR_E_INVALID (size not positive, not a multiple of 512 for qcow2, shrink without the flag, bad
+ * preallocation), INSTAR_E_UNSUPPORTED (format cannot resize), INSTAR_E_LOCKED, INSTAR_E_NOT_FOUND, INSTAR_E_IO.
+ */
+int instar_resize(const char *filename, int64_t size, const instar_resize_options_t *opts, instar_error_t *err);
+
+typedef struct instar_amend_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_NO_CACHE is honoured; the image is always opened read/write */
+    const char *format;          /**< -f; NULL to probe */
+    const char *options;         /**< -o: "key=value,..." as qemu-img takes it (",," escapes a comma) */
+    uint32_t force;              /**< --force (nonzero) */
+    instar_progress_fn progress; /**< called with the percentages `qemu-img amend -p` shows, or NULL */
+    void *progress_data;
+} instar_amend_options_t;
+
+#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL }
+void instar_amend_options_init(instar_amend_options_t *opts);
+
+/**
+ * Changes creation options of an existing image like `qemu-img amend` (qcow2: compat, lazy_refcounts, size;
+ * backing_file/backing_fmt only when unchanged). Errors carry qemu-img's messages: INSTAR_E_INVALID (unknown
+ * or creation-only option, bad value), INSTAR_E_UNSUPPORTED (format cannot amend, feature v2 cannot hold,
+ * refcount width change), INSTAR_E_CANCELLED (the progress callback returned nonzero), INSTAR_E_LOCKED, INSTAR_E_IO.
+ */
+int instar_amend(const char *filename, const instar_amend_options_t *opts, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -11,6 +11,8 @@ let commands: [String: Command] = [
     "convert": convertCommand,
     "create": createCommand,
     "measure": measureCommand,
+    "resize": resizeCommand,
+    "amend": amendCommand,
 ]
 
 func runMain() -> Int32 {

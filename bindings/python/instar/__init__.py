@@ -5,6 +5,8 @@ from .create import create, measure
 from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, ZERO_MAY_UNMAP, Image
 from .info import ImageInfo, Snapshot, info, info_human, info_json
 
+
 def version():
     return lib().instar_version().decode()
 from .ops import compare, convert, map  # noqa: E402,F401
+from .resize import amend, resize  # noqa: E402,F401

@@ -120,7 +120,7 @@ public final class Qcow2Format: ImageFormat {
     }
 
     /// The writer, created on first use; read-only images refuse.
-    private func writeSide() throws -> Qcow2Writer {
+    func writeSide() throws -> Qcow2Writer {
         if let w = writer { return w }
         guard writable else { throw InstarError(.permission, "Image is read-only", errno: EACCES) }
         let w = try Qcow2Writer(format: self)

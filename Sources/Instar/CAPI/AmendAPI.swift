@@ -1,0 +1,33 @@
+import CInstar
+import Glibc
+
+@_cdecl("instar_amend_options_init")
+public func instar_amend_options_init(_ opts: UnsafeMutablePointer<instar_amend_options_t>?) {
+    opts?.pointee = instar_amend_options_t(struct_size: UInt32(MemoryLayout<instar_amend_options_t>.size),
+                                           open_flags: 0, format: nil, options: nil, force: 0, progress: nil,
+                                           progress_data: nil)
+}
+
+@_cdecl("instar_amend")
+public func instar_amend(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_amend_options_t>?,
+                         _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        let name = try cString(filename, "filename")
+        var defaults = instar_amend_options_t()
+        instar_amend_options_init(&defaults)
+        let o = try readOptions(opts, defaults: defaults)
+        guard let list = optionalString(o.options), !list.isEmpty else {
+            throw InstarError.invalid("Must specify options (-o)")
+        }
+        var options = AmendOperation.Options()
+        options.format = optionalString(o.format)
+        options.open.direct = o.open_flags & UInt32(INSTAR_OPEN_NO_CACHE) != 0
+        options.force = o.force != 0
+        if let report = progressCallback(o.progress, o.progress_data) {
+            var meter = ProgressMeter(minSkip: 1.0, report: report)
+            options.progress = { try meter.advance(Float($0), max: 0) }
+        }
+        if CreateOptionValues.wantsHelp(list) { throw InstarError.invalid("Option help is not available here") }
+        try AmendOperation.run(name, optionList: list, options: options)
+    }
+}

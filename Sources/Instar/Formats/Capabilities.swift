@@ -1,0 +1,39 @@
+/// Optional driver capabilities. Operations ask `format as? ImageResizable` (or `ImageAmendable`) instead of
+/// asking which format an image is; a driver without the capability gets qemu's "does not support" message.
+
+/// How a resize fills the space it adds (qemu's PreallocMode).
+public enum ResizePreallocation: String, CaseIterable {
+    case off, metadata, falloc, full
+}
+
+/// A format whose virtual size can change (qemu's bdrv_co_truncate on the format node).
+public protocol ImageResizable: ImageFormat {
+    /// Sets the virtual size to `newSize`. The caller has checked the size is positive and, for shrinking,
+    /// that the user asked for it; the driver applies its own rules (alignment, preallocation support).
+    /// `backing` is the layer below, for formats that must hide a longer backing file's tail.
+    func resize(to newSize: UInt64, preallocation: ResizePreallocation, backing: GuestReader?) throws
+}
+
+/// One `-o` option of `amend`, as given (the value is still text).
+public struct AmendOption: Equatable {
+    public var name: String
+    public var value: String
+    public init(name: String, value: String) {
+        self.name = name
+        self.value = value
+    }
+}
+
+/// The amend options of each format that can amend, in qemu's declaration order (qemu's `amend_opts`), for
+/// `amend -o help` without an image and for parsing `-o` before the driver sees it.
+public enum AmendOptionTable {
+    public static let byFormat: [String: [CreateOptionSpec]] = ["qcow2": Qcow2Format.amendOptionSpecs]
+}
+
+/// A format whose creation options can be changed on an existing image (qemu's bdrv_amend_options).
+public protocol ImageAmendable: ImageFormat {
+    /// Applies `options`; `force` is qemu-img amend's --force. `progress` receives values in 0...100.
+    /// `backing` is the layer below (its size matters when the image shrinks or loses zero clusters).
+    func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
+               progress: ((Double) throws -> Void)?) throws
+}

@@ -1,0 +1,249 @@
+import Glibc
+
+/// Changing the virtual size of a qcow2 image as qemu 7.2's qcow2_co_truncate does. Growing makes the L1
+/// table exactly as large as the new size needs; shrinking drops every cluster past the new end (entries
+/// become unallocated, the host clusters are freed and punched), clears the L1 entries past the end, drops
+/// refcount blocks that count nothing but themselves and cuts the file after its last used cluster.
+extension Qcow2Format: ImageResizable {
+    public func resize(to newSize: UInt64, preallocation: ResizePreallocation, backing: GuestReader?) throws {
+        guard newSize % 512 == 0 else {
+            throw InstarError(.invalid, "The new size must be a multiple of 512", errno: EINVAL)
+        }
+        // v2 snapshots need not record their disk size, so a resize could not be undone by loading one.
+        if header.nbSnapshots != 0 && header.version < 3 {
+            throw InstarError(.unsupported, "Can't resize a v2 image which has snapshots", errno: ENOTSUP)
+        }
+        if !bitmaps.isEmpty {
+            throw InstarError(.unsupported, "Cannot resize qcow2 image with persistent bitmaps", errno: ENOTSUP)
+        }
+        let w = try writeSide()
+        try w.prepare()
+        try w.truncate(to: newSize, preallocation: preallocation, backing: backing)
+        forgetDecompressed()
+    }
+}
+
+extension Qcow2Writer {
+    /// qcow2_co_truncate for an image opened read/write.
+    func truncate(to newSize: UInt64, preallocation: ResizePreallocation, backing: GuestReader?) throws {
+        let oldLength = format.virtualSize
+        let newL1 = header.l1EntriesNeeded(for: newSize)
+        if newSize < oldLength {
+            if preallocation != .off {
+                throw InstarError(.invalid, "Preallocation can't be used for shrinking an image", errno: EINVAL)
+            }
+            try shrink(from: oldLength, to: newSize, newL1: newL1)
+        } else {
+            do {
+                try growL1Exactly(newL1)
+            } catch let e as InstarError {
+                throw e.prepending("Failed to grow the L1 table: ")
+            }
+            if preallocation != .off && newSize > oldLength {
+                try preallocate(from: oldLength, to: newSize, mode: preallocation)
+            }
+        }
+        // The header's size changes last, once the tables cover the new size.
+        try flushAll()
+        try file.sync()
+        var be = newSize.bigEndian
+        try withUnsafeBytes(of: &be) { try file.write($0, at: 24) }   // qcow2.txt: bytes 24-31 size
+        try file.sync()
+        header.size = newSize
+        format.header.size = newSize
+        format.refcounts.invalidate()
+    }
+
+    // MARK: Growing
+
+    /// qcow2_grow_l1_table with an exact size: the new table takes exactly `entries` * 8 bytes (the file may
+    /// end inside its last cluster), the header switches to it, then the old table is freed.
+    func growL1Exactly(_ entries: UInt64) throws {
+        let old = UInt64(mapper.l1.count)
+        if entries <= old { return }
+        guard entries <= UInt64(Int32.max) / 8, entries * 8 <= Qcow2.maxL1Bytes else {
+            throw InstarError(.range, strerrorString(EFBIG), errno: EFBIG)
+        }
+        let bytes = entries * 8
+        var table = mapper.l1
+        table.append(contentsOf: [UInt64](repeating: 0, count: Int(entries - old)))
+        let newOffset = try allocateClusters(bytes.divCeil(clusterSize))
+        try flushRefcounts()
+        try file.write(Qcow2Writer.encodeBE64(table), at: newOffset)
+        try file.sync()
+        // qcow2.txt: header bytes 36-39 l1_size, 40-47 l1_table_offset, written at once.
+        var h = [UInt8](repeating: 0, count: 12)
+        for k in 0..<4 { h[k] = UInt8(truncatingIfNeeded: entries >> UInt64(24 - 8 * k)) }
+        for k in 0..<8 { h[4 + k] = UInt8(truncatingIfNeeded: newOffset >> UInt64(56 - 8 * k)) }
+        try file.write(h, at: 36)
+        try file.sync()
+        let oldOffset = header.l1TableOffset
+        header.l1TableOffset = newOffset
+        header.l1Size = UInt32(entries)
+        format.header.l1TableOffset = newOffset
+        format.header.l1Size = UInt32(entries)
+        mapper.l1 = table
+        if old > 0 { try freeRange(oldOffset, old * 8) }
+    }
+
+    /// preallocate_co: every unallocated cluster of [start, end) gets a host cluster (L2 table first, then a
+    /// contiguous run of data clusters per table), and the file grows to cover the last of them.
+    func preallocate(from start: UInt64, to end: UInt64, mode: ResizePreallocation) throws {
+        let tableShift = clusterBits + UInt64(header.l2Bits)
+        var pos = start.alignedDown(clusterSize)
+        var lastEnd: UInt64 = 0
+        while pos < end {
+            let l1Index = pos >> tableShift
+            let stop = min(end, (l1Index + 1) << tableShift)
+            let (_, l2) = try writableL2(l1Index: l1Index)
+            while pos < stop {
+                let first = (pos >> clusterBits) & (l2Entries - 1)
+                let (entry, _) = entryPair(l2.table, first)
+                if entry & Qcow2.l2OffsetMask != 0 || entry & Qcow2.l2Compressed != 0 {
+                    pos += clusterSize
+                    continue
+                }
+                // A run of unallocated entries gets one contiguous allocation.
+                var n: UInt64 = 1
+                while pos + n * clusterSize < stop {
+                    let (e, _) = entryPair(l2.table, first + n)
+                    if e & Qcow2.l2OffsetMask != 0 || e & Qcow2.l2Compressed != 0 { break }
+                    n += 1
+                }
+                let host = try allocateClusters(n)
+                try setL2DependsOnRefcount()
+                for k in 0..<n {
+                    let (_, bitmap) = entryPair(l2.table, first + k)
+                    setEntryPair(l2, first + k, (host + k * clusterSize) | Qcow2.l2Copied, bitmap)
+                }
+                lastEnd = max(lastEnd, host + n * clusterSize)
+                pos += n * clusterSize
+            }
+        }
+        let fileLength = try file.size()
+        if lastEnd > fileLength {
+            let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
+            try HostFileCreate.grow(file, to: lastEnd, preallocation: m)
+        }
+    }
+
+    // MARK: Shrinking
+
+    private func shrink(from oldLength: UInt64, to newSize: UInt64, newL1: UInt64) throws {
+        var freed: Set<UInt64> = []
+        let start = try newSize.alignedUp(clusterSize)
+        if start < oldLength {
+            do {
+                try dropClusters(from: start, to: oldLength, freed: &freed)
+            } catch let e as InstarError {
+                throw e.prepending("Failed to discard cropped clusters: ")
+            }
+        }
+        do {
+            try shrinkL1(newL1, freed: &freed)
+        } catch let e as InstarError {
+            throw e.prepending("Failed to reduce the number of L2 tables: ")
+        }
+        try flushAll()
+        do {
+            try dropUnusedRefBlocks(freed: &freed)
+        } catch let e as InstarError {
+            throw e.prepending("Failed to discard unused refblocks: ")
+        }
+        try flushAll()
+        // QCOW2_DISCARD_ALWAYS: what the shrink freed is given back to the host file system.
+        for c in freed.sorted() {
+            if try refcount(ofCluster: c) == 0 { try? file.punchHole(at: c << clusterBits, length: clusterSize) }
+        }
+        let fileSize = try file.size()
+        if let last = try lastUsedCluster(below: fileSize) {
+            let end = (last + 1) << clusterBits
+            // A failure here leaves only unused space behind; qemu merely warns.
+            if end < fileSize { try? file.truncate(to: end) }
+        }
+    }
+
+    /// qcow2_cluster_discard with full_discard: the entries of [start, end) become unallocated. As in qemu,
+    /// every L1 entry of the range gets a writable L2 table first (allocated, or copied when shared).
+    private func dropClusters(from start: UInt64, to end: UInt64, freed: inout Set<UInt64>) throws {
+        let tableShift = clusterBits + UInt64(header.l2Bits)
+        var pos = start
+        while pos < end {
+            let l1Index = pos >> tableShift
+            let stop = min(end, (l1Index + 1) << tableShift)
+            let (_, l2) = try writableL2(l1Index: l1Index)
+            while pos < stop {
+                let index = (pos >> clusterBits) & (l2Entries - 1)
+                let (entry, bitmap) = entryPair(l2.table, index)
+                pos += clusterSize
+                if entry == 0 && bitmap == 0 { continue }
+                setEntryPair(l2, index, 0, 0)
+                try freeEntry(entry)
+                if entry & Qcow2.l2Compressed == 0, entry & Qcow2.l2OffsetMask != 0 {
+                    freed.insert((entry & Qcow2.l2OffsetMask) >> clusterBits)
+                }
+            }
+        }
+    }
+
+    /// qcow2_shrink_l1_table: the entries past `entries` are zeroed on disk (the table keeps its size) and
+    /// the L2 tables they named are freed.
+    private func shrinkL1(_ entries: UInt64, freed: inout Set<UInt64>) throws {
+        let size = UInt64(mapper.l1.count)
+        if entries >= size { return }
+        // The L2 tables of the dropped entries must not be written back over reused clusters later.
+        try flushAll()
+        let zeroes = [UInt8](repeating: 0, count: Int((size - entries) * 8))
+        try file.write(zeroes, at: header.l1TableOffset + entries * 8)
+        try file.sync()
+        var i = size
+        while i > entries {
+            i -= 1
+            let off = mapper.l1[Int(i)] & Qcow2.l1OffsetMask
+            mapper.l1[Int(i)] = 0
+            if off == 0 { continue }
+            l2Cache.remove(at: off)
+            try freeRange(off, clusterSize)
+            freed.insert(off >> clusterBits)
+        }
+    }
+
+    /// qcow2_shrink_reftable: refcount blocks that count nothing (besides their own cluster) leave the table.
+    private func dropUnusedRefBlocks(freed: inout Set<UInt64>) throws {
+        var table = reftable
+        var dropped: [Int] = []
+        for i in 0..<reftable.count {
+            let off = reftable[i] & Qcow2.reftableOffsetMask
+            if off == 0 { table[i] = 0; continue }
+            var block = try refBlock(at: off).table
+            let own = off >> clusterBits
+            if own >> refBlockBits == UInt64(i) {
+                Qcow2Writer.setEntry(&block, index: own & refIndexMask, order: refOrder, value: 0)
+            }
+            if block.allSatisfy({ $0 == 0 }) {
+                table[i] = 0
+                dropped.append(i)
+            }
+        }
+        if dropped.isEmpty { return }
+        try file.write(Qcow2Writer.encodeBE64(table), at: header.refcountTableOffset)
+        try file.sync()
+        for i in dropped {
+            let off = reftable[i] & Qcow2.reftableOffsetMask
+            rbCache.remove(at: off)
+            freed.insert(off >> clusterBits)
+            reftable[i] = 0
+        }
+        format.refcounts.invalidate()
+    }
+
+    /// qcow2_get_last_cluster: the last cluster below `size` bytes with a nonzero refcount.
+    private func lastUsedCluster(below size: UInt64) throws -> UInt64? {
+        var i = size.divCeil(clusterSize)
+        while i > 0 {
+            i -= 1
+            if try refcount(ofCluster: i) > 0 { return i }
+        }
+        return nil
+    }
+}

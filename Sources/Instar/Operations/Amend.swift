@@ -1,0 +1,70 @@
+import Glibc
+
+/// `qemu-img amend`: changes creation options of an existing image through the driver's `ImageAmendable`
+/// capability, with qemu-img 7.2's option parsing, messages and progress (img_amend).
+public enum AmendOperation {
+    public struct Options {
+        /// -f; nil probes.
+        public var format: String?
+        /// --image-opts.
+        public var imageOpts = false
+        /// --object secrets.
+        public var open = ImageOpenOptions()
+        /// --force.
+        public var force = false
+        /// Receives warnings printed while the operation goes on (the probed-raw warning).
+        public var warn: ((String) -> Void)?
+        /// Receives the percentages qemu-img -p would print, unfiltered.
+        public var progress: ((Double) throws -> Void)?
+        public init() {}
+    }
+
+    /// The text of `amend -o help` for `format` (print_amend_option_help).
+    public static func optionHelp(format: String) throws -> String {
+        guard FormatRegistry.descriptor(named: format) != nil else {
+            throw InstarError.invalid("Unknown file format '\(format)'")
+        }
+        guard let specs = AmendOptionTable.byFormat[format] else {
+            throw InstarError(.unsupported, "Format driver '\(format)' does not support option amendment")
+        }
+        var out = "Amend options for '\(format)':\n"
+        for l in CreateOptionValues.helpLines(specs) { out += l + "\n" }
+        return out
+    }
+
+    /// Applies the `-o` list `optionList` to `name`. Returns the help text instead when the list asks for help
+    /// (after opening the image, as qemu-img does when no format was given).
+    @discardableResult
+    public static func run(_ name: String, optionList: String, options: Options) throws -> String? {
+        let layer = try ResizeOperation.openForWrite(name, format: options.format, imageOpts: options.imageOpts,
+                                                     open: options.open, warn: options.warn)
+        var closed = false
+        defer { if !closed { try? layer.close() } }
+        let format = layer.format.formatName
+        if CreateOptionValues.wantsHelp(optionList) { return try optionHelp(format: format) }
+        guard let amendable = layer.format as? ImageAmendable, let specs = AmendOptionTable.byFormat[format] else {
+            throw InstarError(.unsupported, "Format driver '\(format)' does not support option amendment")
+        }
+        var values = CreateOptionValues(specs: specs)
+        do {
+            try values.parse(optionList)
+        } catch let e as InstarError {
+            // An option creation knows gets qemu's hint.
+            if let creator = FormatRegistry.descriptor(named: format)?.creator {
+                var all = CreateOptionValues(specs: specs + creator.options)
+                if (try? all.parse(optionList)) != nil {
+                    throw InstarError(e.code, e.message + "\nThis option is only supported for image creation")
+                }
+            }
+            throw e
+        }
+        var list: [AmendOption] = []
+        for (n, v) in try CreateOptionValues.split(optionList) { list.append(AmendOption(name: n, value: v)) }
+        try options.progress?(0)
+        try amendable.amend(options: list, force: options.force, backing: layer.backing, progress: options.progress)
+        try options.progress?(100)
+        closed = true
+        try layer.close()
+        return nil
+    }
+}

@@ -1,0 +1,134 @@
+"""amend: differential tests against qemu-img 7.2 (messages, exit codes, progress, resulting images)."""
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import instar, qemu, qemu_io, qimg
+
+
+def info(path):
+    r = qemu("info", "--output=json", path)
+    assert r.rc == 0, r
+    d = json.loads(r.out)
+    d.pop("filename", None)
+    d.pop("actual-size", None)
+    return d
+
+
+def check_clean(path):
+    r = qemu("check", "--output=json", path)
+    assert r.rc == 0, r
+    d = json.loads(r.out)
+    assert d.get("leaks", 0) == 0 and d.get("corruptions", 0) == 0, d
+
+
+def image(tmp, opts="", size="4M", writes=(), zeroes=(), name="src.qcow2"):
+    path = os.path.join(tmp, name)
+    qimg("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), path, size)
+    for off, ln, pat in writes:
+        qemu_io("-f", "qcow2", "-c", f"write -P {pat} {off} {ln}", path)
+    for off, ln in zeroes:
+        qemu_io("-f", "qcow2", "-c", f"write -z {off} {ln}", path)
+    return path
+
+
+def same_amend(tmp, src, args, byte_equal=True):
+    a = os.path.join(tmp, "q.qcow2")
+    b = os.path.join(tmp, "i.qcow2")
+    shutil.copyfile(src, a)
+    shutil.copyfile(src, b)
+    q = qemu("amend", *[x.replace("IMG", "q.qcow2") for x in args], cwd=tmp)
+    i = instar("amend", *[x.replace("IMG", "i.qcow2") for x in args], cwd=tmp)
+    assert (i.rc, i.out, i.err.replace("i.qcow2", "q.qcow2")) == (q.rc, q.out, q.err), (q, i)
+    check_clean(b)
+    assert info(a) == info(b)
+    r = qemu("compare", "-f", "qcow2", "-F", "qcow2", a, b)
+    assert r.rc == 0, r
+    if byte_equal:
+        assert open(a, "rb").read() == open(b, "rb").read()
+    return q
+
+
+DATA = [(0, 65536, 1), (1024 * 1024, 256 * 1024, 2), (4 * 1024 * 1024 - 4096, 4096, 3)]
+ZEROES = [(2 * 1024 * 1024, 128 * 1024), (3 * 1024 * 1024, 64 * 1024)]
+
+CASES = [
+    ("", ["-o", "compat=0.10", "IMG"]),
+    ("", ["-p", "-o", "compat=0.10", "IMG"]),
+    ("cluster_size=4096", ["-o", "compat=v2", "IMG"]),
+    ("compat=0.10", ["-o", "compat=1.1", "IMG"]),
+    ("compat=0.10", ["-p", "-o", "compat=v3", "IMG"]),
+    ("compat=0.10,cluster_size=2M", ["-o", "compat=1.1", "IMG"]),
+    ("", ["-o", "lazy_refcounts=on", "IMG"]),
+    ("lazy_refcounts=on", ["-o", "lazy_refcounts=off", "IMG"]),
+    ("lazy_refcounts=on", ["-o", "compat=0.10", "IMG"]),
+    ("compat=0.10", ["-o", "compat=1.1,lazy_refcounts=on", "IMG"]),
+    ("compat=0.10", ["-o", "lazy_refcounts=on", "IMG"]),
+    ("", ["-o", "size=8M", "IMG"]),
+    ("", ["-o", "size=2M", "IMG"]),
+    ("", ["-o", "size=0", "IMG"]),
+    ("", ["-o", "size=1000", "IMG"]),
+    ("", ["-o", "size=8M,compat=0.10", "IMG"]),
+    ("", ["-o", "refcount_bits=16", "IMG"]),
+    ("", ["-o", "refcount_bits=3", "IMG"]),
+    ("", ["-o", "compat=0.10,refcount_bits=8", "IMG"]),
+    ("refcount_bits=8", ["-o", "compat=0.10", "IMG"]),
+    ("cluster_size=16384,extended_l2=on", ["-o", "compat=0.10", "IMG"]),
+    ("compression_type=zstd", ["-o", "compat=0.10", "IMG"]),
+    ("", ["-o", "compat=bad", "IMG"]),
+    ("", ["-o", "cluster_size=4k", "IMG"]),
+    ("", ["-o", "foo=1", "IMG"]),
+    ("", ["-o", "lazy_refcounts=maybe", "IMG"]),
+    ("", ["-o", "size=1x", "IMG"]),
+    ("", ["-o", "refcount_bits=x", "IMG"]),
+    ("", ["-o", "data_file=x", "IMG"]),
+    ("", ["-o", "data_file_raw=on", "IMG"]),
+    ("", ["-o", "data_file_raw=off", "IMG"]),
+    ("", ["-o", "encrypt.state=active", "IMG"]),
+    ("", ["-o", "backing_file=x.qcow2", "IMG"]),
+    ("", ["IMG"]),
+    ("", ["-o", "", "IMG"]),
+    ("", ["-o", "compat=1.1"]),
+    ("", ["-o", "help", "IMG"]),
+    ("", ["-f", "qcow2", "-o", "help"]),
+    ("", ["-f", "raw", "-o", "help"]),
+    ("", ["-f", "nosuch", "-o", "help"]),
+    ("", ["-f", "raw", "-o", "size=1M", "IMG"]),
+    ("", ["-q", "-p", "-o", "compat=0.10", "IMG"]),
+    ("", ["-t", "bogus", "-o", "compat=0.10", "IMG"]),
+]
+
+
+@pytest.mark.parametrize("opts,args", CASES, ids=[f"{o}|{' '.join(a)}" for o, a in CASES])
+def test_amend(tmp, opts, args):
+    src = image(tmp, opts, writes=DATA, zeroes=ZEROES if "compat=0.10" not in opts else ())
+    same_amend(tmp, src, args)
+
+
+@pytest.mark.parametrize("args", [["-o", "compat=0.10", "IMG"], ["-p", "-o", "compat=0.10", "IMG"]])
+def test_downgrade_with_backing(tmp, args):
+    base = image(tmp, writes=[(0, 4 * 1024 * 1024, 9)], name="base.qcow2")
+    top = os.path.join(tmp, "top.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "4M")
+    qemu_io("-f", "qcow2", "-c", "write -P 1 0 64k", "-c", "write -z 1M 192k", "-c", "write -P 2 3M 64k",
+            "-c", "write -z 3M 64k", top)
+    same_amend(tmp, top, args)
+
+
+def test_backing_unchanged(tmp):
+    image(tmp, name="base.qcow2")
+    top = os.path.join(tmp, "top.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top, "4M")
+    same_amend(tmp, top, ["-o", "backing_file=base.qcow2,backing_fmt=qcow2", "IMG"])
+    same_amend(tmp, top, ["-o", "backing_file=base.qcow2", "IMG"])
+    same_amend(tmp, top, ["-o", "backing_fmt=raw", "IMG"])
+
+
+def test_snapshots(tmp):
+    src = image(tmp, writes=DATA)
+    qimg("snapshot", "-c", "s1", src)
+    same_amend(tmp, src, ["-o", "compat=0.10", "IMG"])
+    same_amend(tmp, src, ["-o", "lazy_refcounts=on", "IMG"])
+    same_amend(tmp, src, ["-o", "size=8M", "IMG"])

@@ -1,0 +1,65 @@
+"""instar_resize / instar_amend: qemu-img resize and amend."""
+import ctypes
+
+from ._lib import Error, check, encode, lib
+from .create import _option_string
+from .ops import PROGRESS_FN, _progress
+
+RESIZE_RELATIVE = 1 << 0
+RESIZE_SHRINK = 1 << 1
+
+
+class ResizeOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("preallocation", ctypes.c_char_p), ("flags", ctypes.c_uint32)]
+
+
+class AmendOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("options", ctypes.c_char_p), ("force", ctypes.c_uint32), ("progress", PROGRESS_FN),
+                ("progress_data", ctypes.c_void_p)]
+
+
+def _setup():
+    L = lib()
+    if getattr(L, "_resize_ready", False):
+        return L
+    L.instar_resize.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ResizeOptions), ctypes.POINTER(Error)]
+    L.instar_amend.argtypes = [ctypes.c_char_p, ctypes.POINTER(AmendOptions), ctypes.POINTER(Error)]
+    L._resize_ready = True
+    return L
+
+
+def _parse_size(text, relative):
+    sign = 1
+    if text[:1] in "+-":
+        relative, sign, text = True, (1 if text[0] == "+" else -1), text[1:]
+    units = "bkmgtpe"
+    shift = 0
+    if text and text[-1].lower() in units:
+        shift, text = 10 * units.index(text[-1].lower()), text[:-1]
+    return sign * int(float(text) * (1 << shift)), relative
+
+
+def resize(path, size, fmt=None, relative=False, shrink=False, preallocation=None, open_flags=0):
+    """Like `qemu-img resize [-f FMT] [--shrink] [--preallocation=P] PATH [+|-]SIZE`. `size` is bytes; with
+    `relative` it is a signed change (a string "+1G"/"-1G" sets relative by itself)."""
+    if isinstance(size, str):
+        size, relative = _parse_size(size, relative)
+    flags = (RESIZE_RELATIVE if relative else 0) | (RESIZE_SHRINK if shrink else 0)
+    L = _setup()
+    o = ResizeOptions(ctypes.sizeof(ResizeOptions), open_flags, encode(fmt), encode(preallocation), flags)
+    err = Error()
+    check(L.instar_resize(encode(path), int(size), ctypes.byref(o), ctypes.byref(err)), err)
+
+
+def amend(path, options=None, fmt=None, force=False, progress=None, open_flags=0, **opts):
+    """Like `qemu-img amend [-f FMT] [--force] -o OPTIONS PATH`. `options` is the -o string; keyword arguments
+    (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel."""
+    text = ",".join(x for x in (options, _option_string(opts)) if x)
+    L = _setup()
+    cb = _progress(progress)
+    o = AmendOptions(ctypes.sizeof(AmendOptions), open_flags, encode(fmt), encode(text or None), 1 if force else 0,
+                     cb, None)
+    err = Error()
+    check(L.instar_amend(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
