@@ -82,3 +82,83 @@ final class Qcow2Crypt {
         return out
     }
 }
+
+/// The `encrypt.*` creation options of a new qcow2 image, checked the way qemu's QAPI visitor checks
+/// QCryptoBlockCreateOptions (the secret itself is looked up later, once the file exists, as in qemu).
+struct Qcow2EncryptionRequest {
+    enum Format { case aes, luks }
+    var format: Format
+    var keySecret: String?
+    var settings: LuksCipherSettings
+    var iterTimeMs: UInt64
+
+    static let luksOptions = ["encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
+                              "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time"]
+    static let cipherAlgorithms = ["aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128",
+                                   "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256", "sm4"]
+
+    /// nil when the image is not to be encrypted.
+    static func parse(_ o: CreateOptionValues) throws -> Qcow2EncryptionRequest? {
+        // qcow2_co_create_opts maps the legacy spellings: encryption=on and encrypt.format=aes mean "qcow".
+        var format = o.text("encrypt.format")
+        if format == nil, let legacy = o.text("encryption") {
+            format = o.bool("encryption") ? "aes" : nil
+            _ = legacy
+        }
+        let given = (["encrypt.key-secret"] + luksOptions).filter { o.text($0) != nil }
+        guard let f = format else {
+            if !given.isEmpty { throw InstarError.invalid("Parameter 'encrypt.format' is missing") }
+            return nil
+        }
+        func choice(_ name: String, _ allowed: [String]) throws -> String? {
+            guard let v = o.text("encrypt." + name) else { return nil }
+            guard allowed.contains(v) else { throw InstarError.invalid("Parameter '\(name)' does not accept value '\(v)'") }
+            return v
+        }
+        let hashes = LuksHash.allCases.map { $0.rawValue }
+        switch f {
+        case "aes", "qcow":
+            if let extra = given.first(where: { $0 != "encrypt.key-secret" }) {
+                throw InstarError.invalid("Parameter '\(extra)' is unexpected")
+            }
+            return Qcow2EncryptionRequest(format: .aes, keySecret: o.text("encrypt.key-secret"),
+                                          settings: LuksCipherSettings(algorithm: "aes-128", mode: "cbc", ivgen: "plain64",
+                                                                       ivgenHash: nil, hash: .sha256),
+                                          iterTimeMs: 0)
+        case "luks":
+            let alg = try choice("cipher-alg", cipherAlgorithms) ?? "aes-256"
+            let mode = try choice("cipher-mode", ["ecb", "cbc", "xts", "ctr"]) ?? "xts"
+            let ivgen = try choice("ivgen-alg", ["plain", "plain64", "essiv"]) ?? "plain64"
+            var ivhash = try choice("ivgen-hash-alg", hashes).flatMap { LuksHash(rawValue: $0) }
+            let hash = try choice("hash-alg", hashes).flatMap { LuksHash(rawValue: $0) } ?? .sha256
+            if ivgen == "essiv" && ivhash == nil { ivhash = .sha256 }
+            return Qcow2EncryptionRequest(format: .luks, keySecret: o.text("encrypt.key-secret"),
+                                          settings: LuksCipherSettings(algorithm: alg, mode: mode, ivgen: ivgen,
+                                                                       ivgenHash: ivhash, hash: hash),
+                                          iterTimeMs: o.number("encrypt.iter-time") ?? 2000)
+        default:
+            throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
+        }
+    }
+
+    /// The passphrase, with qemu's messages.
+    func password(_ secrets: [String: String]) throws -> [UInt8] {
+        guard let id = keySecret else { throw InstarError.invalid("Parameter 'encrypt.key-secret' is required for cipher") }
+        guard let s = secrets[id] else { throw InstarError.invalid("No secret with id '\(id)'") }
+        return Array(s.utf8)
+    }
+
+    /// Bytes of the LUKS header and key material (qcrypto_block_calculate_payload_offset).
+    var luksHeaderBytes: UInt64 {
+        let sectors = LuksHeader.keyMaterialSectors(keyBytes: UInt64(settings.keyBytes), stripes: UInt64(LuksHeader.stripes))
+        return (LuksHeader.headerSectors + UInt64(LuksHeader.slotCount) * sectors) * LuksHeader.sectorSize
+    }
+
+    /// The parameter checks qemu's LUKS create makes before its PBKDF2 benchmark.
+    func validateCipher() throws {
+        guard settings.keyBytes > 0 else {
+            throw InstarError.unsupported("Cipher algorithm '\(settings.algorithm)' is not supported")
+        }
+        _ = try settings.sectorCipher(key: [UInt8](repeating: 0, count: settings.keyBytes))
+    }
+}
