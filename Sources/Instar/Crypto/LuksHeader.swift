@@ -63,7 +63,7 @@ struct LuksHeader {
             throw InstarError.invalid("Volume is not in LUKS format")
         }
         let version = try r.u16be(at: 6)
-        guard version == 1 else { throw InstarError.unsupported("Unsupported LUKS version \(version)") }
+        guard version == 1 else { throw InstarError.unsupported("LUKS version \(version) is not supported") }
         func field(_ at: Int, _ count: Int, _ what: String) throws -> String {
             let raw = try r.slice(at: at, count: count)
             guard let nul = raw.firstIndex(of: 0) else {
@@ -104,8 +104,12 @@ struct LuksHeader {
             throw InstarError.invalid("LUKS payload is overlapping with the header")
         }
         if masterKeyIterations == 0 { throw InstarError.invalid("LUKS key iteration count is zero") }
-        // keyBytes is bounded by the cipher check later; the layout arithmetic is 64-bit so it cannot wrap here.
-        let kb = UInt64(min(keyBytes, 1 << 16))
+        // qemu does this arithmetic in 32-bit unsigned ints, so a huge offset can wrap past the checks; the
+        // read of the key material is bounded by the extension header later, as in qemu.
+        let kb = UInt64(keyBytes)
+        func sectors(_ stripes: UInt32) -> UInt32 {
+            UInt32(truncatingIfNeeded: LuksHeader.keyMaterialSectors(keyBytes: kb, stripes: UInt64(stripes)))
+        }
         for (i, s) in slots.enumerated() {
             if s.stripes != LuksHeader.stripes {
                 throw InstarError.invalid("Keyslot \(i) is corrupted (stripes \(Int32(bitPattern: s.stripes)) != \(LuksHeader.stripes))")
@@ -114,19 +118,19 @@ struct LuksHeader {
                 throw InstarError.invalid("Keyslot \(i) state (active/disable) is corrupted")
             }
             if s.isActive && s.iterations == 0 { throw InstarError.invalid("Keyslot \(i) iteration count is zero") }
-            let start1 = UInt64(s.keyOffsetSector)
-            let len1 = LuksHeader.keyMaterialSectors(keyBytes: kb, stripes: UInt64(s.stripes))
-            if start1 < LuksHeader.headerSectors {
+            let start1 = s.keyOffsetSector
+            let len1 = sectors(s.stripes)
+            if UInt64(start1) < LuksHeader.headerSectors {
                 throw InstarError.invalid("Keyslot \(i) is overlapping with the LUKS header")
             }
-            if start1 + len1 > UInt64(payloadOffsetSector) {
+            if start1 &+ len1 > payloadOffsetSector {
                 throw InstarError.invalid("Keyslot \(i) is overlapping with the encrypted payload")
             }
             for j in (i + 1)..<LuksHeader.slotCount {
                 let t = slots[j]
-                let start2 = UInt64(t.keyOffsetSector)
-                let len2 = LuksHeader.keyMaterialSectors(keyBytes: kb, stripes: UInt64(t.stripes))
-                if start1 + len1 > start2 && start2 + len2 > start1 {
+                let start2 = t.keyOffsetSector
+                let len2 = sectors(t.stripes)
+                if start1 &+ len1 > start2 && start2 &+ len2 > start1 {
                     throw InstarError.invalid("Keyslots \(i) and \(j) are overlapping in the header")
                 }
             }

@@ -1,3 +1,4 @@
+import CInstar
 import Glibc
 
 /// Creating qcow2 images byte for byte as qemu 7.2's qcow2_co_create does. qemu builds the image by writing a
@@ -844,7 +845,12 @@ final class Qcow2Builder {
             let length = UInt64(made.header.payloadOffsetSector) * LuksHeader.sectorSize
             let offset = try allocClusters(length)
             try flushRefblocks()
-            try file.writeZeroes(at: offset, length: try length.alignedUp(cs))
+            // qemu's bdrv_pwrite_zeroes ends in fallocate(FALLOC_FL_ZERO_RANGE) on a local file; the same call
+            // keeps the file's allocation (and so `disk size`) as qemu leaves it.
+            let span = try length.alignedUp(cs)
+            if instar_shim_zero_range(file.fd, Int64(offset), Int64(span)) != 0 {
+                try file.writeZeroes(at: offset, length: span)
+            }
             cryptMethod = Qcow2.cryptLUKS
             cryptoHeader = (offset, length)
             try file.write(made.header.encoded(), at: offset)
