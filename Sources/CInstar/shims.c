@@ -38,3 +38,8 @@ int instar_shim_punch_hole(int fd, int64_t offset, int64_t length) {
     if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == -1) return -errno;
     return 0;
 }
+
+int instar_shim_zero_range(int fd, int64_t offset, int64_t length) {
+    if (fallocate(fd, FALLOC_FL_ZERO_RANGE, (off_t)offset, (off_t)length) == -1) return -errno;
+    return 0;
+}

@@ -56,3 +56,20 @@ struct StdoutBuffer {
 
 /// A subcommand: takes argv shifted so that args[0] is the subcommand name; returns the exit status.
 typealias Command = ([String]) -> Int32
+
+/// Secrets defined with `--object secret,...`, by id; qemu-img creates these objects while parsing options and
+/// every image the command opens can name them (encrypt.key-secret).
+var cliSecrets: [String: String] = [:]
+
+/// Adds one `--object` definition; prints qemu's message and returns false when it is refused.
+func cliAddObject(_ text: String) -> Bool {
+    do {
+        try SecretObjects.add(text, to: &cliSecrets)
+        return true
+    } catch let e as InstarError {
+        CLI.error(e.message)
+    } catch {
+        CLI.error("\(error)")
+    }
+    return false
+}

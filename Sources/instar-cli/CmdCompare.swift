@@ -32,6 +32,7 @@ func compareCommand(_ args: [String]) -> Int32 {
         case .opt("s"): strict = true
         case .opt("U"): forceShare = true
         case optImageOpts: imageOpts = true
+        case optObject: if !cliAddObject(arg ?? "") { return 2 }
         default: break
         }
     }

@@ -43,6 +43,7 @@ func convertCommand(_ args: [String]) -> Int32 {
     var quiet = false
     var forceShare = false
     var imageOpts = false
+    var targetImageOpts = false
     var createOptions: String?
     var sourceCache = "writeback"
     var targetCache = "unsafe"
@@ -76,6 +77,8 @@ func convertCommand(_ args: [String]) -> Int32 {
         case .opt("r"):
             guard cvtnum("rate limit", a) != nil else { return 1 }
         case optImageOpts: imageOpts = true
+        case optTargetImageOpts: targetImageOpts = true
+        case optObject: if !cliAddObject(a) { return 1 }
         case optTargetIsZero: options.targetIsZero = true
         case optBitmaps: bitmaps = true
         default: break
@@ -84,6 +87,10 @@ func convertCommand(_ args: [String]) -> Int32 {
     if quiet { progress = false }
     if options.targetIsZero && !options.noCreate {
         CLI.error("--target-is-zero requires use of -n flag")
+        return 1
+    }
+    if targetImageOpts && !options.noCreate {
+        CLI.error("--target-image-opts requires use of -n flag")
         return 1
     }
     if options.noCreate && createOptions != nil {
@@ -107,14 +114,15 @@ func convertCommand(_ args: [String]) -> Int32 {
     let status = runConvert(sourceNames: Array(sourceNames), target: target, sourceFormat: sourceFormat,
                             targetFormat: targetFormat ?? "raw", options: &options, imageOpts: imageOpts,
                             forceShare: forceShare, sourceCache: srcCache, targetCache: targetCache,
-                            backing: backing, bitmaps: bitmaps, progress: progress)
+                            backing: backing, bitmaps: bitmaps, progress: progress, targetImageOpts: targetImageOpts)
     progressEnd(progress)
     return status
 }
 
 private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, targetFormat: String,
                         options: inout ConvertOptions, imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
-                        targetCache: String, backing: String?, bitmaps: Bool, progress: Bool) -> Int32 {
+                        targetCache: String, backing: String?, bitmaps: Bool, progress: Bool,
+                        targetImageOpts: Bool = false) -> Int32 {
     var sources: [ImageLayer] = []
     defer { for s in sources { try? s.close() } }
     for name in sourceNames {
@@ -131,7 +139,7 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
         return 1
     }
     // Only raw targets can be created so far; other formats arrive with the create work.
-    guard targetFormat == "raw" else {
+    guard targetFormat == "raw" || options.noCreate else {
         CLI.error("Format driver '\(targetFormat)' does not support image creation")
         return 1
     }
@@ -162,7 +170,16 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
     options.targetCache = cache
     let targetImage: ImageLayer
     do {
-        targetImage = try ConvertOperation.openTarget(target, format: targetFormat, cache: cache)
+        if targetImageOpts || !cliSecrets.isEmpty {
+            // An existing target (-n) may be encrypted: it is opened with the option string and the secrets.
+            let spec = targetImageOpts ? try imageOptsSpec(target) : try ImageOpener.parseSpec(target, format: targetFormat)
+            var o = ImageOpenOptions()
+            o.direct = cache.direct
+            o.secrets = cliSecrets
+            targetImage = try ImageOpener.open(spec, options: o, writable: true, openBacking: false)
+        } else {
+            targetImage = try ConvertOperation.openTarget(target, format: targetFormat, cache: cache)
+        }
     } catch {
         CLI.error("Could not open '\(target)': \((error as? InstarError)?.message ?? "\(error)")")
         if created { unlink(target) }

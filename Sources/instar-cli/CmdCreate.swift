@@ -68,6 +68,7 @@ func createCommand(_ args: [String]) -> Int32 {
             if !accumulateOptions(&options, arg ?? "") { return 1 }
         case .opt("q"): quiet = true
         case .opt("u"): unsafe = true
+        case 256: if !cliAddObject(arg ?? "") { return 1 }
         default: break
         }
     }
@@ -84,6 +85,7 @@ func createCommand(_ args: [String]) -> Int32 {
     p.backingFormat = backingFormat
     p.options = options
     p.unsafeBacking = unsafe
+    p.secrets = cliSecrets
     if let s = operands.first {
         do {
             p.size = try SizeParse.imageSize(s)

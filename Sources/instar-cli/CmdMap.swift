@@ -108,6 +108,7 @@ func cliOpenImage(_ name: String, format: String?, imageOpts: Bool, forceShare: 
         options.forceShare = forceShare
         options.direct = direct
         options.noShareWrite = noShareWrite
+        options.secrets = cliSecrets
         return try ImageOpener.open(spec, options: options, writable: writable)
     } catch let e as InstarError {
         CLI.error("Could not open '\(name)': \(e.message)")
@@ -163,6 +164,7 @@ func mapCommand(_ args: [String]) -> Int32 {
             guard let v = cvtnum("max length", arg ?? "") else { return 1 }
             maxLength = v
         case optImageOpts: imageOpts = true
+        case optObject: if !cliAddObject(arg ?? "") { return 1 }
         default: break
         }
     }

@@ -28,6 +28,8 @@ func measureCommand(_ args: [String]) -> Int32 {
             CLI.error("measure: -l (snapshots) is not supported yet")
             return 1
         case .opt("U"): p.forceShare = true
+        case 256:
+            if !cliAddObject(arg ?? "") { return 1 }
         case 257:
             CLI.error("measure: --image-opts is not supported yet")
             return 1
@@ -51,6 +53,7 @@ func measureCommand(_ args: [String]) -> Int32 {
         return 1
     }
     p.filename = g.operands.first
+    p.secrets = cliSecrets
     do {
         let r = try Measure.measure(p)
         if json {

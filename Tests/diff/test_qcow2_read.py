@@ -170,11 +170,10 @@ def test_luks_refuses_reads(tmp):
     p = os.path.join(tmp, "l.qcow2")
     qimg("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456", "-o",
          "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100", p, "1M")
-    with pyinstar.Image(p) as img:
-        assert img.size == 1 << 20
-        with pytest.raises(pyinstar.InstarError) as e:
-            img.read(0, 512)
-        assert e.value.code == -10
+    # Like qemu, opening for I/O without the secret fails (the C API has no way to pass one yet).
+    with pytest.raises(pyinstar.InstarError) as e:
+        pyinstar.Image(p)
+    assert e.value.code == -10
 
 
 def test_bad_headers(tmp):

@@ -21,4 +21,6 @@ int instar_shim_ofd_lock(int fd, int64_t start, int64_t len, int type);
 int instar_shim_ofd_test(int fd, int64_t start, int64_t len, int type);
 /** fallocate(PUNCH_HOLE|KEEP_SIZE); returns 0 or -errno. */
 int instar_shim_punch_hole(int fd, int64_t offset, int64_t length);
+/** fallocate(ZERO_RANGE), which qemu uses for write-zeroes on local files; returns 0 or -errno. */
+int instar_shim_zero_range(int fd, int64_t offset, int64_t length);
 #endif

@@ -242,6 +242,8 @@ public struct CreateOptionSpec {
 public struct CreateRequest {
     public var filename: String
     public var options: CreateOptionValues
+    /// Secrets by id (`--object secret,...`), for options such as encrypt.key-secret.
+    public var secrets: [String: String] = [:]
     public init(filename: String, options: CreateOptionValues) {
         self.filename = filename
         self.options = options
@@ -252,6 +254,8 @@ public struct CreateRequest {
 public struct MeasureRequest {
     public var options: CreateOptionValues
     public var source: ImageLayer?
+    /// Secrets by id (`--object secret,...`), for options such as encrypt.key-secret.
+    public var secrets: [String: String] = [:]
     public init(options: CreateOptionValues, source: ImageLayer?) {
         self.options = options
         self.source = source

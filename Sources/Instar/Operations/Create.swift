@@ -15,6 +15,8 @@ public enum Create {
         public var size: UInt64?
         /// -u: do not open the backing file.
         public var unsafeBacking = false
+        /// Secrets by id from `--object secret,...`.
+        public var secrets: [String: String] = [:]
         public init(filename: String) { self.filename = filename }
     }
 
@@ -24,6 +26,7 @@ public enum Create {
         public let format: String
         public let creator: FormatCreator
         public let options: CreateOptionValues
+        public var secrets: [String: String] = [:]
         /// The whole `Formatting ...` line without the newline.
         public var formattingLine: String {
             "Formatting '\(filename)', fmt=\(format) \(options.formattingLine())"
@@ -111,14 +114,18 @@ public enum Create {
             throw InstarError.invalid("Backing file specified without backing format")
         }
         if size == nil { throw InstarError.invalid("Image creation needs a size parameter") }
-        return Prepared(filename: p.filename, format: p.format, creator: creator, options: values)
+        var prepared = Prepared(filename: p.filename, format: p.format, creator: creator, options: values)
+        prepared.secrets = p.secrets
+        return prepared
     }
 
     /// Creates the image (qemu's bdrv_create). Errors carry the "FILENAME: " prefix; an EFBIG failure gets
     /// qemu-img's "image size is too large" wording.
     public static func run(_ prepared: Prepared) throws {
         do {
-            try prepared.creator.create(CreateRequest(filename: prepared.filename, options: prepared.options))
+            var request = CreateRequest(filename: prepared.filename, options: prepared.options)
+            request.secrets = prepared.secrets
+            try prepared.creator.create(request)
         } catch let e as InstarError {
             if e.errnoValue == 27 /* EFBIG */ {
                 let hint = (prepared.options.size("cluster_size") ?? 0) != 0 ? " (try using a larger cluster size)" : ""

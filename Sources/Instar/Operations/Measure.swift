@@ -9,6 +9,8 @@ public enum Measure {
         public var options: String?
         public var size: UInt64?
         public var forceShare = false
+        /// Secrets by id from `--object secret,...`.
+        public var secrets: [String: String] = [:]
         public init() {}
     }
 
@@ -26,6 +28,7 @@ public enum Measure {
         if let name = p.filename {
             var opts = ImageOpenOptions()
             opts.forceShare = p.forceShare
+            opts.secrets = p.secrets
             do {
                 source = try ImageOpener.open(try ImageOpener.parseSpec(name, format: p.sourceFormat), options: opts)
             } catch let e as InstarError {
@@ -46,6 +49,8 @@ public enum Measure {
         guard let measure = creator.measure else {
             throw InstarError.unsupported("Block driver '\(p.outputFormat)' does not support size measurement")
         }
-        return try measure(MeasureRequest(options: values, source: source))
+        var request = MeasureRequest(options: values, source: source)
+        request.secrets = p.secrets
+        return try measure(request)
     }
 }

@@ -1,3 +1,6 @@
+import CInstar
+import Glibc
+
 /// Creating qcow2 images byte for byte as qemu 7.2's qcow2_co_create does. qemu builds the image by writing a
 /// minimal header, opening it and then growing it through the ordinary allocation paths (L1 growth, L2 and
 /// refcount-block allocation, refcount-area creation for preallocation). `Qcow2Builder` replays those paths
@@ -47,6 +50,8 @@ public enum Qcow2Create {
         var dataFile: String?
         var dataFileRaw = false
         var zstd = false
+        var encryption: Qcow2EncryptionRequest?
+        var secrets: [String: String] = [:]
         var clusterBits: UInt64 { UInt64(clusterSize.trailingZeroBitCount) }
     }
 
@@ -91,16 +96,15 @@ public enum Qcow2Create {
         if o.text("encrypt.format") != nil && o.text("encryption") != nil {
             throw InstarError.invalid("'encrypt.format' and its alias 'encryption' can't be used at the same time")
         }
-        if o.text("encrypt.format") != nil || o.bool("encryption") {
-            throw InstarError.unsupported("qcow2 encryption is not supported yet")
-        }
-        // QAPI visits version, then preallocation, then compression-type.
+        // QAPI visits version, then encrypt, then preallocation, then compression-type.
         let version = try parseVersion(o.text("compat"))
+        let encryption = try Qcow2EncryptionRequest.parse(o)
         let prealloc = try parsePreallocation(o.text("preallocation"))
         let zstd = try parseCompression(o.text("compression_type"))
 
         var s = Settings(size: try (o.size("size") ?? 0).alignedUp(512))
         s.version = version ?? 3
+        s.encryption = encryption
         s.clusterSize = o.size("cluster_size") ?? 65536
         s.extendedL2 = o.bool("extended_l2")
         if s.extendedL2 && s.version < 3 {
@@ -164,9 +168,17 @@ public enum Qcow2Create {
             }
             try HostFileCreate.create(df, size: try (o.size("size") ?? 0).alignedUp(512), preallocation: mode)
         }
-        let s = try settings(o)
-        let builder = try Qcow2Builder(file: file, settings: s)
-        try builder.build()
+        do {
+            var s = try settings(o)
+            s.secrets = r.secrets
+            let builder = try Qcow2Builder(file: file, settings: s)
+            try builder.build()
+        } catch {
+            // qemu deletes the image (and a data file it created) when qcow2 creation fails.
+            unlink(r.filename)
+            if let df = o.text("data_file") { unlink(df) }
+            throw error
+        }
     }
 
     // MARK: measure
@@ -216,9 +228,6 @@ public enum Qcow2Create {
     /// qemu's qcow2_measure.
     static func measure(_ r: MeasureRequest) throws -> MeasureResult {
         let o = r.options
-        if o.text("encrypt.format") != nil || o.bool("encryption") {
-            throw InstarError.unsupported("qcow2 encryption is not supported yet")
-        }
         let extendedL2 = o.bool("extended_l2")
         let clusterSize = o.size("cluster_size") ?? 65536
         try validateClusterSizeForMeasure(clusterSize)
@@ -244,6 +253,13 @@ public enum Qcow2Create {
         } else {
             prealloc = .off
         }
+        // A LUKS header takes its own clusters; qemu sizes it by going through LUKS creation.
+        var luksBytes: UInt64 = 0
+        if o.text("encrypt.format") == "luks", let e = try Qcow2EncryptionRequest.parse(o) {
+            _ = try e.password(r.secrets)
+            try e.validateCipher()
+            luksBytes = try e.luksHeaderBytes.alignedUp(clusterSize)
+        }
         try validateClusterSize(clusterSize, extendedL2: extendedL2)
         let refcountOrder = UInt64(refcountBits.trailingZeroBitCount)
         let hasBacking = o.text("backing_file") != nil
@@ -267,8 +283,8 @@ public enum Qcow2Create {
         }
         if prealloc == .full || prealloc == .falloc { required = virtualSize }
         let full = try preallocSize(virtualSize, clusterSize: clusterSize, refcountOrder: refcountOrder, extendedL2: extendedL2)
-        let req = try full.subtracting(virtualSize).adding(required)
-        var result = MeasureResult(required: req, fullyAllocated: full)
+        let req = try full.subtracting(virtualSize).adding(required).adding(luksBytes)
+        var result = MeasureResult(required: req, fullyAllocated: try full.adding(luksBytes))
         // Bitmaps are reported when both the target (v3) and the source (a qcow2 v3 image) can hold them
         // (qemu's bdrv_supports_persistent_dirty_bitmap); every persistent bitmap is counted fully allocated.
         if version >= 3, let src = r.source, let q = src.format as? Qcow2Format, q.header.version >= 3 {
@@ -342,6 +358,9 @@ final class Qcow2Builder {
     var backingFile: String?
     var backingFormat: String?
     var size: UInt64 = 0
+    var cryptMethod: UInt32 = 0
+    /// Where the LUKS header lives (qcow2.txt full disk encryption header extension).
+    var cryptoHeader: (offset: UInt64, length: UInt64)?
 
     static let copied: UInt64 = 1 << 63
     /// Signals qemu's -EAGAIN: a refcount block was placed where the caller meant to allocate; search again.
@@ -381,6 +400,7 @@ final class Qcow2Builder {
             backingFormat = s.backingFormat
             try writeHeader()
         }
+        if let e = s.encryption { try setUpEncryption(e) }
         try flushL2()
         try flushRefblocks()
         try writeHeader()
@@ -811,6 +831,34 @@ final class Qcow2Builder {
         return endOffset
     }
 
+    // MARK: encryption (qcow2_set_up_encryption)
+
+    /// Sets the crypt method; for LUKS, writes a new LUKS header and slot 0's key material into clusters
+    /// of their own (zeroed whole first, as qemu's qcow2_crypto_hdr_init_func does).
+    func setUpEncryption(_ e: Qcow2EncryptionRequest) throws {
+        let password = try e.password(s.secrets)
+        switch e.format {
+        case .aes:
+            cryptMethod = Qcow2.cryptAES
+        case .luks:
+            let made = try Luks.create(settings: e.settings, password: password, iterTimeMs: e.iterTimeMs)
+            let length = UInt64(made.header.payloadOffsetSector) * LuksHeader.sectorSize
+            let offset = try allocClusters(length)
+            try flushRefblocks()
+            // qemu's bdrv_pwrite_zeroes ends in fallocate(FALLOC_FL_ZERO_RANGE) on a local file; the same call
+            // keeps the file's allocation (and so `disk size`) as qemu leaves it.
+            let span = try length.alignedUp(cs)
+            if instar_shim_zero_range(file.fd, Int64(offset), Int64(span)) != 0 {
+                try file.writeZeroes(at: offset, length: span)
+            }
+            cryptMethod = Qcow2.cryptLUKS
+            cryptoHeader = (offset, length)
+            try file.write(made.header.encoded(), at: offset)
+            try file.write(made.keyMaterial, at: offset + UInt64(made.header.slots[0].keyOffsetSector) * LuksHeader.sectorSize)
+        }
+        try writeHeader()
+    }
+
     // MARK: header (qcow2_update_header)
 
     func writeHeader() throws {
@@ -823,6 +871,7 @@ final class Qcow2Builder {
         put32(&h, 4, s.version)
         put32(&h, 20, UInt32(cb))
         put64(&h, 24, initial ? 0 : size)
+        put32(&h, 32, initial ? 0 : cryptMethod)
         put32(&h, 36, initial ? 0 : UInt32(l1.count))
         put64(&h, 40, initial ? 0 : l1Offset)
         put64(&h, 48, initial ? cs : reftableOffset)
@@ -854,6 +903,12 @@ final class Qcow2Builder {
         }
         if let f = backingFormat { try ext(0xe279_2aca, Array(f.utf8)) }
         if let d = s.dataFile { try ext(0x4441_5441, Array(d.utf8)) }
+        if let c = cryptoHeader {
+            var data = [UInt8](repeating: 0, count: 16)
+            put64(&data, 0, c.offset)
+            put64(&data, 8, c.length)
+            try ext(Qcow2.extCryptoHeader, data)
+        }
         // qemu 7.2 leaves the feature-name table out of images with clusters of 4 KiB or less (observed for
         // 512..4k; 8k and up carry it).
         if s.version >= 3 && cs > 4096 {

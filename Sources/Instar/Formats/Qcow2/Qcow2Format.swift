@@ -2,7 +2,7 @@ import Glibc
 
 /// qcow2 (docs/interop/qcow2.txt), read side: versions 2 and 3, cluster sizes 512 B .. 2 MiB, extended L2,
 /// zlib/zstd compressed clusters, backing files, external data files, internal snapshots, bitmaps and the
-/// info of encrypted images (whose data it refuses to read). The open sequence and its messages follow qemu's
+/// LUKS-encrypted images (unlocked with the `encrypt.key-secret` passphrase). The open sequence and its messages follow qemu's
 /// qcow2_do_open.
 public final class Qcow2Format: ImageFormat {
     public static let descriptor = FormatDescriptor(
@@ -28,6 +28,8 @@ public final class Qcow2Format: ImageFormat {
     let snapshots: [SnapshotInfo]
     let bitmaps: [Qcow2BitmapEntry]
     let luks: Qcow2LuksInfo?
+    /// The unlocked payload cipher of a LUKS image opened for I/O.
+    let crypt: Qcow2Crypt?
     public let backingReference: BackingReference?
     private let decompressor: Qcow2Decompressor
     /// The last decompressed cluster (reads in chunks smaller than a cluster hit it repeatedly).
@@ -89,11 +91,27 @@ public final class Qcow2Format: ImageFormat {
             dataFile = file
         }
 
+        // Reading data needs the key (qemu opens the crypto layer unless the open is metadata-only); the
+        // passphrase is looked up before the LUKS header is read, as qemu does.
+        let password: [UInt8]? = h.cryptMethod != Qcow2.cryptNone && !request.options.metadataOnly
+            ? try Qcow2Crypt.password(request.options) : nil
         if let c = ext.crypto {
             let len = Int(min(c.length, UInt64(Qcow2LuksInfo.headerBytes)))
-            luks = try Qcow2LuksInfo(bytes: try file.readBytes(at: c.offset, count: max(len, Qcow2LuksInfo.headerBytes)))
+            let bytes = try file.readBytes(at: c.offset, count: max(len, Qcow2LuksInfo.headerBytes))
+            let luksHeader = try LuksHeader(bytes: bytes)
+            let info = try Qcow2LuksInfo(bytes: bytes)
+            luks = info
+            if password != nil {
+                crypt = try Qcow2Crypt.unlock(file: file, ext: c, header: luksHeader, info: info, options: request.options)
+            } else {
+                crypt = nil
+            }
         } else {
             luks = nil
+            crypt = nil
+            if password != nil && h.cryptMethod == Qcow2.cryptAES {
+                throw InstarError.unsupported("Reading AES-encrypted qcow2 images is not supported")
+            }
         }
 
         // qcow2.txt: the backing file name is not NUL-terminated; qemu caps it at 1023 bytes.
@@ -179,7 +197,7 @@ public final class Qcow2Format: ImageFormat {
     }
 
     private func refuseEncrypted() throws {
-        if encrypted {
+        if encrypted && crypt == nil {
             throw InstarError(.encrypted, "Parameter 'encrypt.key-secret' is required for cipher", errno: EINVAL)
         }
     }
@@ -196,7 +214,11 @@ public final class Qcow2Format: ImageFormat {
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
             switch run.kind {
             case .normal:
-                try dataFile.readZeroPadded(into: dst, at: run.hostOffset)
+                if let c = crypt {
+                    try c.readDecrypted(dataFile, into: dst, at: run.hostOffset)
+                } else {
+                    try dataFile.readZeroPadded(into: dst, at: run.hostOffset)
+                }
             case .zeroPlain, .zeroAlloc:
                 dst.initializeMemory(as: UInt8.self, repeating: 0)
             case .unallocatedPlain, .unallocatedAlloc:

@@ -33,7 +33,7 @@ struct Qcow2LuksInfo: Equatable {
             throw InstarError.invalid("Volume is not in LUKS format")
         }
         let version = try r.u16be(at: 6)
-        guard version == 1 else { throw InstarError.unsupported("Unsupported LUKS version \(version)") }
+        guard version == 1 else { throw InstarError.unsupported("LUKS version \(version) is not supported") }
         let cipherName = try r.string(at: 8, count: 32)
         let modeSpec = try r.string(at: 40, count: 32)
         let hashSpec = try r.string(at: 72, count: 32)

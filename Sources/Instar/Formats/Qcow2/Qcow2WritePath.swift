@@ -63,7 +63,10 @@ extension Qcow2Writer {
             throw InstarError(.corrupt, "Cluster allocation offset \(hex(host)) unaligned", errno: EIO)
         }
         let inPlace = !compressed && host != 0 && entry & Qcow2.l2Copied != 0
-        var p = ClusterPlan(guestCluster: cstart, keepHost: inPlace ? host : nil, writeStart: start, writeEnd: end,
+        // Encrypted data is written in whole 512-byte sectors (qemu's request alignment for encrypted images).
+        let sector: UInt64 = format.crypt == nil ? 1 : Qcow2Crypt.sectorSize
+        var p = ClusterPlan(guestCluster: cstart, keepHost: inPlace ? host : nil, writeStart: start.alignedDown(sector),
+                            writeEnd: min(cend, try end.alignedUp(sector)),
                             firstSub: 0, endSub: 0, whole: false, oldEntry: entry, oldBitmap: bitmap)
         if !extended {
             p.whole = true
@@ -194,7 +197,14 @@ extension Qcow2Writer {
             hostBase = try allocateClusters(UInt64(run.count))
             try setL2DependsOnRefcount()
         }
-        try file.write(data, at: hostBase + (wStart - first.guestCluster))
+        let hostStart = hostBase + (wStart - first.guestCluster)
+        if let c = format.crypt {
+            let sealed = try c.encrypted(data, at: hostStart)
+            defer { sealed.deallocate() }
+            try file.write(UnsafeRawBufferPointer(sealed), at: hostStart)
+        } else {
+            try file.write(data, at: hostStart)
+        }
         // The data must be stable before an L2 entry points at it.
         for (k, p) in run.enumerated() {
             let host = hostBase + UInt64(k) * clusterSize

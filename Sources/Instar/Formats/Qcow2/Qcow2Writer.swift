@@ -170,7 +170,7 @@ final class Qcow2Writer {
                               "qcow2: Image is dirty (lazy refcounts); repair it with 'qemu-img check -r all' first",
                               errno: ENOTSUP)
         }
-        if format.encrypted {
+        if format.encrypted && format.crypt == nil {
             throw InstarError(.unsupported, "Writing encrypted qcow2 images is not supported", errno: ENOTSUP)
         }
         if header.hasDataFile {
