@@ -68,6 +68,16 @@ public final class Qcow2Format: ImageFormat {
         }
         let ext = try Qcow2Extensions.parse(area: area, header: h)
         extensions = ext
+        // qcow2_do_open: unless opened only to describe the image (BDRV_O_NO_IO, qemu-img info), an AES image
+        // needs its key at open and a LUKS image its crypto header extension.
+        if !request.options.metadataOnly {
+            if h.cryptMethod == Qcow2.cryptAES && request.options.driverOptions["encrypt.key-secret"] == nil {
+                throw InstarError(.encrypted, "Parameter 'encrypt.key-secret' is required for cipher", errno: EINVAL)
+            }
+            if h.cryptMethod == Qcow2.cryptLUKS && ext.crypto == nil {
+                throw InstarError(.invalid, "Missing CRYPTO header for crypt method 2", errno: EINVAL)
+            }
+        }
 
         // qcow2.txt: incompatible bit 2 means guest data lives in the file the data file extension names.
         if h.hasDataFile && request.options.metadataOnly {
@@ -103,7 +113,9 @@ public final class Qcow2Format: ImageFormat {
                 throw InstarError.invalid("Backing file name too long")
             }
             let bytes = try file.readBytes(at: h.backingFileOffset, count: Int(len))
-            backingReference = BackingReference(filename: Qcow2Snapshots.cString(bytes), format: ext.backingFormat)
+            let name = Qcow2Snapshots.cString(bytes)
+            // qemu keeps the name as a C string: an empty one (size 0, or a NUL first) means no backing file.
+            backingReference = name.isEmpty ? nil : BackingReference(filename: name, format: ext.backingFormat)
         } else {
             backingReference = nil
         }
