@@ -80,8 +80,9 @@ public final class Qcow2Format: ImageFormat {
         }
 
         // qcow2.txt: incompatible bit 2 means guest data lives in the file the data file extension names.
-        if h.hasDataFile && request.options.metadataOnly {
-            // qemu-img info opens with BDRV_O_NO_IO and never touches the data file.
+        if request.options.metadataOnly {
+            // qemu-img info opens with BDRV_O_NO_IO and never touches the data file, nor (qemu's fix for
+            // CVE-2024-4467, in Debian's 7.2) checks that data-file-raw has one.
             externalDataFile = nil
             dataFile = file
         } else if h.hasDataFile {
@@ -129,6 +130,13 @@ public final class Qcow2Format: ImageFormat {
         mapper = Qcow2Mapper(header: h, file: file, l1: l1)
         refcounts = Qcow2RefcountReader(header: h, file: file)
         decompressor = Qcow2Decompressor(type: h.compressionType)
+        // qcow2_do_open: a writable open clears the autoclear bits it does not know at once (the extensions they
+        // vouch for may go stale), even if nothing is written later; a read-only open leaves them.
+        let knownAutoclear = Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw
+        if writable && h.version >= 3 && h.autoclearFeatures & ~knownAutoclear != 0 {
+            header.autoclearFeatures = h.autoclearFeatures & knownAutoclear
+            try file.write(Qcow2Writer.encodeBE64([header.autoclearFeatures]), at: 88)   // qcow2.txt: bytes 88-95
+        }
     }
 
     /// The writer, created on first use; read-only images refuse.
