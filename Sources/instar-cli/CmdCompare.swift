@@ -61,6 +61,17 @@ private func runCompare(_ name1: String, _ name2: String, fmt1: String?, fmt2: S
         let r = try CompareOperation.compare(a, b, strict: strict, progress: progressPrinter(progress))
         if !quiet { CLI.out.write(r.message) }
         return r.identical ? 0 : 1
+    } catch let e as StepError {
+        // img_compare: 3 when block status fails, 4 when reading fails.
+        let name = e.operand == 0 ? name1 : name2
+        switch e.step {
+        case .blockStatus:
+            CLI.error("Sector allocation test failed for \(name)")
+            return 3
+        case .read, .write:
+            CLI.error("Error while reading offset \(e.offset) of \(name): \(strerrorString(e.errnoValue))")
+            return 4
+        }
     } catch let e as InstarError {
         CLI.error(e.message)
         return e.code == .corrupt ? 3 : 4

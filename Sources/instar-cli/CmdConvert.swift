@@ -188,6 +188,16 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
     do {
         defer { try? targetImage.close() }
         try ConvertOperation.copy(sources: sources, into: targetImage, targetCreated: created, options: options)
+    } catch let e as StepError {
+        // qemu-img names the step and the chunk, then strerror of the block layer's code.
+        switch e.step {
+        case .read: CLI.error("error while reading at byte \(e.offset): \(strerrorString(e.errnoValue))")
+        case .write: CLI.error("error while writing at byte \(e.offset): \(strerrorString(e.errnoValue))")
+        case .blockStatus:
+            CLI.error("error while reading block status at offset \(e.offset): \(strerrorString(e.errnoValue))")
+        }
+        if created && options.removeTargetOnFailure { unlink(target) }
+        return 1
     } catch let e as InstarError {
         if e.code == .invalid && e.message == "output file is smaller than input file" {
             CLI.error(e.message)

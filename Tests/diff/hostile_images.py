@@ -605,7 +605,10 @@ def _chain(depth):
     return fn
 
 
+# instar refuses chains deeper than its limit (256 images) on purpose; test_hostile.py checks that refusal for
+# the 300-deep chain and parity for the 200-deep one.
 VARIANTS["chain-depth-300"] = _chain(300)
+VARIANTS["chain-depth-200"] = _chain(200)
 VARIANTS["chain-depth-20"] = _chain(20)
 
 

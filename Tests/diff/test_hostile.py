@@ -112,6 +112,8 @@ def results(request, tmp_path_factory):
     # Only the variants the selected tests look at (so `-k name` stays quick).
     wanted = {item.callspec.params["name"] for item in request.session.items
               if hasattr(item, "callspec") and "name" in item.callspec.params}
+    if any(item.name == "test_chain_deeper_than_limit" for item in request.session.items):
+        wanted.add(DEEP_CHAIN)
     root = str(tmp_path_factory.mktemp("hostile"))
     ctx = H.Context(os.path.join(root, "_base"))
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
@@ -120,6 +122,13 @@ def results(request, tmp_path_factory):
 
 
 NAMES = sorted(H.VARIANTS)
+
+# Deliberate differences from qemu-img: variant -> the test that checks instar's own behaviour instead.
+# qemu-img 7.2 follows a backing chain of any depth (until it runs out of file descriptors); instar refuses
+# chains deeper than ImageOpener.maxChainDepth with a clear error.
+DEEP_CHAIN = "chain-depth-300"
+CHAIN_LIMIT = 256
+DELIBERATE = {DEEP_CHAIN}
 
 
 def _get(results, name):
@@ -160,6 +169,8 @@ def test_same_result_where_qemu_accepts(results, name):
     for cmd, (q, i) in _get(results, name).items():
         if q.rc != 0 and not (cmd == "compare" and q.rc == 1):
             continue
+        if name in DELIBERATE and cmd in ("map-json", "convert", "compare"):
+            continue  # see test_chain_deeper_than_limit
         assert i.rc == q.rc, f"{name}: {cmd}: qemu-img rc {q.rc}, instar rc {i.rc}\n qemu: {q}\n instar: {i}"
         if cmd in ("info", "info-json", "map-json", "compare"):
             assert i.out == q.out, f"{name}: {cmd} output differs\n qemu: {q}\n instar: {i}"
@@ -170,3 +181,39 @@ def test_same_result_where_qemu_accepts(results, name):
 def test_variant_count():
     """The generator really produces a broad set (guards against an accidental empty parametrisation)."""
     assert len(H.VARIANTS) >= 250
+
+
+def test_chain_deeper_than_limit(results):
+    """A chain deeper than instar's limit: `info` does not open backing files and matches qemu-img; the commands
+    that open the whole chain fail with one clear line (exit 1, compare's open-error code 2). qemu-img accepts
+    this chain, so here only instar's own behaviour is checked."""
+    r = _get(results, DEEP_CHAIN)
+    for cmd, (q, i) in r.items():
+        if cmd in ("info", "info-json"):
+            assert (i.rc, i.out) == (q.rc, q.out), f"{cmd}: qemu: {q}\n instar: {i}"
+            continue
+        assert q.rc == 0, f"{cmd}: qemu-img no longer accepts the deep chain: {q}"
+        assert i.rc == (2 if cmd == "compare" else 1), f"{cmd}: {i}"
+        top = i.err.split("'")[1] if "'" in i.err else ""
+        assert top.endswith("c0299.qcow2"), f"{cmd}: {i}"
+        assert i.err == f"instar: Could not open '{top}': Backing chain is deeper than {CHAIN_LIMIT} images\n", \
+            f"{cmd}: {i}"
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "parallels"])
+def test_unsupported_format_is_not_read_as_raw(tmp_path, fmt):
+    """An image of a format qemu-img knows and instar cannot open yet is probed as qemu probes it and refused
+    with a clear error (never read as raw); `-f FMT` names it the same way."""
+    img = str(tmp_path / f"x.{fmt}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, img, "1M"], check=True)
+    q = subprocess.run(["qemu-img", "info", "--output=json", img], capture_output=True, text=True)
+    assert q.returncode == 0 and f'"format": "{fmt}"' in q.stdout, q
+    msg = f"instar: Could not open '{img}': The '{fmt}' image format is not supported by instar yet\n"
+    for args in (["info", img], ["map", "--output=json", img], ["convert", "-O", "raw", img, img + ".raw"]):
+        i = subprocess.run([INSTAR, *args], capture_output=True, text=True)
+        assert (i.returncode, i.stdout, i.stderr) == (1, "", msg), i
+    plain = str(tmp_path / "p.raw")
+    open(plain, "wb").write(b"\0" * 4096)
+    i = subprocess.run([INSTAR, "info", "-f", fmt, plain], capture_output=True, text=True)
+    assert (i.returncode, i.stderr) == (
+        1, f"instar: Could not open '{plain}': The '{fmt}' image format is not supported by instar yet\n"), i

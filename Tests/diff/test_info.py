@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import assert_same, qemu, qemu_io, qimg, run
+from conftest import INSTAR, assert_same, qemu, qemu_io, qimg, run
 
 import instar
 
@@ -445,3 +445,16 @@ def test_capi_struct_fields(corpus, name):
         assert not node
     finally:
         L.instar_info_free(out)
+
+
+@pytest.mark.parametrize("tag", ["é", "ünïcödé-näme", "日本語のスナップ", "\U0001F600 smile"])
+def test_snapshot_tag_padding_multibyte(tmp, tag):
+    """printf("%-16s") pads the TAG column by bytes, so multibyte UTF-8 names line up as in qemu-img (names not
+    valid UTF-8 are covered by test_hostile.py's snap-entry-name-not-utf8)."""
+    p = os.path.join(tmp, "t.qcow2")
+    qimg("create", "-q", "-f", "qcow2", p, "1M")
+    qimg("snapshot", "-c", tag, p)
+    for args in (["info", p], ["info", "--output=json", p]):
+        q = subprocess.run(["qemu-img", *args], capture_output=True)
+        i = subprocess.run([INSTAR, *args], capture_output=True)
+        assert (i.returncode, i.stdout) == (q.returncode, q.stdout), (q, i)

@@ -7,7 +7,7 @@ import Glibc
 /// Fills an optional instar_error_t and returns the code, for `return fail(err, error)`.
 @discardableResult
 func fillError(_ err: UnsafeMutablePointer<instar_error_t>?, _ error: Error) -> Int32 {
-    let e = (error as? InstarError) ?? InstarError(.io, "\(error)")
+    let e = (error as? InstarError) ?? (error as? StepError)?.instarError ?? InstarError(.io, "\(error)")
     guard let err else { return e.code.rawValue }
     err.pointee.code = e.code.rawValue
     err.pointee.errno_value = e.errnoValue

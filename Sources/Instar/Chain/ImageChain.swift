@@ -194,7 +194,7 @@ public enum ImageOpener {
         if let fs = spec.forceShare { opts.forceShare = fs }
         let descriptor: FormatDescriptor
         if let f = spec.format {
-            guard let d = FormatRegistry.descriptor(named: f) else {
+            guard let d = FormatRegistry.openDescriptor(named: f) else {
                 throw InstarError.unsupported("Unknown driver '\(f)'")
             }
             descriptor = d

@@ -50,7 +50,10 @@ public struct BackingReference: Equatable {
 /// One internal snapshot, as `qemu-img info` lists it.
 public struct SnapshotInfo: Equatable {
     public var id: String
+    /// The name as text (bytes that are not UTF-8 become U+FFFD).
     public var name: String
+    /// The name's bytes as stored in the image (up to a NUL): qemu prints and pads these, not `name`.
+    public var nameBytes: [UInt8]
     public var vmStateSize: UInt64
     public var dateSec: UInt32
     public var dateNsec: UInt32
@@ -58,9 +61,10 @@ public struct SnapshotInfo: Equatable {
     /// nil when the image does not record an instruction count (qemu omits "icount").
     public var icount: UInt64?
     public init(id: String, name: String, vmStateSize: UInt64, dateSec: UInt32, dateNsec: UInt32,
-                vmClockNsec: UInt64, icount: UInt64?) {
+                vmClockNsec: UInt64, icount: UInt64?, nameBytes: [UInt8]? = nil) {
         self.id = id
         self.name = name
+        self.nameBytes = nameBytes ?? Array(name.utf8)
         self.vmStateSize = vmStateSize
         self.dateSec = dateSec
         self.dateNsec = dateNsec

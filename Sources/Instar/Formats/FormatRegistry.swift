@@ -6,6 +6,10 @@ public enum FormatRegistry {
         Qcow2Format.descriptor,
     ].map(attachingCreator)
 
+    /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
+    /// `-f NAME`, so that their images fail clearly instead of being read as raw.
+    public static let recognized: [FormatDescriptor] = UnsupportedFormats.descriptors
+
     /// Create/measure entries by format name. They live beside each driver (RawCreate.swift,
     /// Qcow2Create.swift) and are merged into the descriptors here, so the reading side stays untouched.
     public static let creators: [FormatCreator] = [
@@ -26,6 +30,12 @@ public enum FormatRegistry {
         all.first { $0.name == name }
     }
 
+    /// The descriptor to open an image of format `name` (-f) with: a driver, or a recognised format whose open
+    /// fails with a clear error.
+    public static func openDescriptor(named name: String) -> FormatDescriptor? {
+        descriptor(named: name) ?? recognized.first { $0.name == name }
+    }
+
     /// Picks the format of `file` the way qemu does: the highest probe score over the first 2048 bytes wins, an
     /// empty file is raw.
     public static func probe(_ file: HostFile, filename: String) throws -> FormatDescriptor {
@@ -34,7 +44,7 @@ public enum FormatRegistry {
         let header = try file.readBytes(at: 0, count: Int(min(UInt64(probeSize), size)))
         var best = RawFormat.descriptor
         var bestScore = 0
-        for d in all {
+        for d in all + recognized {
             let score = d.probe(header, filename)
             if score > bestScore {
                 best = d

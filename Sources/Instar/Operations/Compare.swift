@@ -40,8 +40,12 @@ public enum CompareOperation {
 
         var offset: UInt64 = 0
         while offset < total {
-            let s1 = try ChainStatus.aboveStatus(a, at: offset, length: size1 - offset)
-            let s2 = try ChainStatus.aboveStatus(b, at: offset, length: size2 - offset)
+            let s1 = try StepError.wrap(.blockStatus, at: offset, operand: 0) {
+                try ChainStatus.aboveStatus(a, at: offset, length: size1 - offset)
+            }
+            let s2 = try StepError.wrap(.blockStatus, at: offset, operand: 1) {
+                try ChainStatus.aboveStatus(b, at: offset, length: size2 - offset)
+            }
             var chunk = min(s1.length, s2.length)
             if strict && !sameFlags(s1, s2) {
                 return CompareResult(identical: false, sizeMismatch: false, mismatchOffset: nil,
@@ -55,14 +59,16 @@ public enum CompareOperation {
                     let n = Int(chunk)
                     let p1 = UnsafeMutableRawBufferPointer(rebasing: buf1[0..<n])
                     let p2 = UnsafeMutableRawBufferPointer(rebasing: buf2[0..<n])
-                    try a.read(into: p1, at: offset)
-                    try b.read(into: p2, at: offset)
+                    try StepError.wrap(.read, at: offset, operand: 0) { try a.read(into: p1, at: offset) }
+                    try StepError.wrap(.read, at: offset, operand: 1) { try b.read(into: p2, at: offset) }
                     if let at = firstDifference(p1, p2) { return mismatch(offset + at) }
                 }
             } else {
                 chunk = min(chunk, bufferSize)
                 let p = UnsafeMutableRawBufferPointer(rebasing: buf1[0..<Int(chunk)])
-                try (s1.allocated ? a : b).read(into: p, at: offset)
+                try StepError.wrap(.read, at: offset, operand: s1.allocated ? 0 : 1) {
+                    try (s1.allocated ? a : b).read(into: p, at: offset)
+                }
                 if let at = firstNonZeroSector(p) { return mismatch(offset + at) }
             }
             offset += chunk
@@ -71,13 +77,16 @@ public enum CompareOperation {
         if size1 != size2 {
             message += "Warning: Image size mismatch!\n"
             let over = size1 > size2 ? a : b
+            let overOperand = size1 > size2 ? 0 : 1
             while offset < progressBase {
-                let s = try ChainStatus.aboveStatus(over, at: offset, length: progressBase - offset)
+                let s = try StepError.wrap(.blockStatus, at: offset, operand: overOperand) {
+                    try ChainStatus.aboveStatus(over, at: offset, length: progressBase - offset)
+                }
                 var chunk = s.length
                 if s.allocated && !s.zero {
                     chunk = min(chunk, bufferSize)
                     let p = UnsafeMutableRawBufferPointer(rebasing: buf1[0..<Int(chunk)])
-                    try over.read(into: p, at: offset)
+                    try StepError.wrap(.read, at: offset, operand: overOperand) { try over.read(into: p, at: offset) }
                     if let at = firstNonZeroSector(p) { return mismatch(offset + at) }
                 }
                 offset += chunk

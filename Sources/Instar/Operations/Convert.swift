@@ -132,7 +132,9 @@ public enum ConvertOperation {
             let src = sources[sourceIndex]
             let n = min(totalSectors - sector, requestMaxSectors)
             let offset = (sector - sourceStart) * sectorSize
-            let st = try ChainStatus.aboveStatus(src, at: offset, length: n * sectorSize)
+            let st = try StepError.wrap(.blockStatus, at: offset, operand: sourceIndex) {
+                try ChainStatus.aboveStatus(src, at: offset, length: n * sectorSize)
+            }
             var count = st.length.divCeil(sectorSize)
             let tail = (sector - sourceStart + count) % alignment[sourceIndex]
             if count > tail { count -= tail }
@@ -179,18 +181,29 @@ public enum ConvertOperation {
                 // Data and -S 0 zero stretches are at most one buffer long; other zero stretches are not read.
                 let bytes = Int(min(n, bufferSectors) * sectorSize)
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes])
+                // qemu-img names the failed chunk by its start in the concatenated source.
+                let chunkStart = segSector * sectorSize
                 if seg.status == .data {
-                    try sources[sourceIndex].read(into: chunk, at: (segSector - sourceStart) * sectorSize)
-                    try writeData(chunk, sector: segSector, to: targetFormat, minSparse: minSparse,
-                                  alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache)
+                    let source = sources[sourceIndex]
+                    try StepError.wrap(.read, at: chunkStart, operand: sourceIndex) {
+                        try source.read(into: chunk, at: (segSector - sourceStart) * sectorSize)
+                    }
+                    try StepError.wrap(.write, at: chunkStart) {
+                        try writeData(chunk, sector: segSector, to: targetFormat, minSparse: minSparse,
+                                      alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache)
+                    }
                 } else if minSparse == 0 {
                     chunk.initializeMemory(as: UInt8.self, repeating: 0)
-                    try writeData(chunk, sector: segSector, to: targetFormat, minSparse: 0, alignment: writeAlignment,
-                                  hasZeroInit: hasZeroInit, cache: options.targetCache)
+                    try StepError.wrap(.write, at: chunkStart) {
+                        try writeData(chunk, sector: segSector, to: targetFormat, minSparse: 0,
+                                      alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache)
+                    }
                 } else if !hasZeroInit {
-                    try targetFormat.writeZeroes(at: segSector * sectorSize, length: n * sectorSize, mayUnmap: true,
-                                                 backing: nil)
-                    if options.targetCache.writethrough { try targetFormat.flush() }
+                    try StepError.wrap(.write, at: chunkStart) {
+                        try targetFormat.writeZeroes(at: chunkStart, length: n * sectorSize, mayUnmap: true,
+                                                     backing: nil)
+                        if options.targetCache.writethrough { try targetFormat.flush() }
+                    }
                 }
                 segSector += n
                 left -= n

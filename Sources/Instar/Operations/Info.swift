@@ -111,14 +111,16 @@ public enum SnapshotTable {
         let clock = zeroPad(secs / 3600, 2) + ":" + zeroPad((secs / 60) % 60, 2) + ":" + zeroPad(secs % 60, 2) + "."
             + zeroPad(millis, 3)
         let icount = s.icount.map { String($0) } ?? ""
-        return pad(s.id, 9, left: true) + " " + pad(s.name, 16, left: true) + " "
+        // printf("%-16s") pads the name by its bytes in the image; text output shows U+FFFD for bytes that are
+        // not UTF-8, so the padding follows the stored bytes, not the text.
+        return pad(s.id, 9, left: true) + " " + pad(s.name, 16, left: true, byteCount: s.nameBytes.count) + " "
             + pad(SizeFormat.sizeToString(s.vmStateSize), 8, left: false) + pad(localDate(s.dateSec), 20, left: false)
             + pad(clock, 13, left: false) + pad(icount, 11, left: false)
     }
 
     /// printf's %-Ns / %Ns: pads by bytes, never truncates.
-    static func pad(_ s: String, _ width: Int, left: Bool) -> String {
-        let n = s.utf8.count
+    static func pad(_ s: String, _ width: Int, left: Bool, byteCount: Int? = nil) -> String {
+        let n = byteCount ?? s.utf8.count
         if n >= width { return s }
         let spaces = String(repeating: " ", count: width - n)
         return left ? s + spaces : spaces + s

@@ -70,10 +70,21 @@ public final class Qcow2Format: ImageFormat {
         }
         let ext = try Qcow2Extensions.parse(area: area, header: h)
         extensions = ext
+        // qcow2_do_open: unless opened only to describe the image (BDRV_O_NO_IO, qemu-img info), an AES image
+        // needs its key at open and a LUKS image its crypto header extension.
+        if !request.options.metadataOnly {
+            if h.cryptMethod == Qcow2.cryptAES && request.options.driverOptions["encrypt.key-secret"] == nil {
+                throw InstarError(.encrypted, "Parameter 'encrypt.key-secret' is required for cipher", errno: EINVAL)
+            }
+            if h.cryptMethod == Qcow2.cryptLUKS && ext.crypto == nil {
+                throw InstarError(.invalid, "Missing CRYPTO header for crypt method 2", errno: EINVAL)
+            }
+        }
 
         // qcow2.txt: incompatible bit 2 means guest data lives in the file the data file extension names.
-        if h.hasDataFile && request.options.metadataOnly {
-            // qemu-img info opens with BDRV_O_NO_IO and never touches the data file.
+        if request.options.metadataOnly {
+            // qemu-img info opens with BDRV_O_NO_IO and never touches the data file, nor (qemu's fix for
+            // CVE-2024-4467, in Debian's 7.2) checks that data-file-raw has one.
             externalDataFile = nil
             dataFile = file
         } else if h.hasDataFile {
@@ -121,7 +132,9 @@ public final class Qcow2Format: ImageFormat {
                 throw InstarError.invalid("Backing file name too long")
             }
             let bytes = try file.readBytes(at: h.backingFileOffset, count: Int(len))
-            backingReference = BackingReference(filename: Qcow2Snapshots.cString(bytes), format: ext.backingFormat)
+            let name = Qcow2Snapshots.cString(bytes)
+            // qemu keeps the name as a C string: an empty one (size 0, or a NUL first) means no backing file.
+            backingReference = name.isEmpty ? nil : BackingReference(filename: name, format: ext.backingFormat)
         } else {
             backingReference = nil
         }
@@ -135,6 +148,13 @@ public final class Qcow2Format: ImageFormat {
         mapper = Qcow2Mapper(header: h, file: file, l1: l1)
         refcounts = Qcow2RefcountReader(header: h, file: file)
         decompressor = Qcow2Decompressor(type: h.compressionType)
+        // qcow2_do_open: a writable open clears the autoclear bits it does not know at once (the extensions they
+        // vouch for may go stale), even if nothing is written later; a read-only open leaves them.
+        let knownAutoclear = Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw
+        if writable && h.version >= 3 && h.autoclearFeatures & ~knownAutoclear != 0 {
+            header.autoclearFeatures = h.autoclearFeatures & knownAutoclear
+            try file.write(Qcow2Writer.encodeBE64([header.autoclearFeatures]), at: 88)   // qcow2.txt: bytes 88-95
+        }
     }
 
     /// The writer, created on first use; read-only images refuse.

@@ -44,7 +44,8 @@ enum Qcow2Snapshots {
                 throw InstarError(.invalid, "Snapshot table is too big", errno: 27 /* EFBIG */)
             }
             out.append(SnapshotInfo(id: cString(id), name: cString(name), vmStateSize: vmState, dateSec: dateSec,
-                                    dateNsec: dateNsec, vmClockNsec: vmClock, icount: icount))
+                                    dateNsec: dateNsec, vmClockNsec: vmClock, icount: icount,
+                                    nameBytes: Array(name.prefix { $0 != 0 })))
         }
         return out
     }
