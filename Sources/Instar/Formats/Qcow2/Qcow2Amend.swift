@@ -103,7 +103,8 @@ extension Qcow2Format: ImageAmendable {
                 throw InstarError(.invalid, "Refcount widths other than 16 bits require compatibility level 1.1 "
                     + "or above (use compat=1.1 or greater)", errno: EINVAL)
             }
-            throw InstarError(.unsupported, "Changing the refcount width is not supported", errno: ENOTSUP)
+            meter.start(3)
+            try w.changeRefcountOrder(UInt64(refcountBits.trailingZeroBitCount)) { try meter.status($0, $1) }
         }
         // data_file_raw can only stay as it is, or be cleared (there is no data file to write here).
         try w.flushAll()
