@@ -73,6 +73,13 @@ CASES = [
     ("", ["-o", "size=8M,compat=0.10", "IMG"]),
     ("", ["-o", "refcount_bits=16", "IMG"]),
     ("", ["-o", "refcount_bits=3", "IMG"]),
+    ("", ["-o", "refcount_bits=1", "IMG"]),
+    ("", ["-p", "-o", "refcount_bits=64", "IMG"]),
+    ("refcount_bits=64", ["-o", "refcount_bits=2", "IMG"]),
+    ("refcount_bits=1", ["-o", "refcount_bits=8", "IMG"]),
+    ("compat=0.10", ["-p", "-o", "compat=1.1,refcount_bits=4", "IMG"]),
+    ("refcount_bits=4", ["-p", "-o", "refcount_bits=16,compat=0.10", "IMG"]),
+    ("lazy_refcounts=on", ["-o", "refcount_bits=32", "IMG"]),
     ("", ["-o", "compat=0.10,refcount_bits=8", "IMG"]),
     ("refcount_bits=8", ["-o", "compat=0.10", "IMG"]),
     ("cluster_size=16384,extended_l2=on", ["-o", "compat=0.10", "IMG"]),
@@ -132,3 +139,35 @@ def test_snapshots(tmp):
     same_amend(tmp, src, ["-o", "compat=0.10", "IMG"])
     same_amend(tmp, src, ["-o", "lazy_refcounts=on", "IMG"])
     same_amend(tmp, src, ["-o", "size=8M", "IMG"])
+
+
+REFCOUNT_LAYOUTS = [
+    # (create options, image size, extra qemu-io commands)
+    ("cluster_size=512", "4M", []),
+    ("cluster_size=512,refcount_bits=1", "16M", ["write -P 7 8M 2M"]),
+    ("cluster_size=1024,refcount_bits=64", "8M", ["write -P 7 5M 1M"]),
+    ("cluster_size=65536", "64M", ["write -P 7 40M 4M"]),
+]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("layout", range(len(REFCOUNT_LAYOUTS)))
+def test_refcount_bits(tmp, layout, bits):
+    opts, size, cmds = REFCOUNT_LAYOUTS[layout]
+    src = image(tmp, opts, size=size, writes=DATA, zeroes=ZEROES)
+    args = ["-f", "qcow2", "-c", "write -c -P 4 3M 64k"]
+    for c in cmds:
+        args += ["-c", c]
+    qemu_io(*args, src)
+    same_amend(tmp, src, ["-p", "-o", f"refcount_bits={bits}", "IMG"])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 8, 64])
+def test_refcount_bits_snapshots(tmp, bits):
+    src = image(tmp, "cluster_size=4096", writes=DATA, zeroes=ZEROES)
+    qemu_io("-f", "qcow2", "-c", "write -c -P 4 3M 64k", src)
+    qimg("snapshot", "-c", "s1", src)
+    qemu_io("-f", "qcow2", "-c", "write -P 5 1M 64k", src)
+    qimg("snapshot", "-c", "s2", src)
+    # 1 bit cannot hold the refcount 2 of shared clusters: qemu's error, image left as qemu leaves it.
+    same_amend(tmp, src, ["-o", f"refcount_bits={bits}", "IMG"])
