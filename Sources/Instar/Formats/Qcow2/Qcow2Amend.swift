@@ -418,7 +418,14 @@ extension Qcow2Writer {
                         }
                         host = try allocateClusters(1)
                         if l2Refcount > 1 {
-                            for _ in 1..<l2Refcount { try changeRefcount(ofCluster: host >> clusterBits, by: 1) }
+                            // Shared L2 table: the new cluster is referenced as often as the table is.
+                            let cluster = host >> clusterBits
+                            if let rb = try blockOffset(tableIndex: cluster >> refBlockBits) {
+                                let e = try refBlock(at: rb)
+                                Qcow2Writer.setEntry(&e.table, index: cluster & refIndexMask, order: refOrder,
+                                                     value: l2Refcount)
+                                rbCache.markDirty(e)
+                            }
                         }
                         try flushRefcounts()
                     }
