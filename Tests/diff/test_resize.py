@@ -229,3 +229,62 @@ def test_python_and_c_api(tmp):
     with pytest.raises(instar.InstarError) as e:
         instar.amend(b, "cluster_size=4k")
     assert "only supported for image creation" in str(e.value)
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+@pytest.mark.parametrize("old,new", [("1000k", "6M"), ("1M", "12M"), ("640k", "1100k"), ("1M", "+512")])
+def test_overlay_grows_over_longer_backing(tmp, compat, old, new):
+    """qemu zeroes the grown tail of an overlay whose backing file is longer than its old size."""
+    base = os.path.join(tmp, "base.qcow2")
+    qimg("create", "-q", "-f", "qcow2", base, "8M")
+    qemu_io("-f", "qcow2", "-c", "write -P 9 0 8M", base)
+    top = os.path.join(tmp, "top.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", "-b", "base.qcow2", "-F", "qcow2", top, old)
+    qemu_io("-f", "qcow2", "-c", "write -P 1 0 4k", top)
+    a, b = os.path.join(tmp, "q.qcow2"), os.path.join(tmp, "i.qcow2")
+    shutil.copyfile(top, a)
+    shutil.copyfile(top, b)
+    q = qemu("resize", "q.qcow2", new, cwd=tmp)
+    i = instar("resize", "i.qcow2", new, cwd=tmp)
+    assert (i.rc, i.out, i.err.replace("i.qcow2", "q.qcow2")) == (q.rc, q.out, q.err), (q, i)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    if q.rc == 0:
+        r = qemu("compare", "-f", "qcow2", "-F", "qcow2", a, b)
+        assert r.rc == 0, r
+
+
+HOLD = r"""
+import fcntl, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+# OFD read lock on one byte of QEMU's lock area (struct flock: type, whence, start, len, pid).
+fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, int(sys.argv[2]), 1, 0))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+@pytest.mark.parametrize("byte", [101, 103, 203])
+@pytest.mark.parametrize("cmd", [["resize", "IMG", "+1M"], ["amend", "-o", "size=3M", "IMG"]])
+def test_resize_permission_lock(tmp, fmt, byte, cmd):
+    """Another process using (103) or refusing to share (203) the resize permission, as a second qemu
+    would: resize takes the permission, and so does any writable qcow2 open."""
+    import subprocess
+    import sys
+    if fmt == "raw" and cmd[0] == "amend":
+        pytest.skip("raw has no amend")
+    img = os.path.join(tmp, "img")
+    qimg("create", "-q", "-f", fmt, img, "1M")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, img, str(byte)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = [x if x != "IMG" else "img" for x in cmd]
+        args.insert(1, "-f")
+        args.insert(2, fmt)
+        q = qemu(*args, cwd=tmp)
+        i = instar(*args, cwd=tmp)
+        assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err.replace("qemu-img:", "instar:")), (q, i)
+    finally:
+        holder.stdin.close()
+        holder.wait()

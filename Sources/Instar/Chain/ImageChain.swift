@@ -209,8 +209,14 @@ public enum ImageOpener {
         if descriptor.sharesWrites && !writable && !opts.forceShare && depth == 0 && !opts.noShareWrite {
             // qemu passes a plain reader's "share everything" through raw to the file.
             try ImageLock.acquire(file, perm: [.consistentRead], shared: .all)
+        } else if descriptor.sharesWrites && writable && opts.resize && depth == 0 {
+            // qemu-img resize's BlockBackend shares everything, and raw passes that through to the file.
+            try ImageLock.acquire(file, perm: [.consistentRead, .write, .resize], shared: .all)
         } else {
-            try ImageLock.acquireForOpen(file, writable: writable, forceShare: opts.forceShare)
+            // A format with its own metadata takes the resize permission on its file whenever it may write
+            // (qemu's bdrv_default_perms_for_storage); pass-through formats only when resizing.
+            try ImageLock.acquireForOpen(file, writable: writable, forceShare: opts.forceShare,
+                                         resize: writable && (opts.resize || !descriptor.sharesWrites))
         }
         opts.driverOptions = spec.driverOptions
         let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: directoryName(spec.filename),

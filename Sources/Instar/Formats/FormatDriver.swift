@@ -184,6 +184,8 @@ public struct ImageOpenOptions {
     /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
     /// the files that hold guest data only (an external qcow2 data file), which then need not exist.
     public var metadataOnly = false
+    /// qemu's BDRV_O_RESIZE: the top image is opened to change its size, and takes the resize permission.
+    public var resize = false
     /// Driver options from a json: filename or --image-opts (for raw: "offset", "size").
     public var driverOptions: [String: QObject] = [:]
     /// Secrets by id, from --object secret,id=...,data=...

@@ -61,7 +61,13 @@ public enum AmendOperation {
         var list: [AmendOption] = []
         for (n, v) in try CreateOptionValues.split(optionList) { list.append(AmendOption(name: n, value: v)) }
         try options.progress?(0)
-        try amendable.amend(options: list, force: options.force, backing: layer.backing, progress: options.progress)
+        do {
+            try amendable.amend(options: list, force: options.force, backing: layer.backing, progress: options.progress)
+        } catch {
+            // qemu-img completes the progress line before it reports the driver's error.
+            try? options.progress?(100)
+            throw error
+        }
         try options.progress?(100)
         closed = true
         try layer.close()

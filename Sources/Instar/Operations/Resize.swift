@@ -54,8 +54,10 @@ public enum ResizeOperation {
     /// Resizes `name`: to `size` bytes, or by `size` (signed) bytes when `relative`. Errors carry qemu-img's
     /// full message (after the "qemu-img: " prefix).
     public static func run(_ name: String, size: Int64, relative: Bool, options: Options) throws {
+        var open = options.open
+        open.resize = true
         let layer = try openForWrite(name, format: options.format, imageOpts: options.imageOpts,
-                                     open: options.open, warn: options.warn)
+                                     open: open, warn: options.warn)
         var closed = false
         defer { if !closed { try? layer.close() } }
         let current = Int64(clamping: layer.virtualSize)

@@ -85,8 +85,12 @@ extension Qcow2Format: ImageAmendable {
             meter.start(1)
             try meter.status(0, 2)
             if try snapshotsNeedV3Update() {
-                throw InstarError(.unsupported, "Failed to update the snapshot table: Operation not supported",
-                                  errno: ENOTSUP)
+                // v3 wants every entry to carry the 64-bit VM state size and the disk size; the table is
+                // written again in that form.
+                let table = try Qcow2SnapshotTable.read(file: file, offset: header.snapshotsOffset,
+                                                        count: Int(header.nbSnapshots), diskSize: virtualSize,
+                                                        repair: false)
+                try w.writeSnapshotTable(table.entries, oldSize: table.size)
             }
             try meter.status(1, 2)
             try w.flushAll()
@@ -103,7 +107,8 @@ extension Qcow2Format: ImageAmendable {
                 throw InstarError(.invalid, "Refcount widths other than 16 bits require compatibility level 1.1 "
                     + "or above (use compat=1.1 or greater)", errno: EINVAL)
             }
-            throw InstarError(.unsupported, "Changing the refcount width is not supported", errno: ENOTSUP)
+            meter.start(3)
+            try w.changeRefcountOrder(UInt64(refcountBits.trailingZeroBitCount)) { try meter.status($0, $1) }
         }
         // data_file_raw can only stay as it is, or be cleared (there is no data file to write here).
         try w.flushAll()
@@ -349,71 +354,114 @@ extension Qcow2Writer {
         }
     }
 
-    /// qcow2_expand_zero_clusters for the active L1 table: zero clusters become data clusters holding zeroes,
-    /// or, without a backing file, plain unallocated clusters (which then read as zeroes anyway).
+    /// qcow2_expand_zero_clusters: in the active L1 table and then in every snapshot's, zero clusters become
+    /// data clusters holding zeroes, or, without a backing file, plain unallocated clusters (which then read as
+    /// zeroes anyway). L2 tables shared with snapshots get new clusters whose refcount is the table's.
     func expandZeroClusters(hasBacking: Bool, meter: inout AmendProgress) throws {
-        let l1Count = UInt64(mapper.l1.count)
-        if header.nbSnapshots != 0 {
-            // Snapshot L1 tables share L2 tables with the active one; only images without zero clusters are
-            // handled then.
-            var pos: UInt64 = 0
-            let size = format.virtualSize
-            while pos < size {
-                let run = try mapper.lookup(pos, maxBytes: size - pos)
-                if run.kind == .zeroPlain || run.kind == .zeroAlloc {
-                    throw InstarError(.unsupported, "Failed to turn zero into data clusters: Operation not supported",
-                                      errno: ENOTSUP)
-                }
-                pos += max(run.length, 1)
-            }
-        }
-        var total = Int64(l1Count)
-        for s in try format.snapshotL1Sizes() { total += Int64(s) }
+        let snapshotTables = try format.snapshotL1Tables()
+        var total = Int64(mapper.l1.count)
+        for s in snapshotTables { total += Int64(s.size) }
         var visited: Int64 = 0
-        for i in 0..<l1Count {
-            let l2Offset = mapper.l1[Int(i)] & Qcow2.l1OffsetMask
-            if l2Offset != 0 && header.nbSnapshots == 0 {
-                let l2 = try l2Entry(at: l2Offset)
-                for k in 0..<l2Entries {
-                    let (entry, _) = entryPair(l2.table, k)
+        try expandZeroClusters(inL1: mapper.l1, active: true, hasBacking: hasBacking, visited: &visited,
+                               total: total, meter: &meter)
+        // Snapshot L1 tables may name active L2 tables: those must be on disk and out of the cache before
+        // they are changed directly in the file.
+        try flushAll()
+        for key in Array(l2Cache.entries.keys) { l2Cache.remove(at: key) }
+        mapper.cache.removeAll()
+        for s in snapshotTables {
+            guard UInt64(s.size) <= Qcow2.maxL1Bytes / 8 else {
+                throw InstarError(.range, "Snapshot L1 table too large", errno: EFBIG)
+            }
+            guard s.offset & (clusterSize - 1) == 0, s.offset <= UInt64(Int64.max) - UInt64(s.size) * 8 else {
+                throw InstarError(.invalid, "Snapshot L1 table offset invalid", errno: EINVAL)
+            }
+            let bytes = try file.readExactly(at: s.offset, count: Int(s.size) * 8, what: "snapshot L1 table")
+            let l1 = Qcow2Mapper.decodeBE64(bytes, count: Int(s.size))
+            try expandZeroClusters(inL1: l1, active: false, hasBacking: hasBacking, visited: &visited, total: total,
+                                   meter: &meter)
+        }
+        try flushAll()
+        format.forgetDecompressed()
+    }
+
+    /// expand_zero_clusters_in_l1 for one L1 table; the active one goes through the L2 cache, the others are
+    /// read and written directly.
+    private func expandZeroClusters(inL1 l1: [UInt64], active: Bool, hasBacking: Bool, visited: inout Int64,
+                                    total: Int64, meter: inout AmendProgress) throws {
+        for (i, l1Entry) in l1.enumerated() {
+            let l2Offset = l1Entry & Qcow2.l1OffsetMask
+            if l2Offset != 0 {
+                if l2Offset & (clusterSize - 1) != 0 {
+                    throw InstarError(.corrupt, "L2 table offset \(hex(l2Offset)) unaligned (L1 index: \(hex(UInt64(i))))",
+                                      errno: EIO)
+                }
+                let l2Refcount = try refcount(ofCluster: l2Offset >> clusterBits)
+                var table: [UInt64]
+                let cached = active ? try l2Entry(at: l2Offset) : nil
+                if let c = cached {
+                    table = c.table
+                } else {
+                    let raw = try file.readExactly(at: l2Offset, count: Int(clusterSize), what: "L2 table")
+                    table = Qcow2Mapper.decodeBE64(raw, count: Int(clusterSize / 8))
+                }
+                var dirty = false
+                for k in 0..<table.count {
+                    let entry = table[k]
                     if entry & Qcow2.l2Compressed != 0 || entry & Qcow2.l2Zero == 0 { continue }
                     var host = entry & Qcow2.l2OffsetMask
                     if host == 0 {
                         if !hasBacking {
-                            setEntryPair(l2, k, 0, 0)
+                            table[k] = 0
+                            dirty = true
                             continue
                         }
                         host = try allocateClusters(1)
+                        if l2Refcount > 1 {
+                            // Shared L2 table: the new cluster is referenced as often as the table is.
+                            let cluster = host >> clusterBits
+                            if let rb = try blockOffset(tableIndex: cluster >> refBlockBits) {
+                                let e = try refBlock(at: rb)
+                                Qcow2Writer.setEntry(&e.table, index: cluster & refIndexMask, order: refOrder,
+                                                     value: l2Refcount)
+                                rbCache.markDirty(e)
+                            }
+                        }
                         try flushRefcounts()
                     }
+                    if host & (clusterSize - 1) != 0 {
+                        throw InstarError(.corrupt, "Cluster allocation offset \(hex(host)) unaligned (L2 offset: "
+                            + "\(hex(l2Offset)), L2 index: \(hex(UInt64(k))))", errno: EIO)
+                    }
                     try file.writeZeroes(at: host, length: clusterSize)
-                    setEntryPair(l2, k, host | Qcow2.l2Copied, 0)
+                    table[k] = l2Refcount == 1 ? host | Qcow2.l2Copied : host
+                    dirty = true
                 }
-                try flushAll()
+                if dirty {
+                    if let c = cached {
+                        c.table = table
+                        l2Cache.markDirty(c)
+                        l2DependsOnFlush = true
+                    } else {
+                        try file.write(Qcow2Writer.encodeBE64(table), at: l2Offset)
+                    }
+                }
             }
             visited += 1
             try meter.status(visited, total)
         }
-        for _ in try format.snapshotL1Sizes() {
-            // Their entries were checked above; only the progress moves.
-        }
-        if visited < total {
-            visited = total
-            try meter.status(visited, total)
-        }
-        format.forgetDecompressed()
     }
 }
 
 extension Qcow2Format {
-    /// The L1 sizes of the internal snapshots, in table order.
-    func snapshotL1Sizes() throws -> [UInt32] {
-        var out: [UInt32] = []
+    /// The L1 tables (offset, entries) of the internal snapshots, in table order.
+    func snapshotL1Tables() throws -> [(offset: UInt64, size: UInt32)] {
+        var out: [(offset: UInt64, size: UInt32)] = []
         var offset = header.snapshotsOffset
         for _ in 0..<Int(header.nbSnapshots) {
             offset = try offset.alignedUp(8)
             let h = ByteReader(try file.readBytes(at: offset, count: Int(Qcow2.snapshotHeaderSize)), what: "snapshot table")
-            out.append(try h.u32be(at: 8))
+            out.append((try h.u64be(at: 0), try h.u32be(at: 8)))
             let idSize = UInt64(try h.u16be(at: 12))
             let nameSize = UInt64(try h.u16be(at: 14))
             let extraSize = UInt64(try h.u32be(at: 36))

@@ -42,6 +42,11 @@ extension Qcow2Writer {
             if preallocation != .off && newSize > oldLength {
                 try preallocate(from: oldLength, to: newSize, mode: preallocation)
             }
+            // bdrv_co_truncate: a backing file longer than the old size would show through the new area, so
+            // it is zeroed (BDRV_REQ_ZERO_WRITE).
+            if let backing, newSize > oldLength, backing.virtualSize > oldLength {
+                try zeroGrownArea(from: oldLength, to: newSize, backing: backing)
+            }
         }
         // The header's size changes last, once the tables cover the new size.
         try flushAll()
@@ -55,6 +60,37 @@ extension Qcow2Writer {
     }
 
     // MARK: Growing
+
+    /// The zero-write part of qcow2_co_truncate: zero flags from the first subcluster boundary on (the last,
+    /// partial cluster included), explicit zeroes for the unaligned head.
+    private func zeroGrownArea(from oldLength: UInt64, to newSize: UInt64, backing: GuestReader) throws {
+        let zeroStart = try oldLength.alignedUp(subclusterSize)
+        let savedSize = format.header.size
+        // The zero write covers the new area, which the image must already span.
+        format.header.size = newSize
+        defer { format.header.size = savedSize }
+        if newSize > zeroStart {
+            // The zero flag needs version 3.
+            if header.version < 3 {
+                throw InstarError(.unsupported, "Failed to zero out new clusters: Operation not supported",
+                                  errno: ENOTSUP)
+            }
+            do {
+                try writeZeroes(at: zeroStart, length: newSize - zeroStart, mayUnmap: false, backing: backing)
+            } catch let e as InstarError {
+                throw e.prepending("Failed to zero out new clusters: ")
+            }
+        }
+        if zeroStart > oldLength {
+            let len = min(zeroStart, newSize) - oldLength
+            let zeros = [UInt8](repeating: 0, count: Int(len))
+            do {
+                try zeros.withUnsafeBytes { try write($0, at: oldLength, backing: backing) }
+            } catch let e as InstarError {
+                throw e.prepending("Failed to zero out the new area: ")
+            }
+        }
+    }
 
     /// qcow2_grow_l1_table with an exact size: the new table takes exactly `entries` * 8 bytes (the file may
     /// end inside its last cluster), the header switches to it, then the old table is freed.

@@ -13,10 +13,10 @@ final class Qcow2Writer {
     let l2Entries: UInt64
     let extended: Bool
     let subclusterSize: UInt64
-    let refOrder: UInt64
-    let refBlockBits: UInt64
-    let refIndexMask: UInt64
-    let refMax: UInt64
+    var refOrder: UInt64
+    var refBlockBits: UInt64
+    var refIndexMask: UInt64
+    var refMax: UInt64
     let lazyRefcounts: Bool
     var reftable: [UInt64]
 

@@ -1,0 +1,171 @@
+import Glibc
+
+/// One snapshot table entry as qemu keeps it in memory (QCowSnapshot): enough to write the table again.
+struct Qcow2SnapshotEntry {
+    var l1TableOffset: UInt64
+    var l1Size: UInt32
+    var vmStateSize: UInt64
+    var dateSec: UInt32
+    var dateNsec: UInt32
+    var vmClockNsec: UInt64
+    var icount: UInt64
+    var diskSize: UInt64
+    /// Size of all extra data as stored (possibly capped when check drops an oversized one).
+    var extraDataSize: UInt32
+    /// Extra data past the 24 bytes qemu knows.
+    var unknownExtra: [UInt8]
+    var id: [UInt8]
+    var name: [UInt8]
+}
+
+/// The snapshot table as a list of entries (qemu's qcow2_do_read_snapshots and qcow2_write_snapshots).
+enum Qcow2SnapshotTable {
+    // qcow2.txt "Snapshots": a 40-byte fixed header; known extra data is 24 bytes (VM state size, disk size,
+    // icount).
+    static let knownExtraBytes: UInt32 = 24
+
+    struct ReadResult {
+        var entries: [Qcow2SnapshotEntry] = []
+        /// Bytes from the table start to the end of the last entry read.
+        var size: UInt64 = 0
+        /// Entries dropped off the end because the table is too big (repair only).
+        var reduced = 0
+        /// Entries whose oversized extra data was cut (repair only).
+        var extraDropped = 0
+        /// The messages qemu prints while repairing.
+        var messages: [String] = []
+    }
+
+    /// Reads `count` entries at `offset`. With `repair`, oversized extra data is cut and a too-long table is
+    /// shortened instead of failing.
+    static func read(file: HostFile, offset start: UInt64, count: Int, diskSize: UInt64,
+                     repair: Bool) throws -> ReadResult {
+        var r = ReadResult()
+        var offset = start
+        var tableLength: UInt64 = 0
+        for i in 0..<count {
+            let entryStart = offset
+            tableLength = try tableLength.alignedUp(8)
+            offset = try offset.alignedUp(8)
+            let h = ByteReader(try file.readExactly(at: offset, count: Int(Qcow2.snapshotHeaderSize),
+                                                     what: "snapshot table"), what: "snapshot table")
+            offset = try offset.adding(Qcow2.snapshotHeaderSize)
+            // qcow2.txt: bytes 0-7 l1_table_offset, 8-11 l1_size, 12-13 id_str_size, 14-15 name_size,
+            // 16-19 date_sec, 20-23 date_nsec, 24-31 vm_clock_nsec, 32-35 vm_state_size, 36-39 extra_data_size.
+            var e = Qcow2SnapshotEntry(
+                l1TableOffset: try h.u64be(at: 0), l1Size: try h.u32be(at: 8),
+                vmStateSize: UInt64(try h.u32be(at: 32)), dateSec: try h.u32be(at: 16),
+                dateNsec: try h.u32be(at: 20), vmClockNsec: try h.u64be(at: 24), icount: UInt64.max,
+                diskSize: diskSize, extraDataSize: try h.u32be(at: 36), unknownExtra: [], id: [], name: [])
+            let idSize = UInt64(try h.u16be(at: 12))
+            let nameSize = UInt64(try h.u16be(at: 14))
+            var truncateUnknown = false
+            if e.extraDataSize > Qcow2.maxSnapshotExtraData {
+                if !repair {
+                    throw InstarError(.invalid, "Too much extra metadata in snapshot table entry \(i)\nYou can "
+                        + "force-remove this extra metadata with qemu-img check -r all", errno: EFBIG)
+                }
+                r.messages.append("Discarding too much extra metadata in snapshot table entry \(i) "
+                    + "(\(e.extraDataSize) > \(Qcow2.maxSnapshotExtraData))")
+                r.extraDropped += 1
+                truncateUnknown = true
+            }
+            let known = min(knownExtraBytes, e.extraDataSize)
+            let extra = ByteReader(try file.readExactly(at: offset, count: Int(known), what: "snapshot table"),
+                                   what: "snapshot table")
+            offset = try offset.adding(UInt64(known))
+            if e.extraDataSize >= 8 { e.vmStateSize = try extra.u64be(at: 0) }
+            if e.extraDataSize >= 16 { e.diskSize = try extra.u64be(at: 8) }
+            if e.extraDataSize >= 24 { e.icount = try extra.u64be(at: 16) }
+            if e.extraDataSize > knownExtraBytes {
+                let extraEnd = try offset.adding(UInt64(e.extraDataSize - knownExtraBytes))
+                if truncateUnknown { e.extraDataSize = UInt32(Qcow2.maxSnapshotExtraData) }
+                e.unknownExtra = try file.readExactly(at: offset, count: Int(e.extraDataSize - knownExtraBytes),
+                                                      what: "snapshot table")
+                offset = extraEnd
+            }
+            e.id = Array(try file.readExactly(at: offset, count: Int(idSize), what: "snapshot table")
+                .prefix { $0 != 0 })
+            offset = try offset.adding(idSize)
+            e.name = Array(try file.readExactly(at: offset, count: Int(nameSize), what: "snapshot table")
+                .prefix { $0 != 0 })
+            offset = try offset.adding(nameSize)
+            tableLength += Qcow2.snapshotHeaderSize + UInt64(e.extraDataSize) + idSize + nameSize
+            if tableLength > Qcow2.maxSnapshotTableBytes || offset - start > UInt64(Int32.max) {
+                if !repair {
+                    throw InstarError(.invalid, "Snapshot table is too big\nYou can force-remove all \(count - i) "
+                        + "overhanging snapshots with qemu-img check -r all", errno: EFBIG)
+                }
+                r.messages.append("Discarding \(count - i) overhanging snapshots (snapshot table is too big)")
+                r.reduced += count - i
+                offset = entryStart
+                break
+            }
+            r.entries.append(e)
+        }
+        r.size = offset - start
+        return r
+    }
+}
+
+extension Qcow2Writer {
+    /// qcow2_write_snapshots: the table is written anew in v3 form (at least 24 bytes of extra data) into
+    /// fresh clusters, the header switched to it, and the old table freed (and discarded, as qemu passes
+    /// snapshot discards down by default).
+    func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64) throws {
+        var size: UInt64 = 0
+        for e in entries {
+            size = try size.alignedUp(8)
+            size += Qcow2.snapshotHeaderSize + UInt64(max(Qcow2SnapshotTable.knownExtraBytes, e.extraDataSize))
+                + UInt64(e.id.count) + UInt64(e.name.count)
+            guard size <= Qcow2.maxSnapshotTableBytes else {
+                throw InstarError(.range, "File too large", errno: EFBIG)
+            }
+        }
+        let clusters = size.divCeil(clusterSize)
+        let tableOffset = clusters == 0 ? 0 : try allocateClusters(clusters)
+        try flushAll()
+        try file.sync()
+        var offset = tableOffset
+        func be(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> UInt64(8 * (n - 1 - $0))) } }
+        for e in entries {
+            offset = try offset.alignedUp(8)
+            var h = be(e.l1TableOffset, 8) + be(UInt64(e.l1Size), 4)
+            h += be(UInt64(e.id.count), 2) + be(UInt64(e.name.count), 2)
+            h += be(UInt64(e.dateSec), 4) + be(UInt64(e.dateNsec), 4) + be(e.vmClockNsec, 8)
+            // A VM state too big for 32 bits reads as disk-only to older readers.
+            h += be(e.vmStateSize <= UInt64(UInt32.max) ? e.vmStateSize : 0, 4)
+            h += be(UInt64(max(Qcow2SnapshotTable.knownExtraBytes, e.extraDataSize)), 4)
+            try file.write(h, at: offset)
+            offset += Qcow2.snapshotHeaderSize
+            try file.write(be(e.vmStateSize, 8) + be(e.diskSize, 8) + be(e.icount, 8), at: offset)
+            offset += UInt64(Qcow2SnapshotTable.knownExtraBytes)
+            if !e.unknownExtra.isEmpty {
+                try file.write(e.unknownExtra, at: offset)
+                offset += UInt64(e.unknownExtra.count)
+            }
+            if !e.id.isEmpty { try file.write(e.id, at: offset) }
+            offset += UInt64(e.id.count)
+            if !e.name.isEmpty { try file.write(e.name, at: offset) }
+            offset += UInt64(e.name.count)
+        }
+        try file.sync()
+        // qcow2.txt: header bytes 60-63 nb_snapshots, 64-71 snapshots_offset, written at once.
+        try file.write(be(UInt64(entries.count), 4) + be(tableOffset, 8), at: 60)
+        try file.sync()
+        let oldOffset = header.snapshotsOffset
+        header.nbSnapshots = UInt32(entries.count)
+        header.snapshotsOffset = tableOffset
+        format.header.nbSnapshots = header.nbSnapshots
+        format.header.snapshotsOffset = tableOffset
+        if oldSize > 0 && oldOffset != 0 {
+            try freeRange(oldOffset, oldSize)
+            try flushAll()
+            let first = oldOffset >> clusterBits
+            let last = (oldOffset + oldSize - 1) >> clusterBits
+            for c in first...last where try refcount(ofCluster: c) == 0 {
+                try file.punchHole(at: c << clusterBits, length: clusterSize)
+            }
+        }
+    }
+}
