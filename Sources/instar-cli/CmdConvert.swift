@@ -43,11 +43,16 @@ func convertCommand(_ args: [String]) -> Int32 {
     var quiet = false
     var forceShare = false
     var imageOpts = false
+    var targetImageOpts = false
     var createOptions: String?
     var sourceCache = "writeback"
     var targetCache = "unsafe"
-    var backing: String?
-    var bitmaps = false
+    var copyRange = false
+    var explicitSparse = false
+    var salvage = false
+    var snapshotName: String?
+    var snapshotID: String?
+    var snapshotOpts = false
     for (c, arg) in parsed.options {
         let a = arg ?? ""
         switch c {
@@ -55,13 +60,37 @@ func convertCommand(_ args: [String]) -> Int32 {
         case .opt("h"): CLI.out.write(helpText); return 0
         case .opt("f"): sourceFormat = a
         case .opt("O"): targetFormat = a
-        case .opt("B"): backing = a
+        case .opt("B"): options.backingFile = a
+        case .opt("F"): options.backingFormat = a
+        case .opt("C"): copyRange = true
         case .opt("c"): options.compress = true
-        case .opt("o"): createOptions = createOptions.map { $0 + "," + a } ?? a
+        case .opt("o"):
+            if !accumulateOptions(&createOptions, a) { return 1 }
+        case .opt("l"):
+            if a.hasPrefix("snapshot.") {
+                // qemu_opts_parse_noisily over internal_snapshot_opts: snapshot.id and snapshot.name only.
+                do {
+                    for (k, v) in try CreateOptionValues.splitList(a) {
+                        switch k {
+                        case "snapshot.id": snapshotID = v
+                        case "snapshot.name": snapshotName = v
+                        default: throw InstarError.invalid("Invalid parameter '\(k)'")
+                        }
+                    }
+                } catch let e as InstarError {
+                    CLI.error(e.message)
+                    CLI.error("Failed in parsing snapshot param '\(a)'")
+                    return 1
+                } catch { return 1 }
+                snapshotOpts = true
+            } else {
+                snapshotName = a
+            }
         case .opt("S"):
             guard let v = cvtnum("buffer size for sparse output", a) else { return 1 }
             if let msg = ConvertOperation.sparseSizeError(UInt64(v)) { CLI.error(msg); return 1 }
             options.sparseSize = UInt64(v)
+            explicitSparse = true
         case .opt("p"): progress = true
         case .opt("t"): targetCache = a
         case .opt("T"): sourceCache = a
@@ -72,49 +101,81 @@ func convertCommand(_ args: [String]) -> Int32 {
                 CLI.error("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
                 return 1
             }
+            options.coroutines = m
+        case .opt("W"): options.unorderedWrites = true
         case .opt("U"): forceShare = true
         case .opt("r"):
-            guard cvtnum("rate limit", a) != nil else { return 1 }
+            guard let r = cvtnum("rate limit", a) else { return 1 }
+            options.rateLimit = UInt64(r)
         case optImageOpts: imageOpts = true
+        case optTargetImageOpts: targetImageOpts = true
+        case optSalvage: salvage = true
         case optTargetIsZero: options.targetIsZero = true
-        case optBitmaps: bitmaps = true
+        case optBitmaps: options.bitmaps = true
+        case optSkipBrokenBitmaps: options.skipBrokenBitmaps = true
         default: break
         }
     }
-    if quiet { progress = false }
-    if options.targetIsZero && !options.noCreate {
-        CLI.error("--target-is-zero requires use of -n flag")
+    if options.skipBrokenBitmaps && !options.bitmaps {
+        CLI.error("Use of --skip-broken-bitmaps requires --bitmaps")
+        return 1
+    }
+    if copyRange && options.compress {
+        CLI.error("Cannot enable copy offloading when -c is used")
+        return 1
+    }
+    if explicitSparse && copyRange {
+        CLI.error("Cannot enable copy offloading when -S is used")
+        return 1
+    }
+    if copyRange && salvage {
+        CLI.error("Cannot use copy offloading in salvaging mode")
+        return 1
+    }
+    if targetImageOpts && !options.noCreate {
+        CLI.error("--target-image-opts requires use of -n flag")
         return 1
     }
     if options.noCreate && createOptions != nil {
         CLI.error("-o has no effect when skipping image creation")
         return 1
     }
+    if options.targetIsZero && !options.noCreate {
+        CLI.error("--target-is-zero requires use of -n flag")
+        return 1
+    }
     let files = parsed.operands
+    let fmt = targetFormat ?? "raw"
+    if let o = createOptions, CreateOptionValues.wantsHelp(o) {
+        return printOptionHelp(filename: files.count >= 2 ? files.last : nil, format: fmt)
+    }
     guard files.count >= 2 else {
         CLI.error("Must specify image file name")
         return 1
     }
     let target = files[files.count - 1]
-    let sourceNames = files.dropLast()
+    let sourceNames = Array(files.dropLast())
     guard let srcCache = CacheMode(qemuName: sourceCache) else {
         CLI.error("Invalid source cache option: \(sourceCache)")
         return 1
     }
+    if quiet { progress = false }
+    options.targetFormat = fmt
+    options.createOptions = createOptions
+    options.targetCacheName = targetCache
     options.progress = progressPrinter(progress)
     var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
     try? meter.advance(0, max: 100)
-    let status = runConvert(sourceNames: Array(sourceNames), target: target, sourceFormat: sourceFormat,
-                            targetFormat: targetFormat ?? "raw", options: &options, imageOpts: imageOpts,
-                            forceShare: forceShare, sourceCache: srcCache, targetCache: targetCache,
-                            backing: backing, bitmaps: bitmaps, progress: progress)
+    let status = runConvert(sourceNames: sourceNames, target: target, sourceFormat: sourceFormat,
+                            options: options, imageOpts: imageOpts, forceShare: forceShare, sourceCache: srcCache,
+                            snapshot: (snapshotOpts, snapshotID, snapshotName))
     progressEnd(progress)
     return status
 }
 
-private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, targetFormat: String,
-                        options: inout ConvertOptions, imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
-                        targetCache: String, backing: String?, bitmaps: Bool, progress: Bool) -> Int32 {
+private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, options: ConvertOptions,
+                        imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
+                        snapshot: (opts: Bool, id: String?, name: String?)) -> Int32 {
     var sources: [ImageLayer] = []
     defer { for s in sources { try? s.close() } }
     for name in sourceNames {
@@ -122,66 +183,37 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
                                    direct: sourceCache.direct, noShareWrite: true) else { return 1 }
         sources.append(s)
     }
-    if bitmaps {
-        CLI.error("Source lacks bitmap support")
-        return 1
-    }
-    guard FormatRegistry.descriptor(named: targetFormat) != nil else {
-        CLI.error("Unknown file format '\(targetFormat)'")
-        return 1
-    }
-    // Only raw targets can be created so far; other formats arrive with the create work.
-    guard targetFormat == "raw" else {
-        CLI.error("Format driver '\(targetFormat)' does not support image creation")
-        return 1
-    }
-    if backing != nil && !options.noCreate {
-        CLI.error("Backing file not supported for file format '\(targetFormat)'")
-        return 1
-    }
-    if options.compress {
-        CLI.error("Compression not supported for this file format")
-        return 1
-    }
-    let totalBytes = sources.reduce(UInt64(0)) { $0 + $1.virtualSize.divCeil(512) * 512 }
-    var created = false
-    if !options.noCreate {
-        do {
-            try ConvertOperation.createRawTarget(target, size: totalBytes)
-            created = true
-        } catch {
-            CLI.error("\(target): error while converting \(targetFormat): \((error as? InstarError)?.message ?? "\(error)")")
-            return 1
+    do {
+        if snapshot.opts {
+            if snapshot.id == nil && snapshot.name == nil {
+                throw InstarError.invalid("snapshot_id and name are both NULL")
+            }
+            try sources[0].format.loadSnapshotTemporarily(id: snapshot.id, name: snapshot.name)
+        } else if let name = snapshot.name {
+            if sources.count > 1 {
+                CLI.error("No support for concatenating multiple snapshot")
+                return 1
+            }
+            // bdrv_snapshot_load_tmp_by_id_or_name: the argument as an id first, then as a name.
+            do {
+                try sources[0].format.loadSnapshotTemporarily(id: name, name: nil)
+            } catch let e as InstarError where e.code == .notFound {
+                try sources[0].format.loadSnapshotTemporarily(id: nil, name: name)
+            }
         }
-    }
-    guard let cache = CacheMode(qemuName: targetCache) else {
-        // qemu has created the target by now and leaves it behind.
-        CLI.error("Invalid cache option: \(targetCache)")
-        return 1
-    }
-    options.targetCache = cache
-    let targetImage: ImageLayer
-    do {
-        targetImage = try ConvertOperation.openTarget(target, format: targetFormat, cache: cache)
-    } catch {
-        CLI.error("Could not open '\(target)': \((error as? InstarError)?.message ?? "\(error)")")
-        if created { unlink(target) }
-        return 1
-    }
-    do {
-        defer { try? targetImage.close() }
-        try ConvertOperation.copy(sources: sources, into: targetImage, targetCreated: created, options: options)
     } catch let e as InstarError {
-        if e.code == .invalid && e.message == "output file is smaller than input file" {
-            CLI.error(e.message)
-        } else {
-            CLI.error("error while writing at byte 0: \(e.message)")
-        }
-        if created && options.removeTargetOnFailure { unlink(target) }
+        CLI.error("Failed to load snapshot: \(e.message)")
+        return 1
+    } catch {
+        return 1
+    }
+    do {
+        try ConvertOperation.convert(sources: sources, target: target, options: options)
+    } catch let e as InstarError {
+        printCreateError(e)
         return 1
     } catch {
         CLI.error("\(error)")
-        if created && options.removeTargetOnFailure { unlink(target) }
         return 1
     }
     return 0

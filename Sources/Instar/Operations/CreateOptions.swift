@@ -69,6 +69,9 @@ public struct CreateOptionValues {
         return result
     }
 
+    /// Splits an option list like qemu's option parser (for lists that are not creation options).
+    public static func splitList(_ list: String) throws -> [(String, String)] { try split(list) }
+
     /// True when the list asks for help ("help" or "?" as an option name), as qemu's has_help_option.
     public static func wantsHelp(_ list: String) -> Bool {
         ((try? split(list)) ?? []).contains { ($0.0 == "help" || $0.0 == "?") }
