@@ -50,9 +50,7 @@ func convertCommand(_ args: [String]) -> Int32 {
     var copyRange = false
     var explicitSparse = false
     var salvage = false
-    var snapshotName: String?
-    var snapshotID: String?
-    var snapshotOpts = false
+    var snapshot: ConvertOperation.SnapshotSelector?
     for (c, arg) in parsed.options {
         let a = arg ?? ""
         switch c {
@@ -67,25 +65,13 @@ func convertCommand(_ args: [String]) -> Int32 {
         case .opt("o"):
             if !accumulateOptions(&createOptions, a) { return 1 }
         case .opt("l"):
-            if a.hasPrefix("snapshot.") {
-                // qemu_opts_parse_noisily over internal_snapshot_opts: snapshot.id and snapshot.name only.
-                do {
-                    for (k, v) in try CreateOptionValues.splitList(a) {
-                        switch k {
-                        case "snapshot.id": snapshotID = v
-                        case "snapshot.name": snapshotName = v
-                        default: throw InstarError.invalid("Invalid parameter '\(k)'")
-                        }
-                    }
-                } catch let e as InstarError {
-                    CLI.error(e.message)
-                    CLI.error("Failed in parsing snapshot param '\(a)'")
-                    return 1
-                } catch { return 1 }
-                snapshotOpts = true
-            } else {
-                snapshotName = a
-            }
+            do {
+                snapshot = try ConvertOperation.SnapshotSelector(parsing: a)
+            } catch let e as InstarError {
+                CLI.error(e.message)
+                CLI.error("Failed in parsing snapshot param '\(a)'")
+                return 1
+            } catch { return 1 }
         case .opt("S"):
             guard let v = cvtnum("buffer size for sparse output", a) else { return 1 }
             if let msg = ConvertOperation.sparseSizeError(UInt64(v)) { CLI.error(msg); return 1 }
@@ -163,19 +149,21 @@ func convertCommand(_ args: [String]) -> Int32 {
     options.targetFormat = fmt
     options.createOptions = createOptions
     options.targetCacheName = targetCache
+    // qemu-img leaves whatever it created behind when it fails.
+    options.removeTargetOnFailure = false
     options.progress = progressPrinter(progress)
     var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
     try? meter.advance(0, max: 100)
     let status = runConvert(sourceNames: sourceNames, target: target, sourceFormat: sourceFormat,
                             options: options, imageOpts: imageOpts, forceShare: forceShare, sourceCache: srcCache,
-                            snapshot: (snapshotOpts, snapshotID, snapshotName))
+                            snapshot: snapshot)
     progressEnd(progress)
     return status
 }
 
 private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, options: ConvertOptions,
                         imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
-                        snapshot: (opts: Bool, id: String?, name: String?)) -> Int32 {
+                        snapshot: ConvertOperation.SnapshotSelector?) -> Int32 {
     var sources: [ImageLayer] = []
     defer { for s in sources { try? s.close() } }
     for name in sourceNames {
@@ -183,29 +171,13 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
                                    direct: sourceCache.direct, noShareWrite: true) else { return 1 }
         sources.append(s)
     }
-    do {
-        if snapshot.opts {
-            if snapshot.id == nil && snapshot.name == nil {
-                throw InstarError.invalid("snapshot_id and name are both NULL")
-            }
-            try sources[0].format.loadSnapshotTemporarily(id: snapshot.id, name: snapshot.name)
-        } else if let name = snapshot.name {
-            if sources.count > 1 {
-                CLI.error("No support for concatenating multiple snapshot")
-                return 1
-            }
-            // bdrv_snapshot_load_tmp_by_id_or_name: the argument as an id first, then as a name.
-            do {
-                try sources[0].format.loadSnapshotTemporarily(id: name, name: nil)
-            } catch let e as InstarError where e.code == .notFound {
-                try sources[0].format.loadSnapshotTemporarily(id: nil, name: name)
-            }
-        }
-    } catch let e as InstarError {
-        CLI.error("Failed to load snapshot: \(e.message)")
-        return 1
-    } catch {
-        return 1
+    if let sel = snapshot {
+        do {
+            try ConvertOperation.loadSnapshot(sel, sources: sources)
+        } catch let e as InstarError {
+            CLI.error(e.message)
+            return 1
+        } catch { return 1 }
     }
     do {
         try ConvertOperation.convert(sources: sources, target: target, options: options)

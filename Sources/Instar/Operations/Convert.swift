@@ -219,6 +219,57 @@ public enum ConvertOperation {
         }
     }
 
+    /// Which internal snapshot -l selects.
+    public struct SnapshotSelector {
+        /// Given as snapshot.id= / snapshot.name= options.
+        public var options: Bool
+        public var id: String?
+        public var name: String?
+
+        /// Parses a -l argument: "snapshot.id=ID,snapshot.name=NAME" (qemu's internal_snapshot_opts) or a plain
+        /// id-or-name. The error is qemu's first message line.
+        public init(parsing a: String) throws {
+            options = a.hasPrefix("snapshot.")
+            guard options else {
+                name = a
+                return
+            }
+            for (k, v) in try CreateOptionValues.splitList(a) {
+                switch k {
+                case "snapshot.id": id = v
+                case "snapshot.name": name = v
+                default: throw InstarError.invalid("Invalid parameter '\(k)'")
+                }
+            }
+        }
+    }
+
+    /// bdrv_snapshot_load_tmp(_by_id_or_name) on the first source, with img_convert's checks. Errors carry
+    /// qemu-img's message.
+    public static func loadSnapshot(_ sel: SnapshotSelector, sources: [ImageLayer]) throws {
+        guard let first = sources.first else { return }
+        do {
+            if sel.options {
+                if sel.id == nil && sel.name == nil { throw InstarError.invalid("snapshot_id and name are both NULL") }
+                try first.format.loadSnapshotTemporarily(id: sel.id, name: sel.name)
+            } else if let name = sel.name {
+                if sources.count > 1 { throw ConvertSnapshotError.multipleSources }
+                // The argument as an id first, then as a name.
+                do {
+                    try first.format.loadSnapshotTemporarily(id: name, name: nil)
+                } catch let e as InstarError where e.code == .notFound {
+                    try first.format.loadSnapshotTemporarily(id: nil, name: name)
+                }
+            }
+        } catch ConvertSnapshotError.multipleSources {
+            throw InstarError.invalid("No support for concatenating multiple snapshot")
+        } catch let e as InstarError {
+            throw e.prepending("Failed to load snapshot: ")
+        }
+    }
+
+    enum ConvertSnapshotError: Error { case multipleSources }
+
     /// Whether a format's images take compressed writes, asked of the driver's creator table (qemu's
     /// block_driver_can_compress): formats with a compression_type option or a cluster_size do.
     static func canCompress(_ d: FormatDescriptor) -> Bool {
