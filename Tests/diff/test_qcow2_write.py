@@ -220,3 +220,22 @@ def test_sequential_large_writes(tmp):
     apply_qemu(theirs, ops, tmp)
     verify(tmp, mine, theirs, 65536)
     assert os.path.getsize(mine) == os.path.getsize(theirs)
+
+
+def test_internal_snapshot(tmp):
+    """Shared L2 tables and data clusters (refcount 2) are copied, never written in place; the snapshot keeps
+    its contents."""
+    size = 16 * MiB
+    mine = os.path.join(tmp, "mine.qcow2")
+    theirs = os.path.join(tmp, "theirs.qcow2")
+    qimg("create", "-q", "-f", "qcow2", mine, str(size))
+    seed_data(mine, size, 65536, tmp)
+    qimg("snapshot", "-c", "s1", mine)
+    shutil.copy(mine, theirs)
+    ops = make_ops(31, size, 65536, count=80)
+    apply_instar(mine, ops)
+    apply_qemu(theirs, ops, tmp)
+    verify(tmp, mine, theirs, 65536)
+    qimg("snapshot", "-a", "s1", mine)
+    qimg("snapshot", "-a", "s1", theirs)
+    verify(tmp, mine, theirs, 65536)

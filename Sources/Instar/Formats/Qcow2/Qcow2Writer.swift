@@ -181,10 +181,6 @@ final class Qcow2Writer {
             throw InstarError(.unsupported, "Writing qcow2 images with persistent bitmaps is not supported",
                               errno: ENOTSUP)
         }
-        if header.nbSnapshots != 0 {
-            // Shared clusters are handled (copied, never written in place), yet snapshot refcounts go beyond
-            // what this writer has been tested on.
-        }
         // Unknown autoclear bits say some extension may be stale now; qemu clears them on its first write.
         let keep = header.autoclearFeatures & (Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw)
         if header.version >= 3 && keep != header.autoclearFeatures {
