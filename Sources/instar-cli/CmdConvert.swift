@@ -181,6 +181,11 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
     }
     do {
         try ConvertOperation.convert(sources: sources, target: target, options: options)
+    } catch let e as ConvertStopped {
+        CLI.error(e.message)
+        var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
+        try? meter.advance(100, max: 0)
+        return 0
     } catch let e as InstarError {
         printCreateError(e)
         return 1

@@ -68,6 +68,10 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true)
         defer { try? image.close() }
         if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: [image]) }
-        try ConvertOperation.convert(sources: [image], target: dst, options: options)
+        do {
+            try ConvertOperation.convert(sources: [image], target: dst, options: options)
+        } catch let e as ConvertStopped {
+            throw InstarError.invalid(e.message)
+        }
     }
 }

@@ -62,6 +62,12 @@ public struct ConvertOptions {
     public init() {}
 }
 
+/// img_convert stops after reporting this but still exits with 0 (qemu 7.2 leaves its return code at 0 on
+/// this path); library callers see it as an error.
+public struct ConvertStopped: Error {
+    public let message: String
+}
+
 public enum ConvertOperation {
     static let sectorSize: UInt64 = 512
     /// qemu-img's IO_BUF_SIZE: the copy chunk (2 MiB).
@@ -148,7 +154,7 @@ public enum ConvertOperation {
         let backingParam = values?.text("backing_file")
         let targetHasBacking = (backingParam ?? options.backingFile) != nil
         if options.targetIsZero && targetHasBacking {
-            throw InstarError.invalid("Cannot use --target-is-zero when the destination has a backing file")
+            throw ConvertStopped(message: "Cannot use --target-is-zero when the destination image has a backing file")
         }
         if sources.count > 1 && targetHasBacking {
             throw InstarError.invalid("Having a backing file for the target makes no sense when concatenating "
@@ -463,6 +469,8 @@ public enum ConvertOperation {
                     try batch?.drain(&writer)
                     try writer.write(chunk, sector: sector, count: n, status: status)
                 }
+            } catch let f as CompressedWriteFailure {
+                throw writeError(f)
             } catch let e as InstarError {
                 throw e.prepending("error while writing at byte \(sector * sectorSize): ")
             }
@@ -471,10 +479,17 @@ public enum ConvertOperation {
         do {
             try batch?.drain(&writer)
             if options.targetCache.flushes { try targetFormat.flush() }
+        } catch let f as CompressedWriteFailure {
+            throw writeError(f)
         } catch let e as InstarError {
             throw e.prepending("error while writing at byte \(sector * sectorSize): ")
         }
         try meter.advance(100, max: 0)
+    }
+
+    static func writeError(_ f: CompressedWriteFailure) -> Error {
+        guard let e = f.error as? InstarError else { return f.error }
+        return e.prepending("error while writing at byte \(f.offset): ")
     }
 
     /// convert_co_read(): `chunk` from the concatenated sources starting at `sector`.

@@ -79,19 +79,36 @@ final class CompressedBatch {
             lengths.removeAll(keepingCapacity: true)
         }
         for i in 0..<count {
-            if let e = errors[i] { throw e }
             let offset = sectors[i] * 512
-            if let bytes = results[i] {
-                try target.writeCompressed(clusterIndex: offset / UInt64(clusterBytes), compressedBytes: bytes)
-                try writer.account(UInt64(lengths[i]))
-            } else {
-                // Incompressible: qemu writes the request uncompressed (only the image's bytes of a short cluster).
-                let src = UnsafeRawBufferPointer(rebasing: storage[(i * clusterBytes)..<(i * clusterBytes + lengths[i])])
-                try writer.target.write(src, at: offset, backing: writer.backing)
-                try writer.account(UInt64(lengths[i]))
+            do {
+                try store(i, offset: offset, writer: &writer)
+            } catch {
+                throw CompressedWriteFailure(offset: offset, error: error)
             }
         }
     }
+
+    private func store(_ i: Int, offset: UInt64, writer: inout ConvertOperation.TargetWriter) throws {
+        // qcow2_co_pwritev_compressed_part: a short cluster is only accepted at the end of the image.
+        if lengths[i] < clusterBytes && offset + UInt64(lengths[i]) != writer.target.virtualSize {
+            throw InstarError(.invalid, "Invalid argument", errno: EINVAL)
+        }
+        if let e = errors[i] { throw e }
+        if let bytes = results[i] {
+            try target.writeCompressed(clusterIndex: offset / UInt64(clusterBytes), compressedBytes: bytes)
+        } else {
+            // Incompressible: qemu writes the request uncompressed (only the image's bytes of a short cluster).
+            let src = UnsafeRawBufferPointer(rebasing: storage[(i * clusterBytes)..<(i * clusterBytes + lengths[i])])
+            try writer.target.write(src, at: offset, backing: writer.backing)
+        }
+        try writer.account(UInt64(lengths[i]))
+    }
+}
+
+/// A queued compressed cluster failed; `offset` is where (the error message names it).
+struct CompressedWriteFailure: Error {
+    let offset: UInt64
+    let error: Error
 }
 
 /// A body run on a thread of its own.
