@@ -206,6 +206,8 @@ public struct ImageOpenOptions {
     /// Readers refuse to share writing even through pass-through formats (qemu-img convert's sources).
     public var noShareWrite = false
     public var direct = false
+    /// cache=unsafe: the image's files never flush (BDRV_O_NO_FLUSH).
+    public var noFlush = false
     /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
     /// the files that hold guest data only (an external qcow2 data file), which then need not exist.
     public var metadataOnly = false

@@ -111,6 +111,7 @@ public enum ConvertOperation {
                                   openBacking: Bool = false) throws -> ImageLayer {
         var options = ImageOpenOptions()
         options.direct = cache.direct
+        options.noFlush = !cache.flushes
         return try ImageOpener.open(ImageSpec(filename: path, format: format), options: options, writable: true,
                                     openBacking: openBacking)
     }
