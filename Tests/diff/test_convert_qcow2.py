@@ -252,3 +252,37 @@ def test_python_api(tmp, src):
     assert "Invalid parameter 'foo'" in str(e.value)
     with pytest.raises(pyinstar.InstarError):
         pyinstar.convert(src, os.path.join(tmp, "y.qcow2"), fmt="qcow2", coroutines=0)
+
+
+def test_c_api_old_struct_size(tmp, src):
+    """A caller built against the struct without the appended fields gets their defaults."""
+    import ctypes
+    from instar import ops
+    from instar._lib import Error
+    L = ops._setup()
+    old_size = ops.ConvertOptions.options.offset
+    opts = ops.ConvertOptions(old_size, 0, None, b"raw", None, None, -1, ops.PROGRESS_FN(), None,
+                              b"ignored=1", None, None, None, 0, -5)
+    err = Error()
+    dst = os.path.join(tmp, "old.raw")
+    assert L.instar_convert(src.encode(), dst.encode(), ctypes.byref(opts), ctypes.byref(err)) == 0
+    qd = os.path.join(tmp, "q.raw")
+    qimg("convert", "-O", "raw", src, qd)
+    with open(dst, "rb") as a, open(qd, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_bitmaps(tmp, src):
+    p = os.path.join(tmp, "bm.qcow2")
+    qimg("convert", "-O", "qcow2", src, p)
+    # A v3 source without bitmaps: --bitmaps copies nothing and succeeds, as in qemu.
+    same_convert(tmp, ["-O", "qcow2", "--bitmaps"], [p])
+    same_convert(tmp, ["-O", "qcow2", "--bitmaps", "--skip-broken-bitmaps"], [p])
+    v2 = os.path.join(tmp, "v2.qcow2")
+    qimg("convert", "-O", "qcow2", "-o", "compat=0.10", src, v2)
+    same_convert(tmp, ["-O", "qcow2", "--bitmaps"], [v2])
+    # With bitmaps the copy is refused (not supported yet) and nothing is created.
+    qimg("bitmap", "--add", p, "b0")
+    r = run([INSTAR, "convert", "-O", "qcow2", "--bitmaps", p, os.path.join(tmp, "x.qcow2")])
+    assert r.rc == 1 and "not supported yet" in r.err
+    assert not os.path.exists(os.path.join(tmp, "x.qcow2"))

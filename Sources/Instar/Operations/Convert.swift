@@ -177,8 +177,12 @@ public enum ConvertOperation {
         }
         if options.bitmaps {
             if sources.count > 1 { throw InstarError.invalid("Copying bitmaps only possible with single source") }
-            if sources[0].format.persistentBitmapNames == nil {
+            guard let names = sources[0].format.persistentBitmapNames else {
                 throw InstarError.unsupported("Source lacks bitmap support")
+            }
+            // Writing a bitmap directory is not implemented: refuse before creating anything.
+            if !names.isEmpty {
+                throw InstarError.unsupported("Copying persistent bitmaps is not supported yet")
             }
         }
         var created = false
@@ -216,9 +220,6 @@ public enum ConvertOperation {
             }
             try copy(sources: sources, into: targetImage, targetCreated: created, targetHasBacking: targetHasBacking,
                      options: options)
-            if options.bitmaps, let names = sources[0].format.persistentBitmapNames, !names.isEmpty {
-                throw InstarError.unsupported("Copying persistent bitmaps is not supported yet")
-            }
             try targetImage.close()
         } catch {
             if created && options.removeTargetOnFailure { unlink(target) }
