@@ -198,9 +198,16 @@ def test_multiple_sources(tmp, src):
     ["-O", "qcow2", "--skip-broken-bitmaps"], ["-O", "qcow2", "-m", "0"], ["-O", "qcow2", "-m", "17"],
     ["-O", "qcow2", "-r", "1x"], ["-O", "qcow2", "-n", "-o", "cluster_size=4k"], ["-O", "qcow2", "-C", "-c"],
     ["-O", "qcow2", "--target-is-zero"], ["-O", "qcow2", "-T", "bogus"],
+    ["-O", "qcow2", "-o", "backing_file=nonexist,backing_fmt=qcow2"],
+    ["-O", "qcow2", "-B", "bad.qcow2", "-F", "qcow2"],
 ])
 def test_errors(tmp, src, args):
     qimg("create", "-q", "-f", "qcow2", os.path.join(tmp, "b.qcow2"), "1M")
+    bad = os.path.join(tmp, "bad.qcow2")
+    qimg("create", "-q", "-f", "qcow2", bad, "1M")
+    with open(bad, "r+b") as f:
+        f.seek(4)
+        f.write(b"\0\0\0\5")   # qcow2 version 5
     same_convert(tmp, args, [src])
 
 

@@ -237,7 +237,7 @@ public enum ImageOpener {
                                                  depth: depth + 1, seen: &seen)
                 } catch let e as InstarError {
                     if e.code == .chain { throw e }
-                    throw e.prepending("Could not open backing file: Could not open '\(bspec.displayName)': ")
+                    throw e.prepending("Could not open backing file: ")
                 }
             }
         }
