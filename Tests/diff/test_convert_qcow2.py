@@ -293,3 +293,20 @@ def test_bitmaps(tmp, src):
     r = run([INSTAR, "convert", "-O", "qcow2", "--bitmaps", p, os.path.join(tmp, "x.qcow2")])
     assert r.rc == 1 and "not supported yet" in r.err
     assert not os.path.exists(os.path.join(tmp, "x.qcow2"))
+
+
+def test_rate_limit(tmp):
+    """-r throttles writes to the target like qemu's leaky bucket: 4 MiB at 2 MiB/s in 2 MiB requests."""
+    import time
+    s = os.path.join(tmp, "r.raw")
+    with open(s, "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    took = {}
+    for tool in ("qemu-img", INSTAR):
+        t = time.monotonic()
+        r = run([tool, "convert", "-O", "qcow2", "-r", "2M", s, os.path.join(tmp, "r.qcow2")])
+        took[tool] = time.monotonic() - t
+        assert r.rc == 0, r
+        assert qemu("compare", s, os.path.join(tmp, "r.qcow2")).rc == 0
+    assert took[INSTAR] >= 0.7
+    assert abs(took[INSTAR] - took["qemu-img"]) < 0.5, took

@@ -525,8 +525,9 @@ public enum ConvertOperation {
         let hasZeroInit: Bool
         let cache: CacheMode
         let rateLimit: UInt64
-        var written: UInt64 = 0
-        var started = TargetWriter.monotonicSeconds()
+        /// The -r bucket: bytes written and not yet drained, and when it last drained.
+        var level: Double = 0
+        var lastLeak = TargetWriter.monotonicSeconds()
 
         mutating func write(_ buf: UnsafeMutableRawBufferPointer, sector: UInt64, count: UInt64,
                             status: Status) throws {
@@ -548,6 +549,7 @@ public enum ConvertOperation {
                     }
                     if isData {
                         let range = Int(i * sectorSize)..<Int((i + n) * sectorSize)
+                        admit()
                         try target.write(UnsafeRawBufferPointer(rebasing: buf[range]), at: (sector + i) * sectorSize,
                                          backing: backing)
                         try account(n * sectorSize)
@@ -561,25 +563,40 @@ public enum ConvertOperation {
 
         mutating func zero(sector: UInt64, count: UInt64) throws {
             if hasZeroInit { return }
+            admit()
             try target.writeZeroes(at: sector * sectorSize, length: count * sectorSize, mayUnmap: true,
                                    backing: backing)
             try account(count * sectorSize)
         }
 
-        /// After each request: the writethrough flush and, with -r, a sleep long enough that the bytes written
-        /// so far have not gone out faster than the limit.
-        mutating func account(_ bytes: UInt64) throws {
-            if cache.writethrough { try target.flush() }
+        /// Before each request, with -r: qemu's leaky bucket (throttle_compute_wait with no burst setting) lets
+        /// a request start once the bytes not yet drained at the limit's rate are at most a tenth of a second's
+        /// worth.
+        mutating func admit() {
             guard rateLimit > 0 else { return }
-            written += bytes
-            let due = Double(written) / Double(rateLimit)
-            let elapsed = TargetWriter.monotonicSeconds() - started
-            if due > elapsed {
-                let wait = due - elapsed
+            leak()
+            let extra = level - Double(rateLimit) / 10
+            if extra > 0 {
+                let wait = extra / Double(rateLimit)
                 var ts = timespec(tv_sec: Int(wait), tv_nsec: Int((wait - Double(Int(wait))) * 1e9))
                 var left = timespec()
                 while nanosleep(&ts, &left) != 0 && errno == EINTR { ts = left }
+                leak()
             }
+        }
+
+        /// After each request: the writethrough flush and the bytes added to the bucket.
+        mutating func account(_ bytes: UInt64) throws {
+            if cache.writethrough { try target.flush() }
+            guard rateLimit > 0 else { return }
+            leak()
+            level += Double(bytes)
+        }
+
+        private mutating func leak() {
+            let now = TargetWriter.monotonicSeconds()
+            level = max(0, level - (now - lastLeak) * Double(rateLimit))
+            lastLeak = now
         }
 
         static func monotonicSeconds() -> Double {

@@ -94,6 +94,7 @@ final class CompressedBatch {
             throw InstarError(.invalid, "Invalid argument", errno: EINVAL)
         }
         if let e = errors[i] { throw e }
+        writer.admit()
         if let bytes = results[i] {
             try target.writeCompressed(clusterIndex: offset / UInt64(clusterBytes), compressedBytes: bytes)
         } else {
