@@ -85,9 +85,10 @@ def src(tmp):
                                   "refcount_bits=1", "refcount_bits=64", "preallocation=metadata",
                                   "preallocation=falloc", "compression_type=zstd"])
 def test_raw_to_qcow2_options(tmp, src, opts):
-    # With 512 B and 4 KiB clusters the write path places new refcount blocks one cluster away from where
-    # qemu puts them (same sizes, same bytes); the layout is compared for the other options.
-    same_convert(tmp, ["-O", "qcow2", "-o", opts], [src], layout=opts not in ("cluster_size=4k", "cluster_size=512"))
+    # A refcount block needed in the middle of a data allocation goes after that data in qemu (its allocation
+    # restarts, EAGAIN) and before it in the write path: with 512 B clusters (a block per 128 KiB) the layouts
+    # differ by that cluster, sizes and bytes do not.
+    same_convert(tmp, ["-O", "qcow2", "-o", opts], [src], layout=opts != "cluster_size=512")
 
 
 def test_round_trip_to_raw(tmp, src):
