@@ -270,7 +270,9 @@ enum {
     INSTAR_CONVERT_TARGET_IS_ZERO = 1u << 1,   /**< --target-is-zero */
     INSTAR_CONVERT_FORCE_SHARE = 1u << 2,      /**< -U */
     INSTAR_CONVERT_COMPRESS = 1u << 3,         /**< -c */
-    INSTAR_CONVERT_UNORDERED_WRITES = 1u << 4  /**< -W */
+    INSTAR_CONVERT_UNORDERED_WRITES = 1u << 4, /**< -W */
+    INSTAR_CONVERT_BITMAPS = 1u << 5,          /**< --bitmaps */
+    INSTAR_CONVERT_SKIP_BROKEN_BITMAPS = 1u << 6 /**< --skip-broken-bitmaps */
 };
 
 typedef struct instar_convert_options {
@@ -283,9 +285,17 @@ typedef struct instar_convert_options {
     int64_t sparse_size;         /**< -S in bytes; -1 for the default (4 KiB); 0 to write every zero */
     instar_progress_fn progress;
     void *progress_data;
+    /* Appended in 0.2 (struct_size tells which fields a caller knows). */
+    const char *options;         /**< -o: creation options of the target ("cluster_size=4k,compat=1.1"), or NULL */
+    const char *backing_file;    /**< -B: the target's backing file (only differences are written), or NULL */
+    const char *backing_format;  /**< -F: its format */
+    const char *snapshot;        /**< -l: "NAME", "snapshot.name=NAME" or "snapshot.id=ID" of the source, or NULL */
+    int32_t coroutines;          /**< -m: 1..16 (8 by default) */
+    int64_t rate_limit;          /**< -r: bytes per second, 0 for no limit */
 } instar_convert_options_t;
 
-#define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL }
+#define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL, \
+                                      NULL, NULL, NULL, NULL, 8, 0 }
 void instar_convert_options_init(instar_convert_options_t *opts);
 
 /**

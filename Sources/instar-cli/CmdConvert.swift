@@ -47,8 +47,10 @@ func convertCommand(_ args: [String]) -> Int32 {
     var createOptions: String?
     var sourceCache = "writeback"
     var targetCache = "unsafe"
-    var backing: String?
-    var bitmaps = false
+    var copyRange = false
+    var explicitSparse = false
+    var salvage = false
+    var snapshot: ConvertOperation.SnapshotSelector?
     for (c, arg) in parsed.options {
         let a = arg ?? ""
         switch c {
@@ -56,13 +58,25 @@ func convertCommand(_ args: [String]) -> Int32 {
         case .opt("h"): CLI.out.write(helpText); return 0
         case .opt("f"): sourceFormat = a
         case .opt("O"): targetFormat = a
-        case .opt("B"): backing = a
+        case .opt("B"): options.backingFile = a
+        case .opt("F"): options.backingFormat = a
+        case .opt("C"): copyRange = true
         case .opt("c"): options.compress = true
-        case .opt("o"): createOptions = createOptions.map { $0 + "," + a } ?? a
+        case .opt("o"):
+            if !accumulateOptions(&createOptions, a) { return 1 }
+        case .opt("l"):
+            do {
+                snapshot = try ConvertOperation.SnapshotSelector(parsing: a)
+            } catch let e as InstarError {
+                CLI.error(e.message)
+                CLI.error("Failed in parsing snapshot param '\(a)'")
+                return 1
+            } catch { return 1 }
         case .opt("S"):
             guard let v = cvtnum("buffer size for sparse output", a) else { return 1 }
             if let msg = ConvertOperation.sparseSizeError(UInt64(v)) { CLI.error(msg); return 1 }
             options.sparseSize = UInt64(v)
+            explicitSparse = true
         case .opt("p"): progress = true
         case .opt("t"): targetCache = a
         case .opt("T"): sourceCache = a
@@ -73,20 +87,36 @@ func convertCommand(_ args: [String]) -> Int32 {
                 CLI.error("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
                 return 1
             }
+            options.coroutines = m
+        case .opt("W"): options.unorderedWrites = true
         case .opt("U"): forceShare = true
         case .opt("r"):
-            guard cvtnum("rate limit", a) != nil else { return 1 }
+            guard let r = cvtnum("rate limit", a) else { return 1 }
+            options.rateLimit = UInt64(r)
         case optImageOpts: imageOpts = true
         case optTargetImageOpts: targetImageOpts = true
         case optObject: if !cliAddObject(a) { return 1 }
+        case optSalvage: salvage = true
         case optTargetIsZero: options.targetIsZero = true
-        case optBitmaps: bitmaps = true
+        case optBitmaps: options.bitmaps = true
+        case optSkipBrokenBitmaps: options.skipBrokenBitmaps = true
         default: break
         }
     }
-    if quiet { progress = false }
-    if options.targetIsZero && !options.noCreate {
-        CLI.error("--target-is-zero requires use of -n flag")
+    if options.skipBrokenBitmaps && !options.bitmaps {
+        CLI.error("Use of --skip-broken-bitmaps requires --bitmaps")
+        return 1
+    }
+    if copyRange && options.compress {
+        CLI.error("Cannot enable copy offloading when -c is used")
+        return 1
+    }
+    if explicitSparse && copyRange {
+        CLI.error("Cannot enable copy offloading when -S is used")
+        return 1
+    }
+    if copyRange && salvage {
+        CLI.error("Cannot use copy offloading in salvaging mode")
         return 1
     }
     if targetImageOpts && !options.noCreate {
@@ -97,32 +127,53 @@ func convertCommand(_ args: [String]) -> Int32 {
         CLI.error("-o has no effect when skipping image creation")
         return 1
     }
+    if options.targetIsZero && !options.noCreate {
+        CLI.error("--target-is-zero requires use of -n flag")
+        return 1
+    }
     let files = parsed.operands
+    let fmt = targetFormat ?? "raw"
+    if let o = createOptions, CreateOptionValues.wantsHelp(o) {
+        return printOptionHelp(filename: files.count >= 2 ? files.last : nil, format: fmt)
+    }
     guard files.count >= 2 else {
         CLI.error("Must specify image file name")
         return 1
     }
     let target = files[files.count - 1]
-    let sourceNames = files.dropLast()
+    let sourceNames = Array(files.dropLast())
     guard let srcCache = CacheMode(qemuName: sourceCache) else {
         CLI.error("Invalid source cache option: \(sourceCache)")
         return 1
     }
+    if quiet { progress = false }
+    options.targetFormat = fmt
+    options.createOptions = createOptions
+    options.targetCacheName = targetCache
+    // qemu-img leaves whatever it created behind when it fails.
+    options.removeTargetOnFailure = false
     options.progress = progressPrinter(progress)
+    options.secrets = cliSecrets
+    if targetImageOpts {
+        do {
+            options.targetSpec = try imageOptsSpec(target)
+        } catch let e as InstarError {
+            CLI.error(e.message)
+            return 1
+        } catch { return 1 }
+    }
     var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
     try? meter.advance(0, max: 100)
-    let status = runConvert(sourceNames: Array(sourceNames), target: target, sourceFormat: sourceFormat,
-                            targetFormat: targetFormat ?? "raw", options: &options, imageOpts: imageOpts,
-                            forceShare: forceShare, sourceCache: srcCache, targetCache: targetCache,
-                            backing: backing, bitmaps: bitmaps, progress: progress, targetImageOpts: targetImageOpts)
+    let status = runConvert(sourceNames: sourceNames, target: target, sourceFormat: sourceFormat,
+                            options: options, imageOpts: imageOpts, forceShare: forceShare, sourceCache: srcCache,
+                            snapshot: snapshot)
     progressEnd(progress)
     return status
 }
 
-private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, targetFormat: String,
-                        options: inout ConvertOptions, imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
-                        targetCache: String, backing: String?, bitmaps: Bool, progress: Bool,
-                        targetImageOpts: Bool = false) -> Int32 {
+private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, options: ConvertOptions,
+                        imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
+                        snapshot: ConvertOperation.SnapshotSelector?) -> Int32 {
     var sources: [ImageLayer] = []
     defer { for s in sources { try? s.close() } }
     for name in sourceNames {
@@ -130,64 +181,21 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
                                    direct: sourceCache.direct, noShareWrite: true) else { return 1 }
         sources.append(s)
     }
-    if bitmaps {
-        CLI.error("Source lacks bitmap support")
-        return 1
-    }
-    guard FormatRegistry.descriptor(named: targetFormat) != nil else {
-        CLI.error("Unknown file format '\(targetFormat)'")
-        return 1
-    }
-    // Only raw targets can be created so far; other formats arrive with the create work.
-    guard targetFormat == "raw" || options.noCreate else {
-        CLI.error("Format driver '\(targetFormat)' does not support image creation")
-        return 1
-    }
-    if backing != nil && !options.noCreate {
-        CLI.error("Backing file not supported for file format '\(targetFormat)'")
-        return 1
-    }
-    if options.compress {
-        CLI.error("Compression not supported for this file format")
-        return 1
-    }
-    let totalBytes = sources.reduce(UInt64(0)) { $0 + $1.virtualSize.divCeil(512) * 512 }
-    var created = false
-    if !options.noCreate {
+    if let sel = snapshot {
         do {
-            try ConvertOperation.createRawTarget(target, size: totalBytes)
-            created = true
-        } catch {
-            CLI.error("\(target): error while converting \(targetFormat): \((error as? InstarError)?.message ?? "\(error)")")
+            try ConvertOperation.loadSnapshot(sel, sources: sources)
+        } catch let e as InstarError {
+            CLI.error(e.message)
             return 1
-        }
-    }
-    guard let cache = CacheMode(qemuName: targetCache) else {
-        // qemu has created the target by now and leaves it behind.
-        CLI.error("Invalid cache option: \(targetCache)")
-        return 1
-    }
-    options.targetCache = cache
-    let targetImage: ImageLayer
-    do {
-        if targetImageOpts || !cliSecrets.isEmpty {
-            // An existing target (-n) may be encrypted: it is opened with the option string and the secrets.
-            let spec = targetImageOpts ? try imageOptsSpec(target) : try ImageOpener.parseSpec(target, format: targetFormat)
-            var o = ImageOpenOptions()
-            o.direct = cache.direct
-            o.secrets = cliSecrets
-            targetImage = try ImageOpener.open(spec, options: o, writable: true, openBacking: false)
-        } else {
-            targetImage = try ConvertOperation.openTarget(target, format: targetFormat, cache: cache)
-        }
-    } catch {
-        CLI.error("Could not open '\(target)': \((error as? InstarError)?.message ?? "\(error)")")
-        if created { unlink(target) }
-        return 1
+        } catch { return 1 }
     }
     do {
-        defer { try? targetImage.close() }
-        try ConvertOperation.copy(sources: sources, into: targetImage, targetCreated: created, options: options)
+        try ConvertOperation.convert(sources: sources, target: target, options: options)
+    } catch let e as ConvertStopped {
+        CLI.error(e.message)
+        var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
+        try? meter.advance(100, max: 0)
+        return 0
     } catch let e as StepError {
         // qemu-img names the step and the chunk, then strerror of the block layer's code.
         switch e.step {
@@ -196,19 +204,12 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
         case .blockStatus:
             CLI.error("error while reading block status at offset \(e.offset): \(strerrorString(e.errnoValue))")
         }
-        if created && options.removeTargetOnFailure { unlink(target) }
         return 1
     } catch let e as InstarError {
-        if e.code == .invalid && e.message == "output file is smaller than input file" {
-            CLI.error(e.message)
-        } else {
-            CLI.error("error while writing at byte 0: \(e.message)")
-        }
-        if created && options.removeTargetOnFailure { unlink(target) }
+        printCreateError(e)
         return 1
     } catch {
         CLI.error("\(error)")
-        if created && options.removeTargetOnFailure { unlink(target) }
         return 1
     }
     return 0

@@ -5,7 +5,9 @@ import Glibc
 public func instar_convert_options_init(_ opts: UnsafeMutablePointer<instar_convert_options_t>?) {
     opts?.pointee = instar_convert_options_t(struct_size: UInt32(MemoryLayout<instar_convert_options_t>.size),
                                              flags: 0, source_format: nil, target_format: nil, source_cache: nil,
-                                             target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil)
+                                             target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
+                                             options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
+                                             coroutines: 8, rate_limit: 0)
 }
 
 @_cdecl("instar_convert")
@@ -22,23 +24,41 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         options.noCreate = o.flags & UInt32(INSTAR_CONVERT_NO_CREATE) != 0
         options.targetIsZero = o.flags & UInt32(INSTAR_CONVERT_TARGET_IS_ZERO) != 0
         options.compress = o.flags & UInt32(INSTAR_CONVERT_COMPRESS) != 0
+        options.unorderedWrites = o.flags & UInt32(INSTAR_CONVERT_UNORDERED_WRITES) != 0
+        options.bitmaps = o.flags & UInt32(INSTAR_CONVERT_BITMAPS) != 0
+        options.skipBrokenBitmaps = o.flags & UInt32(INSTAR_CONVERT_SKIP_BROKEN_BITMAPS) != 0
         options.targetFormat = optionalString(o.target_format) ?? "raw"
+        options.createOptions = optionalString(o.options)
+        options.backingFile = optionalString(o.backing_file)
+        options.backingFormat = optionalString(o.backing_format)
+        if options.skipBrokenBitmaps && !options.bitmaps {
+            throw InstarError.invalid("Use of --skip-broken-bitmaps requires --bitmaps")
+        }
+        if options.noCreate && options.createOptions != nil {
+            throw InstarError.invalid("-o has no effect when skipping image creation")
+        }
         if options.targetIsZero && !options.noCreate {
             throw InstarError.invalid("--target-is-zero requires use of -n flag")
         }
+        if let list = options.createOptions, !CreateOptionValues.isValidList(list) {
+            throw InstarError.invalid("Invalid option list: \(list)")
+        }
+        guard o.coroutines >= 1 && o.coroutines <= 16 else {
+            throw InstarError.invalid("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+        }
+        options.coroutines = Int(o.coroutines)
+        guard o.rate_limit >= 0 else { throw InstarError.invalid("Invalid rate limit specified") }
+        options.rateLimit = UInt64(o.rate_limit)
         if o.sparse_size >= 0 {
             if let msg = ConvertOperation.sparseSizeError(UInt64(o.sparse_size)) { throw InstarError.invalid(msg) }
             options.sparseSize = UInt64(o.sparse_size)
         }
+        let snapshot = try optionalString(o.snapshot).map { try ConvertOperation.SnapshotSelector(parsing: $0) }
         let sourceCacheName = optionalString(o.source_cache) ?? "writeback"
         guard let sourceCache = CacheMode(qemuName: sourceCacheName) else {
             throw InstarError.invalid("Invalid source cache option: \(sourceCacheName)")
         }
-        let targetCacheName = optionalString(o.target_cache) ?? "unsafe"
-        guard let targetCache = CacheMode(qemuName: targetCacheName) else {
-            throw InstarError.invalid("Invalid cache option: \(targetCacheName)")
-        }
-        options.targetCache = targetCache
+        options.targetCacheName = optionalString(o.target_cache) ?? "unsafe"
         options.progress = progressCallback(o.progress, o.progress_data)
         var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
         try meter.advance(0, max: 100)
@@ -47,34 +67,11 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         if o.flags & UInt32(INSTAR_CONVERT_FORCE_SHARE) != 0 { flags |= UInt32(INSTAR_OPEN_FORCE_SHARE) }
         let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true)
         defer { try? image.close() }
-        guard FormatRegistry.descriptor(named: options.targetFormat) != nil else {
-            throw InstarError.invalid("Unknown file format '\(options.targetFormat)'")
-        }
-        guard options.targetFormat == "raw" else {
-            throw InstarError.unsupported("Format driver '\(options.targetFormat)' does not support image creation")
-        }
-        if options.compress { throw InstarError.unsupported("Compression not supported for this file format") }
-        var created = false
-        if !options.noCreate {
-            do {
-                try ConvertOperation.createRawTarget(dst, size: image.virtualSize.divCeil(512) * 512)
-            } catch let e as InstarError {
-                throw e.prepending("\(dst): error while converting \(options.targetFormat): ")
-            }
-            created = true
-        }
+        if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: [image]) }
         do {
-            let t: ImageLayer
-            do {
-                t = try ConvertOperation.openTarget(dst, format: options.targetFormat, cache: targetCache)
-            } catch let e as InstarError {
-                throw e.prepending("Could not open '\(dst)': ")
-            }
-            defer { try? t.close() }
-            try ConvertOperation.copy(sources: [image], into: t, targetCreated: created, options: options)
-        } catch {
-            if created && options.removeTargetOnFailure { unlink(dst) }
-            throw error
+            try ConvertOperation.convert(sources: [image], target: dst, options: options)
+        } catch let e as ConvertStopped {
+            throw InstarError.invalid(e.message)
         }
     }
 }

@@ -190,6 +190,7 @@ public enum ImageOpener {
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
         let file = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
+        file.noFlush = options.noFlush
         var opts = options
         if let fs = spec.forceShare { opts.forceShare = fs }
         let descriptor: FormatDescriptor
@@ -242,7 +243,7 @@ public enum ImageOpener {
                                                  depth: depth + 1, seen: &seen)
                 } catch let e as InstarError {
                     if e.code == .chain { throw e }
-                    throw e.prepending("Could not open backing file: Could not open '\(bspec.displayName)': ")
+                    throw e.prepending("Could not open backing file: ")
                 }
             }
         }

@@ -135,6 +135,31 @@ public protocol ImageFormat: AnyObject {
     func flush() throws
     /// Called once before the image is dropped; writers write back caches and clear the dirty flag here.
     func close() throws
+
+    /// Compressed cluster writes (convert -c), nil when the format cannot store compressed clusters.
+    var compressedWrites: CompressedClusterWriting? { get }
+    /// The persistent dirty bitmaps the image holds; nil when the format (or this version of it) cannot hold
+    /// any (qemu's bdrv_supports_persistent_dirty_bitmap).
+    var persistentBitmapNames: [String]? { get }
+    /// Makes a read-only image read an internal snapshot's contents instead of the active ones (qemu's
+    /// bdrv_snapshot_load_tmp, for convert -l): `id` and/or `name` select it.
+    func loadSnapshotTemporarily(id: String?, name: String?) throws
+}
+
+/// Compresses one cluster; one instance per thread.
+public protocol ClusterCompressor {
+    /// The compressed form of a whole cluster, or nil when it is not smaller than the cluster (the caller then
+    /// writes the cluster uncompressed, as qemu does).
+    func compress(_ input: UnsafeRawBufferPointer) throws -> [UInt8]?
+}
+
+/// The compressed write side of a format (qemu's bdrv_co_pwritev_compressed split in two: compressing, which
+/// may run on any thread, and storing, which runs in guest order on the writing thread).
+public protocol CompressedClusterWriting: AnyObject {
+    var compressedClusterSize: UInt64 { get }
+    func makeClusterCompressor() -> ClusterCompressor
+    /// Stores an already compressed cluster at guest cluster `clusterIndex` (unallocated in this layer).
+    func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws
 }
 
 extension ImageFormat {
@@ -152,6 +177,12 @@ extension ImageFormat {
     public func discard(at offset: UInt64, length: UInt64) throws {}
     public func flush() throws {}
     public func close() throws {}
+    public var compressedWrites: CompressedClusterWriting? { nil }
+    public var persistentBitmapNames: [String]? { nil }
+    public func loadSnapshotTemporarily(id: String?, name: String?) throws {
+        throw InstarError.unsupported("Block format '\(formatName)' used by device '' does not support temporarily "
+                                      + "loading internal snapshots")
+    }
 }
 
 /// What a driver is given to open an image.
@@ -181,6 +212,8 @@ public struct ImageOpenOptions {
     /// Opened for `check` (qemu's BDRV_O_CHECK): a corrupt image may still be opened writable, to repair it.
     public var check = false
     public var direct = false
+    /// cache=unsafe: the image's files never flush (BDRV_O_NO_FLUSH).
+    public var noFlush = false
     /// qemu's BDRV_O_NO_IO: the image is opened only to describe it (qemu-img info), so drivers do not open
     /// the files that hold guest data only (an external qcow2 data file), which then need not exist.
     public var metadataOnly = false

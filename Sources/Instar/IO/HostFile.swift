@@ -7,6 +7,8 @@ import Glibc
 public final class HostFile {
     public let path: String
     public let fd: Int32
+    /// qemu's cache=unsafe (BDRV_O_NO_FLUSH): flushes of this file return at once.
+    public var noFlush = false
     public let writable: Bool
     public let direct: Bool
     /// O_DIRECT alignment for offsets, lengths and buffers.
@@ -126,6 +128,7 @@ public final class HostFile {
 
     /// fdatasync(2), as qemu's flush on a file with a writeback cache.
     public func sync() throws {
+        if noFlush { return }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
     }
 

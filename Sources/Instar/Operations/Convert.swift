@@ -23,24 +23,53 @@ public enum CacheMode: String {
 }
 
 public struct ConvertOptions {
-    /// -O; only formats the registry can create as targets ("raw" for now).
+    /// -O: any format the registry can create (or open, with -n).
     public var targetFormat = "raw"
+    /// --target-image-opts (with -n): the target as a parsed option string instead of a plain filename.
+    public var targetSpec: ImageSpec?
+    /// Secrets by id (--object secret), for an encrypted target that is created or opened.
+    public var secrets: [String: String] = [:]
     /// -n: the target exists and is opened, not created.
     public var noCreate = false
     /// --target-is-zero (with -n): the target reads as zeroes already.
     public var targetIsZero = false
-    /// -t.
+    /// -t, already parsed.
     public var targetCache = CacheMode.unsafe
+    /// -t as given; when set, `convert` parses it after creating the target (qemu reports a bad mode then and
+    /// leaves the new target behind).
+    public var targetCacheName: String?
     /// -S in bytes: zero runs at least this long are left unwritten; 0 writes every byte.
     public var sparseSize: UInt64 = 4096
     /// -c.
     public var compress = false
+    /// -o: the target's creation options.
+    public var createOptions: String?
+    /// -B / -F: the target's backing file; only what differs from it is written.
+    public var backingFile: String?
+    public var backingFormat: String?
+    /// -m: parallel requests (1...16). Writes stay in guest order unless `unorderedWrites`.
+    public var coroutines = 8
+    /// -W.
+    public var unorderedWrites = false
+    /// -r: bytes per second written to the target, 0 for no limit.
+    public var rateLimit: UInt64 = 0
+    /// --bitmaps / --skip-broken-bitmaps.
+    public var bitmaps = false
+    public var skipBrokenBitmaps = false
+    /// Threads compressing clusters for -c; 0 uses every online CPU (at most 8).
+    public var compressThreads = 0
     /// Removes a target this call created when the copy fails or is cancelled.
     public var removeTargetOnFailure = true
     /// Each progress value qemu-img -p would print (from 0 to 100 inclusive); throw to cancel.
     public var progress: ((Double) throws -> Void)?
 
     public init() {}
+}
+
+/// img_convert stops after reporting this but still exits with 0 (qemu 7.2 leaves its return code at 0 on
+/// this path); library callers see it as an error.
+public struct ConvertStopped: Error {
+    public let message: String
 }
 
 public enum ConvertOperation {
@@ -80,27 +109,279 @@ public enum ConvertOperation {
         }
     }
 
-    /// Opens the target for writing with the cache mode's flags.
-    public static func openTarget(_ path: String, format: String, cache: CacheMode) throws -> ImageLayer {
+    /// Opens the target for writing with the cache mode's flags (and its backing chain, which reads through
+    /// the target's unallocated ranges).
+    public static func openTarget(_ path: String, format: String, cache: CacheMode, openBacking: Bool = false,
+                                  spec: ImageSpec? = nil, secrets: [String: String] = [:]) throws -> ImageLayer {
         var options = ImageOpenOptions()
         options.direct = cache.direct
-        return try ImageOpener.open(ImageSpec(filename: path, format: format), options: options, writable: true,
-                                    openBacking: false)
+        options.noFlush = !cache.flushes
+        options.secrets = secrets
+        return try ImageOpener.open(spec ?? ImageSpec(filename: path, format: format), options: options,
+                                    writable: true, openBacking: openBacking)
+    }
+
+    /// What img_convert does once the sources are open: creates the target through the format's creator with
+    /// the -o options (or opens it with -n), checks the option combinations in qemu's order and copies. Errors
+    /// carry qemu-img's complete message (without the program name).
+    public static func convert(sources: [ImageLayer], target: String, options inputOptions: ConvertOptions) throws {
+        var options = inputOptions
+        let fmt = options.targetFormat
+        guard !sources.isEmpty else { throw InstarError.invalid("Must specify image file name") }
+        let totalSectors = sources.reduce(UInt64(0)) { $0 + $1.virtualSize.divCeil(sectorSize) }
+        var values: CreateOptionValues?
+        var creator: FormatCreator?
+        if !options.noCreate {
+            guard let d = FormatRegistry.descriptor(named: fmt) else {
+                throw InstarError.invalid("Unknown file format '\(fmt)'")
+            }
+            guard let c = d.creator else {
+                throw InstarError.unsupported("Format driver '\(fmt)' does not support image creation")
+            }
+            creator = c
+            var v = CreateOptionValues(specs: Create.optionTable(for: c))
+            if let list = options.createOptions { try v.parse(list) }
+            try v.set("size", String(totalSectors * sectorSize))
+            // add_old_style_options: -B and -F become backing_file and backing_fmt.
+            if let b = options.backingFile {
+                guard v.spec("backing_file") != nil else {
+                    throw InstarError.unsupported("Backing file not supported for file format '\(fmt)'")
+                }
+                try v.set("backing_file", b)
+            }
+            if let f = options.backingFormat {
+                guard v.spec("backing_fmt") != nil else {
+                    throw InstarError.unsupported("Backing file format not supported for file format '\(fmt)'")
+                }
+                try v.set("backing_fmt", f)
+            }
+            values = v
+        }
+        let backingParam = values?.text("backing_file")
+        let targetHasBacking = (backingParam ?? options.backingFile) != nil
+        if options.targetIsZero && targetHasBacking {
+            throw ConvertStopped(message: "Cannot use --target-is-zero when the destination image has a backing file")
+        }
+        if sources.count > 1 && targetHasBacking {
+            throw InstarError.invalid("Having a backing file for the target makes no sense when concatenating "
+                                      + "multiple input images")
+        }
+        if backingParam != nil && values?.text("backing_fmt") == nil {
+            throw InstarError.invalid("Use of backing file requires explicit backing format")
+        }
+        if options.compress, let v = values {
+            if FormatRegistry.descriptor(named: fmt).map({ canCompress($0) }) == false {
+                throw InstarError.unsupported("Compression not supported for this file format")
+            }
+            if v.bool("encrypt") || v.isSet("encrypt.format") {
+                throw InstarError.unsupported("Compression and encryption not supported at the same time")
+            }
+            if let p = v.text("preallocation"), p != "off" {
+                throw InstarError.unsupported("Compression and preallocation not supported at the same time")
+            }
+        }
+        if options.bitmaps {
+            if sources.count > 1 { throw InstarError.invalid("Copying bitmaps only possible with single source") }
+            guard let names = sources[0].format.persistentBitmapNames else {
+                throw InstarError.unsupported("Source lacks bitmap support")
+            }
+            // Writing a bitmap directory is not implemented: refuse before creating anything.
+            if !names.isEmpty {
+                throw InstarError.unsupported("Copying persistent bitmaps is not supported yet")
+            }
+        }
+        var created = false
+        if let c = creator, let v = values {
+            do {
+                var request = CreateRequest(filename: target, options: v)
+                request.secrets = options.secrets
+                try c.create(request)
+            } catch let e as InstarError {
+                throw e.prepending("\(target): error while converting \(fmt): ")
+            }
+            created = true
+        }
+        if let name = options.targetCacheName {
+            guard let cache = CacheMode(qemuName: name) else {
+                throw InstarError.invalid("Invalid cache option: \(name)")
+            }
+            options.targetCache = cache
+        }
+        let targetImage: ImageLayer
+        do {
+            targetImage = try openTarget(target, format: fmt, cache: options.targetCache, openBacking: true,
+                                         spec: options.targetSpec, secrets: options.secrets)
+        } catch let e as InstarError {
+            if created && options.removeTargetOnFailure { unlink(target) }
+            throw e.prepending("Could not open '\(target)': ")
+        }
+        do {
+            defer { try? targetImage.close() }
+            if options.bitmaps && targetImage.format.persistentBitmapNames == nil {
+                throw InstarError.unsupported("Format driver '\(targetImage.format.formatName)' does not support bitmaps")
+            }
+            if options.compress && targetImage.format.compressedWrites == nil {
+                throw InstarError.unsupported("Compression not supported for this file format")
+            }
+            if options.noCreate && targetImage.virtualSize.divCeil(sectorSize) < totalSectors {
+                throw InstarError.invalid("output file is smaller than input file")
+            }
+            try copy(sources: sources, into: targetImage, targetCreated: created, targetHasBacking: targetHasBacking,
+                     options: options)
+            try targetImage.close()
+        } catch {
+            if created && options.removeTargetOnFailure { unlink(target) }
+            throw error
+        }
+    }
+
+    /// Which internal snapshot -l selects.
+    public struct SnapshotSelector {
+        /// Given as snapshot.id= / snapshot.name= options.
+        public var options: Bool
+        public var id: String?
+        public var name: String?
+
+        /// Parses a -l argument: "snapshot.id=ID,snapshot.name=NAME" (qemu's internal_snapshot_opts) or a plain
+        /// id-or-name. The error is qemu's first message line.
+        public init(parsing a: String) throws {
+            options = a.hasPrefix("snapshot.")
+            guard options else {
+                name = a
+                return
+            }
+            for (k, v) in try CreateOptionValues.splitList(a) {
+                switch k {
+                case "snapshot.id": id = v
+                case "snapshot.name": name = v
+                default: throw InstarError.invalid("Invalid parameter '\(k)'")
+                }
+            }
+        }
+    }
+
+    /// bdrv_snapshot_load_tmp(_by_id_or_name) on the first source, with img_convert's checks. Errors carry
+    /// qemu-img's message.
+    public static func loadSnapshot(_ sel: SnapshotSelector, sources: [ImageLayer]) throws {
+        guard let first = sources.first else { return }
+        do {
+            if sel.options {
+                if sel.id == nil && sel.name == nil { throw InstarError.invalid("snapshot_id and name are both NULL") }
+                try first.format.loadSnapshotTemporarily(id: sel.id, name: sel.name)
+            } else if let name = sel.name {
+                if sources.count > 1 { throw ConvertSnapshotError.multipleSources }
+                // The argument as an id first, then as a name.
+                do {
+                    try first.format.loadSnapshotTemporarily(id: name, name: nil)
+                } catch let e as InstarError where e.code == .notFound {
+                    try first.format.loadSnapshotTemporarily(id: nil, name: name)
+                }
+            }
+        } catch ConvertSnapshotError.multipleSources {
+            throw InstarError.invalid("No support for concatenating multiple snapshot")
+        } catch let e as InstarError {
+            throw e.prepending("Failed to load snapshot: ")
+        }
+    }
+
+    enum ConvertSnapshotError: Error { case multipleSources }
+
+    /// Whether a format's images take compressed writes, asked of the driver's creator table (qemu's
+    /// block_driver_can_compress): formats with a compression_type option or a cluster_size do.
+    static func canCompress(_ d: FormatDescriptor) -> Bool {
+        guard let c = d.creator else { return false }
+        return c.options.contains { $0.name == "compression_type" }
     }
 
     /// One stretch of the source as convert_iteration_sectors() classifies it.
-    struct Segment {
-        var sector: UInt64
-        var count: UInt64
-        var status: Status
+    enum Status { case data, zero, backingFile }
+
+    /// qemu-img's ImgConvertState as far as convert_iteration_sectors() uses it.
+    struct Iterator {
+        let sources: [ImageLayer]
+        let sourceSectors: [UInt64]
+        let alignment: [UInt64]
+        let totalSectors: UInt64
+        let targetHasBacking: Bool
+        /// The target's backing file size in sectors, nil when unknown or there is none.
+        let targetBackingSectors: UInt64?
+        let bufSectors: UInt64
+        let compressed: Bool
+        let clusterSectors: UInt64
+        var sectorNextStatus: UInt64 = 0
+        var status: Status = .data
+
+        /// The source holding `sector` and where it starts.
+        func part(_ sector: UInt64) -> (Int, UInt64) {
+            var start: UInt64 = 0
+            for (i, n) in sourceSectors.enumerated() {
+                if sector < start + n { return (i, start) }
+                start += n
+            }
+            return (sourceSectors.count - 1, start - (sourceSectors.last ?? 0))
+        }
+
+        mutating func next(_ sectorNum: UInt64) throws -> UInt64 {
+            let (cur, curOffset) = part(sectorNum)
+            var n = min(totalSectors - sectorNum, requestMaxSectors)
+            var postBackingZero = false
+            if let tbs = targetBackingSectors {
+                if sectorNum >= tbs {
+                    postBackingZero = true
+                } else if sectorNum + n > tbs {
+                    n = tbs - sectorNum
+                }
+            }
+            if sectorNextStatus <= sectorNum {
+                let src = sources[cur]
+                let offset = (sectorNum - curOffset) * sectorSize
+                let bytes = min(n * sectorSize, src.virtualSize.divCeil(sectorSize) * sectorSize - offset)
+                let st: ChainBlockStatus
+                do {
+                    if targetHasBacking {
+                        // Only the source's own layer: what it leaves unallocated comes from the target's backing.
+                        guard let s = try ChainStatus.layerStatus(src, at: offset, length: bytes) else {
+                            throw InstarError(.range, "block status queried past the end of the image")
+                        }
+                        st = s
+                    } else {
+                        st = try ChainStatus.aboveStatus(src, at: offset, length: bytes)
+                    }
+                } catch let e as InstarError {
+                    throw StepError(.blockStatus, at: offset, operand: cur, e)
+                }
+                n = st.length.divCeil(sectorSize)
+                let tail = (sectorNum - curOffset + n) % alignment[cur]
+                if n > tail { n -= tail }
+                if st.zero {
+                    status = postBackingZero ? .backingFile : .zero
+                } else if st.data {
+                    status = .data
+                } else {
+                    status = targetHasBacking ? .backingFile : .data
+                }
+                sectorNextStatus = sectorNum + n
+            }
+            n = min(n, sectorNextStatus - sectorNum)
+            if status == .data { n = min(n, bufSectors) }
+            // Compressed clusters are written whole: a shorter stretch makes the whole cluster data.
+            if compressed {
+                if n < clusterSectors {
+                    n = min(clusterSectors, totalSectors - sectorNum)
+                    status = .data
+                } else {
+                    n -= n % clusterSectors
+                }
+            }
+            return n
+        }
     }
 
-    enum Status { case data, zero }
-
-    /// Copies `sources` (concatenated) into `target`. `targetCreated` says whether the call created it (zero
-    /// init: zero ranges are then left as holes).
+    /// Copies `sources` (concatenated) into `target` (convert_do_copy). `targetCreated` says whether the call
+    /// created it (zero init: zero ranges are then left as holes); `targetHasBacking` whether it has a backing
+    /// file that the source's unallocated ranges are left to.
     public static func copy(sources: [ImageLayer], into target: ImageLayer, targetCreated: Bool,
-                            options: ConvertOptions) throws {
+                            targetHasBacking: Bool = false, options: ConvertOptions) throws {
         var sourceSectors: [UInt64] = []
         var alignment: [UInt64] = []
         for s in sources {
@@ -110,134 +391,226 @@ public enum ConvertOperation {
         }
         let totalSectors = sourceSectors.reduce(0, +)
         let minSparse = options.sparseSize / sectorSize
-        let hasZeroInit = (targetCreated && minSparse > 0) || options.targetIsZero
+        let hasZeroInit = options.targetIsZero || (targetCreated && minSparse > 0 && !targetHasBacking)
         let writeAlignment = max(pow2floor(minSparse), 1)
         let targetFormat = target.format
+        let targetBacking = target.backing
 
         if target.virtualSize.divCeil(sectorSize) < totalSectors {
             throw InstarError.invalid("output file is smaller than input file")
         }
+        let targetCluster = ((try? targetFormat.formatInfo().clusterSize) ?? nil) ?? 0
+        var bufSectors = min(maxSparseBytes / sectorSize, max(bufferSectors, targetCluster / sectorSize))
+        var compressor: CompressedClusterWriting?
+        if options.compress {
+            guard let cw = targetFormat.compressedWrites else {
+                throw InstarError.unsupported("Compression not supported for this file format")
+            }
+            let cs = cw.compressedClusterSize / sectorSize
+            if cs == 0 || cs > bufSectors { throw InstarError.invalid("invalid cluster size") }
+            bufSectors = cs
+            compressor = cw
+        }
+        let clusterSectors = max(1, targetCluster / sectorSize)
+        var backingSectors: UInt64?
+        if targetHasBacking && targetCreated, let b = targetBacking { backingSectors = b.virtualSize.divCeil(sectorSize) }
 
-        // Classify the whole source first: progress counts only the sectors that will be read or written.
-        var segments: [Segment] = []
+        let base = Iterator(sources: sources, sourceSectors: sourceSectors, alignment: alignment,
+                            totalSectors: totalSectors, targetHasBacking: targetHasBacking,
+                            targetBackingSectors: backingSectors, bufSectors: bufSectors,
+                            compressed: options.compress, clusterSectors: compressor == nil ? clusterSectors
+                                : bufSectors)
+        // First pass: progress counts only the sectors that will be read or written.
+        var counter = base
         var allocated: UInt64 = 0
         var sector: UInt64 = 0
-        var sourceIndex = 0
-        var sourceStart: UInt64 = 0
         while sector < totalSectors {
-            while sector >= sourceStart + sourceSectors[sourceIndex] {
-                sourceStart += sourceSectors[sourceIndex]
-                sourceIndex += 1
-            }
-            let src = sources[sourceIndex]
-            let n = min(totalSectors - sector, requestMaxSectors)
-            let offset = (sector - sourceStart) * sectorSize
-            let st = try StepError.wrap(.blockStatus, at: offset, operand: sourceIndex) {
-                try ChainStatus.aboveStatus(src, at: offset, length: n * sectorSize)
-            }
-            var count = st.length.divCeil(sectorSize)
-            let tail = (sector - sourceStart + count) % alignment[sourceIndex]
-            if count > tail { count -= tail }
-            let status: Status = st.zero ? .zero : .data
-            if status == .data || minSparse == 0 { allocated += count }
-            if status == .data {
-                var left = count
-                var at = sector
-                while left > 0 {
-                    let k = min(left, bufferSectors)
-                    segments.append(Segment(sector: at, count: k, status: .data))
-                    at += k
-                    left -= k
-                }
-            } else {
-                segments.append(Segment(sector: sector, count: count, status: .zero))
-            }
-            sector += count
+            let n = try counter.next(sector)
+            if counter.status == .data || (minSparse == 0 && counter.status == .zero) { allocated += n }
+            sector += n
         }
 
         // The caller reports the initial 0% (qemu-img prints it before opening the images).
         var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
-
-        let bufferBytes = Int(bufferSectors * sectorSize)
+        var writer = TargetWriter(target: targetFormat, backing: targetBacking, minSparse: minSparse,
+                                  alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache,
+                                  rateLimit: options.rateLimit)
+        let bufferBytes = Int(bufSectors * sectorSize)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferBytes, alignment: HostFile.directAlignment)
         defer { buffer.deallocate() }
-        var done: UInt64 = 0
-        sourceIndex = 0
-        sourceStart = 0
-        for seg in segments {
-            var segSector = seg.sector
-            var left = seg.count
-            while left > 0 {
-                // -S 0 writes zero stretches as data, one buffer at a time.
-                let n = seg.status == .zero && minSparse == 0 ? min(left, bufferSectors) : left
-                while segSector >= sourceStart + sourceSectors[sourceIndex] {
-                    sourceStart += sourceSectors[sourceIndex]
-                    sourceIndex += 1
-                }
-                if seg.status == .data || minSparse == 0 {
-                    done += n
-                    try meter.set(done: done, total: allocated)
-                }
-                // Data and -S 0 zero stretches are at most one buffer long; other zero stretches are not read.
-                let bytes = Int(min(n, bufferSectors) * sectorSize)
-                let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes])
-                // qemu-img names the failed chunk by its start in the concatenated source.
-                let chunkStart = segSector * sectorSize
-                if seg.status == .data {
-                    let source = sources[sourceIndex]
-                    try StepError.wrap(.read, at: chunkStart, operand: sourceIndex) {
-                        try source.read(into: chunk, at: (segSector - sourceStart) * sectorSize)
-                    }
-                    try StepError.wrap(.write, at: chunkStart) {
-                        try writeData(chunk, sector: segSector, to: targetFormat, minSparse: minSparse,
-                                      alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache)
-                    }
-                } else if minSparse == 0 {
-                    chunk.initializeMemory(as: UInt8.self, repeating: 0)
-                    try StepError.wrap(.write, at: chunkStart) {
-                        try writeData(chunk, sector: segSector, to: targetFormat, minSparse: 0,
-                                      alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache)
-                    }
-                } else if !hasZeroInit {
-                    try StepError.wrap(.write, at: chunkStart) {
-                        try targetFormat.writeZeroes(at: chunkStart, length: n * sectorSize, mayUnmap: true,
-                                                     backing: nil)
-                        if options.targetCache.writethrough { try targetFormat.flush() }
-                    }
-                }
-                segSector += n
-                left -= n
-            }
+        var batch: CompressedBatch?
+        if let cw = compressor {
+            let threads = options.compressThreads > 0 ? options.compressThreads
+                : max(1, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+            batch = CompressedBatch(writer: cw, clusterBytes: Int(bufSectors * sectorSize), threads: threads)
         }
-        if options.targetCache.flushes { try targetFormat.flush() }
+        var iter = base
+        var done: UInt64 = 0
+        sector = 0
+        while sector < totalSectors {
+            var n = try iter.next(sector)
+            var status = iter.status
+            if minSparse == 0 && status == .zero { n = min(n, bufSectors) }
+            if status == .data || (minSparse == 0 && status == .zero) {
+                done += n
+                try meter.set(done: done, total: allocated)
+            }
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(n, bufSectors) * sectorSize)])
+            if status == .data {
+                do {
+                    try readSources(sources, sourceSectors, sector: sector, into: chunk)
+                } catch let e as InstarError {
+                    throw StepError(.read, at: sector * sectorSize, e)
+                }
+            } else if minSparse == 0 && status == .zero {
+                chunk.initializeMemory(as: UInt8.self, repeating: 0)
+                status = .data
+            }
+            do {
+                if let b = batch, status == .data {
+                    // Whole clusters (the last one may be short): compressed on worker threads, stored in order.
+                    if minSparse == 0 || !isZero(UnsafeRawPointer(chunk.baseAddress!), chunk.count) {
+                        try b.add(chunk, sector: sector, writer: &writer)
+                    } else {
+                        try b.drain(&writer)
+                        try writer.zero(sector: sector, count: n)
+                    }
+                } else {
+                    try batch?.drain(&writer)
+                    try writer.write(chunk, sector: sector, count: n, status: status)
+                }
+            } catch let f as CompressedWriteFailure {
+                throw writeError(f)
+            } catch let e as InstarError {
+                throw StepError(.write, at: sector * sectorSize, e)
+            }
+            sector += n
+        }
+        do {
+            try batch?.drain(&writer)
+            if options.targetCache.flushes { try targetFormat.flush() }
+        } catch let f as CompressedWriteFailure {
+            throw writeError(f)
+        } catch let e as InstarError {
+            throw StepError(.write, at: sector * sectorSize, e)
+        }
         try meter.advance(100, max: 0)
     }
 
-    /// convert_co_write() for a data buffer: runs of zero sectors at least `minSparse` long become zero writes
-    /// (or nothing with zero init); the rest is written.
-    static func writeData(_ buf: UnsafeMutableRawBufferPointer, sector: UInt64, to target: ImageFormat,
-                          minSparse: UInt64, alignment: UInt64, hasZeroInit: Bool, cache: CacheMode) throws {
-        let total = UInt64(buf.count) / sectorSize
-        var i: UInt64 = 0
-        while i < total {
-            var n = total - i
-            var isData = true
-            if minSparse > 0 {
-                let r = allocatedSectorsMin(buf, from: i, count: n, min: minSparse, sector: sector + i,
-                                            alignment: alignment)
-                isData = r.allocated
-                n = r.count
+    static func writeError(_ f: CompressedWriteFailure) -> Error {
+        guard let e = f.error as? InstarError else { return f.error }
+        return StepError(.write, at: f.offset, e)
+    }
+
+    /// convert_co_read(): `chunk` from the concatenated sources starting at `sector`.
+    static func readSources(_ sources: [ImageLayer], _ sizes: [UInt64], sector: UInt64,
+                            into chunk: UnsafeMutableRawBufferPointer) throws {
+        var start: UInt64 = 0
+        var at = sector
+        var filled = 0
+        for (i, n) in sizes.enumerated() {
+            let end = start + n
+            if at < end && filled < chunk.count {
+                let bytes = min(chunk.count - filled, Int((end - at) * sectorSize))
+                try sources[i].read(into: UnsafeMutableRawBufferPointer(rebasing: chunk[filled..<(filled + bytes)]),
+                                    at: (at - start) * sectorSize)
+                filled += bytes
+                at += UInt64(bytes) / sectorSize
             }
-            let byteRange = Int(i * sectorSize)..<Int((i + n) * sectorSize)
-            if isData {
-                try target.write(UnsafeRawBufferPointer(rebasing: buf[byteRange]), at: (sector + i) * sectorSize,
-                                 backing: nil)
-            } else if !hasZeroInit {
-                try target.writeZeroes(at: (sector + i) * sectorSize, length: n * sectorSize, mayUnmap: true,
-                                       backing: nil)
+            start = end
+        }
+        if filled < chunk.count {
+            UnsafeMutableRawBufferPointer(rebasing: chunk[filled...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+    }
+
+    /// convert_co_write() without compression, plus -t writethrough flushes and the -r rate limit.
+    struct TargetWriter {
+        let target: ImageFormat
+        let backing: GuestReader?
+        let minSparse: UInt64
+        let alignment: UInt64
+        let hasZeroInit: Bool
+        let cache: CacheMode
+        let rateLimit: UInt64
+        /// The -r bucket: bytes written and not yet drained, and when it last drained.
+        var level: Double = 0
+        var lastLeak = TargetWriter.monotonicSeconds()
+
+        mutating func write(_ buf: UnsafeMutableRawBufferPointer, sector: UInt64, count: UInt64,
+                            status: Status) throws {
+            switch status {
+            case .backingFile:
+                return
+            case .zero:
+                try zero(sector: sector, count: count)
+            case .data:
+                var i: UInt64 = 0
+                while i < count {
+                    var n = count - i
+                    var isData = true
+                    if minSparse > 0 {
+                        let r = allocatedSectorsMin(buf, from: i, count: n, min: minSparse, sector: sector + i,
+                                                    alignment: alignment)
+                        isData = r.allocated
+                        n = r.count
+                    }
+                    if isData {
+                        let range = Int(i * sectorSize)..<Int((i + n) * sectorSize)
+                        admit()
+                        try target.write(UnsafeRawBufferPointer(rebasing: buf[range]), at: (sector + i) * sectorSize,
+                                         backing: backing)
+                        try account(n * sectorSize)
+                    } else {
+                        try zero(sector: sector + i, count: n)
+                    }
+                    i += n
+                }
             }
+        }
+
+        mutating func zero(sector: UInt64, count: UInt64) throws {
+            if hasZeroInit { return }
+            admit()
+            try target.writeZeroes(at: sector * sectorSize, length: count * sectorSize, mayUnmap: true,
+                                   backing: backing)
+            try account(count * sectorSize)
+        }
+
+        /// Before each request, with -r: qemu's leaky bucket (throttle_compute_wait with no burst setting) lets
+        /// a request start once the bytes not yet drained at the limit's rate are at most a tenth of a second's
+        /// worth.
+        mutating func admit() {
+            guard rateLimit > 0 else { return }
+            leak()
+            let extra = level - Double(rateLimit) / 10
+            if extra > 0 {
+                let wait = extra / Double(rateLimit)
+                var ts = timespec(tv_sec: Int(wait), tv_nsec: Int((wait - Double(Int(wait))) * 1e9))
+                var left = timespec()
+                while nanosleep(&ts, &left) != 0 && errno == EINTR { ts = left }
+                leak()
+            }
+        }
+
+        /// After each request: the writethrough flush and the bytes added to the bucket.
+        mutating func account(_ bytes: UInt64) throws {
             if cache.writethrough { try target.flush() }
-            i += n
+            guard rateLimit > 0 else { return }
+            leak()
+            level += Double(bytes)
+        }
+
+        private mutating func leak() {
+            let now = TargetWriter.monotonicSeconds()
+            level = max(0, level - (now - lastLeak) * Double(rateLimit))
+            lastLeak = now
+        }
+
+        static func monotonicSeconds() -> Double {
+            var ts = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
         }
     }
 

@@ -69,6 +69,9 @@ public struct CreateOptionValues {
         return result
     }
 
+    /// Splits an option list like qemu's option parser (for lists that are not creation options).
+    public static func splitList(_ list: String) throws -> [(String, String)] { try split(list) }
+
     /// True when the list asks for help ("help" or "?" as an option name), as qemu's has_help_option.
     public static func wantsHelp(_ list: String) -> Bool {
         ((try? split(list)) ?? []).contains { ($0.0 == "help" || $0.0 == "?") }
@@ -187,7 +190,16 @@ public enum HostFileCreate {
     /// Creates (or truncates) `path` and gives it `size` bytes the way file-posix does: ftruncate for off,
     /// posix_fallocate for falloc, written zeroes for full.
     public static func create(_ path: String, size: UInt64, preallocation: Preallocation) throws {
-        let file = try HostFile.open(path, writable: true, create: true)
+        let file: HostFile
+        do {
+            file = try HostFile.open(path, writable: true, create: true)
+        } catch let e as InstarError {
+            // file-posix's create reports the open(O_CREAT) failure as "Could not create".
+            var m = e.message
+            let prefix = "Could not open '\(path)'"
+            if m.hasPrefix(prefix) { m = "Could not create '\(path)'" + m.dropFirst(prefix.count) }
+            throw InstarError(e.code, m, errno: e.errnoValue)
+        }
         do {
             try file.truncate(to: 0)
         } catch let e as InstarError {
@@ -204,6 +216,12 @@ public enum HostFileCreate {
         switch preallocation {
         case .off:
             try resize(file, size)
+            // file-posix allocates the first block of a file it grows from empty, so that its allocation (and
+            // the request alignment) can be probed later; `qemu-img map` shows it as data.
+            if current == 0 {
+                let first = size < 4096 ? 512 : 4096
+                try file.write([UInt8](repeating: 0, count: Int(min(UInt64(first), size))), at: 0)
+            }
         case .falloc:
             do {
                 try file.allocate(at: current, length: size - current)

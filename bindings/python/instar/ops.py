@@ -11,6 +11,8 @@ CONVERT_TARGET_IS_ZERO = 1 << 1
 CONVERT_FORCE_SHARE = 1 << 2
 CONVERT_COMPRESS = 1 << 3
 CONVERT_UNORDERED_WRITES = 1 << 4
+CONVERT_BITMAPS = 1 << 5
+CONVERT_SKIP_BROKEN_BITMAPS = 1 << 6
 
 
 class MapEntry(ctypes.Structure):
@@ -43,7 +45,9 @@ class ConvertOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("source_format", ctypes.c_char_p),
                 ("target_format", ctypes.c_char_p), ("source_cache", ctypes.c_char_p),
                 ("target_cache", ctypes.c_char_p), ("sparse_size", ctypes.c_int64), ("progress", PROGRESS_FN),
-                ("progress_data", ctypes.c_void_p)]
+                ("progress_data", ctypes.c_void_p), ("options", ctypes.c_char_p), ("backing_file", ctypes.c_char_p),
+                ("backing_format", ctypes.c_char_p), ("snapshot", ctypes.c_char_p), ("coroutines", ctypes.c_int32),
+                ("rate_limit", ctypes.c_int64)]
 
 
 def _setup():
@@ -114,14 +118,21 @@ def compare(path1, path2, format1=None, format2=None, strict=False, force_share=
 
 
 def convert(src, dst, source_format=None, target_format=None, no_create=False, target_is_zero=False,
-            force_share=False, source_cache=None, target_cache=None, sparse_size=None, progress=None):
-    """Converts like `qemu-img convert`. `progress(percent)` gets qemu's progress values; a true return cancels."""
+            force_share=False, source_cache=None, target_cache=None, sparse_size=None, progress=None, fmt=None,
+            options=None, compress=False, backing_file=None, backing_format=None, snapshot=None, coroutines=8,
+            rate_limit=0, unordered_writes=False, bitmaps=False, skip_broken_bitmaps=False):
+    """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
+    -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
+    `progress(percent)` gets qemu's progress values; a true return cancels."""
     L = _setup()
     flags = (CONVERT_NO_CREATE if no_create else 0) | (CONVERT_TARGET_IS_ZERO if target_is_zero else 0) | \
-        (CONVERT_FORCE_SHARE if force_share else 0)
+        (CONVERT_FORCE_SHARE if force_share else 0) | (CONVERT_COMPRESS if compress else 0) | \
+        (CONVERT_UNORDERED_WRITES if unordered_writes else 0) | (CONVERT_BITMAPS if bitmaps else 0) | \
+        (CONVERT_SKIP_BROKEN_BITMAPS if skip_broken_bitmaps else 0)
     cb = _progress(progress)
-    opts = ConvertOptions(ctypes.sizeof(ConvertOptions), flags, encode(source_format), encode(target_format),
+    opts = ConvertOptions(ctypes.sizeof(ConvertOptions), flags, encode(source_format), encode(fmt or target_format),
                           encode(source_cache), encode(target_cache), -1 if sparse_size is None else sparse_size,
-                          cb, None)
+                          cb, None, encode(options), encode(backing_file), encode(backing_format), encode(snapshot),
+                          coroutines, rate_limit)
     err = Error()
     check(L.instar_convert(encode(src), encode(dst), ctypes.byref(opts), ctypes.byref(err)), err)

@@ -255,6 +255,12 @@ extension Qcow2Writer {
                 break
             }
         }
+        // Version 2 with a backing file cannot mark zeroes: qemu's zeroize refuses (ENOTSUP) and the block
+        // layer writes a zero buffer, allocating the cluster.
+        if header.version < 3 && (format.backingReference != nil || backing != nil) {
+            try writeZeroBytes(start, end, backing: backing)
+            return
+        }
         // Already zero by status: nothing to write.
         if try chainIsZero(start, end, backing: backing) { return }
         try writeZeroBytes(start, end, backing: backing)
