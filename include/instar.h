@@ -78,9 +78,10 @@ typedef struct instar_open_options {
     uint32_t struct_size;        /**< sizeof(instar_open_options_t) */
     uint32_t flags;              /**< INSTAR_OPEN_* */
     const char *format;          /**< "qcow2", "raw", ...; NULL to probe (like omitting qemu-img -f) */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_open_options_t;
 
-#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL }
+#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL }
 void instar_open_options_init(instar_open_options_t *opts);
 
 /**
@@ -174,9 +175,10 @@ typedef struct instar_info_options {
     uint32_t open_flags;             /**< INSTAR_OPEN_FORCE_SHARE is the useful one here */
     const char *format;              /**< NULL to probe */
     int32_t backing_chain;           /**< nonzero: fill ->backing for the whole chain */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_info_options_t;
 
-#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0 }
+#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL }
 void instar_info_options_init(instar_info_options_t *opts);
 
 /** Fills *out with what `qemu-img info` reports. Free it with instar_info_free. */
@@ -218,9 +220,10 @@ typedef struct instar_map_options {
     const char *format;
     uint64_t start_offset;       /**< --start-offset */
     int64_t max_length;          /**< --max-length, -1 for to the end */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_map_options_t;
 
-#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1 }
+#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL }
 void instar_map_options_init(instar_map_options_t *opts);
 
 /** What `qemu-img map --output=json` reports, entry for entry. Free with instar_map_free. */
@@ -245,9 +248,11 @@ typedef struct instar_compare_options {
     int32_t strict;              /**< -s */
     instar_progress_fn progress;
     void *progress_data;
+    const char *key_secret1;     /**< the passphrase of the first image's encryption (encrypt.key-secret), or NULL */
+    const char *key_secret2;     /**< the passphrase of the second image's encryption, or NULL */
 } instar_compare_options_t;
 
-#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL }
+#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
 void instar_compare_options_init(instar_compare_options_t *opts);
 
 typedef struct instar_compare_result {
@@ -309,9 +314,14 @@ typedef struct instar_create_options {
     const char *backing_file;    /**< -b, or NULL */
     const char *backing_format;  /**< -F, or NULL */
     const char *options;         /**< -o: "key=value,key=value" as qemu-img takes it (",," escapes a comma), or NULL */
+    /**
+     * The new image's passphrase when `options` ask for encryption (encrypt.format=luks), NULL for none. When
+     * `options` name no encrypt.key-secret the library supplies one; when they name an id, this fills it.
+     */
+    const char *key_secret;
 } instar_create_options_t;
 
-#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL }
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL }
 void instar_create_options_init(instar_create_options_t *opts);
 
 /**
@@ -329,9 +339,14 @@ typedef struct instar_measure_options {
     const char *output_format;   /**< -O; NULL means raw */
     const char *options;         /**< -o for the output format, or NULL */
     int64_t size;                /**< --size in bytes when no filename is given; -1 otherwise */
+    /**
+     * The passphrase of the source image's encryption, which is also the passphrase of the measured output
+     * when `options` ask for encryption (as for instar_create); NULL for none.
+     */
+    const char *key_secret;
 } instar_measure_options_t;
 
-#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1 }
+#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1, NULL }
 void instar_measure_options_init(instar_measure_options_t *opts);
 
 typedef struct instar_measure_result {
@@ -395,9 +410,10 @@ typedef struct instar_check_options {
     uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE (-U) and INSTAR_OPEN_NO_CACHE (-T none) are used */
     const char *format;          /**< -f, NULL to probe */
     uint32_t repair;             /**< INSTAR_CHECK_REPAIR_*; nonzero opens the image for writing */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_check_options_t;
 
-#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0 }
+#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0, NULL }
 void instar_check_options_init(instar_check_options_t *opts);
 
 /** What `qemu-img check` reports. Counters qemu-img omits from its JSON (because they are 0) are -1. */
@@ -441,9 +457,10 @@ typedef struct instar_resize_options {
     const char *format;          /**< -f; NULL to probe */
     const char *preallocation;   /**< --preallocation: "off", "metadata", "falloc" or "full"; NULL means off */
     uint32_t flags;              /**< INSTAR_RESIZE_* */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_resize_options_t;
 
-#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0 }
+#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0, NULL }
 void instar_resize_options_init(instar_resize_options_t *opts);
 
 /**
@@ -462,9 +479,10 @@ typedef struct instar_amend_options {
     uint32_t force;              /**< --force (nonzero) */
     instar_progress_fn progress; /**< called with the percentages `qemu-img amend -p` shows, or NULL */
     void *progress_data;
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_amend_options_t;
 
-#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL }
+#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL }
 void instar_amend_options_init(instar_amend_options_t *opts);
 
 /**
