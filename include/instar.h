@@ -12,8 +12,20 @@
  *    that fit in struct_size, so a caller built against an older header keeps working.
  *  - Every call returns an int: 0 (INSTAR_OK) on success or a negative INSTAR_E_* code, and fills the optional
  *    instar_error_t (pass NULL if you do not want it). The library never prints anything.
- *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes.
- *  - All functions are thread-safe; one instar_image_t may be used by one thread at a time.
+ *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes. Flags are uint32_t bit
+ *    sets; yes/no fields are int32_t (0 no, nonzero yes) or the INSTAR_UNSET/FALSE/TRUE tri-state.
+ *  - Strings and structs the library returns are malloc'd and owned by the caller, who releases them with the
+ *    matching instar_*_free (instar_string_free for char *). Every *_free and instar_close accepts NULL.
+ *  - Result structs the caller provides (instar_compare_result_t, instar_measure_result_t,
+ *    instar_check_result_t) also begin with struct_size, which the caller sets; the library writes only that
+ *    much. Structs the library allocates (instar_info_t, instar_map_t) only grow at their end.
+ *  - Every function is thread-safe and the library has no global mutable state. Calls on one instar_image_t
+ *    are serialised by the library, so threads may share a handle; instar_close must not race with other
+ *    calls on the same handle.
+ *  - Encrypted images (LUKS qcow2) are unlocked with the key_secret option fields: the passphrase itself, which
+ *    the library hands to the image as qemu's encrypt.key-secret.
+ *  - Any call may also fail with INSTAR_E_INVALID for a NULL required argument or a struct_size smaller than
+ *    4, and with INSTAR_E_NOMEM.
  */
 #ifndef INSTAR_H
 #define INSTAR_H
@@ -82,12 +94,17 @@ typedef struct instar_open_options {
 } instar_open_options_t;
 
 #define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_OPEN_OPTIONS_INIT. NULL is ignored. */
 void instar_open_options_init(instar_open_options_t *opts);
 
 /**
  * Opens an image (and its backing chain unless INSTAR_OPEN_NO_BACKING). `filename` may be a path or a
- * qemu-style "json:{...}" string. On success *out is a handle to release with instar_close.
- * Errors: INSTAR_E_NOT_FOUND, INSTAR_E_IO, INSTAR_E_CORRUPT, INSTAR_E_UNSUPPORTED, INSTAR_E_LOCKED, INSTAR_E_CHAIN.
+ * qemu-style "json:{...}" string. On success *out is a handle the caller owns and releases with instar_close;
+ * on failure *out is NULL. An encrypted image needs opts->key_secret (a json: name that sets encrypt.key-secret
+ * to an id gets the passphrase under that id). opts may be NULL for the defaults.
+ * Errors: INSTAR_E_NOT_FOUND, INSTAR_E_IO, INSTAR_E_CORRUPT, INSTAR_E_UNSUPPORTED, INSTAR_E_LOCKED, INSTAR_E_CHAIN,
+ * INSTAR_E_ENCRYPTED (no passphrase, or a wrong one: qemu's "Invalid password, cannot unlock any keyslot"),
+ * INSTAR_E_PERMISSION.
  */
 int instar_open(const char *filename, const instar_open_options_t *opts, instar_image_t **out,
                 instar_error_t *err);
@@ -95,7 +112,7 @@ int instar_open(const char *filename, const instar_open_options_t *opts, instar_
 /** Closes a handle from instar_open. NULL is allowed. */
 void instar_close(instar_image_t *image);
 
-/** The virtual size in bytes. */
+/** Stores the virtual size in bytes in *size. Errors: INSTAR_E_INVALID (NULL image or size). */
 int instar_get_size(instar_image_t *image, uint64_t *size, instar_error_t *err);
 
 /**
@@ -179,20 +196,26 @@ typedef struct instar_info_options {
 } instar_info_options_t;
 
 #define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_INFO_OPTIONS_INIT. NULL is ignored. */
 void instar_info_options_init(instar_info_options_t *opts);
 
-/** Fills *out with what `qemu-img info` reports. Free it with instar_info_free. */
+/**
+ * Fills *out with what `qemu-img info` reports (with opts->backing_chain, the whole chain through ->backing).
+ * The caller owns *out and frees it with instar_info_free; *out is NULL on failure. Errors: the instar_open
+ * errors for the image (qemu-img's "Could not open 'NAME': ..." message), INSTAR_E_CHAIN for a looping chain.
+ */
 int instar_info(const char *filename, const instar_info_options_t *opts, instar_info_t **out,
                 instar_error_t *err);
+/** Frees an instar_info_t from instar_info with everything it points to, backing nodes included. NULL is allowed. */
 void instar_info_free(instar_info_t *info);
 
 /**
  * The text of `qemu-img info --output=json` (or of `--backing-chain --output=json`, a JSON array), byte for
- * byte, including the trailing newline. Free *json with instar_string_free.
+ * byte, including the trailing newline. Free *json with instar_string_free. Errors: as instar_info.
  */
 int instar_info_json(const char *filename, const instar_info_options_t *opts, char **json, instar_error_t *err);
 
-/** The text of human `qemu-img info`. Free *text with instar_string_free. */
+/** The text of human `qemu-img info`. Free *text with instar_string_free. Errors: as instar_info. */
 int instar_info_human(const char *filename, const instar_info_options_t *opts, char **text, instar_error_t *err);
 
 /* ---- map --------------------------------------------------------------------------------------------- */
@@ -224,10 +247,16 @@ typedef struct instar_map_options {
 } instar_map_options_t;
 
 #define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_MAP_OPTIONS_INIT. NULL is ignored. */
 void instar_map_options_init(instar_map_options_t *opts);
 
-/** What `qemu-img map --output=json` reports, entry for entry. Free with instar_map_free. */
+/**
+ * What `qemu-img map --output=json` reports, entry for entry. The caller owns *out (NULL on failure) and frees it
+ * with instar_map_free. Errors: the instar_open errors, INSTAR_E_RANGE (start_offset above INT64_MAX),
+ * INSTAR_E_IO, INSTAR_E_CORRUPT.
+ */
 int instar_map(const char *filename, const instar_map_options_t *opts, instar_map_t **out, instar_error_t *err);
+/** Frees an instar_map_t from instar_map, its entries and their filenames. NULL is allowed. */
 void instar_map_free(instar_map_t *map);
 
 /* ---- progress and cancellation ----------------------------------------------------------------------- */
@@ -253,6 +282,7 @@ typedef struct instar_compare_options {
 } instar_compare_options_t;
 
 #define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_COMPARE_OPTIONS_INIT. NULL is ignored. */
 void instar_compare_options_init(instar_compare_options_t *opts);
 
 typedef struct instar_compare_result {
@@ -264,7 +294,12 @@ typedef struct instar_compare_result {
     char message[256];
 } instar_compare_result_t;
 
-/** Compares two images' guest contents like `qemu-img compare`. */
+/**
+ * Compares two images' guest contents like `qemu-img compare`. Images that differ are no error: see
+ * result->identical and result->message. Set result->struct_size before the call (0 means the full struct).
+ * Errors: the instar_open errors for either image (with qemu-img's "Could not open" message), INSTAR_E_IO,
+ * INSTAR_E_CORRUPT, INSTAR_E_CANCELLED (the progress callback returned nonzero).
+ */
 int instar_compare(const char *filename1, const char *filename2, const instar_compare_options_t *opts,
                    instar_compare_result_t *result, instar_error_t *err);
 
@@ -322,6 +357,7 @@ typedef struct instar_create_options {
 } instar_create_options_t;
 
 #define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_CREATE_OPTIONS_INIT. NULL is ignored. */
 void instar_create_options_init(instar_create_options_t *opts);
 
 /**
@@ -347,6 +383,7 @@ typedef struct instar_measure_options {
 } instar_measure_options_t;
 
 #define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_MEASURE_OPTIONS_INIT. NULL is ignored. */
 void instar_measure_options_init(instar_measure_options_t *opts);
 
 typedef struct instar_measure_result {
@@ -384,6 +421,7 @@ int instar_write(instar_image_t *image, const void *buf, uint64_t count, uint64_
 /**
  * Makes `count` bytes at `offset` read as zeroes, using the format's zero markers where it can (qcow2 v3 zero
  * clusters) instead of writing zeroes. With INSTAR_ZERO_MAY_UNMAP, storage behind the range may be released.
+ * Errors: as instar_write.
  */
 int instar_write_zeroes(instar_image_t *image, uint64_t count, uint64_t offset, uint32_t flags,
                         instar_error_t *err);
@@ -391,10 +429,11 @@ int instar_write_zeroes(instar_image_t *image, uint64_t count, uint64_t offset, 
 /**
  * Releases the storage of whole clusters within the range (like qemu-io -d unmap "discard"). What the range
  * reads afterwards is format-defined (zeroes for qcow2 v3, the backing file for qcow2 v2).
+ * Errors: as instar_write.
  */
 int instar_discard(instar_image_t *image, uint64_t count, uint64_t offset, instar_error_t *err);
 
-/** Writes cached metadata back and syncs the image files to stable storage. */
+/** Writes cached metadata back and syncs the image files to stable storage. Errors: INSTAR_E_IO. */
 int instar_flush(instar_image_t *image, instar_error_t *err);
 
 /* ---- check ------------------------------------------------------------------------------------------- */
@@ -414,6 +453,7 @@ typedef struct instar_check_options {
 } instar_check_options_t;
 
 #define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_CHECK_OPTIONS_INIT. NULL is ignored. */
 void instar_check_options_init(instar_check_options_t *opts);
 
 /** What `qemu-img check` reports. Counters qemu-img omits from its JSON (because they are 0) are -1. */
@@ -441,7 +481,10 @@ typedef struct instar_check_result {
 int instar_check(const char *filename, const instar_check_options_t *opts, instar_check_result_t *result,
                  instar_error_t *err);
 
-/** Like instar_check, but returns the text of `qemu-img check --output=json`; free it with instar_string_free. */
+/**
+ * Like instar_check, but stores the text of `qemu-img check --output=json` in *json; free it with
+ * instar_string_free. Errors: as instar_check.
+ */
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
 
 /* ---- resize and amend -------------------------------------------------------------------------------- */
@@ -461,6 +504,7 @@ typedef struct instar_resize_options {
 } instar_resize_options_t;
 
 #define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_RESIZE_OPTIONS_INIT. NULL is ignored. */
 void instar_resize_options_init(instar_resize_options_t *opts);
 
 /**
@@ -483,6 +527,7 @@ typedef struct instar_amend_options {
 } instar_amend_options_t;
 
 #define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_AMEND_OPTIONS_INIT. NULL is ignored. */
 void instar_amend_options_init(instar_amend_options_t *opts);
 
 /**
