@@ -112,7 +112,7 @@ def test_create_then_qemu_opens(tmp, named_id):
         o["encrypt.key-secret"] = "mine"
     instar.create(p, "qcow2", SIZE, key_secret="pass word", **o)
     obj = "secret,id=sec0,data=pass word"
-    q = json.loads(run(["qemu-img", "info", "--output=json", p]).out)
+    q = json.loads(qimg("info", "--output=json", p).out)
     assert q["encrypted"] is True and q["format-specific"]["data"]["encrypt"]["format"] == "luks"
     assert qemu_raw(p, tmp, obj=obj) == b"\0" * SIZE
     qemu_io("--object", obj, "--image-opts", opts(p), "-c", "write -P 0x33 0 4k")
@@ -134,16 +134,15 @@ def test_create_plain_ignores_secret(tmp):
 
 def test_info_map_check_match_qemu(enc):
     d, p = enc
-    q = json.loads(run(["qemu-img", "info", "--output=json", "--object", OBJ, "--image-opts", opts(p)]).out)
+    q = json.loads(qimg("info", "--output=json", "--object", OBJ, "--image-opts", opts(p)).out)
     i = instar.info(p, key_secret=PASS).to_dict()
     # qemu names an image opened with options by a json: filename; the library keeps the caller's name.
     q.pop("filename"), i.pop("filename")
     q.pop("actual-size", None), i.pop("actual-size", None)
     assert i == q
-    qm = json.loads(run(["qemu-img", "map", "--output=json", "--object", OBJ, "--image-opts", opts(p)]).out)
+    qm = json.loads(qimg("map", "--output=json", "--object", OBJ, "--image-opts", opts(p)).out)
     assert instar.map(p, key_secret=PASS) == qm
-    qc = run(["qemu-img", "check", "--output=json", "--object", OBJ, "--image-opts", opts(p)])
-    qc = json.loads(qc.out)
+    qc = json.loads(qimg("check", "--output=json", "--object", OBJ, "--image-opts", opts(p)).out)
     ic = instar.check(p, key_secret=PASS)
     qc.pop("filename"), ic.pop("filename")
     assert ic == qc
@@ -167,11 +166,11 @@ def test_compare_two_passphrases(enc, tmp):
 
 def test_measure_matches_qemu(enc):
     _, p = enc
-    q = json.loads(run(["qemu-img", "measure", "--output=json", "--object", OBJ, "-O", "qcow2", "--image-opts",
-                        opts(p)]).out)
+    q = json.loads(qimg("measure", "--output=json", "--object", OBJ, "-O", "qcow2", "--image-opts",
+                        opts(p)).out)
     assert instar.measure(p, "qcow2", key_secret=PASS) == q
-    q = json.loads(run(["qemu-img", "measure", "--output=json", "--object", OBJ, "-O", "qcow2", "-o", LUKS,
-                        "--size", "1G"]).out)
+    q = json.loads(qimg("measure", "--output=json", "--object", OBJ, "-O", "qcow2", "-o", LUKS,
+                        "--size", "1G").out)
     assert instar.measure(None, "qcow2", size=1 << 30, key_secret=PASS,
                           **{"encrypt.format": "luks", "encrypt.iter-time": 10}) == q
 
@@ -188,7 +187,7 @@ def test_resize_and_amend_match_qemu(tmp):
     qimg("amend", "--object", OBJ, "-o", "lazy_refcounts=on", "--image-opts", opts(b))
 
     def info(path):
-        j = json.loads(run(["qemu-img", "info", "--output=json", path]).out)
+        j = json.loads(qimg("info", "--output=json", path).out)
         j.pop("filename"), j.pop("actual-size", None)
         return j
     assert info(a) == info(b)

@@ -73,7 +73,7 @@ def qemu_results(path, tmp):
     qimg("convert", "-O", "raw", *spec, raw)
     with open(raw, "rb") as f:
         d = hashlib.sha256(f.read()).hexdigest()
-    return d, json.loads(run(["qemu-img", "map", "--output=json", *spec]).out)
+    return d, json.loads(qimg("map", "--output=json", *spec).out)
 
 
 def test_single_threaded_matches_qemu(images, tmp):
@@ -84,9 +84,9 @@ def test_single_threaded_matches_qemu(images, tmp):
         assert r["digest"] == digest_q, p
         assert r["map"] == map_q, p
         if key_for(p) is None:
-            assert r["info"] == run(["qemu-img", "info", "--output=json", "--backing-chain", p]).out, p
+            assert r["info"] == qimg("info", "--output=json", "--backing-chain", p).out, p
             if "check" in r:
-                assert r["check"] == run(["qemu-img", "check", "--output=json", p]).out, p
+                assert r["check"] == qimg("check", "--output=json", p).out, p
 
 
 def test_concurrent_equals_single_threaded(images):
