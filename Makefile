@@ -7,7 +7,7 @@ OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest pkg-config
 
-.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install clean
+.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean
 
 all: build
 
@@ -51,7 +51,10 @@ fuzz: deps
 bench: deps build
 	$(PYTHON) bench/run.py --build $(OUT)
 
-install: build
+install: build install-only
+
+# The install steps alone, from whatever build/ holds (tests install a debug build this way).
+install-only:
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/pkgconfig
 	install -m 0755 $(OUT)/lib/libinstar.so $(DESTDIR)$(PREFIX)/lib/libinstar.so
 	install -m 0644 include/instar.h $(DESTDIR)$(PREFIX)/include/instar.h

@@ -12,8 +12,20 @@
  *    that fit in struct_size, so a caller built against an older header keeps working.
  *  - Every call returns an int: 0 (INSTAR_OK) on success or a negative INSTAR_E_* code, and fills the optional
  *    instar_error_t (pass NULL if you do not want it). The library never prints anything.
- *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes.
- *  - All functions are thread-safe; one instar_image_t may be used by one thread at a time.
+ *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes. Flags are uint32_t bit
+ *    sets; yes/no fields are int32_t (0 no, nonzero yes) or the INSTAR_UNSET/FALSE/TRUE tri-state.
+ *  - Strings and structs the library returns are malloc'd and owned by the caller, who releases them with the
+ *    matching instar_*_free (instar_string_free for char *). Every *_free and instar_close accepts NULL.
+ *  - Result structs the caller provides (instar_compare_result_t, instar_measure_result_t,
+ *    instar_check_result_t) also begin with struct_size, which the caller sets; the library writes only that
+ *    much. Structs the library allocates (instar_info_t, instar_map_t) only grow at their end.
+ *  - Every function is thread-safe and the library has no global mutable state. Calls on one instar_image_t
+ *    are serialised by the library, so threads may share a handle; instar_close must not race with other
+ *    calls on the same handle.
+ *  - Encrypted images (LUKS qcow2) are unlocked with the key_secret option fields: the passphrase itself, which
+ *    the library hands to the image as qemu's encrypt.key-secret.
+ *  - Any call may also fail with INSTAR_E_INVALID for a NULL required argument or a struct_size smaller than
+ *    4, and with INSTAR_E_NOMEM.
  */
 #ifndef INSTAR_H
 #define INSTAR_H
@@ -78,15 +90,21 @@ typedef struct instar_open_options {
     uint32_t struct_size;        /**< sizeof(instar_open_options_t) */
     uint32_t flags;              /**< INSTAR_OPEN_* */
     const char *format;          /**< "qcow2", "raw", ...; NULL to probe (like omitting qemu-img -f) */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_open_options_t;
 
-#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL }
+#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_OPEN_OPTIONS_INIT. NULL is ignored. */
 void instar_open_options_init(instar_open_options_t *opts);
 
 /**
  * Opens an image (and its backing chain unless INSTAR_OPEN_NO_BACKING). `filename` may be a path or a
- * qemu-style "json:{...}" string. On success *out is a handle to release with instar_close.
- * Errors: INSTAR_E_NOT_FOUND, INSTAR_E_IO, INSTAR_E_CORRUPT, INSTAR_E_UNSUPPORTED, INSTAR_E_LOCKED, INSTAR_E_CHAIN.
+ * qemu-style "json:{...}" string. On success *out is a handle the caller owns and releases with instar_close;
+ * on failure *out is NULL. An encrypted image needs opts->key_secret (a json: name that sets encrypt.key-secret
+ * to an id gets the passphrase under that id). opts may be NULL for the defaults.
+ * Errors: INSTAR_E_NOT_FOUND, INSTAR_E_IO, INSTAR_E_CORRUPT, INSTAR_E_UNSUPPORTED, INSTAR_E_LOCKED, INSTAR_E_CHAIN,
+ * INSTAR_E_ENCRYPTED (no passphrase, or a wrong one: qemu's "Invalid password, cannot unlock any keyslot"),
+ * INSTAR_E_PERMISSION.
  */
 int instar_open(const char *filename, const instar_open_options_t *opts, instar_image_t **out,
                 instar_error_t *err);
@@ -94,7 +112,7 @@ int instar_open(const char *filename, const instar_open_options_t *opts, instar_
 /** Closes a handle from instar_open. NULL is allowed. */
 void instar_close(instar_image_t *image);
 
-/** The virtual size in bytes. */
+/** Stores the virtual size in bytes in *size. Errors: INSTAR_E_INVALID (NULL image or size). */
 int instar_get_size(instar_image_t *image, uint64_t *size, instar_error_t *err);
 
 /**
@@ -174,23 +192,30 @@ typedef struct instar_info_options {
     uint32_t open_flags;             /**< INSTAR_OPEN_FORCE_SHARE is the useful one here */
     const char *format;              /**< NULL to probe */
     int32_t backing_chain;           /**< nonzero: fill ->backing for the whole chain */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_info_options_t;
 
-#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0 }
+#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_INFO_OPTIONS_INIT. NULL is ignored. */
 void instar_info_options_init(instar_info_options_t *opts);
 
-/** Fills *out with what `qemu-img info` reports. Free it with instar_info_free. */
+/**
+ * Fills *out with what `qemu-img info` reports (with opts->backing_chain, the whole chain through ->backing).
+ * The caller owns *out and frees it with instar_info_free; *out is NULL on failure. Errors: the instar_open
+ * errors for the image (qemu-img's "Could not open 'NAME': ..." message), INSTAR_E_CHAIN for a looping chain.
+ */
 int instar_info(const char *filename, const instar_info_options_t *opts, instar_info_t **out,
                 instar_error_t *err);
+/** Frees an instar_info_t from instar_info with everything it points to, backing nodes included. NULL is allowed. */
 void instar_info_free(instar_info_t *info);
 
 /**
  * The text of `qemu-img info --output=json` (or of `--backing-chain --output=json`, a JSON array), byte for
- * byte, including the trailing newline. Free *json with instar_string_free.
+ * byte, including the trailing newline. Free *json with instar_string_free. Errors: as instar_info.
  */
 int instar_info_json(const char *filename, const instar_info_options_t *opts, char **json, instar_error_t *err);
 
-/** The text of human `qemu-img info`. Free *text with instar_string_free. */
+/** The text of human `qemu-img info`. Free *text with instar_string_free. Errors: as instar_info. */
 int instar_info_human(const char *filename, const instar_info_options_t *opts, char **text, instar_error_t *err);
 
 /* ---- map --------------------------------------------------------------------------------------------- */
@@ -218,13 +243,20 @@ typedef struct instar_map_options {
     const char *format;
     uint64_t start_offset;       /**< --start-offset */
     int64_t max_length;          /**< --max-length, -1 for to the end */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_map_options_t;
 
-#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1 }
+#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_MAP_OPTIONS_INIT. NULL is ignored. */
 void instar_map_options_init(instar_map_options_t *opts);
 
-/** What `qemu-img map --output=json` reports, entry for entry. Free with instar_map_free. */
+/**
+ * What `qemu-img map --output=json` reports, entry for entry. The caller owns *out (NULL on failure) and frees it
+ * with instar_map_free. Errors: the instar_open errors, INSTAR_E_RANGE (start_offset above INT64_MAX),
+ * INSTAR_E_IO, INSTAR_E_CORRUPT.
+ */
 int instar_map(const char *filename, const instar_map_options_t *opts, instar_map_t **out, instar_error_t *err);
+/** Frees an instar_map_t from instar_map, its entries and their filenames. NULL is allowed. */
 void instar_map_free(instar_map_t *map);
 
 /* ---- progress and cancellation ----------------------------------------------------------------------- */
@@ -245,9 +277,12 @@ typedef struct instar_compare_options {
     int32_t strict;              /**< -s */
     instar_progress_fn progress;
     void *progress_data;
+    const char *key_secret1;     /**< the passphrase of the first image's encryption (encrypt.key-secret), or NULL */
+    const char *key_secret2;     /**< the passphrase of the second image's encryption, or NULL */
 } instar_compare_options_t;
 
-#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL }
+#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_COMPARE_OPTIONS_INIT. NULL is ignored. */
 void instar_compare_options_init(instar_compare_options_t *opts);
 
 typedef struct instar_compare_result {
@@ -259,7 +294,12 @@ typedef struct instar_compare_result {
     char message[256];
 } instar_compare_result_t;
 
-/** Compares two images' guest contents like `qemu-img compare`. */
+/**
+ * Compares two images' guest contents like `qemu-img compare`. Images that differ are no error: see
+ * result->identical and result->message. Set result->struct_size before the call (0 means the full struct).
+ * Errors: the instar_open errors for either image (with qemu-img's "Could not open" message), INSTAR_E_IO,
+ * INSTAR_E_CORRUPT, INSTAR_E_CANCELLED (the progress callback returned nonzero).
+ */
 int instar_compare(const char *filename1, const char *filename2, const instar_compare_options_t *opts,
                    instar_compare_result_t *result, instar_error_t *err);
 
@@ -319,9 +359,15 @@ typedef struct instar_create_options {
     const char *backing_file;    /**< -b, or NULL */
     const char *backing_format;  /**< -F, or NULL */
     const char *options;         /**< -o: "key=value,key=value" as qemu-img takes it (",," escapes a comma), or NULL */
+    /**
+     * The new image's passphrase when `options` ask for encryption (encrypt.format=luks), NULL for none. When
+     * `options` name no encrypt.key-secret the library supplies one; when they name an id, this fills it.
+     */
+    const char *key_secret;
 } instar_create_options_t;
 
-#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL }
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_CREATE_OPTIONS_INIT. NULL is ignored. */
 void instar_create_options_init(instar_create_options_t *opts);
 
 /**
@@ -339,9 +385,15 @@ typedef struct instar_measure_options {
     const char *output_format;   /**< -O; NULL means raw */
     const char *options;         /**< -o for the output format, or NULL */
     int64_t size;                /**< --size in bytes when no filename is given; -1 otherwise */
+    /**
+     * The passphrase of the source image's encryption, which is also the passphrase of the measured output
+     * when `options` ask for encryption (as for instar_create); NULL for none.
+     */
+    const char *key_secret;
 } instar_measure_options_t;
 
-#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1 }
+#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_MEASURE_OPTIONS_INIT. NULL is ignored. */
 void instar_measure_options_init(instar_measure_options_t *opts);
 
 typedef struct instar_measure_result {
@@ -379,6 +431,7 @@ int instar_write(instar_image_t *image, const void *buf, uint64_t count, uint64_
 /**
  * Makes `count` bytes at `offset` read as zeroes, using the format's zero markers where it can (qcow2 v3 zero
  * clusters) instead of writing zeroes. With INSTAR_ZERO_MAY_UNMAP, storage behind the range may be released.
+ * Errors: as instar_write.
  */
 int instar_write_zeroes(instar_image_t *image, uint64_t count, uint64_t offset, uint32_t flags,
                         instar_error_t *err);
@@ -386,10 +439,11 @@ int instar_write_zeroes(instar_image_t *image, uint64_t count, uint64_t offset, 
 /**
  * Releases the storage of whole clusters within the range (like qemu-io -d unmap "discard"). What the range
  * reads afterwards is format-defined (zeroes for qcow2 v3, the backing file for qcow2 v2).
+ * Errors: as instar_write.
  */
 int instar_discard(instar_image_t *image, uint64_t count, uint64_t offset, instar_error_t *err);
 
-/** Writes cached metadata back and syncs the image files to stable storage. */
+/** Writes cached metadata back and syncs the image files to stable storage. Errors: INSTAR_E_IO. */
 int instar_flush(instar_image_t *image, instar_error_t *err);
 
 /* ---- check ------------------------------------------------------------------------------------------- */
@@ -405,9 +459,11 @@ typedef struct instar_check_options {
     uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE (-U) and INSTAR_OPEN_NO_CACHE (-T none) are used */
     const char *format;          /**< -f, NULL to probe */
     uint32_t repair;             /**< INSTAR_CHECK_REPAIR_*; nonzero opens the image for writing */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_check_options_t;
 
-#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0 }
+#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_CHECK_OPTIONS_INIT. NULL is ignored. */
 void instar_check_options_init(instar_check_options_t *opts);
 
 /** What `qemu-img check` reports. Counters qemu-img omits from its JSON (because they are 0) are -1. */
@@ -435,7 +491,10 @@ typedef struct instar_check_result {
 int instar_check(const char *filename, const instar_check_options_t *opts, instar_check_result_t *result,
                  instar_error_t *err);
 
-/** Like instar_check, but returns the text of `qemu-img check --output=json`; free it with instar_string_free. */
+/**
+ * Like instar_check, but stores the text of `qemu-img check --output=json` in *json; free it with
+ * instar_string_free. Errors: as instar_check.
+ */
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
 
 /* ---- resize and amend -------------------------------------------------------------------------------- */
@@ -451,9 +510,11 @@ typedef struct instar_resize_options {
     const char *format;          /**< -f; NULL to probe */
     const char *preallocation;   /**< --preallocation: "off", "metadata", "falloc" or "full"; NULL means off */
     uint32_t flags;              /**< INSTAR_RESIZE_* */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_resize_options_t;
 
-#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0 }
+#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_RESIZE_OPTIONS_INIT. NULL is ignored. */
 void instar_resize_options_init(instar_resize_options_t *opts);
 
 /**
@@ -472,9 +533,11 @@ typedef struct instar_amend_options {
     uint32_t force;              /**< --force (nonzero) */
     instar_progress_fn progress; /**< called with the percentages `qemu-img amend -p` shows, or NULL */
     void *progress_data;
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
 } instar_amend_options_t;
 
-#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL }
+#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_AMEND_OPTIONS_INIT. NULL is ignored. */
 void instar_amend_options_init(instar_amend_options_t *opts);
 
 /**

@@ -43,3 +43,9 @@ int instar_shim_zero_range(int fd, int64_t offset, int64_t length) {
     if (fallocate(fd, FALLOC_FL_ZERO_RANGE, (off_t)offset, (off_t)length) == -1) return -errno;
     return 0;
 }
+
+const char *instar_shim_strerror(int err, char *buf, size_t len) {
+    /* The GNU strerror_r (this file defines _GNU_SOURCE): thread-safe, unlike strerror, whose buffer for
+     * unknown codes is shared. */
+    return strerror_r(err, buf, len);
+}

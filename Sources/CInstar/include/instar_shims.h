@@ -1,6 +1,7 @@
 /* Small C helpers the Swift engine calls where Swift cannot call libc directly (variadic fcntl/open). */
 #ifndef INSTAR_SHIMS_H
 #define INSTAR_SHIMS_H
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 #include <getopt.h>
@@ -21,6 +22,8 @@ int instar_shim_ofd_lock(int fd, int64_t start, int64_t len, int type);
 int instar_shim_ofd_test(int fd, int64_t start, int64_t len, int type);
 /** fallocate(PUNCH_HOLE|KEEP_SIZE); returns 0 or -errno. */
 int instar_shim_punch_hole(int fd, int64_t offset, int64_t length);
+/* strerror(3) text for `err`, thread-safely: the result points into `buf` or at static text. */
+const char *instar_shim_strerror(int err, char *buf, size_t len);
 /** fallocate(ZERO_RANGE), which qemu uses for write-zeroes on local files; returns 0 or -errno. */
 int instar_shim_zero_range(int fd, int64_t offset, int64_t length);
 #endif

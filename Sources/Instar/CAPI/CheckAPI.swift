@@ -7,7 +7,7 @@ import Glibc
 @_cdecl("instar_check_options_init")
 public func instar_check_options_init(_ opts: UnsafeMutablePointer<instar_check_options_t>?) {
     opts?.pointee = instar_check_options_t(struct_size: UInt32(MemoryLayout<instar_check_options_t>.size),
-                                           open_flags: 0, format: nil, repair: 0)
+                                           open_flags: 0, format: nil, repair: 0, key_secret: nil)
 }
 
 /// Runs the check the options describe and returns its report (throws for open failures, missing check
@@ -21,7 +21,7 @@ func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_ch
     let o = try readOptions(opts, defaults: defaults)
     var options = CheckOperation.Options()
     options.format = optionalString(o.format)
-    options.open = openOptions(flags: o.open_flags)
+    options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret)
     var repair: CheckRepair = []
     if o.repair & UInt32(INSTAR_CHECK_REPAIR_LEAKS) != 0 { repair.insert(.leaks) }
     if o.repair & UInt32(INSTAR_CHECK_REPAIR_ERRORS) != 0 { repair.insert(.errors) }

@@ -5,7 +5,7 @@ import Glibc
 public func instar_compare_options_init(_ opts: UnsafeMutablePointer<instar_compare_options_t>?) {
     opts?.pointee = instar_compare_options_t(struct_size: UInt32(MemoryLayout<instar_compare_options_t>.size),
                                              open_flags: 0, format1: nil, format2: nil, strict: 0, progress: nil,
-                                             progress_data: nil)
+                                             progress_data: nil, key_secret1: nil, key_secret2: nil)
 }
 
 /// Wraps a C progress callback: a nonzero return cancels the operation.
@@ -28,9 +28,11 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
         var defaults = instar_compare_options_t()
         instar_compare_options_init(&defaults)
         let o = try readOptions(opts, defaults: defaults)
-        let a = try openForOperation(name1, format: optionalString(o.format1), flags: o.open_flags)
+        let a = try openForOperation(name1, format: optionalString(o.format1), flags: o.open_flags,
+                                     keySecret: o.key_secret1)
         defer { try? a.close() }
-        let b = try openForOperation(name2, format: optionalString(o.format2), flags: o.open_flags)
+        let b = try openForOperation(name2, format: optionalString(o.format2), flags: o.open_flags,
+                                     keySecret: o.key_secret2)
         defer { try? b.close() }
         let r = try CompareOperation.compare(a, b, strict: o.strict != 0,
                                              progress: progressCallback(o.progress, o.progress_data))

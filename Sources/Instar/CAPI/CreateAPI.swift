@@ -4,7 +4,8 @@ import Glibc
 @_cdecl("instar_create_options_init")
 public func instar_create_options_init(_ opts: UnsafeMutablePointer<instar_create_options_t>?) {
     opts?.pointee = instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
-                                            format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil)
+                                            format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil,
+                                            key_secret: nil)
 }
 
 @_cdecl("instar_create")
@@ -22,7 +23,7 @@ public func instar_create(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
         p.backingFormat = optionalString(o.backing_format)
         if let list = optionalString(o.options) {
             guard CreateOptionValues.isValidList(list) else { throw InstarError.invalid("Invalid option list: \(list)") }
-            p.options = list
+            p.options = optionList(list, keySecret: optionalString(o.key_secret), secrets: &p.secrets)
         }
         p.unsafeBacking = o.flags & UInt32(INSTAR_CREATE_NO_BACKING_OPEN) != 0
         try Create.create(p)

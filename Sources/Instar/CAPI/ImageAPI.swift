@@ -20,17 +20,34 @@ final class ImageHandle {
     }
 }
 
-/// Translates INSTAR_OPEN_* flags into engine options.
-func openOptions(flags: UInt32) -> ImageOpenOptions {
+/// Translates INSTAR_OPEN_* flags and a key_secret field into engine options.
+func openOptions(flags: UInt32, keySecret: UnsafePointer<CChar>? = nil) -> ImageOpenOptions {
     var o = ImageOpenOptions()
     o.forceShare = flags & UInt32(INSTAR_OPEN_FORCE_SHARE) != 0
     o.direct = flags & UInt32(INSTAR_OPEN_NO_CACHE) != 0
+    o.keySecret = optionalString(keySecret)
     return o
+}
+
+/// Hands a key_secret field to an `-o` list (create, measure): when the list names an encrypt.key-secret id,
+/// that id gets the passphrase; when it asks for encryption without naming one, it gains the reserved id.
+/// Lists that ask for no encryption are left alone, so a passphrase for a plain image is no error.
+func optionList(_ list: String?, keySecret: String?, secrets: inout [String: String]) -> String? {
+    guard let key = keySecret, let list else { return list }
+    let pairs = QemuOptsParser.parse(list, impliedKey: nil)
+    if let id = pairs.last(where: { $0.0 == "encrypt.key-secret" })?.1 {
+        secrets[id] = key
+        return list
+    }
+    guard pairs.contains(where: { $0.0.hasPrefix("encrypt.") || $0.0 == "encryption" }) else { return list }
+    secrets[ImageOpenOptions.keySecretID] = key
+    return list + ",encrypt.key-secret=" + ImageOpenOptions.keySecretID
 }
 
 @_cdecl("instar_open_options_init")
 public func instar_open_options_init(_ opts: UnsafeMutablePointer<instar_open_options_t>?) {
-    opts?.pointee = instar_open_options_t(struct_size: UInt32(MemoryLayout<instar_open_options_t>.size), flags: 0, format: nil)
+    opts?.pointee = instar_open_options_t(struct_size: UInt32(MemoryLayout<instar_open_options_t>.size), flags: 0, format: nil,
+                                                 key_secret: nil)
 }
 
 @_cdecl("instar_open")
@@ -47,7 +64,7 @@ public func instar_open(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer
         let spec = try ImageOpener.parseSpec(name, format: optionalString(o.format))
         let layer: ImageLayer
         do {
-            layer = try ImageOpener.open(spec, options: openOptions(flags: o.flags), writable: writable,
+            layer = try ImageOpener.open(spec, options: openOptions(flags: o.flags, keySecret: o.key_secret), writable: writable,
                                          openBacking: o.flags & UInt32(INSTAR_OPEN_NO_BACKING) == 0)
         } catch let e as InstarError {
             throw e.prepending("Could not open '\(name)': ")

@@ -8,7 +8,7 @@ import Glibc
 @_cdecl("instar_info_options_init")
 public func instar_info_options_init(_ opts: UnsafeMutablePointer<instar_info_options_t>?) {
     opts?.pointee = instar_info_options_t(struct_size: UInt32(MemoryLayout<instar_info_options_t>.size), open_flags: 0,
-                                          format: nil, backing_chain: 0)
+                                          format: nil, backing_chain: 0, key_secret: nil)
 }
 
 /// The engine options and the list qemu-img would print for `filename`.
@@ -22,7 +22,7 @@ func collectInfo(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar
     var options = InfoOperation.Options()
     options.format = optionalString(o.format)
     options.backingChain = o.backing_chain != 0
-    options.open = openOptions(flags: o.open_flags)
+    options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret)
     return (try InfoOperation.collect(name, options: options), options.backingChain)
 }
 

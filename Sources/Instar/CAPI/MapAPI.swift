@@ -4,13 +4,14 @@ import Glibc
 @_cdecl("instar_map_options_init")
 public func instar_map_options_init(_ opts: UnsafeMutablePointer<instar_map_options_t>?) {
     opts?.pointee = instar_map_options_t(struct_size: UInt32(MemoryLayout<instar_map_options_t>.size), open_flags: 0,
-                                         format: nil, start_offset: 0, max_length: -1)
+                                         format: nil, start_offset: 0, max_length: -1, key_secret: nil)
 }
 
 /// Opens `name` read-only for an operation, with qemu-img's "Could not open 'NAME': " prefix on failure.
-func openForOperation(_ name: String, format: String?, flags: UInt32, noShareWrite: Bool = false) throws -> ImageLayer {
+func openForOperation(_ name: String, format: String?, flags: UInt32, noShareWrite: Bool = false,
+                      keySecret: UnsafePointer<CChar>? = nil) throws -> ImageLayer {
     let spec = try ImageOpener.parseSpec(name, format: format)
-    var options = openOptions(flags: flags)
+    var options = openOptions(flags: flags, keySecret: keySecret)
     options.noShareWrite = noShareWrite
     do {
         return try ImageOpener.open(spec, options: options, writable: false,
@@ -31,7 +32,8 @@ public func instar_map(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<
         var defaults = instar_map_options_t()
         instar_map_options_init(&defaults)
         let o = try readOptions(opts, defaults: defaults)
-        let image = try openForOperation(name, format: optionalString(o.format), flags: o.open_flags)
+        let image = try openForOperation(name, format: optionalString(o.format), flags: o.open_flags,
+                                         keySecret: o.key_secret)
         defer { try? image.close() }
         guard o.start_offset <= UInt64(Int64.max) else {
             throw InstarError(.range, "Invalid start offset specified. Must be between 0 and \(Int64.max).")

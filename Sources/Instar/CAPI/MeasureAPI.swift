@@ -4,7 +4,8 @@ import Glibc
 @_cdecl("instar_measure_options_init")
 public func instar_measure_options_init(_ opts: UnsafeMutablePointer<instar_measure_options_t>?) {
     opts?.pointee = instar_measure_options_t(struct_size: UInt32(MemoryLayout<instar_measure_options_t>.size),
-                                             open_flags: 0, source_format: nil, output_format: nil, options: nil, size: -1)
+                                             open_flags: 0, source_format: nil, output_format: nil, options: nil, size: -1,
+                                             key_secret: nil)
 }
 
 @_cdecl("instar_measure")
@@ -20,7 +21,9 @@ public func instar_measure(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoin
         p.filename = optionalString(filename)
         p.sourceFormat = optionalString(o.source_format)
         p.outputFormat = optionalString(o.output_format) ?? "raw"
-        p.options = optionalString(o.options)
+        let keySecret = optionalString(o.key_secret)
+        p.keySecret = keySecret
+        p.options = optionList(optionalString(o.options), keySecret: keySecret, secrets: &p.secrets)
         p.size = o.size >= 0 ? UInt64(o.size) : nil
         p.forceShare = o.open_flags & UInt32(INSTAR_OPEN_FORCE_SHARE) != 0
         let r = try Measure.measure(p)

@@ -4,7 +4,8 @@ import Glibc
 @_cdecl("instar_resize_options_init")
 public func instar_resize_options_init(_ opts: UnsafeMutablePointer<instar_resize_options_t>?) {
     opts?.pointee = instar_resize_options_t(struct_size: UInt32(MemoryLayout<instar_resize_options_t>.size),
-                                            open_flags: 0, format: nil, preallocation: nil, flags: 0)
+                                            open_flags: 0, format: nil, preallocation: nil, flags: 0,
+                                            key_secret: nil)
 }
 
 @_cdecl("instar_resize")
@@ -19,6 +20,7 @@ public func instar_resize(_ filename: UnsafePointer<CChar>?, _ size: Int64,
         var options = ResizeOperation.Options()
         options.format = optionalString(o.format)
         options.open.direct = o.open_flags & UInt32(INSTAR_OPEN_NO_CACHE) != 0
+        options.open.keySecret = optionalString(o.key_secret)
         if let p = optionalString(o.preallocation) {
             guard let mode = ResizePreallocation(rawValue: p) else {
                 throw InstarError.invalid("Invalid preallocation mode '\(p)'")

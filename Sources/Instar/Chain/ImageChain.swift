@@ -220,6 +220,14 @@ public enum ImageOpener {
                                          resize: writable && (opts.resize || !descriptor.sharesWrites))
         }
         opts.driverOptions = spec.driverOptions
+        if depth == 0, let key = options.keySecret {
+            // Only the top image: qemu passes encrypt.key-secret to the node it was given for. A json: name may
+            // name the id itself; the direct passphrase then fills that id. The spec (and so the name qemu-img
+            // shows) is left alone: the passphrase is not an option the user wrote.
+            let id = spec.driverOptions["encrypt.key-secret"]?.stringValue ?? ImageOpenOptions.keySecretID
+            opts.driverOptions["encrypt.key-secret"] = .string(id)
+            if opts.secrets[id] == nil { opts.secrets[id] = key }
+        }
         let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: directoryName(spec.filename),
                                   writable: writable, options: opts)
         let format = try descriptor.open(request)

@@ -223,6 +223,11 @@ public struct ImageOpenOptions {
     public var driverOptions: [String: QObject] = [:]
     /// Secrets by id, from --object secret,id=...,data=...
     public var secrets: [String: String] = [:]
+    /// The passphrase of the top image's encryption given directly (the C API's key_secret) instead of through
+    /// a secret object; the opener hands it to the top image's driver as its `encrypt.key-secret` option.
+    public var keySecret: String?
+    /// The secret id under which `keySecret` reaches the driver when the image's options name none.
+    public static let keySecretID = "instar-key-secret"
     public init() {}
 }
 

@@ -11,6 +11,8 @@ public enum Measure {
         public var forceShare = false
         /// Secrets by id from `--object secret,...`.
         public var secrets: [String: String] = [:]
+        /// A direct passphrase for the source image (the C API's key_secret).
+        public var keySecret: String?
         public init() {}
     }
 
@@ -29,6 +31,7 @@ public enum Measure {
             var opts = ImageOpenOptions()
             opts.forceShare = p.forceShare
             opts.secrets = p.secrets
+            opts.keySecret = p.keySecret
             do {
                 source = try ImageOpener.open(try ImageOpener.parseSpec(name, format: p.sourceFormat), options: opts)
             } catch let e as InstarError {

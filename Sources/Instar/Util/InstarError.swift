@@ -1,3 +1,4 @@
+import CInstar
 import Glibc
 
 /// The one error type of the engine. `message` is the text qemu-img prints after its "qemu-img: " prefix.
@@ -52,8 +53,13 @@ public struct InstarError: Error, CustomStringConvertible {
     }
 }
 
-/// strerror(3) as a Swift string, with glibc's wording (which qemu prints).
+/// strerror(3) as a Swift string, with glibc's wording (which qemu prints). Goes through strerror_r: library
+/// callers may fail on several threads at once.
 public func strerrorString(_ err: Int32) -> String {
-    guard let s = strerror(err) else { return "Unknown error \(err)" }
-    return String(cString: s)
+    var buf = [CChar](repeating: 0, count: 256)
+    let text = buf.withUnsafeMutableBufferPointer { b -> String? in
+        guard let base = b.baseAddress, let s = instar_shim_strerror(err, base, b.count) else { return nil }
+        return String(cString: s)
+    }
+    return text ?? "Unknown error \(err)"
 }

@@ -16,7 +16,7 @@ REPAIR_ALL = REPAIR_LEAKS | REPAIR_ERRORS
 
 class _CheckOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("repair", ctypes.c_uint32)]
+                ("repair", ctypes.c_uint32), ("key_secret", ctypes.c_char_p)]
 
 
 def _setup():
@@ -29,20 +29,20 @@ def _setup():
     return L
 
 
-def check_json(path, repair=None, format=None, force_share=False):
+def check_json(path, repair=None, format=None, force_share=False, key_secret=None):
     """The exact text of `qemu-img check --output=json` (with the trailing newline)."""
     L = _setup()
     modes = {None: 0, "leaks": REPAIR_LEAKS, "all": REPAIR_ALL}
     if repair not in modes:
         raise ValueError("repair must be None, 'leaks' or 'all'")
     opts = _CheckOptions(ctypes.sizeof(_CheckOptions), OPEN_FORCE_SHARE if force_share else 0,
-                         encode(format) if format else None, modes[repair])
+                         encode(format) if format else None, modes[repair], encode(key_secret))
     out = ctypes.c_void_p()
     err = Error()
     _check_rc(L.instar_check_json(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
     return take_string(out)
 
 
-def check(path, repair=None, format=None, force_share=False):
+def check(path, repair=None, format=None, force_share=False, key_secret=None):
     """The ImageCheck object `qemu-img check --output=json` prints, as a dict."""
-    return json.loads(check_json(path, repair=repair, format=format, force_share=force_share))
+    return json.loads(check_json(path, repair=repair, format=format, force_share=force_share, key_secret=key_secret))

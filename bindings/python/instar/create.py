@@ -9,13 +9,13 @@ CREATE_NO_BACKING_OPEN = 1 << 0
 class CreateOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("size", ctypes.c_int64), ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p)]
+                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p)]
 
 
 class MeasureOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32),
                 ("source_format", ctypes.c_char_p), ("output_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p), ("size", ctypes.c_int64)]
+                ("options", ctypes.c_char_p), ("size", ctypes.c_int64), ("key_secret", ctypes.c_char_p)]
 
 
 class MeasureResult(ctypes.Structure):
@@ -43,22 +43,26 @@ def _option_string(opts):
     return ",".join(parts) or None
 
 
-def create(path, fmt="raw", size=None, backing_file=None, backing_format=None, no_backing_open=False, **opts):
+def create(path, fmt="raw", size=None, backing_file=None, backing_format=None, no_backing_open=False,
+           key_secret=None, **opts):
     """Creates an image like `qemu-img create -f FMT [-b B -F BF] [-o k=v,...] PATH SIZE`.
-    Extra keyword arguments are -o options (cluster_size=65536, preallocation="metadata", ...)."""
+    Extra keyword arguments are -o options (cluster_size=65536, preallocation="metadata", ...); dotted names
+    such as encrypt.format go through a dict: create(p, "qcow2", n, key_secret="pw", **{"encrypt.format": "luks"}).
+    `key_secret` is the new image's passphrase when the options ask for encryption."""
     L = _setup()
     o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
                       -1 if size is None else int(size), encode(backing_file), encode(backing_format),
-                      encode(_option_string(opts)))
+                      encode(_option_string(opts)), encode(key_secret))
     err = Error()
     check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def measure(path=None, out_fmt="raw", size=None, source_format=None, **opts):
-    """Like `qemu-img measure`; returns {"required", "fully-allocated"[, "bitmaps"]}."""
+def measure(path=None, out_fmt="raw", size=None, source_format=None, key_secret=None, **opts):
+    """Like `qemu-img measure`; returns {"required", "fully-allocated"[, "bitmaps"]}. `key_secret` is the
+    passphrase of an encrypted source, and of the output when the options ask for encryption."""
     L = _setup()
     o = MeasureOptions(ctypes.sizeof(MeasureOptions), 0, encode(source_format), encode(out_fmt),
-                       encode(_option_string(opts)), -1 if size is None else int(size))
+                       encode(_option_string(opts)), -1 if size is None else int(size), encode(key_secret))
     r = MeasureResult()
     r.struct_size = ctypes.sizeof(MeasureResult)
     err = Error()

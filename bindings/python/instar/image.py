@@ -12,7 +12,8 @@ ZERO_MAY_UNMAP = 1 << 0
 
 
 class OpenOptions(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p)]
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("key_secret", ctypes.c_char_p)]
 
 
 def _setup():
@@ -37,12 +38,13 @@ def _setup():
 
 
 class Image:
-    """An open image chain. Use as a context manager or call close()."""
+    """An open image chain. Use as a context manager or call close().
+    `key_secret` is the passphrase of an encrypted image (what qemu's encrypt.key-secret names)."""
 
-    def __init__(self, path, format=None, flags=0):
+    def __init__(self, path, format=None, flags=0, key_secret=None):
         self._h = None
         L = _setup()
-        opts = OpenOptions(ctypes.sizeof(OpenOptions), flags, encode(format))
+        opts = OpenOptions(ctypes.sizeof(OpenOptions), flags, encode(format), encode(key_secret))
         err = Error()
         h = ctypes.c_void_p()
         check(L.instar_open(encode(path), ctypes.byref(opts), ctypes.byref(h), ctypes.byref(err)), err)

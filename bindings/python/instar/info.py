@@ -44,7 +44,7 @@ _Info._fields_ = [
 
 class _InfoOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("backing_chain", ctypes.c_int32)]
+                ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p)]
 
 
 def _setup():
@@ -140,15 +140,17 @@ def _convert(node):
         format_specific=None if n.format_specific_json is None else json.loads(n.format_specific_json))
 
 
-def _options(format, force_share, backing_chain):
+def _options(format, force_share, backing_chain, key_secret=None):
     flags = OPEN_FORCE_SHARE if force_share else 0
-    return _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0)
+    return _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0,
+                        encode(key_secret))
 
 
-def info(path, format=None, force_share=False, backing_chain=False):
-    """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first."""
+def info(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+    """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first.
+    `key_secret` is the passphrase of an encrypted image (info itself reads only metadata)."""
     L = _setup()
-    opts = _options(format, force_share, backing_chain)
+    opts = _options(format, force_share, backing_chain, key_secret)
     err = Error()
     out = ctypes.POINTER(_Info)()
     check(L.instar_info(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -163,20 +165,20 @@ def info(path, format=None, force_share=False, backing_chain=False):
     return chain if backing_chain else chain[0]
 
 
-def _text(fn, path, format, force_share, backing_chain):
+def _text(fn, path, format, force_share, backing_chain, key_secret=None):
     L = _setup()
-    opts = _options(format, force_share, backing_chain)
+    opts = _options(format, force_share, backing_chain, key_secret)
     err = Error()
     out = ctypes.c_void_p()
     check(getattr(L, fn)(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
     return take_string(out)
 
 
-def info_json(path, format=None, force_share=False, backing_chain=False):
+def info_json(path, format=None, force_share=False, backing_chain=False, key_secret=None):
     """The exact text of `qemu-img info --output=json` (an array with backing_chain)."""
-    return _text("instar_info_json", path, format, force_share, backing_chain)
+    return _text("instar_info_json", path, format, force_share, backing_chain, key_secret)
 
 
-def info_human(path, format=None, force_share=False, backing_chain=False):
+def info_human(path, format=None, force_share=False, backing_chain=False, key_secret=None):
     """The exact text of human `qemu-img info`."""
-    return _text("instar_info_human", path, format, force_share, backing_chain)
+    return _text("instar_info_human", path, format, force_share, backing_chain, key_secret)

@@ -27,13 +27,14 @@ class Map(ctypes.Structure):
 
 class MapOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("start_offset", ctypes.c_uint64), ("max_length", ctypes.c_int64)]
+                ("start_offset", ctypes.c_uint64), ("max_length", ctypes.c_int64), ("key_secret", ctypes.c_char_p)]
 
 
 class CompareOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format1", ctypes.c_char_p),
                 ("format2", ctypes.c_char_p), ("strict", ctypes.c_int32), ("progress", PROGRESS_FN),
-                ("progress_data", ctypes.c_void_p)]
+                ("progress_data", ctypes.c_void_p), ("key_secret1", ctypes.c_char_p),
+                ("key_secret2", ctypes.c_char_p)]
 
 
 class CompareResult(ctypes.Structure):
@@ -79,11 +80,11 @@ def _progress(callback):
     return PROGRESS_FN(fn)
 
 
-def map(path, format=None, start_offset=0, max_length=None, force_share=False):
+def map(path, format=None, start_offset=0, max_length=None, force_share=False, key_secret=None):
     """The entries of `qemu-img map --output=json` as dicts with the same keys in the same order."""
     L = _setup()
     opts = MapOptions(ctypes.sizeof(MapOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format),
-                      start_offset, -1 if max_length is None else max_length)
+                      start_offset, -1 if max_length is None else max_length, encode(key_secret))
     out = ctypes.POINTER(Map)()
     err = Error()
     check(L.instar_map(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -101,12 +102,14 @@ def map(path, format=None, start_offset=0, max_length=None, force_share=False):
         L.instar_map_free(out)
 
 
-def compare(path1, path2, format1=None, format2=None, strict=False, force_share=False, progress=None):
-    """Compares like `qemu-img compare`; returns a dict with identical, size_mismatch, mismatch_offset, message."""
+def compare(path1, path2, format1=None, format2=None, strict=False, force_share=False, progress=None,
+            key_secret1=None, key_secret2=None):
+    """Compares like `qemu-img compare`; returns a dict with identical, size_mismatch, mismatch_offset, message.
+    `key_secret1`/`key_secret2` are the passphrases of encrypted images."""
     L = _setup()
     cb = _progress(progress)
     opts = CompareOptions(ctypes.sizeof(CompareOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format1),
-                          encode(format2), 1 if strict else 0, cb, None)
+                          encode(format2), 1 if strict else 0, cb, None, encode(key_secret1), encode(key_secret2))
     res = CompareResult()
     res.struct_size = ctypes.sizeof(CompareResult)
     err = Error()

@@ -11,13 +11,13 @@ RESIZE_SHRINK = 1 << 1
 
 class ResizeOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("preallocation", ctypes.c_char_p), ("flags", ctypes.c_uint32)]
+                ("preallocation", ctypes.c_char_p), ("flags", ctypes.c_uint32), ("key_secret", ctypes.c_char_p)]
 
 
 class AmendOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("options", ctypes.c_char_p), ("force", ctypes.c_uint32), ("progress", PROGRESS_FN),
-                ("progress_data", ctypes.c_void_p)]
+                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
 
 
 def _setup():
@@ -41,25 +41,26 @@ def _parse_size(text, relative):
     return sign * int(float(text) * (1 << shift)), relative
 
 
-def resize(path, size, fmt=None, relative=False, shrink=False, preallocation=None, open_flags=0):
+def resize(path, size, fmt=None, relative=False, shrink=False, preallocation=None, open_flags=0, key_secret=None):
     """Like `qemu-img resize [-f FMT] [--shrink] [--preallocation=P] PATH [+|-]SIZE`. `size` is bytes; with
     `relative` it is a signed change (a string "+1G"/"-1G" sets relative by itself)."""
     if isinstance(size, str):
         size, relative = _parse_size(size, relative)
     flags = (RESIZE_RELATIVE if relative else 0) | (RESIZE_SHRINK if shrink else 0)
     L = _setup()
-    o = ResizeOptions(ctypes.sizeof(ResizeOptions), open_flags, encode(fmt), encode(preallocation), flags)
+    o = ResizeOptions(ctypes.sizeof(ResizeOptions), open_flags, encode(fmt), encode(preallocation), flags,
+                      encode(key_secret))
     err = Error()
     check(L.instar_resize(encode(path), int(size), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def amend(path, options=None, fmt=None, force=False, progress=None, open_flags=0, **opts):
+def amend(path, options=None, fmt=None, force=False, progress=None, open_flags=0, key_secret=None, **opts):
     """Like `qemu-img amend [-f FMT] [--force] -o OPTIONS PATH`. `options` is the -o string; keyword arguments
     (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel."""
     text = ",".join(x for x in (options, _option_string(opts)) if x)
     L = _setup()
     cb = _progress(progress)
     o = AmendOptions(ctypes.sizeof(AmendOptions), open_flags, encode(fmt), encode(text or None), 1 if force else 0,
-                     cb, None)
+                     cb, None, encode(key_secret))
     err = Error()
     check(L.instar_amend(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
