@@ -332,10 +332,14 @@ typedef struct instar_convert_options {
     const char *snapshot;        /**< -l: "NAME", "snapshot.name=NAME" or "snapshot.id=ID" of the source, or NULL */
     int32_t coroutines;          /**< -m: 1..16 (8 by default) */
     int64_t rate_limit;          /**< -r: bytes per second, 0 for no limit */
+    const char *key_secret;      /**< passphrase of an encrypted source (qemu's encrypt.key-secret), or NULL */
+    /** Passphrase of the target: an existing encrypted target (-n), or a new one whose `options` ask for
+     *  encrypt.format=luks (it is used as encrypt.key-secret). NULL for none. */
+    const char *target_key_secret;
 } instar_convert_options_t;
 
 #define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL, \
-                                      NULL, NULL, NULL, NULL, 8, 0 }
+                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL }
 void instar_convert_options_init(instar_convert_options_t *opts);
 
 /**

@@ -253,3 +253,30 @@ def test_old_struct_size_operations(enc, tmp):
     assert q.rc != 0 and q.err == "qemu-img: " + err.message.decode() + "\n"
     o.options = None
     assert C.instar_create(encode(target), ctypes.byref(o), ctypes.byref(err)) == 0
+
+
+def test_convert_with_passphrases(tmp):
+    """instar.convert decrypts a LUKS source with key_secret and encrypts a new target with target_key_secret;
+    qemu-img reads the target back with the same passphrase and finds the same guest bytes."""
+    src = os.path.join(tmp, "src.qcow2")
+    qimg("create", "-q", "--object", "secret,id=sec0,data=srcpass", "-f", "qcow2", "-o",
+         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", src, "4M")
+    run(["qemu-io", "--object", "secret,id=sec0,data=srcpass", "--image-opts",
+         f"driver=qcow2,encrypt.key-secret=sec0,file.filename={src}", "-c", "write -P 0x5a 64k 300k"])
+    dst = os.path.join(tmp, "dst.qcow2")
+    instar.convert(src, dst, fmt="qcow2", options="encrypt.format=luks,encrypt.iter-time=10",
+                   key_secret="srcpass", target_key_secret="dstpass")
+    q_src = os.path.join(tmp, "q_src.raw")
+    q_dst = os.path.join(tmp, "q_dst.raw")
+    qimg("convert", "--object", "secret,id=s,data=srcpass", "--image-opts",
+         f"driver=qcow2,encrypt.key-secret=s,file.filename={src}", "-O", "raw", q_src)
+    qimg("convert", "--object", "secret,id=s,data=dstpass", "--image-opts",
+         f"driver=qcow2,encrypt.key-secret=s,file.filename={dst}", "-O", "raw", q_dst)
+    with open(q_src, "rb") as a, open(q_dst, "rb") as b:
+        assert a.read() == b.read()
+    r = run(["qemu-img", "check", "--object", "secret,id=s,data=dstpass", "--image-opts",
+             f"driver=qcow2,encrypt.key-secret=s,file.filename={dst}"])
+    assert r.rc == 0, r
+    with pytest.raises(instar.InstarError) as e:
+        instar.convert(src, os.path.join(tmp, "x.raw"), key_secret="wrong")
+    assert e.value.code == -10

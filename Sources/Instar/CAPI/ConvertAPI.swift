@@ -7,7 +7,7 @@ public func instar_convert_options_init(_ opts: UnsafeMutablePointer<instar_conv
                                              flags: 0, source_format: nil, target_format: nil, source_cache: nil,
                                              target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
                                              options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
-                                             coroutines: 8, rate_limit: 0)
+                                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil)
 }
 
 @_cdecl("instar_convert")
@@ -28,7 +28,9 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         options.bitmaps = o.flags & UInt32(INSTAR_CONVERT_BITMAPS) != 0
         options.skipBrokenBitmaps = o.flags & UInt32(INSTAR_CONVERT_SKIP_BROKEN_BITMAPS) != 0
         options.targetFormat = optionalString(o.target_format) ?? "raw"
-        options.createOptions = optionalString(o.options)
+        options.createOptions = optionList(optionalString(o.options), keySecret: optionalString(o.target_key_secret),
+                                           secrets: &options.secrets)
+        options.targetKeySecret = optionalString(o.target_key_secret)
         options.backingFile = optionalString(o.backing_file)
         options.backingFormat = optionalString(o.backing_format)
         if options.skipBrokenBitmaps && !options.bitmaps {
@@ -65,7 +67,8 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
 
         var flags: UInt32 = sourceCache.direct ? UInt32(INSTAR_OPEN_NO_CACHE) : 0
         if o.flags & UInt32(INSTAR_CONVERT_FORCE_SHARE) != 0 { flags |= UInt32(INSTAR_OPEN_FORCE_SHARE) }
-        let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true)
+        let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true,
+                                         keySecret: o.key_secret)
         defer { try? image.close() }
         if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: [image]) }
         do {

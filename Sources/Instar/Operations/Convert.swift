@@ -29,6 +29,8 @@ public struct ConvertOptions {
     public var targetSpec: ImageSpec?
     /// Secrets by id (--object secret), for an encrypted target that is created or opened.
     public var secrets: [String: String] = [:]
+    /// The passphrase of an existing encrypted target (the C API's target_key_secret).
+    public var targetKeySecret: String?
     /// -n: the target exists and is opened, not created.
     public var noCreate = false
     /// --target-is-zero (with -n): the target reads as zeroes already.
@@ -112,8 +114,10 @@ public enum ConvertOperation {
     /// Opens the target for writing with the cache mode's flags (and its backing chain, which reads through
     /// the target's unallocated ranges).
     public static func openTarget(_ path: String, format: String, cache: CacheMode, openBacking: Bool = false,
-                                  spec: ImageSpec? = nil, secrets: [String: String] = [:]) throws -> ImageLayer {
+                                  spec: ImageSpec? = nil, secrets: [String: String] = [:],
+                                  keySecret: String? = nil) throws -> ImageLayer {
         var options = ImageOpenOptions()
+        options.keySecret = keySecret
         options.direct = cache.direct
         options.noFlush = !cache.flushes
         options.secrets = secrets
@@ -210,7 +214,8 @@ public enum ConvertOperation {
         let targetImage: ImageLayer
         do {
             targetImage = try openTarget(target, format: fmt, cache: options.targetCache, openBacking: true,
-                                         spec: options.targetSpec, secrets: options.secrets)
+                                         spec: options.targetSpec, secrets: options.secrets,
+                                         keySecret: options.targetKeySecret)
         } catch let e as InstarError {
             if created && options.removeTargetOnFailure { unlink(target) }
             throw e.prepending("Could not open '\(target)': ")

@@ -48,7 +48,8 @@ class ConvertOptions(ctypes.Structure):
                 ("target_cache", ctypes.c_char_p), ("sparse_size", ctypes.c_int64), ("progress", PROGRESS_FN),
                 ("progress_data", ctypes.c_void_p), ("options", ctypes.c_char_p), ("backing_file", ctypes.c_char_p),
                 ("backing_format", ctypes.c_char_p), ("snapshot", ctypes.c_char_p), ("coroutines", ctypes.c_int32),
-                ("rate_limit", ctypes.c_int64)]
+                ("rate_limit", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
+                ("target_key_secret", ctypes.c_char_p)]
 
 
 def _setup():
@@ -123,9 +124,12 @@ def compare(path1, path2, format1=None, format2=None, strict=False, force_share=
 def convert(src, dst, source_format=None, target_format=None, no_create=False, target_is_zero=False,
             force_share=False, source_cache=None, target_cache=None, sparse_size=None, progress=None, fmt=None,
             options=None, compress=False, backing_file=None, backing_format=None, snapshot=None, coroutines=8,
-            rate_limit=0, unordered_writes=False, bitmaps=False, skip_broken_bitmaps=False):
+            rate_limit=0, unordered_writes=False, bitmaps=False, skip_broken_bitmaps=False, key_secret=None,
+            target_key_secret=None):
     """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
     -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
+    `key_secret` unlocks an encrypted source, `target_key_secret` an encrypted target (existing with
+    no_create, or new with options asking for encrypt.format=luks).
     `progress(percent)` gets qemu's progress values; a true return cancels."""
     L = _setup()
     flags = (CONVERT_NO_CREATE if no_create else 0) | (CONVERT_TARGET_IS_ZERO if target_is_zero else 0) | \
@@ -136,6 +140,6 @@ def convert(src, dst, source_format=None, target_format=None, no_create=False, t
     opts = ConvertOptions(ctypes.sizeof(ConvertOptions), flags, encode(source_format), encode(fmt or target_format),
                           encode(source_cache), encode(target_cache), -1 if sparse_size is None else sparse_size,
                           cb, None, encode(options), encode(backing_file), encode(backing_format), encode(snapshot),
-                          coroutines, rate_limit)
+                          coroutines, rate_limit, encode(key_secret), encode(target_key_secret))
     err = Error()
     check(L.instar_convert(encode(src), encode(dst), ctypes.byref(opts), ctypes.byref(err)), err)
