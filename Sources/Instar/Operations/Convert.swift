@@ -266,7 +266,8 @@ public enum ConvertOperation {
             let bits = try src.readBitmap(named: bm.name)
             // block_dirty_bitmap_merge needs bitmaps of the same size.
             if source.virtualSize != target.virtualSize {
-                throw InstarError.invalid("Failed to populate bitmap \(bm.name): Bitmaps are incompatible and can't be merged")
+                throw InstarError.invalid("Failed to populate bitmap \(bm.name): Bitmaps are of different sizes "
+                    + "(destination size is \(target.virtualSize), source size is \(source.virtualSize)) and can't be merged")
             }
             do {
                 try dst.addBitmap(PersistentBitmap(name: bm.name, granularity: bm.granularity, enabled: bm.enabled),
