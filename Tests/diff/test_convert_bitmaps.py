@@ -200,6 +200,8 @@ def test_bitmap_from_another_image(tmp):
     ("65536", ("-o", "lazy_refcounts=on")),
     ("65536", ("-o", "refcount_bits=1")),
     ("65536", ("-c",)),
+    ("65536", ("-t", "none")),
+    ("512", ("-t", "writethrough", "-p")),
 ])
 def test_cluster_sizes_and_options(tmp, src_cluster, target_opts):
     # 512-byte granularity over 20 MiB: 5 KiB of bits, several bitmap clusters with small clusters.

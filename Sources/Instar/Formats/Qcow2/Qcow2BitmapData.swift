@@ -150,7 +150,7 @@ extension Qcow2Writer {
             var tableOffset: UInt64 = 0
             if tableSize > 0 {
                 tableOffset = try allocateClusters((tableSize * 8).divCeil(clusterSize))
-                try file.write(Qcow2Writer.encodeBE64(table), at: tableOffset)
+                try writePadded(Qcow2Writer.encodeBE64(table), at: tableOffset)
             }
             entries.append(Qcow2BitmapEntry(name: bm.name, granularityBits: gbits,
                                             flags: bm.enabled ? Qcow2BitmapEntry.flagAuto : 0,
@@ -177,12 +177,20 @@ extension Qcow2Writer {
             throw InstarError.invalid("Bitmap directory is too large")
         }
         let dirOffset = try allocateClusters(UInt64(dir.count).divCeil(clusterSize))
-        try file.write(dir, at: dirOffset)
+        try writePadded(dir, at: dirOffset)
         try flushAll()
         try file.sync()
         header.autoclearFeatures |= Qcow2.autoclearBitmaps
         bitmapsExtension = Qcow2BitmapsExtension(count: UInt32(entries.count), directorySize: UInt64(dir.count),
                                                  directoryOffset: dirOffset)
         try rewriteHeader()
+    }
+
+    /// Tables and the directory take part of a cluster. Under O_DIRECT qemu's file layer writes whole blocks of
+    /// its request alignment (512 bytes here), so the file may end past their last byte: do the same.
+    private func writePadded(_ bytes: [UInt8], at offset: UInt64) throws {
+        var b = bytes
+        if file.direct { b += [UInt8](repeating: 0, count: (512 - b.count % 512) % 512) }
+        try file.write(b, at: offset)
     }
 }
