@@ -305,3 +305,32 @@ def test_errors(tmp, case):
     i = instar("convert", *args, *srcs, target, cwd=tmp)
     assert q.rc == 1 and (i.rc, i.out, i.err) == (q.rc, q.out, q.err)
     assert os.path.exists(out) == q_left
+
+
+@pytest.mark.parametrize("patch", ["reserved_bits", "unaligned", "ones_with_offset", "table_size"])
+def test_hostile_bitmap_table(tmp, patch):
+    """Broken tables fail cleanly. qemu reports them when it opens the source (it loads bitmaps at open);
+    instar when it reads the bitmap, after creating the target, with the same reason."""
+    src = base_image(tmp)
+    qimg("bitmap", "--add", src, "b1")
+    qemu_io("-c", "write 0 64k", src)
+    ((doff, _, _, _, toff, tsize),) = directory(src)
+    with open(src, "r+b") as f:
+        f.seek(toff)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(toff)
+        if patch == "reserved_bits":
+            f.write(struct.pack(">Q", entry | 2))
+        elif patch == "unaligned":
+            f.write(struct.pack(">Q", entry + 512))
+        elif patch == "ones_with_offset":
+            f.write(struct.pack(">Q", entry | 1))
+        else:
+            f.seek(doff + 8)
+            f.write(struct.pack(">I", tsize + 1000))
+    q = qemu("convert", "--bitmaps", "-O", "qcow2", src, os.path.join(tmp, "q.qcow2"))
+    i = instar("convert", "--bitmaps", "-O", "qcow2", src, os.path.join(tmp, "i.qcow2"))
+    assert q.rc == 1 and i.rc == 1, (q, i)
+    reason = i.err.split("instar: ", 1)[1].strip()
+    if patch != "table_size":
+        assert q.err.strip().endswith(reason), (q, i)

@@ -54,11 +54,17 @@ extension Qcow2Format: PersistentBitmapStore {
         let raw = try file.readExactly(at: e.tableOffset, count: try checkedInt(tableSize * 8), what: "bitmap table")
         let table = Qcow2Mapper.decodeBE64(raw, count: Int(tableSize))
         let bitCount = virtualSize.divCeil(UInt64(1) << UInt64(e.granularityBits))
+        // bitmap_table_load checks every entry (check_table_entry) before any data is read.
+        for entry in table {
+            let offset = entry & Qcow2BitmapData.entryOffsetMask
+            if entry & Qcow2BitmapData.entryReservedMask != 0
+                || (offset != 0 && (entry & Qcow2BitmapData.entryAllOnes != 0 || offset & (cs - 1) != 0)) {
+                throw InstarError(.invalid, "Could not read bitmap_table table from image for bitmap '\(name)': "
+                                  + "Invalid argument", errno: EINVAL)
+            }
+        }
         for (k, entry) in table.enumerated() {
             let offset = entry & Qcow2BitmapData.entryOffsetMask
-            // check_table_entry.
-            if entry & Qcow2BitmapData.entryReservedMask != 0 { throw failed }
-            if offset != 0 && (entry & Qcow2BitmapData.entryAllOnes != 0 || offset & (cs - 1) != 0) { throw failed }
             let start = UInt64(k) * cs
             let end = min(start + cs, total)
             if offset == 0 {
