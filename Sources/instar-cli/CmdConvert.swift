@@ -154,6 +154,7 @@ func convertCommand(_ args: [String]) -> Int32 {
     options.removeTargetOnFailure = false
     options.progress = progressPrinter(progress)
     options.secrets = cliSecrets
+    options.warning = { CLI.error("warning: \($0)") }
     if targetImageOpts {
         do {
             options.targetSpec = try imageOptsSpec(target)
@@ -204,6 +205,10 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
         case .blockStatus:
             CLI.error("error while reading block status at offset \(e.offset): \(strerrorString(e.errnoValue))")
         }
+        return 1
+    } catch let e as InstarError where e.message.hasPrefix(ConvertOperation.inconsistentBitmapPrefix) {
+        CLI.error(e.message)
+        fputs("Try --skip-broken-bitmaps, or use '\(CLI.programName) bitmap --remove' to delete it\n", stderr)
         return 1
     } catch let e as InstarError {
         printCreateError(e)

@@ -138,12 +138,43 @@ public protocol ImageFormat: AnyObject {
 
     /// Compressed cluster writes (convert -c), nil when the format cannot store compressed clusters.
     var compressedWrites: CompressedClusterWriting? { get }
-    /// The persistent dirty bitmaps the image holds; nil when the format (or this version of it) cannot hold
-    /// any (qemu's bdrv_supports_persistent_dirty_bitmap).
-    var persistentBitmapNames: [String]? { get }
+    /// The persistent dirty bitmaps of the image; nil when the format (or this version of it) cannot hold any
+    /// (qemu's bdrv_supports_persistent_dirty_bitmap).
+    var persistentBitmapStore: PersistentBitmapStore? { get }
     /// Makes a read-only image read an internal snapshot's contents instead of the active ones (qemu's
     /// bdrv_snapshot_load_tmp, for convert -l): `id` and/or `name` select it.
     func loadSnapshotTemporarily(id: String?, name: String?) throws
+}
+
+/// One persistent dirty bitmap as an image describes it.
+public struct PersistentBitmap: Equatable {
+    public var name: String
+    /// Guest bytes per bit (a power of two).
+    public var granularity: UInt64
+    /// Records guest writes (qcow2's auto flag); a disabled bitmap keeps its contents.
+    public var enabled: Bool
+    /// Marked in use: not saved properly by its last writer, so its contents cannot be trusted (qemu's
+    /// inconsistent bitmap).
+    public var inconsistent: Bool
+    public init(name: String, granularity: UInt64, enabled: Bool, inconsistent: Bool = false) {
+        self.name = name
+        self.granularity = granularity
+        self.enabled = enabled
+        self.inconsistent = inconsistent
+    }
+}
+
+/// The persistent dirty bitmaps of an open image. Bits travel in qemu's serialized form: bit k covers guest
+/// bytes [k * granularity, (k + 1) * granularity), least significant bit first in each byte, padded with zero
+/// bits to a multiple of 64.
+public protocol PersistentBitmapStore: AnyObject {
+    /// The bitmaps in the image's own order.
+    var persistentBitmaps: [PersistentBitmap] { get }
+    /// The contents of a consistent bitmap.
+    func readBitmap(named name: String) throws -> [UInt8]
+    /// Adds a bitmap with these contents (sized for the image's virtual size) to an image opened writable;
+    /// bitmaps added are stored together when the image is closed, as qemu stores them.
+    func addBitmap(_ bitmap: PersistentBitmap, bits: [UInt8]) throws
 }
 
 /// Compresses one cluster; one instance per thread.
@@ -178,7 +209,7 @@ extension ImageFormat {
     public func flush() throws {}
     public func close() throws {}
     public var compressedWrites: CompressedClusterWriting? { nil }
-    public var persistentBitmapNames: [String]? { nil }
+    public var persistentBitmapStore: PersistentBitmapStore? { nil }
     public func loadSnapshotTemporarily(id: String?, name: String?) throws {
         throw InstarError.unsupported("Block format '\(formatName)' used by device '' does not support temporarily "
                                       + "loading internal snapshots")

@@ -55,9 +55,12 @@ public struct ConvertOptions {
     public var unorderedWrites = false
     /// -r: bytes per second written to the target, 0 for no limit.
     public var rateLimit: UInt64 = 0
-    /// --bitmaps / --skip-broken-bitmaps.
+    /// --bitmaps: the source's persistent bitmaps are copied once the data is; --skip-broken-bitmaps leaves
+    /// inconsistent ones out (with a warning) instead of refusing.
     public var bitmaps = false
     public var skipBrokenBitmaps = false
+    /// Receives qemu's warnings (without the "warning: " prefix).
+    public var warning: ((String) -> Void)?
     /// Threads compressing clusters for -c; 0 uses every online CPU (at most 8).
     public var compressThreads = 0
     /// Removes a target this call created when the copy fails or is cancelled.
@@ -186,13 +189,7 @@ public enum ConvertOperation {
         }
         if options.bitmaps {
             if sources.count > 1 { throw InstarError.invalid("Copying bitmaps only possible with single source") }
-            guard let names = sources[0].format.persistentBitmapNames else {
-                throw InstarError.unsupported("Source lacks bitmap support")
-            }
-            // Writing a bitmap directory is not implemented: refuse before creating anything.
-            if !names.isEmpty {
-                throw InstarError.unsupported("Copying persistent bitmaps is not supported yet")
-            }
+            try checkBitmaps(sources[0].format, skipBroken: options.skipBrokenBitmaps)
         }
         var created = false
         if let c = creator, let v = values {
@@ -222,7 +219,7 @@ public enum ConvertOperation {
         }
         do {
             defer { try? targetImage.close() }
-            if options.bitmaps && targetImage.format.persistentBitmapNames == nil {
+            if options.bitmaps && targetImage.format.persistentBitmapStore == nil {
                 throw InstarError.unsupported("Format driver '\(targetImage.format.formatName)' does not support bitmaps")
             }
             if options.compress && targetImage.format.compressedWrites == nil {
@@ -233,10 +230,56 @@ public enum ConvertOperation {
             }
             try copy(sources: sources, into: targetImage, targetCreated: created, targetHasBacking: targetHasBacking,
                      options: options)
+            if options.bitmaps {
+                try copyBitmaps(from: sources[0].format, to: targetImage.format, skipBroken: options.skipBrokenBitmaps,
+                                warning: options.warning)
+            }
             try targetImage.close()
         } catch {
             if created && options.removeTargetOnFailure { unlink(target) }
             throw error
+        }
+    }
+
+    /// qemu-img's convert_check_bitmaps, before the target exists. qemu walks a node's bitmaps newest first,
+    /// which for bitmaps loaded from an image is the reverse of the directory order.
+    static func checkBitmaps(_ source: ImageFormat, skipBroken: Bool) throws {
+        guard let store = source.persistentBitmapStore else {
+            throw InstarError.unsupported("Source lacks bitmap support")
+        }
+        if !skipBroken, let bad = store.persistentBitmaps.reversed().first(where: { $0.inconsistent }) {
+            throw InstarError.invalid(inconsistentBitmapPrefix + "'\(bad.name)'")
+        }
+    }
+
+    /// The start of the error for an in-use source bitmap; the CLI adds qemu's hint line after it.
+    public static let inconsistentBitmapPrefix = "Cannot copy inconsistent bitmap "
+
+    /// qemu-img's convert_copy_bitmaps, after the data: each consistent source bitmap becomes a target bitmap
+    /// with the same name, granularity and enabled state, then receives the source's bits.
+    static func copyBitmaps(from source: ImageFormat, to target: ImageFormat, skipBroken: Bool,
+                            warning: ((String) -> Void)?) throws {
+        guard let src = source.persistentBitmapStore, let dst = target.persistentBitmapStore else { return }
+        for bm in src.persistentBitmaps.reversed() {
+            if bm.inconsistent {
+                if skipBroken {
+                    warning?("Skipping inconsistent bitmap '\(bm.name)'")
+                    continue
+                }
+                throw InstarError.invalid(inconsistentBitmapPrefix + "'\(bm.name)'")
+            }
+            let bits = try src.readBitmap(named: bm.name)
+            // block_dirty_bitmap_merge needs bitmaps of the same size.
+            if source.virtualSize != target.virtualSize {
+                throw InstarError.invalid("Failed to populate bitmap \(bm.name): Bitmaps are of different sizes "
+                    + "(destination size is \(target.virtualSize), source size is \(source.virtualSize)) and can't be merged")
+            }
+            do {
+                try dst.addBitmap(PersistentBitmap(name: bm.name, granularity: bm.granularity, enabled: bm.enabled),
+                                  bits: bits)
+            } catch let e as InstarError {
+                throw e.prepending("Failed to create bitmap \(bm.name): ")
+            }
         }
     }
 

@@ -330,6 +330,13 @@ extension Qcow2Writer {
             }
             try ext(0x6803_f857, table)
         }
+        if let bm = bitmapsExtension {
+            var d = [UInt8](repeating: 0, count: Int(Qcow2Extensions.bitmapsExtensionBytes))
+            for i in 0..<4 { d[i] = UInt8(truncatingIfNeeded: bm.count >> UInt32(24 - 8 * i)) }
+            for i in 0..<8 { d[8 + i] = UInt8(truncatingIfNeeded: bm.directorySize >> UInt64(56 - 8 * i)) }
+            for i in 0..<8 { d[16 + i] = UInt8(truncatingIfNeeded: bm.directoryOffset >> UInt64(56 - 8 * i)) }
+            try ext(Qcow2.extBitmaps, d)
+        }
         pos += 8
         if let name = format.backingReference?.filename {
             let bytes = Array(name.utf8)

@@ -11,11 +11,6 @@ extension Qcow2Format: CompressedClusterWriting {
 }
 
 extension Qcow2Format {
-    /// qcow2 keeps persistent bitmaps from version 3 on (qcow2_supports_persistent_dirty_bitmap).
-    public var persistentBitmapNames: [String]? { header.version >= 3 ? bitmaps.map { $0.name } : nil }
-}
-
-extension Qcow2Format {
     /// qemu's qcow2_snapshot_load_tmp: the snapshot's L1 table replaces the active one for reading. The
     /// virtual size stays the active one's, as in qemu.
     public func loadSnapshotTemporarily(id: String?, name: String?) throws {

@@ -40,6 +40,8 @@ public final class Qcow2Format: ImageFormat {
     let writable: Bool
     /// The write side, created on the first change.
     private var writer: Qcow2Writer?
+    /// Bitmaps added to a writable image, newest first; stored on close.
+    var pendingBitmaps: [(bitmap: PersistentBitmap, bits: [UInt8])] = []
 
     public var hostFiles: [HostFile] { externalDataFile.map { [file, $0] } ?? [file] }
     public var virtualSize: UInt64 { header.size / 512 * 512 }
@@ -202,6 +204,7 @@ public final class Qcow2Format: ImageFormat {
     }
 
     public func close() throws {
+        try storePendingBitmaps()
         if let w = writer {
             writer = nil
             try w.close()

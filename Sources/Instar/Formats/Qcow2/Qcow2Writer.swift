@@ -39,6 +39,8 @@ final class Qcow2Writer {
     var freeByteOffset: UInt64 = 0
     /// Set once the header carries the dirty bit for lazy refcounts.
     var markedDirty = false
+    /// The bitmaps extension the header carries (rewritten by `rewriteHeader`).
+    var bitmapsExtension: Qcow2BitmapsExtension?
     private var prepared = false
 
     init(format: Qcow2Format) throws {
@@ -57,6 +59,7 @@ final class Qcow2Writer {
         refMax = refOrder == 6 ? UInt64.max : (UInt64(1) << (UInt64(1) << refOrder)) - 1
         lazyRefcounts = header.compatibleFeatures & Qcow2.compatLazyRefcounts != 0
         reftable = try format.refcounts.refcountTable()
+        bitmapsExtension = format.extensions.bitmaps
         let tables = Int(max(16, Qcow2Mapper.cacheBytes / clusterSize))
         l2Cache = Qcow2WriteCache(capacity: tables)
         rbCache = Qcow2WriteCache(capacity: Int(max(16, (1 << 20) / clusterSize)))
