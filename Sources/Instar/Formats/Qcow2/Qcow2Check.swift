@@ -171,6 +171,10 @@ final class Qcow2Checker {
             throw Qcow2CheckAbort(errno: EIO)
         }
         refblockCache[blockOffset] = block
+        // update_refcount passes the freeing of a cluster down to the file (QCOW2_DISCARD_ALWAYS).
+        if decrease && new == 0 {
+            try? file.punchHole(at: UInt64(bitPattern: cluster) << UInt64(clusterBits), length: UInt64(clusterSize))
+        }
     }
 
     // MARK: - Metadata overlap

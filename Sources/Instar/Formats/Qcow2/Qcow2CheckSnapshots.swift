@@ -24,6 +24,23 @@ enum Qcow2SnapshotTable {
     // icount).
     static let knownExtraBytes: UInt32 = 24
 
+    // qemu's BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB; a request reaching past it fails with EIO.
+    static let maxRequestEnd: UInt64 = UInt64(Int64.max) & ~((1 << 30) - 1)
+
+    /// bdrv_pread of table bytes: past the end of the file they read as zeroes; past qemu's request limit the
+    /// read fails as qemu's does.
+    static func readTable(_ file: HostFile, at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard offset <= maxRequestEnd, UInt64(count) <= maxRequestEnd - offset else {
+            throw InstarError(.io, "Failed to read snapshot table: \(strerrorString(EIO))", errno: EIO)
+        }
+        do {
+            return try file.readBytes(at: offset, count: count)
+        } catch let e as InstarError {
+            let err = e.errnoValue != 0 ? e.errnoValue : EIO
+            throw InstarError(.io, "Failed to read snapshot table: \(strerrorString(err))", errno: err)
+        }
+    }
+
     struct ReadResult {
         var entries: [Qcow2SnapshotEntry] = []
         /// Bytes from the table start to the end of the last entry read.
@@ -46,7 +63,7 @@ enum Qcow2SnapshotTable {
             let entryStart = offset
             tableLength = try tableLength.alignedUp(8)
             offset = try offset.alignedUp(8)
-            let h = ByteReader(try file.readBytes(at: offset, count: Int(Qcow2.snapshotHeaderSize)), what: "snapshot table")
+            let h = ByteReader(try readTable(file, at: offset, count: Int(Qcow2.snapshotHeaderSize)), what: "snapshot table")
             offset = try offset.adding(Qcow2.snapshotHeaderSize)
             // qcow2.txt: bytes 0-7 l1_table_offset, 8-11 l1_size, 12-13 id_str_size, 14-15 name_size,
             // 16-19 date_sec, 20-23 date_nsec, 24-31 vm_clock_nsec, 32-35 vm_state_size, 36-39 extra_data_size.
@@ -69,7 +86,7 @@ enum Qcow2SnapshotTable {
                 truncateUnknown = true
             }
             let known = min(knownExtraBytes, e.extraDataSize)
-            let extra = ByteReader(try file.readBytes(at: offset, count: Int(known)),
+            let extra = ByteReader(try readTable(file, at: offset, count: Int(known)),
                                    what: "snapshot table")
             offset = try offset.adding(UInt64(known))
             if e.extraDataSize >= 8 { e.vmStateSize = try extra.u64be(at: 0) }
@@ -78,13 +95,13 @@ enum Qcow2SnapshotTable {
             if e.extraDataSize > knownExtraBytes {
                 let extraEnd = try offset.adding(UInt64(e.extraDataSize - knownExtraBytes))
                 if truncateUnknown { e.extraDataSize = UInt32(Qcow2.maxSnapshotExtraData) }
-                e.unknownExtra = try file.readBytes(at: offset, count: Int(e.extraDataSize - knownExtraBytes))
+                e.unknownExtra = try readTable(file, at: offset, count: Int(e.extraDataSize - knownExtraBytes))
                 offset = extraEnd
             }
-            e.id = Array(try file.readBytes(at: offset, count: Int(idSize))
+            e.id = Array(try readTable(file, at: offset, count: Int(idSize))
                 .prefix { $0 != 0 })
             offset = try offset.adding(idSize)
-            e.name = Array(try file.readBytes(at: offset, count: Int(nameSize))
+            e.name = Array(try readTable(file, at: offset, count: Int(nameSize))
                 .prefix { $0 != 0 })
             offset = try offset.adding(nameSize)
             tableLength += Qcow2.snapshotHeaderSize + UInt64(e.extraDataSize) + idSize + nameSize
