@@ -126,7 +126,9 @@ extension Qcow2Writer {
     /// qcow2_write_snapshots: the table is written anew in v3 form (at least 24 bytes of extra data) into
     /// fresh clusters, the header switched to it, and the old table freed (and discarded, as qemu passes
     /// snapshot discards down by default).
-    func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64) throws {
+    /// `report` receives the line qemu prints when freeing the old table fails.
+    func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64,
+                            report: (String) -> Void = { _ in }) throws {
         var size: UInt64 = 0
         for e in entries {
             size = try size.alignedUp(8)
@@ -172,8 +174,15 @@ extension Qcow2Writer {
         header.snapshotsOffset = tableOffset
         format.header.nbSnapshots = header.nbSnapshots
         format.header.snapshotsOffset = tableOffset
-        if oldSize > 0 && oldOffset != 0 {
-            try freeRange(oldOffset, oldSize)
+        if oldSize > 0 {
+            // qcow2_free_clusters: a failure only leaks the old table; qemu says so and goes on.
+            do {
+                try freeRange(oldOffset, oldSize)
+            } catch {
+                let e = (error as? InstarError)?.errnoValue ?? EINVAL
+                report("qcow2_free_clusters failed: \(strerrorString(e != 0 ? e : EINVAL))")
+                return
+            }
             try flushAll()
             let first = oldOffset >> clusterBits
             let last = (oldOffset + oldSize - 1) >> clusterBits
@@ -268,7 +277,7 @@ extension Qcow2Checker {
             w.header.nbSnapshots = header.nbSnapshots
             w.header.snapshotsOffset = header.snapshotsOffset
             w.reftable = reftable
-            try w.writeSnapshotTable(table.entries, oldSize: table.size)
+            try w.writeSnapshotTable(table.entries, oldSize: table.size, report: { say($0) })
         } catch {
             let e = (error as? InstarError)?.errnoValue ?? EIO
             sres.checkErrors += 1
