@@ -9,7 +9,12 @@ enum CLI {
     /// Prints "PROGRAM: message" to stderr, as qemu's error_report().
     static func error(_ message: String) {
         out.flush()
-        fputs("\(programName): \(message)\n", stderr)
+        fputs("\(programName): \(ownName(message))\n", stderr)
+    }
+
+    /// qemu's hints name "qemu-img check"; ours name this program.
+    static func ownName(_ message: String) -> String {
+        message.replacing("qemu-img check -r", with: "\(programName) check -r")
     }
 
     /// Prints without the trailing newline (a few qemu messages end without one).

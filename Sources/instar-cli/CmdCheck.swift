@@ -83,7 +83,7 @@ func checkCommand(_ args: [String]) -> Int32 {
                 CLI.error(message.text)
             } else {
                 CLI.out.flush()
-                fputs(message.text + "\n", stderr)
+                fputs(CLI.ownName(message.text) + "\n", stderr)
             }
         }
     } catch is CheckNotSupported {

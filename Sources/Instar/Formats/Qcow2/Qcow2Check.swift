@@ -84,42 +84,15 @@ final class Qcow2Checker {
         let reftableEntries = Int(header.refcountTableClusters) * Int(header.clusterSize / 8)
         reftable = Qcow2Mapper.decodeBE64(try file.readBytes(at: header.refcountTableOffset, count: reftableEntries * 8),
                                           count: reftableEntries)
-        try readSnapshotTable()
     }
 
-    private func say(_ line: String) { report(CheckMessage(line)) }
+    func say(_ line: String) { report(CheckMessage(line)) }
     /// error_report / error_report_err: the line goes out after the program name.
-    private func errorReport(_ line: String) { report(CheckMessage(line, errorReport: true)) }
+    func errorReport(_ line: String) { report(CheckMessage(line, errorReport: true)) }
 
     /// "%" PRIx64.
     static func x(_ v: UInt64) -> String { String(v, radix: 16) }
     static func x(_ v: Int64) -> String { String(UInt64(bitPattern: v), radix: 16) }
-
-    /// The snapshot table: each entry's L1 table and the table's total size (qcow2_read_snapshots).
-    private func readSnapshotTable() throws {
-        let count = Int(header.nbSnapshots)
-        if count == 0 { return }
-        var offset = header.snapshotsOffset
-        let start = offset
-        for _ in 0..<count {
-            offset = try offset.alignedUp(8)
-            let h = ByteReader(try file.readBytes(at: offset, count: Int(Qcow2.snapshotHeaderSize)), what: "snapshot table")
-            offset = try offset.adding(Qcow2.snapshotHeaderSize)
-            let l1Offset = try h.u64be(at: 0)
-            let l1Size = try h.u32be(at: 8)
-            let idSize = UInt64(try h.u16be(at: 12))
-            let nameSize = UInt64(try h.u16be(at: 14))
-            let extra = UInt64(try h.u32be(at: 36))
-            offset = try offset.adding(extra)
-            let id = try file.readBytes(at: offset, count: Int(idSize))
-            offset = try offset.adding(idSize)
-            let name = try file.readBytes(at: offset, count: Int(nameSize))
-            offset = try offset.adding(nameSize)
-            snapshots.append(Qcow2CheckSnapshot(id: Qcow2Snapshots.cString(id), name: Qcow2Snapshots.cString(name),
-                                                l1Offset: l1Offset, l1Size: l1Size))
-        }
-        snapshotsSize = Int64(bitPattern: offset &- start)
-    }
 
     // MARK: - On-disk refcounts
 
@@ -198,6 +171,10 @@ final class Qcow2Checker {
             throw Qcow2CheckAbort(errno: EIO)
         }
         refblockCache[blockOffset] = block
+        // update_refcount passes the freeing of a cluster down to the file (QCOW2_DISCARD_ALWAYS).
+        if decrease && new == 0 {
+            try? file.punchHole(at: UInt64(bitPattern: cluster) << UInt64(clusterBits), length: UInt64(clusterSize))
+        }
     }
 
     // MARK: - Metadata overlap
@@ -986,12 +963,29 @@ final class Qcow2Checker {
     }
 
     /// qcow2_co_check_locked: the refcount check, then marking the image clean after a successful repair.
+    /// qcow2_co_check_locked: the snapshot table first (read leniently), then the refcounts, then the repaired
+    /// snapshot table is written; the counts of both parts add up.
     func run() throws -> CheckResult {
+        var snapshotRes = CheckResult()
+        let table: Qcow2SnapshotTable.ReadResult
+        do {
+            table = try checkReadSnapshotTable(&snapshotRes)
+        } catch let e as Qcow2CheckAbort {
+            throw CheckFailure(partial: snapshotRes, errnoValue: e.errno)
+        }
         do {
             try checkRefcounts()
         } catch let e as Qcow2CheckAbort {
+            res.add(snapshotRes, allocation: false)
             throw CheckFailure(partial: res, errnoValue: e.errno)
         }
+        do {
+            try checkFixSnapshotTable(&snapshotRes, table: table)
+        } catch let e as Qcow2CheckAbort {
+            res.add(snapshotRes, allocation: false)
+            throw CheckFailure(partial: res, errnoValue: e.errno)
+        }
+        res.add(snapshotRes, allocation: false)
         if !fix.isEmpty && res.checkErrors == 0 && res.corruptions == 0 {
             // qcow2_mark_clean and qcow2_mark_consistent: drop the dirty and corrupt bits.
             let mask = Qcow2.incompatDirty | Qcow2.incompatCorrupt

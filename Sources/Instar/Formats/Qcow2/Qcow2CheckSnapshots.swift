@@ -24,6 +24,23 @@ enum Qcow2SnapshotTable {
     // icount).
     static let knownExtraBytes: UInt32 = 24
 
+    // qemu's BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB; a request reaching past it fails with EIO.
+    static let maxRequestEnd: UInt64 = UInt64(Int64.max) & ~((1 << 30) - 1)
+
+    /// bdrv_pread of table bytes: past the end of the file they read as zeroes; past qemu's request limit the
+    /// read fails as qemu's does.
+    static func readTable(_ file: HostFile, at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard offset <= maxRequestEnd, UInt64(count) <= maxRequestEnd - offset else {
+            throw InstarError(.io, "Failed to read snapshot table: \(strerrorString(EIO))", errno: EIO)
+        }
+        do {
+            return try file.readBytes(at: offset, count: count)
+        } catch let e as InstarError {
+            let err = e.errnoValue != 0 ? e.errnoValue : EIO
+            throw InstarError(.io, "Failed to read snapshot table: \(strerrorString(err))", errno: err)
+        }
+    }
+
     struct ReadResult {
         var entries: [Qcow2SnapshotEntry] = []
         /// Bytes from the table start to the end of the last entry read.
@@ -32,14 +49,13 @@ enum Qcow2SnapshotTable {
         var reduced = 0
         /// Entries whose oversized extra data was cut (repair only).
         var extraDropped = 0
-        /// The messages qemu prints while repairing.
-        var messages: [String] = []
     }
 
     /// Reads `count` entries at `offset`. With `repair`, oversized extra data is cut and a too-long table is
-    /// shortened instead of failing.
+    /// shortened instead of failing. Bytes past the end of the file read as zeroes, as qemu's reads do.
+    /// `report` receives the repair messages as they happen (qemu prints them while reading).
     static func read(file: HostFile, offset start: UInt64, count: Int, diskSize: UInt64,
-                     repair: Bool) throws -> ReadResult {
+                     repair: Bool, report: (String) -> Void = { _ in }) throws -> ReadResult {
         var r = ReadResult()
         var offset = start
         var tableLength: UInt64 = 0
@@ -47,8 +63,7 @@ enum Qcow2SnapshotTable {
             let entryStart = offset
             tableLength = try tableLength.alignedUp(8)
             offset = try offset.alignedUp(8)
-            let h = ByteReader(try file.readExactly(at: offset, count: Int(Qcow2.snapshotHeaderSize),
-                                                     what: "snapshot table"), what: "snapshot table")
+            let h = ByteReader(try readTable(file, at: offset, count: Int(Qcow2.snapshotHeaderSize)), what: "snapshot table")
             offset = try offset.adding(Qcow2.snapshotHeaderSize)
             // qcow2.txt: bytes 0-7 l1_table_offset, 8-11 l1_size, 12-13 id_str_size, 14-15 name_size,
             // 16-19 date_sec, 20-23 date_nsec, 24-31 vm_clock_nsec, 32-35 vm_state_size, 36-39 extra_data_size.
@@ -65,13 +80,13 @@ enum Qcow2SnapshotTable {
                     throw InstarError(.invalid, "Too much extra metadata in snapshot table entry \(i)\nYou can "
                         + "force-remove this extra metadata with qemu-img check -r all", errno: EFBIG)
                 }
-                r.messages.append("Discarding too much extra metadata in snapshot table entry \(i) "
+                report("Discarding too much extra metadata in snapshot table entry \(i) "
                     + "(\(e.extraDataSize) > \(Qcow2.maxSnapshotExtraData))")
                 r.extraDropped += 1
                 truncateUnknown = true
             }
             let known = min(knownExtraBytes, e.extraDataSize)
-            let extra = ByteReader(try file.readExactly(at: offset, count: Int(known), what: "snapshot table"),
+            let extra = ByteReader(try readTable(file, at: offset, count: Int(known)),
                                    what: "snapshot table")
             offset = try offset.adding(UInt64(known))
             if e.extraDataSize >= 8 { e.vmStateSize = try extra.u64be(at: 0) }
@@ -80,14 +95,13 @@ enum Qcow2SnapshotTable {
             if e.extraDataSize > knownExtraBytes {
                 let extraEnd = try offset.adding(UInt64(e.extraDataSize - knownExtraBytes))
                 if truncateUnknown { e.extraDataSize = UInt32(Qcow2.maxSnapshotExtraData) }
-                e.unknownExtra = try file.readExactly(at: offset, count: Int(e.extraDataSize - knownExtraBytes),
-                                                      what: "snapshot table")
+                e.unknownExtra = try readTable(file, at: offset, count: Int(e.extraDataSize - knownExtraBytes))
                 offset = extraEnd
             }
-            e.id = Array(try file.readExactly(at: offset, count: Int(idSize), what: "snapshot table")
+            e.id = Array(try readTable(file, at: offset, count: Int(idSize))
                 .prefix { $0 != 0 })
             offset = try offset.adding(idSize)
-            e.name = Array(try file.readExactly(at: offset, count: Int(nameSize), what: "snapshot table")
+            e.name = Array(try readTable(file, at: offset, count: Int(nameSize))
                 .prefix { $0 != 0 })
             offset = try offset.adding(nameSize)
             tableLength += Qcow2.snapshotHeaderSize + UInt64(e.extraDataSize) + idSize + nameSize
@@ -96,7 +110,7 @@ enum Qcow2SnapshotTable {
                     throw InstarError(.invalid, "Snapshot table is too big\nYou can force-remove all \(count - i) "
                         + "overhanging snapshots with qemu-img check -r all", errno: EFBIG)
                 }
-                r.messages.append("Discarding \(count - i) overhanging snapshots (snapshot table is too big)")
+                report("Discarding \(count - i) overhanging snapshots (snapshot table is too big)")
                 r.reduced += count - i
                 offset = entryStart
                 break
@@ -112,7 +126,9 @@ extension Qcow2Writer {
     /// qcow2_write_snapshots: the table is written anew in v3 form (at least 24 bytes of extra data) into
     /// fresh clusters, the header switched to it, and the old table freed (and discarded, as qemu passes
     /// snapshot discards down by default).
-    func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64) throws {
+    /// `report` receives the line qemu prints when freeing the old table fails.
+    func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64,
+                            report: (String) -> Void = { _ in }) throws {
         var size: UInt64 = 0
         for e in entries {
             size = try size.alignedUp(8)
@@ -158,8 +174,15 @@ extension Qcow2Writer {
         header.snapshotsOffset = tableOffset
         format.header.nbSnapshots = header.nbSnapshots
         format.header.snapshotsOffset = tableOffset
-        if oldSize > 0 && oldOffset != 0 {
-            try freeRange(oldOffset, oldSize)
+        if oldSize > 0 {
+            // qcow2_free_clusters: a failure only leaks the old table; qemu says so and goes on.
+            do {
+                try freeRange(oldOffset, oldSize)
+            } catch {
+                let e = (error as? InstarError)?.errnoValue ?? EINVAL
+                report("qcow2_free_clusters failed: \(strerrorString(e != 0 ? e : EINVAL))")
+                return
+            }
             try flushAll()
             let first = oldOffset >> clusterBits
             let last = (oldOffset + oldSize - 1) >> clusterBits
@@ -167,5 +190,101 @@ extension Qcow2Writer {
                 try file.punchHole(at: c << clusterBits, length: clusterSize)
             }
         }
+    }
+}
+
+extension Qcow2Checker {
+    /// qcow2_check_read_snapshot_table: the open for check left the snapshot table alone; here it is read
+    /// leniently. With `-r all` an oversized count or table is cut (the header's count is rewritten at once, so the
+    /// refcount check sees the shortened table) and oversized extra data is dropped; v3 entries without the 16
+    /// bytes of extra data every v3 entry needs count as corruptions. A table that cannot be read at all fails the
+    /// check.
+    func checkReadSnapshotTable(_ sres: inout CheckResult) throws -> Qcow2SnapshotTable.ReadResult {
+        let repair = fix.contains(.errors)
+        var count = UInt64(header.nbSnapshots)
+        var reduced = 0
+        if count > Qcow2.maxSnapshots && repair {
+            say("Discarding \(count - Qcow2.maxSnapshots) overhanging snapshots")
+            reduced += Int(count - Qcow2.maxSnapshots)
+            count = Qcow2.maxSnapshots
+        }
+        do {
+            try header.validateTable(offset: header.snapshotsOffset, entries: count,
+                                     entryBytes: Qcow2.snapshotHeaderSize,
+                                     maxBytes: Qcow2.snapshotHeaderSize * Qcow2.maxSnapshots, name: "snapshot table")
+        } catch let e as InstarError {
+            sres.checkErrors += 1
+            errorReport("ERROR \(e.message)")
+            if count > Qcow2.maxSnapshots {
+                say("You can force-remove all \(count - Qcow2.maxSnapshots) overhanging snapshots with qemu-img "
+                    + "check -r all")
+            }
+            throw Qcow2CheckAbort(errno: count > Qcow2.maxSnapshots ? EFBIG : EINVAL)
+        }
+
+        var table: Qcow2SnapshotTable.ReadResult
+        do {
+            table = try Qcow2SnapshotTable.read(file: file, offset: header.snapshotsOffset, count: Int(count),
+                                                diskSize: header.size / 512 * 512, repair: repair,
+                                                report: { say($0) })
+        } catch let e as InstarError {
+            sres.checkErrors += 1
+            errorReport("ERROR failed to read the snapshot table: \(e.message)")
+            throw Qcow2CheckAbort(errno: e.errnoValue != 0 ? e.errnoValue : EIO)
+        }
+        reduced += table.reduced
+        sres.corruptions += Int64(reduced + table.extraDropped)
+        if reduced != 0 {
+            // qcow2.txt: header bytes 60-63 nb_snapshots.
+            var field = [UInt8](repeating: 0, count: 4)
+            field.putU32be(UInt32(table.entries.count), at: 0)
+            do {
+                try file.write(field, at: 60)
+                try file.sync()
+            } catch let e as InstarError {
+                sres.checkErrors += 1
+                say("ERROR failed to update the snapshot count in the image header: \(strerrorString(e.errnoValue != 0 ? e.errnoValue : EIO))")
+                throw Qcow2CheckAbort(errno: e.errnoValue != 0 ? e.errnoValue : EIO)
+            }
+            header.nbSnapshots = UInt32(table.entries.count)
+            sres.corruptionsFixed += Int64(reduced)
+            sres.corruptions -= Int64(reduced)
+        }
+        // qcow2.txt: in v3 every entry carries at least the 64-bit VM state size and the disk size.
+        if header.version >= 3 {
+            for (i, e) in table.entries.enumerated() where e.extraDataSize < 16 {
+                sres.corruptions += 1
+                say("\(repair ? "Repairing" : "ERROR") snapshot table entry \(i) is incomplete")
+            }
+        }
+        snapshots = table.entries.map {
+            Qcow2CheckSnapshot(id: Qcow2Snapshots.cString($0.id), name: Qcow2Snapshots.cString($0.name),
+                               l1Offset: $0.l1TableOffset, l1Size: $0.l1Size)
+        }
+        snapshotsSize = Int64(table.size)
+        return table
+    }
+
+    /// qcow2_check_fix_snapshot_table: with `-r all`, a table with corruptions left is written anew (complete v3
+    /// entries, extra data cut to size) after the refcounts were made sound.
+    func checkFixSnapshotTable(_ sres: inout CheckResult, table: Qcow2SnapshotTable.ReadResult) throws {
+        guard sres.corruptions != 0 && fix.contains(.errors) else { return }
+        do {
+            let w = try format.writeSide()
+            // A rebuilt refcount structure moved the refcount table since the writer last looked.
+            w.header.refcountTableOffset = header.refcountTableOffset
+            w.header.refcountTableClusters = header.refcountTableClusters
+            w.header.nbSnapshots = header.nbSnapshots
+            w.header.snapshotsOffset = header.snapshotsOffset
+            w.reftable = reftable
+            try w.writeSnapshotTable(table.entries, oldSize: table.size, report: { say($0) })
+        } catch {
+            let e = (error as? InstarError)?.errnoValue ?? EIO
+            sres.checkErrors += 1
+            say("ERROR failed to update snapshot table: \(strerrorString(e != 0 ? e : EIO))")
+            throw Qcow2CheckAbort(errno: e != 0 ? e : EIO)
+        }
+        sres.corruptionsFixed += sres.corruptions
+        sres.corruptions = 0
     }
 }

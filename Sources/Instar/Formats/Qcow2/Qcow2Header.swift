@@ -169,8 +169,9 @@ struct Qcow2Header: Equatable {
         }
     }
 
-    /// The checks qemu makes after the feature bits: subcluster size, refcount width, tables, L1 size.
-    func validateLayout() throws {
+    /// The checks qemu makes after the feature bits: subcluster size, refcount width, tables, L1 size. An open
+    /// for check (`forCheck`) leaves the snapshot table to the check itself, as qemu's BDRV_O_CHECK open does.
+    func validateLayout(forCheck: Bool = false) throws {
         guard refcountOrder <= 6 else {
             throw InstarError.invalid("Reference count entry width too large; may not exceed 64 bits")
         }
@@ -182,8 +183,11 @@ struct Qcow2Header: Equatable {
         }
         try validateTable(offset: refcountTableOffset, entries: UInt64(refcountTableClusters), entryBytes: clusterSize,
                           maxBytes: Qcow2.maxRefcountTableBytes, name: "Reference count table")
-        try validateTable(offset: snapshotsOffset, entries: UInt64(nbSnapshots), entryBytes: Qcow2.snapshotHeaderSize,
-                          maxBytes: Qcow2.snapshotHeaderSize * Qcow2.maxSnapshots, name: "Snapshot table")
+        if !forCheck {
+            try validateTable(offset: snapshotsOffset, entries: UInt64(nbSnapshots),
+                              entryBytes: Qcow2.snapshotHeaderSize,
+                              maxBytes: Qcow2.snapshotHeaderSize * Qcow2.maxSnapshots, name: "Snapshot table")
+        }
         try validateTable(offset: l1TableOffset, entries: UInt64(l1Size), entryBytes: 8, maxBytes: Qcow2.maxL1Bytes,
                           name: "Active L1 table")
         let neededL1 = l1EntriesNeeded(for: size)
@@ -201,7 +205,7 @@ struct Qcow2Header: Equatable {
     }
 
     /// qemu's qcow2_validate_table: bounded size, no overflow, cluster aligned.
-    private func validateTable(offset: UInt64, entries: UInt64, entryBytes: UInt64, maxBytes: UInt64,
+    func validateTable(offset: UInt64, entries: UInt64, entryBytes: UInt64, maxBytes: UInt64,
                                name: String) throws {
         guard entries <= maxBytes / entryBytes else { throw InstarError.invalid("\(name) too large") }
         let bytes = entries * entryBytes
