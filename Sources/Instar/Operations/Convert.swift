@@ -441,11 +441,11 @@ public enum ConvertOperation {
                 : max(1, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
             batch = CompressedBatch(writer: cw, clusterBytes: Int(bufSectors * sectorSize), threads: threads)
         }
-        // The reads run ahead on their own thread; about 16 MiB of chunks in flight (64 for small clusters).
+        // The reads run ahead on their own thread: 4 chunks in flight (up to 64 small clusters, 8 MiB).
         let bufferBytes = Int(bufSectors * sectorSize)
         let reader = ChunkReader(iterator: base, sources: sources, sourceSectors: sourceSectors,
                                  totalSectors: totalSectors, bufSectors: bufSectors, minSparse: minSparse,
-                                 depth: min(64, max(3, (16 << 20) / max(bufferBytes, 1))))
+                                 depth: min(64, max(4, (8 << 20) / max(bufferBytes, 1))))
         reader.start()
         defer { reader.stop() }
         var done: UInt64 = 0
@@ -474,7 +474,8 @@ public enum ConvertOperation {
                     }
                 } else {
                     try batch?.drain(&writer)
-                    try writer.write(chunk, sector: sector, count: n, status: status)
+                    try writer.write(chunk, sector: sector, count: n, status: status,
+                                     noZeroSector: step.pointee.noZeroSector)
                 }
             } catch let f as CompressedWriteFailure {
                 throw writeError(f)
@@ -535,8 +536,9 @@ public enum ConvertOperation {
         var level: Double = 0
         var lastLeak = TargetWriter.monotonicSeconds()
 
+        /// `noZeroSector`: the caller checked that no sector of `buf` is all zero, so it is one data run.
         mutating func write(_ buf: UnsafeMutableRawBufferPointer, sector: UInt64, count: UInt64,
-                            status: Status) throws {
+                            status: Status, noZeroSector: Bool = false) throws {
             switch status {
             case .backingFile:
                 return
@@ -547,7 +549,7 @@ public enum ConvertOperation {
                 while i < count {
                     var n = count - i
                     var isData = true
-                    if minSparse > 0 {
+                    if minSparse > 0 && !noZeroSector {
                         let r = allocatedSectorsMin(buf, from: i, count: n, min: minSparse, sector: sector + i,
                                                     alignment: alignment)
                         isData = r.allocated

@@ -18,6 +18,9 @@ final class ChunkReader {
         var statusError: Error?
         /// The read failed (reported after the progress step, as the sequential loop did).
         var readError: Error?
+        /// Data read with -S on and no all-zero sector in it: the writer can skip its zero scan (the scan would find
+        /// one allocated run covering the chunk). Worked out here so the writer thread only writes.
+        var noZeroSector = false
         /// The bytes read (or zeroed for -S 0): the first min(count, bufSectors) sectors of the slot's buffer.
         var buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
     }
@@ -161,6 +164,7 @@ final class ChunkReader {
         slot.pointee.sector = sector
         slot.pointee.statusError = nil
         slot.pointee.readError = nil
+        slot.pointee.noZeroSector = false
         var n: UInt64
         do {
             n = try iterator.next(sector)
@@ -188,6 +192,12 @@ final class ChunkReader {
             if slot.pointee.readError != nil {
                 nextSector = totalSectors
                 return false
+            }
+            if minSparse > 0, let base = chunk.baseAddress {
+                let size = Int(ConvertOperation.sectorSize)
+                var at = 0
+                while at < chunk.count && !ConvertOperation.isZero(UnsafeRawPointer(base + at), size) { at += size }
+                slot.pointee.noZeroSector = at >= chunk.count
             }
         } else if minSparse == 0 && status == .zero {
             chunk.initializeMemory(as: UInt8.self, repeating: 0)
