@@ -483,41 +483,38 @@ public enum ConvertOperation {
         var writer = TargetWriter(target: targetFormat, backing: targetBacking, minSparse: minSparse,
                                   alignment: writeAlignment, hasZeroInit: hasZeroInit, cache: options.targetCache,
                                   rateLimit: options.rateLimit)
-        let bufferBytes = Int(bufSectors * sectorSize)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferBytes, alignment: HostFile.directAlignment)
-        defer { buffer.deallocate() }
         var batch: CompressedBatch?
         if let cw = compressor {
             let threads = options.compressThreads > 0 ? options.compressThreads
                 : max(1, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
             batch = CompressedBatch(writer: cw, clusterBytes: Int(bufSectors * sectorSize), threads: threads)
         }
-        var iter = base
+        // The reads run ahead on their own thread: 4 chunks in flight (up to 64 small clusters, 8 MiB).
+        let bufferBytes = Int(bufSectors * sectorSize)
+        let reader = ChunkReader(iterator: base, sources: sources, sourceSectors: sourceSectors,
+                                 totalSectors: totalSectors, bufSectors: bufSectors, minSparse: minSparse,
+                                 depth: min(64, max(4, (8 << 20) / max(bufferBytes, 1))))
+        reader.start()
+        defer { reader.stop() }
         var done: UInt64 = 0
         sector = 0
         while sector < totalSectors {
-            var n = try iter.next(sector)
-            var status = iter.status
-            if minSparse == 0 && status == .zero { n = min(n, bufSectors) }
+            let step = reader.next()
+            if let e = step.pointee.statusError { throw e }
+            let n = step.pointee.count
+            var status = step.pointee.status
             if status == .data || (minSparse == 0 && status == .zero) {
                 done += n
                 try meter.set(done: done, total: allocated)
             }
-            let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(n, bufSectors) * sectorSize)])
-            if status == .data {
-                do {
-                    try readSources(sources, sourceSectors, sector: sector, into: chunk)
-                } catch let e as InstarError {
-                    throw StepError(.read, at: sector * sectorSize, e)
-                }
-            } else if minSparse == 0 && status == .zero {
-                chunk.initializeMemory(as: UInt8.self, repeating: 0)
-                status = .data
-            }
+            if let e = step.pointee.readError { throw e }
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: step.pointee.buffer[0..<Int(min(n, bufSectors) * sectorSize)])
+            // -S 0: the reader zeroed the buffer; it is written as data.
+            if minSparse == 0 && status == .zero { status = .data }
             do {
                 if let b = batch, status == .data {
                     // Whole clusters (the last one may be short): compressed on worker threads, stored in order.
-                    if minSparse == 0 || !isZero(UnsafeRawPointer(chunk.baseAddress!), chunk.count) {
+                    if minSparse == 0 || !(chunk.baseAddress.map { isZero(UnsafeRawPointer($0), chunk.count) } ?? true) {
                         try b.add(chunk, sector: sector, writer: &writer)
                     } else {
                         try b.drain(&writer)
@@ -525,13 +522,15 @@ public enum ConvertOperation {
                     }
                 } else {
                     try batch?.drain(&writer)
-                    try writer.write(chunk, sector: sector, count: n, status: status)
+                    try writer.write(chunk, sector: sector, count: n, status: status,
+                                     noZeroSector: step.pointee.noZeroSector)
                 }
             } catch let f as CompressedWriteFailure {
                 throw writeError(f)
             } catch let e as InstarError {
                 throw StepError(.write, at: sector * sectorSize, e)
             }
+            reader.release()
             sector += n
         }
         do {
@@ -585,8 +584,9 @@ public enum ConvertOperation {
         var level: Double = 0
         var lastLeak = TargetWriter.monotonicSeconds()
 
+        /// `noZeroSector`: the caller checked that no sector of `buf` is all zero, so it is one data run.
         mutating func write(_ buf: UnsafeMutableRawBufferPointer, sector: UInt64, count: UInt64,
-                            status: Status) throws {
+                            status: Status, noZeroSector: Bool = false) throws {
             switch status {
             case .backingFile:
                 return
@@ -597,7 +597,7 @@ public enum ConvertOperation {
                 while i < count {
                     var n = count - i
                     var isData = true
-                    if minSparse > 0 {
+                    if minSparse > 0 && !noZeroSector {
                         let r = allocatedSectorsMin(buf, from: i, count: n, min: minSparse, sector: sector + i,
                                                     alignment: alignment)
                         isData = r.allocated

@@ -1,0 +1,207 @@
+import Glibc
+
+/// convert's read side on a thread of its own: the block-status iterator and the source reads run ahead of the
+/// writer into a small ring of aligned chunk buffers, so reading the next chunks overlaps writing the current
+/// one (qemu overlaps them with its coroutines). The writer still takes the chunks strictly in guest order, one
+/// at a time, so the sequence of target writes — and with it a qcow2 target's layout — is the same as a
+/// sequential loop's. A failed block-status query or read is handed over in the chunk where it happened and the
+/// reader stops there; the writer throws it when it gets that far, after writing everything before it.
+final class ChunkReader {
+    /// One chunk as the writer sees it.
+    struct Chunk {
+        var sector: UInt64 = 0
+        /// Sectors this step covers (may exceed the buffer for holes and backing ranges).
+        var count: UInt64 = 0
+        /// The iterator's classification (before -S 0 turns zero into data).
+        var status: ConvertOperation.Status = .data
+        /// The block-status query failed: nothing else in the chunk is valid.
+        var statusError: Error?
+        /// The read failed (reported after the progress step, as the sequential loop did).
+        var readError: Error?
+        /// Data read with -S on and no all-zero sector in it: the writer can skip its zero scan (the scan would find
+        /// one allocated run covering the chunk). Worked out here so the writer thread only writes.
+        var noZeroSector = false
+        /// The bytes read (or zeroed for -S 0): the first min(count, bufSectors) sectors of the slot's buffer.
+        var buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    }
+
+    private var iterator: ConvertOperation.Iterator
+    private let sources: [ImageLayer]
+    private let sourceSectors: [UInt64]
+    private let totalSectors: UInt64
+    private let bufSectors: UInt64
+    private let minSparse: UInt64
+    private let depth: Int
+    private let storage: UnsafeMutableRawBufferPointer
+    private let chunks: UnsafeMutablePointer<Chunk>
+    /// Guards `produced`, `consumed` and `stopping`; `changed` is signalled whenever one of them moves.
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let changed: UnsafeMutablePointer<pthread_cond_t>
+    private var produced = 0
+    private var consumed = 0
+    private var stopping = false
+    /// Where the reader continues (reader side only).
+    private var nextSector: UInt64 = 0
+    private var thread: pthread_t?
+
+    /// `depth` chunk buffers of `bufSectors` sectors each, allocated once.
+    init(iterator: ConvertOperation.Iterator, sources: [ImageLayer], sourceSectors: [UInt64], totalSectors: UInt64,
+         bufSectors: UInt64, minSparse: UInt64, depth: Int) {
+        self.iterator = iterator
+        self.sources = sources
+        self.sourceSectors = sourceSectors
+        self.totalSectors = totalSectors
+        self.bufSectors = bufSectors
+        self.minSparse = minSparse
+        self.depth = max(2, depth)
+        let bytes = Int(bufSectors * ConvertOperation.sectorSize)
+        storage = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes * self.depth,
+                                                         alignment: HostFile.directAlignment)
+        chunks = UnsafeMutablePointer<Chunk>.allocate(capacity: self.depth)
+        for i in 0..<self.depth {
+            let buf = UnsafeMutableRawBufferPointer(rebasing: storage[(i * bytes)..<((i + 1) * bytes)])
+            (chunks + i).initialize(to: Chunk(buffer: buf))
+        }
+        mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+        changed.initialize(to: pthread_cond_t())
+        pthread_cond_init(changed, nil)
+    }
+
+    deinit {
+        // The writer stops the reader before letting go of it; the reader's own last reference is dropped on
+        // its thread, which must not wait for itself.
+        if let tid = thread {
+            if pthread_equal(tid, pthread_self()) != 0 { pthread_detach(tid) } else { stop() }
+        }
+        pthread_cond_destroy(changed)
+        changed.deallocate()
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+        chunks.deinitialize(count: depth)
+        chunks.deallocate()
+        storage.deallocate()
+    }
+
+    /// Starts the reader thread; without one (pthread_create failed) `next()` reads each chunk itself.
+    func start() {
+        let me = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        let rc = pthread_create(&tid, nil, { arg in
+            guard let arg else { return nil }
+            Unmanaged<ChunkReader>.fromOpaque(arg).takeRetainedValue().run()
+            return nil
+        }, me)
+        if rc == 0 {
+            thread = tid
+        } else {
+            Unmanaged<ChunkReader>.fromOpaque(me).release()
+        }
+    }
+
+    /// Stops the reader (it finishes the read in progress) and waits for it. Safe to call more than once.
+    func stop() {
+        guard let tid = thread else { return }
+        pthread_mutex_lock(mutex)
+        stopping = true
+        pthread_cond_broadcast(changed)
+        pthread_mutex_unlock(mutex)
+        pthread_join(tid, nil)
+        thread = nil
+    }
+
+    /// The next chunk in guest order, waiting for the reader when it has not got there yet. The writer must
+    /// call `release()` before asking for the one after.
+    func next() -> UnsafeMutablePointer<Chunk> {
+        let slot = chunks + (consumed % depth)
+        if thread == nil {
+            produce(into: slot)
+            return slot
+        }
+        pthread_mutex_lock(mutex)
+        while produced == consumed { pthread_cond_wait(changed, mutex) }
+        pthread_mutex_unlock(mutex)
+        return slot
+    }
+
+    /// Hands the chunk from `next()` back to the reader.
+    func release() {
+        if thread == nil {
+            consumed += 1
+            return
+        }
+        pthread_mutex_lock(mutex)
+        consumed += 1
+        pthread_cond_broadcast(changed)
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// The reader thread: fills free slots in order until the end, an error, or `stop()`.
+    private func run() {
+        while true {
+            pthread_mutex_lock(mutex)
+            while produced - consumed == depth && !stopping { pthread_cond_wait(changed, mutex) }
+            let quit = stopping || nextSector >= totalSectors
+            let slot = chunks + (produced % depth)
+            pthread_mutex_unlock(mutex)
+            if quit { return }
+            let ok = produce(into: slot)
+            pthread_mutex_lock(mutex)
+            produced += 1
+            pthread_cond_broadcast(changed)
+            pthread_mutex_unlock(mutex)
+            if !ok { return }
+        }
+    }
+
+    /// One step of the sequential loop's read side (convert_iteration_sectors and convert_co_read) into `slot`;
+    /// false when it failed and nothing after it may be read.
+    @discardableResult
+    private func produce(into slot: UnsafeMutablePointer<Chunk>) -> Bool {
+        let sector = nextSector
+        slot.pointee.sector = sector
+        slot.pointee.statusError = nil
+        slot.pointee.readError = nil
+        slot.pointee.noZeroSector = false
+        var n: UInt64
+        do {
+            n = try iterator.next(sector)
+        } catch {
+            slot.pointee.statusError = error
+            slot.pointee.count = 0
+            nextSector = totalSectors
+            return false
+        }
+        let status = iterator.status
+        if minSparse == 0 && status == .zero { n = min(n, bufSectors) }
+        slot.pointee.count = n
+        slot.pointee.status = status
+        nextSector = sector + n
+        let chunk = UnsafeMutableRawBufferPointer(
+            rebasing: slot.pointee.buffer[0..<Int(min(n, bufSectors) * ConvertOperation.sectorSize)])
+        if status == .data {
+            do {
+                try ConvertOperation.readSources(sources, sourceSectors, sector: sector, into: chunk)
+            } catch let e as InstarError {
+                slot.pointee.readError = StepError(.read, at: sector * ConvertOperation.sectorSize, e)
+            } catch {
+                slot.pointee.readError = error
+            }
+            if slot.pointee.readError != nil {
+                nextSector = totalSectors
+                return false
+            }
+            if minSparse > 0, let base = chunk.baseAddress {
+                let size = Int(ConvertOperation.sectorSize)
+                var at = 0
+                while at < chunk.count && !ConvertOperation.isZero(UnsafeRawPointer(base + at), size) { at += size }
+                slot.pointee.noZeroSector = at >= chunk.count
+            }
+        } else if minSparse == 0 && status == .zero {
+            chunk.initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        return true
+    }
+}
