@@ -36,6 +36,18 @@ enum CLI {
     }
 
     static var out = StdoutBuffer()
+
+    /// qemu-img's --output parsing: nil (absent) or "human" → false, "json" → true; anything else prints
+    /// qemu-img's error and gives nil.
+    static func outputIsJSON(_ output: String?) -> Bool? {
+        switch output {
+        case nil, "human": return false
+        case "json": return true
+        default:
+            error("--output must be used with human or json as argument.")
+            return nil
+        }
+    }
 }
 
 /// Buffered stdout writer; flushed before anything goes to stderr and at exit.

@@ -59,14 +59,7 @@ func checkCommand(_ args: [String]) -> Int32 {
     guard parsed.operands.count == 1, let filename = parsed.operands.first else {
         return CLI.usageError("Expecting one image file name")
     }
-    var json = false
-    switch output {
-    case nil, "human": json = false
-    case "json": json = true
-    default:
-        CLI.error("--output must be used with human or json as argument.")
-        return 1
-    }
+    guard let json = CLI.outputIsJSON(output) else { return 1 }
     // bdrv_parse_cache_mode: only O_DIRECT matters to a check.
     switch cache {
     case "none", "off", "directsync": options.open.direct = true

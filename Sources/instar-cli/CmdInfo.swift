@@ -48,14 +48,7 @@ func infoCommand(_ args: [String]) -> Int32 {
     guard parsed.operands.count == 1, let filename = parsed.operands.first else {
         return CLI.usageError("Expecting one image file name")
     }
-    var json = false
-    switch output {
-    case nil, "human": json = false
-    case "json": json = true
-    default:
-        CLI.error("--output must be used with human or json as argument.")
-        return 1
-    }
+    guard let json = CLI.outputIsJSON(output) else { return 1 }
     let list: [ImageInfo]
     do {
         list = try InfoOperation.collect(filename, options: options)

@@ -170,13 +170,7 @@ func mapCommand(_ args: [String]) -> Int32 {
     }
     guard parsed.operands.count == 1 else { return CLI.usageError("Expecting one image file name") }
     let filename = parsed.operands[0]
-    var json = false
-    if let o = output {
-        if o == "json" { json = true } else if o != "human" {
-            CLI.error("--output must be used with human or json as argument.")
-            return 1
-        }
-    }
+    guard let json = CLI.outputIsJSON(output) else { return 1 }
     if imageOpts && format != nil {
         CLI.error("--image-opts and --format are mutually exclusive")
         return 1

@@ -315,20 +315,7 @@ extension Qcow2Writer {
         }
         // qemu 7.2 leaves the feature-name table out when clusters are 4 KiB or smaller (as Qcow2Builder does).
         if h.version >= 3 && clusterSize > 4096 {
-            let features: [(UInt8, UInt8, String)] = [
-                (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
-                (0, 3, "compression type"), (0, 4, "extended L2 entries"), (1, 0, "lazy refcounts"),
-                (2, 0, "bitmaps"), (2, 1, "raw external data"),
-            ]
-            var table: [UInt8] = []
-            for (type, bit, name) in features {
-                var entry = [UInt8](repeating: 0, count: 48)
-                entry[0] = type
-                entry[1] = bit
-                for (i, c) in name.utf8.enumerated() where i < 46 { entry[2 + i] = c }
-                table += entry
-            }
-            try ext(0x6803_f857, table)
+            try ext(0x6803_f857, Qcow2Extensions.featureNameTable())
         }
         if let bm = bitmapsExtension {
             var d = [UInt8](repeating: 0, count: Int(Qcow2Extensions.bitmapsExtensionBytes))

@@ -24,6 +24,25 @@ struct Qcow2CryptoExtension: Equatable {
 
 /// Everything the extensions say.
 struct Qcow2Extensions {
+    /// The feature-name table qemu 7.2 writes (qcow2.txt: header extension 0x6803f857, 48-byte entries of
+    /// type, bit number and a NUL-padded name). qemu leaves it out of images with clusters of 4 KiB or less.
+    static func featureNameTable() -> [UInt8] {
+        let features: [(UInt8, UInt8, String)] = [
+            (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+            (0, 3, "compression type"), (0, 4, "extended L2 entries"), (1, 0, "lazy refcounts"),
+            (2, 0, "bitmaps"), (2, 1, "raw external data"),
+        ]
+        var table: [UInt8] = []
+        for (type, bit, name) in features {
+            var entry = [UInt8](repeating: 0, count: 48)
+            entry[0] = type
+            entry[1] = bit
+            for (i, b) in name.utf8.enumerated() where i < 46 { entry[2 + i] = b }
+            table += entry
+        }
+        return table
+    }
+
     var backingFormat: String?
     var featureNames: [Qcow2FeatureName] = []
     var bitmaps: Qcow2BitmapsExtension?
