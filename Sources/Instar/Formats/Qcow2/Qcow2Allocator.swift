@@ -126,20 +126,27 @@ extension Qcow2Writer {
                 try flushL2()
                 continue
             }
-            // Every refcount block the run needs must exist; creating one may take clusters of the run, so
-            // search again after creating any.
-            var created = false
+            // The search moves past the run whether or not it is taken, as qemu's free-cluster index does, so a
+            // refcount block created for the run lands after it.
+            freeHint = first + n
+            var missing: UInt64?
             var t = first >> refBlockBits
             while t <= (first + n - 1) >> refBlockBits {
                 if try blockOffset(tableIndex: t) == nil {
-                    try createRefBlock(tableIndex: t, depth: 0)
-                    created = true
+                    missing = t
+                    break
                 }
                 t += 1
             }
-            if created { continue }
+            if let t = missing {
+                let c = max(first, t << refBlockBits)
+                try createRefBlock(forCluster: c, depth: 0)
+                // qemu has counted the clusters before `c` when it finds the block missing; undoing those counts
+                // before it restarts moves its free-cluster index back to the start of the run.
+                if c > first { freeHint = min(freeHint, first) }
+                continue
+            }
             for c in first..<(first + n) { try changeRefcount(ofCluster: c, by: 1) }
-            freeHint = first + n
             highestAllocated = max(highestAllocated, first + n)
             return first << clusterBits
         }
@@ -168,27 +175,34 @@ extension Qcow2Writer {
 
     // MARK: New refcount blocks
 
-    /// Creates the refcount block for table index `t` (growing the table first if it is too small), writes it
-    /// and only then points the refcount table at it (qemu's alloc_refcount_block).
+    /// Creates the refcount block for table index `t` (see `createRefBlock(forCluster:depth:)`).
     func createRefBlock(tableIndex t: UInt64, depth: Int) throws {
+        try createRefBlock(forCluster: t << refBlockBits, depth: depth)
+    }
+
+    /// Creates the refcount block that covers cluster `c` (growing the table first if it is too small), writes it
+    /// and only then points the refcount table at it (qemu's alloc_refcount_block). The block takes the next
+    /// free cluster after the caller's search, and the caller searches again afterwards, as qemu's -EAGAIN does.
+    func createRefBlock(forCluster c: UInt64, depth: Int) throws {
         guard depth < 8 else { throw InstarError(.io, "Could not allocate a refcount block", errno: EIO) }
+        let t = c >> refBlockBits
         if t >= UInt64(reftable.count) {
             try growRefcountTable(covering: t)
             if try blockOffset(tableIndex: t) != nil { return }
         }
         let b = try findFree(1)
+        freeHint = b + 1
         let bt = b >> refBlockBits
         var block = [UInt8](repeating: 0, count: Int(clusterSize))
         if bt == t {
             // Self-describing: the block counts its own cluster.
             Qcow2Writer.setEntry(&block, index: b & refIndexMask, order: refOrder, value: 1)
         } else if try blockOffset(tableIndex: bt) == nil {
-            try createRefBlock(tableIndex: bt, depth: depth + 1)
-            return try createRefBlock(tableIndex: t, depth: depth + 1)
+            // Counting the new block needs a block of its own first; qemu gives up on this one and restarts.
+            return try createRefBlock(forCluster: b, depth: depth + 1)
         } else {
             try changeRefcount(ofCluster: b, by: 1)
         }
-        freeHint = b + 1
         highestAllocated = max(highestAllocated, b + 1)
         let offset = b << clusterBits
         // The refcount of the new block and the block itself reach the disk before the table entry does.
