@@ -141,9 +141,9 @@ extension Qcow2Writer {
             if let t = missing {
                 let c = max(first, t << refBlockBits)
                 try createRefBlock(forCluster: c, depth: 0)
-                // qemu has counted the clusters before `c` when it finds the block missing; undoing those counts
-                // before it restarts moves its free-cluster index back to the start of the run.
-                if c > first { freeHint = min(freeHint, first) }
+                // qemu restarts the search at the start of the run, which is usually still free: the new block
+                // then sits right after the data.
+                freeHint = min(freeHint, first)
                 continue
             }
             for c in first..<(first + n) { try changeRefcount(ofCluster: c, by: 1) }
@@ -180,18 +180,19 @@ extension Qcow2Writer {
         try createRefBlock(forCluster: t << refBlockBits, depth: depth)
     }
 
-    /// Creates the refcount block that covers cluster `c` (growing the table first if it is too small), writes it
-    /// and only then points the refcount table at it (qemu's alloc_refcount_block). The block takes the next
-    /// free cluster after the caller's search, and the caller searches again afterwards, as qemu's -EAGAIN does.
+    /// Creates the refcount block that covers cluster `c`, writes it and only then points the refcount table at
+    /// it (qemu's alloc_refcount_block). The block takes the next free cluster after the caller's search, and the
+    /// caller searches again afterwards, as qemu's -EAGAIN does. A table too small for the block is replaced by a
+    /// larger one (`refcountArea`).
     func createRefBlock(forCluster c: UInt64, depth: Int) throws {
         guard depth < 8 else { throw InstarError(.io, "Could not allocate a refcount block", errno: EIO) }
         let t = c >> refBlockBits
-        if t >= UInt64(reftable.count) {
-            try growRefcountTable(covering: t)
-            if try blockOffset(tableIndex: t) != nil { return }
-        }
+        if try blockOffset(tableIndex: t) != nil { return }
         let b = try findFree(1)
         freeHint = b + 1
+        guard b != 0 else {
+            throw InstarError(.corrupt, "Preventing invalid allocation of refcount block at offset 0", errno: EIO)
+        }
         let bt = b >> refBlockBits
         var block = [UInt8](repeating: 0, count: Int(clusterSize))
         if bt == t {
@@ -209,8 +210,16 @@ extension Qcow2Writer {
         try flushRefcounts()
         try file.write(block, at: offset)
         try file.sync()
-        try writeReftableEntry(Int(t), value: offset)
         _ = rbCache.insert(block, at: offset)
+        if t < UInt64(reftable.count) {
+            try writeReftableEntry(Int(t), value: offset)
+            return
+        }
+        // The new table and the blocks describing it start at the first refcount block boundary past both the
+        // cluster being counted and the new block.
+        let perBlock = UInt64(1) << refBlockBits
+        let blocksUsed = (max(c, b) + 1).divCeil(perBlock)
+        try refcountArea(startCluster: try blocksUsed.multiplied(by: perBlock), newIndex: t, newOffset: offset)
     }
 
     private func writeReftableEntry(_ t: Int, value: UInt64) throws {
@@ -221,64 +230,54 @@ extension Qcow2Writer {
         try file.sync()
     }
 
-    /// Moves the refcount table to a larger one at the end of the file, together with the refcount blocks that
-    /// describe the new area, so the new table is complete before the header switches to it
-    /// (qemu's qcow2_refcount_area).
-    func growRefcountTable(covering t: UInt64) throws {
-        let oldCount = UInt64(reftable.count)
-        let perCluster = clusterSize / 8
-        let fileEnd = try file.size().divCeil(clusterSize)
-        let start = max(fileEnd, highestAllocated, 1)
-        var newCount = max(t + 1, oldCount + oldCount.divCeil(2))
-        var tableClusters: UInt64 = 0
-        var newBlocks: [UInt64] = []   // table indices that get a new block
-        for _ in 0..<64 {
-            tableClusters = newCount.divCeil(perCluster)
-            var blocks: [UInt64] = []
-            var count = UInt64(newBlocks.count)
-            // Blocks live at [start, start + count), the table right after them.
-            while true {
-                let end = start + count + tableClusters
-                blocks = []
-                var i = start >> refBlockBits
-                while i <= (end - 1) >> refBlockBits {
-                    if i >= oldCount || reftable[Int(i)] & Qcow2.reftableOffsetMask == 0 { blocks.append(i) }
-                    i += 1
-                }
-                if UInt64(blocks.count) == count { break }
-                count = UInt64(blocks.count)
-            }
-            newBlocks = blocks
-            let lastIndex = (start + count + tableClusters - 1) >> refBlockBits
-            if lastIndex < newCount { break }
-            newCount = lastIndex + 1
-        }
-        guard newCount * 8 <= Qcow2.maxRefcountTableBytes else {
+    /// Builds a larger refcount table at `startCluster` (past the end of the image's data) together with the
+    /// refcount blocks that describe the new area, enters block `newOffset` at `newIndex`, and switches the
+    /// header to it in one write once it is complete (qemu's qcow2_refcount_area, with 50 % spare entries).
+    func refcountArea(startCluster start: UInt64, newIndex: UInt64, newOffset: UInt64) throws {
+        let perTableCluster = clusterSize / 8
+        let total = Qcow2Create.refcountMetadataSize(clusters: start, clusterSize: clusterSize,
+                                                     refcountOrder: refOrder, generous: true).blocks
+        var tableSize = try total.adding(total.divCeil(2)).alignedUp(perTableCluster)
+        tableSize = max(tableSize, perTableCluster)
+        guard total <= Qcow2.maxRefcountTableBytes, tableSize * 8 <= Qcow2.maxRefcountTableBytes,
+              newIndex < total else {
             throw InstarError(.unsupported, "Refcount table too large", errno: EFBIG)
         }
-        let blockCount = UInt64(newBlocks.count)
-        let areaEnd = start + blockCount + tableClusters
-        let tableOffset = (start + blockCount) << clusterBits
-
-        var table = [UInt64](repeating: 0, count: Int(tableClusters * perCluster))
-        for i in 0..<reftable.count { table[i] = reftable[i] }
-        var blockData = [[UInt8]](repeating: [UInt8](repeating: 0, count: Int(clusterSize)), count: newBlocks.count)
-        var blockPos: [UInt64: Int] = [:]
-        for (j, idx) in newBlocks.enumerated() {
-            table[Int(idx)] = (start + UInt64(j)) << clusterBits
-            blockPos[idx] = j
+        let tableClusters = tableSize / perTableCluster
+        var table = [UInt64](repeating: 0, count: Int(tableSize))
+        for i in 0..<min(reftable.count, table.count) { table[i] = reftable[i] }
+        table[Int(newIndex)] = newOffset
+        let areaIndex = start >> refBlockBits
+        var additional: UInt64 = 0
+        if areaIndex < total {
+            for i in areaIndex..<total where table[Int(i)] & Qcow2.reftableOffsetMask == 0 { additional += 1 }
         }
-        // Count every cluster of the new area: in the new blocks directly, in existing blocks via the cache.
-        for c in start..<areaEnd {
-            let idx = c >> refBlockBits
-            if let j = blockPos[idx] {
-                Qcow2Writer.setEntry(&blockData[j], index: c & refIndexMask, order: refOrder, value: 1)
-            } else {
-                try changeRefcount(ofCluster: c, by: 1)
+        let tableStart = start + additional
+        let end = tableStart + tableClusters
+        var next = start
+        if areaIndex < total {
+            for i in areaIndex..<total {
+                let e: Qcow2WriteCache<[UInt8]>.Entry
+                let existing = table[Int(i)] & Qcow2.reftableOffsetMask
+                if existing != 0 {
+                    e = try refBlock(at: existing)
+                } else {
+                    e = rbCache.insert([UInt8](repeating: 0, count: Int(clusterSize)), at: next << clusterBits,
+                                       dirty: true)
+                    table[Int(i)] = next << clusterBits
+                    next += 1
+                }
+                let firstCovered = i << refBlockBits
+                guard firstCovered < end else { continue }
+                let from = start > firstCovered ? start - firstCovered : 0
+                let to = min(end - firstCovered, UInt64(1) << refBlockBits)
+                for j in from..<max(from, to) {
+                    Qcow2Writer.setEntry(&e.table, index: j, order: refOrder, value: 1)
+                }
+                rbCache.markDirty(e)
             }
         }
         try flushRefcounts()
-        for j in 0..<newBlocks.count { try file.write(blockData[j], at: (start + UInt64(j)) << clusterBits) }
         var bytes = [UInt8](repeating: 0, count: table.count * 8)
         for (i, v) in table.enumerated() {
             var x = v
@@ -287,6 +286,7 @@ extension Qcow2Writer {
                 x >>= 8
             }
         }
+        let tableOffset = tableStart << clusterBits
         try file.write(bytes, at: tableOffset)
         try file.sync()
 
@@ -302,11 +302,12 @@ extension Qcow2Writer {
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(tableClusters)
         reftable = table
-        for j in 0..<newBlocks.count { _ = rbCache.insert(blockData[j], at: (start + UInt64(j)) << clusterBits) }
-        highestAllocated = max(highestAllocated, areaEnd)
-        // The header no longer names the old table, so its clusters can go right away.
+        highestAllocated = max(highestAllocated, end)
+        // The header on disk no longer names the old table and nothing else points into it, so its clusters can
+        // be reused at once, as qemu does.
         for c in (oldOffset >> clusterBits)..<((oldOffset >> clusterBits) + oldClusters) {
             try changeRefcount(ofCluster: c, by: -1)
+            if try refcount(ofCluster: c) == 0, pendingFree.remove(c) != nil { freeHint = min(freeHint, c) }
         }
     }
 }
