@@ -154,23 +154,58 @@ extension Qcow2Writer {
     }
 
     /// Drops one reference to each host cluster touched by [offset, offset + length) (qcow2_free_clusters).
-    func freeRange(_ offset: UInt64, _ length: UInt64) throws {
+    /// With `discard` (a discard or unmapping zero request, whose pass-through qemu enables by default for
+    /// images opened with unmap, as qemu-img convert and `qemu-io -d unmap` do), a cluster left unreferenced is
+    /// queued to be punched out of the file.
+    func freeRange(_ offset: UInt64, _ length: UInt64, discard: Bool = false) throws {
         if length == 0 { return }
         try setRefcountDependsOnL2()
         let first = offset >> clusterBits
         let last = (try offset.adding(length - 1)) >> clusterBits
-        for c in first...last { try changeRefcount(ofCluster: c, by: -1) }
+        for c in first...last {
+            try changeRefcount(ofCluster: c, by: -1)
+            if discard, try refcount(ofCluster: c) == 0 { queueDiscard(c << clusterBits, clusterSize) }
+        }
     }
 
     /// Frees whatever host storage an L2 entry references (qcow2_free_any_cluster).
-    func freeEntry(_ entry: UInt64) throws {
+    func freeEntry(_ entry: UInt64, discard: Bool = false) throws {
         if entry & Qcow2.l2Compressed != 0 {
             let d = Qcow2CompressedDescriptor(entry: entry, clusterBits: UInt32(clusterBits))
-            try freeRange(d.hostOffset, d.length)
+            try freeRange(d.hostOffset, d.length, discard: discard)
             return
         }
         let host = entry & Qcow2.l2OffsetMask
-        if host != 0 { try freeRange(host, clusterSize) }
+        if host != 0 { try freeRange(host, clusterSize, discard: discard) }
+    }
+
+    // MARK: Discard pass-through
+
+    /// Adds a freed host range to the discard list, merging it with adjacent ones as qemu's
+    /// update_refcount_discard does: one punch over a merged range can free file system blocks that separate
+    /// punches of small clusters would only zero.
+    private func queueDiscard(_ offset: UInt64, _ length: UInt64) {
+        var start = offset
+        var end = offset + length
+        var kept: [(offset: UInt64, length: UInt64)] = []
+        for d in pendingDiscards {
+            if d.offset <= end && start <= d.offset + d.length {
+                start = min(start, d.offset)
+                end = max(end, d.offset + d.length)
+            } else {
+                kept.append(d)
+            }
+        }
+        kept.append((start, end - start))
+        pendingDiscards = kept
+    }
+
+    /// Punches the queued ranges out of the file (qcow2_process_discards). Like qemu, a failed punch is ignored:
+    /// discarding is advisory.
+    func processDiscards() {
+        let ranges = pendingDiscards
+        pendingDiscards = []
+        for d in ranges { try? file.punchHole(at: d.offset, length: d.length) }
     }
 
     // MARK: New refcount blocks

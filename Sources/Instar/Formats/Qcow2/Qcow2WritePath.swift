@@ -318,6 +318,7 @@ extension Qcow2Writer {
     }
 
     private func zeroAligned(_ start: UInt64, _ end: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
+        defer { processDiscards() }
         if header.version < 3 {
             // No zero flag before version 3: without a backing file an unallocated cluster reads as zeroes, so
             // whole clusters are dropped; otherwise zeroes are written.
@@ -349,7 +350,7 @@ extension Qcow2Writer {
                     if extended { newBitmap = 0xffff_ffff_0000_0000 } else { newEntry |= Qcow2.l2Zero }
                     if newEntry != entry || newBitmap != bitmap {
                         setEntryPair(l2, index, newEntry, newBitmap)
-                        if unmap { try freeEntry(entry) }
+                        if unmap { try freeEntry(entry, discard: true) }
                     }
                 } else if entry & Qcow2.l2Compressed != 0 {
                     // Part of a compressed cluster cannot be zeroed in the table.
@@ -386,6 +387,7 @@ extension Qcow2Writer {
     }
 
     private func discardClusters(_ start: UInt64, _ end: UInt64, zeroOnly: Bool) throws {
+        defer { processDiscards() }
         let hasBacking = format.backingReference != nil
         var pos = start
         while pos < end {
@@ -413,7 +415,7 @@ extension Qcow2Writer {
                 if zeroOnly && header.version < 3 { newEntry = 0 }
                 if newEntry != entry || newBitmap != bitmap {
                     setEntryPair(l2, index, newEntry, newBitmap)
-                    try freeEntry(entry)
+                    try freeEntry(entry, discard: true)
                 }
                 pos += clusterSize
             }

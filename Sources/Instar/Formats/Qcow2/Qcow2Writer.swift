@@ -35,6 +35,9 @@ final class Qcow2Writer {
     var highestAllocated: UInt64 = 0
     /// Clusters freed in the cache whose L2 entries may still be on disk.
     var pendingFree: Set<UInt64> = []
+    /// Host ranges freed by discard or unmapping zero requests, punched out of the file once the request is done
+    /// (qemu's discard list with pass-discard-request on), kept merged.
+    var pendingDiscards: [(offset: UInt64, length: UInt64)] = []
     /// Where the next compressed cluster may be packed (qemu's free_byte_offset), 0 for none.
     var freeByteOffset: UInt64 = 0
     /// Set once the header carries the dirty bit for lazy refcounts.
