@@ -239,3 +239,33 @@ def test_internal_snapshot(tmp):
     qimg("snapshot", "-a", "s1", mine)
     qimg("snapshot", "-a", "s1", theirs)
     verify(tmp, mine, theirs, 65536)
+
+
+DISCARD_OPS = [("discard", 0, MiB, None), ("zero", 2 * MiB, MiB, True), ("zero", 4 * MiB, MiB, False),
+               ("discard", 6 * MiB + 3 * 512, 20 * 512 + 100, None), ("discard", 7 * MiB + 5, 1000, None),
+               ("zero", 5 * MiB, MiB // 2, True), ("discard", 3 * MiB - 4096, 8192, None)]
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=512", "cluster_size=4k", "cluster_size=64k", "extended_l2=on",
+                                  "compat=0.10"])
+def test_discard_punches_host_file(tmp, opts):
+    """Discards and unmapping zero writes free clusters; like `qemu-io -d unmap`, instar punches them out of the
+    file: actual-size, the host file's data/hole map and the bytes all match."""
+    paths = []
+    for name in ("mine.qcow2", "theirs.qcow2"):
+        p = os.path.join(tmp, name)
+        qimg("create", "-q", "-f", "qcow2", "-o", opts, p, str(8 * MiB))
+        assert run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {8 * MiB}", p]).rc == 0
+        paths.append(p)
+    mine, theirs = paths
+    apply_instar(mine, DISCARD_OPS)
+    apply_qemu(theirs, DISCARD_OPS, tmp)
+    verify(tmp, mine, theirs, 65536)
+
+    def host(p):
+        info = run(["qemu-img", "info", "--output=json", p])
+        actual = [line for line in info.out.splitlines() if '"actual-size"' in line]
+        return actual, run(["qemu-img", "map", "-f", "raw", "--output=json", p]).out.replace(p, "X")
+    assert host(mine) == host(theirs)
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
