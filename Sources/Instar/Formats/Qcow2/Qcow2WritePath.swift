@@ -457,15 +457,15 @@ extension Qcow2Writer {
     /// qemu's qcow2_alloc_bytes: `size` bytes right after the last compressed stream when they fit (or spill
     /// into the next cluster when it is the next free one), else at a new cluster.
     private func allocateBytes(_ size: UInt64) throws -> UInt64 {
+        var offset = freeByteOffset
+        if offset != 0, try refcount(ofCluster: offset >> clusterBits) >= refMax { offset = 0 }
+        var freeInCluster = clusterSize - (offset & (clusterSize - 1))
         for _ in 0..<64 {
-            var offset = freeByteOffset
-            if offset != 0 {
-                let rc = try refcount(ofCluster: offset >> clusterBits)
-                if rc >= refMax { offset = 0 }
-            }
-            var freeInCluster = clusterSize - (offset & (clusterSize - 1))
             if offset == 0 || freeInCluster < size {
-                let next = try findFree(1) << clusterBits
+                let nextCluster = try findFree(1)
+                // The free-cluster search moves past the cluster it found, as in qemu's alloc_clusters_noref.
+                freeHint = nextCluster + 1
+                let next = nextCluster << clusterBits
                 let roundedUp = try offset.alignedUp(clusterSize)
                 if offset == 0 || roundedUp != next {
                     offset = next
@@ -476,14 +476,19 @@ extension Qcow2Writer {
             }
             let first = offset >> clusterBits
             let last = (offset + size - 1) >> clusterBits
-            var created = false
+            var missing: UInt64?
             for c in first...last where try blockOffset(tableIndex: c >> refBlockBits) == nil {
-                try createRefBlock(tableIndex: c >> refBlockBits, depth: 0)
-                created = true
+                missing = c
+                break
             }
-            if created { freeByteOffset = 0; continue }
+            if let c = missing {
+                // A new refcount block restarts the search at the start of this run, with a fresh cluster.
+                try createRefBlock(forCluster: c, depth: 0)
+                freeHint = min(freeHint, first)
+                offset = 0
+                continue
+            }
             for c in first...last { try changeRefcount(ofCluster: c, by: 1) }
-            freeHint = max(freeHint, last + 1)
             highestAllocated = max(highestAllocated, last + 1)
             freeByteOffset = offset + size
             if freeByteOffset & (clusterSize - 1) == 0 { freeByteOffset = 0 }
