@@ -68,7 +68,54 @@ def test_convert_compressed_refused(tmp):
     args = ["convert", "-c", "-O", "qcow2", "-o", "data_file=t.data", src, "t.qcow2"]
     rq = run(["qemu-img", *args], cwd=q)
     ri = run([INSTAR, *args], cwd=i)
-    assert rq.rc != 0 and ri.rc != 0
+    assert rq.rc != 0
+    assert (rq.rc, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.err)
+    same_files(q, i, ["t.qcow2", "t.data"])
+
+
+@pytest.mark.parametrize("raw", ["off", "on"])
+def test_convert_existing_target(tmp, raw):
+    """convert -n into an image that already has a data file (and old contents)."""
+    src = mixed_raw(tmp)
+    size = os.path.getsize(src)
+    q, i = two_dirs(tmp)
+    qimg("create", "-q", "-f", "qcow2", "-o", f"data_file=t.data,data_file_raw={raw}", "t.qcow2", str(size), cwd=q)
+    assert run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 6M", "t.qcow2"], cwd=q).rc == 0
+    for n in ("t.qcow2", "t.data"):
+        shutil.copy(os.path.join(q, n), os.path.join(i, n))
+    args = ["convert", "-n", "-O", "qcow2", src, "t.qcow2"]
+    rq = run(["qemu-img", *args], cwd=q)
+    ri = run([INSTAR, *args], cwd=i)
+    assert (rq.rc, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.err)
+    assert rq.rc == 0
+    check_clean(i, "t.qcow2")
+    same_files(q, i, ["t.qcow2", "t.data"])
+
+
+def test_binding_writes_with_backing(tmp):
+    """Copy-on-write from a backing file into the data file."""
+    q, i = two_dirs(tmp)
+    size = 3 * MiB
+    for d in (q, i):
+        qimg("create", "-q", "-f", "qcow2", "b.qcow2", str(size), cwd=d)
+        assert run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 3M", "b.qcow2"], cwd=d).rc == 0
+    qimg("create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+         str(size), cwd=q)
+    for n in ("t.qcow2", "t.data"):
+        shutil.copy(os.path.join(q, n), os.path.join(i, n))
+    ops = make_ops(5, size, 65536, count=60)
+    cwd = os.getcwd()
+    try:
+        os.chdir(i)
+        apply_instar("t.qcow2", ops)
+        os.chdir(q)
+        apply_qemu("t.qcow2", ops, q)
+    finally:
+        os.chdir(cwd)
+    check_clean(i, "t.qcow2")
+    cmp = run(["qemu-img", "compare", os.path.join(q, "t.qcow2"), os.path.join(i, "t.qcow2")], cwd=i)
+    assert cmp.rc == 0, cmp
+    same_files(q, i, ["t.data"])
 
 
 @pytest.mark.parametrize("raw", ["off", "on"])
