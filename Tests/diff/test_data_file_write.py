@@ -163,3 +163,22 @@ def test_amend(tmp, raw, opts):
     ri = run([INSTAR, "amend", "-o", opts, "a.qcow2"], cwd=i)
     assert (rq.rc, rq.out, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.out, ri.err)
     same_files(q, i, ["a.qcow2", "a.data"])
+
+
+@pytest.mark.parametrize("ext", ["", ",extended_l2=on"])
+@pytest.mark.parametrize("raw", ["off", "on"])
+@pytest.mark.parametrize("size,pre", [("12M", ""), ("9000448", ""), ("9000448", "--preallocation=metadata"),
+                                      ("12M", "--preallocation=full"), ("2M", ""), ("7000064", "")])
+def test_resize(tmp, ext, raw, size, pre):
+    """qcow2_co_truncate resizes the data file too (a raw one grows with metadata preallocation)."""
+    q, i = two_dirs(tmp)
+    qimg("create", "-q", "-f", "qcow2", "-o", f"data_file=t.data,data_file_raw={raw}{ext}", "t.qcow2", "8M", cwd=q)
+    assert run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 5M", "t.qcow2"], cwd=q).rc == 0
+    for n in ("t.qcow2", "t.data"):
+        shutil.copy(os.path.join(q, n), os.path.join(i, n))
+    args = ["resize"] + (["--shrink"] if size in ("2M", "7000064") else []) + ([pre] if pre else []) + ["t.qcow2", size]
+    rq = run(["qemu-img", *args], cwd=q)
+    ri = run([INSTAR, *args], cwd=i)
+    assert (rq.rc, rq.out, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.out, ri.err)
+    assert rq.rc == 0
+    same_files(q, i, ["t.qcow2", "t.data"])
