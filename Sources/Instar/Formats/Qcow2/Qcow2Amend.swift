@@ -31,6 +31,8 @@ extension Qcow2Format: ImageAmendable {
         var lazy = header.compatibleFeatures & Qcow2.compatLazyRefcounts != 0
         var refcountBits = UInt64(1) << UInt64(header.refcountOrder)
         var encryptionUpdate = false
+        var newDataFile: String?
+        var dataFileRaw = header.dataFileRaw
         func value(_ name: String) -> String? { options.last { $0.name == name }?.value }
 
         for spec in Qcow2Format.amendOptionSpecs {
@@ -59,10 +61,12 @@ extension Qcow2Format: ImageAmendable {
                     throw InstarError(.invalid, "data-file can only be set for images that use an external data file",
                                       errno: EINVAL)
                 }
+                newDataFile = v
             case "data_file_raw":
                 if CreateOptionValues.parseBool(v) == true && !header.dataFileRaw {
                     throw InstarError(.invalid, "data-file-raw cannot be set on existing images", errno: EINVAL)
                 }
+                dataFileRaw = CreateOptionValues.parseBool(v) ?? dataFileRaw
             default:
                 // encrypt.*
                 if header.cryptMethod == Qcow2.cryptNone {
@@ -110,7 +114,15 @@ extension Qcow2Format: ImageAmendable {
             meter.start(3)
             try w.changeRefcountOrder(UInt64(refcountBits.trailingZeroBitCount)) { try meter.status($0, $1) }
         }
-        // data_file_raw can only stay as it is, or be cleared (there is no data file to write here).
+        // qcow2_amend_options: the data file extension takes the new name (an empty one drops the extension),
+        // and data_file_raw can only stay as it is or be cleared; both land with the header update below.
+        if let name = newDataFile { extensions.dataFile = name.isEmpty ? nil : name }
+        if dataFileRaw {
+            w.header.autoclearFeatures |= Qcow2.autoclearDataFileRaw
+        } else {
+            w.header.autoclearFeatures &= ~Qcow2.autoclearDataFileRaw
+        }
+        header.autoclearFeatures = w.header.autoclearFeatures
         try w.flushAll()
         try w.rewriteHeader()
 

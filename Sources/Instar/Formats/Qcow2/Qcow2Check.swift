@@ -43,6 +43,8 @@ final class Qcow2Checker {
 
     let format: Qcow2Format
     let file: HostFile
+    /// The image file's length as last read by `incRefcounts` (0 until then).
+    private var knownFileLength: Int64 = 0
     /// The repair mode asked for.
     let repairMode: CheckRepair
     /// The mode in force (qemu recounts with no repair after a rebuild).
@@ -239,11 +241,16 @@ final class Qcow2Checker {
     /// qcow2_inc_refcounts_imrt: one more reference to every cluster of [offset, offset + size).
     func incRefcounts(_ imrt: inout Qcow2RefcountArray, offset: Int64, size: Int64) throws {
         if size <= 0 { return }
-        let fileLength: Int64
-        do {
-            fileLength = Int64(try file.size())
-        } catch {
-            throw Qcow2CheckAbort(errno: EIO)
+        // The file only grows while a check runs (repairs append), so a region inside the length seen last
+        // needs no new fstat: this runs once per L2 entry.
+        var fileLength = knownFileLength
+        if offset &+ size > fileLength {
+            do {
+                fileLength = Int64(try file.size())
+            } catch {
+                throw Qcow2CheckAbort(errno: EIO)
+            }
+            knownFileLength = fileLength
         }
         // The last cluster may be partly allocated; anything a whole cluster past the end is corrupt.
         if offset &+ size &- fileLength >= clusterSize {

@@ -7,7 +7,17 @@ extension Qcow2Compressor: ClusterCompressor {}
 extension Qcow2Format: CompressedClusterWriting {
     public var compressedWrites: CompressedClusterWriting? { self }
     public var compressedClusterSize: UInt64 { header.clusterSize }
-    public func makeClusterCompressor() -> ClusterCompressor { makeCompressor() }
+    public func makeClusterCompressor() -> ClusterCompressor {
+        header.hasDataFile ? Qcow2DataFileCompressor() : makeCompressor()
+    }
+}
+
+/// qcow2_co_pwritev_compressed_part refuses every compressed write to an image with an external data file, even
+/// one whose data would not compress; failing in the compressor makes the first cluster fail, as in qemu.
+struct Qcow2DataFileCompressor: ClusterCompressor {
+    func compress(_ input: UnsafeRawBufferPointer) throws -> [UInt8]? {
+        throw InstarError(.unsupported, "Compressed writes are not supported with an external data file", errno: ENOTSUP)
+    }
 }
 
 extension Qcow2Format {

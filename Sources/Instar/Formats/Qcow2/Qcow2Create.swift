@@ -459,7 +459,18 @@ final class Qcow2Builder {
             bytes -= got
             offset += got
         }
-        if s.dataFile != nil { return }  // the data file was created at its full size already
+        if let name = s.dataFile {
+            // preallocate_co extends the data file to the end of the last allocated subcluster, past the
+            // image's unaligned size (with plain truncation for preallocation=metadata).
+            let sub = s.extendedL2 ? cs / 32 : cs
+            let end = try (lastHost.adding(lastBytes)).alignedUp(sub)
+            let df = try HostFile.open(name, writable: true)
+            if end > (try df.size()) {
+                let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
+                try HostFileCreate.grow(df, to: end, preallocation: m)
+            }
+            return
+        }
         let fileLength = try file.size()
         let end = try lastHost.adding(lastBytes)
         if end > fileLength {

@@ -22,7 +22,8 @@ public final class Qcow2Format: ImageFormat {
     let dataFile: HostFile
     let externalDataFile: HostFile?
     var header: Qcow2Header
-    let extensions: Qcow2Extensions
+    /// The header extensions as read (amend may rename the data file).
+    var extensions: Qcow2Extensions
     let mapper: Qcow2Mapper
     let refcounts: Qcow2RefcountReader
     let snapshots: [SnapshotInfo]

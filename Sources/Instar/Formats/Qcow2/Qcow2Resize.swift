@@ -33,14 +33,23 @@ extension Qcow2Writer {
                 throw InstarError(.invalid, "Preallocation can't be used for shrinking an image", errno: EINVAL)
             }
             try shrink(from: oldLength, to: newSize, newL1: newL1)
+            if hasDataFile { try format.dataFile.truncate(to: newSize) }
         } else {
             do {
                 try growL1Exactly(newL1)
             } catch let e as InstarError {
                 throw e.prepending("Failed to grow the L1 table: ")
             }
-            if preallocation != .off && newSize > oldLength {
-                try preallocate(from: oldLength, to: newSize, mode: preallocation)
+            // A raw data file must stay a valid image of the guest: growth maps the new area at least as
+            // with metadata preallocation.
+            let mode: ResizePreallocation = hasDataFile && header.dataFileRaw && preallocation == .off
+                ? .metadata : preallocation
+            if mode != .off && newSize > oldLength {
+                try preallocate(from: oldLength, to: newSize, mode: mode)
+            }
+            if hasDataFile && mode == .off {
+                // qcow2_co_truncate without preallocation resizes the external data file to the new size too.
+                try format.dataFile.truncate(to: newSize)
             }
             // bdrv_co_truncate: a backing file longer than the old size would show through the new area, so
             // it is zeroed (BDRV_REQ_ZERO_WRITE).
@@ -135,7 +144,7 @@ extension Qcow2Writer {
             while pos < stop {
                 let first = (pos >> clusterBits) & (l2Entries - 1)
                 let (entry, _) = entryPair(l2.table, first)
-                if entry & Qcow2.l2OffsetMask != 0 || entry & Qcow2.l2Compressed != 0 {
+                if hasHostCluster(entry) || entry & Qcow2.l2Compressed != 0 {
                     pos += clusterSize
                     continue
                 }
@@ -143,11 +152,12 @@ extension Qcow2Writer {
                 var n: UInt64 = 1
                 while pos + n * clusterSize < stop {
                     let (e, _) = entryPair(l2.table, first + n)
-                    if e & Qcow2.l2OffsetMask != 0 || e & Qcow2.l2Compressed != 0 { break }
+                    if hasHostCluster(e) || e & Qcow2.l2Compressed != 0 { break }
                     n += 1
                 }
-                let host = try allocateClusters(n)
-                try setL2DependsOnRefcount()
+                // With an external data file the clusters live at their guest offsets and have no refcounts.
+                let host = hasDataFile ? pos : try allocateClusters(n)
+                if !hasDataFile { try setL2DependsOnRefcount() }
                 for k in 0..<n {
                     let (_, bitmap) = entryPair(l2.table, first + k)
                     setEntryPair(l2, first + k, (host + k * clusterSize) | Qcow2.l2Copied, bitmap)
@@ -155,6 +165,16 @@ extension Qcow2Writer {
                 lastEnd = max(lastEnd, host + n * clusterSize)
                 pos += n * clusterSize
             }
+        }
+        if hasDataFile {
+            // The data file grows to the end of the last subcluster of the range (preallocate_co's truncate of
+            // the data file; metadata preallocation truncates plainly).
+            let dataEnd = try end.alignedUp(subclusterSize)
+            if dataEnd > (try format.dataFile.size()) {
+                let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
+                try HostFileCreate.grow(format.dataFile, to: dataEnd, preallocation: m)
+            }
+            return
         }
         let fileLength = try file.size()
         if lastEnd > fileLength {
@@ -214,6 +234,10 @@ extension Qcow2Writer {
                 pos += clusterSize
                 if entry == 0 && bitmap == 0 { continue }
                 setEntryPair(l2, index, 0, 0)
+                if hasDataFile {
+                    try freeGuestEntry(entry)
+                    continue
+                }
                 try freeEntry(entry)
                 if entry & Qcow2.l2Compressed == 0, entry & Qcow2.l2OffsetMask != 0 {
                     freed.insert((entry & Qcow2.l2OffsetMask) >> clusterBits)

@@ -46,10 +46,25 @@ extension Qcow2Writer {
         return (bits << first) & 0xffff_ffff
     }
 
+    /// Whether a standard (not compressed) L2 entry points at a host cluster. With an external data file,
+    /// host offset 0 is a real cluster, told apart by the copied flag.
+    func hasHostCluster(_ entry: UInt64) -> Bool {
+        if entry & Qcow2.l2Compressed != 0 { return false }
+        return entry & Qcow2.l2OffsetMask != 0 || (hasDataFile && entry & Qcow2.l2Copied != 0)
+    }
+
+    /// Drops the host side of an L2 entry being replaced. Data clusters in an external data file have no
+    /// refcounts; qemu passes the discard down to the data file instead (qcow2_free_any_cluster).
+    func freeGuestEntry(_ entry: UInt64, discard: Bool = false) throws {
+        if !hasDataFile { return try freeEntry(entry, discard: discard) }
+        if hasHostCluster(entry) {
+            try format.dataFile.punchHole(at: entry & Qcow2.l2OffsetMask, length: clusterSize)
+        }
+    }
+
     /// Whether the subcluster `sc` of a cluster reads from its host cluster (allocated, not zero).
     private func subclusterIsData(entry: UInt64, bitmap: UInt64, sc: UInt64) -> Bool {
-        if entry & Qcow2.l2Compressed != 0 { return false }
-        if entry & Qcow2.l2OffsetMask == 0 { return false }
+        if !hasHostCluster(entry) { return false }
         if !extended { return entry & Qcow2.l2Zero == 0 }
         return bitmap & (UInt64(1) << sc) != 0 && bitmap & (UInt64(1) << (sc + 32)) == 0
     }
@@ -62,7 +77,11 @@ extension Qcow2Writer {
         if !compressed && host & (clusterSize - 1) != 0 {
             throw InstarError(.corrupt, "Cluster allocation offset \(hex(host)) unaligned", errno: EIO)
         }
-        let inPlace = !compressed && host != 0 && entry & Qcow2.l2Copied != 0
+        let allocated = compressed || hasHostCluster(entry)
+        if hasDataFile && allocated && (compressed || host != cstart) {
+            throw InstarError(.corrupt, "Cluster allocation offset \(hex(host)) does not match guest offset \(hex(cstart)) in an image with an external data file", errno: EIO)
+        }
+        let inPlace = !compressed && allocated && entry & Qcow2.l2Copied != 0
         // Encrypted data is written in whole 512-byte sectors (qemu's request alignment for encrypted images).
         let sector: UInt64 = format.crypt == nil ? 1 : Qcow2Crypt.sectorSize
         var p = ClusterPlan(guestCluster: cstart, keepHost: inPlace ? host : nil, writeStart: start.alignedDown(sector),
@@ -76,7 +95,7 @@ extension Qcow2Writer {
             }
             return p
         }
-        if compressed || (host != 0 && !inPlace) {
+        if compressed || (allocated && !inPlace) {
             // A compressed or shared cluster is copied whole into a new one.
             p.whole = true
             p.writeStart = cstart
@@ -193,6 +212,9 @@ extension Qcow2Writer {
         let hostBase: UInt64
         if let h = first.keepHost {
             hostBase = h
+        } else if hasDataFile {
+            // qcow2.txt: with an external data file a guest cluster lives at its guest offset.
+            hostBase = first.guestCluster
         } else {
             hostBase = try allocateClusters(UInt64(run.count))
             try setL2DependsOnRefcount()
@@ -201,9 +223,9 @@ extension Qcow2Writer {
         if let c = format.crypt {
             let sealed = try c.encrypted(data, at: hostStart)
             defer { sealed.deallocate() }
-            try file.write(UnsafeRawBufferPointer(sealed), at: hostStart)
+            try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: hostStart)
         } else {
-            try file.write(data, at: hostStart)
+            try format.dataFile.write(data, at: hostStart)
         }
         // The data must be stable before an L2 entry points at it.
         for (k, p) in run.enumerated() {
@@ -213,7 +235,7 @@ extension Qcow2Writer {
                 setEntryPair(l2, (p.guestCluster >> clusterBits) & (l2Entries - 1), entry, bitmap)
                 l2DependsOnFlush = true
             }
-            if p.keepHost == nil { try freeEntry(p.oldEntry) }
+            if p.keepHost == nil && !hasDataFile { try freeEntry(p.oldEntry) }
         }
     }
 
@@ -319,6 +341,13 @@ extension Qcow2Writer {
 
     private func zeroAligned(_ start: UInt64, _ end: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
         defer { processDiscards() }
+        if header.dataFileRaw && hasDataFile {
+            // qcow2_subcluster_zeroize: a raw data file must stay a valid image of the guest, so it is zeroed
+            // first (up to the image's end when the request reaches it unaligned).
+            let vs = format.virtualSize
+            let rawEnd = end > vs && start < vs ? vs : end
+            if rawEnd > start { try format.dataFile.writeZeroes(at: start, length: rawEnd - start) }
+        }
         if header.version < 3 {
             // No zero flag before version 3: without a backing file an unallocated cluster reads as zeroes, so
             // whole clusters are dropped; otherwise zeroes are written.
@@ -343,14 +372,14 @@ extension Qcow2Writer {
                 if pos == cstart && cend == cstart + clusterSize {
                     // A whole cluster (qemu's zero_in_l2_slice).
                     let compressed = entry & Qcow2.l2Compressed != 0
-                    let allocated = compressed || entry & Qcow2.l2OffsetMask != 0
+                    let allocated = compressed || hasHostCluster(entry)
                     let unmap = compressed || (mayUnmap && allocated)
                     var newEntry = unmap ? 0 : entry
                     var newBitmap = bitmap
                     if extended { newBitmap = 0xffff_ffff_0000_0000 } else { newEntry |= Qcow2.l2Zero }
                     if newEntry != entry || newBitmap != bitmap {
                         setEntryPair(l2, index, newEntry, newBitmap)
-                        if unmap { try freeEntry(entry, discard: true) }
+                        if unmap { try freeGuestEntry(entry, discard: true) }
                     }
                 } else if entry & Qcow2.l2Compressed != 0 {
                     // Part of a compressed cluster cannot be zeroed in the table.
@@ -401,7 +430,7 @@ extension Qcow2Writer {
             while pos < stop {
                 let index = (pos >> clusterBits) & (l2Entries - 1)
                 let (entry, bitmap) = entryPair(l2.table, index)
-                let allocated = entry & Qcow2.l2Compressed != 0 || entry & Qcow2.l2OffsetMask != 0
+                let allocated = entry & Qcow2.l2Compressed != 0 || hasHostCluster(entry)
                 var newEntry = entry
                 var newBitmap = bitmap
                 if hasBacking || allocated {
@@ -415,7 +444,7 @@ extension Qcow2Writer {
                 if zeroOnly && header.version < 3 { newEntry = 0 }
                 if newEntry != entry || newBitmap != bitmap {
                     setEntryPair(l2, index, newEntry, newBitmap)
-                    try freeEntry(entry, discard: true)
+                    try freeGuestEntry(entry, discard: true)
                 }
                 pos += clusterSize
             }
@@ -428,6 +457,9 @@ extension Qcow2Writer {
     /// Stores an already compressed cluster at guest cluster `clusterIndex`, which must be unallocated. The
     /// stream is packed right after the previous one, sharing host clusters (each reference counts).
     func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws {
+        if hasDataFile {
+            throw InstarError(.unsupported, "Compression is not supported with external data files", errno: ENOTSUP)
+        }
         try prepare()
         let guest = try clusterIndex.shifted(left: clusterBits)
         guard guest < format.virtualSize else { throw InstarError(.range, "Compressed write beyond the end of the image") }

@@ -18,6 +18,9 @@ final class Qcow2Writer {
     var refIndexMask: UInt64
     var refMax: UInt64
     let lazyRefcounts: Bool
+    /// qcow2.txt "External data file": guest clusters live in the data file at their guest offset and have no
+    /// refcounts.
+    let hasDataFile: Bool
     var reftable: [UInt64]
 
     let l2Cache: Qcow2WriteCache<[UInt64]>
@@ -61,6 +64,7 @@ final class Qcow2Writer {
         refIndexMask = (1 << refBlockBits) - 1
         refMax = refOrder == 6 ? UInt64.max : (UInt64(1) << (UInt64(1) << refOrder)) - 1
         lazyRefcounts = header.compatibleFeatures & Qcow2.compatLazyRefcounts != 0
+        hasDataFile = header.hasDataFile
         reftable = try format.refcounts.refcountTable()
         bitmapsExtension = format.extensions.bitmaps
         let tables = Int(max(16, Qcow2Mapper.cacheBytes / clusterSize))
@@ -113,7 +117,7 @@ final class Qcow2Writer {
             l2DependsOnRefcount = false
             try flushRefcounts()
         } else if l2DependsOnFlush {
-            try file.sync()
+            try syncData()
         }
         l2DependsOnFlush = false
         let dirty = l2Cache.dirtyEntries()
@@ -179,10 +183,6 @@ final class Qcow2Writer {
         if format.encrypted && format.crypt == nil {
             throw InstarError(.unsupported, "Writing encrypted qcow2 images is not supported", errno: ENOTSUP)
         }
-        if header.hasDataFile {
-            throw InstarError(.unsupported, "Writing qcow2 images with an external data file is not supported",
-                              errno: ENOTSUP)
-        }
         if !format.bitmaps.isEmpty {
             throw InstarError(.unsupported, "Writing qcow2 images with persistent bitmaps is not supported",
                               errno: ENOTSUP)
@@ -207,8 +207,14 @@ final class Qcow2Writer {
         try file.sync()
     }
 
+    /// Makes guest data stable: the data file when there is one, else the image file.
+    func syncData() throws {
+        try format.dataFile.sync()
+    }
+
     func flush() throws {
         try flushAll()
+        if format.externalDataFile != nil { try syncData() }
         try file.sync()
         format.refcounts.invalidate()
     }
