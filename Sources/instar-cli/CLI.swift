@@ -79,9 +79,12 @@ typealias Command = ([String]) -> Int32
 var cliSecrets: [String: String] = [:]
 
 /// Adds one `--object` definition; prints qemu's message and returns false when it is refused.
-func cliAddObject(_ text: String) -> Bool {
+func cliAddObject(_ text: String) -> Bool { cliAddObject(text, to: &cliSecrets) }
+
+/// Adds an --object secret to `secrets`; prints qemu-img's error and returns false when it is malformed.
+func cliAddObject(_ text: String, to secrets: inout [String: String]) -> Bool {
     do {
-        try SecretObjects.add(text, to: &cliSecrets)
+        try SecretObjects.add(text, to: &secrets)
         return true
     } catch let e as InstarError {
         CLI.error(e.message)

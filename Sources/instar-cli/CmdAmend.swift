@@ -32,12 +32,7 @@ func amendCommand(_ args: [String]) -> Int32 {
         case .opt("p"): progress = true
         case .opt("q"): quiet = true
         case optObject:
-            do {
-                try SecretObjects.add(arg ?? "", to: &options.open.secrets)
-            } catch {
-                CLI.error("\(error)")
-                return 1
-            }
+            if !cliAddObject(arg ?? "", to: &options.open.secrets) { return 1 }
         case optImageOpts: options.imageOpts = true
         case optForce: options.force = true
         default: break

@@ -44,12 +44,7 @@ func checkCommand(_ args: [String]) -> Int32 {
         case optOutput:
             output = arg
         case optObject:
-            do {
-                try SecretObjects.add(arg ?? "", to: &options.open.secrets)
-            } catch {
-                CLI.error("\(error)")
-                return 1
-            }
+            if !cliAddObject(arg ?? "", to: &options.open.secrets) { return 1 }
         case optImageOpts:
             options.imageOpts = true
         default:

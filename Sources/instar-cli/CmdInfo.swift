@@ -33,12 +33,7 @@ func infoCommand(_ args: [String]) -> Int32 {
         case optBackingChain:
             options.backingChain = true
         case optObject:
-            do {
-                try SecretObjects.add(arg ?? "", to: &options.open.secrets)
-            } catch {
-                CLI.error("\(error)")
-                return 1
-            }
+            if !cliAddObject(arg ?? "", to: &options.open.secrets) { return 1 }
         case optImageOpts:
             options.imageOpts = true
         default:

@@ -39,12 +39,7 @@ func resizeCommand(_ args: [String]) -> Int32 {
         case .opt("f"): options.format = arg
         case .opt("q"): quiet = true
         case optObject:
-            do {
-                try SecretObjects.add(arg ?? "", to: &options.open.secrets)
-            } catch {
-                CLI.error("\(error)")
-                return 1
-            }
+            if !cliAddObject(arg ?? "", to: &options.open.secrets) { return 1 }
         case optImageOpts: options.imageOpts = true
         case optPrealloc:
             guard let p = ResizePreallocation(rawValue: arg ?? "") else {
