@@ -11,15 +11,7 @@ extension Qcow2Format: ImageAmendable {
         CreateOptionSpec("encrypt.old-secret", .string, "Select all keyslots that match this password"),
         CreateOptionSpec("encrypt.new-secret", .string, "New secret to set in the matching keyslots. Empty string to erase"),
         CreateOptionSpec("encrypt.iter-time", .number, "Time to spend in PBKDF in milliseconds"),
-        CreateOptionSpec("size", .size, "Virtual disk size"),
-        CreateOptionSpec("compat", .string, "Compatibility level (v2 [0.10] or v3 [1.1])"),
-        CreateOptionSpec("backing_file", .string, "File name of a base image"),
-        CreateOptionSpec("backing_fmt", .string, "Image format of the base image"),
-        CreateOptionSpec("data_file", .string, "File name of an external data file"),
-        CreateOptionSpec("data_file_raw", .bool, "The external data file must stay valid as a raw image"),
-        CreateOptionSpec("lazy_refcounts", .bool, "Postpone refcount updates", default: "off"),
-        CreateOptionSpec("refcount_bits", .number, "Width of a reference count entry in bits", default: "16"),
-    ]
+    ] + Qcow2Create.commonOptions
 
     public func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
                       progress: ((Double) throws -> Void)?) throws {

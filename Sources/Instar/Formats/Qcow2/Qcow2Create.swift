@@ -22,6 +22,10 @@ public enum Qcow2Create {
         CreateOptionSpec("extended_l2", .bool, "Extended L2 tables", default: "off"),
         CreateOptionSpec("preallocation", .string, "Preallocation mode (allowed values: off, metadata, falloc, full)"),
         CreateOptionSpec("compression_type", .string, "Compression method used for image cluster compression", default: "zlib"),
+    ] + commonOptions
+
+    /// The options qemu's qcow2 create_opts and amend_opts share (QCOW_COMMON_OPTIONS), in declaration order.
+    static let commonOptions: [CreateOptionSpec] = [
         CreateOptionSpec("size", .size, "Virtual disk size"),
         CreateOptionSpec("compat", .string, "Compatibility level (v2 [0.10] or v3 [1.1])"),
         CreateOptionSpec("backing_file", .string, "File name of a base image"),
