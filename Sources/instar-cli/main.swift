@@ -21,6 +21,10 @@ func runMain() -> Int32 {
         CLI.programName = String(first.split(separator: "/").last ?? Substring(first))
     }
     signal(SIGPIPE, SIG_IGN)
+    Diagnostics.sink = { m in
+        CLI.out.flush()
+        fputs(m.prefixed ? "\(CLI.programName): \(CLI.ownName(m.text))" : CLI.ownName(m.text), stderr)
+    }
     guard args.count >= 2 else {
         CLI.error("Not enough arguments\nTry '\(CLI.programName) --help' for more information")
         return 1
