@@ -153,6 +153,23 @@ extension Qcow2Writer {
         throw InstarError(.io, "Could not allocate clusters", errno: EIO)
     }
 
+    /// qcow2_alloc_clusters_at: takes up to `n` clusters from host offset `offset` on, as long as they are free,
+    /// and returns how many it took. The free-cluster hint stays where it is. A cluster whose refcount block does
+    /// not exist yet ends the run (qemu would create the block and try again).
+    func allocateAt(_ offset: UInt64, maxClusters n: UInt64) throws -> UInt64 {
+        let first = offset >> clusterBits
+        var got: UInt64 = 0
+        while got < n {
+            let c = first + got
+            guard c < Qcow2Writer.maxHostClusters(clusterBits), try blockOffset(tableIndex: c >> refBlockBits) != nil,
+                  try isFree(c) else { break }
+            got += 1
+        }
+        for c in first..<(first + got) { try changeRefcount(ofCluster: c, by: 1) }
+        if got > 0 { highestAllocated = max(highestAllocated, first + got) }
+        return got
+    }
+
     /// Drops one reference to each host cluster touched by [offset, offset + length) (qcow2_free_clusters).
     /// With `discard` (a discard or unmapping zero request, whose pass-through qemu enables by default for
     /// images opened with unmap, as qemu-img convert and `qemu-io -d unmap` do), a cluster left unreferenced is

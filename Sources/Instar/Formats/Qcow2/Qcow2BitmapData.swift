@@ -1,9 +1,10 @@
 import Glibc
 
-/// Persistent bitmap contents (qcow2.txt "Bitmaps": a bitmap table of cluster offsets, then data clusters in
-/// qemu's serialized bit order), read from a source and stored into an image opened writable the way qemu's
-/// qcow2_store_persistent_dirty_bitmaps lays them out: per bitmap its dirty data clusters then its table, then
-/// one directory, then the header with the bitmaps extension and the autoclear bit.
+/// The life of persistent bitmaps in an image opened read/write, as qemu's block/qcow2-bitmap.c leads it:
+/// at open every bitmap is marked in use on disk (so that a crash leaves them inconsistent rather than wrong),
+/// writes set bits in the enabled ones, a resize resizes them, and at close they are stored again: per bitmap
+/// its dirty data clusters then its table, then one new directory, then the header with the bitmaps extension
+/// and the autoclear bit, and only then are the old directory and tables freed.
 enum Qcow2BitmapData {
     // qcow2.txt / qemu's block/qcow2-bitmap.c limits.
     static let maxTableEntries: UInt64 = 0x800_0000      // BME_MAX_TABLE_SIZE
@@ -38,52 +39,16 @@ extension Qcow2Format: PersistentBitmapStore {
         }
     }
 
-    /// qemu's bitmap_table_load + load_bitmap_data: every table entry is checked, clusters of all zeroes or
-    /// all ones are expanded, data clusters copied; bits past the bitmap's end are dropped.
+    /// The bits of a bitmap loaded at open (all zeroes and all ones clusters expanded, bits past the image's
+    /// end cleared).
     public func readBitmap(named name: String) throws -> [UInt8] {
-        guard let e = bitmaps.first(where: { $0.name == name }) else {
+        guard let bm = liveBitmaps.first(where: { $0.name == name }) else {
             throw InstarError(.notFound, "Dirty bitmap '\(name)' not found", errno: ENOENT)
         }
-        let failed = InstarError(.invalid, "Could not read bitmap '\(name)' from image: Invalid argument", errno: EINVAL)
-        let cs = header.clusterSize
-        let total = try Qcow2BitmapData.serializedBytes(size: virtualSize, granularityBits: e.granularityBits)
-        let tableSize = total.divCeil(cs)
-        guard UInt64(e.tableSize) == tableSize, tableSize <= Qcow2BitmapData.maxTableEntries else { throw failed }
-        var out = [UInt8](repeating: 0, count: try checkedInt(total))
-        if tableSize == 0 { return out }
-        let raw = try file.readExactly(at: e.tableOffset, count: try checkedInt(tableSize * 8), what: "bitmap table")
-        let table = Qcow2Mapper.decodeBE64(raw, count: Int(tableSize))
-        let bitCount = virtualSize.divCeil(UInt64(1) << UInt64(e.granularityBits))
-        // bitmap_table_load checks every entry (check_table_entry) before any data is read.
-        for entry in table {
-            let offset = entry & Qcow2BitmapData.entryOffsetMask
-            if entry & Qcow2BitmapData.entryReservedMask != 0
-                || (offset != 0 && (entry & Qcow2BitmapData.entryAllOnes != 0 || offset & (cs - 1) != 0)) {
-                throw InstarError(.invalid, "Could not read bitmap_table table from image for bitmap '\(name)': "
-                                  + "Invalid argument", errno: EINVAL)
-            }
+        guard !bm.inconsistent else {
+            throw InstarError(.invalid, "Bitmap '\(name)' is inconsistent and cannot be used", errno: EINVAL)
         }
-        for (k, entry) in table.enumerated() {
-            let offset = entry & Qcow2BitmapData.entryOffsetMask
-            let start = UInt64(k) * cs
-            let end = min(start + cs, total)
-            if offset == 0 {
-                if entry & Qcow2BitmapData.entryAllOnes != 0 {
-                    for i in Int(start)..<Int(end) { out[i] = 0xff }
-                }
-                continue
-            }
-            let data = try file.readExactly(at: offset, count: Int(end - start), what: "bitmap data")
-            out.replaceSubrange(Int(start)..<Int(end), with: data)
-        }
-        // Only granules inside the image carry meaning: clear the padding bits of the last word.
-        let usedBytes = Int(bitCount / 8)
-        if usedBytes < out.count {
-            let keep = bitCount % 8
-            out[usedBytes] &= UInt8(truncatingIfNeeded: (UInt16(1) << UInt16(keep)) - 1)
-            for i in (usedBytes + 1)..<out.count { out[i] = 0 }
-        }
-        return out
+        return try bm.allBytes()
     }
 
     /// qmp_block_dirty_bitmap_add (persistent) followed by a merge: the bitmap is kept in memory and written
@@ -93,8 +58,8 @@ extension Qcow2Format: PersistentBitmapStore {
         guard header.version >= 3 else {
             throw InstarError.unsupported("Cannot store dirty bitmaps in qcow2 v2 files")
         }
-        if bitmaps.contains(where: { $0.name == bitmap.name })
-            || pendingBitmaps.contains(where: { $0.bitmap.name == bitmap.name }) {
+        if liveBitmaps.contains(where: { $0.name == bitmap.name })
+            || addedBitmaps.contains(where: { $0.name == bitmap.name }) {
             throw InstarError.invalid("Bitmap already exists: \(bitmap.name)")
         }
         guard isPowerOfTwo(bitmap.granularity) else { throw InstarError.invalid("Granularity must be power of 2") }
@@ -109,63 +74,103 @@ extension Qcow2Format: PersistentBitmapStore {
         guard UInt64(bits.count) == (try Qcow2BitmapData.serializedBytes(size: virtualSize, granularityBits: bitsLog)) else {
             throw InstarError.invalid("Bitmaps are incompatible and can't be merged")
         }
-        guard bitmaps.count + pendingBitmaps.count < Int(Qcow2.maxBitmaps) else {
+        guard liveBitmaps.count + addedBitmaps.count < Int(Qcow2.maxBitmaps) else {
             throw InstarError.invalid("Maximum number of persistent bitmaps is already reached")
         }
-        // qemu keeps a node's bitmaps newest first, and stores them in that order.
-        pendingBitmaps.insert((bitmap: bitmap, bits: bits), at: 0)
+        // qemu keeps a node's bitmaps newest first, and stores new ones in that order.
+        addedBitmaps.insert(Qcow2LiveBitmap(adding: bitmap.name, granularityBits: bitsLog, enabled: bitmap.enabled,
+                                            bits: bits, size: virtualSize, clusterSize: header.clusterSize,
+                                            file: file), at: 0)
     }
 
-    /// Writes the bitmaps added since the open (called from close, before the caches are written back).
-    func storePendingBitmaps() throws {
-        guard !pendingBitmaps.isEmpty else { return }
-        let pending = pendingBitmaps
-        pendingBitmaps = []
+    /// The bitmaps qemu stores at close: every one but those already inconsistent at open.
+    var bitmapsToStore: [Qcow2LiveBitmap] { (liveBitmaps + addedBitmaps).filter { !$0.inconsistent } }
+
+    /// The rest of qcow2_do_open for a writable image: the header loses the bitmaps extension qemu ignored and
+    /// the autoclear bits it does not know, and the bitmaps about to change are marked in use on disk
+    /// (update_ext_header_and_dir_in_place: the autoclear bit dropped, the directory rewritten in place with
+    /// the in-use flags, the autoclear bit set again). A read-only open changes nothing.
+    func prepareBitmapsForWriting() throws {
+        guard writable else { return }
+        let knownAutoclear = Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw
+        let updateHeader = extensions.ignoredBitmaps
+            || (header.version >= 3 && header.autoclearFeatures & ~knownAutoclear != 0)
+        if header.version >= 3 { header.autoclearFeatures &= knownAutoclear }
+        let marking = liveBitmaps.filter { !$0.inconsistent }
+        if let ext = extensions.bitmaps, !marking.isEmpty {
+            header.autoclearFeatures &= ~Qcow2.autoclearBitmaps
+            try writeHeaderCluster(header, bitmaps: ext)
+            let entries = liveBitmaps.compactMap { bm -> Qcow2BitmapEntry? in
+                guard var e = bm.stored else { return nil }
+                e.flags |= Qcow2BitmapEntry.flagInUse
+                return e
+            }
+            try writeAligned(Qcow2Bitmaps.encodeDirectory(entries), at: ext.directoryOffset)
+            try file.sync()
+            header.autoclearFeatures |= Qcow2.autoclearBitmaps
+            try writeHeaderCluster(header, bitmaps: ext)
+        } else if updateHeader {
+            try writeHeaderCluster(header, bitmaps: extensions.bitmaps)
+        }
+    }
+
+    /// bdrv_set_dirty after a guest write, zero write or discard: the enabled bitmaps take the range.
+    func markBitmapsDirty(offset: UInt64, length: UInt64) throws {
+        for bm in liveBitmaps + addedBitmaps where bm.enabled && !bm.inconsistent {
+            try bm.setDirty(offset: offset, length: length)
+        }
+    }
+
+    /// qcow2_truncate_bitmaps_check: every bitmap must be usable for the image to change size.
+    func checkBitmapsResizable() throws {
+        if let bm = liveBitmaps.first(where: { $0.inconsistent }) {
+            throw InstarError(.unsupported, "Bitmap '\(bm.name)' is inconsistent and cannot be used\n"
+                              + "Try block-dirty-bitmap-remove to delete this bitmap from disk", errno: ENOTSUP)
+        }
+    }
+
+    /// bdrv_dirty_bitmap_truncate: the bitmaps follow the new size.
+    func resizeBitmaps(to newSize: UInt64) throws {
+        for bm in liveBitmaps + addedBitmaps { try bm.truncate(to: newSize) }
+    }
+
+    /// qcow2_store_persistent_dirty_bitmaps at close.
+    func storeBitmaps() throws {
+        guard writable else { return }
+        let list = bitmapsToStore
+        guard !list.isEmpty else { return }
         let w = try writeSide()
         try w.prepare()
-        try w.storeBitmaps(pending)
+        try w.storeBitmaps()
+        liveBitmaps = []
+        addedBitmaps = []
+    }
+
+    /// Writes bitmap metadata as qemu's file layer does under O_DIRECT: a request that does not cover whole
+    /// blocks of its alignment (512 bytes here) becomes a read-modify-write of those blocks, so the bytes around
+    /// it keep what the file held (zeroes past its end) and the file may grow to the block's end.
+    func writeAligned(_ bytes: [UInt8], at offset: UInt64) throws {
+        let align: UInt64 = 512
+        let end = try offset.adding(UInt64(bytes.count))
+        guard file.direct, offset % align != 0 || end % align != 0 else {
+            try file.write(bytes, at: offset)
+            return
+        }
+        let start = offset / align * align
+        var block = [UInt8](repeating: 0, count: Int(try end.alignedUp(align) - start))
+        try block.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: start) }
+        let from = Int(offset - start)
+        block.replaceSubrange(from..<(from + bytes.count), with: bytes)
+        try file.write(block, at: start)
     }
 }
 
-extension Qcow2Writer {
-    /// qcow2_store_persistent_dirty_bitmaps for an image without bitmaps yet: store_bitmap for each (data
-    /// clusters holding a dirty bit, then the table), bitmap_list_store (the directory), a cache flush, then
-    /// the header with the extension and the autoclear bit.
-    func storeBitmaps(_ list: [(bitmap: PersistentBitmap, bits: [UInt8])]) throws {
-        var entries: [Qcow2BitmapEntry] = []
-        for (bm, bits) in list {
-            let gbits = UInt8(bm.granularity.trailingZeroBitCount)
-            let total = UInt64(bits.count)
-            let tableSize = total.divCeil(clusterSize)
-            guard tableSize <= Qcow2BitmapData.maxTableEntries,
-                  tableSize * clusterSize <= Qcow2BitmapData.maxPhysBytes else {
-                throw InstarError.invalid("Bitmap '\(bm.name)' is too big")
-            }
-            var table = [UInt64](repeating: 0, count: Int(tableSize))
-            for k in 0..<Int(tableSize) {
-                let start = k * Int(clusterSize)
-                let end = min(start + Int(clusterSize), bits.count)
-                let chunk = bits[start..<end]
-                if !chunk.contains(where: { $0 != 0 }) { continue }
-                let off = try allocateClusters(1)
-                table[k] = off
-                var buf = Array(chunk)
-                buf.append(contentsOf: [UInt8](repeating: 0, count: Int(clusterSize) - buf.count))
-                try file.write(buf, at: off)
-            }
-            var tableOffset: UInt64 = 0
-            if tableSize > 0 {
-                tableOffset = try allocateClusters((tableSize * 8).divCeil(clusterSize))
-                try writePadded(Qcow2Writer.encodeBE64(table), at: tableOffset)
-            }
-            entries.append(Qcow2BitmapEntry(name: bm.name, granularityBits: gbits,
-                                            flags: bm.enabled ? Qcow2BitmapEntry.flagAuto : 0,
-                                            tableOffset: tableOffset, tableSize: UInt32(tableSize)))
-        }
-        // qcow2.txt "Bitmap directory": per entry 24 bytes, the name, padding to 8 bytes.
+extension Qcow2Bitmaps {
+    /// The directory (qcow2.txt "Bitmap directory"): per entry 24 bytes, the name, padding to 8 bytes.
+    static func encodeDirectory(_ entries: [Qcow2BitmapEntry]) -> [UInt8] {
         var dir: [UInt8] = []
         for e in entries {
-            var d = [UInt8](repeating: 0, count: Qcow2Bitmaps.entryHeaderBytes)
+            var d = [UInt8](repeating: 0, count: entryHeaderBytes)
             func put(_ at: Int, _ v: UInt64, _ n: Int) {
                 for i in 0..<n { d[at + i] = UInt8(truncatingIfNeeded: v >> UInt64(8 * (n - 1 - i))) }
             }
@@ -179,24 +184,79 @@ extension Qcow2Writer {
             d += [UInt8](repeating: 0, count: (8 - d.count % 8) % 8)
             dir += d
         }
+        return dir
+    }
+}
+
+extension Qcow2Writer {
+    /// qcow2_store_persistent_dirty_bitmaps: store_bitmap for each bitmap to keep (its data clusters holding a
+    /// set bit, then its table), a new directory that also lists the bitmaps left inconsistent, a cache flush,
+    /// the header with the extension and the autoclear bit; then the old directory and the old tables and data
+    /// are freed (the data clusters discarded from the file).
+    func storeBitmaps() throws {
+        // Clusters freed so far are free for qemu at once; here they wait for their L2 tables to be written.
+        try flushAll()
+        var entries: [Qcow2BitmapEntry] = []
+        var dropped: [Qcow2LiveBitmap] = []
+        for bm in format.liveBitmaps + format.addedBitmaps {
+            if bm.inconsistent, let e = bm.stored {
+                entries.append(e)
+                continue
+            }
+            let (tableOffset, tableSize) = try storeBitmap(bm)
+            entries.append(Qcow2BitmapEntry(name: bm.name, granularityBits: bm.granularityBits,
+                                            flags: bm.enabled ? Qcow2BitmapEntry.flagAuto : 0,
+                                            tableOffset: tableOffset, tableSize: tableSize))
+            if bm.stored != nil { dropped.append(bm) }
+        }
+        let dir = Qcow2Bitmaps.encodeDirectory(entries)
         guard UInt64(dir.count) <= Qcow2.maxBitmapDirectoryBytes else {
             throw InstarError.invalid("Bitmap directory is too large")
         }
         let dirOffset = try allocateClusters(UInt64(dir.count).divCeil(clusterSize))
-        try writePadded(dir, at: dirOffset)
+        try format.writeAligned(dir, at: dirOffset)
         try flushAll()
         try file.sync()
+        let old = format.extensions.bitmaps
         header.autoclearFeatures |= Qcow2.autoclearBitmaps
         bitmapsExtension = Qcow2BitmapsExtension(count: UInt32(entries.count), directorySize: UInt64(dir.count),
                                                  directoryOffset: dirOffset)
         try rewriteHeader()
+        format.extensions.bitmaps = bitmapsExtension
+        // The new directory is in place: what the old one named can go.
+        if let old { try freeRange(old.directoryOffset, old.directorySize) }
+        for bm in dropped {
+            guard let e = bm.stored else { continue }
+            for entry in bm.diskTable {
+                let offset = entry & Qcow2BitmapData.entryOffsetMask
+                if offset != 0 { try freeRange(offset, clusterSize, discard: true) }
+            }
+            try freeRange(e.tableOffset, UInt64(e.tableSize) * 8)
+        }
+        processDiscards()
     }
 
-    /// Tables and the directory take part of a cluster. Under O_DIRECT qemu's file layer writes whole blocks of
-    /// its request alignment (512 bytes here), so the file may end past their last byte: do the same.
-    private func writePadded(_ bytes: [UInt8], at offset: UInt64) throws {
-        var b = bytes
-        if file.direct { b += [UInt8](repeating: 0, count: (512 - b.count % 512) % 512) }
-        try file.write(b, at: offset)
+    /// store_bitmap: one cluster for each chunk holding a set bit, then the table.
+    private func storeBitmap(_ bm: Qcow2LiveBitmap) throws -> (UInt64, UInt32) {
+        let tableSize = UInt64(bm.chunkCount)
+        guard tableSize <= Qcow2BitmapData.maxTableEntries,
+              tableSize * clusterSize <= Qcow2BitmapData.maxPhysBytes else {
+            throw InstarError.invalid("Bitmap '\(bm.name)' is too big")
+        }
+        var table = [UInt64](repeating: 0, count: Int(tableSize))
+        for k in 0..<Int(tableSize) {
+            var chunk = try bm.chunk(k)
+            if !chunk.contains(where: { $0 != 0 }) { continue }
+            let off = try allocateClusters(1)
+            table[k] = off
+            chunk.append(contentsOf: [UInt8](repeating: 0, count: Int(clusterSize) - chunk.count))
+            try file.write(chunk, at: off)
+        }
+        var tableOffset: UInt64 = 0
+        if tableSize > 0 {
+            tableOffset = try allocateClusters((tableSize * 8).divCeil(clusterSize))
+            try format.writeAligned(Qcow2Writer.encodeBE64(table), at: tableOffset)
+        }
+        return (tableOffset, UInt32(tableSize))
     }
 }

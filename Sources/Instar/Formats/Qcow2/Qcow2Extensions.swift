@@ -48,6 +48,12 @@ struct Qcow2Extensions {
     var bitmaps: Qcow2BitmapsExtension?
     var crypto: Qcow2CryptoExtension?
     var dataFile: String?
+    /// A bitmaps extension was found without the autoclear bit that vouches for it (always so in a v2 image): a
+    /// program unaware of bitmaps wrote the image, so qemu ignores the bitmaps, warns, and drops the extension
+    /// on a writable open.
+    var ignoredBitmaps = false
+    /// Extensions qemu does not know, in file order: qemu keeps them when it writes the header again.
+    var unknown: [(type: UInt32, data: [UInt8])] = []
 
     /// Bytes of one extension header (type + length).
     static let entryHeaderBytes: UInt64 = 8
@@ -100,7 +106,10 @@ struct Qcow2Extensions {
                 if lenient { break }
                 guard len == bitmapsExtensionBytes else { throw InstarError.invalid("bitmaps_ext: Invalid extension length") }
                 // Without the autoclear bit a program unaware of bitmaps changed the image: qemu ignores them.
-                guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0 else { break }
+                guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0 else {
+                    ext.ignoredBitmaps = true
+                    break
+                }
                 let count = try dr.u32be(at: 0)
                 guard try dr.u32be(at: 4) == 0 else { throw InstarError.invalid("bitmaps_ext: Reserved field is not zero") }
                 let dirSize = try dr.u64be(at: 8)
@@ -132,8 +141,8 @@ struct Qcow2Extensions {
             case Qcow2.extDataFile:
                 ext.dataFile = try dr.string(at: 0, count: Int(len))
             default:
-                // Unknown extensions are preserved by qemu on rewrite; reading just skips them.
-                break
+                // Unknown extensions are preserved by qemu on rewrite (qcow2_update_header).
+                ext.unknown.append((type: type, data: data))
             }
             offset += (UInt64(len) + 7) & ~7
         }

@@ -14,7 +14,11 @@ public final class Qcow2Format: ImageFormat {
                   version >= 2 else { return 0 }
             return 100
         },
-        open: { try Qcow2Format(request: $0) })
+        open: { request in
+            let image = try Qcow2Format(request: request)
+            try image.prepareBitmapsForWriting()
+            return image
+        })
 
     public let formatName = "qcow2"
     let file: HostFile
@@ -41,8 +45,11 @@ public final class Qcow2Format: ImageFormat {
     let writable: Bool
     /// The write side, created on the first change.
     private var writer: Qcow2Writer?
-    /// Bitmaps added to a writable image, newest first; stored on close.
-    var pendingBitmaps: [(bitmap: PersistentBitmap, bits: [UInt8])] = []
+    /// The bitmaps of the directory, as loaded at open (see `Qcow2LiveBitmap`), in directory order.
+    /// Emptied once they are stored at close (qemu releases them then).
+    var liveBitmaps: [Qcow2LiveBitmap]
+    /// Bitmaps added to a writable image, newest first; stored on close after the loaded ones.
+    var addedBitmaps: [Qcow2LiveBitmap] = []
 
     public var hostFiles: [HostFile] { externalDataFile.map { [file, $0] } ?? [file] }
     public var virtualSize: UInt64 { header.size / 512 * 512 }
@@ -73,6 +80,15 @@ public final class Qcow2Format: ImageFormat {
         }
         let ext = try Qcow2Extensions.parse(area: area, header: h)
         extensions = ext
+        if ext.ignoredBitmaps {
+            // qcow2_read_extensions: the bitmaps are ignored, with a warning on every open.
+            Diagnostics.warning(h.version < 3
+                ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without "
+                    + "persistent bitmap support; so now they must all be considered inconsistent"
+                : "a program lacking bitmap support modified this file, so all bitmaps are now considered "
+                    + "inconsistent")
+            Diagnostics.plain("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+        }
         // qcow2_do_open: unless opened only to describe the image (BDRV_O_NO_IO, qemu-img info), an AES image
         // needs its key at open and a LUKS image its crypto header extension.
         if !request.options.metadataOnly {
@@ -153,13 +169,9 @@ public final class Qcow2Format: ImageFormat {
         mapper = Qcow2Mapper(header: h, file: file, l1: l1)
         refcounts = Qcow2RefcountReader(header: h, file: file)
         decompressor = Qcow2Decompressor(type: h.compressionType)
-        // qcow2_do_open: a writable open clears the autoclear bits it does not know at once (the extensions they
-        // vouch for may go stale), even if nothing is written later; a read-only open leaves them.
-        let knownAutoclear = Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw
-        if writable && h.version >= 3 && h.autoclearFeatures & ~knownAutoclear != 0 {
-            header.autoclearFeatures = h.autoclearFeatures & knownAutoclear
-            try file.write(Qcow2Writer.encodeBE64([header.autoclearFeatures]), at: 88)   // qcow2.txt: bytes 88-95
-        }
+        // qcow2_do_open loads every bitmap, read-only opens included: a broken table fails the open.
+        liveBitmaps = try Qcow2LiveBitmap.load(bitmaps, file: file, clusterSize: h.clusterSize,
+                                               virtualSize: h.size / 512 * 512)
     }
 
     /// The writer, created on first use; read-only images refuse.
@@ -179,22 +191,26 @@ public final class Qcow2Format: ImageFormat {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         try checkRange(offset, UInt64(buffer.count))
         try writeSide().write(buffer, at: offset, backing: backing)
+        try markBitmapsDirty(offset: offset, length: UInt64(buffer.count))
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool, backing: GuestReader?) throws {
         try checkRange(offset, length)
         try writeSide().writeZeroes(at: offset, length: length, mayUnmap: mayUnmap, backing: backing)
+        try markBitmapsDirty(offset: offset, length: length)
     }
 
     public func discard(at offset: UInt64, length: UInt64) throws {
         try checkRange(offset, length)
         try writeSide().discard(at: offset, length: length)
+        try markBitmapsDirty(offset: offset, length: length)
     }
 
     /// Stores one already compressed cluster (see `Qcow2Compressor`) at guest cluster `clusterIndex`, which must
     /// not be allocated yet (qemu's compressed write path, used by convert -c).
     public func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws {
         try writeSide().writeCompressed(clusterIndex: clusterIndex, compressedBytes: compressedBytes)
+        try markBitmapsDirty(offset: try clusterIndex.multiplied(by: header.clusterSize), length: header.clusterSize)
     }
 
     /// A compressor for this image's compression type.
@@ -207,7 +223,7 @@ public final class Qcow2Format: ImageFormat {
     }
 
     public func close() throws {
-        try storePendingBitmaps()
+        try storeBitmaps()
         if let w = writer {
             writer = nil
             try w.close()

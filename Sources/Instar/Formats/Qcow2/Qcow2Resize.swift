@@ -13,13 +13,12 @@ extension Qcow2Format: ImageResizable {
         if header.nbSnapshots != 0 && header.version < 3 {
             throw InstarError(.unsupported, "Can't resize a v2 image which has snapshots", errno: ENOTSUP)
         }
-        if !bitmaps.isEmpty {
-            throw InstarError(.unsupported, "Cannot resize qcow2 image with persistent bitmaps", errno: ENOTSUP)
-        }
+        try checkBitmapsResizable()
         let w = try writeSide()
         try w.prepare()
         try w.truncate(to: newSize, preallocation: preallocation, backing: backing)
         forgetDecompressed()
+        try resizeBitmaps(to: virtualSize)
     }
 }
 

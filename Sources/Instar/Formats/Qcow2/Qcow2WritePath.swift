@@ -156,8 +156,11 @@ extension Qcow2Writer {
             pos = e
         }
         // Group clusters into runs written with one pwrite each: in-place clusters with contiguous hosts, or
-        // clusters that get new, contiguous hosts.
+        // clusters that get new, contiguous hosts. As in qemu's qcow2_alloc_host_offset, new clusters that
+        // follow clusters already placed in this request are first sought right after them in the file
+        // (qcow2_alloc_clusters_at); only what cannot go there is allocated first-fit.
         var i = 0
+        var cursor: UInt64?
         while i < plans.count {
             var j = i + 1
             let newHost = plans[i].keepHost == nil
@@ -169,16 +172,32 @@ extension Qcow2Writer {
                 }
                 j += 1
             }
-            try writeRun(Array(plans[i..<j]), l2: l2, buffer: buffer, bufferStart: guest, bufferFrom: from,
-                         backing: backing)
+            var placed: UInt64?
+            if let h = plans[i].keepHost {
+                if h != cursor { cursor = nil }
+            } else if let c = cursor, !hasDataFile {
+                let got = try allocateAt(c, maxClusters: UInt64(j - i))
+                if got > 0 {
+                    placed = c
+                    j = i + Int(got)
+                    try setL2DependsOnRefcount()
+                }
+            }
+            let base = try writeRun(Array(plans[i..<j]), l2: l2, buffer: buffer, bufferStart: guest, bufferFrom: from,
+                                    backing: backing, host: placed)
+            cursor = base.map { $0 + UInt64(j - i) * clusterSize }
             i = j
         }
         format.forgetDecompressed()
     }
 
+    /// Writes one run and points its L2 entries at it; returns its first host cluster (nil with an external
+    /// data file). `host` is where new clusters were already allocated, if they were.
+    @discardableResult
     private func writeRun(_ run: [ClusterPlan], l2: Qcow2WriteCache<[UInt64]>.Entry, buffer: UnsafeRawBufferPointer,
-                          bufferStart: UInt64, bufferFrom: Int, backing: GuestReader?) throws {
-        guard let first = run.first, let last = run.last else { return }
+                          bufferStart: UInt64, bufferFrom: Int, backing: GuestReader?,
+                          host placed: UInt64? = nil) throws -> UInt64? {
+        guard let first = run.first, let last = run.last else { return nil }
         let wStart = first.writeStart
         let wEnd = last.writeEnd
         // Request bytes inside the run.
@@ -212,6 +231,8 @@ extension Qcow2Writer {
         let hostBase: UInt64
         if let h = first.keepHost {
             hostBase = h
+        } else if let h = placed {
+            hostBase = h
         } else if hasDataFile {
             // qcow2.txt: with an external data file a guest cluster lives at its guest offset.
             hostBase = first.guestCluster
@@ -237,6 +258,7 @@ extension Qcow2Writer {
             }
             if p.keepHost == nil && !hasDataFile { try freeEntry(p.oldEntry) }
         }
+        return hasDataFile ? nil : hostBase
     }
 
     // MARK: Zero writes

@@ -183,10 +183,6 @@ final class Qcow2Writer {
         if format.encrypted && format.crypt == nil {
             throw InstarError(.unsupported, "Writing encrypted qcow2 images is not supported", errno: ENOTSUP)
         }
-        if !format.bitmaps.isEmpty {
-            throw InstarError(.unsupported, "Writing qcow2 images with persistent bitmaps is not supported",
-                              errno: ENOTSUP)
-        }
         // Unknown autoclear bits say some extension may be stale now; qemu clears them on its first write.
         let keep = header.autoclearFeatures & (Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw)
         if header.version >= 3 && keep != header.autoclearFeatures {
