@@ -191,6 +191,9 @@ public protocol CompressedClusterWriting: AnyObject {
     func makeClusterCompressor() -> ClusterCompressor
     /// Stores an already compressed cluster at guest cluster `clusterIndex` (unallocated in this layer).
     func writeCompressed(clusterIndex: UInt64, compressedBytes: [UInt8]) throws
+    /// Ends a compressed convert (qemu-img's zero-length compressed write "to signal EOF"): the format may
+    /// align its file's end, which compressed streams leave anywhere.
+    func finishCompressedWrites() throws
 }
 
 extension ImageFormat {

@@ -535,6 +535,8 @@ public enum ConvertOperation {
         }
         do {
             try batch?.drain(&writer)
+            // convert_do_copy ends a successful compressed copy with an empty compressed write.
+            try compressor?.finishCompressedWrites()
             if options.targetCache.flushes { try targetFormat.flush() }
         } catch let f as CompressedWriteFailure {
             throw writeError(f)

@@ -10,6 +10,16 @@ extension Qcow2Format: CompressedClusterWriting {
     public func makeClusterCompressor() -> ClusterCompressor {
         header.hasDataFile ? Qcow2DataFileCompressor() : makeCompressor()
     }
+
+    /// qcow2_co_pwritev_compressed_part with no bytes: the image file is truncated to its own length as the
+    /// block layer reports it, which counts whole 512-byte sectors, so a file ending inside a sector (after a
+    /// compressed stream, or after an L1 table shorter than a sector) grows to the sector's end. It runs even
+    /// when nothing was written, and before the metadata is flushed at close.
+    public func finishCompressedWrites() throws {
+        let length = try file.size()
+        let aligned = try length.alignedUp(Qcow2.compressedSectorSize)
+        if aligned != length { try file.truncate(to: aligned) }
+    }
 }
 
 /// qcow2_co_pwritev_compressed_part refuses every compressed write to an image with an external data file, even
