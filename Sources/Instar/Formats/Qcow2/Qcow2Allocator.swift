@@ -81,17 +81,28 @@ extension Qcow2Writer {
         Qcow2Writer.setEntry(&e.table, index: index, order: refOrder, value: new)
         rbCache.markDirty(e)
         if new == 0 {
-            // The L2 entry that dropped this cluster may not be on disk yet: keep the cluster out of new
-            // allocations until the L2 cache has been written back.
+            // qemu lowers its free-cluster index at once. The L2 entry that dropped this cluster may not be on
+            // disk yet, so before the cluster is used again the L2 cache is written back (`claim`).
             pendingFree.insert(cluster)
+            freeHint = min(freeHint, cluster)
         }
     }
 
     // MARK: Finding free clusters
 
     func isFree(_ cluster: UInt64) throws -> Bool {
-        if cluster == 0 || pendingFree.contains(cluster) { return false }
+        if cluster == 0 { return false }
         return try refcount(ofCluster: cluster) == 0
+    }
+
+    /// Makes clusters [first, first + n) safe to use: any of them freed since the last L2 write-back may still be
+    /// named by an L2 table on disk, so the L2 cache is written back first.
+    func claim(_ first: UInt64, _ n: UInt64) throws {
+        guard !pendingFree.isEmpty else { return }
+        for c in first..<(first + n) where pendingFree.contains(c) {
+            try flushL2()
+            return
+        }
     }
 
     /// The first run of `n` free clusters at or after the free-cluster hint (qemu's alloc_clusters_noref).
@@ -120,12 +131,6 @@ extension Qcow2Writer {
     func allocateClusters(_ n: UInt64) throws -> UInt64 {
         for _ in 0..<64 {
             let first = try findFree(n)
-            // Rather than grow the file, make clusters freed since the last L2 write-back reusable (qemu reuses
-            // them at once; here their L2 tables must reach the disk first).
-            if !pendingFree.isEmpty, first + n > (try file.size()) >> clusterBits {
-                try flushL2()
-                continue
-            }
             // The search moves past the run whether or not it is taken, as qemu's free-cluster index does, so a
             // refcount block created for the run lands after it.
             freeHint = first + n
@@ -146,6 +151,7 @@ extension Qcow2Writer {
                 freeHint = min(freeHint, first)
                 continue
             }
+            try claim(first, n)
             for c in first..<(first + n) { try changeRefcount(ofCluster: c, by: 1) }
             highestAllocated = max(highestAllocated, first + n)
             return first << clusterBits
@@ -165,6 +171,7 @@ extension Qcow2Writer {
                   try isFree(c) else { break }
             got += 1
         }
+        if got > 0 { try claim(first, got) }
         for c in first..<(first + got) { try changeRefcount(ofCluster: c, by: 1) }
         if got > 0 { highestAllocated = max(highestAllocated, first + got) }
         return got
@@ -242,6 +249,7 @@ extension Qcow2Writer {
         if try blockOffset(tableIndex: t) != nil { return }
         let b = try findFree(1)
         freeHint = b + 1
+        try claim(b, 1)
         guard b != 0 else {
             throw InstarError(.corrupt, "Preventing invalid allocation of refcount block at offset 0", errno: EIO)
         }

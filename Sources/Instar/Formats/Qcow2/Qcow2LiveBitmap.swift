@@ -24,7 +24,8 @@ final class Qcow2LiveBitmap {
     let diskTable: [UInt64]
     /// Leading chunks whose bits may still be read from `diskTable` (a shrink drops the rest for good).
     private var diskChunks: Int
-    /// Chunks changed since the open, each exactly `chunkLength(k)` bytes with no bit set past the end.
+    /// Chunks changed since the open, each exactly `chunkLength(k)` bytes. Like qemu's hbitmap words, they keep
+    /// whatever bits the last word holds past the bitmap's end (an all-ones entry sets them), and store them.
     private var chunks: [Int: [UInt8]] = [:]
     /// Guest bytes covered: the image's virtual size.
     private(set) var size: UInt64
@@ -78,7 +79,7 @@ final class Qcow2LiveBitmap {
     // MARK: Reading
 
     /// The bytes of chunk `k` (load_bitmap_data for one table entry): held, or read through the table entry
-    /// (a data cluster, all zeroes, or all ones), with the bits past the bitmap's end cleared.
+    /// (a data cluster, all zeroes, or all ones) in whole words, as qemu deserializes them.
     func chunk(_ k: Int) throws -> [UInt8] {
         if let c = chunks[k] { return c }
         return try loadChunk(k)
@@ -99,27 +100,31 @@ final class Qcow2LiveBitmap {
         } else {
             out = [UInt8](repeating: 0, count: len)
         }
-        clearTail(&out, k)
         return out
     }
 
-    /// Clears the bits of chunk `k` that lie past the bitmap's last granule.
-    private func clearTail(_ c: inout [UInt8], _ k: Int) {
+    /// Clears the bits [from, to) of chunk `k` (bit indexes of the whole bitmap; only those inside the chunk).
+    private func clearBits(_ c: inout [UInt8], _ k: Int, from: UInt64, to: UInt64) {
         let firstBit = UInt64(k) * bitsPerChunk
-        guard bitCount < firstBit + UInt64(c.count) * 8 else { return }
-        let keep = bitCount > firstBit ? bitCount - firstBit : 0
-        let byte = Int(keep / 8)
-        if byte < c.count {
-            c[byte] &= UInt8(truncatingIfNeeded: (UInt16(1) << UInt16(keep % 8)) - 1)
-            for i in (byte + 1)..<c.count { c[i] = 0 }
+        var bit = max(from, firstBit)
+        let end = min(to, firstBit + UInt64(c.count) * 8)
+        while bit < end {
+            let local = bit - firstBit
+            c[Int(local / 8)] &= ~(UInt8(1) << UInt8(local % 8))
+            bit += 1
         }
     }
 
-    /// The whole serialized bitmap.
+    /// The whole serialized bitmap, only the granules inside the image set (what a merge into another bitmap
+    /// takes).
     func allBytes() throws -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(Int(serializedBytes))
-        for k in 0..<chunkCount { out += try chunk(k) }
+        for k in 0..<chunkCount {
+            var c = try chunk(k)
+            clearBits(&c, k, from: bitCount, to: UInt64.max)
+            out += c
+        }
         return out
     }
 
@@ -160,22 +165,24 @@ final class Qcow2LiveBitmap {
         }
     }
 
-    /// hbitmap_truncate: the bitmap follows the image to `newSize`; granules past a smaller end are dropped,
-    /// granules of a larger one start clear.
+    /// hbitmap_truncate: the bitmap follows the image to `newSize`. Shrinking clears the granules it drops and
+    /// then the words past the new end; growing adds clear words. Bits the last word held past the old end stay.
     func truncate(to newSize: UInt64) throws {
         let oldCount = chunkCount
-        // The old last chunk is held first: its padding bits were cleared for the old end, not the new one.
+        let oldBits = bitCount
+        // The old last chunk is held first: it may grow into a whole chunk, which its table entry cannot.
         if oldCount > 0 { chunks[oldCount - 1] = try chunk(oldCount - 1) }
         size = newSize
         let newCount = chunkCount
+        let newBits = bitCount
         diskChunks = min(diskChunks, newCount)
         for k in Array(chunks.keys) where k >= newCount { chunks[k] = nil }
-        for k in [oldCount - 1, newCount - 1] where k >= 0 && k < newCount {
-            guard var c = chunks.removeValue(forKey: k) else { continue }
+        for k in Set([oldCount - 1, newCount - 1]) where k >= 0 && k < newCount {
+            var c = try chunks.removeValue(forKey: k) ?? loadChunk(k)
             let len = chunkLength(k)
             if c.count < len { c += [UInt8](repeating: 0, count: len - c.count) }
             if c.count > len { c.removeLast(c.count - len) }
-            clearTail(&c, k)
+            if newBits < oldBits { clearBits(&c, k, from: newBits, to: oldBits) }
             chunks[k] = c
         }
     }

@@ -445,7 +445,9 @@ extension Qcow2Writer {
             let l1Index = pos >> (clusterBits + UInt64(header.l2Bits))
             let tableEnd = (l1Index + 1) << (clusterBits + UInt64(header.l2Bits))
             let stop = min(end, tableEnd)
-            if l1Index >= UInt64(mapper.l1.count) || mapper.l1[Int(l1Index)] & Qcow2.l1OffsetMask == 0 {
+            // A discard gets an L2 table even where none exists (qemu's get_cluster_table allocates it); the v2
+            // zero write, which only drops clusters, leaves such ranges alone.
+            if zeroOnly, l1Index >= UInt64(mapper.l1.count) || mapper.l1[Int(l1Index)] & Qcow2.l1OffsetMask == 0 {
                 if !hasBacking || header.version < 3 { pos = stop; continue }
             }
             let (_, l2) = try writableL2(l1Index: l1Index)
@@ -542,6 +544,7 @@ extension Qcow2Writer {
                 offset = 0
                 continue
             }
+            try claim(first, last - first + 1)
             for c in first...last { try changeRefcount(ofCluster: c, by: 1) }
             highestAllocated = max(highestAllocated, last + 1)
             freeByteOffset = offset + size

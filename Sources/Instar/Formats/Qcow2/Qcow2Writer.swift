@@ -36,7 +36,7 @@ final class Qcow2Writer {
     var freeHint: UInt64 = 0
     /// One past the highest cluster this writer allocated.
     var highestAllocated: UInt64 = 0
-    /// Clusters freed in the cache whose L2 entries may still be on disk.
+    /// Clusters freed since the last L2 write-back: an L2 table on disk may still name them.
     var pendingFree: Set<UInt64> = []
     /// Host ranges freed by discard or unmapping zero requests, punched out of the file once the request is done
     /// (qemu's discard list with pass-discard-request on), kept merged.
@@ -127,7 +127,6 @@ final class Qcow2Writer {
         }
         if !dirty.isEmpty { try file.sync() }
         refcountDependsOnL2 = false
-        if let low = pendingFree.min() { freeHint = min(freeHint, low) }
         pendingFree.removeAll()
     }
 
@@ -140,8 +139,7 @@ final class Qcow2Writer {
             try flushL2()
             try flushRefcounts()
         }
-        // Freed clusters whose L2 tables are now on disk may be reused.
-        if let low = pendingFree.min() { freeHint = min(freeHint, low) }
+        // Freed clusters whose L2 tables are now on disk may be reused without another write-back.
         pendingFree.removeAll()
     }
 
