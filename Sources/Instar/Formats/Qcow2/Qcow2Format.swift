@@ -14,7 +14,11 @@ public final class Qcow2Format: ImageFormat {
                   version >= 2 else { return 0 }
             return 100
         },
-        open: { try Qcow2Format(request: $0) })
+        open: { request in
+            let image = try Qcow2Format(request: request)
+            try image.repairIfDirty(request: request)
+            return image
+        })
 
     public let formatName = "qcow2"
     let file: HostFile
@@ -25,8 +29,9 @@ public final class Qcow2Format: ImageFormat {
     /// The header extensions as read (amend may rename the data file).
     var extensions: Qcow2Extensions
     let mapper: Qcow2Mapper
-    let refcounts: Qcow2RefcountReader
-    let snapshots: [SnapshotInfo]
+    /// Replaced (with `snapshots`) when the repair of a dirty image rewrote the metadata behind them.
+    var refcounts: Qcow2RefcountReader
+    var snapshots: [SnapshotInfo]
     let bitmaps: [Qcow2BitmapEntry]
     let luks: Qcow2LuksInfo?
     /// The unlocked payload cipher of a LUKS image opened for I/O.
@@ -39,8 +44,8 @@ public final class Qcow2Format: ImageFormat {
     private var metadataPreallocated: Bool?
     /// Opened read/write (the host file is writable and write locks are held).
     let writable: Bool
-    /// The write side, created on the first change.
-    private var writer: Qcow2Writer?
+    /// The write side, created on the first change (a repairing check may create it too).
+    var writer: Qcow2Writer?
     /// Bitmaps added to a writable image, newest first; stored on close.
     var pendingBitmaps: [(bitmap: PersistentBitmap, bits: [UInt8])] = []
 

@@ -1,0 +1,62 @@
+import Glibc
+
+/// qemu's qcow2_do_open ends by repairing an image whose header still carries the dirty bit (a writer with lazy
+/// refcounts stopped without closing): on a read/write open that is not an open for `check` (BDRV_O_CHECK), it
+/// runs its own check with errors and leaks fixed, printing the same lines `qemu-img check -r all` prints. The
+/// open fails when the check fails or counts internal errors; corruptions the check could not fix do not fail
+/// it, they only leave the image dirty (qemu's close then clears the bit, as it does after any writable open).
+extension Qcow2Format {
+    /// Repairs the image in place when qemu would, before anything else touches it.
+    func repairIfDirty(request: OpenRequest) throws {
+        guard writable, !request.options.check, header.incompatibleFeatures & Qcow2.incompatDirty != 0 else { return }
+        let result: CheckResult
+        do {
+            result = try check(repair: .all) { message in
+                Diagnostics.sink?(Diagnostics.Message(message.text + "\n", prefixed: message.errorReport))
+            }
+        } catch let failure as CheckFailure {
+            try? dropRepairWriter()
+            throw Self.repairFailure(failure.errnoValue)
+        } catch let error as InstarError {
+            try? dropRepairWriter()
+            throw Self.repairFailure(error.errnoValue)
+        }
+        // qemu counts internal errors of a check that ran to its end as EIO.
+        if result.checkErrors != 0 {
+            try? dropRepairWriter()
+            throw Self.repairFailure(EIO)
+        }
+        try reloadAfterRepair()
+        if header.incompatibleFeatures & Qcow2.incompatDirty != 0 {
+            // Corruptions remain, so the check left the image dirty; qemu's close marks it clean all the same.
+            let w = try writeSide()
+            w.markedDirty = true
+        }
+    }
+
+    private static func repairFailure(_ err: Int32) -> InstarError {
+        let e = err > 0 ? err : EIO
+        return InstarError(.corrupt, "Could not repair dirty image: \(strerrorString(e))", errno: e)
+    }
+
+    /// A repair of the snapshot table goes through the write side; its caches are written back and it is
+    /// dropped, so the next change starts from what is on disk.
+    private func dropRepairWriter() throws {
+        guard let w = writer else { return }
+        writer = nil
+        try w.close()
+    }
+
+    /// The check wrote through its own view of the file (header bits, a rebuilt refcount structure, copied
+    /// flags in L1 and L2 tables, a new snapshot table): everything this image read at open is read again.
+    private func reloadAfterRepair() throws {
+        try dropRepairWriter()
+        let h = try Qcow2Header(bytes: try file.readBytes(at: 0, count: Qcow2.decodedHeaderBytes))
+        header = h
+        mapper.l1 = try Qcow2Mapper.readL1(header: h, file: file)
+        mapper.cache.removeAll()
+        refcounts = Qcow2RefcountReader(header: h, file: file)
+        snapshots = try Qcow2Snapshots.read(header: h, file: file)
+        forgetDecompressed()
+    }
+}
