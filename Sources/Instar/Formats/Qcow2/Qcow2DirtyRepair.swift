@@ -4,7 +4,7 @@ import Glibc
 /// refcounts stopped without closing): on a read/write open that is not an open for `check` (BDRV_O_CHECK), it
 /// runs its own check with errors and leaks fixed, printing the same lines `qemu-img check -r all` prints. The
 /// open fails when the check fails or counts internal errors; corruptions the check could not fix do not fail
-/// it, they only leave the image dirty (qemu's close then clears the bit, as it does after any writable open).
+/// it, they only leave the image dirty until it is closed.
 extension Qcow2Format {
     /// Repairs the image in place when qemu would, before anything else touches it.
     func repairIfDirty(request: OpenRequest) throws {
@@ -26,12 +26,22 @@ extension Qcow2Format {
             try? dropRepairWriter()
             throw Self.repairFailure(EIO)
         }
+        // With corruptions left the check does not mark the image clean; close does (`markCleanOnClose`).
         try reloadAfterRepair()
-        if header.incompatibleFeatures & Qcow2.incompatDirty != 0 {
-            // Corruptions remain, so the check left the image dirty; qemu's close marks it clean all the same.
-            let w = try writeSide()
-            w.markedDirty = true
-        }
+    }
+
+    /// qcow2_inactivate: closing an image opened read/write marks it clean, whatever left the dirty bit set
+    /// (a repair that could not fix everything, a check of a dirty image), unless a corruption was signalled
+    /// while it was open.
+    func markCleanOnClose() throws {
+        guard writable, !corruptionSignalled, header.version >= 3 else { return }
+        let r = ByteReader(try file.readBytes(at: 72, count: 8))   // qcow2.txt: bytes 72-79 incompatible_features
+        let bits = try r.u64be(at: 0)
+        guard bits & Qcow2.incompatDirty != 0 else { return }
+        var be = (bits & ~Qcow2.incompatDirty).bigEndian
+        try withUnsafeBytes(of: &be) { try file.write($0, at: 72) }
+        try file.sync()
+        header.incompatibleFeatures = bits & ~Qcow2.incompatDirty
     }
 
     private static func repairFailure(_ err: Int32) -> InstarError {

@@ -46,6 +46,9 @@ public final class Qcow2Format: ImageFormat {
     let writable: Bool
     /// The write side, created on the first change (a repairing check may create it too).
     var writer: Qcow2Writer?
+    /// A check marked the image corrupt while it was open (qemu then detaches the driver: nothing more is
+    /// written, not even the clean mark of close).
+    var corruptionSignalled = false
     /// Bitmaps added to a writable image, newest first; stored on close.
     var pendingBitmaps: [(bitmap: PersistentBitmap, bits: [UInt8])] = []
 
@@ -217,6 +220,7 @@ public final class Qcow2Format: ImageFormat {
             writer = nil
             try w.close()
         }
+        try markCleanOnClose()
     }
 
     private func checkRange(_ offset: UInt64, _ length: UInt64) throws {
