@@ -233,3 +233,16 @@ def test_library_writable_open_repairs(tmp, builder):
     c = run(["qemu-img", "check", ipath])
     assert c.rc == 0, c
     assert image_bytes(tmp, "i") == image_bytes(tmp, "q")
+
+
+def test_library_unrepairable_open_fails(tmp):
+    """The library's writable open fails with qemu's message and leaves the file as qemu-io's failed open does."""
+    from instar import OPEN_READ_WRITE, Image, InstarError
+    make_pair(tmp, dirty_corrupt_refblock)
+    qpath, ipath = os.path.join(tmp, "q", "img.qcow2"), os.path.join(tmp, "i", "img.qcow2")
+    q = run(["qemu-io", "-c", "close", qpath])
+    assert "Could not repair dirty image: Input/output error" in q.err, q
+    with pytest.raises(InstarError) as e:
+        Image(ipath, format="qcow2", flags=OPEN_READ_WRITE)
+    assert str(e.value).endswith("Could not repair dirty image: Input/output error")
+    assert image_bytes(tmp, "i") == image_bytes(tmp, "q")
