@@ -15,15 +15,18 @@ extension Qcow2Format {
                 Diagnostics.sink?(Diagnostics.Message(message.text + "\n", prefixed: message.errorReport))
             }
         } catch let failure as CheckFailure {
-            try? dropRepairWriter()
+            abandonRepairWriter()
             throw Self.repairFailure(failure.errnoValue)
         } catch let error as InstarError {
-            try? dropRepairWriter()
+            abandonRepairWriter()
             throw Self.repairFailure(error.errnoValue)
+        } catch {
+            abandonRepairWriter()
+            throw Self.repairFailure(EIO)
         }
         // qemu counts internal errors of a check that ran to its end as EIO.
         if result.checkErrors != 0 {
-            try? dropRepairWriter()
+            abandonRepairWriter()
             throw Self.repairFailure(EIO)
         }
         // With corruptions left the check does not mark the image clean; close does (`markCleanOnClose`).
@@ -55,6 +58,13 @@ extension Qcow2Format {
         guard let w = writer else { return }
         writer = nil
         try w.close()
+    }
+
+    /// A failed open: qemu drops its metadata caches unwritten.
+    private func abandonRepairWriter() {
+        writer = nil
+        mapper.l2Provider = nil
+        mapper.cache.removeAll()
     }
 
     /// The check wrote through its own view of the file (header bits, a rebuilt refcount structure, copied
