@@ -136,7 +136,8 @@ extension Qcow2Format: PersistentBitmapStore {
 
     /// qcow2_store_persistent_dirty_bitmaps at close.
     func storeBitmaps() throws {
-        guard writable else { return }
+        // After a corruption was signalled qemu writes nothing more.
+        guard writable, !corruptionSignalled else { return }
         let list = bitmapsToStore
         guard !list.isEmpty else { return }
         let w = try writeSide()

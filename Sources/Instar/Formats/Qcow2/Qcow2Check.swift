@@ -9,7 +9,11 @@ import Glibc
 /// repair sees what the first one wrote.
 extension Qcow2Format: ImageCheckable {
     public func check(repair: CheckRepair, report: (CheckMessage) -> Void) throws -> CheckResult {
-        try withoutActuallyEscaping(report) { report in
+        // A repair rewrites metadata behind this image's back (the header bits, perhaps a whole new refcount
+        // structure): what it read at open is read again, so that close (which stores the bitmaps) and later
+        // writes start from the file.
+        defer { if !repair.isEmpty && writable && !corruptionSignalled { try? reloadAfterRepair() } }
+        return try withoutActuallyEscaping(report) { report in
             let checker = try Qcow2Checker(format: self, repair: repair, report: report)
             return try checker.run()
         }
@@ -136,6 +140,7 @@ final class Qcow2Checker {
             return
         }
         say("qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed")
+        format.corruptionSignalled = true
         var field = [UInt8](repeating: 0, count: 8)
         header.incompatibleFeatures |= Qcow2.incompatCorrupt
         field.putU64be(header.incompatibleFeatures, at: 0)
@@ -167,10 +172,14 @@ final class Qcow2Checker {
         guard writeAllowed(ignore: Self.olRefcountBlock, offset: Int64(blockOffset), size: clusterSize) else {
             throw Qcow2CheckAbort(errno: EIO)
         }
-        do {
-            try file.write(block, at: blockOffset)
-        } catch {
-            throw Qcow2CheckAbort(errno: EIO)
+        // qemu changes refcounts in its block cache; once a corruption was signalled the driver is detached and
+        // that cache never reaches the disk (neither a failed open nor a check after the corruption flushes it).
+        if !format.corruptionSignalled {
+            do {
+                try file.write(block, at: blockOffset)
+            } catch {
+                throw Qcow2CheckAbort(errno: EIO)
+            }
         }
         refblockCache[blockOffset] = block
         // update_refcount passes the freeing of a cluster down to the file (QCOW2_DISCARD_ALWAYS).
@@ -503,6 +512,8 @@ final class Qcow2Checker {
     /// check_refblocks: each refcount block must lie inside the image and be referenced exactly once.
     private func checkRefblocks(_ imrt: inout Qcow2RefcountArray, nbClusters: inout Int, rebuild: inout Bool) throws {
         for i in 0..<reftable.count {
+            // qemu's nb_clusters is the size of the in-memory array: a reference past the end grew both.
+            nbClusters = max(nbClusters, imrt.count)
             let raw = reftable[i]
             let offset = raw & Qcow2.reftableOffsetMask
             let cluster = offset >> UInt64(clusterBits)
@@ -608,6 +619,7 @@ final class Qcow2Checker {
         }
         try checkBitmaps(&imrt)
         try checkRefblocks(&imrt, nbClusters: &nbClusters, rebuild: &rebuild)
+        nbClusters = max(nbClusters, imrt.count)
     }
 
     /// compare_refcounts: the on-disk refcount of every cluster against the computed one.

@@ -16,6 +16,8 @@ public final class Qcow2Format: ImageFormat {
         },
         open: { request in
             let image = try Qcow2Format(request: request)
+            // qcow2_do_open's order: a dirty image is repaired before its bitmaps are marked in use.
+            try image.repairIfDirty(request: request)
             try image.prepareBitmapsForWriting()
             return image
         })
@@ -29,8 +31,9 @@ public final class Qcow2Format: ImageFormat {
     /// The header extensions as read (amend may rename the data file).
     var extensions: Qcow2Extensions
     let mapper: Qcow2Mapper
-    let refcounts: Qcow2RefcountReader
-    let snapshots: [SnapshotInfo]
+    /// Replaced (with `snapshots`) when the repair of a dirty image rewrote the metadata behind them.
+    var refcounts: Qcow2RefcountReader
+    var snapshots: [SnapshotInfo]
     let bitmaps: [Qcow2BitmapEntry]
     let luks: Qcow2LuksInfo?
     /// The unlocked payload cipher of a LUKS image opened for I/O.
@@ -43,8 +46,11 @@ public final class Qcow2Format: ImageFormat {
     private var metadataPreallocated: Bool?
     /// Opened read/write (the host file is writable and write locks are held).
     let writable: Bool
-    /// The write side, created on the first change.
-    private var writer: Qcow2Writer?
+    /// The write side, created on the first change (a repairing check may create it too).
+    var writer: Qcow2Writer?
+    /// A check marked the image corrupt while it was open (qemu then detaches the driver: nothing more is
+    /// written, not even the clean mark of close).
+    var corruptionSignalled = false
     /// The bitmaps of the directory, as loaded at open (see `Qcow2LiveBitmap`), in directory order.
     /// Emptied once they are stored at close (qemu releases them then).
     var liveBitmaps: [Qcow2LiveBitmap]
@@ -228,6 +234,7 @@ public final class Qcow2Format: ImageFormat {
             writer = nil
             try w.close()
         }
+        try markCleanOnClose()
     }
 
     private func checkRange(_ offset: UInt64, _ length: UInt64) throws {

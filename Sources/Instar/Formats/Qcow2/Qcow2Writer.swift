@@ -173,11 +173,6 @@ final class Qcow2Writer {
         if header.incompatibleFeatures & Qcow2.incompatCorrupt != 0 {
             throw InstarError(.permission, "qcow2: Image is corrupt; cannot be opened read/write", errno: EACCES)
         }
-        if header.incompatibleFeatures & Qcow2.incompatDirty != 0 {
-            throw InstarError(.unsupported,
-                              "qcow2: Image is dirty (lazy refcounts); repair it with 'qemu-img check -r all' first",
-                              errno: ENOTSUP)
-        }
         if format.encrypted && format.crypt == nil {
             throw InstarError(.unsupported, "Writing encrypted qcow2 images is not supported", errno: ENOTSUP)
         }
