@@ -304,3 +304,31 @@ def test_kill_while_storing(tmp):
         flags = {n: fl for _, n, fl, *_ in directory(path)}
         assert len(flags) == 8 and len(set(flags.values())) == 1, flags
     assert closed < 10, "every child finished before the kill: the test killed nothing"
+
+
+def refcount_damage(path, how):
+    """Breaks the refcounts of an image with 64 KiB clusters and one refcount block (cluster 2)."""
+    with open(path, "r+b") as f:
+        if how == "data refcount 0":
+            f.seek(0x20000 + 2 * 5)
+            f.write(b"\0\0")
+        else:
+            # The refcount table loses its only block: check -r all rebuilds the whole structure.
+            f.seek(0x10000)
+            f.write(b"\0" * 8)
+
+
+@pytest.mark.parametrize("how", ["data refcount 0", "refcount block lost"])
+@pytest.mark.parametrize("args", [["check", "-r", "all", "X"], ["check", "-r", "leaks", "X"], ["resize", "X", "8M"]],
+                         ids=lambda a: " ".join(a))
+def test_repair_then_store(images, tmp, how, args):
+    """A repairing check (or a write) on an image with bitmaps and broken refcounts: the bitmaps are stored at
+    close through the refcounts as the repair left them."""
+    if how == "refcount block lost" and args[:3] != ["check", "-r", "all"]:
+        # Without the repair qemu's overlap check marks the image corrupt while it stores the bitmaps and names
+        # its node ('#blockNNN', varying) in the message; instar refuses the write instead.
+        pytest.skip("qemu marks the image corrupt; its message names a varying node")
+    src = os.path.join(tmp, "src.qcow2")
+    shutil.copyfile(images["written"], src)
+    refcount_damage(src, how)
+    same_result(tmp, src, args)
