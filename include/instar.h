@@ -102,6 +102,9 @@ void instar_open_options_init(instar_open_options_t *opts);
  * qemu-style "json:{...}" string. On success *out is a handle the caller owns and releases with instar_close;
  * on failure *out is NULL. An encrypted image needs opts->key_secret (a json: name that sets encrypt.key-secret
  * to an id gets the passphrase under that id). opts may be NULL for the defaults.
+ * Opened with INSTAR_OPEN_READ_WRITE, a qcow2 image is treated as qemu treats it: a dirty image (lazy refcounts,
+ * writer killed) is repaired first, and its persistent bitmaps are marked in use until instar_close stores
+ * them again with the writes recorded (a handle never closed leaves them in use, as a killed QEMU does).
  * Errors: INSTAR_E_NOT_FOUND, INSTAR_E_IO, INSTAR_E_CORRUPT, INSTAR_E_UNSUPPORTED, INSTAR_E_LOCKED, INSTAR_E_CHAIN,
  * INSTAR_E_ENCRYPTED (no passphrase, or a wrong one: qemu's "Invalid password, cannot unlock any keyslot"),
  * INSTAR_E_PERMISSION.
@@ -109,7 +112,10 @@ void instar_open_options_init(instar_open_options_t *opts);
 int instar_open(const char *filename, const instar_open_options_t *opts, instar_image_t **out,
                 instar_error_t *err);
 
-/** Closes a handle from instar_open. NULL is allowed. */
+/**
+ * Closes a handle from instar_open: writes caches back and stores the persistent bitmaps of an image opened
+ * for writing. NULL is allowed. Failures here cannot be reported: call instar_flush first to see write errors.
+ */
 void instar_close(instar_image_t *image);
 
 /** Stores the virtual size in bytes in *size. Errors: INSTAR_E_INVALID (NULL image or size). */

@@ -78,6 +78,23 @@ def qimg(*args, cwd=None):
     return r
 
 
+def convert_both(tmp, args, srcs, fmt="qcow2", setup=None):
+    """Runs `convert ARGS SRCS OUT` with qemu-img (into out_q.FMT) and instar (into out_i.FMT) in `tmp`, each
+    after `setup(OUT)` if given; exit codes and messages must match. Returns (qemu's result, its target, ours)."""
+    outs = {}
+    for tool in ("q", "i"):
+        dst = os.path.join(tmp, f"out_{tool}.{fmt}")
+        if os.path.exists(dst):
+            os.unlink(dst)
+        if setup:
+            setup(dst)
+        argv = ["convert", *args, *srcs, dst]
+        outs[tool] = (qemu(*argv, cwd=tmp) if tool == "q" else run([INSTAR, *argv], cwd=tmp), dst)
+    (q, qd), (i, idst) = outs["q"], outs["i"]
+    assert (i.rc, i.out, i.err.replace(idst, qd)) == (q.rc, q.out, q.err), (q, i)
+    return q, qd, idst
+
+
 @pytest.fixture
 def tmp(tmp_path):
     return str(tmp_path)

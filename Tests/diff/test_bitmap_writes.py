@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import BUILD, ROOT, both, instar, qemu, qemu_io, qimg, run
+from conftest import BUILD, ROOT, instar, qemu, qemu_io, qimg, run
 from test_convert_bitmaps import bitmap_bits, directory
 
 BITMAPS_EXT = 0x23852875

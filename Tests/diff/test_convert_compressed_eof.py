@@ -7,7 +7,7 @@ import random
 import subprocess
 
 import pytest
-from conftest import INSTAR, qemu, qemu_io, qimg, run
+from conftest import convert_both, qemu_io, qimg
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -53,17 +53,7 @@ def cmp_files(a, b):
 
 def both_convert(tmp, args, srcs, setup=None):
     """Runs `convert ARGS SRCS OUT` with both tools; equal exit codes, messages and target files."""
-    outs = {}
-    for tool in ("q", "i"):
-        dst = os.path.join(tmp, f"out_{tool}.qcow2")
-        if os.path.exists(dst):
-            os.unlink(dst)
-        if setup:
-            setup(dst)
-        argv = ["convert", *args, *srcs, dst]
-        outs[tool] = (qemu(*argv, cwd=tmp) if tool == "q" else run([INSTAR, *argv], cwd=tmp), dst)
-    (q, qd), (i, idst) = outs["q"], outs["i"]
-    assert (i.rc, i.out, i.err.replace(idst, qd)) == (q.rc, q.out, q.err), (q, i)
+    q, qd, idst = convert_both(tmp, args, srcs, setup=setup)
     if q.rc == 0:
         cmp_files(qd, idst)
     return qd, idst

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import INSTAR, qemu, qemu_io, qimg, run
+from conftest import INSTAR, convert_both, qemu, qemu_io, qimg, run
 from imgs import MiB, chain, qcow2_image, sparse_raw
 
 import instar as pyinstar
@@ -38,17 +38,7 @@ def cluster_size(path):
 
 def same_convert(tmp, args, srcs, fmt="qcow2", setup=None, layout=True, slack_clusters=3, actual=True):
     """Runs qemu-img and instar into out_q / out_i and checks the results against each other."""
-    outs = {}
-    for tool in ("q", "i"):
-        dst = os.path.join(tmp, f"out_{tool}.{fmt}")
-        if os.path.exists(dst):
-            os.unlink(dst)
-        if setup:
-            setup(dst)
-        argv = ["convert", *args, *srcs, dst]
-        outs[tool] = (qemu(*argv, cwd=tmp) if tool == "q" else run([INSTAR, *argv], cwd=tmp), dst)
-    (q, qd), (i, idst) = outs["q"], outs["i"]
-    assert (i.rc, i.out, i.err.replace(idst, qd)) == (q.rc, q.out, q.err), (q, i)
+    q, qd, idst = convert_both(tmp, args, srcs, fmt=fmt, setup=setup)
     if q.rc != 0:
         return q, qd, idst
     cmp = qemu("compare", "-f", fmt, "-F", fmt, qd, idst)
