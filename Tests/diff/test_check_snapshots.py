@@ -297,14 +297,9 @@ def test_info(tmp, fn):
 
 # Known differences: when the rewritten table collides with metadata the damaged table pointed into, qemu's
 # pre-write overlap checks stop the repair (marking the image corrupt) in ways instar does not reproduce yet.
-OVERLAP_XFAIL = {"nb_over_max", "nb_huge", "extra_zero_in_place", "extra_eight_in_place"}
-
-
 @pytest.mark.parametrize("mode", ["leaks", "all"])
 @pytest.mark.parametrize("fn", DAMAGES, ids=ids)
 def test_repair(tmp, fn, mode):
-    if mode == "all" and fn.__name__ in OVERLAP_XFAIL:
-        pytest.xfail("qemu's overlap checks during the table rewrite are not reproduced")
     repair_both(tmp, damaged(tmp, fn), mode)
 
 

@@ -70,6 +70,8 @@ final class Qcow2Checker {
     var res = CheckResult()
     /// Refcount blocks read from disk, by offset (dropped when the structure is rebuilt).
     private var refblockCache: [UInt64: [UInt8]] = [:]
+    /// Blocks of `refblockCache` changed by a repair and not yet written.
+    private var dirtyRefblocks: Set<UInt64> = []
     /// qcow2_signal_corruption reports only the first corruption event.
     private var signalledCorruption = false
 
@@ -125,7 +127,10 @@ final class Qcow2Checker {
         } catch {
             throw Qcow2CheckAbort(errno: EIO)
         }
-        if refblockCache.count >= 64 { refblockCache.removeAll(keepingCapacity: true) }
+        if refblockCache.count >= 64 {
+            try flushRefblocks()
+            refblockCache.removeAll(keepingCapacity: true)
+        }
         refblockCache[offset] = b
         return b
     }
@@ -169,22 +174,31 @@ final class Qcow2Checker {
             new = old + diff
         }
         Qcow2RefcountArray.setEntry(&block, index: inBlock, order: order, value: new)
-        guard writeAllowed(ignore: Self.olRefcountBlock, offset: Int64(blockOffset), size: clusterSize) else {
-            throw Qcow2CheckAbort(errno: EIO)
-        }
-        // qemu changes refcounts in its block cache; once a corruption was signalled the driver is detached and
-        // that cache never reaches the disk (neither a failed open nor a check after the corruption flushes it).
-        if !format.corruptionSignalled {
-            do {
-                try file.write(block, at: blockOffset)
-            } catch {
-                throw Qcow2CheckAbort(errno: EIO)
-            }
-        }
+        // qemu changes refcounts in its block cache, written back (with the overlap check) when the cache is
+        // flushed or emptied: `flushRefblocks`.
         refblockCache[blockOffset] = block
+        dirtyRefblocks.insert(blockOffset)
         // update_refcount passes the freeing of a cluster down to the file (QCOW2_DISCARD_ALWAYS).
         if decrease && new == 0 {
             try? file.punchHole(at: UInt64(bitPattern: cluster) << UInt64(clusterBits), length: UInt64(clusterSize))
+        }
+    }
+
+    /// qcow2_cache_flush for the refcount block cache: the changed blocks reach the file, each after the overlap
+    /// check. Once a corruption was signalled the driver is detached and the cache never reaches the disk.
+    func flushRefblocks() throws {
+        defer { dirtyRefblocks.removeAll() }
+        if format.corruptionSignalled { return }
+        for offset in dirtyRefblocks.sorted() {
+            guard let block = refblockCache[offset] else { continue }
+            guard writeAllowed(ignore: Self.olRefcountBlock, offset: Int64(bitPattern: offset), size: clusterSize) else {
+                throw Qcow2CheckAbort(errno: EIO)
+            }
+            do {
+                try file.write(block, at: offset)
+            } catch {
+                throw Qcow2CheckAbort(errno: EIO)
+            }
         }
     }
 
@@ -239,7 +253,7 @@ final class Qcow2Checker {
     }
 
     /// qcow2_pre_write_overlap_check: false (after signalling the corruption) when the write would hit metadata.
-    private func writeAllowed(ignore: Int, offset: Int64, size: Int64) -> Bool {
+    func writeAllowed(ignore: Int, offset: Int64, size: Int64) -> Bool {
         guard let what = metadataOverlap(ignore: ignore, offset: offset, size: size) else { return true }
         signalCorruption("Preventing invalid write on metadata (overlaps with \(what))")
         return false
@@ -844,6 +858,8 @@ final class Qcow2Checker {
     /// rebuild_refcount_structure: a new refcount table and blocks from the in-memory refcounts, written into
     /// free clusters (usually past the end of the image). The old structure is leaked and fixed afterwards.
     private func rebuildRefcountStructure(_ imrt: inout Qcow2RefcountArray, nbClusters: inout Int) throws {
+        // qcow2_cache_empty: written back first, then dropped.
+        try flushRefblocks()
         refblockCache.removeAll()
         var newTable: [UInt64] = []
         do {
@@ -995,11 +1011,14 @@ final class Qcow2Checker {
         do {
             try checkRefcounts()
         } catch let e as Qcow2CheckAbort {
+            // The image is still closed afterwards, which writes the cache back (unless it was marked corrupt).
+            try? flushRefblocks()
             res.add(snapshotRes, allocation: false)
             throw CheckFailure(partial: res, errnoValue: e.errno)
         }
         do {
             try checkFixSnapshotTable(&snapshotRes, table: table)
+            try flushRefblocks()
         } catch let e as Qcow2CheckAbort {
             res.add(snapshotRes, allocation: false)
             throw CheckFailure(partial: res, errnoValue: e.errno)

@@ -128,7 +128,8 @@ extension Qcow2Writer {
     /// snapshot discards down by default).
     /// `report` receives the line qemu prints when freeing the old table fails.
     func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64,
-                            report: (String) -> Void = { _ in }) throws {
+                            report: (String) -> Void = { _ in },
+                            overlapCheck: (UInt64, UInt64) throws -> Void = { _, _ in }) throws {
         var size: UInt64 = 0
         for e in entries {
             size = try size.alignedUp(8)
@@ -142,6 +143,8 @@ extension Qcow2Writer {
         let tableOffset = clusters == 0 ? 0 : try allocateClusters(clusters)
         try flushAll()
         try file.sync()
+        // qcow2_write_snapshots: the new clusters must be free of metadata (qcow2_pre_write_overlap_check).
+        if tableOffset != 0 { try overlapCheck(tableOffset, size) }
         var offset = tableOffset
         func be(_ v: UInt64, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: v >> UInt64(8 * (n - 1 - $0))) } }
         for e in entries {
@@ -270,6 +273,8 @@ extension Qcow2Checker {
     func checkFixSnapshotTable(_ sres: inout CheckResult, table: Qcow2SnapshotTable.ReadResult) throws {
         guard sres.corruptions != 0 && fix.contains(.errors) else { return }
         do {
+            // qcow2_write_snapshots allocates through the refcount cache and flushes it.
+            try flushRefblocks()
             let w = try format.writeSide()
             // A rebuilt refcount structure moved the refcount table since the writer last looked.
             w.header.refcountTableOffset = header.refcountTableOffset
@@ -277,7 +282,12 @@ extension Qcow2Checker {
             w.header.nbSnapshots = header.nbSnapshots
             w.header.snapshotsOffset = header.snapshotsOffset
             w.reftable = reftable
-            try w.writeSnapshotTable(table.entries, oldSize: table.size, report: { say($0) })
+            try w.writeSnapshotTable(table.entries, oldSize: table.size, report: { say($0) },
+                                     overlapCheck: { offset, size in
+                guard self.writeAllowed(ignore: 0, offset: Int64(bitPattern: offset), size: Int64(bitPattern: size)) else {
+                    throw InstarError(.corrupt, "Preventing invalid write on metadata", errno: EIO)
+                }
+            })
         } catch {
             let e = (error as? InstarError)?.errnoValue ?? EIO
             sres.checkErrors += 1
