@@ -43,7 +43,11 @@ extension Qcow2Writer {
             // with metadata preallocation.
             let mode: ResizePreallocation = hasDataFile && header.dataFileRaw && preallocation == .off
                 ? .metadata : preallocation
-            if mode != .off && newSize > oldLength {
+            // Set when the grown area already reads as zeroes over a longer backing file.
+            var zeroed = false
+            if (mode == .falloc || mode == .full) && !hasDataFile {
+                zeroed = try preallocateFile(from: oldLength, to: newSize, mode: mode, backing: backing)
+            } else if mode != .off && newSize > oldLength {
                 try preallocate(from: oldLength, to: newSize, mode: mode)
             }
             if hasDataFile && mode == .off {
@@ -52,7 +56,7 @@ extension Qcow2Writer {
             }
             // bdrv_co_truncate: a backing file longer than the old size would show through the new area, so
             // it is zeroed (BDRV_REQ_ZERO_WRITE).
-            if let backing, newSize > oldLength, backing.virtualSize > oldLength {
+            if let backing, !zeroed, newSize > oldLength, backing.virtualSize > oldLength {
                 try zeroGrownArea(from: oldLength, to: newSize, backing: backing)
             }
         }
@@ -180,6 +184,89 @@ extension Qcow2Writer {
             let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
             try HostFileCreate.grow(file, to: lastEnd, preallocation: m)
         }
+    }
+
+    /// The falloc/full branch of qcow2_co_truncate for an image without an external data file: one refcount area
+    /// at the end of the used clusters, sized exactly for the new data clusters and the L2 tables they may need
+    /// (so that the refcount table always moves there), the data clusters right after it, the file grown over
+    /// them with the requested preallocation, and then L2 entries for all of them. A partial first cluster is
+    /// copied into its new host cluster (the copy-on-write of qcow2_alloc_cluster_link_l2) and its old one freed.
+    /// Over a backing file longer than the old size the grown file's zeroes stand for the zero
+    /// write, so with extended L2 entries every new subcluster is marked allocated; returns whether it did so.
+    private func preallocateFile(from oldLength: UInt64, to newSize: UInt64, mode: ResizePreallocation,
+                                 backing: GuestReader?) throws -> Bool {
+        let hideBacking = (backing?.virtualSize ?? 0) > oldLength
+        let fileLength = try file.size()
+        let oldFileClusters: UInt64
+        if let last = try lastUsedCluster(below: fileLength) {
+            oldFileClusters = last + 1
+        } else {
+            oldFileClusters = fileLength.divCeil(clusterSize)
+        }
+        let firstGuest = oldLength.alignedDown(clusterSize)
+        let dataClusters = (try newSize.alignedUp(clusterSize) - firstGuest) >> clusterBits
+        // An overestimate: the L2 tables may land anywhere, the area only has to be able to count them.
+        let l2Tables = dataClusters.divCeil(l2Entries) + 1
+        let start: UInt64
+        do {
+            start = try refcountArea(startCluster: oldFileClusters, additional: try dataClusters.adding(l2Tables),
+                                     exact: true)
+        } catch let e as InstarError {
+            throw e.prepending("Failed to resize refcount structures: ")
+        }
+        let got = try allocateAt(start << clusterBits, maxClusters: dataClusters)
+        guard got == dataClusters else {
+            throw InstarError(.io, "Failed to allocate data clusters: \(strerrorString(EIO))", errno: EIO)
+        }
+        let hostStart = start << clusterBits
+        let newFileSize = try (start + dataClusters).multiplied(by: clusterSize)
+        do {
+            // file-posix refuses to preallocate while shrinking the file.
+            guard newFileSize >= fileLength else {
+                throw InstarError(.unsupported, "Cannot use preallocation for shrinking files", errno: ENOTSUP)
+            }
+            try HostFileCreate.grow(file, to: newFileSize, preallocation: mode == .full ? .full : .falloc)
+        } catch let e as InstarError {
+            try freeRange(hostStart, dataClusters << clusterBits)
+            throw e.prepending("Failed to resize underlying file: ")
+        }
+        // The head of a partial first cluster, read before its mapping changes.
+        let headBytes = oldLength - firstGuest
+        if headBytes > 0 && dataClusters > 0 {
+            var head = [UInt8](repeating: 0, count: Int(headBytes))
+            try head.withUnsafeMutableBytes { try format.read(into: $0, at: firstGuest, backing: backing) }
+            try head.withUnsafeBytes { raw in
+                if let c = format.crypt {
+                    let sealed = try c.encrypted(raw, at: hostStart)
+                    defer { sealed.deallocate() }
+                    try file.write(UnsafeRawBufferPointer(sealed), at: hostStart)
+                } else {
+                    try file.write(raw, at: hostStart)
+                }
+            }
+            try syncData()
+        }
+        let tableShift = clusterBits + UInt64(header.l2Bits)
+        var guest = firstGuest
+        var host = hostStart
+        var left = dataClusters
+        while left > 0 {
+            let first = (guest >> clusterBits) & (l2Entries - 1)
+            let n = min(left, l2Entries - first)
+            let (_, l2) = try writableL2(l1Index: guest >> tableShift)
+            try setL2DependsOnRefcount()
+            for k in 0..<n {
+                let (old, bitmap) = entryPair(l2.table, first + k)
+                // All subclusters allocated, none zero (qcow2_alloc_cluster_link_l2 for a write of whole clusters).
+                let newBitmap = hideBacking && extended ? UInt64(0xffff_ffff) : bitmap
+                setEntryPair(l2, first + k, (host + k * clusterSize) | Qcow2.l2Copied, newBitmap)
+                if old != 0 { try freeEntry(old) }
+            }
+            guest += n * clusterSize
+            host += n * clusterSize
+            left -= n
+        }
+        return hideBacking
     }
 
     // MARK: Shrinking
