@@ -311,6 +311,8 @@ extension Qcow2Writer {
             let n = min(left, l2Entries - first)
             let (_, l2) = try writableL2(l1Index: guest >> tableShift)
             try setL2DependsOnRefcount()
+            // The grown file's zeroes are stable before an L2 entry names them.
+            l2DependsOnFlush = true
             for k in 0..<n {
                 let (old, bitmap) = entryPair(l2.table, first + k)
                 // All subclusters allocated, none zero (qcow2_alloc_cluster_link_l2 for a write of whole clusters).
