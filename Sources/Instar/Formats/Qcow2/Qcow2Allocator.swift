@@ -290,84 +290,68 @@ extension Qcow2Writer {
         try file.sync()
     }
 
-    /// Builds a larger refcount table at `startCluster` (past the end of the image's data) together with the
-    /// refcount blocks that describe the new area, enters block `newOffset` at `newIndex`, and switches the
-    /// header to it in one write once it is complete (qemu's qcow2_refcount_area, with 50 % spare entries).
-    func refcountArea(startCluster start: UInt64, newIndex: UInt64, newOffset: UInt64) throws {
-        let perTableCluster = clusterSize / 8
-        let total = Qcow2Create.refcountMetadataSize(clusters: start, clusterSize: clusterSize,
-                                                     refcountOrder: refOrder, generous: true).blocks
-        var tableSize = try total.adding(total.divCeil(2)).alignedUp(perTableCluster)
-        tableSize = max(tableSize, perTableCluster)
-        guard total <= Qcow2.maxRefcountTableBytes, tableSize * 8 <= Qcow2.maxRefcountTableBytes,
-              newIndex < total else {
-            throw InstarError(.unsupported, "Refcount table too large", errno: EFBIG)
-        }
-        let tableClusters = tableSize / perTableCluster
-        var table = [UInt64](repeating: 0, count: Int(tableSize))
+    /// qemu's qcow2_refcount_area: builds a new refcount table at `startCluster` (past the end of everything in
+    /// use) together with the refcount blocks that describe the new structures and `additional` clusters after
+    /// them (`Qcow2RefcountArea`), enters block `newOffset` at `newIndex`, and switches the header to the table in
+    /// one write once blocks and table are on disk. The old table is freed afterwards (not discarded: qemu's
+    /// pass-discard-other is off). Returns the first cluster after the new structures.
+    @discardableResult
+    func refcountArea(startCluster start: UInt64, additional: UInt64 = 0, exact: Bool = false,
+                      newIndex: UInt64 = 0, newOffset: UInt64? = nil) throws -> UInt64 {
+        let area = try Qcow2RefcountArea(startCluster: start, additional: additional, exact: exact,
+                                         clusterBits: clusterBits, refcountOrder: refOrder)
+        var table = [UInt64](repeating: 0, count: Int(area.tableEntries))
         for i in 0..<min(reftable.count, table.count) { table[i] = reftable[i] }
-        table[Int(newIndex)] = newOffset
-        let areaIndex = start >> refBlockBits
-        var additional: UInt64 = 0
-        if areaIndex < total {
-            for i in areaIndex..<total where table[Int(i)] & Qcow2.reftableOffsetMask == 0 { additional += 1 }
-        }
-        let tableStart = start + additional
-        let end = tableStart + tableClusters
-        var next = start
-        if areaIndex < total {
-            for i in areaIndex..<total {
-                let e: Qcow2WriteCache<[UInt8]>.Entry
-                let existing = table[Int(i)] & Qcow2.reftableOffsetMask
-                if existing != 0 {
-                    e = try refBlock(at: existing)
-                } else {
-                    e = rbCache.insert([UInt8](repeating: 0, count: Int(clusterSize)), at: next << clusterBits,
-                                       dirty: true)
-                    table[Int(i)] = next << clusterBits
-                    next += 1
-                }
-                let firstCovered = i << refBlockBits
-                guard firstCovered < end else { continue }
-                let from = start > firstCovered ? start - firstCovered : 0
-                let to = min(end - firstCovered, UInt64(1) << refBlockBits)
-                for j in from..<max(from, to) {
-                    Qcow2Writer.setEntry(&e.table, index: j, order: refOrder, value: 1)
-                }
-                rbCache.markDirty(e)
+        if let o = newOffset {
+            guard newIndex < area.blockCount else {
+                throw InstarError(.io, "Internal error: refcount block index outside the new table", errno: EIO)
             }
+            table[Int(newIndex)] = o
+        }
+        let placed = area.place(in: &table, clusterBits: clusterBits)
+        // Clusters freed since the last L2 write-back may lie in the area; no L2 table on disk may name them
+        // once they hold refcount structures.
+        try claim(start, placed.endCluster - start)
+        for b in placed.blocks {
+            let e: Qcow2WriteCache<[UInt8]>.Entry
+            if b.isNew {
+                e = rbCache.insert([UInt8](repeating: 0, count: Int(clusterSize)), at: b.offset, dirty: true)
+            } else {
+                e = try refBlock(at: b.offset)
+            }
+            guard b.setFrom < b.setTo else { continue }
+            for j in b.setFrom..<b.setTo {
+                Qcow2Writer.setEntry(&e.table, index: j, order: refOrder, value: 1)
+            }
+            rbCache.markDirty(e)
         }
         try flushRefcounts()
-        var bytes = [UInt8](repeating: 0, count: table.count * 8)
-        for (i, v) in table.enumerated() {
-            var x = v
-            for k in stride(from: 7, through: 0, by: -1) {
-                bytes[i * 8 + k] = UInt8(truncatingIfNeeded: x)
-                x >>= 8
-            }
-        }
-        let tableOffset = tableStart << clusterBits
-        try file.write(bytes, at: tableOffset)
+        let tableOffset = placed.tableCluster << clusterBits
+        try file.write(Qcow2Writer.encodeBE64(table), at: tableOffset)
         try file.sync()
 
         // qcow2.txt: header bytes 48-55 refcount_table_offset, 56-59 refcount_table_clusters, written at once.
         var h = [UInt8](repeating: 0, count: 12)
         for k in 0..<8 { h[k] = UInt8(truncatingIfNeeded: tableOffset >> UInt64(56 - 8 * k)) }
-        for k in 0..<4 { h[8 + k] = UInt8(truncatingIfNeeded: tableClusters >> UInt64(24 - 8 * k)) }
+        for k in 0..<4 { h[8 + k] = UInt8(truncatingIfNeeded: area.tableClusters >> UInt64(24 - 8 * k)) }
         try file.write(h, at: 48)
         try file.sync()
 
         let oldOffset = header.refcountTableOffset
         let oldClusters = UInt64(header.refcountTableClusters)
         header.refcountTableOffset = tableOffset
-        header.refcountTableClusters = UInt32(tableClusters)
+        header.refcountTableClusters = UInt32(area.tableClusters)
+        format.header.refcountTableOffset = tableOffset
+        format.header.refcountTableClusters = UInt32(area.tableClusters)
         reftable = table
-        highestAllocated = max(highestAllocated, end)
+        highestAllocated = max(highestAllocated, placed.endCluster)
         // The header on disk no longer names the old table and nothing else points into it, so its clusters can
         // be reused at once, as qemu does.
         for c in (oldOffset >> clusterBits)..<((oldOffset >> clusterBits) + oldClusters) {
             try changeRefcount(ofCluster: c, by: -1)
             if try refcount(ofCluster: c) == 0, pendingFree.remove(c) != nil { freeHint = min(freeHint, c) }
         }
+        format.refcounts.invalidate()
+        return placed.endCluster
     }
 }

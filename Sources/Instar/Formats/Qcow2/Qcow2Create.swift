@@ -774,76 +774,47 @@ final class Qcow2Builder {
 
     var pendingBlock: (UInt64, UInt64)?
 
-    /// qcow2_refcount_area: refcount blocks and a new refcount table at `start`, covering everything up to
-    /// the area itself plus `additional` clusters; returns the end of the new structures.
+    /// qcow2_refcount_area (layout shared with the writer, `Qcow2RefcountArea`): refcount blocks and a new
+    /// refcount table at `start`, covering everything up to the area itself plus `additional` clusters; returns
+    /// the end of the new structures.
     func refcountArea(start: UInt64, additional: UInt64, exact: Bool, newIndex: UInt64, newOffset: UInt64) throws -> UInt64 {
-        let total = Qcow2Create.refcountMetadataSize(clusters: (start >> cb) + additional, clusterSize: cs,
-                                                     refcountOrder: UInt64(s.refcountBits.trailingZeroBitCount),
-                                                     generous: !exact).blocks
-        let perTable = cs / 8
-        guard total <= (8 << 20) / 8 else { throw InstarError(.range, "File too large", errno: 27) }
-        let areaIndex = (start >> cb) / refblockEntries
-        var tableSize = exact ? total : total + total.divCeil(2)
-        tableSize = try tableSize.alignedUp(perTable)
-        let tableClusters = tableSize * 8 / cs
-        var newTable = [UInt64](repeating: 0, count: Int(tableSize))
-        let maxIndex = UInt64(reftable.lastIndex { $0 != 0 } ?? 0)
-        let copyCount = tableSize > maxIndex ? Int(maxIndex + 1) : Int(tableSize)
-        for i in 0..<min(copyCount, reftable.count) { newTable[i] = reftable[i] }
-        if newOffset != 0 { newTable[Int(newIndex)] = newOffset }
-        var additionalBlocks: UInt64 = 0
-        var i = areaIndex
-        while i < total {
-            if newTable[Int(i)] == 0 { additionalBlocks += 1 }
-            i += 1
-        }
-        let tableOffset = start + additionalBlocks * cs
-        let endOffset = tableOffset + tableClusters * cs
-        var blockOffset = start
-        var toWrite: [UInt64] = []
-        i = areaIndex
-        while i < total {
-            if newTable[Int(i)] == 0 {
-                refblocks[i] = [UInt8](repeating: 0, count: Int(refblockEntries))
-                newTable[Int(i)] = blockOffset
-                blockOffset += cs
-            } else if refblocks[i] == nil {
-                refblocks[i] = [UInt8](repeating: 0, count: Int(refblockEntries))
+        let area = try Qcow2RefcountArea(startCluster: start >> cb, additional: additional, exact: exact,
+                                         clusterBits: cb, refcountOrder: UInt64(s.refcountBits.trailingZeroBitCount))
+        var newTable = [UInt64](repeating: 0, count: Int(area.tableEntries))
+        for i in 0..<min(reftable.count, newTable.count) { newTable[i] = reftable[i] }
+        if newOffset != 0 && newIndex < UInt64(newTable.count) { newTable[Int(newIndex)] = newOffset }
+        let placed = area.place(in: &newTable, clusterBits: cb)
+        for b in placed.blocks {
+            if b.isNew || refblocks[b.index] == nil {
+                refblocks[b.index] = [UInt8](repeating: 0, count: Int(refblockEntries))
             }
-            let firstCovered = i * refblockEntries * cs
-            if firstCovered < endOffset {
-                var j = firstCovered < start ? (start - firstCovered) / cs : 0
-                let endIndex = min((endOffset - firstCovered) / cs, refblockEntries)
-                while j < endIndex {
-                    setRefcount(i * refblockEntries + j, 1)
-                    j += 1
-                }
+            var j = b.setFrom
+            while j < b.setTo {
+                setRefcount(b.index * refblockEntries + j, 1)
+                j += 1
             }
-            toWrite.append(i)
-            i += 1
         }
         let oldOffset = reftableOffset
         let oldSize = UInt64(reftable.count)
-        let oldTable = reftable
         reftable = newTable
         // The refcount blocks first, then the table, then the header switch.
-        for t in toWrite {
-            try file.write(refblockBytes(t), at: newTable[Int(t)])
-            dirtyRefblocks.remove(t)
+        for b in placed.blocks {
+            try file.write(refblockBytes(b.index), at: b.offset)
+            dirtyRefblocks.remove(b.index)
         }
         try flushRefblocks()
-        var tbuf = [UInt8](repeating: 0, count: Int(tableSize * 8))
+        let tableOffset = placed.tableCluster << cb
+        var tbuf = [UInt8](repeating: 0, count: newTable.count * 8)
         for (k, e) in newTable.enumerated() where e != 0 { put64(&tbuf, k * 8, e) }
         try file.write(tbuf, at: tableOffset)
         reftableOffset = tableOffset
         var h = [UInt8](repeating: 0, count: 12)
         put64(&h, 0, tableOffset)
-        put32(&h, 8, UInt32(truncatingIfNeeded: tableClusters))
+        put32(&h, 8, UInt32(truncatingIfNeeded: area.tableClusters))
         try file.write(h, at: 48)
-        _ = oldTable
         try updateRefcount(oldOffset, oldSize * 8, increase: false)
         try flushRefblocks()
-        return endOffset
+        return placed.endCluster << cb
     }
 
     // MARK: encryption (qcow2_set_up_encryption)

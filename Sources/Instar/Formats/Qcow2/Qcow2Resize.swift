@@ -43,8 +43,12 @@ extension Qcow2Writer {
             // with metadata preallocation.
             let mode: ResizePreallocation = hasDataFile && header.dataFileRaw && preallocation == .off
                 ? .metadata : preallocation
-            if mode != .off && newSize > oldLength {
-                try preallocate(from: oldLength, to: newSize, mode: mode)
+            // Set when the grown area already reads as zeroes over a longer backing file.
+            var zeroed = false
+            if (mode == .falloc || mode == .full) && !hasDataFile {
+                zeroed = try preallocateFile(from: oldLength, to: newSize, mode: mode, backing: backing)
+            } else if mode != .off && newSize > oldLength {
+                try preallocate(from: oldLength, to: newSize, mode: mode, backing: backing)
             }
             if hasDataFile && mode == .off {
                 // qcow2_co_truncate without preallocation resizes the external data file to the new size too.
@@ -52,7 +56,7 @@ extension Qcow2Writer {
             }
             // bdrv_co_truncate: a backing file longer than the old size would show through the new area, so
             // it is zeroed (BDRV_REQ_ZERO_WRITE).
-            if let backing, newSize > oldLength, backing.virtualSize > oldLength {
+            if let backing, !zeroed, newSize > oldLength, backing.virtualSize > oldLength {
                 try zeroGrownArea(from: oldLength, to: newSize, backing: backing)
             }
         }
@@ -130,56 +134,197 @@ extension Qcow2Writer {
         if old > 0 { try freeRange(oldOffset, old * 8) }
     }
 
-    /// preallocate_co: every unallocated cluster of [start, end) gets a host cluster (L2 table first, then a
-    /// contiguous run of data clusters per table), and the file grows to cover the last of them.
-    func preallocate(from start: UInt64, to end: UInt64, mode: ResizePreallocation) throws {
+    /// preallocate_co: every cluster of [start, end) that a write could not use in place gets a new host cluster
+    /// (L2 table first, then a contiguous run of clusters per table), with qemu's copy-on-write of the parts of
+    /// its first and last cluster outside the range (guest data, backing data or zeroes, encrypted as written),
+    /// and the file grows to cover the host offset of `end`. The subcluster bitmaps stay as they were.
+    func preallocate(from start: UInt64, to end: UInt64, mode: ResizePreallocation, backing: GuestReader?) throws {
         let tableShift = clusterBits + UInt64(header.l2Bits)
+        // qemu's cluster_needs_new_alloc, negated: a standard cluster this image owns alone.
+        func keeps(_ entry: UInt64) -> Bool { hasHostCluster(entry) && entry & Qcow2.l2Copied != 0 }
         var pos = start.alignedDown(clusterSize)
         var lastEnd: UInt64 = 0
         while pos < end {
             let l1Index = pos >> tableShift
-            let stop = min(end, (l1Index + 1) << tableShift)
+            let stop = min(try end.alignedUp(clusterSize), (l1Index + 1) << tableShift)
             let (_, l2) = try writableL2(l1Index: l1Index)
             while pos < stop {
                 let first = (pos >> clusterBits) & (l2Entries - 1)
                 let (entry, _) = entryPair(l2.table, first)
-                if hasHostCluster(entry) || entry & Qcow2.l2Compressed != 0 {
+                if keeps(entry) {
+                    lastEnd = (entry & Qcow2.l2OffsetMask) + min(end, pos + clusterSize) - pos
                     pos += clusterSize
                     continue
                 }
-                // A run of unallocated entries gets one contiguous allocation.
+                // A run of clusters needing new ones gets one contiguous allocation.
                 var n: UInt64 = 1
                 while pos + n * clusterSize < stop {
                     let (e, _) = entryPair(l2.table, first + n)
-                    if hasHostCluster(e) || e & Qcow2.l2Compressed != 0 { break }
+                    if keeps(e) { break }
                     n += 1
                 }
                 // With an external data file the clusters live at their guest offsets and have no refcounts.
                 let host = hasDataFile ? pos : try allocateClusters(n)
+                try copyOnWrite(l2: l2.table, first: first, clusters: n, guest: pos, from: max(start, pos),
+                                to: min(end, pos + n * clusterSize), host: host, backing: backing)
                 if !hasDataFile { try setL2DependsOnRefcount() }
                 for k in 0..<n {
-                    let (_, bitmap) = entryPair(l2.table, first + k)
+                    let (old, bitmap) = entryPair(l2.table, first + k)
                     setEntryPair(l2, first + k, (host + k * clusterSize) | Qcow2.l2Copied, bitmap)
+                    l2DependsOnFlush = true
+                    if old != 0 && !hasDataFile { try freeEntry(old) }
                 }
-                lastEnd = max(lastEnd, host + n * clusterSize)
+                lastEnd = host + min(end, pos + n * clusterSize) - pos
                 pos += n * clusterSize
             }
         }
-        if hasDataFile {
-            // The data file grows to the end of the last subcluster of the range (preallocate_co's truncate of
-            // the data file; metadata preallocation truncates plainly).
-            let dataEnd = try end.alignedUp(subclusterSize)
-            if dataEnd > (try format.dataFile.size()) {
-                let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
-                try HostFileCreate.grow(format.dataFile, to: dataEnd, preallocation: m)
+        let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
+        let target = hasDataFile ? format.dataFile : file
+        if lastEnd > (try target.size()) { try HostFileCreate.grow(target, to: lastEnd, preallocation: m) }
+    }
+
+    /// qemu's perform_cow for a preallocation of guest [from, to) into new host clusters at `host` (the run of
+    /// `clusters` clusters starting at guest `guest`): the head of the first cluster before `from` and the tail of
+    /// the last one after `to` are read as the guest sees them now and written to the new clusters. With extended
+    /// L2 entries the regions stop at the subclusters a write would touch (calculate_l2_meta).
+    private func copyOnWrite(l2 table: [UInt64], first: UInt64, clusters n: UInt64, guest: UInt64, from: UInt64,
+                             to: UInt64, host: UInt64, backing: GuestReader?) throws {
+        let subBits = UInt64(subclusterSize.trailingZeroBitCount)
+        let perCluster = clusterSize >> subBits
+        // Head: [headFrom, from) within the first cluster.
+        let (e0, b0) = entryPair(table, first)
+        let startIn = from - guest
+        var headFrom: UInt64 = 0
+        if extended && e0 & Qcow2.l2Compressed == 0 {
+            let sc = startIn >> subBits
+            if hasHostCluster(e0) {
+                let alloc = UInt32(truncatingIfNeeded: b0)
+                headFrom = min(sc, UInt64(alloc.trailingZeroBitCount)) << subBits
+            } else {
+                headFrom = sc << subBits
             }
-            return
         }
+        // Tail: [to, tailTo) within the last cluster.
+        let lastGuest = guest + (n - 1) * clusterSize
+        let (e1, b1) = entryPair(table, first + n - 1)
+        let endIn = to - lastGuest
+        var tailTo = try endIn.alignedUp(clusterSize)
+        if extended && e1 & Qcow2.l2Compressed == 0 && endIn > 0 {
+            let sc = (endIn - 1) >> subBits
+            if hasHostCluster(e1) {
+                let alloc = UInt32(truncatingIfNeeded: b1)
+                tailTo -= min(perCluster - sc - 1, UInt64(alloc.leadingZeroBitCount)) << subBits
+            } else {
+                tailTo = try endIn.alignedUp(subclusterSize)
+            }
+        }
+        var regions: [(guest: UInt64, host: UInt64, bytes: [UInt8])] = []
+        if startIn > headFrom {
+            var b = [UInt8](repeating: 0, count: Int(startIn - headFrom))
+            try b.withUnsafeMutableBytes { try format.read(into: $0, at: guest + headFrom, backing: backing) }
+            regions.append((guest + headFrom, host + headFrom, b))
+        }
+        if tailTo > endIn {
+            var b = [UInt8](repeating: 0, count: Int(tailTo - endIn))
+            try b.withUnsafeMutableBytes { try format.read(into: $0, at: to, backing: backing) }
+            regions.append((to, host + (n - 1) * clusterSize + endIn, b))
+        }
+        for r in regions {
+            try r.bytes.withUnsafeBytes { raw in
+                if let c = format.crypt {
+                    let sealed = try c.encrypted(raw, at: r.host)
+                    defer { sealed.deallocate() }
+                    try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: r.host)
+                } else {
+                    try format.dataFile.write(raw, at: r.host)
+                }
+            }
+        }
+    }
+
+    /// The falloc/full branch of qcow2_co_truncate for an image without an external data file: one refcount area
+    /// at the end of the used clusters, sized exactly for the new data clusters and the L2 tables they may need
+    /// (so that the refcount table always moves there), the data clusters right after it, the file grown over
+    /// them with the requested preallocation, and then L2 entries for all of them. A partial first cluster is
+    /// copied into its new host cluster (the copy-on-write of qcow2_alloc_cluster_link_l2) and its old one freed.
+    /// Over a backing file longer than the old size the grown file's zeroes stand for the zero
+    /// write, so with extended L2 entries every new subcluster is marked allocated; returns whether it did so.
+    private func preallocateFile(from oldLength: UInt64, to newSize: UInt64, mode: ResizePreallocation,
+                                 backing: GuestReader?) throws -> Bool {
+        let hideBacking = (backing?.virtualSize ?? 0) > oldLength
         let fileLength = try file.size()
-        if lastEnd > fileLength {
-            let m: HostFileCreate.Preallocation = mode == .full ? .full : mode == .falloc ? .falloc : .off
-            try HostFileCreate.grow(file, to: lastEnd, preallocation: m)
+        let oldFileClusters: UInt64
+        if let last = try lastUsedCluster(below: fileLength) {
+            oldFileClusters = last + 1
+        } else {
+            oldFileClusters = fileLength.divCeil(clusterSize)
         }
+        let firstGuest = oldLength.alignedDown(clusterSize)
+        let dataClusters = (try newSize.alignedUp(clusterSize) - firstGuest) >> clusterBits
+        // An overestimate: the L2 tables may land anywhere, the area only has to be able to count them.
+        let l2Tables = dataClusters.divCeil(l2Entries) + 1
+        let start: UInt64
+        do {
+            start = try refcountArea(startCluster: oldFileClusters, additional: try dataClusters.adding(l2Tables),
+                                     exact: true)
+        } catch let e as InstarError {
+            throw e.prepending("Failed to resize refcount structures: ")
+        }
+        let got = try allocateAt(start << clusterBits, maxClusters: dataClusters)
+        guard got == dataClusters else {
+            throw InstarError(.io, "Failed to allocate data clusters: \(strerrorString(EIO))", errno: EIO)
+        }
+        let hostStart = start << clusterBits
+        let newFileSize = try (start + dataClusters).multiplied(by: clusterSize)
+        do {
+            // file-posix refuses to preallocate while shrinking the file.
+            guard newFileSize >= fileLength else {
+                throw InstarError(.unsupported, "Cannot use preallocation for shrinking files", errno: ENOTSUP)
+            }
+            try HostFileCreate.grow(file, to: newFileSize, preallocation: mode == .full ? .full : .falloc)
+        } catch let e as InstarError {
+            try freeRange(hostStart, dataClusters << clusterBits)
+            throw e.prepending("Failed to resize underlying file: ")
+        }
+        // The head of a partial first cluster, read before its mapping changes.
+        let headBytes = oldLength - firstGuest
+        if headBytes > 0 && dataClusters > 0 {
+            var head = [UInt8](repeating: 0, count: Int(headBytes))
+            try head.withUnsafeMutableBytes { try format.read(into: $0, at: firstGuest, backing: backing) }
+            try head.withUnsafeBytes { raw in
+                if let c = format.crypt {
+                    let sealed = try c.encrypted(raw, at: hostStart)
+                    defer { sealed.deallocate() }
+                    try file.write(UnsafeRawBufferPointer(sealed), at: hostStart)
+                } else {
+                    try file.write(raw, at: hostStart)
+                }
+            }
+            try syncData()
+        }
+        let tableShift = clusterBits + UInt64(header.l2Bits)
+        var guest = firstGuest
+        var host = hostStart
+        var left = dataClusters
+        while left > 0 {
+            let first = (guest >> clusterBits) & (l2Entries - 1)
+            let n = min(left, l2Entries - first)
+            let (_, l2) = try writableL2(l1Index: guest >> tableShift)
+            try setL2DependsOnRefcount()
+            // The grown file's zeroes are stable before an L2 entry names them.
+            l2DependsOnFlush = true
+            for k in 0..<n {
+                let (old, bitmap) = entryPair(l2.table, first + k)
+                // All subclusters allocated, none zero (qcow2_alloc_cluster_link_l2 for a write of whole clusters).
+                let newBitmap = hideBacking && extended ? UInt64(0xffff_ffff) : bitmap
+                setEntryPair(l2, first + k, (host + k * clusterSize) | Qcow2.l2Copied, newBitmap)
+                if old != 0 { try freeEntry(old) }
+            }
+            guest += n * clusterSize
+            host += n * clusterSize
+            left -= n
+        }
+        return hideBacking
     }
 
     // MARK: Shrinking
