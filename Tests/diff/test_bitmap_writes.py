@@ -332,3 +332,37 @@ def test_repair_then_store(images, tmp, how, args):
     shutil.copyfile(images["written"], src)
     refcount_damage(src, how)
     same_result(tmp, src, args)
+
+
+def test_bitmap_table_budget(tmp):
+    """A directory of 1100 bitmaps with 8192-entry tables (a 2 TiB image at 512-byte granularity): qemu would
+    hold 512 MiB of bits for each; instar bounds what it holds open (64 MiB of tables) and refuses the image
+    cleanly, under a 1 GiB address-space limit. A deliberate difference from qemu-img."""
+    path = os.path.join(tmp, "many.qcow2")
+    qimg("create", "-q", "-f", "qcow2", path, "2T")
+    qimg("bitmap", "--add", "-g", "512", path, "b0")
+    (_, _, flags, gbits, toff, tsize), = directory(path)
+    entries = b""
+    for k in range(1100):
+        name = b"b%04d" % k
+        e = struct.pack(">QIIBBHI", toff, tsize, flags, 1, gbits, len(name), 0) + name
+        entries += e + b"\0" * ((8 - len(e) % 8) % 8)
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        dir_off = (end + 0xFFFF) & ~0xFFFF
+        f.seek(dir_off)
+        f.write(entries)
+        area = bytearray(f.seek(0) or f.read(65536))
+        pos = struct.unpack(">I", area[100:104])[0]
+        while True:
+            t, ln = struct.unpack(">II", area[pos:pos + 8])
+            if t == BITMAPS_EXT:
+                struct.pack_into(">IIQQ", area, pos + 8, 1100, 0, len(entries), dir_off)
+                break
+            pos += 8 + ((ln + 7) & ~7)
+        f.seek(0)
+        f.write(area)
+    for args in (["info", path], ["check", path], ["resize", path, "+1M"]):
+        r = run(["prlimit", "--as=1073741824", "--", os.path.join(BUILD, "bin", "instar"), *args], timeout=60)
+        assert r.rc == 1, r
+        assert "the bitmap tables of this image take more than 64 MiB" in r.err, r

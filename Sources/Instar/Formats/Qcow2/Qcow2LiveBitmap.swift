@@ -213,7 +213,7 @@ final class Qcow2LiveBitmap {
             tableEntries += UInt64(e.tableSize)
             guard tableEntries <= maxHeldTableEntries else {
                 throw InstarError(.unsupported, "Bitmap '\(e.name)': the bitmap tables of this image take more "
-                                  + "than \(maxHeldTableEntries * 8 >> 20) MiB", errno: ENOMEM)
+                                  + "than \((maxHeldTableEntries * 8) >> 20) MiB", errno: ENOMEM)
             }
             let tableFailed = InstarError(.invalid, "Could not read bitmap_table table from image for bitmap "
                                           + "'\(e.name)': Invalid argument", errno: EINVAL)
