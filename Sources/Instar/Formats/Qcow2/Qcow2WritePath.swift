@@ -242,7 +242,7 @@ extension Qcow2Writer {
         }
         let hostStart = hostBase + (wStart - first.guestCluster)
         if let c = format.crypt {
-            let sealed = try c.encrypted(data, at: hostStart)
+            let sealed = try c.encrypted(data, at: hostStart, guest: wStart)
             defer { sealed.deallocate() }
             try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: hostStart)
         } else {
