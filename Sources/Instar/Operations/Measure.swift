@@ -38,7 +38,8 @@ public enum Measure {
                 throw InstarError.invalid("--image-opts and --format are mutually exclusive")
             }
             do {
-                let spec = p.imageOpts ? try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(name), format: nil)
+                let spec = p.imageOpts
+                    ? try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(name), format: nil)
                     : try ImageOpener.parseSpec(name, format: p.sourceFormat)
                 if p.imageOpts, p.forceShare, spec.forceShare == false {
                     // img_open_opts reports this one without the "Could not open" prefix.

@@ -75,7 +75,8 @@ final class Qcow2Crypt {
 
     /// Reads host bytes at `host` (holding guest offset `guest`: the same offset within their cluster) into
     /// `dst`, decrypting the sectors they lie in.
-    func readDecrypted(_ file: HostFile, into dst: UnsafeMutableRawBufferPointer, at host: UInt64, guest: UInt64) throws {
+    func readDecrypted(_ file: HostFile, into dst: UnsafeMutableRawBufferPointer, at host: UInt64,
+                       guest: UInt64) throws {
         if dst.isEmpty { return }
         let start = host.alignedDown(Qcow2Crypt.sectorSize)
         let end = try host.adding(UInt64(dst.count)).alignedUp(Qcow2Crypt.sectorSize)
@@ -91,7 +92,8 @@ final class Qcow2Crypt {
 
     /// `data` encrypted for host offset `host`, which holds guest offset `guest` (both sector aligned, as
     /// qemu's 512-byte request alignment for encrypted images guarantees).
-    func encrypted(_ data: UnsafeRawBufferPointer, at host: UInt64, guest: UInt64) throws -> UnsafeMutableRawBufferPointer {
+    func encrypted(_ data: UnsafeRawBufferPointer, at host: UInt64,
+                   guest: UInt64) throws -> UnsafeMutableRawBufferPointer {
         guard host % Qcow2Crypt.sectorSize == 0, guest % Qcow2Crypt.sectorSize == 0,
               data.count % Int(Qcow2Crypt.sectorSize) == 0 else {
             throw InstarError.invalid("Encrypted write at \(host) of \(data.count) bytes is not sector aligned")

@@ -2,8 +2,8 @@ import Glibc
 
 /// qcow2 (docs/interop/qcow2.txt), read side: versions 2 and 3, cluster sizes 512 B .. 2 MiB, extended L2,
 /// zlib/zstd compressed clusters, backing files, external data files, internal snapshots, bitmaps and the
-/// LUKS- or legacy AES-encrypted images (unlocked with the `encrypt.key-secret` passphrase). The open sequence and its messages follow qemu's
-/// qcow2_do_open.
+/// LUKS- or legacy AES-encrypted images (unlocked with the `encrypt.key-secret` passphrase). The open sequence
+/// and its messages follow qemu's qcow2_do_open.
 public final class Qcow2Format: ImageFormat {
     public static let descriptor = FormatDescriptor(
         name: "qcow2",
