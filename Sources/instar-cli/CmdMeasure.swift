@@ -30,9 +30,7 @@ func measureCommand(_ args: [String]) -> Int32 {
         case .opt("U"): p.forceShare = true
         case 256:
             if !cliAddObject(arg ?? "") { return 1 }
-        case 257:
-            CLI.error("measure: --image-opts is not supported yet")
-            return 1
+        case 257: p.imageOpts = true
         case 258:
             if arg == "json" { json = true } else if arg == "human" { json = false } else {
                 CLI.error("--output must be used with human or json as argument.")

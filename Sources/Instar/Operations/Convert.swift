@@ -208,10 +208,21 @@ public enum ConvertOperation {
             }
             options.targetCache = cache
         }
+        // img_convert keeps the key-secret options of -o for the open of the new target (its create drops them),
+        // so an encrypted target is unlocked with the passphrase it was created with.
+        var targetSpec = options.targetSpec
+        if created, targetSpec == nil, let v = values {
+            var spec = ImageSpec(filename: target, format: fmt)
+            for (name, text) in v.entries where name.hasSuffix("key-secret") {
+                if spec.driverOptions[name] == nil { spec.driverOptionOrder.append(name) }
+                spec.driverOptions[name] = .string(text)
+            }
+            if !spec.driverOptions.isEmpty { targetSpec = spec }
+        }
         let targetImage: ImageLayer
         do {
             targetImage = try openTarget(target, format: fmt, cache: options.targetCache, openBacking: true,
-                                         spec: options.targetSpec, secrets: options.secrets,
+                                         spec: targetSpec, secrets: options.secrets,
                                          keySecret: options.targetKeySecret)
         } catch let e as InstarError {
             if created && options.removeTargetOnFailure { unlink(target) }

@@ -5,6 +5,8 @@ public enum Measure {
         /// The source image, or nil to measure `size`.
         public var filename: String?
         public var sourceFormat: String?
+        /// `filename` is an --image-opts option string ("driver=qcow2,file.filename=...").
+        public var imageOpts = false
         public var outputFormat = "raw"
         public var options: String?
         public var size: UInt64?
@@ -17,7 +19,7 @@ public enum Measure {
     }
 
     public static func measure(_ p: Parameters) throws -> MeasureResult {
-        if p.filename == nil && p.sourceFormat != nil {
+        if p.filename == nil && (p.sourceFormat != nil || p.imageOpts) {
             throw InstarError.invalid("--image-opts, -f, and -l require a filename argument.")
         }
         if p.filename != nil && p.size != nil {
@@ -32,8 +34,20 @@ public enum Measure {
             opts.forceShare = p.forceShare
             opts.secrets = p.secrets
             opts.keySecret = p.keySecret
+            if p.imageOpts && p.sourceFormat != nil {
+                throw InstarError.invalid("--image-opts and --format are mutually exclusive")
+            }
             do {
-                source = try ImageOpener.open(try ImageOpener.parseSpec(name, format: p.sourceFormat), options: opts)
+                let spec = p.imageOpts
+                    ? try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(name), format: nil)
+                    : try ImageOpener.parseSpec(name, format: p.sourceFormat)
+                if p.imageOpts, p.forceShare, spec.forceShare == false {
+                    // img_open_opts reports this one without the "Could not open" prefix.
+                    throw ForceShareConflict()
+                }
+                source = try ImageOpener.open(spec, options: opts)
+            } catch is ForceShareConflict {
+                throw InstarError(.invalid, "--force-share/-U conflicts with image options")
             } catch let e as InstarError {
                 throw e.prepending("Could not open '\(name)': ")
             }
@@ -57,3 +71,6 @@ public enum Measure {
         return try measure(request)
     }
 }
+
+/// Marks the one --image-opts failure qemu reports without naming the image.
+private struct ForceShareConflict: Error {}

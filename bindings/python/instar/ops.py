@@ -129,7 +129,7 @@ def convert(src, dst, source_format=None, target_format=None, no_create=False, t
     """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
     -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
     `key_secret` unlocks an encrypted source, `target_key_secret` an encrypted target (existing with
-    no_create, or new with options asking for encrypt.format=luks).
+    no_create, or new with options asking for encrypt.format=luks or aes).
     `progress(percent)` gets qemu's progress values; a true return cancels."""
     L = _setup()
     flags = (CONVERT_NO_CREATE if no_create else 0) | (CONVERT_TARGET_IS_ZERO if target_is_zero else 0) | \

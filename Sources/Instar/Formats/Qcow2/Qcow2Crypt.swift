@@ -1,15 +1,31 @@
 import Glibc
 
-/// The payload cipher of a LUKS-encrypted qcow2 image (qcow2.txt "Full disk encryption header pointer"):
-/// the LUKS header and key material live in clusters the crypto header extension points at, and every data
-/// cluster is encrypted in 512-byte sectors whose IV is the sector number of the HOST offset (qemu sets
-/// crypt_physical_offset for LUKS), so moving a cluster means re-encrypting it.
+/// The payload cipher of an encrypted qcow2 image: every data cluster is encrypted in 512-byte sectors, each
+/// with its own IV. Two methods share it (qcow2.txt crypt_method):
+/// - LUKS (2): the LUKS header and key material live in clusters the crypto header extension points at, and
+///   the IV is the sector number of the HOST offset (qemu sets crypt_physical_offset), so moving a cluster
+///   means re-encrypting it.
+/// - the legacy AES-CBC method (1, qemu's "qcow" crypto driver): the key is the passphrase itself and the IV
+///   is the sector number of the GUEST offset. There is no key check: a wrong passphrase decrypts garbage.
 final class Qcow2Crypt {
     static let sectorSize: UInt64 = 512
     let cipher: LuksSectorCipher
+    /// The IV counts host sectors (LUKS) rather than guest sectors (AES).
+    let ivFromHost: Bool
 
-    init(cipher: LuksSectorCipher) {
+    init(cipher: LuksSectorCipher, ivFromHost: Bool) {
         self.cipher = cipher
+        self.ivFromHost = ivFromHost
+    }
+
+    /// The legacy AES method's cipher (qemu's crypto/block-qcow.c): AES-128-CBC keyed with the passphrase's
+    /// first 16 bytes (it is taken as a C string, so up to its first NUL; shorter ones are zero-padded), IVs
+    /// from the plain64 generator.
+    static func aes(password: [UInt8]) throws -> Qcow2Crypt {
+        var key = [UInt8](repeating: 0, count: 16)
+        for (i, b) in password.prefix(while: { $0 != 0 }).prefix(16).enumerated() { key[i] = b }
+        let cipher = try LuksSectorCipher(algorithm: "aes-128", mode: "cbc", ivgen: "plain64", ivgenHash: nil, key: key)
+        return Qcow2Crypt(cipher: cipher, ivFromHost: false)
     }
 
     /// The cipher settings the header names (already validated by `Qcow2LuksInfo`).
@@ -49,32 +65,43 @@ final class Qcow2Crypt {
         } catch let e as InstarError where e.code == .permission {
             throw InstarError(.encrypted, e.message, errno: EACCES)
         }
-        return Qcow2Crypt(cipher: try settings.sectorCipher(key: key))
+        return Qcow2Crypt(cipher: try settings.sectorCipher(key: key), ivFromHost: true)
     }
 
-    /// Reads host bytes at `host` into `dst`, decrypting the sectors they lie in.
-    func readDecrypted(_ file: HostFile, into dst: UnsafeMutableRawBufferPointer, at host: UInt64) throws {
+    /// The first IV sector for data at host offset `host` that holds guest offset `guest` (both sector aligned).
+    private func firstSector(host: UInt64, guest: UInt64) -> UInt64 {
+        (ivFromHost ? host : guest) / Qcow2Crypt.sectorSize
+    }
+
+    /// Reads host bytes at `host` (holding guest offset `guest`: the same offset within their cluster) into
+    /// `dst`, decrypting the sectors they lie in.
+    func readDecrypted(_ file: HostFile, into dst: UnsafeMutableRawBufferPointer, at host: UInt64,
+                       guest: UInt64) throws {
         if dst.isEmpty { return }
         let start = host.alignedDown(Qcow2Crypt.sectorSize)
         let end = try host.adding(UInt64(dst.count)).alignedUp(Qcow2Crypt.sectorSize)
         let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: try checkedInt(end - start), alignment: 4096)
         defer { bounce.deallocate() }
         try file.readZeroPadded(into: bounce, at: start)
-        try cipher.process(bounce, firstSector: start / Qcow2Crypt.sectorSize, encrypt: false)
-        let skip = Int(host - start)
-        if let d = dst.baseAddress, let s = bounce.baseAddress { memcpy(d, s + skip, dst.count) }
+        let skip = host - start
+        // A cluster is sector aligned in both spaces, so guest and host share their offset within a sector.
+        let guestStart = guest >= skip ? guest - skip : 0
+        try cipher.process(bounce, firstSector: firstSector(host: start, guest: guestStart), encrypt: false)
+        if let d = dst.baseAddress, let s = bounce.baseAddress { memcpy(d, s + Int(skip), dst.count) }
     }
 
-    /// `data` encrypted for host offset `host` (sector aligned, as qemu's 512-byte request alignment for
-    /// encrypted images guarantees).
-    func encrypted(_ data: UnsafeRawBufferPointer, at host: UInt64) throws -> UnsafeMutableRawBufferPointer {
-        guard host % Qcow2Crypt.sectorSize == 0, data.count % Int(Qcow2Crypt.sectorSize) == 0 else {
+    /// `data` encrypted for host offset `host`, which holds guest offset `guest` (both sector aligned, as
+    /// qemu's 512-byte request alignment for encrypted images guarantees).
+    func encrypted(_ data: UnsafeRawBufferPointer, at host: UInt64,
+                   guest: UInt64) throws -> UnsafeMutableRawBufferPointer {
+        guard host % Qcow2Crypt.sectorSize == 0, guest % Qcow2Crypt.sectorSize == 0,
+              data.count % Int(Qcow2Crypt.sectorSize) == 0 else {
             throw InstarError.invalid("Encrypted write at \(host) of \(data.count) bytes is not sector aligned")
         }
         let out = UnsafeMutableRawBufferPointer.allocate(byteCount: data.count, alignment: 4096)
         if let d = out.baseAddress, let s = data.baseAddress { memcpy(d, s, data.count) }
         do {
-            try cipher.process(out, firstSector: host / Qcow2Crypt.sectorSize, encrypt: true)
+            try cipher.process(out, firstSector: firstSector(host: host, guest: guest), encrypt: true)
         } catch {
             out.deallocate()
             throw error

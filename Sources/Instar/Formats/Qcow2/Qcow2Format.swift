@@ -2,8 +2,8 @@ import Glibc
 
 /// qcow2 (docs/interop/qcow2.txt), read side: versions 2 and 3, cluster sizes 512 B .. 2 MiB, extended L2,
 /// zlib/zstd compressed clusters, backing files, external data files, internal snapshots, bitmaps and the
-/// LUKS-encrypted images (unlocked with the `encrypt.key-secret` passphrase). The open sequence and its messages follow qemu's
-/// qcow2_do_open.
+/// LUKS- or legacy AES-encrypted images (unlocked with the `encrypt.key-secret` passphrase). The open sequence
+/// and its messages follow qemu's qcow2_do_open.
 public final class Qcow2Format: ImageFormat {
     public static let descriptor = FormatDescriptor(
         name: "qcow2",
@@ -144,9 +144,11 @@ public final class Qcow2Format: ImageFormat {
             }
         } else {
             luks = nil
-            crypt = nil
-            if password != nil && h.cryptMethod == Qcow2.cryptAES {
-                throw InstarError.unsupported("Reading AES-encrypted qcow2 images is not supported")
+            // The legacy AES method has no header of its own: the passphrase is the key.
+            if let pw = password, h.cryptMethod == Qcow2.cryptAES {
+                crypt = try Qcow2Crypt.aes(password: pw)
+            } else {
+                crypt = nil
             }
         }
 
@@ -264,7 +266,7 @@ public final class Qcow2Format: ImageFormat {
             switch run.kind {
             case .normal:
                 if let c = crypt {
-                    try c.readDecrypted(dataFile, into: dst, at: run.hostOffset)
+                    try c.readDecrypted(dataFile, into: dst, at: run.hostOffset, guest: guest)
                 } else {
                     try dataFile.readZeroPadded(into: dst, at: run.hostOffset)
                 }

@@ -1,5 +1,5 @@
 /// The LUKS1 header a LUKS-encrypted qcow2 keeps in its own clusters (qcow2.txt "Full disk encryption header
-/// pointer"), decoded for `qemu-img info`'s "encrypt" block. Only the header is read; data cannot be decrypted.
+/// pointer"), decoded for `qemu-img info`'s "encrypt" block (`Qcow2Crypt` unlocks the key from it).
 struct Qcow2LuksInfo: Equatable {
     struct Slot: Equatable {
         var active: Bool

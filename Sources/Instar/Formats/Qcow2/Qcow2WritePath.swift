@@ -242,7 +242,7 @@ extension Qcow2Writer {
         }
         let hostStart = hostBase + (wStart - first.guestCluster)
         if let c = format.crypt {
-            let sealed = try c.encrypted(data, at: hostStart)
+            let sealed = try c.encrypted(data, at: hostStart, guest: wStart)
             defer { sealed.deallocate() }
             try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: hostStart)
         } else {
@@ -267,6 +267,29 @@ extension Qcow2Writer {
         if length == 0 { return }
         try prepare()
         let end = try offset.adding(length)
+        let sector = Qcow2Crypt.sectorSize
+        if format.crypt != nil && (offset % sector != 0 || end % sector != 0) {
+            // An encrypted image takes requests in whole sectors: qemu's block layer (bdrv_co_do_zero_pwritev)
+            // writes the partial first and last sectors as data (read, zeroed in part, rewritten), in one
+            // write when they are all the request covers, and only the sectors between as a zero write.
+            let first = offset.alignedDown(sector)
+            let last = try end.alignedUp(sector)
+            let head = offset != first
+            let tail = end != last
+            let span = last - first
+            if span == ((span > sector && head && tail) ? 2 * sector : sector) {
+                return try writeZeroBytes(offset, end, backing: backing)
+            }
+            var a = offset
+            if head {
+                a = first + sector
+                try writeZeroBytes(offset, a, backing: backing)
+            }
+            let b = tail ? end.alignedDown(sector) : end
+            if b > a { try writeZeroes(at: a, length: b - a, mayUnmap: mayUnmap, backing: backing) }
+            if tail { try writeZeroBytes(b, end, backing: backing) }
+            return
+        }
         let imageEnd = format.virtualSize
         let a = try offset.alignedUp(subclusterSize)
         var b = end.alignedDown(subclusterSize)
