@@ -232,7 +232,7 @@ extension Qcow2Writer {
         for r in regions {
             try r.bytes.withUnsafeBytes { raw in
                 if let c = format.crypt {
-                    let sealed = try c.encrypted(raw, at: r.host)
+                    let sealed = try c.encrypted(raw, at: r.host, guest: r.guest)
                     defer { sealed.deallocate() }
                     try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: r.host)
                 } else {
@@ -293,7 +293,7 @@ extension Qcow2Writer {
             try head.withUnsafeMutableBytes { try format.read(into: $0, at: firstGuest, backing: backing) }
             try head.withUnsafeBytes { raw in
                 if let c = format.crypt {
-                    let sealed = try c.encrypted(raw, at: hostStart)
+                    let sealed = try c.encrypted(raw, at: hostStart, guest: firstGuest)
                     defer { sealed.deallocate() }
                     try file.write(UnsafeRawBufferPointer(sealed), at: hostStart)
                 } else {
