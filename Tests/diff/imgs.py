@@ -1,5 +1,6 @@
 """Images for the map/compare/convert differential tests, made with qemu-img/qemu-io at test time."""
 import os
+import random
 
 from conftest import qemu_io, qimg
 
@@ -53,3 +54,51 @@ def chain(d):
     qemu_io("-f", "qcow2", "-c", "write -P 0x44 8k 4k", "-c", "write -P 0x55 2560k 100k", "-c", "write -z 128k 8k",
             top)
     return base, mid, top
+
+
+def qemu_io_script(ops):
+    """qemu-io commands for (kind, offset, length, arg) operations: ("write", off, n, pattern), ("zero", off, n,
+    may_unmap), ("discard", off, n, None)."""
+    lines = []
+    for kind, off, n, arg in ops:
+        if kind == "write":
+            lines.append(f"write -P {arg} {off} {n}")
+        elif kind == "zero":
+            lines.append(f"write -z {'-u ' if arg else ''}{off} {n}")
+        else:
+            lines.append(f"discard {off} {n}")
+    return "\n".join(lines) + "\n"
+
+
+def apply_ops(img, ops, flush_every=0):
+    """The same operations through an open instar.Image, flushing every `flush_every` operations."""
+    for i, (kind, off, n, arg) in enumerate(ops):
+        if kind == "write":
+            img.write(off, bytes([arg]) * n)
+        elif kind == "zero":
+            img.write_zeroes(off, n, may_unmap=arg)
+        else:
+            img.discard(off, n)
+        if flush_every and i % flush_every == flush_every - 1:
+            img.flush()
+
+
+def make_ops(seed, size, cluster, count=120, big=False):
+    """A deterministic mix of operations at odd offsets: (kind, offset, length, pattern/unmap)."""
+    r = random.Random(seed)
+    ops = []
+    for _ in range(count):
+        k = r.random()
+        if big and r.random() < 0.1:
+            n = r.randrange(1, 2 * MiB)
+        else:
+            n = r.randrange(1, 3 * cluster + 700)
+        n = min(n, size)
+        off = r.randrange(0, size - n + 1)
+        if k < 0.65:
+            ops.append(("write", off, n, r.randrange(1, 256)))
+        elif k < 0.85:
+            ops.append(("zero", off, n, r.random() < 0.5))
+        else:
+            ops.append(("discard", off, n, None))
+    return ops

@@ -3,7 +3,7 @@ qemu-img's."""
 import os
 
 import pytest
-from conftest import both, qemu, qimg, run
+from conftest import both, convert_both, qemu, qimg, run
 from imgs import MiB, chain, qcow2_image, sparse_raw
 
 import instar as pyinstar
@@ -11,18 +11,7 @@ import instar as pyinstar
 
 def same_convert(tmp, args, src, extra_setup=None):
     """Runs both converters into separate targets and compares rc/stdout/stderr, bytes and map."""
-    outs = {}
-    for tool in ("q", "i"):
-        dst = os.path.join(tmp, f"out_{tool}.raw")
-        if os.path.exists(dst):
-            os.unlink(dst)
-        if extra_setup:
-            extra_setup(dst)
-        argv = ["convert", *args, *src, dst]
-        r = qemu(*argv, cwd=tmp) if tool == "q" else run([os.environ.get("INSTAR_BIN"), *argv], cwd=tmp)
-        outs[tool] = (r, dst)
-    (q, qd), (i, idst) = outs["q"], outs["i"]
-    assert (i.rc, i.out, i.err.replace(idst, qd)) == (q.rc, q.out, q.err), (q, i)
+    q, qd, idst = convert_both(tmp, args, src, fmt="raw", setup=extra_setup)
     if q.rc == 0:
         with open(qd, "rb") as a, open(idst, "rb") as b:
             assert a.read() == b.read()
@@ -30,12 +19,6 @@ def same_convert(tmp, args, src, extra_setup=None):
         mi = qemu("map", "--output=json", idst).out.replace(idst, qd)
         assert mi == mq
     return q
-
-
-@pytest.fixture(autouse=True)
-def instar_bin(monkeypatch):
-    from conftest import INSTAR
-    monkeypatch.setenv("INSTAR_BIN", INSTAR)
 
 
 @pytest.mark.parametrize("args", [[], ["-O", "raw"], ["-S", "0"], ["-S", "64k"], ["-p"], ["-t", "writeback"],

@@ -5,12 +5,12 @@ through the Python binding and the C API, COW over a backing file, a wrong passp
 output and, where a file is written, byte for byte with the file qemu writes."""
 import os
 import json
-import random
 import shutil
 
 import pytest
 
 from conftest import assert_same, both, convert_both, instar, qemu, qemu_io, qimg, run
+from imgs import apply_ops, make_ops, qemu_io_script
 
 import instar as instar_py
 
@@ -213,45 +213,17 @@ def test_amend_is_byte_identical(images, tmp, variant, o):
         to_raw_both(tmp, opts(b))
 
 
-def make_ops(seed, size, cluster, count=40):
-    r = random.Random(seed)
-    ops = []
-    for _ in range(count):
-        n = min(size, r.randrange(1, 3 * cluster + 700))
-        off = r.randrange(0, size - n + 1)
-        k = r.random()
-        if k < 0.7:
-            ops.append(("write", off, n, r.randrange(1, 256)))
-        elif k < 0.85:
-            ops.append(("zero", off, n, r.random() < 0.5))
-        else:
-            ops.append(("discard", off, n, None))
-    return ops
 
 
 def apply_qemu(path, ops):
-    lines = []
-    for kind, off, n, arg in ops:
-        if kind == "write":
-            lines.append(f"write -P {arg} {off} {n}")
-        elif kind == "zero":
-            lines.append(f"write -z {'-u ' if arg else ''}{off} {n}")
-        else:
-            lines.append(f"discard {off} {n}")
-    r = run(["qemu-io", *OBJ, "-d", "unmap", "--image-opts", opts(path)], input="\n".join(lines) + "\n")
+    r = run(["qemu-io", *OBJ, "-d", "unmap", "--image-opts", opts(path)], input=qemu_io_script(ops))
     assert r.rc == 0, r
     assert "error" not in r.out.lower() and "failed" not in r.out.lower(), r.out[-2000:]
 
 
 def apply_instar(path, ops, key=PW):
     with instar_py.Image(path, flags=instar_py.OPEN_READ_WRITE, key_secret=key) as img:
-        for kind, off, n, arg in ops:
-            if kind == "write":
-                img.write(off, bytes([arg]) * n)
-            elif kind == "zero":
-                img.write_zeroes(off, n, may_unmap=arg)
-            else:
-                img.discard(off, n)
+        apply_ops(img, ops)
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2", "c512", "unaligned", "extl2"])

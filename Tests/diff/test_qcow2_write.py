@@ -10,56 +10,22 @@ import zlib
 import pytest
 
 from conftest import qimg, run
+from imgs import apply_ops, make_ops, qemu_io_script
 
 import instar
 
 MiB = 1 << 20
 
 
-def make_ops(seed, size, cluster, count=120, big=False):
-    """A deterministic mix of operations at odd offsets: (kind, offset, length, pattern/unmap)."""
-    r = random.Random(seed)
-    ops = []
-    for _ in range(count):
-        k = r.random()
-        if big and r.random() < 0.1:
-            n = r.randrange(1, 2 * MiB)
-        else:
-            n = r.randrange(1, 3 * cluster + 700)
-        n = min(n, size)
-        off = r.randrange(0, size - n + 1)
-        if k < 0.65:
-            ops.append(("write", off, n, r.randrange(1, 256)))
-        elif k < 0.85:
-            ops.append(("zero", off, n, r.random() < 0.5))
-        else:
-            ops.append(("discard", off, n, None))
-    return ops
 
 
 def apply_instar(path, ops, fmt="qcow2"):
     with instar.Image(path, format=fmt, flags=instar.OPEN_READ_WRITE) as img:
-        for i, (kind, off, n, arg) in enumerate(ops):
-            if kind == "write":
-                img.write(off, bytes([arg]) * n)
-            elif kind == "zero":
-                img.write_zeroes(off, n, may_unmap=arg)
-            else:
-                img.discard(off, n)
-            if i % 50 == 49:
-                img.flush()
+        apply_ops(img, ops, flush_every=50)
 
 
 def apply_qemu(path, ops, tmp):
-    lines = []
-    for kind, off, n, arg in ops:
-        if kind == "write":
-            lines.append(f"write -P {arg} {off} {n}")
-        elif kind == "zero":
-            lines.append(f"write -z {'-u ' if arg else ''}{off} {n}")
-        else:
-            lines.append(f"discard {off} {n}")
-    r = run(["qemu-io", "-f", "qcow2", "-d", "unmap", path], input="\n".join(lines) + "\n")
+    r = run(["qemu-io", "-f", "qcow2", "-d", "unmap", path], input=qemu_io_script(ops))
     assert r.rc == 0, r
     assert "error" not in r.out.lower() and "failed" not in r.out.lower(), r.out[-2000:]
 
