@@ -269,9 +269,14 @@ struct AmendProgress {
 }
 
 extension Qcow2Writer {
-    /// qcow2_update_header with the writer's header and bitmaps extension.
-    func rewriteHeader() throws {
-        try format.writeHeaderCluster(header, bitmaps: bitmapsExtension)
+    /// qcow2_update_header with the writer's header and bitmaps extension; qemu's callers name a header that no
+    /// longer fits as the "image" header, the refcount-width change as the "qcow2" header.
+    func rewriteHeader(what: String = "image") throws {
+        do {
+            try format.writeHeaderCluster(header, bitmaps: bitmapsExtension)
+        } catch let e as InstarError where e.errnoValue == ENOSPC {
+            throw e.prepending("Failed to update the \(what) header: ")
+        }
     }
 
     /// qcow2_mark_clean: caches written back, then the dirty bit cleared.

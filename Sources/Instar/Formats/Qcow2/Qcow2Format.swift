@@ -30,6 +30,8 @@ public final class Qcow2Format: ImageFormat {
     var header: Qcow2Header
     /// The header extensions as read (amend may rename the data file).
     var extensions: Qcow2Extensions
+    /// Version 3 header bytes past the fields qemu knows (112 up to header_length), kept on header rewrites.
+    let unknownHeaderFields: [UInt8]
     let mapper: Qcow2Mapper
     /// Replaced (with `snapshots`) when the repair of a dirty image rewrote the metadata behind them.
     var refcounts: Qcow2RefcountReader
@@ -69,6 +71,9 @@ public final class Qcow2Format: ImageFormat {
         header = h
         // The first cluster holds the header, its extensions and the backing file name.
         let area = try file.readBytes(at: 0, count: Int(h.clusterSize))
+        let knownHeaderBytes = 112
+        unknownHeaderFields = h.version >= 3 && Int(h.headerLength) > knownHeaderBytes && Int(h.headerLength) <= area.count
+            ? Array(area[knownHeaderBytes..<Int(h.headerLength)]) : []
 
         let unknown = h.incompatibleFeatures & ~Qcow2.incompatKnownMask
         if unknown != 0 {

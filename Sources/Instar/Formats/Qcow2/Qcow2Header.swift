@@ -178,7 +178,8 @@ struct Qcow2Header: Equatable {
         if extendedL2 && subclusterSize < 512 {
             throw InstarError.invalid("Unsupported subcluster size: \(subclusterSize)")
         }
-        guard refcountTableClusters != 0 else {
+        // qcow2_do_open lets an open for check through: the check rebuilds the structure.
+        guard refcountTableClusters != 0 || forCheck else {
             throw InstarError.invalid("Image does not contain a reference count table")
         }
         try validateTable(offset: refcountTableOffset, entries: UInt64(refcountTableClusters), entryBytes: clusterSize,

@@ -27,13 +27,19 @@ extension Qcow2Format {
             put(80, h.compatibleFeatures, 8)
             put(88, h.autoclearFeatures, 8)
             put(96, UInt64(h.refcountOrder), 4)
-            put(100, 112, 4)
+            put(100, UInt64(112 + unknownHeaderFields.count), 4)
             b[104] = h.compressionType
             pos = 112
         }
+        // qemu keeps the header fields it does not know (read from bytes 112 up to header_length) right after the
+        // fields it writes, a version 2 header included.
+        let extra = unknownHeaderFields
+        guard pos + extra.count + 8 <= cs else { throw Self.headerFull }
+        for (i, x) in extra.enumerated() { b[pos + i] = x }
+        pos += extra.count
         func ext(_ magic: UInt32, _ data: [UInt8]) throws {
             let padded = (data.count + 7) & ~7
-            guard pos + 8 + padded + 8 <= cs else { throw InstarError.invalid("Header extensions do not fit in a cluster") }
+            guard pos + 8 + padded + 8 <= cs else { throw Self.headerFull }
             put(pos, UInt64(magic), 4)
             put(pos + 4, UInt64(data.count), 4)
             for (i, x) in data.enumerated() { b[pos + 8 + i] = x }
@@ -63,7 +69,8 @@ extension Qcow2Format {
         pos += 8
         if let name = backingReference?.filename {
             let bytes = Array(name.utf8)
-            guard bytes.count <= 1023, pos + bytes.count <= cs else { throw InstarError.invalid("Backing file name too long") }
+            guard bytes.count <= 1023 else { throw InstarError.invalid("Backing file name too long") }
+            guard pos + bytes.count <= cs else { throw Self.headerFull }
             put(8, UInt64(pos), 8)
             put(16, UInt64(bytes.count), 4)
             for (i, c) in bytes.enumerated() { b[pos + i] = c }
@@ -72,4 +79,8 @@ extension Qcow2Format {
         try file.sync()
         header = h
     }
+
+    /// qcow2_update_header's -ENOSPC: the header, its extensions and the backing file name must fit in the first
+    /// cluster.
+    static let headerFull = InstarError(.io, "No space left on device", errno: ENOSPC)
 }

@@ -62,7 +62,7 @@ extension Qcow2Writer {
         header.refcountOrder = UInt32(newOrder)
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(tableClusters)
-        try rewriteHeader()
+        try rewriteHeader(what: "qcow2")
 
         reftable = new.table + [UInt64](repeating: 0, count: Int(tableClusters * clusterSize / 8) - new.table.count)
         refOrder = newOrder
