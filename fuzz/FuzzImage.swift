@@ -4,8 +4,8 @@ import Glibc
 // libFuzzer entry for the image open/read path. fuzz/run.sh compiles this file together with every engine
 // source (one module), so it reaches the same code the library and the CLI run. Each input is written to a
 // private temporary file, opened as qcow2 (the format whose metadata an attacker controls), then driven the way
-// `qemu-img info`, `map` and `convert` drive it. Any Swift trap or sanitizer report is a finding: hostile bytes
-// must only ever produce a thrown InstarError.
+// `qemu-img info`, `map` and `convert` drive it, and last opened writable and written to, as the writers do. Any
+// Swift trap or sanitizer report is a finding: hostile bytes must only ever produce a thrown InstarError.
 
 /// The per-process scratch file the inputs are written to (libFuzzer runs inputs one at a time).
 private let scratchPath: String = {
@@ -23,6 +23,8 @@ public func instarFuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     for format in ["qcow2", nil] as [String?] {
         exercise(format: format)
     }
+    // Last, as it changes the file.
+    exerciseWrites(format: "qcow2")
     return 0
 }
 
@@ -80,6 +82,28 @@ private func exercise(format: String?) {
         }
     }
     exerciseCAPI()
+}
+
+/// The writable open the writers take (dirty-image repair, bitmaps marked in use), a write, a zero write and a
+/// discard near the start, then the close that stores the bitmaps again. The scratch file is rewritten for
+/// every input, so changing it is harmless.
+private func exerciseWrites(format: String?) {
+    var spec = ImageSpec(filename: scratchPath, format: format)
+    spec.displayName = "fuzz"
+    guard let layer = try? ImageOpener.open(spec, options: ImageOpenOptions(), writable: true, openBacking: false) else {
+        return
+    }
+    defer { try? layer.close() }
+    let image = layer.format
+    let size = image.virtualSize
+    guard size > 0 else { return }
+    let n = Int(min(UInt64(4096), size))
+    let data = [UInt8](repeating: 0x5a, count: n)
+    _ = try? data.withUnsafeBytes { try image.write($0, at: 0, backing: nil) }
+    if size > 65536 {
+        _ = try? image.writeZeroes(at: 65536 - 512, length: min(8192, size - 65536 + 512), mayUnmap: true, backing: nil)
+        _ = try? image.discard(at: 0, length: min(size, 1 << 20))
+    }
 }
 
 /// The C API entry points that parse the same file: they add the operations layer (info) on top of the driver.

@@ -52,6 +52,9 @@ if [ -z "$(ls -A "$WORK/corpus")" ]; then
   mk backed "-o cluster_size=512 -b p.raw -F raw" "write -P 0x22 0 1k"
   mk snap "-o cluster_size=512" "write -P 0x11 0 1k"
   qemu-img snapshot -c s1 "$S/snap.qcow2" && cp "$S/snap.qcow2" "$WORK/corpus/snap"
+  mk bitmaps "-o cluster_size=512" "write -P 0x11 0 1k"
+  qemu-img bitmap --add -g 512 "$S/bitmaps.qcow2" b0 && qemu-img bitmap --add --disable "$S/bitmaps.qcow2" b1
+  qemu-io -f qcow2 -c "write -P 0x22 64k 4k" "$S/bitmaps.qcow2" >/dev/null && cp "$S/bitmaps.qcow2" "$WORK/corpus/bitmaps"
   qemu-img convert -c -O qcow2 -o cluster_size=4k "$S/p.raw" "$WORK/corpus/zlib"
   qemu-img convert -c -O qcow2 -o cluster_size=4k,compression_type=zstd "$S/p.raw" "$WORK/corpus/zstd"
 fi
