@@ -14,6 +14,8 @@ enum Qcow2BitmapData {
     static let entryOffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
     static let entryAllOnes: UInt64 = 1
     static let entryReservedMask: UInt64 = 0xff00_0000_0000_01fe
+    /// The largest bitmap `readBitmap` returns whole (a deliberate limit; see there).
+    static let maxCopiedBytes: UInt64 = 256 << 20
 
     /// The serialized length of a bitmap over `size` guest bytes: one bit per granule, in whole 64-bit words
     /// (qemu's hbitmap serialization unit).
@@ -47,6 +49,13 @@ extension Qcow2Format: PersistentBitmapStore {
         }
         guard !bm.inconsistent else {
             throw InstarError(.invalid, "Bitmap '\(name)' is inconsistent and cannot be used", errno: EINVAL)
+        }
+        // The whole bitmap is handed over in memory: bound it (qemu allows up to 512 MiB of bits, which only a
+        // multi-terabyte image at 512-byte granularity reaches).
+        guard bm.serializedBytes <= Qcow2BitmapData.maxCopiedBytes else {
+            throw InstarError(.unsupported, "Bitmap '\(name)' is too large to copy "
+                              + "(\(bm.serializedBytes >> 20) MiB of bits, at most \(Qcow2BitmapData.maxCopiedBytes >> 20) MiB)",
+                              errno: ENOMEM)
         }
         return try bm.allBytes()
     }
