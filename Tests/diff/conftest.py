@@ -3,6 +3,7 @@
 Images are made at test time with qemu-img/qemu-io. `INSTAR_BUILD` points at the build/ folder that holds
 bin/instar and lib/libinstar.so (the Makefile sets it).
 """
+import json
 import os
 import re
 import subprocess
@@ -76,6 +77,25 @@ def qimg(*args, cwd=None):
             break
     assert r.rc == 0, r
     return r
+
+
+def info_json(path, *extra, keep=()):
+    """`qemu-img info --output=json` of `path` as a dict, without "filename" and "actual-size" (unless in `keep`)."""
+    r = qemu("info", "--output=json", *extra, path)
+    assert r.rc == 0, r
+    d = json.loads(r.out)
+    for k in ("filename", "actual-size"):
+        if k not in keep:
+            d.pop(k, None)
+    return d
+
+
+def check_clean(path):
+    """`qemu-img check` finds neither leaks nor corruptions."""
+    r = qemu("check", "--output=json", path)
+    assert r.rc == 0, r
+    d = json.loads(r.out)
+    assert d.get("leaks", 0) == 0 and d.get("corruptions", 0) == 0, d
 
 
 def convert_both(tmp, args, srcs, fmt="qcow2", setup=None):

@@ -1,27 +1,10 @@
 """amend: differential tests against qemu-img 7.2 (messages, exit codes, progress, resulting images)."""
-import json
 import os
 import shutil
 
 import pytest
 
-from conftest import instar, qemu, qemu_io, qimg
-
-
-def info(path):
-    r = qemu("info", "--output=json", path)
-    assert r.rc == 0, r
-    d = json.loads(r.out)
-    d.pop("filename", None)
-    d.pop("actual-size", None)
-    return d
-
-
-def check_clean(path):
-    r = qemu("check", "--output=json", path)
-    assert r.rc == 0, r
-    d = json.loads(r.out)
-    assert d.get("leaks", 0) == 0 and d.get("corruptions", 0) == 0, d
+from conftest import check_clean, info_json as info, instar, qemu, qemu_io, qimg
 
 
 def image(tmp, opts="", size="4M", writes=(), zeroes=(), name="src.qcow2"):

@@ -76,6 +76,15 @@ def qemu_results(path, tmp):
     return d, json.loads(qimg("map", "--output=json", *spec).out)
 
 
+def run_threads(worker):
+    """Runs worker(0) .. worker(THREADS - 1) on their own threads and waits for all of them."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_single_threaded_matches_qemu(images, tmp):
     d, paths = images
     for p in paths:
@@ -127,11 +136,7 @@ def test_concurrent_equals_single_threaded(images):
         except Exception as e:  # noqa: BLE001 - reported below
             failures.append((seed, "exception", repr(e)))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker)
     assert failures == []
 
 
@@ -152,9 +157,5 @@ def test_one_handle_shared_by_threads(images):
                 if img.read(off, n) != whole[off:off + n]:
                     failures.append((seed, off, n))
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(worker)
         assert failures == []

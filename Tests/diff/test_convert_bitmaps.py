@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import instar, qemu, qemu_io, qimg, run
+from conftest import info_json, instar, qemu, qemu_io, qimg, run
 
 BITMAPS_EXT = 0x23852875
 
@@ -95,15 +95,6 @@ def make_all_ones(path, name, index):
                 f.write(struct.pack(">Q", 1))
             return
     raise AssertionError(name)
-
-
-def info_json(path):
-    r = run(["qemu-img", "info", "--output=json", path])
-    assert r.rc == 0, r
-    d = json.loads(r.out)
-    d.pop("filename", None)
-    d.pop("actual-size", None)
-    return d
 
 
 def check_json(path):

@@ -28,6 +28,24 @@ def same_files(q, i, names):
             assert a.read() == b.read(), n
 
 
+def replay_both(q, i, ops):
+    """The same operations on t.qcow2 through the binding in `i` and through qemu-io in `q`, each run from its
+    directory (qemu opens a relative data file name against the working directory); then the instar copy is
+    clean, reads as qemu's and has the same data file."""
+    cwd = os.getcwd()
+    try:
+        os.chdir(i)
+        apply_instar("t.qcow2", ops)
+        os.chdir(q)
+        apply_qemu("t.qcow2", ops, q)
+    finally:
+        os.chdir(cwd)
+    check_clean(i, "t.qcow2")
+    cmp = run(["qemu-img", "compare", os.path.join(q, "t.qcow2"), os.path.join(i, "t.qcow2")], cwd=i)
+    assert cmp.rc == 0, cmp
+    same_files(q, i, ["t.data"])
+
+
 def check_clean(d, name):
     c = run(["qemu-img", "check", name], cwd=d)
     assert c.rc == 0 and "No errors were found" in c.out and "leaked" not in c.out, c
@@ -104,18 +122,7 @@ def test_binding_writes_with_backing(tmp):
     for n in ("t.qcow2", "t.data"):
         shutil.copy(os.path.join(q, n), os.path.join(i, n))
     ops = make_ops(5, size, 65536, count=60)
-    cwd = os.getcwd()
-    try:
-        os.chdir(i)
-        apply_instar("t.qcow2", ops)
-        os.chdir(q)
-        apply_qemu("t.qcow2", ops, q)
-    finally:
-        os.chdir(cwd)
-    check_clean(i, "t.qcow2")
-    cmp = run(["qemu-img", "compare", os.path.join(q, "t.qcow2"), os.path.join(i, "t.qcow2")], cwd=i)
-    assert cmp.rc == 0, cmp
-    same_files(q, i, ["t.data"])
+    replay_both(q, i, ops)
 
 
 @pytest.mark.parametrize("raw", ["off", "on"])
@@ -132,21 +139,7 @@ def test_binding_writes(tmp, raw, extra):
     assert run(["qemu-io", "-f", "qcow2", "-c", "write -P 5 0 1M", "t.qcow2"], cwd=q).rc == 0
     for n in ("t.qcow2", "t.data"):
         shutil.copy(os.path.join(q, n), os.path.join(i, n))
-    cwd = os.getcwd()
-    try:
-        os.chdir(i)
-        apply_instar("t.qcow2", qemu_ops)
-    finally:
-        os.chdir(cwd)
-    try:
-        os.chdir(q)
-        apply_qemu("t.qcow2", qemu_ops, q)
-    finally:
-        os.chdir(cwd)
-    check_clean(i, "t.qcow2")
-    cmp = run(["qemu-img", "compare", os.path.join(q, "t.qcow2"), os.path.join(i, "t.qcow2")], cwd=i)
-    assert cmp.rc == 0, cmp
-    same_files(q, i, ["t.data"])
+    replay_both(q, i, qemu_ops)
     assert info(q, "t.qcow2") == info(i, "t.qcow2")
 
 

@@ -117,6 +117,14 @@ public enum ImageOpener {
         return try spec(fromOptions: members, format: format)
     }
 
+    /// The spec an image argument of a command names: an --image-opts option string (`imageOpts`; `warn` gets
+    /// qemu's deprecation warnings for short-form flags), or a filename, plain or json:, with -f's format.
+    public static func commandLineSpec(_ name: String, format: String?, imageOpts: Bool,
+                                       warn: ((String) -> Void)? = nil) throws -> ImageSpec {
+        imageOpts ? try spec(fromOptions: QemuOptsParser.blockOptions(name, warn: warn), format: nil)
+                  : try parseSpec(name, format: format)
+    }
+
     /// Block-layer options that every node accepts and that never show in a regenerated `json:` filename.
     static let genericOptions: Set<String> = [
         "read-only", "auto-read-only", "cache.direct", "cache.no-flush", "discard", "detect-zeroes", "node-name",

@@ -123,12 +123,7 @@ public enum CheckOperation {
         open.check = true
         let layer: ImageLayer
         do {
-            let spec: ImageSpec
-            if options.imageOpts {
-                spec = try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(name), format: nil)
-            } else {
-                spec = try ImageOpener.parseSpec(name, format: options.format)
-            }
+            let spec = try ImageOpener.commandLineSpec(name, format: options.format, imageOpts: options.imageOpts)
             if writable && (open.forceShare || spec.forceShare == true) {
                 throw InstarError.invalid("force-share=on can only be used with read-only images")
             }

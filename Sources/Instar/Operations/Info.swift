@@ -215,11 +215,7 @@ public enum InfoOperation {
             var spec: ImageSpec?
             var parseError: InstarError?
             do {
-                if imageOpts {
-                    spec = try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(filename, warn: options.warn), format: nil)
-                } else {
-                    spec = try ImageOpener.parseSpec(filename, format: format)
-                }
+                spec = try ImageOpener.commandLineSpec(filename, format: format, imageOpts: imageOpts, warn: options.warn)
             } catch let e as InstarError {
                 parseError = e
             }

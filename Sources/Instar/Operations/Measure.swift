@@ -38,9 +38,7 @@ public enum Measure {
                 throw InstarError.invalid("--image-opts and --format are mutually exclusive")
             }
             do {
-                let spec = p.imageOpts
-                    ? try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(name), format: nil)
-                    : try ImageOpener.parseSpec(name, format: p.sourceFormat)
+                let spec = try ImageOpener.commandLineSpec(name, format: p.sourceFormat, imageOpts: p.imageOpts)
                 if p.imageOpts, p.forceShare, spec.forceShare == false {
                     // img_open_opts reports this one without the "Could not open" prefix.
                     throw ForceShareConflict()

@@ -35,12 +35,7 @@ public enum ResizeOperation {
             throw InstarError.invalid("--image-opts and --format are mutually exclusive")
         }
         do {
-            let spec: ImageSpec
-            if imageOpts {
-                spec = try ImageOpener.spec(fromOptions: QemuOptsParser.blockOptions(name, warn: warn), format: nil)
-            } else {
-                spec = try ImageOpener.parseSpec(name, format: format)
-            }
+            let spec = try ImageOpener.commandLineSpec(name, format: format, imageOpts: imageOpts, warn: warn)
             let layer = try ImageOpener.open(spec, options: open, writable: true, openBacking: true)
             if spec.format == nil && layer.format.formatName == "raw" {
                 warn?(probedRawWarning(spec.displayName))

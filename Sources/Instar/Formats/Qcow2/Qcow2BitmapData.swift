@@ -14,6 +14,14 @@ enum Qcow2BitmapData {
     static let entryOffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
     static let entryAllOnes: UInt64 = 1
     static let entryReservedMask: UInt64 = 0xff00_0000_0000_01fe
+
+    /// qcow2-bitmap.c check_table_entry: no reserved bit, and a data offset is cluster aligned and not combined
+    /// with the "all ones" flag.
+    static func entryValid(_ entry: UInt64, clusterSize: UInt64) -> Bool {
+        if entry & entryReservedMask != 0 { return false }
+        let offset = entry & entryOffsetMask
+        return offset == 0 || (entry & entryAllOnes == 0 && offset & (clusterSize - 1) == 0)
+    }
     /// The largest bitmap `readBitmap` returns whole (a deliberate limit; see there).
     static let maxCopiedBytes: UInt64 = 256 << 20
 
@@ -92,19 +100,15 @@ extension Qcow2Format: PersistentBitmapStore {
                                             file: file), at: 0)
     }
 
-    /// The bitmaps qemu stores at close: every one but those already inconsistent at open.
-    var bitmapsToStore: [Qcow2LiveBitmap] { (liveBitmaps + addedBitmaps).filter { !$0.inconsistent } }
-
     /// The rest of qcow2_do_open for a writable image: the header loses the bitmaps extension qemu ignored and
     /// the autoclear bits it does not know, and the bitmaps about to change are marked in use on disk
     /// (update_ext_header_and_dir_in_place: the autoclear bit dropped, the directory rewritten in place with
     /// the in-use flags, the autoclear bit set again). A read-only open changes nothing.
     func prepareBitmapsForWriting() throws {
         guard writable else { return }
-        let knownAutoclear = Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw
         let updateHeader = extensions.ignoredBitmaps
-            || (header.version >= 3 && header.autoclearFeatures & ~knownAutoclear != 0)
-        if header.version >= 3 { header.autoclearFeatures &= knownAutoclear }
+            || (header.version >= 3 && header.autoclearFeatures & ~Qcow2.autoclearKnown != 0)
+        if header.version >= 3 { header.autoclearFeatures &= Qcow2.autoclearKnown }
         let marking = liveBitmaps.filter { !$0.inconsistent }
         if let ext = extensions.bitmaps, !marking.isEmpty {
             header.autoclearFeatures &= ~Qcow2.autoclearBitmaps
@@ -125,8 +129,8 @@ extension Qcow2Format: PersistentBitmapStore {
 
     /// bdrv_set_dirty after a guest write, zero write or discard: the enabled bitmaps take the range.
     func markBitmapsDirty(offset: UInt64, length: UInt64) throws {
-        for bm in liveBitmaps + addedBitmaps where bm.enabled && !bm.inconsistent {
-            try bm.setDirty(offset: offset, length: length)
+        for list in [liveBitmaps, addedBitmaps] {
+            for bm in list where bm.enabled && !bm.inconsistent { try bm.setDirty(offset: offset, length: length) }
         }
     }
 
@@ -147,8 +151,8 @@ extension Qcow2Format: PersistentBitmapStore {
     func storeBitmaps() throws {
         // After a corruption was signalled qemu writes nothing more.
         guard writable, !corruptionSignalled else { return }
-        let list = bitmapsToStore
-        guard !list.isEmpty else { return }
+        // qemu stores every bitmap but those already inconsistent at open; with none of those it writes nothing.
+        guard liveBitmaps.contains(where: { !$0.inconsistent }) || !addedBitmaps.isEmpty else { return }
         let w = try writeSide()
         try w.prepare()
         try w.storeBitmaps()

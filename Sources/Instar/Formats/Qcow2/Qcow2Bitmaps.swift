@@ -28,8 +28,6 @@ enum Qcow2Bitmaps {
     static let minGranularityBits: UInt8 = 9
     static let maxGranularityBits: UInt8 = 31
     static let maxNameLength = 1023
-    static let maxTableSize: UInt32 = 0x800_0000     // BME_MAX_TABLE_SIZE
-    static let maxPhysBytes: UInt64 = 0x2000_0000    // BME_MAX_PHYS_SIZE
 
     /// Reads and checks the directory (qemu's bitmap_list_load).
     static func read(_ ext: Qcow2BitmapsExtension, header: Qcow2Header, file: HostFile) throws -> [Qcow2BitmapEntry] {
@@ -65,9 +63,9 @@ enum Qcow2Bitmaps {
             let phys = UInt64(tableSize) * header.clusterSize
             let length = header.size / 512 * 512
             let bad = tableSize == 0 || tableOffset == 0 || tableOffset & (header.clusterSize - 1) != 0
-                || tableSize > Qcow2Bitmaps.maxTableSize || gran > maxGranularityBits || gran < minGranularityBits
+                || UInt64(tableSize) > Qcow2BitmapData.maxTableEntries || gran > maxGranularityBits || gran < minGranularityBits
                 || flags & ~(Qcow2BitmapEntry.flagInUse | Qcow2BitmapEntry.flagAuto) != 0
-                || nameSize > maxNameLength || type != 1 || phys > Qcow2Bitmaps.maxPhysBytes
+                || nameSize > maxNameLength || type != 1 || phys > Qcow2BitmapData.maxPhysBytes
                 || (flags & Qcow2BitmapEntry.flagInUse == 0 && length > (phys * 8) << UInt64(gran))
             if bad {
                 throw InstarError.invalid("Bitmap '\(String(decoding: nameBytes, as: UTF8.self))' doesn't satisfy the constraints")

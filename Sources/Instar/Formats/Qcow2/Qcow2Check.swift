@@ -11,12 +11,19 @@ extension Qcow2Format: ImageCheckable {
     public func check(repair: CheckRepair, report: (CheckMessage) -> Void) throws -> CheckResult {
         // A repair rewrites metadata behind this image's back (the header bits, perhaps a whole new refcount
         // structure): what it read at open is read again, so that close (which stores the bitmaps) and later
-        // writes start from the file.
-        defer { if !repair.isEmpty && writable && !corruptionSignalled { try? reloadAfterRepair() } }
-        return try withoutActuallyEscaping(report) { report in
-            let checker = try Qcow2Checker(format: self, repair: repair, report: report)
-            return try checker.run()
+        // writes start from the file. After a corruption nothing more is written, so nothing is read again.
+        let result: CheckResult
+        do {
+            result = try withoutActuallyEscaping(report) { report in
+                let checker = try Qcow2Checker(format: self, repair: repair, report: report)
+                return try checker.run()
+            }
+        } catch {
+            if !repair.isEmpty && writable && !corruptionSignalled { try? reloadAfterRepair() }
+            throw error
         }
+        if !repair.isEmpty && writable && !corruptionSignalled { try reloadAfterRepair() }
+        return result
     }
 }
 
@@ -36,10 +43,6 @@ final class Qcow2Checker {
     static let l2BitmapAllAlloc: UInt64 = 0xffff_ffff
     static let l2BitmapAllZeroes: UInt64 = 0xffff_ffff_0000_0000
     // qcow2-bitmap.c: bitmap table entries.
-    static let bitmapTableOffsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
-    static let bitmapTableReservedMask: UInt64 = 0xff00_0000_0000_01fe
-    static let bitmapTableAllOnes: UInt64 = 1
-    static let bitmapMaxTableSize: UInt32 = 0x800_0000
     /// QCOW_MAX_L1_SIZE / 8.
     static let maxL1Entries: UInt32 = UInt32(Qcow2.maxL1Bytes / 8)
     /// CHECK_FRAG_INFO: count allocation statistics (active L1 only).
@@ -487,7 +490,7 @@ final class Qcow2Checker {
         for bm in format.bitmaps {
             try incRefcounts(&imrt, offset: Int64(bitPattern: bm.tableOffset), size: Int64(bm.tableSize) * 8)
             if bm.tableSize == 0 { continue }
-            guard bm.tableSize <= Self.bitmapMaxTableSize else {
+            guard UInt64(bm.tableSize) <= Qcow2BitmapData.maxTableEntries else {
                 res.corruptions += 1
                 throw Qcow2CheckAbort(errno: EINVAL)
             }
@@ -500,27 +503,16 @@ final class Qcow2Checker {
                 throw Qcow2CheckAbort(errno: EIO)
             }
             // bitmap_table_load refuses the whole table when one entry is bad.
-            if table.contains(where: { !bitmapEntryValid($0) }) {
+            if table.contains(where: { !Qcow2BitmapData.entryValid($0, clusterSize: UInt64(clusterSize)) }) {
                 res.corruptions += 1
                 throw Qcow2CheckAbort(errno: EINVAL)
             }
             for entry in table {
-                let offset = entry & Self.bitmapTableOffsetMask
+                let offset = entry & Qcow2BitmapData.entryOffsetMask
                 if offset == 0 { continue }
                 try incRefcounts(&imrt, offset: Int64(offset), size: clusterSize)
             }
         }
-    }
-
-    /// qcow2-bitmap.c check_table_entry.
-    private func bitmapEntryValid(_ entry: UInt64) -> Bool {
-        if entry & Self.bitmapTableReservedMask != 0 { return false }
-        let offset = entry & Self.bitmapTableOffsetMask
-        if offset != 0 {
-            if entry & Self.bitmapTableAllOnes != 0 { return false }
-            if offset % UInt64(clusterSize) != 0 { return false }
-        }
-        return true
     }
 
     /// check_refblocks: each refcount block must lie inside the image and be referenced exactly once.

@@ -29,8 +29,8 @@ extension Qcow2Format {
             abandonRepairWriter()
             throw Self.repairFailure(EIO)
         }
-        // With corruptions left the check does not mark the image clean; close does (`markCleanOnClose`).
-        try reloadAfterRepair()
+        // With corruptions left the check does not mark the image clean; close does (`markCleanOnClose`). The
+        // check has read the repaired metadata again (`check(repair:report:)`).
     }
 
     /// qcow2_inactivate: closing an image opened read/write marks it clean, whatever left the dirty bit set

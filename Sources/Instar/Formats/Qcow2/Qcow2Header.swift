@@ -32,6 +32,8 @@ enum Qcow2 {
     // qcow2.txt: autoclear bit 0 bitmaps extension consistent, bit 1 raw external data.
     static let autoclearBitmaps: UInt64 = 1 << 0
     static let autoclearDataFileRaw: UInt64 = 1 << 1
+    /// The autoclear bits qemu 7.2 knows (QCOW2_AUTOCLEAR_MASK); a writable open clears the others.
+    static let autoclearKnown: UInt64 = autoclearBitmaps | autoclearDataFileRaw
 
     // qcow2.txt: compression_type 0 zlib, 1 zstd.
     static let compressionZlib: UInt8 = 0

@@ -220,13 +220,7 @@ final class Qcow2LiveBitmap {
             var raw = [UInt8](repeating: 0, count: Int(e.tableSize) * 8)
             try raw.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: e.tableOffset) }
             let table = Qcow2Mapper.decodeBE64(raw, count: Int(e.tableSize))
-            for entry in table {
-                let offset = entry & Qcow2BitmapData.entryOffsetMask
-                if entry & Qcow2BitmapData.entryReservedMask != 0
-                    || (offset != 0 && (entry & Qcow2BitmapData.entryAllOnes != 0 || offset & (clusterSize - 1) != 0)) {
-                    throw tableFailed
-                }
-            }
+            if table.contains(where: { !Qcow2BitmapData.entryValid($0, clusterSize: clusterSize) }) { throw tableFailed }
             let bm = Qcow2LiveBitmap(name: e.name, granularityBits: e.granularityBits,
                                      enabled: e.flags & Qcow2BitmapEntry.flagAuto != 0, inconsistent: false,
                                      stored: e, diskTable: table, size: virtualSize, clusterSize: clusterSize,

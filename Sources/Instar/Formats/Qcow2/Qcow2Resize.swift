@@ -230,15 +230,7 @@ extension Qcow2Writer {
             regions.append((to, host + (n - 1) * clusterSize + endIn, b))
         }
         for r in regions {
-            try r.bytes.withUnsafeBytes { raw in
-                if let c = format.crypt {
-                    let sealed = try c.encrypted(raw, at: r.host, guest: r.guest)
-                    defer { sealed.deallocate() }
-                    try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: r.host)
-                } else {
-                    try format.dataFile.write(raw, at: r.host)
-                }
-            }
+            try r.bytes.withUnsafeBytes { try writeGuestData($0, host: r.host, guest: r.guest) }
         }
     }
 
@@ -291,15 +283,8 @@ extension Qcow2Writer {
         if headBytes > 0 && dataClusters > 0 {
             var head = [UInt8](repeating: 0, count: Int(headBytes))
             try head.withUnsafeMutableBytes { try format.read(into: $0, at: firstGuest, backing: backing) }
-            try head.withUnsafeBytes { raw in
-                if let c = format.crypt {
-                    let sealed = try c.encrypted(raw, at: hostStart, guest: firstGuest)
-                    defer { sealed.deallocate() }
-                    try file.write(UnsafeRawBufferPointer(sealed), at: hostStart)
-                } else {
-                    try file.write(raw, at: hostStart)
-                }
-            }
+            // No external data file on this path: the guest data file is the image file.
+            try head.withUnsafeBytes { try writeGuestData($0, host: hostStart, guest: firstGuest) }
             try syncData()
         }
         let tableShift = clusterBits + UInt64(header.l2Bits)

@@ -191,6 +191,18 @@ extension Qcow2Writer {
         format.forgetDecompressed()
     }
 
+    /// Writes guest bytes (for guest offset `guest`) at host offset `host` of the file that holds guest data,
+    /// encrypted first when the image is.
+    func writeGuestData(_ data: UnsafeRawBufferPointer, host: UInt64, guest: UInt64) throws {
+        guard let c = format.crypt else {
+            try format.dataFile.write(data, at: host)
+            return
+        }
+        let sealed = try c.encrypted(data, at: host, guest: guest)
+        defer { sealed.deallocate() }
+        try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: host)
+    }
+
     /// Writes one run and points its L2 entries at it; returns its first host cluster (nil with an external
     /// data file). `host` is where new clusters were already allocated, if they were.
     @discardableResult
@@ -240,14 +252,7 @@ extension Qcow2Writer {
             hostBase = try allocateClusters(UInt64(run.count))
             try setL2DependsOnRefcount()
         }
-        let hostStart = hostBase + (wStart - first.guestCluster)
-        if let c = format.crypt {
-            let sealed = try c.encrypted(data, at: hostStart, guest: wStart)
-            defer { sealed.deallocate() }
-            try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: hostStart)
-        } else {
-            try format.dataFile.write(data, at: hostStart)
-        }
+        try writeGuestData(data, host: hostBase + (wStart - first.guestCluster), guest: wStart)
         // The data must be stable before an L2 entry points at it.
         for (k, p) in run.enumerated() {
             let host = hostBase + UInt64(k) * clusterSize

@@ -165,8 +165,8 @@ final class Qcow2Writer {
 
     // MARK: Header
 
-    /// Checks made before the first change, and the header updates qemu makes when it starts writing:
-    /// unknown autoclear bits are cleared and, with lazy refcounts, the dirty bit is set.
+    /// Checks made before the first change, and the header update qemu makes when it starts writing: with lazy
+    /// refcounts, the dirty bit is set. (Unknown autoclear bits were cleared by the writable open.)
     func prepare() throws {
         try trimCaches()
         if prepared { return }
@@ -175,12 +175,6 @@ final class Qcow2Writer {
         }
         if format.encrypted && format.crypt == nil {
             throw InstarError(.unsupported, "Writing encrypted qcow2 images is not supported", errno: ENOTSUP)
-        }
-        // Unknown autoclear bits say some extension may be stale now; qemu clears them on its first write.
-        let keep = header.autoclearFeatures & (Qcow2.autoclearBitmaps | Qcow2.autoclearDataFileRaw)
-        if header.version >= 3 && keep != header.autoclearFeatures {
-            header.autoclearFeatures = keep
-            try writeHeaderU64(keep, at: 88)   // qcow2.txt: bytes 88-95 autoclear_features
         }
         if lazyRefcounts && header.version >= 3 {
             header.incompatibleFeatures |= Qcow2.incompatDirty
