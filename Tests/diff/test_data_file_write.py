@@ -22,6 +22,14 @@ def two_dirs(tmp):
     return q, i
 
 
+def same_in_dirs(q, i, args):
+    """Runs qemu-img in `q` and instar in `i` with the same arguments; exit codes and messages must match."""
+    rq = run(["qemu-img", *args], cwd=q)
+    ri = run([INSTAR, *args], cwd=i)
+    assert (rq.rc, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.err)
+    return rq
+
+
 def same_files(q, i, names):
     for n in names:
         with open(os.path.join(q, n), "rb") as a, open(os.path.join(i, n), "rb") as b:
@@ -70,9 +78,7 @@ def test_convert(tmp, opts):
     src = mixed_raw(tmp)
     q, i = two_dirs(tmp)
     args = ["convert", "-O", "qcow2", "-o", opts, src, "t.qcow2"]
-    rq = run(["qemu-img", *args], cwd=q)
-    ri = run([INSTAR, *args], cwd=i)
-    assert (rq.rc, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.err)
+    rq = same_in_dirs(q, i, args)
     assert rq.rc == 0
     check_clean(i, "t.qcow2")
     same_files(q, i, ["t.qcow2", "t.data"])
@@ -84,10 +90,8 @@ def test_convert_compressed_refused(tmp):
     src = mixed_raw(tmp)
     q, i = two_dirs(tmp)
     args = ["convert", "-c", "-O", "qcow2", "-o", "data_file=t.data", src, "t.qcow2"]
-    rq = run(["qemu-img", *args], cwd=q)
-    ri = run([INSTAR, *args], cwd=i)
+    rq = same_in_dirs(q, i, args)
     assert rq.rc != 0
-    assert (rq.rc, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.err)
     same_files(q, i, ["t.qcow2", "t.data"])
 
 
@@ -102,9 +106,7 @@ def test_convert_existing_target(tmp, raw):
     for n in ("t.qcow2", "t.data"):
         shutil.copy(os.path.join(q, n), os.path.join(i, n))
     args = ["convert", "-n", "-O", "qcow2", src, "t.qcow2"]
-    rq = run(["qemu-img", *args], cwd=q)
-    ri = run([INSTAR, *args], cwd=i)
-    assert (rq.rc, rq.err.replace("qemu-img", "instar")) == (ri.rc, ri.err)
+    rq = same_in_dirs(q, i, args)
     assert rq.rc == 0
     check_clean(i, "t.qcow2")
     same_files(q, i, ["t.qcow2", "t.data"])
