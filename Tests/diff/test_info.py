@@ -121,8 +121,7 @@ def corpus(tmp_path_factory):
 
 
 def _make(step, cwd):
-    """Runs one qemu-img setup step. LUKS creation benchmarks PBKDF2 on CPU time and now and then fails with
-    "Unable to get accurate CPU usage" on a busy machine, so that one is retried."""
+    """Runs one qemu-img setup step (through qimg, which waits out qemu's LUKS CPU-clock race)."""
     qimg(*step, cwd=cwd)
 
 

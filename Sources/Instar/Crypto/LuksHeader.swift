@@ -218,24 +218,45 @@ enum Luks {
         throw InstarError(.permission, "Invalid password, cannot unlock any keyslot", errno: EACCES)
     }
 
-    /// qemu's qcrypto_pbkdf2_count_iters: PBKDF2 iterations per second of this thread's CPU time, found by
-    /// doubling a trial run until it takes at least half a second.
+    /// PBKDF2 iterations per second of this thread's CPU time, chosen by qemu's qcrypto_pbkdf2_count_iters
+    /// algorithm (start at 2^15; ×10 while a run takes under 100 ms, rescale to one second while it takes
+    /// 100–500 ms, stop once it takes over 500 ms) but timed in nanoseconds. qemu times in milliseconds and
+    /// gives up ("Unable to get accurate CPU usage") when a run reads as 0 ms, which a coarse, tick-based
+    /// thread clock does on a busy machine; a run that reads as 0 ns here is simply grown again, so the count
+    /// comes out as qemu's would on a precise clock and creation never fails for want of clock resolution.
     static func iterationsPerSecond(hash: LuksHash, password: [UInt8], salt: [UInt8], length: Int) throws -> UInt64 {
+        let nanosPerSecond: UInt64 = 1_000_000_000
         var iterations: UInt64 = 1 << 15
-        while true {
-            let start = threadCPUMilliseconds()
+        // Each round either stops or grows the count; this bounds the loop even if the clock never moves.
+        for _ in 0..<64 {
+            let start = threadCPUNanoseconds()
             _ = try hash.pbkdf2(password: password, salt: salt, iterations: iterations, length: length)
-            let elapsed = threadCPUMilliseconds() - start
-            if elapsed >= 500 { return iterations * 1000 / UInt64(elapsed) }
-            if iterations > UInt64(UInt32.max) / 2 { return iterations * 1000 / UInt64(max(elapsed, 1)) }
-            iterations *= 2
+            let elapsed = threadCPUNanoseconds() &- start
+            if elapsed > 500_000_000 {
+                return scaled(iterations, nanosPerSecond, elapsed)
+            } else if elapsed < 100_000_000 {
+                guard iterations <= UInt64(UInt32.max) else { break }
+                iterations *= 10
+            } else {
+                iterations = scaled(iterations, nanosPerSecond, elapsed)
+            }
         }
+        throw InstarError(.range, "PBKDF2 iteration count does not fit in 32 bits", errno: ERANGE)
     }
 
-    static func threadCPUMilliseconds() -> Int64 {
+    /// `value * numerator / denominator` without overflow (saturating at UInt64.max).
+    private static func scaled(_ value: UInt64, _ numerator: UInt64, _ denominator: UInt64) -> UInt64 {
+        guard denominator > 0 else { return UInt64.max }
+        let product = value.multipliedFullWidth(by: numerator)
+        guard product.high < denominator else { return UInt64.max }
+        return denominator.dividingFullWidth(product).quotient
+    }
+
+    /// This thread's CPU time in nanoseconds (CLOCK_THREAD_CPUTIME_ID).
+    static func threadCPUNanoseconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
-        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+        return UInt64(max(ts.tv_sec, 0)) &* 1_000_000_000 &+ UInt64(max(ts.tv_nsec, 0))
     }
 
     /// A version 4 UUID from the RNG, in lower-case text.
