@@ -133,3 +133,43 @@ def convert_both(tmp, args, srcs, fmt="qcow2", setup=None):
 @pytest.fixture
 def tmp(tmp_path):
     return str(tmp_path)
+
+
+class QemuNbd:
+    """A qemu-nbd serving `path` on a unix socket, started with --fork: qemu-nbd's parent exits only once the
+    image is open (locks taken) and the socket listens, so no polling and no sleep is needed. stop() ends the
+    server and waits, on a deadline, until its image locks are gone."""
+
+    def __init__(self, path, fmt, cwd=None, extra=()):
+        d = cwd or os.path.dirname(os.path.abspath(path))
+        n = 0
+        while os.path.exists(os.path.join(d, f"nbd{n}.sock")):
+            n += 1
+        self.sock = os.path.join(d, f"nbd{n}.sock")
+        pidfile = os.path.join(d, f"nbd{n}.pid")
+        r = run(["qemu-nbd", "--fork", "--pid-file", pidfile, "-k", self.sock, "-f", fmt, *extra, path], cwd=cwd)
+        assert r.rc == 0, r
+        with open(pidfile) as f:
+            self.pid = int(f.read().strip())
+
+    def stop(self, deadline_seconds=120):
+        try:
+            os.kill(self.pid, 15)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + deadline_seconds
+        while time.monotonic() < end:
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        return  # exited (a zombie holds no file and no lock)
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"qemu-nbd {self.pid} did not stop within {deadline_seconds}s")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

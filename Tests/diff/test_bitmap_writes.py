@@ -363,6 +363,6 @@ def test_bitmap_table_budget(tmp):
         f.seek(0)
         f.write(area)
     for args in (["info", path], ["check", path], ["resize", path, "+1M"]):
-        r = run(["prlimit", "--as=1073741824", "--", os.path.join(BUILD, "bin", "instar"), *args], timeout=60)
+        r = run(["prlimit", "--as=1073741824", "--", os.path.join(BUILD, "bin", "instar"), *args], timeout=600)
         assert r.rc == 1, r
         assert "the bitmap tables of this image take more than 64 MiB" in r.err, r

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import INSTAR, assert_same, qemu, qemu_io, qimg, run
+from conftest import INSTAR, QemuNbd, assert_same, qemu, qemu_io, qimg, run
 
 import instar
 
@@ -321,27 +321,9 @@ def test_capi_errors(corpus):
     assert "instar: " + e.value.message.replace(corpus + "/", "") + "\n" == q.err
 
 
-def _nbd_serving(corpus, name, fmt):
-    sock = os.path.join(corpus, "nbd.sock")
-    p = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", fmt, name], cwd=corpus, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.02)
-    # The socket can appear before the image locks are taken: wait until a qcow2 image reports the lock
-    # (a raw image shares writes and never does).
-    for _ in range(100):
-        if fmt != "qcow2" or qemu("info", name, cwd=corpus).rc != 0:
-            break
-        time.sleep(0.02)
-    time.sleep(0.1)
-    return p
-
-
 @pytest.mark.parametrize("name,fmt", [("odd.raw", "raw"), ("q_default.qcow2", "qcow2")])
 def test_force_share_against_qemu_nbd(corpus, name, fmt):
-    p = _nbd_serving(corpus, name, fmt)
+    p = QemuNbd(name, fmt, cwd=corpus)
     try:
         # Without -U the lock held by qemu-nbd is refused; with -U info goes ahead.
         _same(corpus, name)
@@ -349,13 +331,12 @@ def test_force_share_against_qemu_nbd(corpus, name, fmt):
         _same(corpus, "-U", "--output=json", name)
         _same(corpus, "--force-share", "--backing-chain", name)
     finally:
-        p.kill()
-        p.wait()
+        p.stop()
 
 
 @pytest.mark.parametrize("name,fmt", [("odd.raw", "raw"), ("q_default.qcow2", "qcow2")])
 def test_capi_force_share_against_qemu_nbd(corpus, name, fmt):
-    p = _nbd_serving(corpus, name, fmt)
+    p = QemuNbd(name, fmt, cwd=corpus)
     path = os.path.join(corpus, name)
     try:
         q = qemu("info", "-U", "--output=json", path)
@@ -370,8 +351,7 @@ def test_capi_force_share_against_qemu_nbd(corpus, name, fmt):
             assert e.value.code == -6
             assert "instar: " + e.value.message + "\n" == q.err
     finally:
-        p.kill()
-        p.wait()
+        p.stop()
 
 
 def test_infinite_loop(corpus):

@@ -5,7 +5,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import assert_same, qemu, qemu_io, qimg, run
+from conftest import QemuNbd, assert_same, qemu, qemu_io, qimg, run
 from imgs import sparse_raw
 
 import instar as pyinstar
@@ -13,22 +13,14 @@ import instar as pyinstar
 
 @pytest.fixture
 def nbd_writer(tmp):
-    procs = []
+    servers = []
 
     def start(path, fmt):
-        sock = os.path.join(tmp, f"nbd{len(procs)}.sock")
-        p = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", fmt, path], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        procs.append(p)
-        for _ in range(100):
-            if os.path.exists(sock):
-                return p
-            time.sleep(0.05)
-        raise RuntimeError("qemu-nbd did not start")
+        servers.append(QemuNbd(path, fmt, cwd=tmp))
+        return servers[-1]
     yield start
-    for p in procs:
-        p.terminate()
-        p.wait()
+    for s in servers:
+        s.stop()
 
 
 def test_qcow2_held_by_qemu_nbd(tmp, nbd_writer):

@@ -177,21 +177,11 @@ def test_probed_raw_warning(tmp):
 
 
 def test_lock_held(tmp):
-    import subprocess
-    import time
+    from conftest import QemuNbd
     src = seeded(tmp)
-    sock = os.path.join(tmp, "sock")
-    p = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "--persistent", "-k", sock, src])
-    try:
-        for _ in range(50):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.1)
+    with QemuNbd(src, "qcow2", cwd=tmp, extra=["--persistent"]):
         q, i = both("resize", "-f", "qcow2", src, "8M")
         assert i == q
-    finally:
-        p.terminate()
-        p.wait()
 
 
 def test_python_and_c_api(tmp):
