@@ -5,7 +5,7 @@ PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
-APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest pkg-config
+APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config
 
 .PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean
 
@@ -40,7 +40,7 @@ unit-test:
 	$(SWIFT) test
 
 diff-test:
-	INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider Tests/diff
+	INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile Tests/diff
 
 demo: deps build
 	bash bench/demo.sh $(OUT)/bin/instar
