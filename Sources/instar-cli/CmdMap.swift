@@ -103,7 +103,8 @@ func imageOptsSpec(_ text: String) throws -> ImageSpec {
 func cliOpenImage(_ name: String, format: String?, imageOpts: Bool, forceShare: Bool, writable: Bool = false,
                   direct: Bool = false, noShareWrite: Bool = false) -> ImageLayer? {
     do {
-        let spec = imageOpts ? try imageOptsSpec(name) : try ImageOpener.parseSpec(name, format: format)
+        let spec = try ImageOpener.commandLineSpec(name, format: format, imageOpts: imageOpts,
+                                                   warn: { CLI.error("warning: \($0)") })
         var options = ImageOpenOptions()
         options.forceShare = forceShare
         options.direct = direct
