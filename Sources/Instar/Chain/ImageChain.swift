@@ -71,10 +71,12 @@ public indirect enum BackingChoice {
     case none
     /// `"backing": "NAME"`: an existing node by name, which a command line never has.
     case reference(String)
-    /// `"backing": {...}`: this node instead of the image's own backing file.
-    case node(ImageSpec)
-    /// Backing options that do not make a node; the error shows when the backing node is opened.
-    case invalid(InstarError)
+    /// `"backing": {...}`: this node (its options, "backing." taken off) instead of the image's own backing
+    /// file; without a file of its own it opens the image's backing file with these options.
+    case node([(String, QObject)])
+
+    /// Whether a backing option was given that an open without backing files leaves unused.
+    var isSet: Bool { if case .none = self { return false }; return true }
 }
 
 /// What to open: a plain filename, or the parts of a qemu `json:{...}` filename.
@@ -214,9 +216,9 @@ public enum ImageOpener {
                     warn?("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead")
                     spec.backing = .none
                 case let .string(s): spec.backing = .reference(s)
-                default: break  // qemu reads it with qdict_get_try_str
+                default: break  // qemu reads it with qdict_get_try_str; the option then stays unused
                 }
-                spec.backingOptionKeys.append("backing")
+                if spec.backing.isSet { spec.backingOptionKeys.append("backing") }
             case "force-share":
                 switch v {
                 case let .bool(b): spec.forceShare = b
@@ -232,11 +234,7 @@ public enum ImageOpener {
         }
         if !backingKeys.isEmpty {
             spec.backingOptionKeys = backingKeys.map { "backing." + $0.0 }
-            do {
-                spec.backing = .node(try self.spec(fromOptions: backingKeys, format: nil, warn: warn))
-            } catch let e as InstarError {
-                spec.backing = .invalid(e)
-            }
+            spec.backing = .node(backingKeys)
         }
         guard !fileKeys.isEmpty else {
             if spec.format == nil { throw InstarError.invalid("Must specify either driver or file") }
@@ -311,7 +309,7 @@ public enum ImageOpener {
     static func flatten(_ members: [(String, QObject)], prefix: String) -> [(String, QObject)] {
         var out: [(String, QObject)] = []
         for (k, v) in members {
-            if case let .dict(inner) = v {
+            if case let .dict(inner) = v, !inner.isEmpty {
                 out += flatten(inner, prefix: prefix + k + ".")
             } else {
                 out.append((prefix + k, v))
@@ -398,10 +396,13 @@ public enum ImageOpener {
                 break
             case let .reference(name):
                 throw InstarError.invalid("Could not open backing file: Cannot find device='\(name)' nor node-name='\(name)'")
-            case let .invalid(e):
-                throw e.prepending("Could not open backing file: ")
-            case let .node(node):
-                backingSpec = node
+            case let .node(keys):
+                do {
+                    backingSpec = try backingNodeSpec(keys, imageBacking: fullBacking,
+                                                      imageBackingFormat: format.backingReference?.format)
+                } catch let e as InstarError {
+                    throw e.prepending("Could not open backing file: ")
+                }
             }
             if let bspec = backingSpec {
                 if depth + 1 >= maxChainDepth {
@@ -420,12 +421,30 @@ public enum ImageOpener {
                           fullBackingFilename: fullBacking, writable: writable)
     }
 
+    /// The spec of an explicit backing node: its own file, or else the image's backing file opened with the
+    /// node's other options (qemu's bdrv_open_backing_file fills in the name and format the image gives).
+    static func backingNodeSpec(_ keys: [(String, QObject)], imageBacking: String?,
+                                imageBackingFormat: String?) throws -> ImageSpec {
+        if keys.contains(where: { $0.0 == "file" || $0.0.hasPrefix("file.") }) || imageBacking == nil {
+            return try spec(fromOptions: keys, format: nil)
+        }
+        let overlay = try spec(fromOptions: keys + [("file.filename", .string("-"))], format: nil)
+        var b = try parseSpec(imageBacking ?? "", format: overlay.format ?? imageBackingFormat)
+        if let f = overlay.format { b.format = f }
+        b.driverOptions.merge(overlay.driverOptions) { $1 }
+        b.driverOptionOrder += overlay.driverOptionOrder.filter { !b.driverOptionOrder.contains($0) }
+        if let fs = overlay.forceShare { b.forceShare = fs }
+        b.backing = overlay.backing
+        b.backingOptionKeys = overlay.backingOptionKeys
+        return b
+    }
+
     /// The backing option qemu names when an open that skips backing files is given a backing node: the first
     /// of the node's options in qemu's QDict order.
     static func unusedBackingOption(_ spec: ImageSpec) -> String? {
         switch spec.backing {
-        case .fromImage, .none: return nil
-        case .reference, .node, .invalid:
+        case .none: return nil
+        case .fromImage, .reference, .node:
             return QJSON.qdictOrder(spec.backingOptionKeys.map { ($0, QObject.null) }).first?.0
         }
     }
