@@ -163,15 +163,35 @@ public enum ImageOpener {
     public static func parseSpec(_ name: String, format: String?, warn: ((String) -> Void)? = nil) throws -> ImageSpec {
         guard name.hasPrefix("json:") else {
             if name.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
-            return ImageSpec(filename: name, format: format)
+            let file = try fileName(fromPlainName: name)
+            if file.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            return ImageSpec(filename: file, format: format)
         }
-        let text = String(name.dropFirst(5))
-        if text.allSatisfy({ $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }) {
-            throw InstarError.invalid("Could not parse the JSON options: Expecting a JSON value")
+        let parsed: QObject
+        do {
+            parsed = try JSONParser.parse(String(name.dropFirst(5)))
+        } catch let e as InstarError {
+            throw e.prepending("Could not parse the JSON options: ")
         }
-        let parsed = try JSONParser.parse(text)
         guard case let .dict(members) = parsed else { throw InstarError.invalid("Invalid JSON object given") }
         return try spec(fromOptions: members, format: format, warn: warn)
+    }
+
+    /// qemu's path_has_protocol(): a colon before any slash.
+    public static func hasProtocol(_ name: String) -> Bool {
+        guard let i = name.firstIndex(where: { $0 == ":" || $0 == "/" }) else { return false }
+        return name[i] == ":"
+    }
+
+    /// The file a plain image name names, as qemu's protocol detection reads it: a `file:` prefix is taken off
+    /// (with "./" put before a rest that would itself read as a protocol), any other prefix is a protocol
+    /// instar does not have.
+    public static func fileName(fromPlainName name: String) throws -> String {
+        guard hasProtocol(name), let colon = name.firstIndex(of: ":") else { return name }
+        let proto = name[..<colon]
+        guard proto == "file" else { throw InstarError.unsupported("Unknown protocol '\(proto)'") }
+        let rest = String(name[name.index(after: colon)...])
+        return hasProtocol(rest) ? "./" + rest : rest
     }
 
     /// The spec an image argument of a command names: an --image-opts option string (`imageOpts`; `warn` gets
@@ -452,7 +472,7 @@ public enum ImageOpener {
     /// qemu's path_combine(): a relative backing name is taken relative to the directory of the image that
     /// names it; absolute names and json: names stand as they are. No realpath is applied.
     public static func resolveBackingName(_ name: String, relativeTo image: String) -> String {
-        if name.hasPrefix("/") || name.hasPrefix("json:") { return name }
+        if name.hasPrefix("/") || hasProtocol(name) { return name }
         guard let slash = image.lastIndex(of: "/") else { return name }
         return String(image[...slash]) + name
     }
