@@ -348,3 +348,33 @@ def test_python_binding_ova_window_and_backing_null(imgs):
     with pyinstar.Image(volume) as img:
         assert img.read(0, 4) == b"\0" * 4          # base's data is not read without the backing file
         assert img.read(128 * 1024, 4) == b"\3" * 4
+
+
+def test_convert_into_a_window(imgs):
+    """--target-image-opts with a raw window: the data lands inside the window of the containing file, and a
+    qcow2 target that outgrows its window fails as qemu's does."""
+    tmp, size = imgs
+    results = {}
+    for tool, runner in (("q", qemu), ("i", instar)):
+        with open(os.path.join(tmp, f"big_{tool}"), "wb") as f:
+            f.write(b"\xaa" * (3 << 20))
+        with open(os.path.join(tmp, "ova"), "rb") as src:
+            ova = src.read()
+        with open(os.path.join(tmp, f"ova_{tool}"), "wb") as dst:
+            dst.write(ova + b"\0" * (1 << 20))
+        with open(os.path.join(tmp, f"tight_{tool}"), "wb") as dst:
+            dst.write(ova)
+        for target in (f"driver=raw,file.driver=raw,file.offset=1M,file.size=1M,file.file.filename=big_{tool}",
+                       f"driver=qcow2,file.driver=raw,file.offset={OVA_HEAD},file.size={size + (1 << 20)},"
+                       f"file.file.filename=ova_{tool}",
+                       f"driver=qcow2,file.driver=raw,file.offset={OVA_HEAD},file.size={size},"
+                       f"file.file.filename=tight_{tool}"):
+            r = runner("convert", "-n", "--target-image-opts", "top.qcow2", target, cwd=tmp)
+            results.setdefault(tool, []).append((r.rc, r.out, r.err.replace(f"_{tool}", "_X")))
+    assert results["q"] == results["i"]
+    assert results["q"][0][0] == 0 and results["q"][1][0] == 0
+    for name in ("big", "ova"):
+        assert filecmp.cmp(os.path.join(tmp, f"{name}_q"), os.path.join(tmp, f"{name}_i"), shallow=False)
+    assert_same("convert", "-n", "--target-image-opts", "top.qcow2", "n.raw", cwd=tmp)
+    assert_same("convert", "-n", "--target-image-opts", "top.qcow2", "driver=raw,file.driver=nosuch,file.filename=x",
+                cwd=tmp)
