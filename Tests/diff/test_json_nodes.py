@@ -271,6 +271,9 @@ JSON_NAMES = [
     'json:{"a":Infinity}', 'json:{"a":1,"a":2}', 'json:{"a":"\\uD800"}', 'json:{"a":"\\uZZ"}', 'json:{"a":"\\u12"}',
     'json:{"a":1.5e}', 'json:{"a":1.}', 'json:{"a":"x', 'json:"x"', "json:1 2", 'json:{"a":[}', 'json:{"a":]}',
     'json:{"a" :: 1}', 'json:{"a":1 "b":2}', 'json:{"a": @}', 'json:}', 'json:]{', 'json:{"a":1}]',
+    'json:{"driver":"qcow2","file":{}}', 'json:{"driver":"qcow2","file":{"driver":"raw","file":{}}}',
+    'json:{"driver":"qcow2","file":{"driver":"raw","file":"x"}}', 'json:{"driver":"qcow2","filename":"top.qcow2"}',
+    'json:{"driver":"qcow2","file":{"filename":"file:top.qcow2"}}',
     'json:{"a": null, "b": -0, "c": 1.5E+3, "d": [1, 2], "driver": "qcow2"}',
     "json:{'driver':'qcow2','file':{'driver':'file','filename':'top.qcow2'},'backing':null}",
 ]

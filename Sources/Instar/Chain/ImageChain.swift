@@ -226,7 +226,8 @@ public enum ImageOpener {
                 if let f = format, f != s { throw InstarError.invalid("Cannot use 'driver' with a format that conflicts") }
                 spec.format = s
             case "file":
-                // A plain string names an existing node, which a command line never has.
+                // A plain string names an existing node, which a command line never has; an empty object no node.
+                if case .dict = v { throw InstarError.invalid("A block device must be specified for \"file\"") }
                 let s = v.stringValue ?? ""
                 throw InstarError.invalid("Cannot find device='\(s)' nor node-name='\(s)'")
             case "backing":
@@ -307,6 +308,7 @@ public enum ImageOpener {
                     window.given.removeAll { $0.0 == k }
                     window.given.append((k, v))
                 case "file":
+                    if case .dict = v { throw InstarError.invalid("A block device must be specified for \"file\"") }
                     let s = v.stringValue ?? ""
                     throw InstarError.invalid("Cannot find device='\(s)' nor node-name='\(s)'")
                 default:
