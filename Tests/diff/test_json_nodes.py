@@ -381,3 +381,14 @@ def test_convert_into_a_window(imgs):
     assert_same("convert", "-n", "--target-image-opts", "top.qcow2", "n.raw", cwd=tmp)
     assert_same("convert", "-n", "--target-image-opts", "top.qcow2", "driver=raw,file.driver=nosuch,file.filename=x",
                 cwd=tmp)
+
+
+def test_format_option_beside_a_json_name(imgs):
+    """-f wins over the name's own driver (qemu joins the json: options under the ones it has)."""
+    tmp, size = imgs
+    for d in (BACKING_NAMES[0], {"driver": "qcow2", "file": ova_window(size)}):
+        for fmt in ("raw", "qcow2"):
+            for args in (["info", "-f", fmt], ["map", "-f", fmt], ["measure", "-f", fmt, "-O", "qcow2"],
+                         ["check", "-f", fmt], ["compare", "-f", fmt, "-F", "qcow2"]):
+                extra = ["d.qcow2"] if args[0] == "compare" else []
+                assert_same(*args, node(d), *extra, cwd=tmp)

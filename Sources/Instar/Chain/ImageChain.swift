@@ -223,8 +223,9 @@ public enum ImageOpener {
             case "driver":
                 // qemu reads the driver name with qdict_get_try_str: a non-string value is as if absent.
                 guard let s = v.stringValue else { continue }
-                if let f = format, f != s { throw InstarError.invalid("Cannot use 'driver' with a format that conflicts") }
-                spec.format = s
+                // A format given beside the name (-f, a backing format) wins: qemu joins the json: options
+                // under the ones it already has without overwriting them.
+                if format == nil { spec.format = s }
             case "file":
                 // A plain string names an existing node, which a command line never has; an empty object no node.
                 if case .dict = v { throw InstarError.invalid("A block device must be specified for \"file\"") }
