@@ -201,7 +201,7 @@ public final class HostFile {
     /// Falls back to "all data" where the filesystem lacks SEEK_DATA.
     public func nextData(from offset: UInt64) -> UInt64? {
         if let base {
-            guard offset < windowSize, let d = base.nextData(from: windowOffset &+ offset),
+            guard offset < windowSize, let d = base.nextData(from: windowOffset &+ offset), d >= windowOffset,
                   d - windowOffset < windowSize else { return nil }
             return max(d, windowOffset &+ offset) - windowOffset
         }
