@@ -392,3 +392,21 @@ def test_format_option_beside_a_json_name(imgs):
                          ["check", "-f", fmt], ["compare", "-f", fmt, "-F", "qcow2"]):
                 extra = ["d.qcow2"] if args[0] == "compare" else []
                 assert_same(*args, node(d), *extra, cwd=tmp)
+
+
+def test_backing_file_named_by_a_window(imgs):
+    """An image whose backing file is stored as a json: name with a raw window (a member of an OVA)."""
+    tmp, size = imgs
+    window = ova_window(size)
+    window["file"]["filename"] = os.path.join(tmp, "ova")
+    backing = node({"driver": "qcow2", "file": window})
+    qimg("create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", "over.qcow2", cwd=tmp)
+    qemu_io("-c", "write -P 9 64k 4k", os.path.join(tmp, "over.qcow2"))
+    for args in reads(tmp, "over.qcow2") + [["info", "--backing-chain", "over.qcow2"],
+                                            ["info", "--backing-chain", "--output=json", "over.qcow2"]]:
+        assert_same(*args, cwd=tmp)
+    assert assert_same("compare", "over.qcow2", "d.qcow2", cwd=tmp).rc == 1
+    q, qd, idst = convert_both(tmp, ["-O", "raw"], ["over.qcow2"], fmt="raw")
+    assert q.rc == 0 and filecmp.cmp(qd, idst, shallow=False)
+    # create takes no json: names, as qemu's
+    assert_same("create", "-f", "qcow2", node({"driver": "file", "filename": "jc.qcow2"}), "1M", cwd=tmp)
