@@ -279,6 +279,12 @@ JSON_NAMES = [
 ]
 
 
+# qemu's nesting limit (1024 open brackets and braces), balanced and not
+JSON_NAMES += ["json:" + "[" * n + "]" * n for n in (1024, 1025)] + ["json:" + '{"a":' * n + "1" + "}" * n
+                                                                     for n in (1024, 1025)]
+JSON_NAMES += ["json:" + "[" * 3000, "json:" + "]" * 30 + "}"]
+
+
 @pytest.mark.parametrize("name", JSON_NAMES)
 def test_json_dialect(imgs, name):
     tmp, _ = imgs
