@@ -16,6 +16,7 @@ func checkCommand(_ args: [String]) -> Int32 {
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
     ])
     var options = CheckOperation.Options()
+    options.warn = { CLI.error("warning: \($0)") }
     var output: String?
     var cache = "writeback"
     var quiet = false

@@ -157,9 +157,10 @@ func convertCommand(_ args: [String]) -> Int32 {
     options.warning = { CLI.error("warning: \($0)") }
     if targetImageOpts {
         do {
-            options.targetSpec = try imageOptsSpec(target)
+            options.targetSpec = try ImageOpener.commandLineSpec(target, format: nil, imageOpts: true,
+                                                                 warn: { CLI.error("warning: \($0)") })
         } catch let e as InstarError {
-            CLI.error(e.message)
+            CLI.error("Could not open '\(target)': \(e.message)")
             return 1
         } catch { return 1 }
     }

@@ -53,57 +53,13 @@ func cvtnum(_ name: String, _ text: String, min: Int64 = 0, max: Int64 = Int64.m
     return Int64(v)
 }
 
-/// Parses an --image-opts string ("driver=raw,file.filename=x.raw") into the spec it names.
-func imageOptsSpec(_ text: String) throws -> ImageSpec {
-    var pairs: [(String, String)] = []
-    var cur = ""
-    var chars = Array(text)
-    chars.append(",")
-    var i = 0
-    var parts: [String] = []
-    while i < chars.count {
-        if chars[i] == "," {
-            if i + 1 < chars.count - 1, chars[i + 1] == "," { cur.append(","); i += 2; continue }
-            parts.append(cur)
-            cur = ""
-        } else {
-            cur.append(chars[i])
-        }
-        i += 1
-    }
-    for p in parts where !p.isEmpty {
-        guard let eq = p.firstIndex(of: "=") else {
-            throw InstarError.invalid("Cannot find device='\(text)' nor node-name='\(text)'")
-        }
-        pairs.append((String(p[..<eq]), String(p[p.index(after: eq)...])))
-    }
-    var format: String?
-    var file: String?
-    var driverOptions: [String: QObject] = [:]
-    for (k, v) in pairs {
-        switch k {
-        case "driver": format = v
-        case "file", "file.filename": file = v
-        case "file.driver":
-            guard v == "file" else { throw InstarError.unsupported("Unsupported protocol driver '\(v)'") }
-        default:
-            if let n = Int64(v) { driverOptions[k] = .int(n) } else { driverOptions[k] = .string(v) }
-        }
-    }
-    guard let f = file else {
-        throw InstarError.invalid("Cannot find device='\(text)' nor node-name='\(text)'")
-    }
-    var spec = ImageSpec(filename: f, format: format)
-    spec.driverOptions = driverOptions
-    return spec
-}
-
 /// qemu-img's img_open(): opens `name` (a filename, json: name or --image-opts string), printing
 /// "Could not open 'NAME': ..." on failure.
 func cliOpenImage(_ name: String, format: String?, imageOpts: Bool, forceShare: Bool, writable: Bool = false,
                   direct: Bool = false, noShareWrite: Bool = false) -> ImageLayer? {
     do {
-        let spec = imageOpts ? try imageOptsSpec(name) : try ImageOpener.parseSpec(name, format: format)
+        let spec = try ImageOpener.commandLineSpec(name, format: format, imageOpts: imageOpts,
+                                                   warn: { CLI.error("warning: \($0)") })
         var options = ImageOpenOptions()
         options.forceShare = forceShare
         options.direct = direct

@@ -11,6 +11,7 @@ func measureCommand(_ args: [String]) -> Int32 {
                               LongOption(name: "size", argument: .required, value: 259),
                               LongOption(name: "force-share", argument: .none, value: .opt("U"))])
     var p = Measure.Parameters()
+    p.warn = { CLI.error("warning: \($0)") }
     var json = false
     for (c, arg) in g.options {
         switch c {

@@ -53,8 +53,35 @@ public final class ImageLayer: GuestReader {
     }
 }
 
+/// A raw node between a format and its file (qemu's `{"driver": "raw", "offset": O, "size": S, "file": ...}`
+/// as a format's child): a window of the node below it.
+public struct RawWindowSpec {
+    public var offset: UInt64 = 0
+    public var size: UInt64?
+    /// The strong options as given ("offset", "size"), for the json: name qemu rebuilds.
+    public var given: [(String, QObject)] = []
+    public init() {}
+}
+
+/// What an image's backing child is (qemu's "backing" option).
+public indirect enum BackingChoice {
+    /// The backing file the image names (no option given).
+    case fromImage
+    /// `"backing": null`: opened without a backing file.
+    case none
+    /// `"backing": "NAME"`: an existing node by name, which a command line never has.
+    case reference(String)
+    /// `"backing": {...}`: this node (its options, "backing." taken off) instead of the image's own backing
+    /// file; without a file of its own it opens the image's backing file with these options.
+    case node([(String, QObject)])
+
+    /// Whether a backing option was given that an open without backing files leaves unused.
+    var isSet: Bool { if case .none = self { return false }; return true }
+}
+
 /// What to open: a plain filename, or the parts of a qemu `json:{...}` filename.
 public struct ImageSpec {
+    /// The host file at the bottom of the node tree.
     public var filename: String
     public var format: String?
     public var driverOptions: [String: QObject] = [:]
@@ -64,6 +91,14 @@ public struct ImageSpec {
     public var forceShare: Bool?
     /// The name the user gave for a plain file; see `displayName(formatName:)` for what qemu-img shows.
     public var displayName: String
+    /// Raw window nodes between the format and the file, outermost first.
+    public var windows: [RawWindowSpec] = []
+    /// The file node's "locking" (on, off, auto); nil when not given.
+    public var locking: String?
+    public var backing: BackingChoice = .fromImage
+    /// The flattened backing.* options, for the error qemu gives when a backing node is given to an open
+    /// that does not open backing files.
+    public var backingOptionKeys: [String] = []
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -71,20 +106,42 @@ public struct ImageSpec {
         self.displayName = filename
     }
 
+    /// Whether the file node takes and checks qemu's image locks ("locking": "off" opens without them).
+    public var takesLocks: Bool { locking != "off" }
+
     /// Options that change what an image reads as, so qemu keeps them in a rebuilt json: name (the union of its
     /// drivers' strong_runtime_opts: raw's window, the secrets of luks and encrypted qcow2). Other options are
     /// passed to the driver but leave the plain file name.
     public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret"]
 
+    /// The options of the node under the format (qemu's full_open_options of the "file" child), and the name
+    /// qemu gives each window node, innermost last.
+    func fileNode() -> (options: QObject, windowNames: [String]) {
+        var node: QObject = .dict([("driver", .string("file")), ("filename", .string(filename))])
+        var plain = true
+        var names: [String] = []
+        for w in windows.reversed() {
+            var members: [(String, QObject)] = [("driver", .string("raw"))]
+            members += w.given
+            members.append(("file", node))
+            node = .dict(members)
+            // qemu's bdrv_refresh_filename: a plain name only over a protocol node and without strong options.
+            let name = plain && w.given.isEmpty ? filename : "json:" + QJSON.compact(node)
+            names.insert(name, at: 0)
+            plain = false
+        }
+        return (node, names)
+    }
+
     /// The name qemu-img shows once the image is open (bdrv_refresh_filename): the plain file name, unless
-    /// driver options remain, in which case qemu rebuilds a `json:` name from the driver, those options and
-    /// the file node, in its QDict order.
+    /// driver options remain or the format's file is a window, in which case qemu rebuilds a `json:` name from
+    /// the driver, those options and the file node, in its QDict order.
     public func displayName(formatName: String) -> String {
         let strong = driverOptionOrder.filter { ImageSpec.strongOptions.contains($0) && driverOptions[$0] != nil }
-        if strong.isEmpty { return displayName }
+        if strong.isEmpty && windows.isEmpty { return displayName }
         var members: [(String, QObject)] = [("driver", .string(formatName))]
         for k in strong { if let v = driverOptions[k] { members.append((k, v)) } }
-        members.append(("file", .dict([("driver", .string("file")), ("filename", .string(filename))])))
+        members.append(("file", fileNode().options))
         return "json:" + QJSON.compact(.dict(members))
     }
 }
@@ -103,26 +160,46 @@ public enum ImageOpener {
     }
 
     /// Splits a `json:{...}` filename into an ImageSpec; plain names pass through.
-    public static func parseSpec(_ name: String, format: String?) throws -> ImageSpec {
+    public static func parseSpec(_ name: String, format: String?, warn: ((String) -> Void)? = nil) throws -> ImageSpec {
         guard name.hasPrefix("json:") else {
             if name.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
-            return ImageSpec(filename: name, format: format)
+            let file = try fileName(fromPlainName: name)
+            if file.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            return ImageSpec(filename: file, format: format)
         }
-        let text = String(name.dropFirst(5))
-        if text.allSatisfy({ $0 == " " || $0 == "\t" || $0 == "\n" || $0 == "\r" }) {
-            throw InstarError.invalid("Could not parse the JSON options: Expecting a JSON value")
+        let parsed: QObject
+        do {
+            parsed = try JSONParser.parse(String(name.dropFirst(5)))
+        } catch let e as InstarError {
+            throw e.prepending("Could not parse the JSON options: ")
         }
-        let parsed = try JSONParser.parse(text)
         guard case let .dict(members) = parsed else { throw InstarError.invalid("Invalid JSON object given") }
-        return try spec(fromOptions: members, format: format)
+        return try spec(fromOptions: members, format: format, warn: warn)
+    }
+
+    /// qemu's path_has_protocol(): a colon before any slash.
+    public static func hasProtocol(_ name: String) -> Bool {
+        guard let i = name.firstIndex(where: { $0 == ":" || $0 == "/" }) else { return false }
+        return name[i] == ":"
+    }
+
+    /// The file a plain image name names, as qemu's protocol detection reads it: a `file:` prefix is taken off
+    /// (with "./" put before a rest that would itself read as a protocol), any other prefix is a protocol
+    /// instar does not have.
+    public static func fileName(fromPlainName name: String) throws -> String {
+        guard hasProtocol(name), let colon = name.firstIndex(of: ":") else { return name }
+        let proto = name[..<colon]
+        guard proto == "file" else { throw InstarError.unsupported("Unknown protocol '\(proto)'") }
+        let rest = String(name[name.index(after: colon)...])
+        return hasProtocol(rest) ? "./" + rest : rest
     }
 
     /// The spec an image argument of a command names: an --image-opts option string (`imageOpts`; `warn` gets
     /// qemu's deprecation warnings for short-form flags), or a filename, plain or json:, with -f's format.
     public static func commandLineSpec(_ name: String, format: String?, imageOpts: Bool,
                                        warn: ((String) -> Void)? = nil) throws -> ImageSpec {
-        imageOpts ? try spec(fromOptions: QemuOptsParser.blockOptions(name, warn: warn), format: nil)
-                  : try parseSpec(name, format: format)
+        imageOpts ? try spec(fromOptions: QemuOptsParser.blockOptions(name, warn: warn), format: nil, warn: warn)
+                  : try parseSpec(name, format: format, warn: warn)
     }
 
     /// Block-layer options that every node accepts and that never show in a regenerated `json:` filename.
@@ -133,27 +210,37 @@ public enum ImageOpener {
     static let fileOptions: Set<String> = ["locking", "aio", "aio-max-batch", "drop-cache", "x-check-cache-dropped"]
 
     /// An ImageSpec from block options (a parsed json: filename or --image-opts), after qemu's flattening of
-    /// nested objects into dotted keys.
-    public static func spec(fromOptions members: [(String, QObject)], format: String?) throws -> ImageSpec {
+    /// nested objects into dotted keys. `warn` receives qemu's deprecation warnings.
+    public static func spec(fromOptions members: [(String, QObject)], format: String?,
+                            warn: ((String) -> Void)? = nil) throws -> ImageSpec {
         var spec = ImageSpec(filename: "", format: format)
-        var file: String?
-        var fileDriver: String?
+        var fileKeys: [(String, QObject)] = []
+        var backingKeys: [(String, QObject)] = []
         for (k, v) in flatten(members, prefix: "") {
+            if k.hasPrefix("file.") { fileKeys.append((String(k.dropFirst(5)), v)); continue }
+            if k.hasPrefix("backing.") { backingKeys.append((String(k.dropFirst(8)), v)); continue }
             switch k {
             case "driver":
                 // qemu reads the driver name with qdict_get_try_str: a non-string value is as if absent.
                 guard let s = v.stringValue else { continue }
-                if let f = format, f != s { throw InstarError.invalid("Cannot use 'driver' with a format that conflicts") }
-                spec.format = s
+                // A format given beside the name (-f, a backing format) wins: qemu joins the json: options
+                // under the ones it already has without overwriting them.
+                if format == nil { spec.format = s }
             case "file":
-                // A plain string names an existing node, which a command line never has.
+                // A plain string names an existing node, which a command line never has; an empty object no node.
+                if case .dict = v { throw InstarError.invalid("A block device must be specified for \"file\"") }
                 let s = v.stringValue ?? ""
                 throw InstarError.invalid("Cannot find device='\(s)' nor node-name='\(s)'")
-            case "file.filename":
-                guard let s = v.stringValue else { throw InstarError.invalid("Invalid parameter type for 'filename', expected: string") }
-                file = s
-            case "file.driver":
-                fileDriver = v.stringValue
+            case "backing":
+                switch v {
+                case .null: spec.backing = .none
+                case .string(""):
+                    warn?("Use of \"backing\": \"\" is deprecated; use \"backing\": null instead")
+                    spec.backing = .none
+                case let .string(s): spec.backing = .reference(s)
+                default: break  // qemu reads it with qdict_get_try_str; the option then stays unused
+                }
+                if spec.backing.isSet { spec.backingOptionKeys.append("backing") }
             case "force-share":
                 switch v {
                 case let .bool(b): spec.forceShare = b
@@ -163,30 +250,89 @@ public enum ImageOpener {
                 }
             default:
                 if genericOptions.contains(k) { continue }
-                if k.hasPrefix("file.") {
-                    if fileOptions.contains(String(k.dropFirst(5))) { continue }
-                    throw InstarError.invalid("Invalid parameter '\(k.dropFirst(5))'")
-                }
                 spec.driverOptions[k] = v
                 spec.driverOptionOrder.append(k)
             }
         }
-        if let d = fileDriver, d != "file" { throw InstarError.unsupported("Unknown protocol driver '\(d)'") }
-        guard let f = file else {
+        if !backingKeys.isEmpty {
+            spec.backingOptionKeys = backingKeys.map { "backing." + $0.0 }
+            spec.backing = .node(backingKeys)
+        }
+        guard !fileKeys.isEmpty else {
             if spec.format == nil { throw InstarError.invalid("Must specify either driver or file") }
             throw InstarError.invalid("A block device must be specified for \"file\"")
         }
-        if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
-        spec.filename = f
-        spec.displayName = f
+        try protocolNode(fileKeys, into: &spec)
+        spec.displayName = spec.filename
         return spec
+    }
+
+    /// Reads the node under a format (its "file." options with the prefix taken off): a file node, or a raw
+    /// window over another such node, to any depth.
+    static func protocolNode(_ keys: [(String, QObject)], into spec: inout ImageSpec) throws {
+        var driver = "file"
+        for (k, v) in keys where k == "driver" { if let s = v.stringValue { driver = s } }
+        switch driver {
+        case "file":
+            var filename: String?
+            for (k, v) in keys {
+                switch k {
+                case "driver": continue
+                case "filename":
+                    guard let s = v.stringValue else {
+                        throw InstarError.invalid("Invalid parameter type for 'filename', expected: string")
+                    }
+                    filename = s
+                case "locking":
+                    guard let s = v.stringValue, ["on", "off", "auto"].contains(s) else {
+                        throw InstarError.invalid("invalid parameter value: \(v.stringValue ?? QJSON.compact(v))")
+                    }
+                    spec.locking = s
+                default:
+                    if genericOptions.contains(k) || fileOptions.contains(k) { continue }
+                    throw InstarError.invalid("Block protocol 'file' doesn't support the option '\(k)'")
+                }
+            }
+            guard let f = filename else { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            spec.filename = f
+        case "raw":
+            var window = RawWindowSpec()
+            var child: [(String, QObject)] = []
+            for (k, v) in keys {
+                if k.hasPrefix("file.") { child.append((String(k.dropFirst(5)), v)); continue }
+                switch k {
+                case "driver": continue
+                case "offset", "size":
+                    guard let n = RawFormat.sizeOption(v) else { throw RawFormat.sizeOptionError(k) }
+                    if k == "offset" { window.offset = UInt64(n) } else { window.size = UInt64(n) }
+                    window.given.removeAll { $0.0 == k }
+                    window.given.append((k, v))
+                case "file":
+                    if case .dict = v { throw InstarError.invalid("A block device must be specified for \"file\"") }
+                    let s = v.stringValue ?? ""
+                    throw InstarError.invalid("Cannot find device='\(s)' nor node-name='\(s)'")
+                default:
+                    if genericOptions.contains(k) { continue }
+                    throw InstarError.invalid("Block format 'raw' does not support the option '\(k)'")
+                }
+            }
+            guard !child.isEmpty else { throw InstarError.invalid("A block device must be specified for \"file\"") }
+            spec.windows.append(window)
+            try protocolNode(child, into: &spec)
+        default:
+            if FormatRegistry.openDescriptor(named: driver) != nil {
+                throw InstarError.unsupported("Block format '\(driver)' is not supported as the node under a format")
+            }
+            throw InstarError.unsupported("Unknown driver '\(driver)'")
+        }
     }
 
     /// qdict_flatten: {"a": {"b": 1}} becomes {"a.b": 1}; lists stay as they are.
     static func flatten(_ members: [(String, QObject)], prefix: String) -> [(String, QObject)] {
         var out: [(String, QObject)] = []
         for (k, v) in members {
-            if case let .dict(inner) = v {
+            if case let .dict(inner) = v, !inner.isEmpty {
                 out += flatten(inner, prefix: prefix + k + ".")
             } else {
                 out.append((prefix + k, v))
@@ -197,8 +343,14 @@ public enum ImageOpener {
 
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
-        let file = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
-        file.noFlush = options.noFlush
+        let hostFile = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
+        hostFile.noFlush = options.noFlush
+        // The format reads through the window nodes between it and the file, innermost first.
+        var file = hostFile
+        let windowNames = spec.fileNode().windowNames
+        for (w, name) in zip(spec.windows, windowNames).reversed() {
+            file = try HostFile.window(of: file, offset: w.offset, size: w.size, name: name)
+        }
         var opts = options
         if let fs = spec.forceShare { opts.forceShare = fs }
         let descriptor: FormatDescriptor
@@ -215,16 +367,22 @@ public enum ImageOpener {
                 throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(k)'")
             }
         }
-        if descriptor.sharesWrites && !writable && !opts.forceShare && depth == 0 && !opts.noShareWrite {
+        if !openBacking, let key = unusedBackingOption(spec) {
+            // An open without backing files leaves a backing node's options unused, which qemu refuses.
+            throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(key)'")
+        }
+        if !spec.takesLocks {
+            // "locking": "off": the file node neither takes nor checks qemu's locks.
+        } else if descriptor.sharesWrites && !writable && !opts.forceShare && depth == 0 && !opts.noShareWrite {
             // qemu passes a plain reader's "share everything" through raw to the file.
-            try ImageLock.acquire(file, perm: [.consistentRead], shared: .all)
+            try ImageLock.acquire(hostFile, perm: [.consistentRead], shared: .all)
         } else if descriptor.sharesWrites && writable && opts.resize && depth == 0 {
             // qemu-img resize's BlockBackend shares everything, and raw passes that through to the file.
-            try ImageLock.acquire(file, perm: [.consistentRead, .write, .resize], shared: .all)
+            try ImageLock.acquire(hostFile, perm: [.consistentRead, .write, .resize], shared: .all)
         } else {
             // A format with its own metadata takes the resize permission on its file whenever it may write
             // (qemu's bdrv_default_perms_for_storage); pass-through formats only when resizing.
-            try ImageLock.acquireForOpen(file, writable: writable, forceShare: opts.forceShare,
+            try ImageLock.acquireForOpen(hostFile, writable: writable, forceShare: opts.forceShare,
                                          resize: writable && (opts.resize || !descriptor.sharesWrites))
         }
         opts.driverOptions = spec.driverOptions
@@ -244,16 +402,35 @@ public enum ImageOpener {
         var fullBacking: String?
         if let ref = format.backingReference {
             fullBacking = resolveBackingName(ref.filename, relativeTo: spec.filename)
-            if openBacking, let full = fullBacking {
+        }
+        if openBacking {
+            var backingSpec: ImageSpec?
+            switch spec.backing {
+            case .fromImage:
+                if let ref = format.backingReference, let full = fullBacking {
+                    let key = canonicalKey(full)
+                    seen.append(canonicalKey(spec.filename))
+                    if seen.contains(key) {
+                        throw InstarError(.chain, "Backing file '\(full)' creates an infinite loop")
+                    }
+                    backingSpec = try parseSpec(full, format: ref.format)
+                }
+            case .none:
+                break
+            case let .reference(name):
+                throw InstarError.invalid("Could not open backing file: Cannot find device='\(name)' nor node-name='\(name)'")
+            case let .node(keys):
+                do {
+                    backingSpec = try backingNodeSpec(keys, imageBacking: fullBacking,
+                                                      imageBackingFormat: format.backingReference?.format)
+                } catch let e as InstarError {
+                    throw e.prepending("Could not open backing file: ")
+                }
+            }
+            if let bspec = backingSpec {
                 if depth + 1 >= maxChainDepth {
                     throw InstarError(.chain, "Backing chain is deeper than \(maxChainDepth) images")
                 }
-                let key = canonicalKey(full)
-                seen.append(canonicalKey(spec.filename))
-                if seen.contains(key) {
-                    throw InstarError(.chain, "Backing file '\(full)' creates an infinite loop")
-                }
-                let bspec = try parseSpec(full, format: ref.format)
                 do {
                     backingLayer = try openLayer(bspec, options: options, writable: false, openBacking: true,
                                                  depth: depth + 1, seen: &seen)
@@ -267,10 +444,38 @@ public enum ImageOpener {
                           fullBackingFilename: fullBacking, writable: writable)
     }
 
+    /// The spec of an explicit backing node: its own file, or else the image's backing file opened with the
+    /// node's other options (qemu's bdrv_open_backing_file fills in the name and format the image gives).
+    static func backingNodeSpec(_ keys: [(String, QObject)], imageBacking: String?,
+                                imageBackingFormat: String?) throws -> ImageSpec {
+        if keys.contains(where: { $0.0 == "file" || $0.0.hasPrefix("file.") }) || imageBacking == nil {
+            return try spec(fromOptions: keys, format: nil)
+        }
+        let overlay = try spec(fromOptions: keys + [("file.filename", .string("-"))], format: nil)
+        var b = try parseSpec(imageBacking ?? "", format: overlay.format ?? imageBackingFormat)
+        if let f = overlay.format { b.format = f }
+        b.driverOptions.merge(overlay.driverOptions) { $1 }
+        b.driverOptionOrder += overlay.driverOptionOrder.filter { !b.driverOptionOrder.contains($0) }
+        if let fs = overlay.forceShare { b.forceShare = fs }
+        b.backing = overlay.backing
+        b.backingOptionKeys = overlay.backingOptionKeys
+        return b
+    }
+
+    /// The backing option qemu names when an open that skips backing files is given a backing node: the first
+    /// of the node's options in qemu's QDict order.
+    static func unusedBackingOption(_ spec: ImageSpec) -> String? {
+        switch spec.backing {
+        case .none: return nil
+        case .fromImage, .reference, .node:
+            return QJSON.qdictOrder(spec.backingOptionKeys.map { ($0, QObject.null) }).first?.0
+        }
+    }
+
     /// qemu's path_combine(): a relative backing name is taken relative to the directory of the image that
     /// names it; absolute names and json: names stand as they are. No realpath is applied.
     public static func resolveBackingName(_ name: String, relativeTo image: String) -> String {
-        if name.hasPrefix("/") || name.hasPrefix("json:") { return name }
+        if name.hasPrefix("/") || hasProtocol(name) { return name }
         guard let slash = image.lastIndex(of: "/") else { return name }
         return String(image[...slash]) + name
     }

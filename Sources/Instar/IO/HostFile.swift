@@ -14,14 +14,69 @@ public final class HostFile {
     /// O_DIRECT alignment for offsets, lengths and buffers.
     public static let directAlignment = 4096
 
+    /// For a window (qemu's raw node with "offset"/"size" under a format): the node it reads through.
+    private let base: HostFile?
+    private let windowOffset: UInt64
+    private let windowSize: UInt64
+
     private init(path: String, fd: Int32, writable: Bool, direct: Bool) {
         self.path = path
         self.fd = fd
         self.writable = writable
         self.direct = direct
+        self.base = nil
+        self.windowOffset = 0
+        self.windowSize = 0
     }
 
-    deinit { Glibc.close(fd) }
+    private init(window base: HostFile, offset: UInt64, size: UInt64, name: String) {
+        self.path = name
+        self.fd = base.fd
+        self.writable = base.writable
+        self.direct = base.direct
+        self.base = base
+        self.windowOffset = offset
+        self.windowSize = size
+    }
+
+    deinit { if base == nil { Glibc.close(fd) } }
+
+    /// A window of `base` (qemu's raw protocol-level node): `offset` and, if given, `size` checked as qemu's
+    /// raw_apply_options checks them against the containing node's length (whole 512-byte sectors for a file).
+    /// `name` is the node's name as qemu prints it (its json: name). Reads past the window read as zeroes;
+    /// writes past it fail.
+    public static func window(of base: HostFile, offset: UInt64, size: UInt64?, name: String) throws -> HostFile {
+        let real = try base.nodeLength()
+        if offset > real {
+            throw InstarError.invalid("Offset (\(offset)) cannot be greater than size of the containing file (\(real))")
+        }
+        if let size, real - offset < size {
+            throw InstarError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to "
+                                      + "the  actual size of the containing file (\(real))")
+        }
+        if let size, size % 512 != 0 { throw InstarError.invalid("Specified size is not multiple of 512") }
+        return HostFile(window: base, offset: offset, size: size ?? real - offset, name: name)
+    }
+
+    /// The length the block layer gives this node: a file's length in whole 512-byte sectors, a window's size.
+    public func nodeLength() throws -> UInt64 {
+        if base != nil { return windowSize }
+        return try size().alignedUp(512)
+    }
+
+    /// Where `offset` of this node lies in the host file under every window (qemu's BDRV_BLOCK_RAW recursion).
+    public func hostLocation(_ offset: UInt64) -> (file: HostFile, offset: UInt64) {
+        guard let base else { return (self, offset) }
+        return base.hostLocation(windowOffset &+ offset)
+    }
+
+    /// `length` bytes at `offset` of a window as an offset of its base, refusing ranges past the window's end.
+    private func windowed(_ offset: UInt64, _ length: UInt64) throws -> UInt64 {
+        guard offset <= windowSize, length <= windowSize - offset else {
+            throw InstarError.system(ENOSPC, "Could not write to '\(path)'")
+        }
+        return try windowOffset.adding(offset)
+    }
 
     /// Opens `path`. Errors carry qemu's file-posix wording: "Could not open 'PATH': <strerror>".
     public static func open(_ path: String, writable: Bool = false, create: Bool = false, truncate: Bool = false,
@@ -49,6 +104,7 @@ public final class HostFile {
 
     /// The file length in bytes.
     public func size() throws -> UInt64 {
+        if base != nil { return windowSize }
         var st = stat()
         if fstat(fd, &st) != 0 { throw InstarError.system(errno, "Could not stat '\(path)'") }
         return UInt64(max(0, st.st_size))
@@ -65,6 +121,12 @@ public final class HostFile {
     @discardableResult
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         if buffer.count == 0 { return 0 }
+        if let base {
+            guard offset < windowSize else { return 0 }
+            let n = Int(min(UInt64(buffer.count), windowSize - offset))
+            return try base.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]),
+                                 at: try windowOffset.adding(offset))
+        }
         guard offset <= UInt64(Int64.max) else { throw InstarError.corrupt("read offset out of range") }
         if direct { return try directRead(into: buffer, at: offset) }
         var done = 0
@@ -104,6 +166,7 @@ public final class HostFile {
     /// Writes all of `buffer` at `offset`.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         if buffer.count == 0 { return }
+        if let base { return try base.write(buffer, at: try windowed(offset, UInt64(buffer.count))) }
         guard offset <= UInt64(Int64.max) else { throw InstarError.invalid("write offset out of range") }
         if direct { return try directWrite(buffer, at: offset) }
         var done = 0
@@ -123,11 +186,13 @@ public final class HostFile {
 
     public func truncate(to length: UInt64) throws {
         guard length <= UInt64(Int64.max) else { throw InstarError.invalid("size out of range") }
+        if base != nil { throw InstarError.unsupported("Cannot resize fixed-size raw disks") }
         if ftruncate(fd, off_t(length)) != 0 { throw InstarError.system(errno, "Could not resize file") }
     }
 
     /// fdatasync(2), as qemu's flush on a file with a writeback cache.
     public func sync() throws {
+        if let base { return try base.sync() }
         if noFlush { return }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
     }
@@ -135,6 +200,11 @@ public final class HostFile {
     /// The start of the next data extent at or after `offset`, or nil when only a hole follows (SEEK_DATA).
     /// Falls back to "all data" where the filesystem lacks SEEK_DATA.
     public func nextData(from offset: UInt64) -> UInt64? {
+        if let base {
+            guard offset < windowSize, let d = base.nextData(from: windowOffset &+ offset), d >= windowOffset,
+                  d - windowOffset < windowSize else { return nil }
+            return max(d, windowOffset &+ offset) - windowOffset
+        }
         let r = lseek(fd, off_t(offset), 3 /* SEEK_DATA */)
         if r < 0 { return errno == ENXIO ? nil : offset }
         return UInt64(r)
@@ -142,6 +212,11 @@ public final class HostFile {
 
     /// The start of the next hole at or after `offset` (end of file counts as a hole) (SEEK_HOLE).
     public func nextHole(from offset: UInt64) -> UInt64 {
+        if let base {
+            guard offset < windowSize else { return offset }
+            let h = base.nextHole(from: windowOffset &+ offset)
+            return h < windowOffset &+ offset ? offset : min(h - windowOffset, windowSize)
+        }
         let r = lseek(fd, off_t(offset), 4 /* SEEK_HOLE */)
         if r < 0 { return (try? size()) ?? offset }
         return UInt64(r)
@@ -150,12 +225,14 @@ public final class HostFile {
     /// Punches a hole (deallocates) or, failing that, writes zeroes over the range.
     public func punchHole(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
+        if let base { return try base.punchHole(at: try windowed(offset, length), length: length) }
         if instar_shim_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
         try writeZeroes(at: offset, length: length)
     }
 
     /// Writes explicit zeroes over the range.
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
+        if let base { return try base.writeZeroes(at: try windowed(offset, length), length: length) }
         let chunk = 1 << 20
         let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: HostFile.directAlignment)
         defer { zeros.deallocate() }
@@ -172,6 +249,7 @@ public final class HostFile {
     /// posix_fallocate(3) over the range (preallocation=falloc).
     public func allocate(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
+        if let base { return try base.allocate(at: try windowed(offset, length), length: length) }
         let r = posix_fallocate(fd, off_t(offset), off_t(length))
         if r != 0 { throw InstarError.system(r, "Could not preallocate data for the new file") }
     }

@@ -83,6 +83,8 @@ public enum CheckOperation {
         public var repair: CheckRepair = []
         /// -U, cache mode and --object secrets.
         public var open = ImageOpenOptions()
+        /// Receives qemu's warnings about the options (deprecated forms) as they arise; the library drops them.
+        public var warn: ((String) -> Void)?
         public init() {}
     }
 
@@ -123,7 +125,8 @@ public enum CheckOperation {
         open.check = true
         let layer: ImageLayer
         do {
-            let spec = try ImageOpener.commandLineSpec(name, format: options.format, imageOpts: options.imageOpts)
+            let spec = try ImageOpener.commandLineSpec(name, format: options.format, imageOpts: options.imageOpts,
+                                                       warn: options.warn)
             if writable && (open.forceShare || spec.forceShare == true) {
                 throw InstarError.invalid("force-share=on can only be used with read-only images")
             }

@@ -124,7 +124,7 @@ public enum ConvertOperation {
         options.direct = cache.direct
         options.noFlush = !cache.flushes
         options.secrets = secrets
-        return try ImageOpener.open(spec ?? ImageSpec(filename: path, format: format), options: options,
+        return try ImageOpener.open(spec ?? ImageSpec(filename: try ImageOpener.fileName(fromPlainName: path), format: format), options: options,
                                     writable: true, openBacking: openBacking)
     }
 
@@ -194,7 +194,7 @@ public enum ConvertOperation {
         var created = false
         if let c = creator, let v = values {
             do {
-                var request = CreateRequest(filename: target, options: v)
+                var request = CreateRequest(filename: try ImageOpener.fileName(fromPlainName: target), options: v)
                 request.secrets = options.secrets
                 try c.create(request)
             } catch let e as InstarError {
@@ -212,7 +212,7 @@ public enum ConvertOperation {
         // so an encrypted target is unlocked with the passphrase it was created with.
         var targetSpec = options.targetSpec
         if created, targetSpec == nil, let v = values {
-            var spec = ImageSpec(filename: target, format: fmt)
+            var spec = ImageSpec(filename: (try? ImageOpener.fileName(fromPlainName: target)) ?? target, format: fmt)
             for (name, text) in v.entries where name.hasSuffix("key-secret") {
                 if spec.driverOptions[name] == nil { spec.driverOptionOrder.append(name) }
                 spec.driverOptions[name] = .string(text)
@@ -225,7 +225,7 @@ public enum ConvertOperation {
                                          spec: targetSpec, secrets: options.secrets,
                                          keySecret: options.targetKeySecret)
         } catch let e as InstarError {
-            if created && options.removeTargetOnFailure { unlink(target) }
+            if created && options.removeTargetOnFailure { unlink((try? ImageOpener.fileName(fromPlainName: target)) ?? target) }
             throw e.prepending("Could not open '\(target)': ")
         }
         do {
@@ -247,7 +247,7 @@ public enum ConvertOperation {
             }
             try targetImage.close()
         } catch {
-            if created && options.removeTargetOnFailure { unlink(target) }
+            if created && options.removeTargetOnFailure { unlink((try? ImageOpener.fileName(fromPlainName: target)) ?? target) }
             throw error
         }
     }

@@ -62,6 +62,7 @@ public enum Create {
 
     static func prepareUnprefixed(_ p: Parameters) throws -> Prepared {
         let creator = try creator(for: p.format)
+        _ = try ImageOpener.fileName(fromPlainName: p.filename)
         var values = CreateOptionValues(specs: optionTable(for: creator))
         if let list = p.options { try values.parse(list) }
         if !values.isSet("size") {
@@ -123,7 +124,9 @@ public enum Create {
     /// qemu-img's "image size is too large" wording.
     public static func run(_ prepared: Prepared) throws {
         do {
-            var request = CreateRequest(filename: prepared.filename, options: prepared.options)
+            // The file a plain name names ("file:a:b" creates "a:b"), as qemu's protocol detection reads it.
+            var request = CreateRequest(filename: try ImageOpener.fileName(fromPlainName: prepared.filename),
+                                        options: prepared.options)
             request.secrets = prepared.secrets
             try prepared.creator.create(request)
         } catch let e as InstarError {

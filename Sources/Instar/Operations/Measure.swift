@@ -15,6 +15,8 @@ public enum Measure {
         public var secrets: [String: String] = [:]
         /// A direct passphrase for the source image (the C API's key_secret).
         public var keySecret: String?
+        /// Receives qemu's warnings about the options (deprecated forms) as they arise; the library drops them.
+        public var warn: ((String) -> Void)?
         public init() {}
     }
 
@@ -38,7 +40,8 @@ public enum Measure {
                 throw InstarError.invalid("--image-opts and --format are mutually exclusive")
             }
             do {
-                let spec = try ImageOpener.commandLineSpec(name, format: p.sourceFormat, imageOpts: p.imageOpts)
+                let spec = try ImageOpener.commandLineSpec(name, format: p.sourceFormat, imageOpts: p.imageOpts,
+                                                           warn: p.warn)
                 if p.imageOpts, p.forceShare, spec.forceShare == false {
                     // img_open_opts reports this one without the "Could not open" prefix.
                     throw ForceShareConflict()

@@ -30,12 +30,8 @@ public final class RawFormat: ImageFormat {
         } else {
             windowSize = nil
         }
-        // The file node's length as qemu's block layer sees it: whole 512-byte sectors.
-        let fileSize = try file.size().alignedUp(512)
-        if windowOffset > fileSize { throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (0) has to be smaller or equal to the  actual size of the containing file (\(fileSize))") }
-        if let ws = windowSize, try windowOffset.adding(ws) > fileSize {
-            throw InstarError.invalid("The sum of offset (\(windowOffset)) and size (\(ws)) has to be smaller or equal to the  actual size of the containing file (\(fileSize))")
-        }
+        // The same checks as a window node under a format (qemu's raw_apply_options).
+        _ = try HostFile.window(of: file, offset: windowOffset, size: windowSize, name: file.path)
     }
 
     /// A size option: a JSON number, or a string with qemu's optional k/M/G/T/P/E suffix (as --image-opts
@@ -64,9 +60,8 @@ public final class RawFormat: ImageFormat {
     /// The virtual size: the window size, else the file size rounded up to 512 bytes as qemu's block layer does.
     public var virtualSize: UInt64 {
         if let ws = windowSize { return ws }
-        let fileSize = (try? file.size()) ?? 0
-        let len = fileSize - windowOffset
-        return (try? len.alignedUp(512)) ?? len
+        let length = (try? file.nodeLength()) ?? 0
+        return length >= windowOffset ? length - windowOffset : 0
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
@@ -74,6 +69,17 @@ public final class RawFormat: ImageFormat {
     }
 
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus {
+        var s = try windowStatus(at: offset, length: length)
+        // qemu's raw driver answers BDRV_BLOCK_RAW: the status is the file's, at the host file under any windows.
+        if let h = s.hostOffset {
+            let (host, hostOffset) = file.hostLocation(h)
+            s.hostOffset = hostOffset
+            s.hostFile = host.path
+        }
+        return s
+    }
+
+    private func windowStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus {
         let hostStart = try windowOffset.adding(offset)
         let fileSize = try file.size()
         if hostStart >= fileSize {
