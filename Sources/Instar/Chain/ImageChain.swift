@@ -255,7 +255,8 @@ public enum ImageOpener {
                 }
                 let bspec = try parseSpec(full, format: ref.format)
                 do {
-                    backingLayer = try openLayer(bspec, options: options, writable: false, openBacking: true,
+                    let backingWritable = options.writableBacking?(spec.filename, ref.filename, full) ?? false
+                    backingLayer = try openLayer(bspec, options: options, writable: backingWritable, openBacking: true,
                                                  depth: depth + 1, seen: &seen)
                 } catch let e as InstarError {
                     if e.code == .chain { throw e }
