@@ -58,7 +58,7 @@ public enum CommitOperation {
             try job.run(meter: &meter)
         } catch let e as InstarError where e.code != .cancelled {
             let code = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Block job failed: " + String(cString: strerror(code)), errno: code)
+            throw InstarError(e.code, "Block job failed: " + strerrorString(code), errno: code)
         }
         try meter.advance(100, max: 0)
         if !options.drop, let emptiable = top.format as? ImageEmptiable {
@@ -66,7 +66,7 @@ public enum CommitOperation {
                 try emptiable.makeEmpty()
             } catch let e as InstarError {
                 let code = e.errnoValue != 0 ? e.errnoValue : EIO
-                throw InstarError(e.code, "Failed to empty \(top.filename): " + String(cString: strerror(code)),
+                throw InstarError(e.code, "Failed to empty \(top.filename): " + strerrorString(code),
                                   errno: code)
             }
         }
@@ -225,7 +225,11 @@ struct CommitJob {
                         }
                     }
                     io = min(io, length - pos)
-                    try perform(method, at: pos, bytes: io, buffer: &buffer)
+                    if method == .copy, let s = status, try copyInKernel(s, at: pos, bytes: io) {
+                        // copied file to file
+                    } else {
+                        try perform(method, at: pos, bytes: io, buffer: &buffer)
+                    }
                     done += io
                     let consumed = io.divCeil(granularity) * granularity
                     remaining = remaining > consumed ? remaining - consumed : 0
@@ -240,6 +244,30 @@ struct CommitJob {
             }
         }
         try base.format.flush()
+    }
+
+    /// Data stored plainly in a host file, going unchanged into a base that stores guest bytes plainly, is
+    /// copied by the kernel (copy_file_range): the base ends up with the same bytes as through a buffer.
+    /// Returns false when the range does not qualify (or the kernel copied nothing).
+    func copyInKernel(_ status: ChainBlockStatus, at offset: UInt64, bytes: UInt64) throws -> Bool {
+        guard status.data, !status.zero, bytes <= status.length, let host = status.hostOffset,
+              let name = status.hostFile, let target = base.format as? PlainGuestFile,
+              let (dst, dstOffset) = target.plainHostRange(at: offset, length: bytes) else { return false }
+        let chain = top.chain
+        guard status.depth < chain.count,
+              let src = chain[status.depth].format.hostFiles.first(where: { $0.path == name }) else { return false }
+        let copied = dst.copyIn(from: src, at: host, length: bytes, to: dstOffset)
+        if copied == 0 { return false }
+        if copied < bytes {
+            // The kernel stopped part way: the rest goes through a buffer.
+            var rest = [UInt8](repeating: 0, count: Int(bytes - copied))
+            try rest.withUnsafeMutableBytes { raw in
+                try top.read(into: raw, at: offset + copied)
+                try base.format.write(UnsafeRawBufferPointer(raw), at: offset + copied, backing: base.backing)
+            }
+        }
+        if cache.writethrough { try base.format.flush() }
+        return true
     }
 
     func perform(_ method: Method, at offset: UInt64, bytes: UInt64, buffer: inout [UInt8]) throws {
