@@ -40,8 +40,22 @@ public enum CommitOperation {
         open.noFlush = !options.cache.flushes
         let finder = BaseFinder(wanted: options.base)
         open.writableBacking = { overlay, stored, full in finder.isBase(overlay: overlay, stored: stored, full: full) }
-        let top = try ResizeOperation.openForWrite(name, format: options.format, imageOpts: options.imageOpts,
+        let top: ImageLayer
+        do {
+            top = try ResizeOperation.openForWrite(name, format: options.format, imageOpts: options.imageOpts,
                                                    open: open, warn: options.warn)
+        } catch let e as InstarError where e.code == .locked {
+            // qemu opens the chain read-only below the top, then reopens the base read/write: a lock the plain
+            // open fails on is reported as that open's error, one only the base's write lock fails on as the
+            // reopen's bare message.
+            var plain = open
+            plain.writableBacking = nil
+            let again = try ResizeOperation.openForWrite(name, format: options.format, imageOpts: options.imageOpts,
+                                                         open: plain, warn: nil)
+            try? again.close()
+            guard let r = e.message.firstRange(of: "Failed to get ") else { throw e }
+            throw InstarError(e.code, String(e.message[r.lowerBound...]), errno: e.errnoValue)
+        }
         var closed = false
         defer { if !closed { try? top.close() } }
         var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
