@@ -172,6 +172,23 @@ def test_compressed_base(tmp):
 
 
 @pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
+def test_compressed_top(tmp, base_fmt):
+    """An overlay whose clusters are compressed (convert -c -B): the base gets them plain, as from qemu-img."""
+    d = src_dir(tmp)
+    base = f"base.{base_fmt}"
+    qimg("create", "-q", "-f", base_fmt, os.path.join(d, base), "4M")
+    qemu_io("-f", base_fmt, "-c", "write -P 0xaa 0 4M", os.path.join(d, base))
+    qimg("create", "-q", "-f", "raw", os.path.join(d, "new.raw"), "4M")
+    qemu_io("-f", "raw", "-c", "write -P 0x5c 0 1M", "-c", "write -P 0xaa 1M 3M", "-c", "write -P 0x11 2M 128k",
+            os.path.join(d, "new.raw"))
+    qimg("convert", "-c", "-f", "raw", "-O", "qcow2", "-B", base, "-F", base_fmt, os.path.join(d, "new.raw"),
+         os.path.join(d, "top.qcow2"), cwd=d)
+    names = [base, "top.qcow2"]
+    dq, di, _ = both_commit(tmp, names, ["top.qcow2"], same_bytes=names)
+    same_images(dq, di, names)
+
+
+@pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
 @pytest.mark.parametrize("base_size", ["1M", "3M"])
 def test_base_smaller_than_top(tmp, base_fmt, base_size):
     _, base = chain(tmp, base_fmt=base_fmt, size=base_size, top_size="4M", base_writes=["write -P 0xaa 0 512k"],
@@ -512,12 +529,15 @@ def test_c_api(tmp):
 
 # ---- crash safety ----
 
-def test_sigkill_during_commit(tmp):
+@pytest.mark.parametrize("base_opts", ["", "extended_l2=on", "cluster_size=4k,refcount_bits=1"])
+def test_sigkill_during_commit(tmp, base_opts):
     """SIGKILL at several points of a commit of 48 MiB into a qcow2 base (each point a deadline after the base
     file starts to grow): qemu-img check finds no corruption in base or top."""
     d = src_dir(tmp)
-    qimg("create", "-q", "-f", "qcow2", os.path.join(d, "base.qcow2"), "64M")
+    qimg("create", "-q", "-f", "qcow2", *(["-o", base_opts] if base_opts else []), os.path.join(d, "base.qcow2"),
+         "64M")
     qemu_io("-c", "write -P 0xaa 0 8M", os.path.join(d, "base.qcow2"))
+    qimg("bitmap", "--add", os.path.join(d, "base.qcow2"), "dirty")
     qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", os.path.join(d, "top.qcow2"), cwd=d)
     qemu_io("-c", "write -P 0x41 4M 48M", "-c", "write -z 56M 2M", os.path.join(d, "top.qcow2"))
     base_size = os.path.getsize(os.path.join(d, "base.qcow2"))
