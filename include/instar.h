@@ -558,6 +558,40 @@ void instar_amend_options_init(instar_amend_options_t *opts);
  */
 int instar_amend(const char *filename, const instar_amend_options_t *opts, instar_error_t *err);
 
+/* ---- commit ------------------------------------------------------------------------------------------ */
+
+enum {
+    INSTAR_COMMIT_NO_EMPTY = 1u << 0    /**< -d: the top image keeps its contents (implied by a base) */
+};
+
+typedef struct instar_commit_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_COMMIT_* */
+    const char *format;          /**< -f of the top image; NULL to probe */
+    const char *base;            /**< -b: the image of the chain to commit into (implies INSTAR_COMMIT_NO_EMPTY);
+                                      NULL for the top's backing file */
+    const char *cache;           /**< -t: "none", "writeback" (NULL), "writethrough", "directsync", "unsafe" */
+    int64_t rate_limit;          /**< -r: bytes per second, 0 for no limit */
+    instar_progress_fn progress; /**< called with the percentages `qemu-img commit -p` shows, or NULL */
+    void *progress_data;
+    const char *key_secret;      /**< the passphrase of the top image's encryption (encrypt.key-secret), or NULL */
+} instar_commit_options_t;
+
+#define INSTAR_COMMIT_OPTIONS_INIT { sizeof(instar_commit_options_t), 0, NULL, NULL, NULL, 0, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_COMMIT_OPTIONS_INIT. NULL is ignored. */
+void instar_commit_options_init(instar_commit_options_t *opts);
+
+/**
+ * Copies what the images above the base hold into the base like `qemu-img commit` (an active commit: the base
+ * grows to the top's size if smaller, zero ranges become zero writes, enabled bitmaps of the base record the
+ * writes, backing links are left as they are), then empties the top image unless INSTAR_COMMIT_NO_EMPTY or a
+ * base is given. The top image and the base are opened read/write and locked. Errors carry qemu-img's
+ * messages: INSTAR_E_NOT_FOUND (base not in the chain, or a missing file), INSTAR_E_CHAIN (no backing file,
+ * a loop in the chain), INSTAR_E_INVALID (bad cache mode or rate limit), INSTAR_E_LOCKED, INSTAR_E_CORRUPT,
+ * INSTAR_E_CANCELLED (the progress callback returned nonzero: what was copied stays in the base), INSTAR_E_IO.
+ */
+int instar_commit(const char *filename, const instar_commit_options_t *opts, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -49,3 +49,12 @@ const char *instar_shim_strerror(int err, char *buf, size_t len) {
      * unknown codes is shared. */
     return strerror_r(err, buf, len);
 }
+
+int64_t instar_shim_copy_file_range(int in, int64_t *in_off, int out, int64_t *out_off, int64_t length) {
+    loff_t a = *in_off, b = *out_off;
+    ssize_t n = copy_file_range(in, &a, out, &b, (size_t)length, 0);
+    if (n < 0) return -errno;
+    *in_off = a;
+    *out_off = b;
+    return n;
+}

@@ -367,6 +367,28 @@ int main(int argc, char **argv) {
         CHECK(instar_amend(path("c.qcow2"), &ao, NULL) == INSTAR_E_INVALID);
     }
 
+    /* ---- commit ---- */
+    {
+        instar_create_options_t co = INSTAR_CREATE_OPTIONS_INIT;
+        instar_commit_options_t mo = INSTAR_COMMIT_OPTIONS_INIT;
+        int calls = 0;
+        co.format = "qcow2";
+        co.size = 1 << 20;
+        CHECK(instar_create(path("cb.qcow2"), &co, &err) == INSTAR_OK);
+        co.size = -1;
+        co.backing_file = "cb.qcow2";
+        co.backing_format = "qcow2";
+        CHECK(instar_create(path("ct.qcow2"), &co, &err) == INSTAR_OK);
+        mo.progress = count_progress;
+        mo.progress_data = &calls;
+        CHECK(instar_commit(path("ct.qcow2"), &mo, &err) == INSTAR_OK && calls > 0);
+        mo.base = "nothere";
+        CHECK(instar_commit(path("ct.qcow2"), &mo, &err) == INSTAR_E_NOT_FOUND);
+        instar_commit_options_init(&mo);
+        CHECK(instar_commit(path("cb.qcow2"), &mo, &err) == INSTAR_E_CHAIN);
+        CHECK(instar_commit(NULL, NULL, NULL) == INSTAR_E_INVALID);
+    }
+
     printf("%s %d checks, %d failed\n", failures ? "FAIL" : "ok", checks, failures);
     return failures ? 1 : 0;
 }

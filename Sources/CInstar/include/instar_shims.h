@@ -26,4 +26,6 @@ int instar_shim_punch_hole(int fd, int64_t offset, int64_t length);
 const char *instar_shim_strerror(int err, char *buf, size_t len);
 /** fallocate(ZERO_RANGE), which qemu uses for write-zeroes on local files; returns 0 or -errno. */
 int instar_shim_zero_range(int fd, int64_t offset, int64_t length);
+/** copy_file_range(2) from `in` at *in_off to `out` at *out_off (both advanced); returns bytes copied or -errno. */
+int64_t instar_shim_copy_file_range(int in, int64_t *in_off, int out, int64_t *out_off, int64_t length);
 #endif

@@ -432,7 +432,8 @@ public enum ImageOpener {
                     throw InstarError(.chain, "Backing chain is deeper than \(maxChainDepth) images")
                 }
                 do {
-                    backingLayer = try openLayer(bspec, options: options, writable: false, openBacking: true,
+                    let backingWritable = options.writableBacking?(spec.filename, ref.filename, full) ?? false
+                    backingLayer = try openLayer(bspec, options: options, writable: backingWritable, openBacking: true,
                                                  depth: depth + 1, seen: &seen)
                 } catch let e as InstarError {
                     if e.code == .chain { throw e }

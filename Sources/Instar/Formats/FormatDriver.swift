@@ -262,6 +262,9 @@ public struct ImageOpenOptions {
     public var keySecret: String?
     /// The secret id under which `keySecret` reaches the driver when the image's options name none.
     public static let keySecretID = "instar-key-secret"
+    /// Decides whether a backing file is opened read/write (commit's base): asked once per backing link with
+    /// the overlay's name, the backing name stored in it and that name resolved against the overlay.
+    public var writableBacking: ((_ overlay: String, _ storedName: String, _ fullName: String) -> Bool)?
     public init() {}
 }
 

@@ -465,7 +465,16 @@ extension Qcow2Writer {
         try discardClusters(a, b, zeroOnly: false)
     }
 
-    private func discardClusters(_ start: UInt64, _ end: UInt64, zeroOnly: Bool) throws {
+    /// qemu's qcow2_cluster_discard with full_discard over the whole image (qcow2_make_empty's slow path): every
+    /// L2 entry becomes 0, so the backing file shows through, and the clusters are freed and punched out.
+    func discardEverything() throws {
+        try prepare()
+        let end = try format.virtualSize.alignedUp(clusterSize)
+        if end == 0 { return }
+        try discardClusters(0, end, zeroOnly: false, full: true)
+    }
+
+    private func discardClusters(_ start: UInt64, _ end: UInt64, zeroOnly: Bool, full: Bool = false) throws {
         defer { processDiscards() }
         let hasBacking = format.backingReference != nil
         var pos = start
@@ -485,7 +494,10 @@ extension Qcow2Writer {
                 let allocated = entry & Qcow2.l2Compressed != 0 || hasHostCluster(entry)
                 var newEntry = entry
                 var newBitmap = bitmap
-                if hasBacking || allocated {
+                if full {
+                    newEntry = 0
+                    newBitmap = 0
+                } else if hasBacking || allocated {
                     if extended {
                         newEntry = 0
                         newBitmap = 0xffff_ffff_0000_0000

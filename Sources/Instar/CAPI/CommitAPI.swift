@@ -1,0 +1,37 @@
+import CInstar
+import Glibc
+
+@_cdecl("instar_commit_options_init")
+public func instar_commit_options_init(_ opts: UnsafeMutablePointer<instar_commit_options_t>?) {
+    opts?.pointee = instar_commit_options_t(struct_size: UInt32(MemoryLayout<instar_commit_options_t>.size),
+                                            flags: 0, format: nil, base: nil, cache: nil, rate_limit: 0,
+                                            progress: nil, progress_data: nil, key_secret: nil)
+}
+
+@_cdecl("instar_commit")
+public func instar_commit(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_commit_options_t>?,
+                          _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        let name = try cString(filename, "filename")
+        var defaults = instar_commit_options_t()
+        instar_commit_options_init(&defaults)
+        let o = try readOptions(opts, defaults: defaults)
+        var options = CommitOperation.Options()
+        options.format = optionalString(o.format)
+        options.base = optionalString(o.base)
+        options.drop = o.flags & UInt32(INSTAR_COMMIT_NO_EMPTY) != 0 || options.base != nil
+        let cacheName = optionalString(o.cache) ?? "writeback"
+        guard let mode = CacheMode(qemuName: cacheName) else {
+            throw InstarError.invalid("Invalid cache option: \(cacheName)")
+        }
+        options.cache = mode
+        guard o.rate_limit >= 0 else {
+            throw InstarError.invalid("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+                + "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        }
+        options.rateLimit = UInt64(o.rate_limit)
+        options.open.keySecret = optionalString(o.key_secret)
+        options.progress = progressCallback(o.progress, o.progress_data)
+        try CommitOperation.run(name, options: options)
+    }
+}

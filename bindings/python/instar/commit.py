@@ -1,0 +1,25 @@
+"""instar_commit: qemu-img commit."""
+import ctypes
+
+from ._lib import Error, check, encode, lib
+from .ops import PROGRESS_FN, _progress
+
+COMMIT_NO_EMPTY = 1 << 0
+
+
+class CommitOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("base", ctypes.c_char_p), ("cache", ctypes.c_char_p), ("rate_limit", ctypes.c_int64),
+                ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
+
+
+def commit(path, base=None, drop=False, fmt=None, cache=None, rate_limit=0, progress=None, key_secret=None):
+    """Like `qemu-img commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-r RATE] PATH`: copies the data above the base
+    into it and, unless `drop` or a `base` is given, empties PATH. `progress(percent)` may return True to cancel."""
+    L = lib()
+    L.instar_commit.argtypes = [ctypes.c_char_p, ctypes.POINTER(CommitOptions), ctypes.POINTER(Error)]
+    cb = _progress(progress)
+    o = CommitOptions(ctypes.sizeof(CommitOptions), COMMIT_NO_EMPTY if drop else 0, encode(fmt), encode(base),
+                      encode(cache), rate_limit, cb, None, encode(key_secret))
+    err = Error()
+    check(L.instar_commit(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
