@@ -432,7 +432,13 @@ public enum ImageOpener {
                     throw InstarError(.chain, "Backing chain is deeper than \(maxChainDepth) images")
                 }
                 do {
-                    let backingWritable = options.writableBacking?(spec.filename, ref.filename, full) ?? false
+                    // The name the image stores and its resolved path; a backing node given in the options has
+                    // only its own file name.
+                    var names = (stored: bspec.filename, full: bspec.filename)
+                    if case .fromImage = spec.backing, let ref = format.backingReference, let full = fullBacking {
+                        names = (ref.filename, full)
+                    }
+                    let backingWritable = options.writableBacking?(spec.filename, names.stored, names.full) ?? false
                     backingLayer = try openLayer(bspec, options: options, writable: backingWritable, openBacking: true,
                                                  depth: depth + 1, seen: &seen)
                 } catch let e as InstarError {
