@@ -109,7 +109,8 @@ def test_rebase_hostile(results, name):
             assert marker not in err, f"{name}: instar rebase {mode} trapped: {i}"
         if rc != 0:
             assert rc == 1, f"{name}: {mode}: {i}"
-            lines = err.strip("\n").split("\n")
+            # A file that probes as raw gets qemu's three-line warning (as qemu-img prints it) before the error.
+            lines = [x for x in err.strip("\n").split("\n") if not x.startswith(("WARNING: ", "         "))]
             assert lines[0].startswith("instar: "), f"{name}: {mode}: no clear error: {i}"
             assert len(lines) <= 3, f"{name}: {mode}: error too long: {i}"
             assert unchanged, f"{name}: {mode}: instar failed but changed the file: {i}"
