@@ -468,3 +468,18 @@ def test_structured_names(tmp, image):
 def test_raw_window_relative_refused(tmp):
     rebase_both(tmp, raw_chain, ["--image-opts", "-b", "new.raw", "-F", "raw"],
                 image="driver=raw,offset=0,file.filename=new.raw", path="new.raw")
+
+
+def odd_raw_chain(d):
+    """Raw backing files whose sizes are not multiples of 512: qemu counts them in whole sectors."""
+    with open(os.path.join(d, "base.raw"), "wb") as f:
+        f.write(b"\x11" * (MiB + 1000))
+    with open(os.path.join(d, "new.raw"), "wb") as f:
+        f.write(b"\x11" * (MiB + 300) + b"\x22" * 77)
+    q(d, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "2M")
+
+
+@pytest.mark.parametrize("args", [["-b", "new.raw", "-F", "raw"], ["-b", ""], ["-p", "-b", "new.raw", "-F", "raw"]],
+                         ids=["safe", "standalone", "progress"])
+def test_odd_sized_raw_backings(tmp, args):
+    rebase_both(tmp, odd_raw_chain, args)
