@@ -326,29 +326,47 @@ def test_header_full(tmp):
     rebase_both(tmp, setup, ["-u", "-b", "n" * 400, "-F", "qcow2"])
 
 
-def test_locked_image(tmp):
-    """A running writer holds the image: both refuse the same way and write nothing."""
-    import subprocess
-    import time
+class Holder:
+    """qemu-io holding an image open read/write (and so its write lock) until closed; open once it answered a read."""
+
+    def __init__(self, d, name):
+        import subprocess
+        self.p = subprocess.Popen(["qemu-io", "-f", "qcow2", name], cwd=d, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.p.stdin.write("read 0 512\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        assert "read 512/512" in line, line
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=600)
+
+
+@pytest.mark.parametrize("held,args", [("top.qcow2", ["-u", "-b", ""]), ("top.qcow2", ["-b", "new.qcow2", "-F", "qcow2"]),
+                                       ("new.qcow2", ["-b", "new.qcow2", "-F", "qcow2"]),
+                                       ("new.qcow2", ["-U", "-b", "new.qcow2", "-F", "qcow2"]),
+                                       ("base.qcow2", ["-b", "new.qcow2", "-F", "qcow2"])],
+                         ids=["image", "image_safe", "new_backing", "new_backing_U", "old_backing"])
+def test_locks(tmp, held, args):
+    """Another process writing an image: qemu-img's lock errors (and -U for the new backing file)."""
     res = {}
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    basic(src)
     for tool in ("q", "i"):
         d = os.path.join(tmp, tool)
-        os.makedirs(d)
-        basic(d)
-        p = subprocess.Popen(["qemu-io", "-f", "qcow2", "top.qcow2"], cwd=d, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        shutil.copytree(src, d)
+        h = Holder(d, held)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                r = (qemu if tool == "q" else instar)("rebase", "-u", "-b", "", "top.qcow2", cwd=d)
-                if "lock" in r.err or time.monotonic() > deadline:
-                    break
-            res[tool] = r
+            res[tool] = (qemu if tool == "q" else instar)("rebase", *args, "top.qcow2", cwd=d)
         finally:
-            p.stdin.close()
-            p.wait()
+            h.close()
     assert res["i"] == res["q"]
-    assert res["q"].rc == 1
+    if held == "top.qcow2":
+        assert res["q"].rc == 1 and "lock" in res["q"].err
+    with open(os.path.join(tmp, "q", "top.qcow2"), "rb") as a, open(os.path.join(tmp, "i", "top.qcow2"), "rb") as b:
+        assert a.read() == b.read()
 
 
 def bitmap_chain(d):
