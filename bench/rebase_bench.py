@@ -4,7 +4,7 @@
 An empty qcow2 overlay over a 2 GiB qcow2 holding 1 GiB of random data (16 x 64 MiB extents, the image of
 bench/run.py's convert case) is rebased onto an empty 2 GiB qcow2: every byte of the 1 GiB differs between the
 old and the new backing file, so both tools read it from both, compare it and write it into the overlay.
-Each run starts from a fresh overlay after `sync`; the median wall time and the CPU seconds (user + system of
+Each run starts from a fresh overlay after `sync`, the tools taking turns; the median wall time and the CPU seconds (user + system of
 the child) are printed with the instar/qemu-img ratios.
 
 Usage: bench/rebase_bench.py [--build build] [--cache /tmp/instar-bench] [--runs 3]
@@ -42,20 +42,23 @@ def bench_rebase(build, cache, runs):
     tools = {"qemu-img": ["qemu-img"], "instar": [os.path.join(build, "bin", "instar")]}
     print(f"== rebase (safe) of an empty overlay from a 2 GiB qcow2 with 1 GiB random data onto an empty qcow2, "
           f"median of {runs} ==")
-    med = {}
-    for name, argv in tools.items():
-        walls, cpus = [], []
-        for _ in range(runs):
+    # The tools take turns run by run, so that a change in the machine's load touches both alike.
+    walls = {name: [] for name in tools}
+    cpus = {name: [] for name in tools}
+    for _ in range(runs):
+        for name, argv in tools.items():
             if os.path.exists(top):
                 os.unlink(top)
             sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "2G")
             sh("sync")
             w, c = timed([*argv, "rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"], work)
-            walls.append(w)
-            cpus.append(c)
-        med[name] = (statistics.median(walls), statistics.median(cpus))
+            walls[name].append(w)
+            cpus[name].append(c)
+    med = {}
+    for name in tools:
+        med[name] = (statistics.median(walls[name]), statistics.median(cpus[name]))
         print(f"  {name:10s} median {med[name][0]:.3f} s wall, {med[name][1]:.3f} s CPU  runs: "
-              + " ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(walls, cpus)))
+              + " ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(walls[name], cpus[name])))
     if os.path.exists(top):
         os.unlink(top)
     print(f"  instar/qemu-img wall ratio: {med['instar'][0] / med['qemu-img'][0]:.2f}, "
