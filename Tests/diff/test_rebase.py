@@ -501,3 +501,16 @@ def odd_raw_chain(d):
                          ids=["safe", "standalone", "progress"])
 def test_odd_sized_raw_backings(tmp, args):
     rebase_both(tmp, odd_raw_chain, args)
+
+
+def many_chunks(d):
+    """256 MiB: 128 chunks of 0.78 % each, so the meter's 2-point threshold decides which records print."""
+    q(d, "create", "-q", "-f", "qcow2", "base.qcow2", "256M")
+    io(d, "base.qcow2", "write -P 1 100M 1M")
+    q(d, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "256M")
+    q(d, "create", "-q", "-f", "qcow2", "new.qcow2", "256M")
+
+
+def test_progress_threshold(tmp):
+    r = rebase_both(tmp, many_chunks, ARGS["progress"])
+    assert r.out.count("/100%)") > 20
