@@ -417,10 +417,14 @@ def test_small_cluster_progress(tmp):
     rebase_both(tmp, small_cluster_progress, ARGS["progress"])
 
 
-def luks_chain(d):
+ENCRYPTIONS = {"luks": "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+               "aes": "encrypt.format=aes,encrypt.key-secret=sec0"}
+
+
+def luks_chain(d, kind="luks"):
     basic(d)
     os.unlink(os.path.join(d, "top.qcow2"))
-    qimg("create", *SECRET, "-q", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    qimg("create", *SECRET, "-q", "-f", "qcow2", "-o", ENCRYPTIONS[kind],
          "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "8M", cwd=d)
     r = run(["qemu-io", *SECRET, "--image-opts", "-c", "write -P 2 1M 64k", "-c", "write -P 3 4000k 7k",
              "-c", "write -z 6M 4k", "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=sec0"], cwd=d)
@@ -433,11 +437,12 @@ LUKS_IMG = "driver=qcow2,file.filename=top.qcow2,encrypt.key-secret=sec0"
 @pytest.mark.parametrize("args", [["-b", "new.qcow2", "-F", "qcow2"], ["-b", ""], ["-u", "-b", "new.qcow2", "-F", "qcow2"],
                                   ["-b", os.path.join("@DIR@", "new.qcow2"), "-F", "qcow2"]],
                          ids=["relative", "standalone", "unsafe", "absolute"])
-def test_encrypted(tmp, args):
+@pytest.mark.parametrize("kind", sorted(ENCRYPTIONS))
+def test_encrypted(tmp, args, kind):
     res = {}
     src = os.path.join(tmp, "src")
     os.makedirs(src)
-    luks_chain(src)
+    luks_chain(src, kind)
     for tool in ("q", "i"):
         d = os.path.join(tmp, tool)
         shutil.copytree(src, d)
