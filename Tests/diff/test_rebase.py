@@ -125,6 +125,7 @@ ARGS = {
     "unsafe": ["-u", "-b", "new.qcow2", "-F", "qcow2"],
     "unsafe_remove": ["-u", "-b", ""],
     "unsafe_nob": ["-u"],
+    "unsafe_progress": ["-u", "-p", "-b", "new.qcow2", "-F", "qcow2"],
     "nofmt": ["-b", "new.qcow2"],
     "unsafe_nofmt": ["-u", "-b", "new.qcow2"],
     "cache": ["-t", "none", "-T", "none", "-b", "new.qcow2", "-F", "qcow2"],
@@ -519,3 +520,15 @@ def many_chunks(d):
 def test_progress_threshold(tmp):
     r = rebase_both(tmp, many_chunks, ARGS["progress"])
     assert r.out.count("/100%)") > 20
+
+
+def snapshot_chain(d):
+    """An internal snapshot shares the image's L2 tables: the rebase's writes copy them first."""
+    basic(d)
+    q(d, "snapshot", "-c", "s1", "top.qcow2")
+    io(d, "top.qcow2", "write -P 8 64k 4k")
+
+
+@pytest.mark.parametrize("mode", ["safe", "standalone", "unsafe"])
+def test_internal_snapshot(tmp, mode):
+    rebase_both(tmp, snapshot_chain, ARGS[mode])
