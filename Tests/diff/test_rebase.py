@@ -532,3 +532,17 @@ def snapshot_chain(d):
 @pytest.mark.parametrize("mode", ["safe", "standalone", "unsafe"])
 def test_internal_snapshot(tmp, mode):
     rebase_both(tmp, snapshot_chain, ARGS[mode])
+
+
+def new_with_backing(d):
+    """The new backing file has a backing file of its own (in another directory), read through its chain."""
+    basic(d)
+    os.makedirs(os.path.join(d, "nb"))
+    q(d, "create", "-q", "-f", "qcow2", "nb/newbase.qcow2", "8M")
+    io(d, "nb/newbase.qcow2", "write -P 1 0 2M", "write -P 5 5M 512k")
+    q(d, "rebase", "-u", "-b", "nb/newbase.qcow2", "-F", "qcow2", "new.qcow2")
+
+
+@pytest.mark.parametrize("mode", ["safe", "progress"])
+def test_new_backing_with_chain(tmp, mode):
+    rebase_both(tmp, new_with_backing, ARGS[mode])
