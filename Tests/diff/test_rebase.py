@@ -158,6 +158,10 @@ LAYOUTS = {
     "new_backing_larger": dict(new_size="16M"),
     "new_backing_odd": dict(new_size="5000k"),
     "both_smaller": dict(base_size="2M", new_size="6M"),
+    # Zero writes past the old backing file's end: explicit zeroes in v2, zero (sub)clusters in v3.
+    "v2_old_smaller": dict(top_opts="compat=0.10", base_opts="compat=0.10", base_size="3000k"),
+    "ext_l2_old_smaller": dict(top_opts="extended_l2=on", base_size="3000k"),
+    "small_clusters_old_smaller": dict(top_opts="cluster_size=512", base_size="2500k", new_size="7M"),
 }
 
 
