@@ -550,3 +550,19 @@ def new_with_backing(d):
 @pytest.mark.parametrize("mode", ["safe", "progress"])
 def test_new_backing_with_chain(tmp, mode):
     rebase_both(tmp, new_with_backing, ARGS[mode])
+
+
+def big_sparse(d):
+    """2 GiB, almost all of it reading as zeroes in every layer (unallocated, zero clusters, raw holes)."""
+    with open(os.path.join(d, "base.raw"), "wb") as f:
+        f.truncate(1536 * MiB)
+        f.seek(768 * MiB)
+        f.write(b"\x42" * 70000)
+    q(d, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "2G")
+    io(d, "top.qcow2", "write -P 1 256M 64k", "write -z 1280M 1M")
+    q(d, "create", "-q", "-f", "qcow2", "new.qcow2", "1800M")
+    io(d, "new.qcow2", "write -z 512M 3M", "write -P 3 768M 4k", "write -P 7 1799M 1M")
+
+
+def test_big_sparse(tmp):
+    rebase_both(tmp, big_sparse, ARGS["progress"])

@@ -74,4 +74,25 @@ public enum RebaseChain {
         }
         return (false, bytes)
     }
+
+    /// Whether the whole range is known to read as zeroes through `top`'s chain from block status alone: every
+    /// layer down to the first one that decides it leaves it unallocated, or that layer stores it as zeroes
+    /// without data, or the layers end before it. False when a read is needed to know (data somewhere, or a
+    /// status that covers only part of the range). A nil chain reads as zeroes.
+    static func readsAsZeroes(_ top: ImageLayer?, at offset: UInt64, length: UInt64) throws -> Bool {
+        var layer = top
+        var steps = 0
+        while let l = layer, steps <= ImageOpener.maxChainDepth {
+            steps += 1
+            let size = l.virtualSize
+            if offset >= size { return true }
+            let ask = min(length, size - offset)
+            let st = try l.format.blockStatus(at: offset, length: ask)
+            if st.length < ask { return false }
+            if st.allocated { return st.zero && !st.data && ask == length }
+            if ask < length { return false }
+            layer = l.backing
+        }
+        return layer == nil
+    }
 }

@@ -182,6 +182,21 @@ public enum RebaseOperation {
                 if n == 0 { n = bytes }
             }
             var oldIsZero = false
+            // Ranges that read as zeroes in both chains hold no difference: the reads and the comparison are
+            // skipped (qemu-img reads and compares them), the chunking and progress stay qemu's.
+            let newChain: ImageLayer? = newBacking?.0
+            if offset < oldSize {
+                n = min(n, oldSize - offset)
+            }
+            if newChain != nil && offset < newSize {
+                n = min(n, newSize - offset)
+            }
+            if try zeroesInBoth(old: offset >= oldSize ? nil : oldBacking, new: offset >= newSize ? nil : newChain,
+                                offset: offset, length: n) {
+                try meter.advance(local, max: 100)
+                offset += n
+                continue
+            }
             if offset >= oldSize {
                 oldIsZero = true
                 UnsafeMutableRawBufferPointer(rebasing: bufOld[0..<Int(n)]).initializeMemory(as: UInt8.self, repeating: 0)
@@ -227,6 +242,13 @@ public enum RebaseOperation {
             try meter.advance(local, max: 100)
             offset += n
         }
+    }
+
+    /// Whether [offset, offset + length) reads as zeroes in the old and in the new backing chain, known from
+    /// block status; a failed query only means the data is read and compared after all.
+    static func zeroesInBoth(old: ImageLayer?, new: ImageLayer?, offset: UInt64, length: UInt64) throws -> Bool {
+        guard (try? RebaseChain.readsAsZeroes(old, at: offset, length: length)) == true else { return false }
+        return (try? RebaseChain.readsAsZeroes(new, at: offset, length: length)) == true
     }
 
     /// "error while reading image metadata: STRERROR", as qemu-img reports a failed block-status query.
