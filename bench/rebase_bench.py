@@ -7,6 +7,8 @@ old and the new backing file, so both tools read it from both, compare it and wr
 Each run starts from a fresh overlay after `sync`, the tools taking turns; the median wall time and the CPU seconds (user + system of
 the child) are printed with the instar/qemu-img ratios.
 
+A second case rebases an empty overlay of an 8 GiB sparse raw file, where nothing differs.
+
 Usage: bench/rebase_bench.py [--build build] [--cache /tmp/instar-bench] [--runs 3]
 """
 import argparse
@@ -65,6 +67,32 @@ def bench_rebase(build, cache, runs):
           f"CPU ratio: {med['instar'][1] / med['qemu-img'][1]:.2f}")
 
 
+def bench_sparse(build, cache, runs):
+    """An empty overlay of an 8 GiB sparse raw file rebased onto an empty 8 GiB qcow2: nothing differs, which
+    qemu-img finds by reading and comparing 8 GiB of zeroes and instar from block status."""
+    work = os.path.join(cache, "rebase-sparse")
+    os.makedirs(work, exist_ok=True)
+    base, new, top = (os.path.join(work, n) for n in ("base.raw", "new.qcow2", "top.qcow2"))
+    if not os.path.exists(base):
+        with open(base, "wb") as f:
+            f.truncate(8 << 30)
+    if not os.path.exists(new):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", new, "8G")
+    tools = {"qemu-img": ["qemu-img"], "instar": [os.path.join(build, "bin", "instar")]}
+    print(f"== rebase (safe) of an empty overlay of an 8 GiB sparse raw file onto an empty qcow2, median of {runs} ==")
+    walls = {name: [] for name in tools}
+    for _ in range(runs):
+        for name, argv in tools.items():
+            if os.path.exists(top):
+                os.unlink(top)
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "8G")
+            walls[name].append(timed([*argv, "rebase", "-b", "new.qcow2", "-F", "qcow2", "top.qcow2"], work)[0])
+    med = {name: statistics.median(w) for name, w in walls.items()}
+    for name in tools:
+        print(f"  {name:10s} median {med[name]:.3f} s wall")
+    print(f"  instar/qemu-img wall ratio: {med['instar'] / med['qemu-img']:.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -73,6 +101,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     bench_rebase(os.path.abspath(a.build), a.cache, a.runs)
+    bench_sparse(os.path.abspath(a.build), a.cache, a.runs)
     return 0
 
 
