@@ -181,42 +181,39 @@ public enum RebaseOperation {
                 }
                 if n == 0 { n = bytes }
             }
-            var oldIsZero = false
+            // Backing files shorter than the image: each read stops at its end (qemu reads zeroes past the old
+            // one's end, and writes zeroes where they differ from the new one).
+            let newChain: ImageLayer? = newBacking?.0
+            let oldIsZero = offset >= oldSize
+            if !oldIsZero { n = min(n, oldSize - offset) }
+            let newIsZero = newChain == nil || offset >= newSize
+            if !newIsZero { n = min(n, newSize - offset) }
+            let range = 0..<Int(n)
             // Ranges that read as zeroes in both chains hold no difference: the reads and the comparison are
             // skipped (qemu-img reads and compares them), the chunking and progress stay qemu's.
-            let newChain: ImageLayer? = newBacking?.0
-            if offset < oldSize {
-                n = min(n, oldSize - offset)
-            }
-            if newChain != nil && offset < newSize {
-                n = min(n, newSize - offset)
-            }
-            if try zeroesInBoth(old: offset >= oldSize ? nil : oldBacking, new: offset >= newSize ? nil : newChain,
-                                offset: offset, length: n) {
+            if zeroesInBoth(old: oldIsZero ? nil : oldBacking, new: newIsZero ? nil : newChain, offset: offset,
+                            length: n) {
                 try meter.advance(local, max: 100)
                 offset += n
                 continue
             }
-            if offset >= oldSize {
-                oldIsZero = true
-                UnsafeMutableRawBufferPointer(rebasing: bufOld[0..<Int(n)]).initializeMemory(as: UInt8.self, repeating: 0)
+            if oldIsZero {
+                UnsafeMutableRawBufferPointer(rebasing: bufOld[range]).initializeMemory(as: UInt8.self, repeating: 0)
             } else if let old = oldBacking {
-                n = min(n, oldSize - offset)
                 do {
-                    try old.read(into: UnsafeMutableRawBufferPointer(rebasing: bufOld[0..<Int(n)]), at: offset)
+                    try old.read(into: UnsafeMutableRawBufferPointer(rebasing: bufOld[range]), at: offset)
                 } catch let e as InstarError {
                     throw InstarError(e.code, "error while reading from old backing file", errno: e.errnoValue)
                 }
             }
-            if let (new, _) = newBacking, offset < newSize {
-                n = min(n, newSize - offset)
+            if !newIsZero, let new = newChain {
                 do {
-                    try new.read(into: UnsafeMutableRawBufferPointer(rebasing: bufNew[0..<Int(n)]), at: offset)
+                    try new.read(into: UnsafeMutableRawBufferPointer(rebasing: bufNew[range]), at: offset)
                 } catch let e as InstarError {
                     throw InstarError(e.code, "error while reading from new backing file", errno: e.errnoValue)
                 }
             } else {
-                UnsafeMutableRawBufferPointer(rebasing: bufNew[0..<Int(n)]).initializeMemory(as: UInt8.self, repeating: 0)
+                UnsafeMutableRawBufferPointer(rebasing: bufNew[range]).initializeMemory(as: UInt8.self, repeating: 0)
             }
             var written = 0
             let count = Int(n)
@@ -246,7 +243,7 @@ public enum RebaseOperation {
 
     /// Whether [offset, offset + length) reads as zeroes in the old and in the new backing chain, known from
     /// block status; a failed query only means the data is read and compared after all.
-    static func zeroesInBoth(old: ImageLayer?, new: ImageLayer?, offset: UInt64, length: UInt64) throws -> Bool {
+    static func zeroesInBoth(old: ImageLayer?, new: ImageLayer?, offset: UInt64, length: UInt64) -> Bool {
         guard (try? RebaseChain.readsAsZeroes(old, at: offset, length: length)) == true else { return false }
         return (try? RebaseChain.readsAsZeroes(new, at: offset, length: length)) == true
     }
