@@ -592,6 +592,48 @@ void instar_commit_options_init(instar_commit_options_t *opts);
  */
 int instar_commit(const char *filename, const instar_commit_options_t *opts, instar_error_t *err);
 
+/* ---- rebase ------------------------------------------------------------------------------------------ */
+
+enum {
+    INSTAR_REBASE_UNSAFE = 1u << 0,      /**< -u: only the header's backing name and format change */
+    INSTAR_REBASE_FORCE_SHARE = 1u << 1  /**< -U: the new backing file is opened sharing every permission */
+};
+
+typedef struct instar_rebase_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_REBASE_* */
+    const char *format;          /**< -f of the image; NULL to probe */
+    /**
+     * -b: the new backing file name, stored in the header exactly as given (a relative name is read relative to
+     * the image's directory). "" makes the image standalone (safe mode copies everything it reads from the
+     * old backing chain). NULL is allowed only with INSTAR_REBASE_UNSAFE, where it removes the backing file.
+     */
+    const char *backing_file;
+    const char *backing_format;  /**< -F: required with a non-empty backing_file, as in qemu-img 7.2 */
+    const char *cache;           /**< -t for the image ("none", "writeback", ...); NULL for qemu-img's writeback */
+    const char *source_cache;    /**< -T for the backing files read in safe mode; NULL for writeback */
+    instar_progress_fn progress; /**< called with the percentages `qemu-img rebase -p` shows, or NULL */
+    void *progress_data;
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+} instar_rebase_options_t;
+
+#define INSTAR_REBASE_OPTIONS_INIT { sizeof(instar_rebase_options_t), 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                                     NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_REBASE_OPTIONS_INIT. NULL is ignored. */
+void instar_rebase_options_init(instar_rebase_options_t *opts);
+
+/**
+ * Changes an image's backing file like `qemu-img rebase`. In safe mode (the default) the guest contents stay
+ * the same: every sector the image does not allocate and whose contents differ between the old and the new
+ * backing file is written into the image first (a crash or a cancellation meanwhile leaves the image reading
+ * what it read before), then the header names the new file. The image is locked for writing as qemu locks it.
+ * Errors carry qemu-img's messages: INSTAR_E_INVALID (no backing_file in safe mode, bad cache mode, unknown
+ * backing format, "backing format must be specified"), INSTAR_E_UNSUPPORTED (the format cannot name a
+ * backing file: raw), INSTAR_E_NOT_FOUND (image or new backing file missing), INSTAR_E_CHAIN, INSTAR_E_CORRUPT,
+ * INSTAR_E_LOCKED, INSTAR_E_CANCELLED (the progress callback returned nonzero), INSTAR_E_IO.
+ */
+int instar_rebase(const char *filename, const instar_rebase_options_t *opts, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

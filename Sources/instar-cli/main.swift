@@ -14,6 +14,7 @@ let commands: [String: Command] = [
     "resize": resizeCommand,
     "amend": amendCommand,
     "commit": commitCommand,
+    "rebase": rebaseCommand,
 ]
 
 func runMain() -> Int32 {

@@ -9,7 +9,7 @@ public struct ProgressMeter {
     private var lastPrint: Float = 0
     private let report: ((Double) throws -> Void)?
 
-    /// `minSkip` is 1.0 for convert, commit, rebase and amend, 2.0 for compare (their qemu_progress_init calls).
+    /// `minSkip` is 1.0 for convert, commit and amend, 2.0 for compare and rebase (their qemu_progress_init calls).
     public init(minSkip: Float, report: ((Double) throws -> Void)?) {
         self.minSkip = minSkip
         self.report = report

@@ -40,7 +40,7 @@ public final class Qcow2Format: ImageFormat {
     let luks: Qcow2LuksInfo?
     /// The unlocked payload cipher of a LUKS image opened for I/O.
     let crypt: Qcow2Crypt?
-    public let backingReference: BackingReference?
+    public internal(set) var backingReference: BackingReference?
     private let decompressor: Qcow2Decompressor
     /// The last decompressed cluster (reads in chunks smaller than a cluster hit it repeatedly).
     private var decompressedEntry: UInt64?

@@ -1,0 +1,38 @@
+"""instar_rebase: qemu-img rebase."""
+import ctypes
+
+from ._lib import Error, check, encode, lib
+from .ops import PROGRESS_FN, _progress
+
+REBASE_UNSAFE = 1 << 0
+REBASE_FORCE_SHARE = 1 << 1
+
+
+class RebaseOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p), ("cache", ctypes.c_char_p),
+                ("source_cache", ctypes.c_char_p), ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p),
+                ("key_secret", ctypes.c_char_p)]
+
+
+def _setup():
+    L = lib()
+    if getattr(L, "_rebase_ready", False):
+        return L
+    L.instar_rebase.argtypes = [ctypes.c_char_p, ctypes.POINTER(RebaseOptions), ctypes.POINTER(Error)]
+    L._rebase_ready = True
+    return L
+
+
+def rebase(path, backing_file=None, backing_format=None, unsafe=False, fmt=None, cache=None, source_cache=None,
+           force_share=False, progress=None, key_secret=None):
+    """Like `qemu-img rebase [-u] [-U] [-f FMT] [-t CACHE] [-T SRC_CACHE] -b BACKING [-F BACKING_FMT] PATH`.
+    `backing_file` "" makes the image standalone; None is allowed with `unsafe` (the backing file is removed).
+    `progress(percent)` gets the values `-p` prints; a true return cancels (the image keeps its contents)."""
+    L = _setup()
+    flags = (REBASE_UNSAFE if unsafe else 0) | (REBASE_FORCE_SHARE if force_share else 0)
+    cb = _progress(progress)
+    o = RebaseOptions(ctypes.sizeof(RebaseOptions), flags, encode(fmt), encode(backing_file), encode(backing_format),
+                      encode(cache), encode(source_cache), cb, None, encode(key_secret))
+    err = Error()
+    check(L.instar_rebase(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
