@@ -13,6 +13,8 @@ let commands: [String: Command] = [
     "measure": measureCommand,
     "resize": resizeCommand,
     "amend": amendCommand,
+    "bitmap": bitmapCommand,
+    "dd": ddCommand,
 ]
 
 func runMain() -> Int32 {
