@@ -122,6 +122,7 @@ public enum DdOperation {
                 let spec = try ImageOpener.parseSpec(outName, format: o.outputFormat)
                 var open = o.open
                 open.forceShare = false
+                open.keySecret = nil
                 output = try ImageOpener.open(spec, options: open, writable: true)
             } catch let e as InstarError {
                 throw e.prepending("Could not open '\(outName)': ")
