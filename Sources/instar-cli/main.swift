@@ -15,6 +15,7 @@ let commands: [String: Command] = [
     "amend": amendCommand,
     "bitmap": bitmapCommand,
     "dd": ddCommand,
+    "bench": benchCommand,
 ]
 
 func runMain() -> Int32 {

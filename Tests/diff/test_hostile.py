@@ -39,6 +39,7 @@ WRITE_COMMANDS = {
     "resize": lambda x: ["resize", x, "+1M"],
     "amend": lambda x: ["amend", "-o", "lazy_refcounts=on", x],
     "check-repair": lambda x: ["check", "-r", "all", x],
+    "bitmap": lambda x: ["bitmap", "--add", "--merge", "hostile", "--clear", x, "hostile"],
 }
 
 

@@ -62,3 +62,8 @@ public protocol PersistentBitmapEditing: ImageFormat {
     /// Sets the bits covering the guest range.
     func setBitmapDirty(named name: String, offset: UInt64, length: UInt64) throws
 }
+
+/// A format whose `read` and `write` may run on several threads at once for different guest ranges (a plain
+/// file behind it, no metadata to keep consistent). Operations that keep several requests in flight (bench)
+/// send them in parallel only to such formats and serialise the rest.
+public protocol ConcurrentGuestIO: ImageFormat {}
