@@ -18,8 +18,7 @@ func qemuStrtoul(_ text: String) -> UInt64? {
 /// [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename`, as
 /// qemu-img 7.2's img_bench parses it and prints.
 func benchCommand(_ args: [String]) -> Int32 {
-    let optFlush: Int32 = 256, optImageOpts: Int32 = 257, optPattern: Int32 = 258, optNoDrain: Int32 = 259,
-        optObject: Int32 = 260
+    let optFlush: Int32 = 256, optImageOpts: Int32 = 257, optPattern: Int32 = 258, optNoDrain: Int32 = 259
     let g = GetOpt(args, shortOpts: ":hc:d:f:ni:o:qs:S:t:wU", longOpts: [
         LongOption(name: "help", argument: .none, value: .opt("h")),
         LongOption(name: "flush-interval", argument: .required, value: optFlush),
@@ -27,7 +26,6 @@ func benchCommand(_ args: [String]) -> Int32 {
         LongOption(name: "pattern", argument: .required, value: optPattern),
         LongOption(name: "no-drain", argument: .none, value: optNoDrain),
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
-        LongOption(name: "object", argument: .required, value: optObject),
     ])
     var o = BenchOperation.Options()
     o.warn = { msg in
@@ -96,8 +94,6 @@ func benchCommand(_ args: [String]) -> Int32 {
             o.flushInterval = Int(v)
         case optNoDrain: o.drainOnFlush = false
         case optImageOpts: o.imageOpts = true
-        case optObject:
-            if !cliAddObject(a, to: &o.open.secrets) { return 1 }
         default: break
         }
     }

@@ -22,7 +22,7 @@ public enum BenchOperation {
         public var flushInterval = 0
         public var drainOnFlush = true
         public var write = false
-        /// -q: no probed-raw warning.
+        /// -q (qemu-img bench prints the same either way).
         public var quiet = false
         public var warn: ((String) -> Void)?
         /// Called with the percentage of requests completed (about every 1%); a throw stops the run.
@@ -63,7 +63,7 @@ public enum BenchOperation {
             }
             let spec = try ImageOpener.commandLineSpec(name, format: o.format, imageOpts: o.imageOpts, warn: o.warn)
             let layer = try ImageOpener.open(spec, options: open, writable: o.write)
-            if o.write && !o.quiet && spec.format == nil && layer.format.formatName == "raw" {
+            if o.write && spec.format == nil && layer.format.formatName == "raw" {
                 o.warn?(ResizeOperation.probedRawWarning(spec.displayName))
             }
             return layer
