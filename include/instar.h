@@ -635,6 +635,53 @@ void instar_dd_options_init(instar_dd_options_t *opts);
  */
 int instar_dd(const char *input, const char *output, const instar_dd_options_t *opts, instar_error_t *err);
 
+/* ---- bench ------------------------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_BENCH_WRITE = 1u << 0,        /**< -w: write requests (the image is opened read/write) */
+    INSTAR_BENCH_NO_DRAIN = 1u << 1,     /**< --no-drain: flushes do not wait for the requests in flight */
+    INSTAR_BENCH_FORCE_SHARE = 1u << 2,  /**< -U */
+    INSTAR_BENCH_NATIVE_AIO = 1u << 3    /**< -n: needs cache "none" or "directsync" */
+};
+
+typedef struct instar_bench_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_BENCH_* */
+    const char *format;          /**< -f; NULL to probe */
+    const char *cache;           /**< -t: "none", "writeback", ...; NULL for qemu-img bench's default (writeback) */
+    int32_t count;               /**< -c: requests (75000 by default) */
+    int32_t depth;               /**< -d: requests in flight (64 by default) */
+    int64_t offset;              /**< -o: first request's offset */
+    int32_t buffer_size;         /**< -s: bytes per request (4096 by default) */
+    int32_t step;                /**< -S: offset step; 0 means buffer_size */
+    int32_t pattern;             /**< --pattern: 0..255, the byte written */
+    int32_t flush_interval;      /**< --flush-interval (write tests), 0 for none */
+    instar_progress_fn progress;
+    void *progress_data;
+    const char *key_secret;      /**< the passphrase of the image's encryption, NULL for none */
+} instar_bench_options_t;
+
+#define INSTAR_BENCH_OPTIONS_INIT { sizeof(instar_bench_options_t), 0, NULL, NULL, 75000, 64, 0, 4096, 0, 0, 0, \
+                                    NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_BENCH_OPTIONS_INIT. NULL is ignored. */
+void instar_bench_options_init(instar_bench_options_t *opts);
+
+typedef struct instar_bench_result {
+    uint32_t struct_size;        /**< set by the caller; 0 means the full struct */
+    uint32_t reserved;
+    uint64_t requests;           /**< requests completed */
+    uint64_t bytes;              /**< bytes read or written */
+    double seconds;              /**< wall-clock time of the run (qemu-img's "Run completed in" figure) */
+} instar_bench_result_t;
+
+/**
+ * Runs `qemu-img bench` on `filename` and fills *result. Errors carry qemu-img's messages: INSTAR_E_INVALID
+ * (options), INSTAR_E_IO ("Failed request: ..."), INSTAR_E_CANCELLED (the progress callback returned nonzero),
+ * the instar_open errors.
+ */
+int instar_bench(const char *filename, const instar_bench_options_t *opts, instar_bench_result_t *result,
+                 instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

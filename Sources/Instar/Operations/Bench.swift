@@ -85,7 +85,9 @@ public enum BenchOperation {
         guard o.depth >= 1 else { throw InstarError.invalid("Invalid queue depth specified") }
         let state = BenchState(layer: layer, options: o)
         let start = monotonicSeconds()
-        state.runThreads(min(o.depth, max(1, o.count)))
+        // A format that takes one request at a time gets them in issue order from one thread, so that its
+        // allocations follow the offsets as qemu's do.
+        state.runThreads(state.concurrent ? min(o.depth, max(1, o.count)) : 1)
         let seconds = monotonicSeconds() - start
         if let e = state.failure { throw e }
         return Result(requests: UInt64(o.count), bytes: UInt64(o.count) * UInt64(o.bufferSize), seconds: seconds)

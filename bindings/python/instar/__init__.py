@@ -11,3 +11,4 @@ def version():
 from .ops import compare, convert, map  # noqa: E402,F401
 from .resize import amend, resize  # noqa: E402,F401
 from .bitmapdd import bitmap, dd  # noqa: E402,F401
+from .bitmapdd import bench  # noqa: E402,F401

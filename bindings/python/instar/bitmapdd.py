@@ -71,3 +71,43 @@ def dd(input, output, fmt=None, out_fmt=None, bs=0, count=-1, skip=-1, osize=-1,
                   int(osize), int(isize), encode(snapshot), cb, None, encode(key_secret))
     err = Error()
     check(L.instar_dd(encode(input), encode(output), ctypes.byref(o), ctypes.byref(err)), err)
+
+
+BENCH_WRITE = 1 << 0
+BENCH_NO_DRAIN = 1 << 1
+BENCH_FORCE_SHARE = 1 << 2
+BENCH_NATIVE_AIO = 1 << 3
+
+
+class BenchOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
+                ("cache", ctypes.c_char_p), ("count", ctypes.c_int32), ("depth", ctypes.c_int32),
+                ("offset", ctypes.c_int64), ("buffer_size", ctypes.c_int32), ("step", ctypes.c_int32),
+                ("pattern", ctypes.c_int32), ("flush_interval", ctypes.c_int32), ("progress", PROGRESS_FN),
+                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
+
+
+class BenchResult(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("requests", ctypes.c_uint64),
+                ("bytes", ctypes.c_uint64), ("seconds", ctypes.c_double)]
+
+
+def bench(path, fmt=None, write=False, count=75000, depth=64, offset=0, buffer_size=4096, step=0, pattern=0,
+          flush_interval=0, drain=True, cache=None, force_share=False, native_aio=False, progress=None,
+          key_secret=None):
+    """Like `qemu-img bench`; returns {"requests", "bytes", "seconds"}. `progress(percent)` may return True to
+    cancel."""
+    L = lib()
+    if not getattr(L, "_bench_ready", False):
+        L.instar_bench.argtypes = [ctypes.c_char_p, ctypes.POINTER(BenchOptions), ctypes.POINTER(BenchResult),
+                                   ctypes.POINTER(Error)]
+        L._bench_ready = True
+    flags = ((BENCH_WRITE if write else 0) | (0 if drain else BENCH_NO_DRAIN) |
+             (BENCH_FORCE_SHARE if force_share else 0) | (BENCH_NATIVE_AIO if native_aio else 0))
+    cb = _progress(progress)
+    o = BenchOptions(ctypes.sizeof(BenchOptions), flags, encode(fmt), encode(cache), count, depth, offset,
+                     buffer_size, step, pattern, flush_interval, cb, None, encode(key_secret))
+    r = BenchResult(ctypes.sizeof(BenchResult))
+    err = Error()
+    check(L.instar_bench(encode(path), ctypes.byref(o), ctypes.byref(r), ctypes.byref(err)), err)
+    return {"requests": r.requests, "bytes": r.bytes, "seconds": r.seconds}
