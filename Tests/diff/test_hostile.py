@@ -214,6 +214,10 @@ def test_chain_deeper_than_limit(results):
         if cmd in ("info", "info-json"):
             assert (i.rc, i.out) == (q.rc, q.out), f"{cmd}: qemu: {q}\n instar: {i}"
             continue
+        if cmd == "write:bitmap":
+            # bitmap opens the image without its backing chain (BDRV_O_NO_BACKING), as qemu-img does.
+            assert (i.rc, q.rc) == (0, 0), f"{cmd}: qemu: {q}\n instar: {i}"
+            continue
         assert q.rc == 0, f"{cmd}: qemu-img no longer accepts the deep chain: {q}"
         assert i.rc == (2 if cmd == "compare" else 1), f"{cmd}: {i}"
         top = i.err.split("'")[1] if "'" in i.err else ""

@@ -159,7 +159,7 @@ public enum DdOperation {
         let start = inPos
         try o.progress?(0)
         while inPos < readSize {
-            let bytes = Int(inPos + bs > readSize ? readSize - inPos : bs)
+            let bytes = Int(bs > readSize - inPos ? readSize - inPos : bs)
             var got = bytes
             if let l = input {
                 // blk_pread refuses a request past the end of the input.
