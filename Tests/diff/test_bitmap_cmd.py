@@ -334,3 +334,22 @@ def test_hostile_directories(imgs, tmp):
                     (name, op, q, p)
                 assert open(i_path, "rb").read() == orig, (name, op, "instar wrote to a refused image")
     assert checked > 50, checked
+
+
+def test_encrypted_image(tmp):
+    """A LUKS-encrypted qcow2 through --object secret and --image-opts, byte for byte; without the key both
+    refuse the same way."""
+    e = os.path.join(tmp, "e.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o",
+         "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", e, "16M")
+    run(["qemu-io", "--object", "secret,id=s,data=pw", "--image-opts",
+         f"driver=qcow2,file.filename={e},encrypt.key-secret=s", "-c", "write -P 5 0 1M"])
+    outs = {}
+    for tool, fn in (("q", qemu), ("i", instar)):
+        p = os.path.join(tmp, f"{tool}.qcow2")
+        shutil.copyfile(e, p)
+        a = fn("bitmap", "--object", "secret,id=s,data=pw", "--add", "--image-opts",
+               f"driver=qcow2,file.filename={p},encrypt.key-secret=s", "bm")
+        b = fn("bitmap", "--add", p, "bm2")
+        outs[tool] = (a.rc, a.err.replace(p, "P"), b.rc, b.err.replace(p, "P"), open(p, "rb").read())
+    assert outs["i"] == outs["q"], (outs["q"][:4], outs["i"][:4])

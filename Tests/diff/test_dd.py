@@ -179,3 +179,18 @@ def test_pve_env_selects_streams(src, tmp):
     data = open(os.path.join(src, "in.raw"), "rb").read()
     rc, out, err = pve(["-f", "raw", "bs=1M", "if=in.raw"], src, env=env)
     assert (rc, err) == (0, "") and out == data
+
+
+def test_dd_encrypted_input(src, tmp):
+    """A LUKS-encrypted qcow2 input through --object secret and --image-opts; without the key both refuse."""
+    e = os.path.join(src, "e.qcow2")
+    if not os.path.exists(e):
+        qimg("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=pw", "-o",
+             "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", e, "4M")
+        run(["qemu-io", "--object", "secret,id=s,data=pw", "--image-opts",
+             f"driver=qcow2,file.filename={e},encrypt.key-secret=s", "-c", "write -P 5 0 1M"])
+    dd_same(src, tmp, ["--object", "secret,id=s,data=pw", "--image-opts", "bs=64k",
+                       "if=driver=qcow2,file.filename=e.qcow2,encrypt.key-secret=s", "of=o.img"])
+    shutil.rmtree(os.path.join(tmp, "q"))
+    shutil.rmtree(os.path.join(tmp, "i"))
+    dd_same(src, tmp, ["if=e.qcow2", "of=o.img"])
