@@ -5,7 +5,7 @@ PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
-APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config
+APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
 
 .PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean
 

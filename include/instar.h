@@ -634,6 +634,130 @@ void instar_rebase_options_init(instar_rebase_options_t *opts);
  */
 int instar_rebase(const char *filename, const instar_rebase_options_t *opts, instar_error_t *err);
 
+/* ---- bitmap ------------------------------------------------------------------------------------------ */
+
+enum {
+    INSTAR_BITMAP_ADD = 1,      /**< --add (granularity from the options; enabled) */
+    INSTAR_BITMAP_REMOVE = 2,   /**< --remove */
+    INSTAR_BITMAP_CLEAR = 3,    /**< --clear */
+    INSTAR_BITMAP_ENABLE = 4,   /**< --enable */
+    INSTAR_BITMAP_DISABLE = 5,  /**< --disable */
+    INSTAR_BITMAP_MERGE = 6     /**< --merge SOURCE: `merge_source` of the source image (or of the image itself) */
+};
+
+/** One operation of instar_bitmap. */
+typedef struct instar_bitmap_action {
+    uint32_t action;             /**< INSTAR_BITMAP_* */
+    uint32_t reserved;           /**< 0 */
+    const char *merge_source;    /**< INSTAR_BITMAP_MERGE: the bitmap merged from; NULL otherwise */
+} instar_bitmap_action_t;
+
+typedef struct instar_bitmap_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_NO_CACHE is honoured; the image is always opened read/write */
+    const char *format;          /**< -f; NULL to probe */
+    int64_t granularity;         /**< -g in bytes for INSTAR_BITMAP_ADD; 0 for the image's default */
+    const char *source_file;     /**< -b: the image merge sources are read from; NULL for the image itself */
+    const char *source_format;   /**< -F: its format; NULL to probe */
+    const char *key_secret;      /**< the passphrase of the image's encryption, NULL for none */
+} instar_bitmap_options_t;
+
+#define INSTAR_BITMAP_OPTIONS_INIT { sizeof(instar_bitmap_options_t), 0, NULL, 0, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_BITMAP_OPTIONS_INIT. NULL is ignored. */
+void instar_bitmap_options_init(instar_bitmap_options_t *opts);
+
+/**
+ * Runs `count` operations in order on the persistent bitmap `bitmap` of `filename`, like one
+ * `qemu-img bitmap` call. The image is closed (and what the operations before a failure did is stored) either
+ * way, as qemu-img does. Errors carry qemu-img's messages ("Operation add on bitmap b failed: ..."):
+ * INSTAR_E_INVALID (bitmap exists, granularity, inconsistent bitmap, sizes differ), INSTAR_E_NOT_FOUND
+ * (no such bitmap), INSTAR_E_UNSUPPORTED (the format cannot store bitmaps), INSTAR_E_LOCKED, INSTAR_E_IO.
+ */
+int instar_bitmap(const char *filename, const char *bitmap, const instar_bitmap_action_t *actions, uint32_t count,
+                  const instar_bitmap_options_t *opts, instar_error_t *err);
+
+/* ---- dd ---------------------------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_DD_FORCE_SHARE = 1u << 0,  /**< -U: open the input without taking its lock */
+    INSTAR_DD_NO_CREATE = 1u << 1     /**< -n (Proxmox): the output exists and is written, not created */
+};
+
+typedef struct instar_dd_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_DD_* */
+    const char *input_format;    /**< -f; NULL to probe */
+    const char *output_format;   /**< -O; NULL means raw */
+    int64_t block_size;          /**< bs= (1 .. INT_MAX); 0 means 512 */
+    int64_t count;               /**< count= in blocks; -1 for none */
+    int64_t skip;                /**< skip= in blocks; -1 for none */
+    int64_t output_size;         /**< osize= (Proxmox): the created output's size; -1 for the input's */
+    int64_t input_size;          /**< isize= (Proxmox): bytes to read; -1 for all */
+    const char *snapshot;        /**< -l (Proxmox): "NAME", "snapshot.name=NAME" or "snapshot.id=ID"; NULL for none */
+    instar_progress_fn progress;
+    void *progress_data;
+    const char *key_secret;      /**< the passphrase of an encrypted input, NULL for none */
+} instar_dd_options_t;
+
+#define INSTAR_DD_OPTIONS_INIT { sizeof(instar_dd_options_t), 0, NULL, NULL, 0, -1, -1, -1, -1, NULL, NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_DD_OPTIONS_INIT. NULL is ignored. */
+void instar_dd_options_init(instar_dd_options_t *opts);
+
+/**
+ * Copies `input` into a new image `output` block by block like `qemu-img dd if=INPUT of=OUTPUT`: the output is
+ * created with the input's size (less skip=, at most count= blocks; osize= overrides) and every block written.
+ * Errors carry qemu-img's messages: INSTAR_E_INVALID (bad bs/format, output creation), INSTAR_E_NOT_FOUND,
+ * INSTAR_E_LOCKED, INSTAR_E_IO, INSTAR_E_CANCELLED (the progress callback returned nonzero).
+ */
+int instar_dd(const char *input, const char *output, const instar_dd_options_t *opts, instar_error_t *err);
+
+/* ---- bench ------------------------------------------------------------------------------------------- */
+
+enum {
+    INSTAR_BENCH_WRITE = 1u << 0,        /**< -w: write requests (the image is opened read/write) */
+    INSTAR_BENCH_NO_DRAIN = 1u << 1,     /**< --no-drain: flushes do not wait for the requests in flight */
+    INSTAR_BENCH_FORCE_SHARE = 1u << 2,  /**< -U */
+    INSTAR_BENCH_NATIVE_AIO = 1u << 3    /**< -n: needs cache "none" or "directsync" */
+};
+
+typedef struct instar_bench_options {
+    uint32_t struct_size;
+    uint32_t flags;              /**< INSTAR_BENCH_* */
+    const char *format;          /**< -f; NULL to probe */
+    const char *cache;           /**< -t: "none", "writeback", ...; NULL for qemu-img bench's default (writeback) */
+    int32_t count;               /**< -c: requests (75000 by default) */
+    int32_t depth;               /**< -d: requests in flight (64 by default) */
+    int64_t offset;              /**< -o: first request's offset */
+    int32_t buffer_size;         /**< -s: bytes per request (4096 by default) */
+    int32_t step;                /**< -S: offset step; 0 means buffer_size */
+    int32_t pattern;             /**< --pattern: 0..255, the byte written */
+    int32_t flush_interval;      /**< --flush-interval (write tests), 0 for none */
+    instar_progress_fn progress;
+    void *progress_data;
+    const char *key_secret;      /**< the passphrase of the image's encryption, NULL for none */
+} instar_bench_options_t;
+
+#define INSTAR_BENCH_OPTIONS_INIT { sizeof(instar_bench_options_t), 0, NULL, NULL, 75000, 64, 0, 4096, 0, 0, 0, \
+                                    NULL, NULL, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_BENCH_OPTIONS_INIT. NULL is ignored. */
+void instar_bench_options_init(instar_bench_options_t *opts);
+
+typedef struct instar_bench_result {
+    uint32_t struct_size;        /**< set by the caller; 0 means the full struct */
+    uint32_t reserved;
+    uint64_t requests;           /**< requests completed */
+    uint64_t bytes;              /**< bytes read or written */
+    double seconds;              /**< wall-clock time of the run (qemu-img's "Run completed in" figure) */
+} instar_bench_result_t;
+
+/**
+ * Runs `qemu-img bench` on `filename` and fills *result. Errors carry qemu-img's messages: INSTAR_E_INVALID
+ * (options), INSTAR_E_IO ("Failed request: ..."), INSTAR_E_CANCELLED (the progress callback returned nonzero),
+ * the instar_open errors.
+ */
+int instar_bench(const char *filename, const instar_bench_options_t *opts, instar_bench_result_t *result,
+                 instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,6 +15,9 @@ let commands: [String: Command] = [
     "amend": amendCommand,
     "commit": commitCommand,
     "rebase": rebaseCommand,
+    "bitmap": bitmapCommand,
+    "dd": ddCommand,
+    "bench": benchCommand,
 ]
 
 func runMain() -> Int32 {

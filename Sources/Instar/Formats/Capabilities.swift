@@ -37,3 +37,33 @@ public protocol ImageAmendable: ImageFormat {
     func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
                progress: ((Double) throws -> Void)?) throws
 }
+
+/// A format whose persistent dirty bitmaps can be added, removed and changed one by one (qemu's
+/// block-dirty-bitmap-* commands, which `qemu-img bitmap` runs). Bitmaps are named; the bits travel as byte
+/// ranges of the guest, so bitmaps of different granularities and images can be merged.
+public protocol PersistentBitmapEditing: ImageFormat {
+    /// Every bitmap of the image (loaded and added), in no particular order.
+    var editableBitmaps: [PersistentBitmap] { get }
+    /// Guest bytes a bitmap covers (qemu's bdrv_dirty_bitmap_size).
+    func bitmapCoveredSize(named name: String) throws -> UInt64
+    /// qemu's bdrv_can_store_new_dirty_bitmap: the driver's checks for a new persistent bitmap, with its
+    /// messages (`nodeName` is the name qemu gives the image's node in them).
+    func checkNewPersistentBitmap(name: String, granularity: UInt32, nodeName: String) throws
+    /// Adds an empty bitmap, stored when the image is closed.
+    func createPersistentBitmap(name: String, granularity: UInt32, enabled: Bool) throws
+    /// Removes a bitmap from the image at once (qemu's bdrv_remove_persistent_dirty_bitmap and release).
+    func removePersistentBitmap(named name: String) throws
+    /// Clears every bit.
+    func clearPersistentBitmap(named name: String) throws
+    /// The auto flag: whether guest writes set bits.
+    func setPersistentBitmapEnabled(named name: String, _ enabled: Bool) throws
+    /// Calls `body(offset, length)` for each run of set bits as guest bytes, in order.
+    func forEachDirtyRange(ofBitmap name: String, _ body: (UInt64, UInt64) throws -> Void) throws
+    /// Sets the bits covering the guest range.
+    func setBitmapDirty(named name: String, offset: UInt64, length: UInt64) throws
+}
+
+/// A format whose `read` and `write` may run on several threads at once for different guest ranges (a plain
+/// file behind it, no metadata to keep consistent). Operations that keep several requests in flight (bench)
+/// send them in parallel only to such formats and serialise the rest.
+public protocol ConcurrentGuestIO: ImageFormat {}

@@ -12,3 +12,5 @@ from .ops import compare, convert, map  # noqa: E402,F401
 from .resize import amend, resize  # noqa: E402,F401
 from .commit import commit  # noqa: E402,F401
 from .rebase import rebase  # noqa: E402,F401
+from .bitmapdd import bitmap, dd  # noqa: E402,F401
+from .bitmapdd import bench  # noqa: E402,F401

@@ -14,7 +14,7 @@ final class Qcow2LiveBitmap {
     let name: String
     let granularityBits: UInt8
     /// The "auto" flag: writes to the image set bits.
-    let enabled: Bool
+    var enabled: Bool
     /// The bitmap was marked in use on disk before this open (its writer never stored it back): qemu loads no
     /// data for it, never stores it, and refuses to resize the image.
     let inconsistent: Bool
@@ -31,6 +31,8 @@ final class Qcow2LiveBitmap {
     private(set) var size: UInt64
     private let clusterSize: UInt64
     private let file: HostFile
+    /// The image's cluster size (one bitmap chunk holds 8 × this many bits).
+    var clusterSizeBytes: UInt64 { clusterSize }
 
     private init(name: String, granularityBits: UInt8, enabled: Bool, inconsistent: Bool, stored: Qcow2BitmapEntry?,
                  diskTable: [UInt64], size: UInt64, clusterSize: UInt64, file: HostFile) {
@@ -129,6 +131,12 @@ final class Qcow2LiveBitmap {
     }
 
     // MARK: Changing
+
+    /// bdrv_clear_dirty_bitmap: every bit clear (nothing read from disk any more).
+    func clearAll() {
+        diskChunks = 0
+        chunks = [:]
+    }
 
     /// bdrv_set_dirty for one request: every granule that [offset, offset + length) touches.
     func setDirty(offset: UInt64, length: UInt64) throws {
