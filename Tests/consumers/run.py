@@ -209,8 +209,8 @@ def main():
     p.add_argument("--out", help="folder for logs and junit-xml (default: a fresh temporary folder)")
     p.add_argument("--suite", action="append", help="run only this suite (repeatable)")
     p.add_argument("--update-expected", action="store_true",
-                   help="rewrite expected_failures.txt: drop entries that pass with instar, add new failures "
-                        "as `issue ?` (which fails the next run until someone names the issue)")
+                   help="rewrite expected_failures.txt: drop entries that pass with instar or name no test, add "
+                        "new failures as `issue ?` (which fails the next run until someone names the issue)")
     p.add_argument("--discover", action="store_true", help="list the test modules that run qemu-img, and stop")
     args = p.parse_args()
 
@@ -280,14 +280,16 @@ def main():
     better = sorted(t for t, (o, _) in ins.items() if o == "passed" and t not in ref_pass and t not in in_scope)
 
     if args.update_expected:
-        for t in now_pass:
+        gone = [t for t in in_scope if t not in ref and t not in ins]
+        for t in now_pass + gone:
             expected.pop(t, None)
         for t in regressions:
             outcome, message = ins.get(t, ("missing", ""))
             expected[t] = ("?", "%s with instar: %s" % (outcome, message))
         write_expected(EXPECTED, header, expected)
-        print("consumers: rewrote %s: %d dropped (pass now), %d added as `issue ?` (name their issue)" % (
-            EXPECTED, len(now_pass), len(regressions)))
+        print("consumers: rewrote %s: %d dropped (pass now), %d dropped (no such test), %d added as `issue ?` "
+              "(name their issue)" % (EXPECTED, len(now_pass), len(gone), len(regressions)))
+        stale = [t for t in stale if t not in gone]
         regressions = []
         now_pass = []
 
