@@ -35,6 +35,7 @@ deps:
 	fi
 
 test: deps build unit-test diff-test
+# (make test also runs consumer-test: see the consumer suites block at the end)
 
 unit-test:
 	$(SWIFT) test
@@ -64,3 +65,38 @@ install-only:
 
 clean:
 	rm -rf .build $(OUT)
+
+# Consumer suites (issue 8): ovirt-imageio's and oslo.utils' own tests that run qemu-img, once with qemu-img and
+# once with instar as `qemu-img`, compared by Tests/consumers/run.py against Tests/consumers/expected_failures.txt
+# (Tests/consumers/README.md). The virtualenv and the unpacked sdist live in build/consumers, made only when
+# missing or when requirements.txt changes. CONSUMERS_ARGS passes options to run.py (e.g. --update-expected).
+CONSUMERS      := $(OUT)/consumers
+CONSUMERS_VENV := $(CONSUMERS)/venv
+OVIRT_IMAGEIO  := 2.5.1
+CONSUMER_APT_PKGS := python3-venv python3-dev gcc genisoimage qemu-system-x86
+CONSUMERS_ARGS ?=
+
+.PHONY: consumer-deps consumer-test
+test: consumer-test
+
+consumer-deps:
+	@missing=""; for p in $(CONSUMER_APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(CONSUMERS)/.ready-$(OVIRT_IMAGEIO): Tests/consumers/requirements.txt | consumer-deps
+	rm -rf $(CONSUMERS)
+	$(PYTHON) -m venv $(CONSUMERS_VENV)
+	$(CONSUMERS_VENV)/bin/pip install -q --disable-pip-version-check -r Tests/consumers/requirements.txt
+	$(CONSUMERS_VENV)/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+	  -d $(CONSUMERS)/sdist ovirt-imageio==$(OVIRT_IMAGEIO)
+	tar -C $(CONSUMERS) -xzf $(CONSUMERS)/sdist/ovirt_imageio-$(OVIRT_IMAGEIO).tar.gz
+	cd $(CONSUMERS)/ovirt_imageio-$(OVIRT_IMAGEIO) && ../venv/bin/python setup.py -q build_ext --build-lib .
+	touch $@
+
+consumer-test: deps consumer-deps build $(CONSUMERS)/.ready-$(OVIRT_IMAGEIO)
+	$(PYTHON) Tests/consumers/run.py --python $(CONSUMERS_VENV)/bin/python \
+	  --ovirt-src $(CONSUMERS)/ovirt_imageio-$(OVIRT_IMAGEIO) --instar $(OUT)/bin/instar \
+	  --out $(CONSUMERS)/results $(CONSUMERS_ARGS)
