@@ -29,31 +29,29 @@ func runMain() -> Int32 {
         CLI.error("Not enough arguments\nTry '\(CLI.programName) --help' for more information")
         return 1
     }
-    let name = args[1]
-    if name == "-V" || name == "--version" {
-        CLI.out.write("\(CLI.programName) version \(Instar.version) (instar; qemu-img 7.2 compatible)\n")
-        return 0
+    // qemu-img's own options come before the subcommand (getopt "+:hVT:").
+    let top = GetOpt(args, shortOpts: "+:hVT:", longOpts: [
+        LongOption(name: "help", argument: .none, value: .opt("h")),
+        LongOption(name: "version", argument: .none, value: .opt("V")),
+        LongOption(name: "trace", argument: .required, value: .opt("T")),
+    ])
+    for (c, arg) in top.options {
+        switch c {
+        case .opt(":"), .opt("?"): return CLI.badOption(c, arg)
+        case .opt("h"): CLI.out.write(helpText); return 0
+        case .opt("V"): CLI.out.write(HelpText.version); return 0
+        default: break  // -T: tracing, which instar does not have
+        }
     }
-    if name == "-h" || name == "--help" {
-        CLI.out.write(helpText)
-        return 0
-    }
+    guard let name = top.operands.first else { return 0 }
     guard let command = commands[name] else {
         CLI.error("Command not found: \(name)")
         return 1
     }
-    return command(Array(args[1...]))
+    return command(top.operands)
 }
 
-let helpText = """
-    \(CLI.programName): disk image utility compatible with qemu-img 7.2
-
-    usage: \(CLI.programName) [standard options] command [command options]
-    Commands: \(commands.keys.sorted().joined(separator: " "))
-
-    Supported formats: \(FormatRegistry.all.map(\.name).sorted().joined(separator: " "))
-
-    """
+let helpText = HelpText.full
 
 let status = runMain()
 CLI.out.flush()

@@ -53,4 +53,10 @@ public enum FormatRegistry {
         }
         return best
     }
+
+    /// The names `--help` lists after "Supported formats:", as qemu's bdrv_iterate_format lists its drivers:
+    /// every one instar can open, sorted, each once.
+    public static var supportedFormatNames: [String] {
+        Array(Set(all.map(\.name))).sorted()
+    }
 }
