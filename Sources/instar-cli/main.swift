@@ -40,18 +40,27 @@ func runMain() -> Int32 {
         case .opt(":"), .opt("?"): return CLI.badOption(c, arg)
         case .opt("h"): CLI.out.write(helpText); return 0
         case .opt("V"): CLI.out.write(HelpText.version); return 0
-        default: break  // -T: tracing, which instar does not have
+        default:
+            // -T: instar has no trace events, so an event named outright is one that does not exist (qemu warns
+            // likewise); patterns with wildcards match nothing silently.
+            for part in (arg ?? "").split(separator: ",", omittingEmptySubsequences: false) {
+                var name = Substring(part)
+                if name.hasPrefix("enable=") { name = name.dropFirst(7) } else if name.contains("=") { continue }
+                if !name.isEmpty && !name.contains("*") && !name.contains("?") {
+                    CLI.error("warning: trace event '\(name)' does not exist")
+                }
+            }
         }
     }
     guard let name = top.operands.first else { return 0 }
     guard let command = commands[name] else {
-        CLI.error("Command not found: \(name)")
-        return 1
+        return CLI.usageError("Command not found: \(name)")
     }
     return command(top.operands)
 }
 
-let helpText = HelpText.full
+/// Read when printed: the text names the program by argv[0], known only once runMain has started.
+var helpText: String { HelpText.full }
 
 let status = runMain()
 CLI.out.flush()
