@@ -80,12 +80,18 @@ func imageOptsSpec(_ text: String) throws -> ImageSpec {
     var format: String?
     var file: String?
     var driverOptions: [String: QObject] = [:]
+    var direct: Bool?
     for (k, v) in pairs {
         switch k {
         case "driver": format = v
         case "file", "file.filename": file = v
         case "file.driver":
             guard v == "file" else { throw InstarError.unsupported("Unsupported protocol driver '\(v)'") }
+        case "cache.direct":
+            guard v == "on" || v == "off" else {
+                throw InstarError.invalid("Parameter 'cache.direct' expects 'on' or 'off'")
+            }
+            direct = v == "on"
         default:
             if let n = Int64(v) { driverOptions[k] = .int(n) } else { driverOptions[k] = .string(v) }
         }
@@ -95,6 +101,7 @@ func imageOptsSpec(_ text: String) throws -> ImageSpec {
     }
     var spec = ImageSpec(filename: f, format: format)
     spec.driverOptions = driverOptions
+    spec.direct = direct
     return spec
 }
 

@@ -62,6 +62,8 @@ public struct ImageSpec {
     public var driverOptionOrder: [String] = []
     /// "force-share" from the options, if given.
     public var forceShare: Bool?
+    /// "cache.direct" from the options, if given: O_DIRECT for this image's file, whatever the command's cache mode.
+    public var direct: Bool?
     /// The name the user gave for a plain file; see `displayName(formatName:)` for what qemu-img shows.
     public var displayName: String
 
@@ -161,6 +163,13 @@ public enum ImageOpener {
                 case .string("off"): spec.forceShare = false
                 default: throw InstarError.invalid("Parameter 'force-share' expects 'on' or 'off'")
                 }
+            case "cache.direct":
+                switch v {
+                case let .bool(b): spec.direct = b
+                case .string("on"): spec.direct = true
+                case .string("off"): spec.direct = false
+                default: throw InstarError.invalid("Parameter 'cache.direct' expects 'on' or 'off'")
+                }
             default:
                 if genericOptions.contains(k) { continue }
                 if k.hasPrefix("file.") {
@@ -197,7 +206,7 @@ public enum ImageOpener {
 
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
-        let file = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
+        let file = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
         file.noFlush = options.noFlush
         var opts = options
         if let fs = spec.forceShare { opts.forceShare = fs }
