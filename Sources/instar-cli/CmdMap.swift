@@ -96,6 +96,15 @@ func imageOptsSpec(_ text: String) throws -> ImageSpec {
             if let n = Int64(v) { driverOptions[k] = .int(n) } else { driverOptions[k] = .string(v) }
         }
     }
+    var order: [String] = []
+    for (k, _) in pairs where driverOptions[k] != nil && !order.contains(k) { order.append(k) }
+    if file == nil, let fmt = format, FormatRegistry.descriptor(named: fmt)?.filelessProtocol != nil {
+        // A protocol driver with nothing beneath (null-co): its options describe the whole device.
+        var spec = ImageSpec(filename: "", format: format)
+        spec.driverOptions = driverOptions
+        spec.driverOptionOrder = order
+        return spec
+    }
     guard let f = file else {
         throw InstarError.invalid("Cannot find device='\(text)' nor node-name='\(text)'")
     }

@@ -181,6 +181,10 @@ public enum ImageOpener {
             }
         }
         if let d = fileDriver, d != "file" { throw InstarError.unsupported("Unknown protocol driver '\(d)'") }
+        if file == nil, let f = spec.format, FormatRegistry.descriptor(named: f)?.filelessProtocol != nil {
+            // A protocol driver with nothing beneath (null-co): its options describe the whole device.
+            return spec
+        }
         guard let f = file else {
             if spec.format == nil { throw InstarError.invalid("Must specify either driver or file") }
             throw InstarError.invalid("A block device must be specified for \"file\"")
@@ -206,6 +210,7 @@ public enum ImageOpener {
 
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
+        if let layer = try openFileless(spec, options: options, writable: writable) { return layer }
         let file = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
         file.noFlush = options.noFlush
         var opts = options
@@ -274,6 +279,46 @@ public enum ImageOpener {
         }
         return ImageLayer(format: format, filename: spec.displayName(formatName: format.formatName), backing: backingLayer,
                           fullBackingFilename: fullBacking, writable: writable)
+    }
+
+    /// Opens a protocol driver that has no host file (null-co), when the spec names one: by driver (`-f null-co`,
+    /// a `driver` option) or by URL (`null-co://`, which qemu probes as raw over the driver). No file is opened and
+    /// no lock taken. Other formats named over such a URL read its zeroes (qemu's probe then finds no magic).
+    static func openFileless(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool) throws -> ImageLayer? {
+        var opts = options
+        if let fs = spec.forceShare { opts.forceShare = fs }
+        opts.driverOptions = spec.driverOptions
+        let named = spec.format.flatMap { FormatRegistry.descriptor(named: $0) }
+        let descriptor: FormatDescriptor
+        if let d = named, d.filelessProtocol != nil {
+            descriptor = d
+        } else if let d = FormatRegistry.filelessProtocol(named: spec.filename) {
+            guard spec.format == nil || spec.format == "raw" else {
+                let file = try HostFile.open("/dev/null")
+                let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: ".", writable: false,
+                                          options: opts)
+                guard let f = spec.format, let other = FormatRegistry.openDescriptor(named: f) else {
+                    throw InstarError.unsupported("Unknown driver '\(spec.format ?? "")'")
+                }
+                _ = try other.open(request)
+                return nil
+            }
+            descriptor = d
+            opts.formatShown = "raw"
+        } else {
+            return nil
+        }
+        if let accepted = descriptor.runtimeOptions {
+            for k in spec.driverOptionOrder where !accepted.contains(k) {
+                throw InstarError.invalid("Block protocol '\(descriptor.name)' doesn't support the option '\(k)'")
+            }
+        }
+        let file = try HostFile.open("/dev/null")
+        let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: ".", writable: writable,
+                                  options: opts)
+        let format = try descriptor.open(request)
+        let name = descriptor.displayName?(spec) ?? spec.displayName
+        return ImageLayer(format: format, filename: name, backing: nil, fullBackingFilename: nil, writable: writable)
     }
 
     /// qemu's path_combine(): a relative backing name is taken relative to the directory of the image that
