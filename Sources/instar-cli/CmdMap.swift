@@ -85,6 +85,7 @@ func imageOptsSpec(_ text: String) throws -> ImageSpec {
         switch k {
         case "driver": format = v
         case "file", "file.filename": file = v
+        case "filename" where format == "file": file = v
         case "file.driver":
             guard v == "file" else { throw InstarError.unsupported("Unsupported protocol driver '\(v)'") }
         case "cache.direct":

@@ -181,6 +181,12 @@ public enum ImageOpener {
             }
         }
         if let d = fileDriver, d != "file" { throw InstarError.unsupported("Unknown protocol driver '\(d)'") }
+        if file == nil, spec.format == FileFormat.descriptor.name, let f = spec.driverOptions["filename"]?.stringValue {
+            // The file driver opened as the top node names its file directly.
+            file = f
+            spec.driverOptions["filename"] = nil
+            spec.driverOptionOrder.removeAll { $0 == "filename" }
+        }
         if file == nil, let f = spec.format, FormatRegistry.descriptor(named: f)?.filelessProtocol != nil {
             // A protocol driver with nothing beneath (null-co): its options describe the whole device.
             return spec
