@@ -107,6 +107,9 @@ extension Qcow2Writer {
 
     /// The first run of `n` free clusters at or after the free-cluster hint (qemu's alloc_clusters_noref).
     func findFree(_ n: UInt64) throws -> UInt64 {
+        // qemu's alloc_clusters_noref: clusters still queued for discarding must not be handed out, so the queue
+        // is punched first (a punch after reuse would wipe the new contents).
+        if !pendingDiscards.isEmpty { processDiscards() }
         var start = freeHint
         var i = start
         while i - start < n {
