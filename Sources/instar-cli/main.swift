@@ -34,31 +34,38 @@ func runMain() -> Int32 {
         CLI.error("Not enough arguments\nTry '\(CLI.programName) --help' for more information")
         return 1
     }
-    let name = args[1]
-    if name == "-V" || name == "--version" {
-        CLI.out.write("\(CLI.programName) version \(Instar.version) (instar; qemu-img 7.2 compatible)\n")
-        return 0
+    // qemu-img's own options come before the subcommand (getopt "+:hVT:").
+    let top = GetOpt(args, shortOpts: "+:hVT:", longOpts: [
+        LongOption(name: "help", argument: .none, value: .opt("h")),
+        LongOption(name: "version", argument: .none, value: .opt("V")),
+        LongOption(name: "trace", argument: .required, value: .opt("T")),
+    ])
+    for (c, arg) in top.options {
+        switch c {
+        case .opt(":"), .opt("?"): return CLI.badOption(c, arg)
+        case .opt("h"): CLI.out.write(helpText); return 0
+        case .opt("V"): CLI.out.write(HelpText.version); return 0
+        default:
+            // -T: instar has no trace events, so an event named outright is one that does not exist (qemu warns
+            // likewise); patterns with wildcards match nothing silently.
+            for part in (arg ?? "").split(separator: ",", omittingEmptySubsequences: false) {
+                var name = Substring(part)
+                if name.hasPrefix("enable=") { name = name.dropFirst(7) } else if name.contains("=") { continue }
+                if !name.isEmpty && !name.contains("*") && !name.contains("?") {
+                    CLI.error("warning: trace event '\(name)' does not exist")
+                }
+            }
+        }
     }
-    if name == "-h" || name == "--help" {
-        CLI.out.write(helpText)
-        return 0
-    }
+    guard let name = top.operands.first else { return 0 }
     guard let command = commands[name] else {
-        CLI.error("Command not found: \(name)")
-        return 1
+        return CLI.usageError("Command not found: \(name)")
     }
-    return command(Array(args[1...]))
+    return command(top.operands)
 }
 
-let helpText = """
-    \(CLI.programName): disk image utility compatible with qemu-img 7.2
-
-    usage: \(CLI.programName) [standard options] command [command options]
-    Commands: \(commands.keys.sorted().joined(separator: " "))
-
-    Supported formats: \(FormatRegistry.all.map(\.name).sorted().joined(separator: " "))
-
-    """
+/// Read when printed: the text names the program by argv[0], known only once runMain has started.
+var helpText: String { HelpText.full }
 
 let status = runMain()
 CLI.out.flush()

@@ -89,6 +89,8 @@ public struct ImageSpec {
     public var driverOptionOrder: [String] = []
     /// "force-share" from the options, if given.
     public var forceShare: Bool?
+    /// "cache.direct" from the options, if given: O_DIRECT for this image's file, whatever the command's cache mode.
+    public var direct: Bool?
     /// The name the user gave for a plain file; see `displayName(formatName:)` for what qemu-img shows.
     public var displayName: String
     /// Raw window nodes between the format and the file, outermost first.
@@ -188,6 +190,8 @@ public enum ImageOpener {
     /// instar does not have.
     public static func fileName(fromPlainName name: String) throws -> String {
         guard hasProtocol(name), let colon = name.firstIndex(of: ":") else { return name }
+        // A protocol driver with nothing beneath (null-co://) is opened by its URL.
+        if FormatRegistry.filelessProtocol(named: name) != nil { return name }
         let proto = name[..<colon]
         guard proto == "file" else { throw InstarError.unsupported("Unknown protocol '\(proto)'") }
         let rest = String(name[name.index(after: colon)...])
@@ -248,6 +252,13 @@ public enum ImageOpener {
                 case .string("off"): spec.forceShare = false
                 default: throw InstarError.invalid("Parameter 'force-share' expects 'on' or 'off'")
                 }
+            case "cache.direct":
+                switch v {
+                case let .bool(b): spec.direct = b
+                case .string("on"): spec.direct = true
+                case .string("off"): spec.direct = false
+                default: throw InstarError.invalid("Parameter 'cache.direct' expects 'on' or 'off'")
+                }
             default:
                 if genericOptions.contains(k) { continue }
                 spec.driverOptions[k] = v
@@ -257,6 +268,20 @@ public enum ImageOpener {
         if !backingKeys.isEmpty {
             spec.backingOptionKeys = backingKeys.map { "backing." + $0.0 }
             spec.backing = .node(backingKeys)
+        }
+        if fileKeys.isEmpty, spec.format == FileFormat.descriptor.name,
+           let f = spec.driverOptions["filename"]?.stringValue {
+            // The file driver opened as the top node names its file directly.
+            spec.driverOptions["filename"] = nil
+            spec.driverOptionOrder.removeAll { $0 == "filename" }
+            if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            spec.filename = f
+            spec.displayName = f
+            return spec
+        }
+        if fileKeys.isEmpty, let f = spec.format, FormatRegistry.descriptor(named: f)?.filelessProtocol != nil {
+            // A protocol driver with nothing beneath (null-co): its options describe the whole device.
+            return spec
         }
         guard !fileKeys.isEmpty else {
             if spec.format == nil { throw InstarError.invalid("Must specify either driver or file") }
@@ -343,7 +368,8 @@ public enum ImageOpener {
 
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
-        let hostFile = try HostFile.open(spec.filename, writable: writable, direct: options.direct)
+        if let layer = try openFileless(spec, options: options, writable: writable) { return layer }
+        let hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
         hostFile.noFlush = options.noFlush
         // The format reads through the window nodes between it and the file, innermost first.
         var file = hostFile
@@ -477,6 +503,46 @@ public enum ImageOpener {
         case .fromImage, .reference, .node:
             return QJSON.qdictOrder(spec.backingOptionKeys.map { ($0, QObject.null) }).first?.0
         }
+    }
+
+    /// Opens a protocol driver that has no host file (null-co), when the spec names one: by driver (`-f null-co`,
+    /// a `driver` option) or by URL (`null-co://`, which qemu probes as raw over the driver). No file is opened and
+    /// no lock taken. Other formats named over such a URL read its zeroes (qemu's probe then finds no magic).
+    static func openFileless(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool) throws -> ImageLayer? {
+        var opts = options
+        if let fs = spec.forceShare { opts.forceShare = fs }
+        opts.driverOptions = spec.driverOptions
+        let named = spec.format.flatMap { FormatRegistry.descriptor(named: $0) }
+        let descriptor: FormatDescriptor
+        if let d = named, d.filelessProtocol != nil {
+            descriptor = d
+        } else if let d = FormatRegistry.filelessProtocol(named: spec.filename) {
+            guard spec.format == nil || spec.format == "raw" else {
+                let file = try HostFile.open("/dev/null")
+                let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: ".", writable: false,
+                                          options: opts)
+                guard let f = spec.format, let other = FormatRegistry.openDescriptor(named: f) else {
+                    throw InstarError.unsupported("Unknown driver '\(spec.format ?? "")'")
+                }
+                _ = try other.open(request)
+                return nil
+            }
+            descriptor = d
+            opts.formatShown = "raw"
+        } else {
+            return nil
+        }
+        if let accepted = descriptor.runtimeOptions {
+            for k in spec.driverOptionOrder where !accepted.contains(k) {
+                throw InstarError.invalid("Block protocol '\(descriptor.name)' doesn't support the option '\(k)'")
+            }
+        }
+        let file = try HostFile.open("/dev/null")
+        let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: ".", writable: writable,
+                                  options: opts)
+        let format = try descriptor.open(request)
+        let name = descriptor.displayName?(spec) ?? spec.displayName
+        return ImageLayer(format: format, filename: name, backing: nil, fullBackingFilename: nil, writable: writable)
     }
 
     /// qemu's path_combine(): a relative backing name is taken relative to the directory of the image that

@@ -144,6 +144,9 @@ public protocol ImageFormat: AnyObject {
     /// Makes a read-only image read an internal snapshot's contents instead of the active ones (qemu's
     /// bdrv_snapshot_load_tmp, for convert -l): `id` and/or `name` select it.
     func loadSnapshotTemporarily(id: String?, name: String?) throws
+    /// Whether an unallocated range falls through to a backing file, and so reads as zero without one (qemu's
+    /// supports_backing). Drivers that cannot have one report unallocated ranges as neither data nor zero.
+    var supportsBacking: Bool { get }
 }
 
 /// One persistent dirty bitmap as an image describes it.
@@ -213,6 +216,7 @@ extension ImageFormat {
     public func close() throws {}
     public var compressedWrites: CompressedClusterWriting? { nil }
     public var persistentBitmapStore: PersistentBitmapStore? { nil }
+    public var supportsBacking: Bool { true }
     public func loadSnapshotTemporarily(id: String?, name: String?) throws {
         throw InstarError.unsupported("Block format '\(formatName)' used by device '' does not support temporarily "
                                       + "loading internal snapshots")
@@ -257,6 +261,9 @@ public struct ImageOpenOptions {
     public var driverOptions: [String: QObject] = [:]
     /// Secrets by id, from --object secret,id=...,data=...
     public var secrets: [String: String] = [:]
+    /// The format name a driver reports when qemu would show another driver on top of it: a protocol driver
+    /// named by its URL (`null-co://`) is probed as raw.
+    public var formatShown: String?
     /// The passphrase of the top image's encryption given directly (the C API's key_secret) instead of through
     /// a secret object; the opener hands it to the top image's driver as its `encrypt.key-secret` option.
     public var keySecret: String?
@@ -281,6 +288,11 @@ public struct FormatDescriptor {
     public var runtimeOptions: Set<String>?
     /// Creation and measurement; nil for formats that cannot create images (filled in by `FormatRegistry`).
     public var creator: FormatCreator? = nil
+    /// For a protocol driver with no host file beneath (null-co): the URL that names it (`null-co://`). The opener
+    /// opens no file and takes no lock for it; named by URL without a format, it is probed as raw, as qemu does.
+    public var filelessProtocol: String? = nil
+    /// The name qemu-img shows for an image opened with this driver, when the driver decides it.
+    public var displayName: ((ImageSpec) -> String)? = nil
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name

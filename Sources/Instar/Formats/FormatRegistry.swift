@@ -4,7 +4,8 @@ public enum FormatRegistry {
     public static let all: [FormatDescriptor] = [
         RawFormat.descriptor,
         Qcow2Format.descriptor,
-    ].map(attachingCreator)
+        FileFormat.descriptor,
+    ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
     /// `-f NAME`, so that their images fail clearly instead of being read as raw.
@@ -15,6 +16,7 @@ public enum FormatRegistry {
     public static let creators: [FormatCreator] = [
         RawCreate.creator,
         Qcow2Create.creator,
+        FileFormat.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {
@@ -52,5 +54,16 @@ public enum FormatRegistry {
             }
         }
         return best
+    }
+
+    /// The fileless protocol driver a filename names by URL (`null-co://`), if any.
+    public static func filelessProtocol(named filename: String) -> FormatDescriptor? {
+        all.first { d in d.filelessProtocol.map { filename.hasPrefix($0) } ?? false }
+    }
+
+    /// The names `--help` lists after "Supported formats:", as qemu's bdrv_iterate_format lists its drivers:
+    /// every one instar can open, sorted, each once.
+    public static var supportedFormatNames: [String] {
+        Array(Set(all.map(\.name))).sorted()
     }
 }

@@ -52,7 +52,7 @@ public enum ChainStatus {
             out.allocated = true
         } else if let backing = layer.backing {
             if offset >= backing.virtualSize { out.zero = true }
-        } else {
+        } else if layer.format.supportsBacking {
             out.zero = true
         }
         if s.recurse, s.data, !s.zero, let host = s.hostOffset, let name = s.hostFile,

@@ -145,6 +145,7 @@ public enum ConvertOperation {
             guard let c = d.creator else {
                 throw InstarError.unsupported("Format driver '\(fmt)' does not support image creation")
             }
+            try Create.refuseUncreatableProtocol(target)
             creator = c
             var v = CreateOptionValues(specs: Create.optionTable(for: c))
             if let list = options.createOptions { try v.parse(list) }

@@ -60,8 +60,17 @@ public enum Create {
         }
     }
 
+    /// qemu's bdrv_img_create after the format's check: the protocol the filename names must create files too;
+    /// protocol drivers with nothing beneath (null-co) cannot.
+    public static func refuseUncreatableProtocol(_ filename: String) throws {
+        if let proto = FormatRegistry.filelessProtocol(named: filename) {
+            throw InstarError.unsupported("Protocol driver '\(proto.name)' does not support image creation")
+        }
+    }
+
     static func prepareUnprefixed(_ p: Parameters) throws -> Prepared {
         let creator = try creator(for: p.format)
+        try refuseUncreatableProtocol(p.filename)
         _ = try ImageOpener.fileName(fromPlainName: p.filename)
         var values = CreateOptionValues(specs: optionTable(for: creator))
         if let list = p.options { try values.parse(list) }

@@ -107,6 +107,9 @@ extension Qcow2Writer {
 
     /// The first run of `n` free clusters at or after the free-cluster hint (qemu's alloc_clusters_noref).
     func findFree(_ n: UInt64) throws -> UInt64 {
+        // qemu's alloc_clusters_noref: clusters still queued for discarding must not be handed out, so the queue
+        // is punched first (a punch after reuse would wipe the new contents).
+        if !pendingDiscards.isEmpty { processDiscards() }
         var start = freeHint
         var i = start
         while i - start < n {
@@ -207,21 +210,35 @@ extension Qcow2Writer {
 
     /// Adds a freed host range to the discard list, merging it with adjacent ones as qemu's
     /// update_refcount_discard does: one punch over a merged range can free file system blocks that separate
-    /// punches of small clusters would only zero.
-    private func queueDiscard(_ offset: UInt64, _ length: UInt64) {
-        var start = offset
-        var end = offset + length
-        var kept: [(offset: UInt64, length: UInt64)] = []
-        for d in pendingDiscards {
-            if d.offset <= end && start <= d.offset + d.length {
-                start = min(start, d.offset)
-                end = max(end, d.offset + d.length)
-            } else {
-                kept.append(d)
-            }
+    /// punches of small clusters would only zero. The list keeps qemu's order (a range joins the first one it
+    /// touches, in place; others it now touches fold into that one), since the order of the punches decides
+    /// how the file system lays out what is left.
+    func queueDiscard(_ offset: UInt64, _ length: UInt64) {
+        let end = offset + length
+        var target = pendingDiscards.firstIndex { d in
+            max(end, d.offset + d.length) - min(offset, d.offset) <= length + d.length
         }
-        kept.append((start, end - start))
-        pendingDiscards = kept
+        if let t = target {
+            let d = pendingDiscards[t]
+            let newStart = min(offset, d.offset)
+            pendingDiscards[t] = (newStart, max(end, d.offset + d.length) - newStart)
+        } else {
+            pendingDiscards.append((offset, length))
+            target = pendingDiscards.count - 1
+        }
+        guard var t = target else { return }
+        var i = 0
+        while i < pendingDiscards.count {
+            let d = pendingDiscards[t]
+            let p = pendingDiscards[i]
+            if i == t || p.offset > d.offset + d.length || d.offset > p.offset + p.length {
+                i += 1
+                continue
+            }
+            pendingDiscards[t] = (min(d.offset, p.offset), d.length + p.length)
+            pendingDiscards.remove(at: i)
+            if i < t { t -= 1 }
+        }
     }
 
     /// Punches the queued ranges out of the file (qcow2_process_discards). Like qemu, a failed punch is ignored:

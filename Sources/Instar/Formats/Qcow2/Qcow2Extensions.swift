@@ -52,6 +52,8 @@ struct Qcow2Extensions {
     /// program unaware of bitmaps wrote the image, so qemu ignores the bitmaps, warns, and drops the extension
     /// on a writable open.
     var ignoredBitmaps = false
+    /// How many such bitmaps extensions there were: qemu warns once for each.
+    var ignoredBitmapsExtensions = 0
     /// Extensions qemu does not know, in file order: qemu keeps them when it writes the header again.
     var unknown: [(type: UInt32, data: [UInt8])] = []
 
@@ -64,7 +66,9 @@ struct Qcow2Extensions {
     static let cryptoExtensionBytes: UInt32 = 16
 
     /// Reads the extensions from the first cluster (`area`, starting at file offset 0). With `lenient`, only the
-    /// feature table is wanted and errors are ignored, as qemu does when it reports unknown features.
+    /// feature table is wanted, as when qemu reports unknown incompatible features: the walk ends quietly at the
+    /// first extension qemu would refuse (keeping the tables seen so far), and at that point of qemu's open no
+    /// encryption method is known yet, so a crypto header extension ends it too.
     static func parse(area: [UInt8], header: Qcow2Header, lenient: Bool = false) throws -> Qcow2Extensions {
         var ext = Qcow2Extensions()
         let r = ByteReader(area, what: "qcow2 header extension")
@@ -89,29 +93,49 @@ struct Qcow2Extensions {
                 return ext
             case Qcow2.extBackingFormat:
                 guard len < maxBackingFormatLength + 1 else {
-                    if lenient { break }
+                    if lenient { return ext }
                     throw InstarError.invalid("ERROR: ext_backing_format: len=\(len) too large (>=1024)")
                 }
                 ext.backingFormat = try dr.string(at: 0, count: Int(len))
             case Qcow2.extFeatureTable:
+                // qemu keeps the last table it reads, zero padded, and walks it up to the first entry whose
+                // name starts with a NUL; a short last entry reads as zero past the extension's end.
+                ext.featureNames = []
+                let padded = data + [UInt8](repeating: 0, count: 2 * featureEntryBytes)
+                let pr = ByteReader(padded, what: "qcow2 header extension")
                 var i = 0
-                while i + featureEntryBytes <= data.count {
-                    let name = try dr.string(at: i + 2, count: 46)
-                    if name.isEmpty { break }
-                    ext.featureNames.append(Qcow2FeatureName(type: try dr.u8(at: i), bit: try dr.u8(at: i + 1),
-                                                             name: name))
+                while i + featureEntryBytes <= padded.count {
+                    let name = try pr.slice(at: i + 2, count: 46)
+                    guard let first = name.first, first != 0 else { break }
+                    let bytes = name.prefix { $0 != 0 }
+                    ext.featureNames.append(Qcow2FeatureName(type: try pr.u8(at: i), bit: try pr.u8(at: i + 1),
+                                                             name: String(decoding: bytes, as: UTF8.self)))
                     i += featureEntryBytes
                 }
             case Qcow2.extBitmaps:
-                if lenient { break }
-                guard len == bitmapsExtensionBytes else { throw InstarError.invalid("bitmaps_ext: Invalid extension length") }
+                guard len == bitmapsExtensionBytes else {
+                    if lenient { return ext }
+                    throw InstarError.invalid("bitmaps_ext: Invalid extension length")
+                }
                 // Without the autoclear bit a program unaware of bitmaps changed the image: qemu ignores them.
                 guard header.autoclearFeatures & Qcow2.autoclearBitmaps != 0 else {
                     ext.ignoredBitmaps = true
+                    ext.ignoredBitmapsExtensions += 1
                     break
                 }
                 let count = try dr.u32be(at: 0)
-                guard try dr.u32be(at: 4) == 0 else { throw InstarError.invalid("bitmaps_ext: Reserved field is not zero") }
+                let reserved = try dr.u32be(at: 4)
+                let dirSizeField = try dr.u64be(at: 8)
+                let dirOffsetField = try dr.u64be(at: 16)
+                if lenient {
+                    // qemu's checks of the extension, which end its walk when they fail.
+                    if reserved != 0 || count > Qcow2.maxBitmaps || count == 0 || dirOffsetField % header.clusterSize != 0
+                        || dirSizeField > Qcow2.maxBitmapDirectoryBytes {
+                        return ext
+                    }
+                    break
+                }
+                guard reserved == 0 else { throw InstarError.invalid("bitmaps_ext: Reserved field is not zero") }
                 let dirSize = try dr.u64be(at: 8)
                 let dirOffset = try dr.u64be(at: 16)
                 guard count <= Qcow2.maxBitmaps else {
@@ -126,7 +150,7 @@ struct Qcow2Extensions {
                 }
                 ext.bitmaps = Qcow2BitmapsExtension(count: count, directorySize: dirSize, directoryOffset: dirOffset)
             case Qcow2.extCryptoHeader:
-                if lenient { break }
+                if lenient { return ext }
                 guard header.cryptMethod == Qcow2.cryptLUKS else {
                     throw InstarError.invalid("CRYPTO header extension only expected with LUKS encryption method")
                 }
@@ -153,8 +177,9 @@ struct Qcow2Extensions {
     static func unsupportedFeatureMessage(_ mask: UInt64, table: [Qcow2FeatureName]) -> String {
         var remaining = mask
         var parts: [String] = []
-        for f in table where f.type == 0 && f.bit < 64 {
-            let bit = UInt64(1) << UInt64(f.bit)
+        for f in table where f.type == 0 {
+            // qemu shifts 1ULL by the stored bit number; x86 takes the count modulo 64.
+            let bit = UInt64(1) << UInt64(f.bit & 63)
             if remaining & bit != 0 {
                 parts.append(String(f.name.prefix(46)))
                 remaining &= ~bit

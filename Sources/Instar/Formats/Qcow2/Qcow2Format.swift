@@ -63,6 +63,16 @@ public final class Qcow2Format: ImageFormat {
     public var virtualSize: UInt64 { header.size / 512 * 512 }
     var encrypted: Bool { header.cryptMethod != Qcow2.cryptNone }
 
+    /// qcow2_read_extensions' warning for a bitmaps extension without the autoclear bit that vouches for it.
+    static func warnIgnoredBitmaps(version: UInt32) {
+        Diagnostics.warning(version < 3
+            ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without "
+                + "persistent bitmap support; so now they must all be considered inconsistent"
+            : "a program lacking bitmap support modified this file, so all bitmaps are now considered "
+                + "inconsistent")
+        Diagnostics.plain("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+    }
+
     init(request: OpenRequest) throws {
         file = request.file
         writable = request.writable
@@ -77,7 +87,10 @@ public final class Qcow2Format: ImageFormat {
 
         let unknown = h.incompatibleFeatures & ~Qcow2.incompatKnownMask
         if unknown != 0 {
-            let table = (try? Qcow2Extensions.parse(area: area, header: h, lenient: true))?.featureNames ?? []
+            let seen = try? Qcow2Extensions.parse(area: area, header: h, lenient: true)
+            // qemu's walk of the extensions for the feature names warns about ignored bitmaps as it goes.
+            for _ in 0..<(seen?.ignoredBitmapsExtensions ?? 0) { Qcow2Format.warnIgnoredBitmaps(version: h.version) }
+            let table = seen?.featureNames ?? []
             throw InstarError(.unsupported, Qcow2Extensions.unsupportedFeatureMessage(unknown, table: table),
                               errno: 95 /* ENOTSUP */)
         }
@@ -91,15 +104,7 @@ public final class Qcow2Format: ImageFormat {
         }
         let ext = try Qcow2Extensions.parse(area: area, header: h)
         extensions = ext
-        if ext.ignoredBitmaps {
-            // qcow2_read_extensions: the bitmaps are ignored, with a warning on every open.
-            Diagnostics.warning(h.version < 3
-                ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program without "
-                    + "persistent bitmap support; so now they must all be considered inconsistent"
-                : "a program lacking bitmap support modified this file, so all bitmaps are now considered "
-                    + "inconsistent")
-            Diagnostics.plain("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
-        }
+        for _ in 0..<ext.ignoredBitmapsExtensions { Qcow2Format.warnIgnoredBitmaps(version: h.version) }
         // qcow2_do_open: unless opened only to describe the image (BDRV_O_NO_IO, qemu-img info), an AES image
         // needs its key at open and a LUKS image its crypto header extension.
         if !request.options.metadataOnly {

@@ -60,12 +60,18 @@ extension Qcow2Writer {
                 try zeroGrownArea(from: oldLength, to: newSize, backing: backing)
             }
         }
-        // The header's size changes last, once the tables cover the new size.
-        try flushAll()
-        try file.sync()
+        // Growing: the header's size changes last, once the tables cover the new size. Shrinking: as in qemu, the
+        // header goes first and the cached tables after it (a crash in between leaves tables that still name
+        // clusters past the new end, which are counted and harmless).
+        let shrinking = newSize < oldLength
+        if !shrinking {
+            try flushAll()
+            try file.sync()
+        }
         var be = newSize.bigEndian
         try withUnsafeBytes(of: &be) { try file.write($0, at: 24) }   // qcow2.txt: bytes 24-31 size
         try file.sync()
+        if shrinking { try flushAll() }
         header.size = newSize
         format.header.size = newSize
         format.refcounts.invalidate()
@@ -314,43 +320,46 @@ extension Qcow2Writer {
 
     // MARK: Shrinking
 
+    /// The shrink half of qcow2_co_truncate. Every cluster it frees is discarded (QCOW2_DISCARD_ALWAYS) in the
+    /// same batches as qemu's, because the batches decide which file system blocks a punch frees: the data
+    /// clusters past the end in one batch of merged ranges, each dropped L2 table on its own, the dropped
+    /// refcount blocks in one last batch.
     private func shrink(from oldLength: UInt64, to newSize: UInt64, newL1: UInt64) throws {
-        var freed: Set<UInt64> = []
         let start = try newSize.alignedUp(clusterSize)
         if start < oldLength {
             do {
-                try dropClusters(from: start, to: oldLength, freed: &freed)
+                try dropClusters(from: start, to: oldLength)
             } catch let e as InstarError {
+                pendingDiscards = []
                 throw e.prepending("Failed to discard cropped clusters: ")
             }
+            processDiscards()
         }
         do {
-            try shrinkL1(newL1, freed: &freed)
+            try shrinkL1(newL1)
         } catch let e as InstarError {
             throw e.prepending("Failed to reduce the number of L2 tables: ")
         }
-        try flushAll()
         do {
-            try dropUnusedRefBlocks(freed: &freed)
+            try dropUnusedRefBlocks()
         } catch let e as InstarError {
+            pendingDiscards = []
             throw e.prepending("Failed to discard unused refblocks: ")
         }
-        try flushAll()
-        // QCOW2_DISCARD_ALWAYS: what the shrink freed is given back to the host file system.
-        for c in freed.sorted() {
-            if try refcount(ofCluster: c) == 0 { try? file.punchHole(at: c << clusterBits, length: clusterSize) }
-        }
+        processDiscards()
         let fileSize = try file.size()
-        if let last = try lastUsedCluster(below: fileSize) {
-            let end = (last + 1) << clusterBits
-            // A failure here leaves only unused space behind; qemu merely warns.
-            if end < fileSize { try? file.truncate(to: end) }
+        guard let last = try lastUsedCluster(below: fileSize) else {
+            throw InstarError(.io, "Failed to find the last cluster: \(strerrorString(EIO))", errno: EIO)
         }
+        let end = (last + 1) << clusterBits
+        // A failure here leaves only unused space behind; qemu merely warns.
+        if end < fileSize { try? file.truncate(to: end) }
     }
 
-    /// qcow2_cluster_discard with full_discard: the entries of [start, end) become unallocated. As in qemu,
-    /// every L1 entry of the range gets a writable L2 table first (allocated, or copied when shared).
-    private func dropClusters(from start: UInt64, to end: UInt64, freed: inout Set<UInt64>) throws {
+    /// qcow2_cluster_discard with full_discard: the entries of [start, end) become unallocated and the host
+    /// clusters left unreferenced are queued for discarding. As in qemu, every L1 entry of the range gets a
+    /// writable L2 table first (allocated, or copied when shared).
+    private func dropClusters(from start: UInt64, to end: UInt64) throws {
         let tableShift = clusterBits + UInt64(header.l2Bits)
         var pos = start
         while pos < end {
@@ -363,25 +372,17 @@ extension Qcow2Writer {
                 pos += clusterSize
                 if entry == 0 && bitmap == 0 { continue }
                 setEntryPair(l2, index, 0, 0)
-                if hasDataFile {
-                    try freeGuestEntry(entry)
-                    continue
-                }
-                try freeEntry(entry)
-                if entry & Qcow2.l2Compressed == 0, entry & Qcow2.l2OffsetMask != 0 {
-                    freed.insert((entry & Qcow2.l2OffsetMask) >> clusterBits)
-                }
+                try freeGuestEntry(entry, discard: true)
             }
         }
     }
 
-    /// qcow2_shrink_l1_table: the entries past `entries` are zeroed on disk (the table keeps its size) and
-    /// the L2 tables they named are freed.
-    private func shrinkL1(_ entries: UInt64, freed: inout Set<UInt64>) throws {
+    /// qcow2_shrink_l1_table: the entries past `entries` are zeroed on disk (the table keeps its size), then
+    /// the L2 tables they named are freed one by one, each discarded at once. A freed table leaves the cache
+    /// unwritten, as qemu drops a table whose cluster loses its last reference.
+    private func shrinkL1(_ entries: UInt64) throws {
         let size = UInt64(mapper.l1.count)
         if entries >= size { return }
-        // The L2 tables of the dropped entries must not be written back over reused clusters later.
-        try flushAll()
         let zeroes = [UInt8](repeating: 0, count: Int((size - entries) * 8))
         try file.write(zeroes, at: header.l1TableOffset + entries * 8)
         try file.sync()
@@ -391,16 +392,17 @@ extension Qcow2Writer {
             let off = mapper.l1[Int(i)] & Qcow2.l1OffsetMask
             mapper.l1[Int(i)] = 0
             if off == 0 { continue }
-            l2Cache.remove(at: off)
-            try freeRange(off, clusterSize)
-            freed.insert(off >> clusterBits)
+            try freeRange(off, clusterSize, discard: true)
+            if try refcount(ofCluster: off >> clusterBits) == 0 { l2Cache.remove(at: off) }
+            processDiscards()
         }
     }
 
-    /// qcow2_shrink_reftable: refcount blocks that count nothing (besides their own cluster) leave the table.
-    private func dropUnusedRefBlocks(freed: inout Set<UInt64>) throws {
+    /// qcow2_shrink_reftable: refcount blocks that count nothing (besides their own cluster) leave the table,
+    /// which is written whole; each one's own reference, kept in the block that covers it, drops to zero
+    /// (qcow2_discard_refcount_block) and its cluster is queued for discarding.
+    private func dropUnusedRefBlocks() throws {
         var table = reftable
-        var dropped: [Int] = []
         for i in 0..<reftable.count {
             let off = reftable[i] & Qcow2.reftableOffsetMask
             if off == 0 { table[i] = 0; continue }
@@ -409,21 +411,41 @@ extension Qcow2Writer {
             if own >> refBlockBits == UInt64(i) {
                 Qcow2Writer.setEntry(&block, index: own & refIndexMask, order: refOrder, value: 0)
             }
-            if block.allSatisfy({ $0 == 0 }) {
-                table[i] = 0
-                dropped.append(i)
-            }
+            if block.allSatisfy({ $0 == 0 }) { table[i] = 0 }
         }
-        if dropped.isEmpty { return }
         try file.write(Qcow2Writer.encodeBE64(table), at: header.refcountTableOffset)
         try file.sync()
-        for i in dropped {
+        var failure: InstarError?
+        for i in 0..<reftable.count where reftable[i] != 0 && table[i] == 0 {
             let off = reftable[i] & Qcow2.reftableOffsetMask
-            rbCache.remove(at: off)
-            freed.insert(off >> clusterBits)
+            if failure == nil {
+                do { try releaseRefBlock(at: off) } catch let e as InstarError { failure = e }
+            }
             reftable[i] = 0
         }
         format.refcounts.invalidate()
+        if let failure { throw failure }
+    }
+
+    /// qcow2_discard_refcount_block for the refcount block at `off`, already out of the table.
+    private func releaseRefBlock(at off: UInt64) throws {
+        let cluster = off >> clusterBits
+        let t = cluster >> refBlockBits
+        guard t < UInt64(reftable.count), reftable[Int(t)] & Qcow2.reftableOffsetMask != 0 else {
+            throw InstarError(.io, "Refblock at \(hex(off)) is not covered by the refcount structures", errno: EIO)
+        }
+        let covering = reftable[Int(t)] & Qcow2.reftableOffsetMask
+        let e = try refBlock(at: covering)
+        let index = cluster & refIndexMask
+        let count = Qcow2RefcountReader.entry(e.table, index: index, order: refOrder)
+        guard count == 1 else {
+            throw InstarError(.invalid, strerrorString(EINVAL), errno: EINVAL)
+        }
+        Qcow2Writer.setEntry(&e.table, index: index, order: refOrder, value: 0)
+        rbCache.markDirty(e)
+        freeHint = min(freeHint, cluster)
+        rbCache.remove(at: off)
+        queueDiscard(off, clusterSize)
     }
 
     /// qcow2_get_last_cluster: the last cluster below `size` bytes with a nonzero refcount.

@@ -95,8 +95,12 @@ public final class RawFormat: ImageFormat {
                                hostOffset: hostStart, hostFile: file.path)
         }
         let hole = file.nextHole(from: hostStart)
-        // The part of the final partial sector past EOF is a trailing hole, as file-posix reports it.
-        let end = min(max(hole, hostStart + 1), limit)
+        // The part of the final partial sector past EOF is a trailing hole, as file-posix reports it; with
+        // O_DIRECT, block status works in whole sectors, so data reaching EOF covers that sector to its end.
+        var end = min(max(hole, hostStart + 1), limit)
+        if file.direct && hole >= fileSize {
+            end = min(try hostStart.adding(length), try fileSize.alignedUp(512))
+        }
         return BlockStatus(length: end - hostStart, allocated: true, data: true, zero: false, hostOffset: hostStart,
                            hostFile: file.path)
     }
