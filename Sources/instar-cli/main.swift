@@ -13,6 +13,7 @@ let commands: [String: Command] = [
     "measure": measureCommand,
     "resize": resizeCommand,
     "amend": amendCommand,
+    "snapshot": snapshotCommand,
 ]
 
 func runMain() -> Int32 {

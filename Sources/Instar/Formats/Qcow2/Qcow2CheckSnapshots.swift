@@ -129,7 +129,8 @@ extension Qcow2Writer {
     /// `report` receives the line qemu prints when freeing the old table fails.
     func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64,
                             report: (String) -> Void = { _ in },
-                            overlapCheck: (UInt64, UInt64) throws -> Void = { _, _ in }) throws {
+                            overlapCheck: (UInt64, UInt64) throws -> Void = { _, _ in },
+                            crashPrefix: String? = nil) throws {
         var size: UInt64 = 0
         for e in entries {
             size = try size.alignedUp(8)
@@ -169,9 +170,11 @@ extension Qcow2Writer {
             offset += UInt64(e.name.count)
         }
         try file.sync()
+        if let p = crashPrefix { CrashPoint.hit(p + ":table-before-header") }
         // qcow2.txt: header bytes 60-63 nb_snapshots, 64-71 snapshots_offset, written at once.
         try file.write(be(UInt64(entries.count), 4) + be(tableOffset, 8), at: 60)
         try file.sync()
+        if let p = crashPrefix { CrashPoint.hit(p + ":header-written") }
         let oldOffset = header.snapshotsOffset
         header.nbSnapshots = UInt32(entries.count)
         header.snapshotsOffset = tableOffset
