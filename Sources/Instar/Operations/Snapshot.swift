@@ -84,8 +84,17 @@ public enum SnapshotOperation {
 
     /// `snapshot -a NAME` (NAME is an id or a name). Errors read "Could not apply snapshot 'NAME': ...".
     public static func apply(_ name: String, snapshot: String, options: Options) throws {
-        try withWritable(name, options: options) { layer in
+        var opts = options
+        var openWarning: String?
+        opts.warn = { msg in
+            openWarning = msg
+            options.warn?(msg)
+        }
+        try withWritable(name, options: opts) { layer in
             guard let s = layer.format as? ImageSnapshottable else {
+                // qemu reverts through the protocol layer below: the format driver is closed and opened again
+                // around it, and a probed raw image warns a second time.
+                if let w = openWarning { options.warn?(w) }
                 throw InstarError(.unsupported,
                                   "Could not apply snapshot '\(snapshot)': Block driver does not support snapshots",
                                   errno: ENOTSUP)

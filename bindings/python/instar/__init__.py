@@ -10,3 +10,4 @@ def version():
     return lib().instar_version().decode()
 from .ops import compare, convert, map  # noqa: E402,F401
 from .resize import amend, resize  # noqa: E402,F401
+from .snapshot import snapshot_apply, snapshot_create, snapshot_delete, snapshot_list  # noqa: E402,F401

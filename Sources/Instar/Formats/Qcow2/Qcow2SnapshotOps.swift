@@ -114,7 +114,9 @@ extension Qcow2Format: ImageSnapshottable {
             if sn.l1Size > 0 {
                 let raw = try Qcow2SnapshotTable.readTable(file, at: sn.l1TableOffset, count: Int(sn.l1Size) * 8)
                 let decoded = Qcow2Mapper.decodeBE64(raw, count: Int(sn.l1Size))
-                for i in 0..<min(decoded.count, snL1.count) { snL1[i] = decoded[i] }
+                // The snapshot's table may carry copied flags from when it was taken; every table it names is
+                // shared once it is active too, so none may have the flag until the last pass sets it again.
+                for i in 0..<min(decoded.count, snL1.count) { snL1[i] = decoded[i] & ~Qcow2.l2Copied }
             }
             try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: 1)
             CrashPoint.hit("snapshot-apply:refcounts")
@@ -125,7 +127,8 @@ extension Qcow2Format: ImageSnapshottable {
             CrashPoint.hit("snapshot-apply:l1-written")
             var failure: Error?
             do {
-                try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: current.count, addend: -1)
+                try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: current.count, addend: -1,
+                                             flush: false)
             } catch {
                 failure = error
             }
@@ -165,23 +168,20 @@ extension Qcow2Format: ImageSnapshottable {
         refreshSnapshots(entries)
         CrashPoint.hit("snapshot-delete:table-written")
         do {
-            try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: -1)
+            try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: -1,
+                                         flush: false)
         } catch let e as InstarError {
             let err = e.errnoValue != 0 ? e.errnoValue : EIO
             throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))", errno: err)
         }
-        CrashPoint.hit("snapshot-delete:refcounts")
-        if sn.l1Size > 0 {
-            try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true)
-            try w.flushAll()
-            w.processDiscards()
-        }
+        if sn.l1Size > 0 { try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true) }
         do {
             try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: mapper.l1.count, addend: 0)
         } catch let e as InstarError {
             let err = e.errnoValue != 0 ? e.errnoValue : EIO
             throw InstarError(e.code, "Failed to update snapshot status in disk: \(strerrorString(err))", errno: err)
         }
+        CrashPoint.hit("snapshot-delete:refcounts")
     }
 }
 
@@ -191,7 +191,14 @@ extension Qcow2Writer {
     /// flag of every entry by the refcount that results. The active table is taken from memory (qemu relies on
     /// that while reverting: the disk holds the new table by then). A changed L1 table is written back unless
     /// the references are being dropped. Clusters left unreferenced are punched out of the file.
-    func updateSnapshotRefcount(l1Offset: UInt64, l1Size: Int, addend: Int) throws {
+    ///
+    /// With `flush` false the changes stay in the caches for the next pass (a pass dropping references and the
+    /// pass setting the flags of the active table reach the disk together, so no step boundary leaves copied
+    /// flags that disagree with the refcounts). References are only dropped once nothing on disk reaches them
+    /// (the snapshot left the table, or the active table was replaced), so the lowered refcounts are written
+    /// before the tables whose flags they change: a crash in between leaves a flag missing (a needless copy
+    /// later), never a flag on a shared cluster.
+    func updateSnapshotRefcount(l1Offset: UInt64, l1Size: Int, addend: Int, flush: Bool = true) throws {
         let active = l1Offset == header.l1TableOffset
         var l1: [UInt64]
         if active {
@@ -253,12 +260,18 @@ extension Qcow2Writer {
                     l1Modified = true
                 }
             }
-            try flushAll()
-            try file.sync()
+            if flush {
+                if addend <= 0 {
+                    refcountDependsOnL2 = false
+                    try flushRefcounts()
+                }
+                try flushAll()
+                try file.sync()
+            }
         } catch {
             failure = error
         }
-        processDiscards()
+        if flush || failure != nil { processDiscards() }
         mapper.cache.removeAll()
         if active { mapper.l1 = l1 }
         if let f = failure { throw f }
@@ -275,7 +288,18 @@ extension Qcow2Writer {
         if length == 0 { return }
         let first = offset >> clusterBits
         let last = (try offset.adding(length - 1)) >> clusterBits
-        for c in first...last { try changeRefcount(ofCluster: c, by: 1) }
+        for c in first...last {
+            // update_refcount fails an overflow with EINVAL and takes back what that call had added.
+            guard try refcount(ofCluster: c) < refMax else {
+                var k = first
+                while k < c {
+                    try changeRefcount(ofCluster: k, by: -1)
+                    k += 1
+                }
+                throw InstarError(.range, "Reference count overflow", errno: EINVAL)
+            }
+            try changeRefcount(ofCluster: c, by: 1)
+        }
     }
 
     /// qcow2_signal_corruption on a writable image: the corrupt bit goes to the header and the request fails
