@@ -21,6 +21,11 @@ extension Qcow2Format: ImageSnapshottable {
         Diagnostics.sink?(Diagnostics.Message(text + "\n", prefixed: true))
     }
 
+    /// Text qemu prints with a bare fprintf (no program name).
+    private func plainReport(_ text: String) {
+        Diagnostics.sink?(Diagnostics.Message(text + "\n", prefixed: false))
+    }
+
     /// The L1 table of a snapshot entry must be a valid table (qcow2_validate_table): the errno qemu returns.
     private func validateSnapshotL1(_ e: Qcow2SnapshotEntry) -> (String, Int32)? {
         if UInt64(e.l1Size) > Qcow2.maxL1Bytes / 8 { return ("Snapshot L1 table too large", EFBIG) }
@@ -52,6 +57,53 @@ extension Qcow2Format: ImageSnapshottable {
         }
     }
 
+    /// qcow2_check_metadata_overlap with qemu's default "cached" checks: which metadata a write of `size`
+    /// bytes at `offset` would hit, given the snapshot table as qemu holds it at that moment (`snapshots`, and
+    /// the table's place `tableOffset`/`tableSize`). Ranges wrap as qemu's unsigned arithmetic does.
+    func metadataOverlap(offset: UInt64, size: UInt64, ignoreActiveL1: Bool, snapshots: [Qcow2SnapshotEntry],
+                         tableOffset: UInt64, tableSize: UInt64, reftable: [UInt64]) -> String? {
+        if size == 0 { return nil }
+        let cs = header.clusterSize
+        let start = offset & ~(cs - 1)
+        let len = ((offset & (cs - 1)) &+ size &+ cs &- 1) & ~(cs - 1)
+        func hits(_ o: UInt64, _ l: UInt64) -> Bool {
+            if l == 0 { return false }
+            let last1 = start &+ len &- 1, last2 = o &+ l &- 1
+            return !(last2 < start || last1 < o)
+        }
+        if start < cs { return "main header" }
+        if !ignoreActiveL1 && header.l1Size != 0 && hits(header.l1TableOffset, UInt64(header.l1Size) &* 8) {
+            return "active L1 table"
+        }
+        if hits(header.refcountTableOffset, UInt64(header.refcountTableClusters) &* cs) { return "refcount table" }
+        if hits(tableOffset, tableSize) { return "snapshot table" }
+        for e in snapshots where e.l1Size != 0 && hits(e.l1TableOffset, UInt64(e.l1Size) &* 8) {
+            return "inactive L1 table"
+        }
+        for e in mapper.l1 where e & Qcow2.l1OffsetMask != 0 && hits(e & Qcow2.l1OffsetMask, cs) {
+            return "active L2 table"
+        }
+        for e in reftable where e & Qcow2.reftableOffsetMask != 0 && hits(e & Qcow2.reftableOffsetMask, cs) {
+            return "refcount block"
+        }
+        if header.autoclearFeatures & Qcow2.autoclearBitmaps != 0, let b = extensions.bitmaps,
+           hits(b.directoryOffset, b.directorySize) {
+            return "bitmap directory"
+        }
+        return nil
+    }
+
+    /// qcow2_pre_write_overlap_check: a write onto metadata marks the image corrupt and fails with EIO.
+    func preventOverlap(offset: UInt64, size: UInt64, ignoreActiveL1: Bool = false,
+                        snapshots: [Qcow2SnapshotEntry], tableOffset: UInt64, tableSize: UInt64) throws {
+        let w = try writeSide()
+        if let what = metadataOverlap(offset: offset, size: size, ignoreActiveL1: ignoreActiveL1,
+                                      snapshots: snapshots, tableOffset: tableOffset, tableSize: tableSize,
+                                      reftable: w.reftable) {
+            throw w.signalSnapshotCorruption("Preventing invalid write on metadata (overlaps with \(what))")
+        }
+    }
+
     public func createSnapshot(name: String, dateSec: UInt32, dateNsec: UInt32) throws {
         let table = try snapshotEntries()
         if UInt64(table.entries.count) >= Qcow2.maxSnapshots {
@@ -66,6 +118,8 @@ extension Qcow2Format: ImageSnapshottable {
         let l1 = mapper.l1
         let l1Bytes = UInt64(l1.count) * 8
         let l1Offset = try w.allocateClusters(l1Bytes.divCeil(w.clusterSize))
+        try preventOverlap(offset: l1Offset, size: l1Bytes, snapshots: table.entries,
+                           tableOffset: header.snapshotsOffset, tableSize: table.size)
         if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
         CrashPoint.hit("snapshot-create:l1-copied")
         try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
@@ -75,7 +129,10 @@ extension Qcow2Format: ImageSnapshottable {
             l1TableOffset: l1Offset, l1Size: UInt32(l1.count), vmStateSize: 0, dateSec: dateSec, dateNsec: dateNsec,
             vmClockNsec: 0, icount: 0, diskSize: virtualSize, extraDataSize: Qcow2SnapshotTable.knownExtraBytes,
             unknownExtra: [], id: Array(id.utf8), name: nameBytes))
-        try w.writeSnapshotTable(entries, oldSize: table.size, crashPrefix: "snapshot-create")
+        try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
+            try self.preventOverlap(offset: o, size: n, snapshots: entries, tableOffset: self.header.snapshotsOffset,
+                                    tableSize: table.size)
+        }, crashPrefix: "snapshot-create")
         refreshSnapshots(entries)
     }
 
@@ -120,6 +177,8 @@ extension Qcow2Format: ImageSnapshottable {
             }
             try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: 1)
             CrashPoint.hit("snapshot-apply:refcounts")
+            try preventOverlap(offset: header.l1TableOffset, size: UInt64(current.count) * 8, ignoreActiveL1: true,
+                               snapshots: table.entries, tableOffset: header.snapshotsOffset, tableSize: table.size)
             if !current.isEmpty {
                 try file.write(Qcow2Writer.encodeBE64(snL1), at: header.l1TableOffset)
                 try file.sync()
@@ -160,7 +219,10 @@ extension Qcow2Format: ImageSnapshottable {
         var entries = table.entries
         entries.remove(at: index)
         do {
-            try w.writeSnapshotTable(entries, oldSize: table.size, crashPrefix: "snapshot-delete")
+            try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
+                try self.preventOverlap(offset: o, size: n, snapshots: entries,
+                                        tableOffset: self.header.snapshotsOffset, tableSize: table.size)
+            }, crashPrefix: "snapshot-delete")
         } catch let e as InstarError {
             let err = e.errnoValue != 0 ? e.errnoValue : EIO
             throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))", errno: err)
@@ -174,7 +236,14 @@ extension Qcow2Format: ImageSnapshottable {
             let err = e.errnoValue != 0 ? e.errnoValue : EIO
             throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))", errno: err)
         }
-        if sn.l1Size > 0 { try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true) }
+        if sn.l1Size > 0 {
+            // qcow2_free_clusters: a failure leaks the table; qemu says so and goes on.
+            if let err = try w.releaseRefusal(sn.l1TableOffset, UInt64(sn.l1Size) * 8) {
+                plainReport("qcow2_free_clusters failed: \(strerrorString(err))")
+            } else {
+                try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true)
+            }
+        }
         do {
             try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: mapper.l1.count, addend: 0)
         } catch let e as InstarError {
@@ -284,7 +353,12 @@ extension Qcow2Writer {
     /// One reference more or less on every cluster of a host range (update_refcount); references dropped to
     /// zero are punched once the pass ends, as qemu's snapshot discards are.
     private func changeRange(_ offset: UInt64, _ length: UInt64, addend: Int) throws {
-        if addend < 0 { return try freeRange(offset, length, discard: true) }
+        if addend < 0 {
+            if let err = try releaseRefusal(offset, length) {
+                throw InstarError(.corrupt, strerrorString(err), errno: err)
+            }
+            return try freeRange(offset, length, discard: true)
+        }
         if length == 0 { return }
         let first = offset >> clusterBits
         let last = (try offset.adding(length - 1)) >> clusterBits
@@ -304,10 +378,11 @@ extension Qcow2Writer {
 
     /// qcow2_signal_corruption on a writable image: the corrupt bit goes to the header and the request fails
     /// with EIO.
-    private func signalSnapshotCorruption(_ message: String) -> InstarError {
+    func signalSnapshotCorruption(_ message: String) -> InstarError {
+        if format.corruptionSignalled { return InstarError(.corrupt, message, errno: EIO) }
         Diagnostics.sink?(Diagnostics.Message(
             "qcow2: Marking image as corrupt: \(message); further corruption events will be suppressed\n",
-            prefixed: true))
+            prefixed: false))
         if header.version >= 3 {
             header.incompatibleFeatures |= Qcow2.incompatCorrupt
             format.header.incompatibleFeatures |= Qcow2.incompatCorrupt
@@ -315,5 +390,28 @@ extension Qcow2Writer {
         }
         format.corruptionSignalled = true
         return InstarError(.corrupt, message, errno: EIO)
+    }
+}
+
+extension Qcow2Writer {
+    /// Why qemu's update_refcount would refuse to drop one reference on each cluster of a range, as its errno:
+    /// EFBIG for a cluster beyond any refcount table qemu could hold, EINVAL for a refcount already zero (or a
+    /// missing refcount block); nil when the release can go ahead.
+    func releaseRefusal(_ offset: UInt64, _ length: UInt64) throws -> Int32? {
+        if length == 0 { return nil }
+        let first = offset >> clusterBits
+        guard let end = try? offset.adding(length - 1) else { return EFBIG }
+        let last = end >> clusterBits
+        guard last - first < (UInt64(1) << 32) else { return EFBIG }
+        var c = first
+        while c <= last {
+            let t = c >> refBlockBits
+            guard try blockOffset(tableIndex: t) != nil else {
+                return t >= Qcow2.maxRefcountTableBytes / 8 ? EFBIG : EINVAL
+            }
+            if try refcount(ofCluster: c) == 0 { return EINVAL }
+            c += 1
+        }
+        return nil
     }
 }
