@@ -142,8 +142,10 @@ extension Qcow2Writer {
         }
         let clusters = size.divCeil(clusterSize)
         let tableOffset = clusters == 0 ? 0 : try allocateClusters(clusters)
+        // The cache write-backs sync the file when they write; otherwise it is synced here.
+        let written = l2Cache.hasDirty || rbCache.hasDirty
         try flushAll()
-        try file.sync()
+        if !written { try file.sync() }
         // qcow2_write_snapshots: the new clusters must be free of metadata (qcow2_pre_write_overlap_check).
         if tableOffset != 0 { try overlapCheck(tableOffset, size) }
         var offset = tableOffset

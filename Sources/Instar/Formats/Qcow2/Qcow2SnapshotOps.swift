@@ -330,12 +330,14 @@ extension Qcow2Writer {
                 }
             }
             if flush {
+                // qemu's bdrv_flush: the caches, then the file (the cache write-backs sync it when they write).
+                let written = l2Cache.hasDirty || rbCache.hasDirty
                 if addend <= 0 {
                     refcountDependsOnL2 = false
                     try flushRefcounts()
                 }
                 try flushAll()
-                try file.sync()
+                if !written { try file.sync() }
             }
         } catch {
             failure = error
