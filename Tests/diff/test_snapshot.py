@@ -516,3 +516,28 @@ def test_python(tmp):
     assert "snapshot not found" in str(e.value)
     assert snapshot_table_dates_masked(t.i) == snapshot_table_dates_masked(t.q)
     assert I.snapshot_list(os.path.join(tmp, "src.qcow2")) == []
+
+
+def test_image_in_use(tmp):
+    """An image a qemu process holds open for writing: -c/-a/-d fail on its lock, -l fails too unless -U, as
+    with qemu-img (same messages, exit codes)."""
+    import time
+    img = seeded(tmp, "")
+    qimg("snapshot", "-c", "s", img)
+    sock = os.path.join(tmp, "nbd.sock")
+    p = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "qcow2", img], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(sock):
+            assert p.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        before = open(img, "rb").read()
+        for args in (["-c", "x"], ["-a", "s"], ["-d", "s"], ["-l"], ["-U", "-l"]):
+            q = qemu("snapshot", *args, img)
+            i = instar("snapshot", *args, img)
+            assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), (args, q, i)
+        assert open(img, "rb").read() == before
+    finally:
+        p.terminate()
+        p.wait()
