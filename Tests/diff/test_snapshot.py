@@ -494,9 +494,6 @@ def test_capi(tmp):
 
 
 def test_python(tmp):
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "bindings", "python"))
-    os.environ.setdefault("INSTAR_LIB", LIBINSTAR)
     import instar as I
     t = Twin(tmp, seeded(tmp, ""))
     I.snapshot_create(t.i, "p1")
