@@ -538,3 +538,24 @@ def test_image_in_use(tmp):
     finally:
         p.terminate()
         p.wait()
+
+
+def test_unknown_extra_data_kept(tmp):
+    """Extra data past the 24 bytes qemu knows is carried over when the table is written anew."""
+    src = seeded(tmp, "")
+    qimg("snapshot", "-c", "old", src)
+    data = bytearray(open(src, "rb").read())
+    off = struct.unpack(">Q", data[64:72])[0]
+    ids, ns = struct.unpack(">HH", data[off + 12:off + 16])
+    tail = bytes(data[off + 64:off + 64 + ids + ns])
+    struct.pack_into(">I", data, off + 36, 32)
+    data[off + 64:off + 72] = b"UNKNOWN!"
+    data[off + 72:off + 72 + ids + ns] = tail
+    with open(src, "wb") as f:
+        f.write(data)
+    t = Twin(tmp, src)
+    t.listing_matches()
+    t.step("-c", "new")
+    assert b"UNKNOWN!" in open(t.i, "rb").read()
+    t.step("-d", "new")
+    t.step("-a", "old")
