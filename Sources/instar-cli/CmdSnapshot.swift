@@ -46,9 +46,8 @@ func snapshotCommand(_ args: [String]) -> Int32 {
         case .list:
             let list = try SnapshotOperation.list(filename, options: options)
             if !list.isEmpty {
-                var out = "Snapshot list:\n" + SnapshotTable.header + "\n"
-                for s in list { out += SnapshotTable.row(s) + "\n" }
-                CLI.out.write(out)
+                CLI.out.write("Snapshot list:\n" + SnapshotTable.header + "\n")
+                for s in list { CLI.out.write(bytes: snapshotRow(s)) }
             }
         case .create(let n): try SnapshotOperation.create(filename, snapshot: n, options: options)
         case .apply(let n): try SnapshotOperation.apply(filename, snapshot: n, options: options)
@@ -62,4 +61,17 @@ func snapshotCommand(_ args: [String]) -> Int32 {
         return 1
     }
     return 0
+}
+
+/// One line of `snapshot -l`: qemu prints the name's bytes as stored, padded to 16 bytes, whether or not they
+/// are UTF-8.
+func snapshotRow(_ s: SnapshotInfo) -> [UInt8] {
+    if Array(s.name.utf8) == s.nameBytes { return Array((SnapshotTable.row(s) + "\n").utf8) }
+    var blank = s
+    blank.name = ""
+    blank.nameBytes = []
+    let idPart = s.id.utf8.count >= 9 ? s.id + " " : s.id + String(repeating: " ", count: 9 - s.id.utf8.count) + " "
+    let rest = Array(SnapshotTable.row(blank).utf8).dropFirst(idPart.utf8.count + 17)
+    return Array(idPart.utf8) + s.nameBytes + [UInt8](repeating: 0x20, count: max(0, 16 - s.nameBytes.count))
+        + [0x20] + rest + [0x0a]
 }

@@ -559,3 +559,14 @@ def test_unknown_extra_data_kept(tmp):
     assert b"UNKNOWN!" in open(t.i, "rb").read()
     t.step("-d", "new")
     t.step("-a", "old")
+
+
+def test_listing_of_non_utf8_names(tmp):
+    """qemu-img prints a name's stored bytes (padded by bytes), UTF-8 or not."""
+    img = seeded(tmp, "")
+    for name in (b"a\xffb", "caf\u00e9".encode(), b"x" * 20, b"\xe2\x82"):
+        subprocess.run(["qemu-img", "snapshot", "-c", os.fsdecode(name), img], check=True)
+    q = subprocess.run(["qemu-img", "snapshot", "-l", img], capture_output=True)
+    i = subprocess.run([INSTAR, "snapshot", "-l", img], capture_output=True)
+    assert (i.returncode, i.stdout, i.stderr) == (q.returncode, q.stdout, q.stderr)
+    assert b"a\xffb" in q.stdout
