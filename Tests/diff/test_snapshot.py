@@ -570,3 +570,23 @@ def test_listing_of_non_utf8_names(tmp):
     i = subprocess.run([INSTAR, "snapshot", "-l", img], capture_output=True)
     assert (i.returncode, i.stdout, i.stderr) == (q.returncode, q.stdout, q.stderr)
     assert b"a\xffb" in q.stdout
+
+
+def test_python_encrypted(tmp):
+    """key_secret unlocks a LUKS image for the binding, as --object/--image-opts does for qemu-img."""
+    import instar as I
+    src = os.path.join(tmp, "src.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
+         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", src, "8M")
+    t = Twin(tmp, src)
+    with pytest.raises(I.InstarError):
+        I.snapshot_create(t.i, "k")
+    I.snapshot_create(t.i, "k", key_secret="pw")
+    qimg("snapshot", "--object", "secret,id=s0,data=pw", "--image-opts", "-c", "k",
+         f"driver=qcow2,file.filename={t.q},encrypt.key-secret=s0")
+    assert snapshot_table_dates_masked(t.i) == snapshot_table_dates_masked(t.q)
+    assert [s.name for s in I.snapshot_list(t.i, key_secret="pw")] == ["k"]
+    I.snapshot_delete(t.i, "k", key_secret="pw")
+    qimg("snapshot", "--object", "secret,id=s0,data=pw", "--image-opts", "-d", "k",
+         f"driver=qcow2,file.filename={t.q},encrypt.key-secret=s0")
+    assert snapshot_table_dates_masked(t.i) == snapshot_table_dates_masked(t.q)
