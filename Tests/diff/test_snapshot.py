@@ -591,3 +591,18 @@ def test_python_encrypted(tmp):
     qimg("snapshot", "--object", "secret,id=s0,data=pw", "--image-opts", "-d", "k",
          f"driver=qcow2,file.filename={t.q},encrypt.key-secret=s0")
     assert snapshot_table_dates_masked(t.i) == snapshot_table_dates_masked(t.q)
+
+
+def test_many_l2_tables(tmp):
+    """More L2 tables than the caches hold (512-byte clusters, 300 MiB of data): the caches are written back
+    and trimmed during the refcount passes, and the files still match qemu-img's."""
+    src = os.path.join(tmp, "src.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", src, "1G")
+    qemu_io("-f", "qcow2", "-c", "write -P 1 0 300M", "-c", "write -c -P 3 400M 64k", src)
+    t = Twin(tmp, src)
+    t.step("-c", "a")
+    t.io("write -P 2 100M 50M")
+    t.step("-c", "b")
+    t.step("-a", "a")
+    t.step("-d", "b")
+    t.step("-d", "a")

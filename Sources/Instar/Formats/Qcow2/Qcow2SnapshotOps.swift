@@ -328,6 +328,11 @@ extension Qcow2Writer {
                     l1[i] = newL1
                     l1Modified = true
                 }
+                // The caches stay bounded however many tables the image has (write-backs keep their order);
+                // they are let grow to twice their size first, so a write-back serves many tables.
+                if l2Cache.entries.count > 2 * l2Cache.capacity || rbCache.entries.count > 2 * rbCache.capacity {
+                    try trimCaches()
+                }
             }
             if flush {
                 // qemu's bdrv_flush: the caches, then the file (the cache write-backs sync it when they write).
