@@ -132,7 +132,7 @@ extension Qcow2Format: ImageSnapshottable {
         try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
             try self.preventOverlap(offset: o, size: n, snapshots: entries, tableOffset: self.header.snapshotsOffset,
                                     tableSize: table.size)
-        }, crashPrefix: "snapshot-create")
+        }, crashPrefix: "snapshot-create", syncFirst: false)
         refreshSnapshots(entries)
     }
 
@@ -222,7 +222,7 @@ extension Qcow2Format: ImageSnapshottable {
             try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
                 try self.preventOverlap(offset: o, size: n, snapshots: entries,
                                         tableOffset: self.header.snapshotsOffset, tableSize: table.size)
-            }, crashPrefix: "snapshot-delete")
+            }, crashPrefix: "snapshot-delete", syncFirst: false)
         } catch let e as InstarError {
             let err = e.errnoValue != 0 ? e.errnoValue : EIO
             throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))", errno: err)
