@@ -5,8 +5,9 @@
       `qemu-img info --output=json` run as a subprocess plus json.loads (what a tool calling qemu-img pays).
   (b) convert -O raw of a 2 GiB qcow2 holding 1 GiB of random data (16 x 64 MiB extents, every other 64 MiB),
       qemu-img vs instar, median of 3 runs, output deleted and `sync` run before each run.
+  (c) snapshot -c / -d on that image (bench/snapshot_bench.py), qemu-img vs instar, median of the runs.
 
-Usage: bench/run.py [--build build] [--cache /tmp/instar-bench] [--info-calls N] [--runs 3] [--only info|convert]
+Usage: bench/run.py [--build build] [--cache /tmp/instar-bench] [--info-calls N] [--runs 3] [--only info|convert|snapshot]
 The 2 GiB input is made once in the cache dir and reused.
 """
 import argparse
@@ -19,6 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from snapshot_bench import bench_snapshot  # noqa: E402
 MIB = 1 << 20
 
 
@@ -148,13 +151,14 @@ def main():
     ap.add_argument("--cache", default="/tmp/instar-bench")
     ap.add_argument("--info-calls", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", choices=["info", "convert"])
+    ap.add_argument("--only", choices=["info", "convert", "snapshot"])
     a = ap.parse_args()
     build = os.path.abspath(a.build)
     os.makedirs(a.cache, exist_ok=True)
     ok = True
     for name, fn in (("info", lambda: bench_info(build, a.cache, a.info_calls)),
-                     ("convert", lambda: bench_convert(build, a.cache, a.runs))):
+                     ("convert", lambda: bench_convert(build, a.cache, a.runs)),
+                     ("snapshot", lambda: bench_snapshot(build, a.cache, a.runs, big_image))):
         if a.only and a.only != name:
             continue
         try:

@@ -758,6 +758,56 @@ typedef struct instar_bench_result {
 int instar_bench(const char *filename, const instar_bench_options_t *opts, instar_bench_result_t *result,
                  instar_error_t *err);
 
+/* ---- internal snapshots (qemu-img snapshot) ---------------------------------------------------------- */
+
+typedef struct instar_snapshot_list {
+    uint64_t count;
+    instar_snapshot_t *snapshots;   /**< in table order (the struct instar_info uses) */
+} instar_snapshot_list_t;
+
+typedef struct instar_snapshot_options {
+    uint32_t struct_size;
+    uint32_t open_flags;         /**< INSTAR_OPEN_NO_CACHE and INSTAR_OPEN_FORCE_SHARE (list only) are honoured */
+    const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+} instar_snapshot_options_t;
+
+#define INSTAR_SNAPSHOT_OPTIONS_INIT { sizeof(instar_snapshot_options_t), 0, NULL }
+/** Fills *opts with the defaults, the same values as INSTAR_SNAPSHOT_OPTIONS_INIT. NULL is ignored. */
+void instar_snapshot_options_init(instar_snapshot_options_t *opts);
+
+/**
+ * The internal snapshots of an image (`qemu-img snapshot -l`; the format is probed). A format without internal
+ * snapshots gives an empty list. The caller owns *out (NULL on failure) and frees it with
+ * instar_snapshot_list_free. Errors: the instar_open errors.
+ */
+int instar_snapshot_list(const char *filename, const instar_snapshot_options_t *opts, instar_snapshot_list_t **out,
+                         instar_error_t *err);
+/** Frees an instar_snapshot_list_t from instar_snapshot_list, its entries and their strings. NULL is allowed. */
+void instar_snapshot_list_free(instar_snapshot_list_t *list);
+
+/**
+ * Creates internal snapshot `name` of the image's current state (`qemu-img snapshot -c`); the id is the next
+ * free number. Errors carry qemu-img's message ("Could not create snapshot 'NAME': -95 (Operation not
+ * supported)"): INSTAR_E_UNSUPPORTED (format without snapshots, external data file), INSTAR_E_RANGE (table full,
+ * refcount overflow), INSTAR_E_LOCKED, INSTAR_E_CORRUPT, INSTAR_E_IO.
+ */
+int instar_snapshot_create(const char *filename, const char *name, const instar_snapshot_options_t *opts,
+                           instar_error_t *err);
+/**
+ * Reverts the image to the snapshot whose id, else whose name, is `id_or_name` (`qemu-img snapshot -a`).
+ * Errors carry qemu-img's message ("Could not apply snapshot 'X': ..."): INSTAR_E_NOT_FOUND, INSTAR_E_UNSUPPORTED,
+ * INSTAR_E_LOCKED (persistent bitmaps present, or the image is in use), INSTAR_E_CORRUPT, INSTAR_E_IO.
+ */
+int instar_snapshot_apply(const char *filename, const char *id_or_name, const instar_snapshot_options_t *opts,
+                          instar_error_t *err);
+/**
+ * Deletes the snapshot named `name` (`qemu-img snapshot -d`: by name only, the first match). Errors carry
+ * qemu-img's message ("Could not delete snapshot 'X': snapshot not found"): INSTAR_E_NOT_FOUND, INSTAR_E_LOCKED,
+ * INSTAR_E_CORRUPT, INSTAR_E_IO.
+ */
+int instar_snapshot_delete(const char *filename, const char *name, const instar_snapshot_options_t *opts,
+                           instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -57,6 +57,11 @@ struct StdoutBuffer {
         buffer.append(contentsOf: s.utf8)
         if buffer.count > 1 << 16 { flush() }
     }
+    /// Bytes as they are (text from an image that need not be UTF-8).
+    mutating func write(bytes: [UInt8]) {
+        buffer.append(contentsOf: bytes)
+        if buffer.count > 1 << 16 { flush() }
+    }
     mutating func flush() {
         if buffer.isEmpty { return }
         buffer.withUnsafeBytes { p in

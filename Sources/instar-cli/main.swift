@@ -18,6 +18,7 @@ let commands: [String: Command] = [
     "bitmap": bitmapCommand,
     "dd": ddCommand,
     "bench": benchCommand,
+    "snapshot": snapshotCommand,
 ]
 
 func runMain() -> Int32 {

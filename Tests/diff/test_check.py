@@ -89,7 +89,7 @@ def make(tmp, name="img.qcow2", size="64M", opts=None, writes=("write -P 1 0 1M"
     cmd = ["create", "-q", "-f", "qcow2"]
     if opts:
         cmd += ["-o", opts]
-    qimg(*cmd, *args, path, size)
+    qimg(*cmd, *args, path, size, cwd=tmp)
     if writes:
         cmdline = []
         for w in writes:
@@ -147,7 +147,7 @@ def test_bitmaps(tmp):
 
 
 def test_data_file(tmp):
-    path = make(tmp, opts="data_file=img.data", writes=())
+    path = make(tmp, opts=f"data_file={tmp}/img.data", writes=())
     qemu_io("-f", "qcow2", "-c", "write -P 3 0 1M", path)
     same_check(path)
 

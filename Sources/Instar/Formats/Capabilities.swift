@@ -67,3 +67,20 @@ public protocol PersistentBitmapEditing: ImageFormat {
 /// file behind it, no metadata to keep consistent). Operations that keep several requests in flight (bench)
 /// send them in parallel only to such formats and serialise the rest.
 public protocol ConcurrentGuestIO: ImageFormat {}
+
+/// A format with internal snapshots (qemu's bdrv_snapshot_* driver callbacks). A driver without it gets qemu's
+/// answers for a format that has none (see `SnapshotOperation`).
+public protocol ImageSnapshottable: ImageFormat {
+    /// The snapshot table in table order.
+    func listSnapshots() throws -> [SnapshotInfo]
+    /// Creates a disk-only snapshot `name` of the current state with the given wall-clock time; the driver
+    /// allocates the id. Errors carry the errno qemu's driver returns.
+    func createSnapshot(name: String, dateSec: UInt32, dateNsec: UInt32) throws
+    /// Reverts the image to the snapshot whose id, else whose name, is `idOrName`; `backing` is the layer below
+    /// (a size change zeroes what a longer backing file would show). Errors carry qemu's whole message (e.g.
+    /// "Failed to load snapshot: No such file or directory").
+    func applySnapshot(idOrName: String, backing: GuestReader?) throws
+    /// Deletes the first snapshot with this id and name (either may be nil, not both). Errors carry qemu's
+    /// whole message.
+    func deleteSnapshot(id: String?, name: String?) throws
+}

@@ -14,3 +14,4 @@ from .commit import commit  # noqa: E402,F401
 from .rebase import rebase  # noqa: E402,F401
 from .bitmapdd import bitmap, dd  # noqa: E402,F401
 from .bitmapdd import bench  # noqa: E402,F401
+from .snapshot import snapshot_apply, snapshot_create, snapshot_delete, snapshot_list  # noqa: E402,F401

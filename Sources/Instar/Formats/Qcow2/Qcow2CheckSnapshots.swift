@@ -129,7 +129,8 @@ extension Qcow2Writer {
     /// `report` receives the line qemu prints when freeing the old table fails.
     func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64,
                             report: (String) -> Void = { _ in },
-                            overlapCheck: (UInt64, UInt64) throws -> Void = { _, _ in }) throws {
+                            overlapCheck: (UInt64, UInt64) throws -> Void = { _, _ in },
+                            crashPrefix: String? = nil, syncFirst: Bool = true) throws {
         var size: UInt64 = 0
         for e in entries {
             size = try size.alignedUp(8)
@@ -141,8 +142,12 @@ extension Qcow2Writer {
         }
         let clusters = size.divCeil(clusterSize)
         let tableOffset = clusters == 0 ? 0 : try allocateClusters(clusters)
+        // The cache write-backs sync the file when they write; otherwise it is synced here.
+        let written = l2Cache.hasDirty || rbCache.hasDirty
         try flushAll()
-        try file.sync()
+        // Without `syncFirst` the caller has nothing unsynced outside the caches (qemu skips a flush when
+        // nothing was written since the last one).
+        if !written && syncFirst { try file.sync() }
         // qcow2_write_snapshots: the new clusters must be free of metadata (qcow2_pre_write_overlap_check).
         if tableOffset != 0 { try overlapCheck(tableOffset, size) }
         var offset = tableOffset
@@ -168,10 +173,12 @@ extension Qcow2Writer {
             if !e.name.isEmpty { try file.write(e.name, at: offset) }
             offset += UInt64(e.name.count)
         }
-        try file.sync()
+        if size > 0 || syncFirst { try file.sync() }
+        if let p = crashPrefix { CrashPoint.hit(p + ":table-before-header") }
         // qcow2.txt: header bytes 60-63 nb_snapshots, 64-71 snapshots_offset, written at once.
         try file.write(be(UInt64(entries.count), 4) + be(tableOffset, 8), at: 60)
         try file.sync()
+        if let p = crashPrefix { CrashPoint.hit(p + ":header-written") }
         let oldOffset = header.snapshotsOffset
         header.nbSnapshots = UInt32(entries.count)
         header.snapshotsOffset = tableOffset

@@ -1,0 +1,33 @@
+"""snapshot -c / -d on a 2 GiB qcow2 holding 1 GiB of data (the convert input of run.py), qemu-img vs instar
+in one run: each tool works on its own copy, creating then deleting snapshot "s", median of the runs."""
+import os
+import shutil
+import statistics
+import subprocess
+import time
+
+
+def _timed(argv):
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def bench_snapshot(build, cache, runs, big_image):
+    src = big_image(cache)
+    tools = {"qemu-img": "qemu-img", "instar": os.path.join(build, "bin", "instar")}
+    print(f"== snapshot -c then -d, 2 GiB qcow2 with 1 GiB data, median of {runs} ==")
+    med = {}
+    for name, exe in tools.items():
+        work = os.path.join(cache, f"snap-{name}.qcow2")
+        shutil.copyfile(src, work)
+        subprocess.run(["sync"], check=True)
+        creates, deletes = [], []
+        for _ in range(runs):
+            creates.append(_timed([exe, "snapshot", "-c", "s", work]))
+            deletes.append(_timed([exe, "snapshot", "-d", "s", work]))
+        os.unlink(work)
+        med[name] = (statistics.median(creates), statistics.median(deletes))
+        print(f"  {name:10s} create {med[name][0] * 1e3:8.1f} ms   delete {med[name][1] * 1e3:8.1f} ms")
+    for k, label in ((0, "create"), (1, "delete")):
+        print(f"  {label}: instar/qemu-img time ratio {med['instar'][k] / med['qemu-img'][k]:.2f}")
