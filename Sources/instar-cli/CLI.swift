@@ -23,6 +23,26 @@ enum CLI {
         fputs("\(programName): \(message)", stderr)
     }
 
+    /// Prints a warning line as qemu's warn_report() callers see it: stdout flushed first, no program prefix.
+    static func warnLine(_ message: String) {
+        out.flush()
+        fputs(message + "\n", stderr)
+    }
+
+    /// Runs a subcommand's work: 0 when it succeeds, else its error printed as error() does and 1.
+    static func exitStatus(_ body: () throws -> Void) -> Int32 {
+        do {
+            try body()
+            return 0
+        } catch let e as InstarError {
+            error(e.message)
+            return 1
+        } catch {
+            self.error("\(error)")
+            return 1
+        }
+    }
+
     /// The "Try 'qemu-img --help'" hint after a usage error.
     static func usageError(_ message: String) -> Int32 {
         error("\(message)\nTry '\(programName) --help' for more information")

@@ -11,10 +11,7 @@ func amendCommand(_ args: [String]) -> Int32 {
         LongOption(name: "force", argument: .none, value: optForce),
     ])
     var options = AmendOperation.Options()
-    options.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    options.warn = CLI.warnLine
     var list: String?
     var quiet = false
     var progress = false

@@ -28,10 +28,7 @@ func benchCommand(_ args: [String]) -> Int32 {
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
     ])
     var o = BenchOperation.Options()
-    o.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    o.warn = CLI.warnLine
     var aioNative = false
     for (c, arg) in g.options {
         let a = arg ?? ""
@@ -101,7 +98,7 @@ func benchCommand(_ args: [String]) -> Int32 {
     guard g.operands.count == 1, let filename = g.operands.first else {
         return CLI.usageError("Expecting one image file name")
     }
-    do {
+    return CLI.exitStatus {
         try BenchOperation.checkOptions(o)
         let layer = try BenchOperation.open(filename, o)
         defer { try? layer.close() }
@@ -111,12 +108,5 @@ func benchCommand(_ args: [String]) -> Int32 {
         var text = [CChar](repeating: 0, count: 64)
         _ = withVaList([r.seconds]) { vsnprintf(&text, text.count, "%3.3f", $0) }
         CLI.out.write("Run completed in \(String(cString: text)) seconds.\n")
-    } catch let e as InstarError {
-        CLI.error(e.message)
-        return 1
-    } catch {
-        CLI.error("\(error)")
-        return 1
     }
-    return 0
 }

@@ -22,10 +22,7 @@ func bitmapCommand(_ args: [String]) -> Int32 {
         LongOption(name: "source-format", argument: .required, value: .opt("F")),
     ])
     var options = BitmapOperation.Options()
-    options.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    options.warn = CLI.warnLine
     var actions: [BitmapOperation.Action] = []
     for (c, arg) in g.options {
         switch c {
@@ -64,14 +61,7 @@ func bitmapCommand(_ args: [String]) -> Int32 {
         CLI.error("Expecting filename and bitmap name")
         return 1
     }
-    do {
+    return CLI.exitStatus {
         try BitmapOperation.run(g.operands[0], bitmap: g.operands[1], actions: actions, options: options)
-    } catch let e as InstarError {
-        CLI.error(e.message)
-        return 1
-    } catch {
-        CLI.error("\(error)")
-        return 1
     }
-    return 0
 }

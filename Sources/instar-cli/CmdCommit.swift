@@ -11,10 +11,7 @@ func commitCommand(_ args: [String]) -> Int32 {
         LongOption(name: "image-opts", argument: .none, value: optImageOpts),
     ])
     var options = CommitOperation.Options()
-    options.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    options.warn = CLI.warnLine
     var quiet = false, progress = false
     var cache = "writeback"
     for (c, arg) in g.options {

@@ -78,14 +78,7 @@ func ddCommand(_ args: [String]) -> Int32 {
     }
     o.allowStreams = pve
     if o.output == nil && pve { CLI.out.flush() }
-    do {
+    return CLI.exitStatus {
         try DdOperation.run(o)
-    } catch let e as InstarError {
-        CLI.error(e.message)
-        return 1
-    } catch {
-        CLI.error("\(error)")
-        return 1
     }
-    return 0
 }

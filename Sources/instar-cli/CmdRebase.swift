@@ -12,10 +12,7 @@ func rebaseCommand(_ args: [String]) -> Int32 {
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
     ])
     var options = RebaseOperation.Options()
-    options.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    options.warn = CLI.warnLine
     var quiet = false
     var progress = false
     for (c, arg) in g.options {

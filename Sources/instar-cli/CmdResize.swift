@@ -25,10 +25,7 @@ func resizeCommand(_ args: [String]) -> Int32 {
         LongOption(name: "shrink", argument: .none, value: optShrink),
     ])
     var options = ResizeOperation.Options()
-    options.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    options.warn = CLI.warnLine
     var quiet = false
     for (c, arg) in g.options {
         switch c {

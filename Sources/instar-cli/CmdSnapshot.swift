@@ -15,10 +15,7 @@ func snapshotCommand(_ args: [String]) -> Int32 {
     enum Action { case none, list, create(String), apply(String), delete(String) }
     var action = Action.none
     var options = SnapshotOperation.Options()
-    options.warn = { msg in
-        CLI.out.flush()
-        fputs(msg + "\n", stderr)
-    }
+    options.warn = CLI.warnLine
     for (c, arg) in g.options {
         switch c {
         case .opt(":"), .opt("?"): return CLI.badOption(c, arg)
@@ -40,7 +37,7 @@ func snapshotCommand(_ args: [String]) -> Int32 {
     guard g.operands.count == 1, let filename = g.operands.first else {
         return CLI.usageError("Expecting one image file name")
     }
-    do {
+    return CLI.exitStatus {
         switch action {
         case .none: try SnapshotOperation.touch(filename, options: options)
         case .list:
@@ -53,14 +50,7 @@ func snapshotCommand(_ args: [String]) -> Int32 {
         case .apply(let n): try SnapshotOperation.apply(filename, snapshot: n, options: options)
         case .delete(let n): try SnapshotOperation.delete(filename, snapshot: n, options: options)
         }
-    } catch let e as InstarError {
-        CLI.error(e.message)
-        return 1
-    } catch {
-        CLI.error("\(error)")
-        return 1
     }
-    return 0
 }
 
 /// One line of `snapshot -l`: qemu prints the name's bytes as stored, padded to 16 bytes, whether or not they
