@@ -65,6 +65,14 @@ public struct ConvertOptions {
     public var compressThreads = 0
     /// Removes a target this call created when the copy fails or is cancelled.
     public var removeTargetOnFailure = true
+    /// -C: copy offloading (qemu's copy_range): data ranges stored plainly in the sources are copied unchanged
+    /// (no zero detection), by the kernel (copy_file_range) into targets whose guest bytes are a plain file,
+    /// until a range that cannot be offloaded turns it off for the rest of the copy, as qemu does.
+    public var copyRange = false
+    /// --salvage: read errors are not fatal; the sectors that cannot be read are written as zeroes.
+    public var salvage = false
+    /// --salvage's warnings (without "warning: "); nil keeps them quiet (-q).
+    public var salvageWarning: ((String) -> Void)?
     /// Each progress value qemu-img -p would print (from 0 to 100 inclusive); throw to cancel.
     public var progress: ((Double) throws -> Void)?
 
@@ -505,6 +513,11 @@ public enum ConvertOperation {
         let reader = ChunkReader(iterator: base, sources: sources, sourceSectors: sourceSectors,
                                  totalSectors: totalSectors, bufSectors: bufSectors, minSparse: minSparse,
                                  depth: min(64, max(4, (8 << 20) / max(bufferBytes, 1))))
+        reader.offload = options.copyRange && (targetFormat as? CopyOffloadTarget)?.acceptsCopyOffload == true
+        reader.kernelCopy = reader.offload && targetFormat is PlainGuestFile
+        reader.salvage = options.salvage
+        reader.coroutines = options.coroutines
+        var kernelCopyWorks = true
         reader.start()
         defer { reader.stop() }
         var done: UInt64 = 0
@@ -518,8 +531,38 @@ public enum ConvertOperation {
                 done += n
                 try meter.set(done: done, total: allocated)
             }
+            for w in step.pointee.warnings { options.salvageWarning?(w) }
             if let e = step.pointee.readError { throw e }
             let chunk = UnsafeMutableRawBufferPointer(rebasing: step.pointee.buffer[0..<Int(min(n, bufSectors) * sectorSize)])
+            if status == .data && step.pointee.offloadBytes > 0 {
+                do {
+                    if step.pointee.unread {
+                        if kernelCopyWorks, try writer.copyIn(step.pointee.pieces, sector: sector) {
+                            reader.release()
+                            sector += n
+                            continue
+                        }
+                        // The kernel could not copy: qemu's copy fails and it reads and writes the chunk.
+                        kernelCopyWorks = false
+                        do {
+                            try readSources(sources, sourceSectors, sector: sector, into: chunk)
+                        } catch let e as InstarError {
+                            throw StepError(.read, at: sector * sectorSize, e)
+                        }
+                    } else {
+                        let prefix = Int(step.pointee.offloadBytes)
+                        try writer.write(UnsafeMutableRawBufferPointer(rebasing: chunk[0..<prefix]), sector: sector,
+                                         count: UInt64(prefix) / sectorSize, status: .data, noZeroSector: true)
+                        if prefix == chunk.count {
+                            reader.release()
+                            sector += n
+                            continue
+                        }
+                    }
+                } catch let e as InstarError {
+                    throw StepError(.write, at: sector * sectorSize, e)
+                }
+            }
             // -S 0: the reader zeroed the buffer; it is written as data.
             if minSparse == 0 && status == .zero { status = .data }
             do {
@@ -560,6 +603,121 @@ public enum ConvertOperation {
     static func writeError(_ f: CompressedWriteFailure) -> Error {
         guard let e = f.error as? InstarError else { return f.error }
         return StepError(.write, at: f.offset, e)
+    }
+
+    /// Where guest bytes lie in a source's host file, for copy offloading.
+    struct HostPiece {
+        var file: HostFile
+        var offset: UInt64
+        var length: UInt64
+    }
+
+    /// How many leading bytes of the data range [sector, +bytes) of the concatenated sources qemu's copy_range
+    /// would copy before it meets a range it cannot offload (one not stored plainly in a host file: compressed,
+    /// encrypted, or a read error), and where they are. Errors end the prefix (qemu's read then reports them).
+    static func offloadablePieces(_ sources: [ImageLayer], _ sizes: [UInt64], sector: UInt64, bytes: UInt64)
+        -> (bytes: UInt64, pieces: [HostPiece])
+    {
+        var pieces: [HostPiece] = []
+        var done: UInt64 = 0
+        var start: UInt64 = 0
+        let first = sector * sectorSize
+        for (i, n) in sizes.enumerated() {
+            let partStart = start * sectorSize
+            let partEnd = (start + n) * sectorSize
+            start += n
+            if done >= bytes { break }
+            let at = first + done
+            if at >= partEnd || at < partStart { continue }
+            var offset = at - partStart
+            let size = sources[i].virtualSize
+            var left = min(bytes - done, partEnd - at)
+            // qemu checks the whole request against the source's length first: a sector-rounded tail past a
+            // source's end makes the copy fail before anything of this part is copied.
+            if offset + left > size { return (done, pieces) }
+            var guardSteps = 0
+            while left > 0 && guardSteps < 1 << 20 {
+                guardSteps += 1
+                let want = min(left, size > offset ? size - offset : 0)
+                if want == 0 { return (done, pieces) }
+                guard let st = try? ChainStatus.aboveStatus(sources[i], at: offset, length: want),
+                      st.data, !st.zero, let host = st.hostOffset, let name = st.hostFile, st.length > 0 else {
+                    return (done, pieces)
+                }
+                let chain = sources[i].chain
+                guard st.depth < chain.count,
+                      let file = chain[st.depth].format.hostFiles.first(where: { $0.path == name }) else {
+                    return (done, pieces)
+                }
+                let len = min(st.length, want)
+                if let last = pieces.last, last.file === file, last.offset + last.length == host {
+                    pieces[pieces.count - 1].length += len
+                } else {
+                    pieces.append(HostPiece(file: file, offset: host, length: len))
+                }
+                done += len
+                offset += len
+                left -= len
+                if left > 0 && offset >= size {
+                    // The sector-rounded tail past a source's end: plain zeroes, not in the file.
+                    return (done, pieces)
+                }
+            }
+            if left > 0 { return (done, pieces) }
+        }
+        return (done, pieces)
+    }
+
+    /// convert_co_read() with --salvage: a failed read of several sectors is retried sector by sector; a sector
+    /// that still fails reads as zeroes and gets qemu's warning (offsets within its source). Returns the
+    /// warnings in order.
+    static func readSalvaging(_ sources: [ImageLayer], _ sizes: [UInt64], sector: UInt64,
+                              into chunk: UnsafeMutableRawBufferPointer) throws -> [String] {
+        var warnings: [String] = []
+        var start: UInt64 = 0
+        var at = sector
+        var filled = 0
+        for (i, n) in sizes.enumerated() {
+            let end = start + n
+            if at < end && filled < chunk.count {
+                let bytes = min(chunk.count - filled, Int((end - at) * sectorSize))
+                let part = UnsafeMutableRawBufferPointer(rebasing: chunk[filled..<(filled + bytes)])
+                let offset = (at - start) * sectorSize
+                do {
+                    try sources[i].read(into: part, at: offset)
+                } catch let e as InstarError {
+                    let one = Int(sectorSize)
+                    var s = 0
+                    var first: InstarError? = bytes <= one ? e : nil
+                    while s < bytes {
+                        let len = min(one, bytes - s)
+                        let sec = UnsafeMutableRawBufferPointer(rebasing: part[s..<(s + len)])
+                        var failure = first
+                        first = nil
+                        if failure == nil {
+                            do {
+                                try sources[i].read(into: sec, at: offset + UInt64(s))
+                            } catch let f as InstarError {
+                                failure = f
+                            }
+                        }
+                        if let f = failure {
+                            let code = f.errnoValue != 0 ? f.errnoValue : EIO
+                            warnings.append("error while reading offset \(offset + UInt64(s)): \(strerrorString(code))")
+                            sec.initializeMemory(as: UInt8.self, repeating: 0)
+                        }
+                        s += len
+                    }
+                }
+                filled += bytes
+                at += UInt64(bytes) / sectorSize
+            }
+            start = end
+        }
+        if filled < chunk.count {
+            UnsafeMutableRawBufferPointer(rebasing: chunk[filled...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        return warnings
     }
 
     /// convert_co_read(): `chunk` from the concatenated sources starting at `sector`.
@@ -628,6 +786,58 @@ public enum ConvertOperation {
                     i += n
                 }
             }
+        }
+
+        /// -C into a plain-file target: the kernel copies `pieces` (the sources' host ranges of the guest range
+        /// from `sector`, in order) into the target. False when it copied nothing of the first piece (qemu then
+        /// falls back to reading); a piece the kernel stops in the middle of is finished through a buffer.
+        mutating func copyIn(_ pieces: [HostPiece], sector: UInt64) throws -> Bool {
+            guard let plain = target as? PlainGuestFile else { return false }
+            var at = sector * sectorSize
+            for (i, p) in pieces.enumerated() {
+                guard let (dst, dstOffset) = plain.plainHostRange(at: at, length: p.length) else {
+                    if i == 0 { return false }
+                    return try finish(pieces[i...], at)
+                }
+                admit()
+                let copied = dst.copyIn(from: p.file, at: p.offset, length: p.length, to: dstOffset)
+                if copied < p.length {
+                    if copied == 0 && i == 0 { return false }
+                    return try finish(pieces[i...], at, skipping: copied)
+                }
+                try account(p.length)
+                at += p.length
+            }
+            return true
+        }
+
+        /// The rest of a kernel copy that stopped part way, through a buffer from the same host ranges.
+        private mutating func finish(_ pieces: ArraySlice<HostPiece>, _ start: UInt64, skipping: UInt64 = 0) throws
+            -> Bool
+        {
+            var at = start
+            var skip = skipping
+            for p in pieces {
+                var left = p.length - skip
+                var src = p.offset + skip
+                at += skip
+                skip = 0
+                var buf = [UInt8](repeating: 0, count: Int(min(left, 1 << 20)))
+                while left > 0 {
+                    let n = min(left, UInt64(buf.count))
+                    try buf.withUnsafeMutableBytes { raw in
+                        let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(n)])
+                        try p.file.readZeroPadded(into: part, at: src)
+                        admit()
+                        try target.write(UnsafeRawBufferPointer(part), at: at, backing: backing)
+                    }
+                    try account(n)
+                    left -= n
+                    src += n
+                    at += n
+                }
+            }
+            return true
         }
 
         mutating func zero(sector: UInt64, count: UInt64) throws {
