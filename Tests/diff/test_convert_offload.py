@@ -158,3 +158,45 @@ def test_salvage_many_sources(tmp):
 def test_salvage_compressed_target(tmp):
     c = broken_compressed(tmp)
     same_result(tmp, ["--salvage", "-c", "-O", "qcow2"], [c], "qcow2")
+
+
+# ---- -C with a backing target, an encrypted source or target, a preallocated target -----------------------
+
+@pytest.mark.parametrize("m", ["1", "8"])
+def test_offload_backing_target(tmp, m):
+    base, mid, top = chain(tmp)
+    same_result(tmp, ["-C", "-m", m, "-O", "qcow2", "-B", mid, "-F", "qcow2"], [top], "qcow2")
+
+
+def test_offload_encrypted_source_and_target(tmp):
+    sec = ["--object", "secret,id=sec0,data=123456"]
+    enc = os.path.join(tmp, "enc.qcow2")
+    qimg("create", "-q", *sec, "-f", "qcow2", "-o",
+         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", enc, "4M")
+    qemu_io(*sec, "--image-opts", "-c", "write -P 0 0 1M", "-c", "write -P 3 1M 64k",
+            f"driver=qcow2,encrypt.key-secret=sec0,file.filename={enc}")
+    # Encrypted source: qemu cannot offload; zeroes are found and left out as without -C.
+    q, qd, idst = convert_both(tmp, ["-C", *sec, "--image-opts", "-O", "raw"],
+                               [f"driver=qcow2,encrypt.key-secret=sec0,file.filename={enc}"], fmt="raw")
+    assert q.rc == 0
+    with open(qd, "rb") as a, open(idst, "rb") as b:
+        assert a.read() == b.read()
+    assert qemu("map", "--output=json", "-f", "raw", idst).out.replace(idst, qd) == \
+        qemu("map", "--output=json", "-f", "raw", qd).out
+    # Encrypted target: the same (its reads, not its layout, are compared: LUKS salts differ).
+    src = zero_data_raw(tmp)
+    for tool, dst in (("q", os.path.join(tmp, "eq.qcow2")), ("i", os.path.join(tmp, "ei.qcow2"))):
+        argv = ["convert", "-C", *sec, "-O", "qcow2", "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", src, dst]
+        r = qemu(*argv) if tool == "q" else instar(*argv)
+        assert (r.rc, r.out, r.err) == (0, "", "")
+    maps = [qemu("map", "--output=json", *sec, "--image-opts",
+                 f"driver=qcow2,encrypt.key-secret=sec0,file.filename={d}").out.replace(d, "X")
+            for d in (os.path.join(tmp, "eq.qcow2"), os.path.join(tmp, "ei.qcow2"))]
+    assert maps[0] == maps[1]
+
+
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc"])
+def test_offload_preallocated_target(tmp, prealloc):
+    src = zero_data_raw(tmp)
+    same_result(tmp, ["-C", "-O", "qcow2", "-o", f"preallocation={prealloc}"], [src], "qcow2")
