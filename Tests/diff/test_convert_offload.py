@@ -39,7 +39,8 @@ def zero_data_raw(tmp, name="z.raw"):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-@pytest.mark.parametrize("args", [["-C"], ["-C", "-p"], ["-C", "-m", "1"], ["-C", "-W"], ["-C", "-t", "writeback"]])
+@pytest.mark.parametrize("args", [["-C"], ["-C", "-p"], ["-C", "-m", "1"], ["-C", "-W"], ["-C", "-t", "writeback"],
+                                  ["-C", "-t", "none"], ["-C", "-T", "none"], ["-C", "-t", "directsync"]])
 def test_offload_raw_source(tmp, fmt, args):
     src = zero_data_raw(tmp)
     same_result(tmp, [*args, "-O", fmt], [src], fmt)
