@@ -377,6 +377,10 @@ public enum ConvertOperation {
         let clusterSectors: UInt64
         var sectorNextStatus: UInt64 = 0
         var status: Status = .data
+        /// --salvage: a failed block-status query is retried on a quarter of the range down to one sector, which
+        /// is then taken as data; `warnings` collects qemu's warning for each such sector until the caller takes them.
+        var salvage = false
+        var warnings: [String] = []
 
         /// The source holding `sector` and where it starts.
         func part(_ sector: UInt64) -> (Int, UInt64) {
@@ -402,21 +406,36 @@ public enum ConvertOperation {
             if sectorNextStatus <= sectorNum {
                 let src = sources[cur]
                 let offset = (sectorNum - curOffset) * sectorSize
-                let bytes = min(n * sectorSize, src.virtualSize.divCeil(sectorSize) * sectorSize - offset)
-                let st: ChainBlockStatus
-                do {
-                    if targetHasBacking {
-                        // Only the source's own layer: what it leaves unallocated comes from the target's backing.
-                        guard let s = try ChainStatus.layerStatus(src, at: offset, length: bytes) else {
-                            throw InstarError(.range, "block status queried past the end of the image")
+                var query = n
+                var found: ChainBlockStatus?
+                while found == nil {
+                    let bytes = min(query * sectorSize, src.virtualSize.divCeil(sectorSize) * sectorSize - offset)
+                    do {
+                        if targetHasBacking {
+                            // Only the source's own layer: what it leaves unallocated comes from the target's
+                            // backing.
+                            guard let s = try ChainStatus.layerStatus(src, at: offset, length: bytes) else {
+                                throw InstarError(.range, "block status queried past the end of the image")
+                            }
+                            found = s
+                        } else {
+                            found = try ChainStatus.aboveStatus(src, at: offset, length: bytes)
                         }
-                        st = s
-                    } else {
-                        st = try ChainStatus.aboveStatus(src, at: offset, length: bytes)
+                    } catch let e as InstarError {
+                        guard salvage else { throw StepError(.blockStatus, at: offset, operand: cur, e) }
+                        if query > 1 {
+                            // --salvage: qemu asks again for a quarter of the range, down to one sector...
+                            query = query.divCeil(4)
+                        } else {
+                            // ...which it then reads as data.
+                            let code = e.errnoValue != 0 ? e.errnoValue : EIO
+                            warnings.append("error while reading block status at offset \(offset): \(strerrorString(code))")
+                            found = ChainBlockStatus(length: sectorSize, allocated: true, data: true, zero: false,
+                                                     hostOffset: nil, hostFile: nil, depth: 0, eof: false)
+                        }
                     }
-                } catch let e as InstarError {
-                    throw StepError(.blockStatus, at: offset, operand: cur, e)
                 }
+                guard let st = found else { throw InstarError(.io, "no block status") }
                 n = st.length.divCeil(sectorSize)
                 let tail = (sectorNum - curOffset + n) % alignment[cur]
                 if n > tail { n -= tail }
@@ -482,17 +501,22 @@ public enum ConvertOperation {
         var backingSectors: UInt64?
         if targetHasBacking && targetCreated, let b = targetBacking { backingSectors = b.virtualSize.divCeil(sectorSize) }
 
-        let base = Iterator(sources: sources, sourceSectors: sourceSectors, alignment: alignment,
+        var base = Iterator(sources: sources, sourceSectors: sourceSectors, alignment: alignment,
                             totalSectors: totalSectors, targetHasBacking: targetHasBacking,
                             targetBackingSectors: backingSectors, bufSectors: bufSectors,
                             compressed: options.compress, clusterSectors: compressor == nil ? clusterSectors
                                 : bufSectors)
+        base.salvage = options.salvage
         // First pass: progress counts only the sectors that will be read or written.
         var counter = base
         var allocated: UInt64 = 0
         var sector: UInt64 = 0
         while sector < totalSectors {
             let n = try counter.next(sector)
+            if !counter.warnings.isEmpty {
+                for w in counter.warnings { options.salvageWarning?(w) }
+                counter.warnings = []
+            }
             if counter.status == .data || (minSparse == 0 && counter.status == .zero) { allocated += n }
             sector += n
         }

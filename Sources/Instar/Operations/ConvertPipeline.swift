@@ -205,6 +205,10 @@ final class ChunkReader {
             return false
         }
         let status = iterator.status
+        if !iterator.warnings.isEmpty {
+            slot.pointee.warnings = iterator.warnings
+            iterator.warnings = []
+        }
         if minSparse == 0 && status == .zero { n = min(n, bufSectors) }
         slot.pointee.count = n
         slot.pointee.status = status
@@ -228,7 +232,7 @@ final class ChunkReader {
         if status == .data {
             do {
                 if salvage {
-                    slot.pointee.warnings = try ConvertOperation.readSalvaging(sources, sourceSectors, sector: sector,
+                    slot.pointee.warnings += try ConvertOperation.readSalvaging(sources, sourceSectors, sector: sector,
                                                                                into: chunk)
                 } else {
                     try ConvertOperation.readSources(sources, sourceSectors, sector: sector, into: chunk)
