@@ -507,6 +507,17 @@ int instar_check(const char *filename, const instar_check_options_t *opts, insta
  */
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
 
+/**
+ * `check --chain --output=json` (an instar extension): checks every image of filename's backing chain on its own,
+ * top first, with opts (its format applies to the top; the images below are opened in the formats the chain
+ * names). Stores in *json the array of the per-image objects of `qemu-img check --output=json` (an image whose
+ * format has no check, or whose check failed, has none); free it with instar_string_free. *exit_code (if not
+ * NULL) receives the worst status of the images: 1 (a check not completed) > 2 (corruptions) > 3 (leaks) >
+ * 63 (format without check) > 0. Errors: the open errors of the top's chain.
+ */
+int instar_check_chain_json(const char *filename, const instar_check_options_t *opts, char **json,
+                            int32_t *exit_code, instar_error_t *err);
+
 /* ---- resize and amend -------------------------------------------------------------------------------- */
 
 enum {

@@ -155,6 +155,9 @@ func convertCommand(_ args: [String]) -> Int32 {
     options.progress = progressPrinter(progress)
     options.secrets = cliSecrets
     options.warning = { CLI.error("warning: \($0)") }
+    options.copyRange = copyRange
+    options.salvage = salvage
+    if !quiet { options.salvageWarning = { CLI.error("warning: \($0)") } }
     if targetImageOpts {
         do {
             options.targetSpec = try ImageOpener.commandLineSpec(target, format: nil, imageOpts: true,

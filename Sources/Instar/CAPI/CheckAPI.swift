@@ -78,3 +78,46 @@ public func instar_check_json(_ filename: UnsafePointer<CChar>?, _ opts: UnsafeP
         json.pointee = mallocString(try runCheck(filename, opts).json)
     }
 }
+
+/// `check --chain --output=json` (an instar extension): every image of the backing chain checked on its own, top
+/// first; *json receives the array of the per-image objects (images without a check, or whose check failed,
+/// have none) and *exit_code the worst status (1 > 2 > 3 > 63 > 0).
+@_cdecl("instar_check_chain_json")
+public func instar_check_chain_json(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?,
+                                    _ json: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?,
+                                    _ exitCode: UnsafeMutablePointer<Int32>?,
+                                    _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        guard let json else { throw InstarError.invalid("json must not be NULL") }
+        json.pointee = nil
+        let name = try cString(filename, "filename")
+        var defaults = instar_check_options_t()
+        instar_check_options_init(&defaults)
+        let o = try readOptions(opts, defaults: defaults)
+        var options = CheckOperation.Options()
+        options.format = optionalString(o.format)
+        options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret)
+        var repair: CheckRepair = []
+        if o.repair & UInt32(INSTAR_CHECK_REPAIR_LEAKS) != 0 { repair.insert(.leaks) }
+        if o.repair & UInt32(INSTAR_CHECK_REPAIR_ERRORS) != 0 { repair.insert(.errors) }
+        options.repair = repair
+        let members = try CheckOperation.chainMembers(name, options: options)
+        var codes: [Int32] = []
+        var reports: [QObject] = []
+        for (i, m) in members.enumerated() {
+            var one = options
+            if i > 0 { one.format = m.format }
+            do {
+                let outcome = try CheckOperation.run(m.filename, options: one) { _ in }
+                codes.append(outcome.exitCode)
+                if let r = outcome.report, outcome.failureErrno == nil { reports.append(r.qobject) }
+            } catch is CheckNotSupported {
+                codes.append(63)
+            } catch {
+                codes.append(1)
+            }
+        }
+        exitCode?.pointee = CheckOperation.worstExitCode(codes)
+        json.pointee = mallocString(QJSON.pretty(.list(reports)) + "\n")
+    }
+}

@@ -165,3 +165,57 @@ public enum CheckOperation {
         return outcome
     }
 }
+
+// MARK: - check --chain (an instar extension)
+
+extension CheckOperation {
+    /// One image of a backing chain, as `check --chain` checks it.
+    public struct ChainMember {
+        /// The name to check it by: the top as given, the rest as their overlays resolve them.
+        public var filename: String
+        /// The format it was opened with (nil for the top: the caller's -f or --image-opts apply).
+        public var format: String?
+    }
+
+    /// The images of `name`'s backing chain, top first. Opens the chain read-only once (shared) and closes it;
+    /// each image is then checked on its own by `run`. Open failures throw like `run` does.
+    public static func chainMembers(_ name: String, options: Options) throws -> [ChainMember] {
+        if options.imageOpts && options.format != nil {
+            throw InstarError.invalid("--image-opts and --format are mutually exclusive")
+        }
+        var open = options.open
+        open.forceShare = true
+        let layer: ImageLayer
+        do {
+            let spec = try ImageOpener.commandLineSpec(name, format: options.format, imageOpts: options.imageOpts,
+                                                       warn: options.warn)
+            layer = try ImageOpener.open(spec, options: open, writable: false, openBacking: true)
+        } catch let e as InstarError {
+            throw e.prepending("Could not open '\(name)': ")
+        }
+        defer { try? layer.close() }
+        var out = [ChainMember(filename: name, format: nil)]
+        for below in layer.chain.dropFirst() {
+            out.append(ChainMember(filename: below.filename, format: below.format.formatName))
+        }
+        return out
+    }
+
+    /// The exit status of a whole chain from its images' `check` statuses: the worst one, where a check that
+    /// did not complete (1) is worse than corruptions (2), corruptions worse than leaks (3), leaks worse than an
+    /// image whose format has no check (63), and that worse than clean (0).
+    public static func worstExitCode(_ codes: [Int32]) -> Int32 {
+        func rank(_ c: Int32) -> Int {
+            switch c {
+            case 0: return 0
+            case 63: return 1
+            case 3: return 2
+            case 2: return 3
+            default: return 4
+            }
+        }
+        var worst: Int32 = 0
+        for c in codes where rank(c) > rank(worst) { worst = c }
+        return worst
+    }
+}

@@ -65,6 +65,14 @@ public struct ConvertOptions {
     public var compressThreads = 0
     /// Removes a target this call created when the copy fails or is cancelled.
     public var removeTargetOnFailure = true
+    /// -C: copy offloading (qemu's copy_range): data ranges stored plainly in the sources are copied unchanged
+    /// (no zero detection), by the kernel (copy_file_range) into targets whose guest bytes are a plain file,
+    /// until a range that cannot be offloaded turns it off for the rest of the copy, as qemu does.
+    public var copyRange = false
+    /// --salvage: read errors are not fatal; the sectors that cannot be read are written as zeroes.
+    public var salvage = false
+    /// --salvage's warnings (without "warning: "); nil keeps them quiet (-q).
+    public var salvageWarning: ((String) -> Void)?
     /// Each progress value qemu-img -p would print (from 0 to 100 inclusive); throw to cancel.
     public var progress: ((Double) throws -> Void)?
 
@@ -370,6 +378,10 @@ public enum ConvertOperation {
         let clusterSectors: UInt64
         var sectorNextStatus: UInt64 = 0
         var status: Status = .data
+        /// --salvage: a failed block-status query is retried on a quarter of the range down to one sector, which
+        /// is then taken as data; `warnings` collects qemu's warning for each such sector until the caller takes them.
+        var salvage = false
+        var warnings: [String] = []
 
         /// The source holding `sector` and where it starts.
         func part(_ sector: UInt64) -> (Int, UInt64) {
@@ -395,21 +407,36 @@ public enum ConvertOperation {
             if sectorNextStatus <= sectorNum {
                 let src = sources[cur]
                 let offset = (sectorNum - curOffset) * sectorSize
-                let bytes = min(n * sectorSize, src.virtualSize.divCeil(sectorSize) * sectorSize - offset)
-                let st: ChainBlockStatus
-                do {
-                    if targetHasBacking {
-                        // Only the source's own layer: what it leaves unallocated comes from the target's backing.
-                        guard let s = try ChainStatus.layerStatus(src, at: offset, length: bytes) else {
-                            throw InstarError(.range, "block status queried past the end of the image")
+                var query = n
+                var found: ChainBlockStatus?
+                while found == nil {
+                    let bytes = min(query * sectorSize, src.virtualSize.divCeil(sectorSize) * sectorSize - offset)
+                    do {
+                        if targetHasBacking {
+                            // Only the source's own layer: what it leaves unallocated comes from the target's
+                            // backing.
+                            guard let s = try ChainStatus.layerStatus(src, at: offset, length: bytes) else {
+                                throw InstarError(.range, "block status queried past the end of the image")
+                            }
+                            found = s
+                        } else {
+                            found = try ChainStatus.aboveStatus(src, at: offset, length: bytes)
                         }
-                        st = s
-                    } else {
-                        st = try ChainStatus.aboveStatus(src, at: offset, length: bytes)
+                    } catch let e as InstarError {
+                        guard salvage else { throw StepError(.blockStatus, at: offset, operand: cur, e) }
+                        if query > 1 {
+                            // --salvage: qemu asks again for a quarter of the range, down to one sector...
+                            query = query.divCeil(4)
+                        } else {
+                            // ...which it then reads as data.
+                            let code = e.errnoValue != 0 ? e.errnoValue : EIO
+                            warnings.append("error while reading block status at offset \(offset): \(strerrorString(code))")
+                            found = ChainBlockStatus(length: sectorSize, allocated: true, data: true, zero: false,
+                                                     hostOffset: nil, hostFile: nil, depth: 0, eof: false)
+                        }
                     }
-                } catch let e as InstarError {
-                    throw StepError(.blockStatus, at: offset, operand: cur, e)
                 }
+                guard let st = found else { throw InstarError(.io, "no block status") }
                 n = st.length.divCeil(sectorSize)
                 let tail = (sectorNum - curOffset + n) % alignment[cur]
                 if n > tail { n -= tail }
@@ -475,17 +502,22 @@ public enum ConvertOperation {
         var backingSectors: UInt64?
         if targetHasBacking && targetCreated, let b = targetBacking { backingSectors = b.virtualSize.divCeil(sectorSize) }
 
-        let base = Iterator(sources: sources, sourceSectors: sourceSectors, alignment: alignment,
+        var base = Iterator(sources: sources, sourceSectors: sourceSectors, alignment: alignment,
                             totalSectors: totalSectors, targetHasBacking: targetHasBacking,
                             targetBackingSectors: backingSectors, bufSectors: bufSectors,
                             compressed: options.compress, clusterSectors: compressor == nil ? clusterSectors
                                 : bufSectors)
+        base.salvage = options.salvage
         // First pass: progress counts only the sectors that will be read or written.
         var counter = base
         var allocated: UInt64 = 0
         var sector: UInt64 = 0
         while sector < totalSectors {
             let n = try counter.next(sector)
+            if !counter.warnings.isEmpty {
+                for w in counter.warnings { options.salvageWarning?(w) }
+                counter.warnings = []
+            }
             if counter.status == .data || (minSparse == 0 && counter.status == .zero) { allocated += n }
             sector += n
         }
@@ -506,6 +538,11 @@ public enum ConvertOperation {
         let reader = ChunkReader(iterator: base, sources: sources, sourceSectors: sourceSectors,
                                  totalSectors: totalSectors, bufSectors: bufSectors, minSparse: minSparse,
                                  depth: min(64, max(4, (8 << 20) / max(bufferBytes, 1))))
+        reader.offload = options.copyRange && (targetFormat as? CopyOffloadTarget)?.acceptsCopyOffload == true
+        reader.kernelCopy = reader.offload && targetFormat is PlainGuestFile
+        reader.salvage = options.salvage
+        reader.coroutines = options.coroutines
+        var kernelCopyWorks = true
         reader.start()
         defer { reader.stop() }
         var done: UInt64 = 0
@@ -519,8 +556,38 @@ public enum ConvertOperation {
                 done += n
                 try meter.set(done: done, total: allocated)
             }
+            for w in step.pointee.warnings { options.salvageWarning?(w) }
             if let e = step.pointee.readError { throw e }
             let chunk = UnsafeMutableRawBufferPointer(rebasing: step.pointee.buffer[0..<Int(min(n, bufSectors) * sectorSize)])
+            if status == .data && step.pointee.offloadBytes > 0 {
+                do {
+                    if step.pointee.unread {
+                        if kernelCopyWorks, try writer.copyIn(step.pointee.pieces, sector: sector) {
+                            reader.release()
+                            sector += n
+                            continue
+                        }
+                        // The kernel could not copy: qemu's copy fails and it reads and writes the chunk.
+                        kernelCopyWorks = false
+                        do {
+                            try readSources(sources, sourceSectors, sector: sector, into: chunk)
+                        } catch let e as InstarError {
+                            throw StepError(.read, at: sector * sectorSize, e)
+                        }
+                    } else {
+                        let prefix = Int(step.pointee.offloadBytes)
+                        try writer.write(UnsafeMutableRawBufferPointer(rebasing: chunk[0..<prefix]), sector: sector,
+                                         count: UInt64(prefix) / sectorSize, status: .data, noZeroSector: true)
+                        if prefix == chunk.count {
+                            reader.release()
+                            sector += n
+                            continue
+                        }
+                    }
+                } catch let e as InstarError {
+                    throw StepError(.write, at: sector * sectorSize, e)
+                }
+            }
             // -S 0: the reader zeroed the buffer; it is written as data.
             if minSparse == 0 && status == .zero { status = .data }
             do {
@@ -561,6 +628,121 @@ public enum ConvertOperation {
     static func writeError(_ f: CompressedWriteFailure) -> Error {
         guard let e = f.error as? InstarError else { return f.error }
         return StepError(.write, at: f.offset, e)
+    }
+
+    /// Where guest bytes lie in a source's host file, for copy offloading.
+    struct HostPiece {
+        var file: HostFile
+        var offset: UInt64
+        var length: UInt64
+    }
+
+    /// How many leading bytes of the data range [sector, +bytes) of the concatenated sources qemu's copy_range
+    /// would copy before it meets a range it cannot offload (one not stored plainly in a host file: compressed,
+    /// encrypted, or a read error), and where they are. Errors end the prefix (qemu's read then reports them).
+    static func offloadablePieces(_ sources: [ImageLayer], _ sizes: [UInt64], sector: UInt64, bytes: UInt64)
+        -> (bytes: UInt64, pieces: [HostPiece])
+    {
+        var pieces: [HostPiece] = []
+        var done: UInt64 = 0
+        var start: UInt64 = 0
+        let first = sector * sectorSize
+        for (i, n) in sizes.enumerated() {
+            let partStart = start * sectorSize
+            let partEnd = (start + n) * sectorSize
+            start += n
+            if done >= bytes { break }
+            let at = first + done
+            if at >= partEnd || at < partStart { continue }
+            var offset = at - partStart
+            let size = sources[i].virtualSize
+            var left = min(bytes - done, partEnd - at)
+            // qemu checks the whole request against the source's length first: a sector-rounded tail past a
+            // source's end makes the copy fail before anything of this part is copied.
+            if offset + left > size { return (done, pieces) }
+            var guardSteps = 0
+            while left > 0 && guardSteps < 1 << 20 {
+                guardSteps += 1
+                let want = min(left, size > offset ? size - offset : 0)
+                if want == 0 { return (done, pieces) }
+                guard let st = try? ChainStatus.aboveStatus(sources[i], at: offset, length: want),
+                      st.data, !st.zero, let host = st.hostOffset, let name = st.hostFile, st.length > 0 else {
+                    return (done, pieces)
+                }
+                let chain = sources[i].chain
+                guard st.depth < chain.count,
+                      let file = chain[st.depth].format.hostFiles.first(where: { $0.path == name }) else {
+                    return (done, pieces)
+                }
+                let len = min(st.length, want)
+                if let last = pieces.last, last.file === file, last.offset + last.length == host {
+                    pieces[pieces.count - 1].length += len
+                } else {
+                    pieces.append(HostPiece(file: file, offset: host, length: len))
+                }
+                done += len
+                offset += len
+                left -= len
+                if left > 0 && offset >= size {
+                    // The sector-rounded tail past a source's end: plain zeroes, not in the file.
+                    return (done, pieces)
+                }
+            }
+            if left > 0 { return (done, pieces) }
+        }
+        return (done, pieces)
+    }
+
+    /// convert_co_read() with --salvage: a failed read of several sectors is retried sector by sector; a sector
+    /// that still fails reads as zeroes and gets qemu's warning (offsets within its source). Returns the
+    /// warnings in order.
+    static func readSalvaging(_ sources: [ImageLayer], _ sizes: [UInt64], sector: UInt64,
+                              into chunk: UnsafeMutableRawBufferPointer) throws -> [String] {
+        var warnings: [String] = []
+        var start: UInt64 = 0
+        var at = sector
+        var filled = 0
+        for (i, n) in sizes.enumerated() {
+            let end = start + n
+            if at < end && filled < chunk.count {
+                let bytes = min(chunk.count - filled, Int((end - at) * sectorSize))
+                let part = UnsafeMutableRawBufferPointer(rebasing: chunk[filled..<(filled + bytes)])
+                let offset = (at - start) * sectorSize
+                do {
+                    try sources[i].read(into: part, at: offset)
+                } catch let e as InstarError {
+                    let one = Int(sectorSize)
+                    var s = 0
+                    var first: InstarError? = bytes <= one ? e : nil
+                    while s < bytes {
+                        let len = min(one, bytes - s)
+                        let sec = UnsafeMutableRawBufferPointer(rebasing: part[s..<(s + len)])
+                        var failure = first
+                        first = nil
+                        if failure == nil {
+                            do {
+                                try sources[i].read(into: sec, at: offset + UInt64(s))
+                            } catch let f as InstarError {
+                                failure = f
+                            }
+                        }
+                        if let f = failure {
+                            let code = f.errnoValue != 0 ? f.errnoValue : EIO
+                            warnings.append("error while reading offset \(offset + UInt64(s)): \(strerrorString(code))")
+                            sec.initializeMemory(as: UInt8.self, repeating: 0)
+                        }
+                        s += len
+                    }
+                }
+                filled += bytes
+                at += UInt64(bytes) / sectorSize
+            }
+            start = end
+        }
+        if filled < chunk.count {
+            UnsafeMutableRawBufferPointer(rebasing: chunk[filled...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        return warnings
     }
 
     /// convert_co_read(): `chunk` from the concatenated sources starting at `sector`.
@@ -629,6 +811,58 @@ public enum ConvertOperation {
                     i += n
                 }
             }
+        }
+
+        /// -C into a plain-file target: the kernel copies `pieces` (the sources' host ranges of the guest range
+        /// from `sector`, in order) into the target. False when it copied nothing of the first piece (qemu then
+        /// falls back to reading); a piece the kernel stops in the middle of is finished through a buffer.
+        mutating func copyIn(_ pieces: [HostPiece], sector: UInt64) throws -> Bool {
+            guard let plain = target as? PlainGuestFile else { return false }
+            var at = sector * sectorSize
+            for (i, p) in pieces.enumerated() {
+                guard let (dst, dstOffset) = plain.plainHostRange(at: at, length: p.length) else {
+                    if i == 0 { return false }
+                    return try finish(pieces[i...], at)
+                }
+                admit()
+                let copied = dst.copyIn(from: p.file, at: p.offset, length: p.length, to: dstOffset)
+                if copied < p.length {
+                    if copied == 0 && i == 0 { return false }
+                    return try finish(pieces[i...], at, skipping: copied)
+                }
+                try account(p.length)
+                at += p.length
+            }
+            return true
+        }
+
+        /// The rest of a kernel copy that stopped part way, through a buffer from the same host ranges.
+        private mutating func finish(_ pieces: ArraySlice<HostPiece>, _ start: UInt64, skipping: UInt64 = 0) throws
+            -> Bool
+        {
+            var at = start
+            var skip = skipping
+            for p in pieces {
+                var left = p.length - skip
+                var src = p.offset + skip
+                at += skip
+                skip = 0
+                var buf = [UInt8](repeating: 0, count: Int(min(left, 1 << 20)))
+                while left > 0 {
+                    let n = min(left, UInt64(buf.count))
+                    try buf.withUnsafeMutableBytes { raw in
+                        let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(n)])
+                        try p.file.readZeroPadded(into: part, at: src)
+                        admit()
+                        try target.write(UnsafeRawBufferPointer(part), at: at, backing: backing)
+                    }
+                    try account(n)
+                    left -= n
+                    src += n
+                    at += n
+                }
+            }
+            return true
         }
 
         mutating func zero(sector: UInt64, count: UInt64) throws {

@@ -23,7 +23,30 @@ final class ChunkReader {
         var noZeroSector = false
         /// The bytes read (or zeroed for -S 0): the first min(count, bufSectors) sectors of the slot's buffer.
         var buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        /// -C: the leading bytes of a data chunk that qemu's copy offload would copy (stored plainly in the
+        /// sources, so written unchanged, without looking for zeroes); 0 when the chunk is not offloaded.
+        var offloadBytes: UInt64 = 0
+        /// -C: the whole chunk is offloadable and was not read; `pieces` says where its bytes are in the
+        /// sources' host files, in guest order.
+        var unread = false
+        var pieces: [ConvertOperation.HostPiece] = []
+        /// --salvage: qemu's warnings for the sectors that failed to read (and were zeroed), in order.
+        var warnings: [String] = []
     }
+
+    /// -C as qemu-img's copy_range flag: on until a chunk cannot be offloaded (reader side only).
+    var offload = false
+    /// -m: qemu's coroutines. When chunk k cannot be offloaded, the chunks its peers had already taken (up to
+    /// k + m - 2, and all of the first m, which qemu's coroutines take before any I/O completes) were decided
+    /// with copy offloading still on; the rest go through reads.
+    var coroutines = 8
+    private var chunkIndex = 0
+    private var offloadUntil: Int?
+    /// -C into a target whose guest bytes are a plain host file: wholly offloadable chunks are not read, the
+    /// writer has the kernel copy them.
+    var kernelCopy = false
+    /// --salvage: failed reads are retried sector by sector; sectors that still fail read as zeroes.
+    var salvage = false
 
     private var iterator: ConvertOperation.Iterator
     private let sources: [ImageLayer]
@@ -165,6 +188,13 @@ final class ChunkReader {
         slot.pointee.statusError = nil
         slot.pointee.readError = nil
         slot.pointee.noZeroSector = false
+        slot.pointee.offloadBytes = 0
+        slot.pointee.unread = false
+        slot.pointee.pieces = []
+        slot.pointee.warnings = []
+        let index = chunkIndex
+        chunkIndex += 1
+        if let last = offloadUntil, index > last { offload = false }
         var n: UInt64
         do {
             n = try iterator.next(sector)
@@ -175,15 +205,38 @@ final class ChunkReader {
             return false
         }
         let status = iterator.status
+        if !iterator.warnings.isEmpty {
+            slot.pointee.warnings = iterator.warnings
+            iterator.warnings = []
+        }
         if minSparse == 0 && status == .zero { n = min(n, bufSectors) }
         slot.pointee.count = n
         slot.pointee.status = status
         nextSector = sector + n
         let chunk = UnsafeMutableRawBufferPointer(
             rebasing: slot.pointee.buffer[0..<Int(min(n, bufSectors) * ConvertOperation.sectorSize)])
+        if status == .data && offload {
+            let plain = ConvertOperation.offloadablePieces(sources, sourceSectors, sector: sector,
+                                                           bytes: UInt64(chunk.count))
+            slot.pointee.offloadBytes = plain.bytes - plain.bytes % ConvertOperation.sectorSize
+            if slot.pointee.offloadBytes < UInt64(chunk.count) {
+                // qemu copies what it can, then falls back to reading for this chunk and the ones after those
+                // already taken.
+                if offloadUntil == nil { offloadUntil = max(coroutines - 1, index + coroutines - 2) }
+            } else if kernelCopy {
+                slot.pointee.unread = true
+                slot.pointee.pieces = plain.pieces
+                return true
+            }
+        }
         if status == .data {
             do {
-                try ConvertOperation.readSources(sources, sourceSectors, sector: sector, into: chunk)
+                if salvage {
+                    slot.pointee.warnings += try ConvertOperation.readSalvaging(sources, sourceSectors, sector: sector,
+                                                                               into: chunk)
+                } else {
+                    try ConvertOperation.readSources(sources, sourceSectors, sector: sector, into: chunk)
+                }
             } catch let e as InstarError {
                 slot.pointee.readError = StepError(.read, at: sector * ConvertOperation.sectorSize, e)
             } catch {

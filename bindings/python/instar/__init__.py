@@ -1,6 +1,7 @@
 """Python ctypes binding for libinstar (see include/instar.h)."""
 from ._lib import InstarError, lib
 from .check import check, check_json
+from .check import check_chain_json
 from .create import create, measure
 from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_WRITE, ZERO_MAY_UNMAP, Image
 from .info import ImageInfo, Snapshot, info, info_human, info_json
