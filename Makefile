@@ -6,8 +6,9 @@ PREFIX  ?= /usr/local
 OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
+APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel
 
-.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean
+.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel
 
 all: build
 
@@ -64,3 +65,13 @@ install-only:
 
 clean:
 	rm -rf .build $(OUT)
+
+# A wheel of the Python package with build/lib/libinstar.so inside (instar/_native/), for hosts without
+# `make install`: build/dist/instar-VERSION-py3-none-PLATFORM.whl. Built from a copy of bindings/python so the
+# source tree stays clean; uses the system's setuptools and wheel (no download).
+wheel: build
+	rm -rf $(OUT)/wheel-src && mkdir -p $(OUT)/wheel-src $(OUT)/dist
+	cp -r bindings/python/pyproject.toml bindings/python/setup.py bindings/python/README.md bindings/python/instar $(OUT)/wheel-src/
+	rm -rf $(OUT)/wheel-src/instar/__pycache__ && mkdir -p $(OUT)/wheel-src/instar/_native
+	cp $(OUT)/lib/libinstar.so $(OUT)/wheel-src/instar/_native/libinstar.so
+	$(PYTHON) -m pip wheel --no-deps --no-build-isolation --no-index --no-cache-dir -w $(OUT)/dist $(OUT)/wheel-src

@@ -1,4 +1,10 @@
-"""Python ctypes binding for libinstar (see include/instar.h)."""
+"""Python binding for libinstar (see include/instar.h): qemu-img's operations as library calls.
+
+The library is found through $INSTAR_LIBRARY, the copy inside the package, ``ldconfig -p``, then
+``pkg-config --variable=libdir instar`` (see ``instar._lib``). Failures raise an ``InstarError`` subclass per
+INSTAR_E_* code (``NotFound``, ``Locked``, ``Corrupt``, ...), each with ``.code``, ``.message`` (qemu-img's
+message) and ``.errno``. Library calls release the GIL; long operations take ``progress=`` and ``cancel=``.
+"""
 from ._lib import InstarError, lib
 from .check import check, check_json
 from .create import create, measure
@@ -6,7 +12,8 @@ from .image import OPEN_FORCE_SHARE, OPEN_NO_BACKING, OPEN_NO_CACHE, OPEN_READ_W
 from .info import ImageInfo, Snapshot, info, info_human, info_json
 
 
-def version():
+def version() -> str:
+    """The library's version string."""
     return lib().instar_version().decode()
 from .ops import compare, convert, map  # noqa: E402,F401
 from .resize import amend, resize  # noqa: E402,F401
@@ -14,3 +21,11 @@ from .commit import commit  # noqa: E402,F401
 from .rebase import rebase  # noqa: E402,F401
 from .bitmapdd import bitmap, dd  # noqa: E402,F401
 from .bitmapdd import bench  # noqa: E402,F401
+from ._lib import (Chain, Corrupt, Cancelled, Encrypted, Invalid, IO, LibraryNotFoundError, Locked,  # noqa: E402,F401
+                   NoMemory, NotFound, OutOfRange, Permission, Unsupported, ERROR_CLASSES, library_path)
+from .progress import Cancel  # noqa: E402,F401
+from .results import BenchResult, CheckResult, CompareResult, MapEntry, MeasureResult  # noqa: E402,F401
+from .ops import compare_result, map_entries  # noqa: E402,F401
+from .create import measure_result  # noqa: E402,F401
+from .check import check_result  # noqa: E402,F401
+from .bitmapdd import bench_result  # noqa: E402,F401

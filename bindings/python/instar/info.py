@@ -3,10 +3,12 @@
 `info()` returns an `ImageInfo` dataclass whose fields are qemu-img's JSON keys with '-' written as '_';
 `ImageInfo.to_dict()` gives back exactly the object `qemu-img info --output=json` prints.
 """
+from __future__ import annotations
+
 import ctypes
 import dataclasses
 import json
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ._lib import Error, check, encode, lib, take_string
 from .image import OPEN_FORCE_SHARE
@@ -47,7 +49,7 @@ class _InfoOptions(ctypes.Structure):
                 ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_info_ready", False):
         return L
@@ -77,7 +79,8 @@ class Snapshot:
     vm_clock_nsec: int
     icount: Optional[int] = None
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
+        """The object qemu-img prints for this snapshot."""
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) is not None}
 
@@ -99,7 +102,7 @@ class ImageInfo:
     snapshots: Optional[List[Snapshot]] = None
     format_specific: Optional[dict] = None
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         """The JSON object qemu-img prints for this image (as Python values)."""
         out = {}
         for f in dataclasses.fields(self):
@@ -146,7 +149,8 @@ def _options(format, force_share, backing_chain, key_secret=None):
                         encode(key_secret))
 
 
-def info(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+def info(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
+         key_secret: Optional[str] = None) -> Union[ImageInfo, List[ImageInfo]]:
     """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first.
     `key_secret` is the passphrase of an encrypted image (info itself reads only metadata)."""
     L = _setup()
@@ -174,11 +178,13 @@ def _text(fn, path, format, force_share, backing_chain, key_secret=None):
     return take_string(out)
 
 
-def info_json(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+def info_json(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
+              key_secret: Optional[str] = None) -> str:
     """The exact text of `qemu-img info --output=json` (an array with backing_chain)."""
     return _text("instar_info_json", path, format, force_share, backing_chain, key_secret)
 
 
-def info_human(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+def info_human(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
+               key_secret: Optional[str] = None) -> str:
     """The exact text of human `qemu-img info`."""
     return _text("instar_info_human", path, format, force_share, backing_chain, key_secret)
