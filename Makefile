@@ -8,7 +8,7 @@ RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
 APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel
 
-.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel
+.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel wheel-only
 
 all: build
 
@@ -68,10 +68,16 @@ clean:
 
 # A wheel of the Python package with build/lib/libinstar.so inside (instar/_native/), for hosts without
 # `make install`: build/dist/instar-VERSION-py3-none-PLATFORM.whl. Built from a copy of bindings/python so the
-# source tree stays clean; uses the system's setuptools and wheel (no download).
-wheel: build
-	rm -rf $(OUT)/wheel-src && mkdir -p $(OUT)/wheel-src $(OUT)/dist
-	cp -r bindings/python/pyproject.toml bindings/python/setup.py bindings/python/README.md bindings/python/instar $(OUT)/wheel-src/
-	rm -rf $(OUT)/wheel-src/instar/__pycache__ && mkdir -p $(OUT)/wheel-src/instar/_native
-	cp $(OUT)/lib/libinstar.so $(OUT)/wheel-src/instar/_native/libinstar.so
-	$(PYTHON) -m pip wheel --no-deps --no-build-isolation --no-index --no-cache-dir -w $(OUT)/dist $(OUT)/wheel-src
+# source tree stays clean; uses the system's setuptools and wheel (no download). `wheel-only` packs whatever
+# build/ holds (the tests use it with their own WHEEL_STAGE and WHEEL_DIR).
+WHEEL_STAGE ?= $(OUT)/wheel-src
+WHEEL_DIR   ?= $(OUT)/dist
+
+wheel: build wheel-only
+
+wheel-only:
+	rm -rf $(WHEEL_STAGE) && mkdir -p $(WHEEL_STAGE) $(WHEEL_DIR)
+	cp -r bindings/python/pyproject.toml bindings/python/setup.py bindings/python/README.md bindings/python/instar $(WHEEL_STAGE)/
+	rm -rf $(WHEEL_STAGE)/instar/__pycache__ $(WHEEL_STAGE)/instar/_native && mkdir -p $(WHEEL_STAGE)/instar/_native
+	cp $(OUT)/lib/libinstar.so $(WHEEL_STAGE)/instar/_native/libinstar.so
+	$(PYTHON) -m pip wheel --no-deps --no-build-isolation --no-index --no-cache-dir -w $(WHEEL_DIR) $(WHEEL_STAGE)

@@ -62,7 +62,8 @@ def check_result(path: str, repair: Optional[str] = None, format: Optional[str] 
     r.struct_size = ctypes.sizeof(_CheckResult)
     err = Error()
     _check_rc(L.instar_check(encode(path), ctypes.byref(opts), ctypes.byref(r), ctypes.byref(err)), err)
-    return CheckResult(*(getattr(r, name) for name, _ in _CheckResult._fields_[1:]))
+    counts = [getattr(r, name) for name, _ in _CheckResult._fields_[3:]]
+    return CheckResult(r.exit_code, r.check_errors, *(None if v < 0 else v for v in counts))
 
 
 def check_json(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,

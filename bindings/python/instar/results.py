@@ -62,21 +62,24 @@ class MeasureResult:
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
     """The counters of `qemu-img check` (instar_check_result_t). `exit_code` is qemu-img check's exit status:
-    0 clean, 1 check errors, 2 corruptions, 3 leaks only."""
+    0 clean, 1 check errors, 2 corruptions, 3 leaks only. A count qemu-img leaves out of its report (the C
+    struct's -1) is None."""
     exit_code: int
     check_errors: int
-    corruptions: int
-    leaks: int
-    corruptions_fixed: int
-    leaks_fixed: int
-    image_end_offset: int
-    total_clusters: int
-    allocated_clusters: int
-    fragmented_clusters: int
-    compressed_clusters: int
+    corruptions: Optional[int] = None
+    leaks: Optional[int] = None
+    corruptions_fixed: Optional[int] = None
+    leaks_fixed: Optional[int] = None
+    image_end_offset: Optional[int] = None
+    total_clusters: Optional[int] = None
+    allocated_clusters: Optional[int] = None
+    fragmented_clusters: Optional[int] = None
+    compressed_clusters: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The counters of `qemu-img check --output=json` (its object without "filename" and "format")."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "exit_code" and getattr(self, f.name) is not None}
 
 
 @dataclasses.dataclass(frozen=True)
