@@ -269,6 +269,8 @@ def test_error_classes_cover_every_code():
         assert type(back) is cls and (back.code, back.message, back.errno) == (code, "msg", 5)
         assert _lib.lib().instar_strerror(code)  # the library knows the code too
     assert type(instar.InstarError(-99, "x")) is instar.InstarError
+    e = instar.Locked("held")
+    assert (e.code, e.message, e.errno) == (instar.Locked.code_value, "held", 0)
 
 
 def raises(cls, fn):

@@ -176,6 +176,8 @@ class InstarError(Exception):
         return super().__new__(cls)
 
     def __init__(self, code: int = 0, message: str = "", errno_value: int = 0) -> None:
+        if isinstance(code, str) and not message:  # NotFound("text"): the class gives the code
+            code, message = self.code_value, code
         super().__init__(message)
         self.code: int = code
         self.message: str = message
