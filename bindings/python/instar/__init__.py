@@ -14,7 +14,7 @@ from .info import ImageInfo, Snapshot, info, info_human, info_json
 
 def version() -> str:
     """The library's version string."""
-    return lib().instar_version().decode()
+    return str(lib().instar_version().decode())
 from .ops import compare, convert, map  # noqa: E402,F401
 from .resize import amend, resize  # noqa: E402,F401
 from .commit import commit  # noqa: E402,F401

@@ -170,7 +170,7 @@ class InstarError(Exception):
     """
     code_value: int = 0
 
-    def __new__(cls, code: int = 0, message: str = "", errno_value: int = 0):
+    def __new__(cls, code: int = 0, message: str = "", errno_value: int = 0) -> "InstarError":
         if cls is InstarError:
             cls = ERROR_CLASSES.get(code, InstarError)
         return super().__new__(cls)
@@ -183,7 +183,7 @@ class InstarError(Exception):
         self.message: str = message
         self.errno: int = errno_value
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Type["InstarError"], Tuple[int, str, int]]:
         return (InstarError, (self.code, self.message, self.errno))
 
 
@@ -261,7 +261,7 @@ def check(rc: int, err: Error) -> None:
 def take_string(ptr: ctypes.c_void_p) -> str:
     """Copies a library-allocated char* into a Python str and frees it."""
     try:
-        return ctypes.string_at(ptr).decode("utf-8")
+        return str(ctypes.string_at(ptr).decode("utf-8"))
     finally:
         lib().instar_string_free(ptr)
 

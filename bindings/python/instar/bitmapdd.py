@@ -41,7 +41,7 @@ def _setup() -> ctypes.CDLL:
     L.instar_bitmap.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(BitmapAction), ctypes.c_uint32,
                                 ctypes.POINTER(BitmapOptions), ctypes.POINTER(Error)]
     L.instar_dd.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(DdOptions), ctypes.POINTER(Error)]
-    L._bitmapdd_ready = True
+    setattr(L, "_bitmapdd_ready", True)
     return L
 
 
@@ -112,7 +112,7 @@ def bench_result(path: str, fmt: Optional[str] = None, write: bool = False, coun
     if not getattr(L, "_bench_ready", False):
         L.instar_bench.argtypes = [ctypes.c_char_p, ctypes.POINTER(BenchOptions), ctypes.POINTER(BenchResult),
                                    ctypes.POINTER(Error)]
-        L._bench_ready = True
+        setattr(L, "_bench_ready", True)
     flags = ((BENCH_WRITE if write else 0) | (0 if drain else BENCH_NO_DRAIN) |
              (BENCH_FORCE_SHARE if force_share else 0) | (BENCH_NATIVE_AIO if native_aio else 0))
     cb = _progress(progress, cancel)

@@ -39,7 +39,7 @@ def _setup() -> ctypes.CDLL:
                                     ctypes.POINTER(Error)]
     L.instar_check.argtypes = [ctypes.c_char_p, ctypes.POINTER(_CheckOptions), ctypes.POINTER(_CheckResult),
                                ctypes.POINTER(Error)]
-    L._check_ready = True
+    setattr(L, "_check_ready", True)
     return L
 
 
@@ -62,7 +62,7 @@ def check_result(path: str, repair: Optional[str] = None, format: Optional[str] 
     r.struct_size = ctypes.sizeof(_CheckResult)
     err = Error()
     _check_rc(L.instar_check(encode(path), ctypes.byref(opts), ctypes.byref(r), ctypes.byref(err)), err)
-    counts = [getattr(r, name) for name, _ in _CheckResult._fields_[3:]]
+    counts = [getattr(r, f[0]) for f in _CheckResult._fields_[3:]]
     return CheckResult(r.exit_code, r.check_errors, *(None if v < 0 else v for v in counts))
 
 
@@ -80,4 +80,6 @@ def check_json(path: str, repair: Optional[str] = None, format: Optional[str] = 
 def check(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
           key_secret: Optional[str] = None) -> Dict[str, Any]:
     """The ImageCheck object `qemu-img check --output=json` prints, as a dict."""
-    return json.loads(check_json(path, repair=repair, format=format, force_share=force_share, key_secret=key_secret))
+    result: Dict[str, Any] = json.loads(check_json(path, repair=repair, format=format, force_share=force_share,
+                                                   key_secret=key_secret))
+    return result

@@ -21,8 +21,8 @@ def commit(path: str, base: Optional[str] = None, drop: bool = False, fmt: Optio
            cache: Optional[str] = None, rate_limit: int = 0, progress: Optional[ProgressCallable] = None,
            key_secret: Optional[str] = None, cancel: Optional[Cancel] = None) -> None:
     """Like `qemu-img commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-r RATE] PATH`: copies the data above the base
-    into it and, unless `drop` or a `base` is given, empties PATH. `progress(percent)` may return True to cancel, and so does `cancel.cancel()` from another
-    thread (instar.Cancelled; what was copied stays in the base)."""
+    into it and, unless `drop` or a `base` is given, empties PATH. `progress(percent)` may return True to cancel,
+    and so does `cancel.cancel()` from another thread (instar.Cancelled; what was copied stays in the base)."""
     L = lib()
     L.instar_commit.argtypes = [ctypes.c_char_p, ctypes.POINTER(CommitOptions), ctypes.POINTER(Error)]
     cb = _progress(progress, cancel)

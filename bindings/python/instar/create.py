@@ -34,7 +34,7 @@ def _setup() -> ctypes.CDLL:
     L.instar_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(CreateOptions), ctypes.POINTER(Error)]
     L.instar_measure.argtypes = [ctypes.c_char_p, ctypes.POINTER(MeasureOptions), ctypes.POINTER(MeasureResult),
                                  ctypes.POINTER(Error)]
-    L._create_ready = True
+    setattr(L, "_create_ready", True)
     return L
 
 

@@ -36,7 +36,7 @@ def _setup() -> ctypes.CDLL:
                                       ctypes.POINTER(Error)]
     L.instar_discard.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(Error)]
     L.instar_flush.argtypes = [ctypes.c_void_p, ctypes.POINTER(Error)]
-    L._image_ready = True
+    setattr(L, "_image_ready", True)
     return L
 
 

@@ -6,7 +6,8 @@ from typing import Any, Dict, List, Optional
 
 from ._lib import Error, InstarError, check, encode, lib  # noqa: F401
 from .image import OPEN_FORCE_SHARE
-from .progress import PROGRESS_FN, Cancel, ProgressCallable, make_progress
+from .progress import PROGRESS_FN as PROGRESS_FN  # re-exported: the other modules take it from here
+from .progress import Cancel, ProgressCallable, make_progress
 from .results import CompareResult as CompareResultData
 from .results import MapEntry as MapEntryData
 
@@ -68,11 +69,11 @@ def _setup() -> ctypes.CDLL:
                                  ctypes.POINTER(CompareResult), ctypes.POINTER(Error)]
     L.instar_convert.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ConvertOptions),
                                  ctypes.POINTER(Error)]
-    L._ops_ready = True
+    setattr(L, "_ops_ready", True)
     return L
 
 
-def _progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = None):
+def _progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = None) -> Any:
     """A C progress callback around a Python callable and/or Cancel token; returning True (or raising) from the
     callable cancels."""
     return make_progress(callback, cancel)

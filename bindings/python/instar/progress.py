@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_double, ctypes.c_void_p)
 
@@ -42,7 +42,7 @@ class Cancel:
         return "<instar.Cancel %s>" % ("cancelled" if self.cancelled else "active")
 
 
-def make_progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = None):
+def make_progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = None) -> Any:
     """The C instar_progress_fn for a Python callable and/or a Cancel token (a NULL pointer for neither).
     A true return of the callable, an exception in it, or a cancelled token stops the operation. Keep the
     returned object alive for the whole call."""

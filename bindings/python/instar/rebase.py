@@ -24,7 +24,7 @@ def _setup() -> ctypes.CDLL:
     if getattr(L, "_rebase_ready", False):
         return L
     L.instar_rebase.argtypes = [ctypes.c_char_p, ctypes.POINTER(RebaseOptions), ctypes.POINTER(Error)]
-    L._rebase_ready = True
+    setattr(L, "_rebase_ready", True)
     return L
 
 

@@ -30,7 +30,7 @@ def _setup() -> ctypes.CDLL:
         return L
     L.instar_resize.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ResizeOptions), ctypes.POINTER(Error)]
     L.instar_amend.argtypes = [ctypes.c_char_p, ctypes.POINTER(AmendOptions), ctypes.POINTER(Error)]
-    L._resize_ready = True
+    setattr(L, "_resize_ready", True)
     return L
 
 
@@ -63,7 +63,8 @@ def amend(path: str, options: Optional[str] = None, fmt: Optional[str] = None, f
           progress: Optional[ProgressCallable] = None, open_flags: int = 0, key_secret: Optional[str] = None,
           cancel: Optional[Cancel] = None, **opts: object) -> None:
     """Like `qemu-img amend [-f FMT] [--force] -o OPTIONS PATH`. `options` is the -o string; keyword arguments
-    (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel, and so does `cancel.cancel()` from another thread."""
+    (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel, and
+    so does `cancel.cancel()` from another thread."""
     text = ",".join(x for x in (options, _option_string(opts)) if x)
     L = _setup()
     cb = _progress(progress, cancel)
