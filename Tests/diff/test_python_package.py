@@ -95,6 +95,12 @@ def lib_copy(d):
 
 # ---- the package's sources -------------------------------------------------------------------------------
 
+def test_package_type_checks_for_python_3_9():
+    r = run(["mypy", "--strict", "--python-version", "3.9", "--no-incremental", os.path.join(PKG_SRC, "instar")],
+            cwd=PKG_SRC)
+    assert r.rc == 0 and r.out.startswith("Success"), r
+
+
 def test_sources_parse_as_python_3_9():
     files = [os.path.join(PKG_SRC, "setup.py")]
     files += [os.path.join(PKG_SRC, "instar", n) for n in os.listdir(os.path.join(PKG_SRC, "instar"))
@@ -135,6 +141,19 @@ def test_pip_install_source_tree_offline(tmp):
     assert json.loads(got) == q
     site = os.path.dirname(where)
     assert os.path.exists(os.path.join(site, "py.typed")) and not os.path.exists(os.path.join(site, "_native"))
+    # The installed package is typed (py.typed): mypy checks a client against its hints, and catches a misuse.
+    good, bad = os.path.join(tmp, "good.py"), os.path.join(tmp, "bad.py")
+    with open(good, "w") as f:
+        f.write("import instar\n\n\ndef used(p: str) -> int:\n    r: instar.MeasureResult = instar.measure_result(p)\n"
+                "    with instar.Image(p) as img:\n        return img.size + r.required\n")
+    with open(bad, "w") as f:
+        f.write("import instar\n\nname: int = instar.info_json('x')\n")
+    mypy = ["mypy", "--strict", "--no-incremental", "--python-executable", python]
+    r = run(mypy + [good], cwd=tmp)
+    assert r.rc == 0, r
+    r = run(mypy + [bad], cwd=tmp)
+    assert r.rc == 1 and 'Incompatible types in assignment (expression has type "str", variable has type "int")' \
+        in r.out, r
     # Without the library anywhere, the import works and the first call says where it looked.
     r = py(python, WHERE, tools, cwd=tmp)
     assert r.rc != 0 and "LibraryNotFoundError" in r.err and "4. pkg-config --variable=libdir instar" in r.err

@@ -29,3 +29,14 @@ from .ops import compare_result, map_entries  # noqa: E402,F401
 from .create import measure_result  # noqa: E402,F401
 from .check import check_result  # noqa: E402,F401
 from .bitmapdd import bench_result  # noqa: E402,F401
+
+# The public names (mypy --strict and `from instar import *` take them from here).
+__all__ = [
+    "InstarError", "Invalid", "IO", "NotFound", "Corrupt", "Unsupported", "Locked", "NoMemory", "Cancelled",
+    "Permission", "Encrypted", "Chain", "OutOfRange", "ERROR_CLASSES", "LibraryNotFoundError", "lib", "library_path",
+    "version", "Image", "OPEN_READ_WRITE", "OPEN_FORCE_SHARE", "OPEN_NO_BACKING", "OPEN_NO_CACHE", "ZERO_MAY_UNMAP",
+    "ImageInfo", "Snapshot", "info", "info_json", "info_human", "check", "check_json", "check_result", "CheckResult",
+    "create", "measure", "measure_result", "MeasureResult", "map", "map_entries", "MapEntry", "compare",
+    "compare_result", "CompareResult", "convert", "resize", "amend", "commit", "rebase", "bitmap", "dd", "bench",
+    "bench_result", "BenchResult", "Cancel",
+]

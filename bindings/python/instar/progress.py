@@ -47,7 +47,7 @@ def make_progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel]
     A true return of the callable, an exception in it, or a cancelled token stops the operation. Keep the
     returned object alive for the whole call."""
     if callback is None and cancel is None:
-        return PROGRESS_FN()
+        return PROGRESS_FN(0)  # a NULL function pointer
 
     def fn(percent: float, _data: Optional[int]) -> int:
         if cancel is not None and cancel.cancelled:
