@@ -473,6 +473,53 @@ def test_two_conversions_run_at_once(big_raw, tmp):
         assert qemu("compare", big_raw, os.path.join(tmp, "o%d.qcow2" % i)).rc == 0
 
 
+def test_python_runs_while_a_conversion_is_inside_the_library(tmp):
+    """A conversion throttled by a rate limit sleeps inside instar_convert between its progress reports. With the
+    interpreter's switch interval made huge, a thread gives the GIL up only where it blocks: the main thread
+    counts in Python (yielding with sleep(0)) and must get ahead between two progress reports, which it can only
+    do if the converting thread released the GIL inside the library (loaded with PyDLL, every gap is 0).
+    Repeated until seen, on a deadline."""
+    src = os.path.join(tmp, "g.raw")
+    qimg("create", "-f", "raw", src, "8M")
+    qemu_io("-f", "raw", "-c", "write -P 1 0 8M", src)
+    deadline = time.monotonic() + DEADLINE
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000)
+    try:
+        while True:
+            counter, gaps, prev, done, errors = [0], [], [None], threading.Event(), []
+
+            def progress(_percent):
+                now = counter[0]
+                if prev[0] is not None:
+                    gaps.append(now - prev[0])
+                prev[0] = counter[0]
+                return False
+
+            def work():
+                try:
+                    instar.convert(src, os.path.join(tmp, "g.qcow2"), fmt="qcow2", rate_limit=16 << 20,
+                                   progress=progress)
+                except Exception as e:  # reported below
+                    errors.append(e)
+                finally:
+                    done.set()
+
+            t = threading.Thread(target=work)
+            t.start()
+            while not done.is_set() and time.monotonic() < deadline:
+                counter[0] += 1
+                time.sleep(0)  # releases the GIL for the converting thread's progress callbacks
+            t.join(DEADLINE)
+            assert not errors, errors
+            if any(g > 0 for g in gaps):
+                break
+            assert time.monotonic() < deadline, gaps
+    finally:
+        sys.setswitchinterval(interval)
+    assert qemu("compare", src, os.path.join(tmp, "g.qcow2")).rc == 0
+
+
 def test_cancel_from_another_thread(big_raw, tmp):
     token = instar.Cancel()
     started, seen, outcome = threading.Event(), [], []
