@@ -12,11 +12,13 @@ import ast
 import ctypes
 import json
 import os
+import pickle
+import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import pytest
 
@@ -191,7 +193,6 @@ def wheel_venv(wheel, tmp_path_factory):
 
 
 def test_wheel_carries_the_library(wheel):
-    import zipfile
     name = os.path.basename(wheel)
     assert name.startswith("instar-") and name.endswith("-py3-none-linux_x86_64.whl"), name
     with zipfile.ZipFile(wheel) as z:
@@ -276,14 +277,12 @@ def test_lookup_ldconfig_then_pkg_config_then_error(tmp):
 def test_error_classes_cover_every_code():
     with open(os.path.join(ROOT, "include", "instar.h")) as f:
         header = f.read()
-    import re
     codes = {int(v) for v in re.findall(r"INSTAR_E_[A-Z_]+ = (-\d+)", header)}
     assert codes and codes == set(instar.ERROR_CLASSES)
     for code, cls in instar.ERROR_CLASSES.items():
         e = instar.InstarError(code, "msg", 5)
         assert type(e) is cls and isinstance(e, instar.InstarError) and cls.code_value == code
         assert (e.code, e.message, e.errno, str(e)) == (code, "msg", 5, "msg")
-        import pickle
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is cls and (back.code, back.message, back.errno) == (code, "msg", 5)
         assert _lib.lib().instar_strerror(code)  # the library knows the code too

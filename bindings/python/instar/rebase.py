@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from ._lib import Error, check, encode, lib
 from .ops import PROGRESS_FN, _progress
