@@ -6,8 +6,9 @@ PREFIX  ?= /usr/local
 OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
+APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel mypy
 
-.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean
+.PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel wheel-only
 
 all: build
 
@@ -15,16 +16,16 @@ build:
 	$(SWIFT) build $(RELEASE) --product instar
 	$(SWIFT) build $(RELEASE) --product instar-cli
 	mkdir -p $(OUT)/bin $(OUT)/lib
-	cp .build/release/libinstar.so $(OUT)/lib/libinstar.so
-	cp .build/release/instar-cli $(OUT)/bin/instar
+	cp .build/release/libinstar.so $(OUT)/lib/libinstar.so.new && mv -f $(OUT)/lib/libinstar.so.new $(OUT)/lib/libinstar.so
+	cp .build/release/instar-cli $(OUT)/bin/instar.new && mv -f $(OUT)/bin/instar.new $(OUT)/bin/instar
 
 # Debug build into the same build/ folder, for quick iteration (not static; needs the Swift toolchain).
 dev:
 	$(SWIFT) build --product instar
 	$(SWIFT) build --product instar-cli
 	mkdir -p $(OUT)/bin $(OUT)/lib
-	cp .build/debug/libinstar.so $(OUT)/lib/libinstar.so
-	cp .build/debug/instar-cli $(OUT)/bin/instar
+	cp .build/debug/libinstar.so $(OUT)/lib/libinstar.so.new && mv -f $(OUT)/lib/libinstar.so.new $(OUT)/lib/libinstar.so
+	cp .build/debug/instar-cli $(OUT)/bin/instar.new && mv -f $(OUT)/bin/instar.new $(OUT)/bin/instar
 
 # Installs the system packages the build and the tests need, only when some are missing.
 deps:
@@ -100,3 +101,19 @@ consumer-test: deps consumer-deps build $(CONSUMERS)/.ready-$(OVIRT_IMAGEIO)
 	$(PYTHON) Tests/consumers/run.py --python $(CONSUMERS_VENV)/bin/python \
 	  --ovirt-src $(CONSUMERS)/ovirt_imageio-$(OVIRT_IMAGEIO) --instar $(OUT)/bin/instar \
 	  --out $(CONSUMERS)/results $(CONSUMERS_ARGS)
+
+# A wheel of the Python package with build/lib/libinstar.so inside (instar/_native/), for hosts without
+# `make install`: build/dist/instar-VERSION-py3-none-PLATFORM.whl. Built from a copy of bindings/python so the
+# source tree stays clean; uses the system's setuptools and wheel (no download). `wheel-only` packs whatever
+# build/ holds (the tests use it with their own WHEEL_STAGE and WHEEL_DIR).
+WHEEL_STAGE ?= $(OUT)/wheel-src
+WHEEL_DIR   ?= $(OUT)/dist
+
+wheel: build wheel-only
+
+wheel-only:
+	rm -rf $(WHEEL_STAGE) && mkdir -p $(WHEEL_STAGE) $(WHEEL_DIR)
+	cp -r bindings/python/pyproject.toml bindings/python/setup.py bindings/python/README.md bindings/python/instar $(WHEEL_STAGE)/
+	rm -rf $(WHEEL_STAGE)/instar/__pycache__ $(WHEEL_STAGE)/instar/_native && mkdir -p $(WHEEL_STAGE)/instar/_native
+	cp $(OUT)/lib/libinstar.so $(WHEEL_STAGE)/instar/_native/libinstar.so
+	$(PYTHON) -m pip wheel --no-deps --no-build-isolation --no-index --no-cache-dir -w $(WHEEL_DIR) $(WHEEL_STAGE)

@@ -1,8 +1,13 @@
 """instar_bitmap / instar_dd: qemu-img bitmap and dd."""
+from __future__ import annotations
+
 import ctypes
+from typing import Any, Dict, Optional, Tuple, Union
 
 from ._lib import Error, check, encode, lib
 from .ops import PROGRESS_FN, _progress
+from .progress import Cancel, ProgressCallable
+from .results import BenchResult as BenchResultData
 
 BITMAP_ADD, BITMAP_REMOVE, BITMAP_CLEAR, BITMAP_ENABLE, BITMAP_DISABLE, BITMAP_MERGE = 1, 2, 3, 4, 5, 6
 _ACTIONS = {"add": BITMAP_ADD, "remove": BITMAP_REMOVE, "clear": BITMAP_CLEAR, "enable": BITMAP_ENABLE,
@@ -29,19 +34,20 @@ class DdOptions(ctypes.Structure):
                 ("key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_bitmapdd_ready", False):
         return L
     L.instar_bitmap.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(BitmapAction), ctypes.c_uint32,
                                 ctypes.POINTER(BitmapOptions), ctypes.POINTER(Error)]
     L.instar_dd.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(DdOptions), ctypes.POINTER(Error)]
-    L._bitmapdd_ready = True
+    setattr(L, "_bitmapdd_ready", True)
     return L
 
 
-def bitmap(path, name, *actions, fmt=None, granularity=0, source=None, source_fmt=None, open_flags=0,
-           key_secret=None):
+def bitmap(path: str, name: str, *actions: Union[str, Tuple[str, str]], fmt: Optional[str] = None,
+           granularity: int = 0, source: Optional[str] = None, source_fmt: Optional[str] = None, open_flags: int = 0,
+           key_secret: Optional[str] = None) -> None:
     """Like `qemu-img bitmap [-f FMT] [-g G] [-b SOURCE [-F SOURCE_FMT]] ACTIONS PATH NAME`. Each action is
     "add", "remove", "clear", "enable", "disable" or ("merge", SOURCE_BITMAP); they run in the order given."""
     arr = (BitmapAction * max(1, len(actions)))()
@@ -60,13 +66,16 @@ def bitmap(path, name, *actions, fmt=None, granularity=0, source=None, source_fm
     check(L.instar_bitmap(encode(path), encode(name), arr, len(actions), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def dd(input, output, fmt=None, out_fmt=None, bs=0, count=-1, skip=-1, osize=-1, isize=-1, snapshot=None,
-       force_share=False, no_create=False, progress=None, key_secret=None):
+def dd(input: str, output: str, fmt: Optional[str] = None, out_fmt: Optional[str] = None, bs: int = 0,
+       count: int = -1, skip: int = -1, osize: int = -1, isize: int = -1, snapshot: Optional[str] = None,
+       force_share: bool = False, no_create: bool = False, progress: Optional[ProgressCallable] = None,
+       key_secret: Optional[str] = None, cancel: Optional[Cancel] = None) -> None:
     """Like `qemu-img dd [-f FMT] [-O OUT_FMT] [-U] [-n] [-l SNAPSHOT] bs= count= skip= osize= isize= if= of=`
-    (-1 leaves a number unset). `progress(percent)` may return True to cancel."""
+    (-1 leaves a number unset). `progress(percent)` may return True to cancel, and so does `cancel.cancel()`
+    from another thread."""
     flags = (DD_FORCE_SHARE if force_share else 0) | (DD_NO_CREATE if no_create else 0)
     L = _setup()
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     o = DdOptions(ctypes.sizeof(DdOptions), flags, encode(fmt), encode(out_fmt), int(bs), int(count), int(skip),
                   int(osize), int(isize), encode(snapshot), cb, None, encode(key_secret))
     err = Error()
@@ -92,22 +101,34 @@ class BenchResult(ctypes.Structure):
                 ("bytes", ctypes.c_uint64), ("seconds", ctypes.c_double)]
 
 
-def bench(path, fmt=None, write=False, count=75000, depth=64, offset=0, buffer_size=4096, step=0, pattern=0,
-          flush_interval=0, drain=True, cache=None, force_share=False, native_aio=False, progress=None,
-          key_secret=None):
-    """Like `qemu-img bench`; returns {"requests", "bytes", "seconds"}. `progress(percent)` may return True to
-    cancel."""
+def bench_result(path: str, fmt: Optional[str] = None, write: bool = False, count: int = 75000, depth: int = 64,
+                 offset: int = 0, buffer_size: int = 4096, step: int = 0, pattern: int = 0, flush_interval: int = 0,
+                 drain: bool = True, cache: Optional[str] = None, force_share: bool = False, native_aio: bool = False,
+                 progress: Optional[ProgressCallable] = None, key_secret: Optional[str] = None,
+                 cancel: Optional[Cancel] = None) -> BenchResultData:
+    """Like `qemu-img bench`; returns a BenchResult. `progress(percent)` may return True to cancel, and so does
+    `cancel.cancel()` from another thread."""
     L = lib()
     if not getattr(L, "_bench_ready", False):
         L.instar_bench.argtypes = [ctypes.c_char_p, ctypes.POINTER(BenchOptions), ctypes.POINTER(BenchResult),
                                    ctypes.POINTER(Error)]
-        L._bench_ready = True
+        setattr(L, "_bench_ready", True)
     flags = ((BENCH_WRITE if write else 0) | (0 if drain else BENCH_NO_DRAIN) |
              (BENCH_FORCE_SHARE if force_share else 0) | (BENCH_NATIVE_AIO if native_aio else 0))
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     o = BenchOptions(ctypes.sizeof(BenchOptions), flags, encode(fmt), encode(cache), count, depth, offset,
                      buffer_size, step, pattern, flush_interval, cb, None, encode(key_secret))
     r = BenchResult(ctypes.sizeof(BenchResult))
     err = Error()
     check(L.instar_bench(encode(path), ctypes.byref(o), ctypes.byref(r), ctypes.byref(err)), err)
-    return {"requests": r.requests, "bytes": r.bytes, "seconds": r.seconds}
+    return BenchResultData(r.requests, r.bytes, r.seconds)
+
+
+def bench(path: str, fmt: Optional[str] = None, write: bool = False, count: int = 75000, depth: int = 64,
+          offset: int = 0, buffer_size: int = 4096, step: int = 0, pattern: int = 0, flush_interval: int = 0,
+          drain: bool = True, cache: Optional[str] = None, force_share: bool = False, native_aio: bool = False,
+          progress: Optional[ProgressCallable] = None, key_secret: Optional[str] = None,
+          cancel: Optional[Cancel] = None) -> Dict[str, Any]:
+    """Like `qemu-img bench`; returns {"requests", "bytes", "seconds"} (see bench_result for the dataclass)."""
+    return bench_result(path, fmt, write, count, depth, offset, buffer_size, step, pattern, flush_interval, drain,
+                        cache, force_share, native_aio, progress, key_secret, cancel).to_dict()

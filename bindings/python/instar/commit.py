@@ -1,8 +1,12 @@
 """instar_commit: qemu-img commit."""
+from __future__ import annotations
+
 import ctypes
+from typing import Optional
 
 from ._lib import Error, check, encode, lib
 from .ops import PROGRESS_FN, _progress
+from .progress import Cancel, ProgressCallable
 
 COMMIT_NO_EMPTY = 1 << 0
 
@@ -13,12 +17,15 @@ class CommitOptions(ctypes.Structure):
                 ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
 
 
-def commit(path, base=None, drop=False, fmt=None, cache=None, rate_limit=0, progress=None, key_secret=None):
+def commit(path: str, base: Optional[str] = None, drop: bool = False, fmt: Optional[str] = None,
+           cache: Optional[str] = None, rate_limit: int = 0, progress: Optional[ProgressCallable] = None,
+           key_secret: Optional[str] = None, cancel: Optional[Cancel] = None) -> None:
     """Like `qemu-img commit [-f FMT] [-t CACHE] [-b BASE] [-d] [-r RATE] PATH`: copies the data above the base
-    into it and, unless `drop` or a `base` is given, empties PATH. `progress(percent)` may return True to cancel."""
+    into it and, unless `drop` or a `base` is given, empties PATH. `progress(percent)` may return True to cancel,
+    and so does `cancel.cancel()` from another thread (instar.Cancelled; what was copied stays in the base)."""
     L = lib()
     L.instar_commit.argtypes = [ctypes.c_char_p, ctypes.POINTER(CommitOptions), ctypes.POINTER(Error)]
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     o = CommitOptions(ctypes.sizeof(CommitOptions), COMMIT_NO_EMPTY if drop else 0, encode(fmt), encode(base),
                       encode(cache), rate_limit, cb, None, encode(key_secret))
     err = Error()

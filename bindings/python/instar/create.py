@@ -1,7 +1,11 @@
 """instar_create / instar_measure: qemu-img create and measure."""
+from __future__ import annotations
+
 import ctypes
+from typing import Any, Dict, Mapping, Optional
 
 from ._lib import Error, check, encode, lib
+from .results import MeasureResult as MeasureResultData
 
 CREATE_NO_BACKING_OPEN = 1 << 0
 
@@ -23,18 +27,18 @@ class MeasureResult(ctypes.Structure):
                 ("fully_allocated", ctypes.c_uint64), ("bitmaps", ctypes.c_uint64)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_create_ready", False):
         return L
     L.instar_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(CreateOptions), ctypes.POINTER(Error)]
     L.instar_measure.argtypes = [ctypes.c_char_p, ctypes.POINTER(MeasureOptions), ctypes.POINTER(MeasureResult),
                                  ctypes.POINTER(Error)]
-    L._create_ready = True
+    setattr(L, "_create_ready", True)
     return L
 
 
-def _option_string(opts):
+def _option_string(opts: Mapping[str, object]) -> Optional[str]:
     parts = []
     for k, v in opts.items():
         if isinstance(v, bool):
@@ -43,8 +47,9 @@ def _option_string(opts):
     return ",".join(parts) or None
 
 
-def create(path, fmt="raw", size=None, backing_file=None, backing_format=None, no_backing_open=False,
-           key_secret=None, **opts):
+def create(path: str, fmt: str = "raw", size: Optional[int] = None, backing_file: Optional[str] = None,
+           backing_format: Optional[str] = None, no_backing_open: bool = False, key_secret: Optional[str] = None,
+           **opts: object) -> None:
     """Creates an image like `qemu-img create -f FMT [-b B -F BF] [-o k=v,...] PATH SIZE`.
     Extra keyword arguments are -o options (cluster_size=65536, preallocation="metadata", ...); dotted names
     such as encrypt.format go through a dict: create(p, "qcow2", n, key_secret="pw", **{"encrypt.format": "luks"}).
@@ -57,9 +62,12 @@ def create(path, fmt="raw", size=None, backing_file=None, backing_format=None, n
     check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def measure(path=None, out_fmt="raw", size=None, source_format=None, key_secret=None, **opts):
-    """Like `qemu-img measure`; returns {"required", "fully-allocated"[, "bitmaps"]}. `key_secret` is the
-    passphrase of an encrypted source, and of the output when the options ask for encryption."""
+def measure_result(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,
+                   source_format: Optional[str] = None, key_secret: Optional[str] = None,
+                   **opts: object) -> MeasureResultData:
+    """Like `qemu-img measure` (of `path`, or of a new image of `size` bytes); returns a MeasureResult.
+    `key_secret` is the passphrase of an encrypted source, and of the output when the options ask for
+    encryption."""
     L = _setup()
     o = MeasureOptions(ctypes.sizeof(MeasureOptions), 0, encode(source_format), encode(out_fmt),
                        encode(_option_string(opts)), -1 if size is None else int(size), encode(key_secret))
@@ -67,7 +75,11 @@ def measure(path=None, out_fmt="raw", size=None, source_format=None, key_secret=
     r.struct_size = ctypes.sizeof(MeasureResult)
     err = Error()
     check(L.instar_measure(encode(path), ctypes.byref(o), ctypes.byref(r), ctypes.byref(err)), err)
-    out = {"required": r.required, "fully-allocated": r.fully_allocated}
-    if r.has_bitmaps:
-        out["bitmaps"] = r.bitmaps
-    return out
+    return MeasureResultData(r.required, r.fully_allocated, r.bitmaps if r.has_bitmaps else None)
+
+
+def measure(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,
+            source_format: Optional[str] = None, key_secret: Optional[str] = None, **opts: object) -> Dict[str, Any]:
+    """Like `qemu-img measure`; returns {"required", "fully-allocated"[, "bitmaps"]} (see measure_result for the
+    dataclass)."""
+    return measure_result(path, out_fmt, size, source_format, key_secret, **opts).to_dict()

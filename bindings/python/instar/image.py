@@ -1,5 +1,8 @@
 """instar_open / instar_read / instar_write / instar_write_zeroes / instar_discard / instar_flush / instar_close."""
+from __future__ import annotations
+
 import ctypes
+from typing import Optional, Union
 
 from ._lib import Error, check, encode, lib
 
@@ -16,7 +19,7 @@ class OpenOptions(ctypes.Structure):
                 ("key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_image_ready", False):
         return L
@@ -33,15 +36,17 @@ def _setup():
                                       ctypes.POINTER(Error)]
     L.instar_discard.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(Error)]
     L.instar_flush.argtypes = [ctypes.c_void_p, ctypes.POINTER(Error)]
-    L._image_ready = True
+    setattr(L, "_image_ready", True)
     return L
 
 
 class Image:
-    """An open image chain. Use as a context manager or call close().
+    """An open image chain (instar_open). Use as a context manager (``with Image(path) as img:``) or call close().
+    `format` forces the format (probed when None), `flags` are OPEN_* bits (OPEN_READ_WRITE to write),
     `key_secret` is the passphrase of an encrypted image (what qemu's encrypt.key-secret names)."""
 
-    def __init__(self, path, format=None, flags=0, key_secret=None):
+    def __init__(self, path: str, format: Optional[str] = None, flags: int = 0,
+                 key_secret: Optional[str] = None) -> None:
         self._h = None
         L = _setup()
         opts = OpenOptions(ctypes.sizeof(OpenOptions), flags, encode(format), encode(key_secret))
@@ -49,51 +54,71 @@ class Image:
         h = ctypes.c_void_p()
         check(L.instar_open(encode(path), ctypes.byref(opts), ctypes.byref(h), ctypes.byref(err)), err)
         self._h = h
+        self.path = path
+
+    def _handle(self) -> ctypes.c_void_p:
+        if not self._h:
+            raise ValueError("I/O operation on a closed instar.Image")
+        return self._h
 
     @property
-    def size(self):
+    def closed(self) -> bool:
+        """True once close() ran."""
+        return not self._h
+
+    @property
+    def size(self) -> int:
+        """The virtual size in bytes."""
         err = Error()
         v = ctypes.c_uint64()
-        check(lib().instar_get_size(self._h, ctypes.byref(v), ctypes.byref(err)), err)
+        check(lib().instar_get_size(self._handle(), ctypes.byref(v), ctypes.byref(err)), err)
         return v.value
 
-    def read(self, offset, count):
+    def read(self, offset: int, count: int) -> bytes:
+        """Reads `count` guest bytes at `offset` (unallocated ranges read as zeroes, or from the backing file)."""
         buf = ctypes.create_string_buffer(count)
         err = Error()
-        check(lib().instar_read(self._h, buf, count, offset, ctypes.byref(err)), err)
+        check(lib().instar_read(self._handle(), buf, count, offset, ctypes.byref(err)), err)
         return buf.raw
 
-    def write(self, offset, data):
+    def write(self, offset: int, data: Union[bytes, bytearray, memoryview]) -> None:
         """Writes bytes at guest `offset` (image opened with OPEN_READ_WRITE)."""
         data = bytes(data)
         err = Error()
-        check(lib().instar_write(self._h, data, len(data), offset, ctypes.byref(err)), err)
+        check(lib().instar_write(self._handle(), data, len(data), offset, ctypes.byref(err)), err)
 
-    def write_zeroes(self, offset, count, may_unmap=False):
+    def write_zeroes(self, offset: int, count: int, may_unmap: bool = False) -> None:
         """Makes `count` bytes at `offset` read as zeroes; `may_unmap` lets the storage go."""
         err = Error()
         flags = ZERO_MAY_UNMAP if may_unmap else 0
-        check(lib().instar_write_zeroes(self._h, count, offset, flags, ctypes.byref(err)), err)
+        check(lib().instar_write_zeroes(self._handle(), count, offset, flags, ctypes.byref(err)), err)
 
-    def discard(self, offset, count):
+    def discard(self, offset: int, count: int) -> None:
         """Releases whole clusters within the range."""
         err = Error()
-        check(lib().instar_discard(self._h, count, offset, ctypes.byref(err)), err)
+        check(lib().instar_discard(self._handle(), count, offset, ctypes.byref(err)), err)
 
-    def flush(self):
+    def flush(self) -> None:
+        """Writes cached metadata back and syncs the image files."""
         err = Error()
-        check(lib().instar_flush(self._h, ctypes.byref(err)), err)
+        check(lib().instar_flush(self._handle(), ctypes.byref(err)), err)
 
-    def close(self):
+    def close(self) -> None:
+        """Closes the image (and its backing chain); later calls do nothing."""
         if self._h:
             lib().instar_close(self._h)
             self._h = None
 
-    def __enter__(self):
+    def __enter__(self) -> "Image":
+        self._handle()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
-        self.close()
+    def __del__(self) -> None:
+        if getattr(self, "_h", None):
+            self.close()
+
+    def __repr__(self) -> str:
+        return "<instar.Image %r%s>" % (getattr(self, "path", None), " closed" if self.closed else "")

@@ -3,10 +3,12 @@
 `info()` returns an `ImageInfo` dataclass whose fields are qemu-img's JSON keys with '-' written as '_';
 `ImageInfo.to_dict()` gives back exactly the object `qemu-img info --output=json` prints.
 """
+from __future__ import annotations
+
 import ctypes
 import dataclasses
 import json
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ._lib import Error, check, encode, lib, take_string
 from .image import OPEN_FORCE_SHARE
@@ -47,7 +49,7 @@ class _InfoOptions(ctypes.Structure):
                 ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_info_ready", False):
         return L
@@ -57,11 +59,11 @@ def _setup():
     L.instar_info_free.restype = None
     for name in ("instar_info_json", "instar_info_human"):
         getattr(L, name).argtypes = [ctypes.c_char_p, opts, ctypes.POINTER(ctypes.c_void_p), err]
-    L._info_ready = True
+    setattr(L, "_info_ready", True)
     return L
 
 
-def _key(field_name):
+def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 
 
@@ -77,7 +79,8 @@ class Snapshot:
     vm_clock_nsec: int
     icount: Optional[int] = None
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
+        """The object qemu-img prints for this snapshot."""
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) is not None}
 
@@ -97,9 +100,9 @@ class ImageInfo:
     full_backing_filename: Optional[str] = None
     backing_filename_format: Optional[str] = None
     snapshots: Optional[List[Snapshot]] = None
-    format_specific: Optional[dict] = None
+    format_specific: Optional[Dict[str, Any]] = None
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         """The JSON object qemu-img prints for this image (as Python values)."""
         out = {}
         for f in dataclasses.fields(self):
@@ -112,26 +115,26 @@ class ImageInfo:
         return out
 
 
-def _s(b):
+def _s(b: Optional[bytes]) -> Optional[str]:
     return None if b is None else b.decode("utf-8", "surrogateescape")
 
 
-def _tri(v):
+def _tri(v: int) -> Optional[bool]:
     return None if v == UNSET else bool(v)
 
 
-def _convert(node):
+def _convert(node: Any) -> ImageInfo:
     n = node.contents
     snaps = None
     if n.snapshot_count:
         snaps = []
         for k in range(n.snapshot_count):
             s = n.snapshots[k]
-            snaps.append(Snapshot(_s(s.id), _s(s.name), s.vm_state_size, s.date_sec, s.date_nsec,
+            snaps.append(Snapshot(_s(s.id) or "", _s(s.name) or "", s.vm_state_size, s.date_sec, s.date_nsec,
                                   s.vm_clock_nsec // 1000000000, s.vm_clock_nsec % 1000000000,
                                   None if s.icount == 2 ** 64 - 1 else s.icount))
     return ImageInfo(
-        filename=_s(n.filename), format=_s(n.format), virtual_size=n.virtual_size,
+        filename=_s(n.filename) or "", format=_s(n.format) or "", virtual_size=n.virtual_size,
         dirty_flag=_tri(n.dirty_flag), actual_size=None if n.actual_size < 0 else n.actual_size,
         cluster_size=None if n.cluster_size < 0 else n.cluster_size, encrypted=_tri(n.encrypted),
         compressed=_tri(n.compressed), backing_filename=_s(n.backing_filename),
@@ -140,13 +143,15 @@ def _convert(node):
         format_specific=None if n.format_specific_json is None else json.loads(n.format_specific_json))
 
 
-def _options(format, force_share, backing_chain, key_secret=None):
+def _options(format: Optional[str], force_share: bool, backing_chain: bool,
+             key_secret: Optional[str] = None) -> _InfoOptions:
     flags = OPEN_FORCE_SHARE if force_share else 0
     return _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0,
                         encode(key_secret))
 
 
-def info(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+def info(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
+         key_secret: Optional[str] = None) -> Union[ImageInfo, List[ImageInfo]]:
     """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first.
     `key_secret` is the passphrase of an encrypted image (info itself reads only metadata)."""
     L = _setup()
@@ -165,7 +170,8 @@ def info(path, format=None, force_share=False, backing_chain=False, key_secret=N
     return chain if backing_chain else chain[0]
 
 
-def _text(fn, path, format, force_share, backing_chain, key_secret=None):
+def _text(fn: str, path: str, format: Optional[str], force_share: bool, backing_chain: bool,
+          key_secret: Optional[str] = None) -> str:
     L = _setup()
     opts = _options(format, force_share, backing_chain, key_secret)
     err = Error()
@@ -174,11 +180,13 @@ def _text(fn, path, format, force_share, backing_chain, key_secret=None):
     return take_string(out)
 
 
-def info_json(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+def info_json(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
+              key_secret: Optional[str] = None) -> str:
     """The exact text of `qemu-img info --output=json` (an array with backing_chain)."""
     return _text("instar_info_json", path, format, force_share, backing_chain, key_secret)
 
 
-def info_human(path, format=None, force_share=False, backing_chain=False, key_secret=None):
+def info_human(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
+               key_secret: Optional[str] = None) -> str:
     """The exact text of human `qemu-img info`."""
     return _text("instar_info_human", path, format, force_share, backing_chain, key_secret)

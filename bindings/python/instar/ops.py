@@ -1,10 +1,15 @@
 """instar_map / instar_compare / instar_convert."""
+from __future__ import annotations
+
 import ctypes
+from typing import Any, Dict, List, Optional
 
-from ._lib import Error, InstarError, check, encode, lib
+from ._lib import Error, InstarError, check, encode, lib  # noqa: F401
 from .image import OPEN_FORCE_SHARE
-
-PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_double, ctypes.c_void_p)
+from .progress import PROGRESS_FN as PROGRESS_FN  # re-exported: the other modules take it from here
+from .progress import Cancel, ProgressCallable, make_progress
+from .results import CompareResult as CompareResultData
+from .results import MapEntry as MapEntryData
 
 CONVERT_NO_CREATE = 1 << 0
 CONVERT_TARGET_IS_ZERO = 1 << 1
@@ -52,7 +57,7 @@ class ConvertOptions(ctypes.Structure):
                 ("target_key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_ops_ready", False):
         return L
@@ -64,25 +69,20 @@ def _setup():
                                  ctypes.POINTER(CompareResult), ctypes.POINTER(Error)]
     L.instar_convert.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ConvertOptions),
                                  ctypes.POINTER(Error)]
-    L._ops_ready = True
+    setattr(L, "_ops_ready", True)
     return L
 
 
-def _progress(callback):
-    """A C progress callback around a Python callable; returning True (or raising) from it cancels."""
-    if callback is None:
-        return PROGRESS_FN()
-
-    def fn(percent, _data):
-        try:
-            return 1 if callback(percent) else 0
-        except Exception:
-            return 1
-    return PROGRESS_FN(fn)
+def _progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = None) -> Any:
+    """A C progress callback around a Python callable and/or Cancel token; returning True (or raising) from the
+    callable cancels."""
+    return make_progress(callback, cancel)
 
 
-def map(path, format=None, start_offset=0, max_length=None, force_share=False, key_secret=None):
-    """The entries of `qemu-img map --output=json` as dicts with the same keys in the same order."""
+def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
+                force_share: bool = False, key_secret: Optional[str] = None) -> List[MapEntryData]:
+    """The extents `qemu-img map` reports, as MapEntry dataclasses (with the C struct's fields, the data's file
+    name included)."""
     L = _setup()
     opts = MapOptions(ctypes.sizeof(MapOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format),
                       start_offset, -1 if max_length is None else max_length, encode(key_secret))
@@ -93,22 +93,31 @@ def map(path, format=None, start_offset=0, max_length=None, force_share=False, k
         result = []
         for i in range(out.contents.count):
             e = out.contents.entries[i]
-            d = {"start": e.start, "length": e.length, "depth": e.depth, "present": bool(e.present),
-                 "zero": bool(e.zero), "data": bool(e.data)}
-            if e.has_offset:
-                d["offset"] = e.offset
-            result.append(d)
+            result.append(MapEntryData(
+                e.start, e.length, e.depth, bool(e.present), bool(e.zero), bool(e.data),
+                e.offset if e.has_offset else None,
+                e.filename.decode("utf-8", "surrogateescape") if e.has_offset and e.filename else None))
         return result
     finally:
         L.instar_map_free(out)
 
 
-def compare(path1, path2, format1=None, format2=None, strict=False, force_share=False, progress=None,
-            key_secret1=None, key_secret2=None):
-    """Compares like `qemu-img compare`; returns a dict with identical, size_mismatch, mismatch_offset, message.
-    `key_secret1`/`key_secret2` are the passphrases of encrypted images."""
+def map(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
+        force_share: bool = False, key_secret: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The entries of `qemu-img map --output=json` as dicts with the same keys in the same order (see
+    map_entries for dataclasses)."""
+    return [e.to_dict() for e in map_entries(path, format, start_offset, max_length, force_share, key_secret)]
+
+
+def compare_result(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
+                   strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
+                   key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
+                   cancel: Optional[Cancel] = None) -> CompareResultData:
+    """Compares like `qemu-img compare`; returns a CompareResult. Images that differ are no error.
+    `key_secret1`/`key_secret2` are the passphrases of encrypted images; `progress(percent)` may return True to
+    cancel, and so does `cancel.cancel()` from another thread."""
     L = _setup()
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     opts = CompareOptions(ctypes.sizeof(CompareOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format1),
                           encode(format2), 1 if strict else 0, cb, None, encode(key_secret1), encode(key_secret2))
     res = CompareResult()
@@ -116,27 +125,40 @@ def compare(path1, path2, format1=None, format2=None, strict=False, force_share=
     err = Error()
     check(L.instar_compare(encode(path1), encode(path2), ctypes.byref(opts), ctypes.byref(res), ctypes.byref(err)),
           err)
-    return {"identical": bool(res.identical), "size_mismatch": bool(res.size_mismatch),
-            "mismatch_offset": None if res.mismatch_offset < 0 else res.mismatch_offset,
-            "message": res.message.decode()}
+    return CompareResultData(bool(res.identical), bool(res.size_mismatch),
+                             None if res.mismatch_offset < 0 else res.mismatch_offset, res.message.decode())
 
 
-def convert(src, dst, source_format=None, target_format=None, no_create=False, target_is_zero=False,
-            force_share=False, source_cache=None, target_cache=None, sparse_size=None, progress=None, fmt=None,
-            options=None, compress=False, backing_file=None, backing_format=None, snapshot=None, coroutines=8,
-            rate_limit=0, unordered_writes=False, bitmaps=False, skip_broken_bitmaps=False, key_secret=None,
-            target_key_secret=None):
+def compare(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
+            strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
+            key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
+            cancel: Optional[Cancel] = None) -> Dict[str, Any]:
+    """Compares like `qemu-img compare`; returns a dict with identical, size_mismatch, mismatch_offset, message
+    (see compare_result for the dataclass)."""
+    return compare_result(path1, path2, format1, format2, strict, force_share, progress, key_secret1, key_secret2,
+                          cancel).to_dict()
+
+
+def convert(src: str, dst: str, source_format: Optional[str] = None, target_format: Optional[str] = None,
+            no_create: bool = False, target_is_zero: bool = False, force_share: bool = False,
+            source_cache: Optional[str] = None, target_cache: Optional[str] = None, sparse_size: Optional[int] = None,
+            progress: Optional[ProgressCallable] = None, fmt: Optional[str] = None, options: Optional[str] = None,
+            compress: bool = False, backing_file: Optional[str] = None, backing_format: Optional[str] = None,
+            snapshot: Optional[str] = None, coroutines: int = 8, rate_limit: int = 0, unordered_writes: bool = False,
+            bitmaps: bool = False, skip_broken_bitmaps: bool = False, key_secret: Optional[str] = None,
+            target_key_secret: Optional[str] = None, cancel: Optional[Cancel] = None) -> None:
     """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
     -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
     `key_secret` unlocks an encrypted source, `target_key_secret` an encrypted target (existing with
     no_create, or new with options asking for encrypt.format=luks or aes).
-    `progress(percent)` gets qemu's progress values; a true return cancels."""
+    `progress(percent)` gets qemu's progress values; a true return cancels, and so does `cancel.cancel()` from
+    another thread (instar.Cancelled is raised)."""
     L = _setup()
     flags = (CONVERT_NO_CREATE if no_create else 0) | (CONVERT_TARGET_IS_ZERO if target_is_zero else 0) | \
         (CONVERT_FORCE_SHARE if force_share else 0) | (CONVERT_COMPRESS if compress else 0) | \
         (CONVERT_UNORDERED_WRITES if unordered_writes else 0) | (CONVERT_BITMAPS if bitmaps else 0) | \
         (CONVERT_SKIP_BROKEN_BITMAPS if skip_broken_bitmaps else 0)
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     opts = ConvertOptions(ctypes.sizeof(ConvertOptions), flags, encode(source_format), encode(fmt or target_format),
                           encode(source_cache), encode(target_cache), -1 if sparse_size is None else sparse_size,
                           cb, None, encode(options), encode(backing_file), encode(backing_format), encode(snapshot),

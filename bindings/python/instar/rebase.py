@@ -1,8 +1,12 @@
 """instar_rebase: qemu-img rebase."""
+from __future__ import annotations
+
 import ctypes
+from typing import Optional
 
 from ._lib import Error, check, encode, lib
 from .ops import PROGRESS_FN, _progress
+from .progress import Cancel, ProgressCallable
 
 REBASE_UNSAFE = 1 << 0
 REBASE_FORCE_SHARE = 1 << 1
@@ -15,23 +19,26 @@ class RebaseOptions(ctypes.Structure):
                 ("key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_rebase_ready", False):
         return L
     L.instar_rebase.argtypes = [ctypes.c_char_p, ctypes.POINTER(RebaseOptions), ctypes.POINTER(Error)]
-    L._rebase_ready = True
+    setattr(L, "_rebase_ready", True)
     return L
 
 
-def rebase(path, backing_file=None, backing_format=None, unsafe=False, fmt=None, cache=None, source_cache=None,
-           force_share=False, progress=None, key_secret=None):
+def rebase(path: str, backing_file: Optional[str] = None, backing_format: Optional[str] = None, unsafe: bool = False,
+           fmt: Optional[str] = None, cache: Optional[str] = None, source_cache: Optional[str] = None,
+           force_share: bool = False, progress: Optional[ProgressCallable] = None, key_secret: Optional[str] = None,
+           cancel: Optional[Cancel] = None) -> None:
     """Like `qemu-img rebase [-u] [-U] [-f FMT] [-t CACHE] [-T SRC_CACHE] -b BACKING [-F BACKING_FMT] PATH`.
     `backing_file` "" makes the image standalone; None is allowed with `unsafe` (the backing file is removed).
-    `progress(percent)` gets the values `-p` prints; a true return cancels (the image keeps its contents)."""
+    `progress(percent)` gets the values `-p` prints; a true return cancels, and so does
+    `cancel.cancel()` from another thread (the image keeps its contents)."""
     L = _setup()
     flags = (REBASE_UNSAFE if unsafe else 0) | (REBASE_FORCE_SHARE if force_share else 0)
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     o = RebaseOptions(ctypes.sizeof(RebaseOptions), flags, encode(fmt), encode(backing_file), encode(backing_format),
                       encode(cache), encode(source_cache), cb, None, encode(key_secret))
     err = Error()

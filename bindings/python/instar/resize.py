@@ -1,9 +1,13 @@
 """instar_resize / instar_amend: qemu-img resize and amend."""
+from __future__ import annotations
+
 import ctypes
+from typing import Optional, Tuple, Union
 
 from ._lib import Error, check, encode, lib
 from .create import _option_string
 from .ops import PROGRESS_FN, _progress
+from .progress import Cancel, ProgressCallable
 
 RESIZE_RELATIVE = 1 << 0
 RESIZE_SHRINK = 1 << 1
@@ -20,17 +24,17 @@ class AmendOptions(ctypes.Structure):
                 ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_resize_ready", False):
         return L
     L.instar_resize.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.POINTER(ResizeOptions), ctypes.POINTER(Error)]
     L.instar_amend.argtypes = [ctypes.c_char_p, ctypes.POINTER(AmendOptions), ctypes.POINTER(Error)]
-    L._resize_ready = True
+    setattr(L, "_resize_ready", True)
     return L
 
 
-def _parse_size(text, relative):
+def _parse_size(text: str, relative: bool) -> Tuple[int, bool]:
     sign = 1
     if text[:1] in "+-":
         relative, sign, text = True, (1 if text[0] == "+" else -1), text[1:]
@@ -41,7 +45,8 @@ def _parse_size(text, relative):
     return sign * int(float(text) * (1 << shift)), relative
 
 
-def resize(path, size, fmt=None, relative=False, shrink=False, preallocation=None, open_flags=0, key_secret=None):
+def resize(path: str, size: Union[int, str], fmt: Optional[str] = None, relative: bool = False, shrink: bool = False,
+           preallocation: Optional[str] = None, open_flags: int = 0, key_secret: Optional[str] = None) -> None:
     """Like `qemu-img resize [-f FMT] [--shrink] [--preallocation=P] PATH [+|-]SIZE`. `size` is bytes; with
     `relative` it is a signed change (a string "+1G"/"-1G" sets relative by itself)."""
     if isinstance(size, str):
@@ -54,12 +59,15 @@ def resize(path, size, fmt=None, relative=False, shrink=False, preallocation=Non
     check(L.instar_resize(encode(path), int(size), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def amend(path, options=None, fmt=None, force=False, progress=None, open_flags=0, key_secret=None, **opts):
+def amend(path: str, options: Optional[str] = None, fmt: Optional[str] = None, force: bool = False,
+          progress: Optional[ProgressCallable] = None, open_flags: int = 0, key_secret: Optional[str] = None,
+          cancel: Optional[Cancel] = None, **opts: object) -> None:
     """Like `qemu-img amend [-f FMT] [--force] -o OPTIONS PATH`. `options` is the -o string; keyword arguments
-    (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel."""
+    (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel, and
+    so does `cancel.cancel()` from another thread."""
     text = ",".join(x for x in (options, _option_string(opts)) if x)
     L = _setup()
-    cb = _progress(progress)
+    cb = _progress(progress, cancel)
     o = AmendOptions(ctypes.sizeof(AmendOptions), open_flags, encode(fmt), encode(text or None), 1 if force else 0,
                      cb, None, encode(key_secret))
     err = Error()

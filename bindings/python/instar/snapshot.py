@@ -1,5 +1,8 @@
 """instar_snapshot_*: qemu-img snapshot -l / -c / -a / -d on internal snapshots."""
+from __future__ import annotations
+
 import ctypes
+from typing import List, Optional
 
 from ._lib import Error, check, encode, lib
 from .info import Snapshot, _Snapshot
@@ -13,7 +16,7 @@ class _SnapshotList(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint64), ("snapshots", ctypes.POINTER(_Snapshot))]
 
 
-def _setup():
+def _setup() -> ctypes.CDLL:
     L = lib()
     if getattr(L, "_snapshot_ready", False):
         return L
@@ -23,15 +26,15 @@ def _setup():
     L.instar_snapshot_list_free.restype = None
     for f in (L.instar_snapshot_create, L.instar_snapshot_apply, L.instar_snapshot_delete):
         f.argtypes = [ctypes.c_char_p, ctypes.c_char_p, opts, err]
-    L._snapshot_ready = True
+    setattr(L, "_snapshot_ready", True)
     return L
 
 
-def _options(open_flags, key_secret):
+def _options(open_flags: int, key_secret: Optional[str]) -> SnapshotOptions:
     return SnapshotOptions(ctypes.sizeof(SnapshotOptions), open_flags, encode(key_secret))
 
 
-def snapshot_list(path, open_flags=0, key_secret=None):
+def snapshot_list(path: str, open_flags: int = 0, key_secret: Optional[str] = None) -> List[Snapshot]:
     """Like `qemu-img snapshot -l PATH`: the internal snapshots in table order, as `Snapshot` objects."""
     L = _setup()
     o = _options(open_flags, key_secret)
@@ -39,7 +42,7 @@ def snapshot_list(path, open_flags=0, key_secret=None):
     err = Error()
     check(L.instar_snapshot_list(encode(path), ctypes.byref(o), ctypes.byref(out), ctypes.byref(err)), err)
     try:
-        result = []
+        result: List[Snapshot] = []
         for i in range(out.contents.count):
             s = out.contents.snapshots[i]
             result.append(Snapshot(
@@ -52,21 +55,21 @@ def snapshot_list(path, open_flags=0, key_secret=None):
         L.instar_snapshot_list_free(out)
 
 
-def snapshot_create(path, name, open_flags=0, key_secret=None):
+def snapshot_create(path: str, name: str, open_flags: int = 0, key_secret: Optional[str] = None) -> None:
     """Like `qemu-img snapshot -c NAME PATH`."""
     L = _setup()
     o, err = _options(open_flags, key_secret), Error()
     check(L.instar_snapshot_create(encode(path), encode(name), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def snapshot_apply(path, id_or_name, open_flags=0, key_secret=None):
+def snapshot_apply(path: str, id_or_name: str, open_flags: int = 0, key_secret: Optional[str] = None) -> None:
     """Like `qemu-img snapshot -a ID_OR_NAME PATH`."""
     L = _setup()
     o, err = _options(open_flags, key_secret), Error()
     check(L.instar_snapshot_apply(encode(path), encode(id_or_name), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def snapshot_delete(path, name, open_flags=0, key_secret=None):
+def snapshot_delete(path: str, name: str, open_flags: int = 0, key_secret: Optional[str] = None) -> None:
     """Like `qemu-img snapshot -d NAME PATH` (by name only, as qemu-img)."""
     L = _setup()
     o, err = _options(open_flags, key_secret), Error()
