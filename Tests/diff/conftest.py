@@ -6,6 +6,7 @@ bin/instar and lib/libinstar.so (the Makefile sets it).
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -173,3 +174,25 @@ class QemuNbd:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# Disk: the suite makes many large (often preallocated) images; kept for every test they add up to tens of GiB,
+# more than a CI machine may have free. A test that passed has its tmp_path removed at teardown; a failed one
+# keeps it for inspection (pytest still keeps only its last three runs).
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture(autouse=True)
+def _drop_tmp_path_of_passed_test(request):
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    path = str(request.getfixturevalue("tmp_path"))
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed:
+        shutil.rmtree(path, ignore_errors=True)
