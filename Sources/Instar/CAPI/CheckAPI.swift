@@ -10,10 +10,9 @@ public func instar_check_options_init(_ opts: UnsafeMutablePointer<instar_check_
                                            open_flags: 0, format: nil, repair: 0, key_secret: nil)
 }
 
-/// Runs the check the options describe and returns its report (throws for open failures, missing check
-/// support and failed check passes).
-func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?) throws
-    -> ImageCheckReport
+/// The filename and the check options a C caller passed (repair bits, format, open flags, key secret).
+func checkArguments(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?) throws
+    -> (String, CheckOperation.Options)
 {
     let name = try cString(filename, "filename")
     var defaults = instar_check_options_t()
@@ -26,6 +25,15 @@ func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_ch
     if o.repair & UInt32(INSTAR_CHECK_REPAIR_LEAKS) != 0 { repair.insert(.leaks) }
     if o.repair & UInt32(INSTAR_CHECK_REPAIR_ERRORS) != 0 { repair.insert(.errors) }
     options.repair = repair
+    return (name, options)
+}
+
+/// Runs the check the options describe and returns its report (throws for open failures, missing check
+/// support and failed check passes).
+func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?) throws
+    -> ImageCheckReport
+{
+    let (name, options) = try checkArguments(filename, opts)
     let outcome: CheckOperation.Outcome
     do {
         outcome = try CheckOperation.run(name, options: options) { _ in }
@@ -90,17 +98,7 @@ public func instar_check_chain_json(_ filename: UnsafePointer<CChar>?, _ opts: U
     capiCall(err) {
         guard let json else { throw InstarError.invalid("json must not be NULL") }
         json.pointee = nil
-        let name = try cString(filename, "filename")
-        var defaults = instar_check_options_t()
-        instar_check_options_init(&defaults)
-        let o = try readOptions(opts, defaults: defaults)
-        var options = CheckOperation.Options()
-        options.format = optionalString(o.format)
-        options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret)
-        var repair: CheckRepair = []
-        if o.repair & UInt32(INSTAR_CHECK_REPAIR_LEAKS) != 0 { repair.insert(.leaks) }
-        if o.repair & UInt32(INSTAR_CHECK_REPAIR_ERRORS) != 0 { repair.insert(.errors) }
-        options.repair = repair
+        let (name, options) = try checkArguments(filename, opts)
         let members = try CheckOperation.chainMembers(name, options: options)
         var codes: [Int32] = []
         var reports: [QObject] = []
