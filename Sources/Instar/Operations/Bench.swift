@@ -5,6 +5,8 @@ import Glibc
 /// flush every `flushInterval` requests. The queue depth is real: `depth` threads each keep one request going
 /// (formats that are not `ConcurrentGuestIO` get their requests one at a time).
 public enum BenchOperation {
+    /// The most threads a run starts, whatever the queue depth asked for.
+    static let maxThreads = 256
     public struct Options {
         public var format: String?
         public var imageOpts = false
@@ -87,7 +89,8 @@ public enum BenchOperation {
         let start = monotonicSeconds()
         // A format that takes one request at a time gets them in issue order from one thread, so that its
         // allocations follow the offsets as qemu's do.
-        state.runThreads(state.concurrent ? min(o.depth, max(1, o.count)) : 1)
+        // One thread per request in flight, up to a bound a caller's depth cannot push past (each holds a buffer).
+        state.runThreads(state.concurrent ? min(o.depth, max(1, o.count), BenchOperation.maxThreads) : 1)
         let seconds = monotonicSeconds() - start
         if let e = state.failure { throw e }
         return Result(requests: UInt64(o.count), bytes: UInt64(o.count) * UInt64(o.bufferSize), seconds: seconds)
