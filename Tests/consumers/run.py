@@ -41,6 +41,17 @@ OVIRT_MODULES = [
 # oslo.utils: its image tests (test_format_inspector.py runs qemu-img; the others are small and share helpers).
 OSLO_MODULES = ["oslo_utils/tests/imageutils"]
 
+# Drop-in runs (issue 11): the consumer's own tests of its qemu-img wrapper module, with that module swapped for
+# instar's drop-in (instar_dropin.py) and the real qemu-img on PATH for whatever else the tests run. Suite
+# `NAME+dropin` runs MODULES of suite NAME; each of its tests must pass where the same test passes in NAME's
+# qemu-img run. Only run when instar's module (bindings/python/instar/compat/COMPAT) exists.
+DROPIN = {
+    "oslo.utils": ("oslo", ["oslo_utils/tests/imageutils/test_qemu.py",
+                            "oslo_utils/tests/imageutils/test_format_inspector.py"]),
+    "ovirt-imageio": ("imageio", ["test/qemu_img_test.py"]),
+}
+BINDINGS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bindings", "python")
+
 LINE = re.compile(r"^(?P<id>\S+)\s+#\s*issue\s+(?P<issue>\d+|\?)\s*:\s*(?P<reason>.*)$")
 
 
@@ -63,7 +74,7 @@ def suites(args):
     ovirt_env = {"PYTHONPATH": HERE}
     if qemu_system:
         ovirt_env["QEMU"] = qemu_system
-    return {
+    spec = {
         "ovirt-imageio": (
             args.ovirt_src,
             # tox.ini's addopts set a shared --basetemp and a 30 s per-test timeout: replaced by ours.
@@ -71,6 +82,33 @@ def suites(args):
             ovirt_env),
         "oslo.utils": (site, ["--rootdir", site] + OSLO_MODULES, {}),
     }
+    library = os.path.join(os.path.dirname(os.path.dirname(args.instar)), "lib", "libinstar.so")
+    for name, (compat, modules) in DROPIN.items():
+        base = os.path.join(BINDINGS, "instar", "compat", compat)
+        if not (os.path.isdir(base) or os.path.exists(base + ".py")):
+            continue
+        cwd, pytest_args, env = spec[name]
+        pytest_args = [a for a in pytest_args if a not in OVIRT_MODULES + OSLO_MODULES] + modules
+        env = dict(env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, BINDINGS, env.get("PYTHONPATH")) if p)
+        env["INSTAR_DROPIN"] = compat
+        env["INSTAR_LIBRARY"] = library
+        spec[name + "+dropin"] = (cwd, ["-p", "instar_dropin"] + pytest_args, env)
+    return spec
+
+
+def dropin_reference(ref, spec):
+    """The qemu-img run's results of each drop-in run's modules, under the drop-in suite's test ids."""
+    out = {}
+    for name in spec:
+        if not name.endswith("+dropin"):
+            continue
+        base = name[:-len("+dropin")]
+        modules = DROPIN[base][1]
+        for tid, result in ref.items():
+            if tid.startswith(base + "::") and any(tid.startswith(base + "::" + m + "::") for m in modules):
+                out[name + tid[len(base):]] = result
+    return out
 
 
 def run_suite(args, name, cwd, pytest_args, extra_env, tool, out, retry=False):
@@ -230,7 +268,7 @@ def main():
         unknown = set(args.suite) - set(spec)
         if unknown:
             die("unknown suite: " + ", ".join(sorted(unknown)))
-        spec = {k: v for k, v in spec.items() if k in args.suite}
+        spec = {k: v for k, v in spec.items() if k in args.suite or k.split("+")[0] in args.suite}
     if args.discover:
         return discover(args, spec, out)
 
@@ -244,8 +282,10 @@ def main():
     ref, ins = {}, {}
     # The reference runs first (they run more tests), --jobs runs at a time: the ovirt-imageio runs mostly wait on
     # qemu-nbd and sockets, the oslo.utils ones mostly compute, so two at once use the two cores better.
-    runs = [(name, "qemu-img", args.qemu_img, ref, True) for name in spec]
-    runs += [(name, "instar", args.instar, ins, False) for name in spec]
+    # A drop-in run is instar's run of that suite: instar's module in-process, the real qemu-img on PATH.
+    runs = [(name, "qemu-img", args.qemu_img, ref, True) for name in spec if "+" not in name]
+    runs += [(name, "instar", args.instar, ins, False) for name in spec if "+" not in name]
+    runs += [(name, "instar", args.qemu_img, ins, True) for name in spec if "+" in name]
 
     def one(run):
         name, label, tool, _, retry = run
@@ -268,6 +308,7 @@ def main():
                 name, label + ":", ", ".join("%d %s" % (counts[k], k) for k in sorted(counts)), took))
             sys.stdout.flush()
 
+    ref.update(dropin_reference(ref, spec))
     ran = set(s + "::" for s in spec)
     in_scope = {t: v for t, v in expected.items() if any(t.startswith(s) for s in ran)}
     ref_pass = {t for t, (o, _) in ref.items() if o == "passed"}
