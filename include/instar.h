@@ -318,7 +318,12 @@ enum {
     INSTAR_CONVERT_COMPRESS = 1u << 3,         /**< -c */
     INSTAR_CONVERT_UNORDERED_WRITES = 1u << 4, /**< -W */
     INSTAR_CONVERT_BITMAPS = 1u << 5,          /**< --bitmaps */
-    INSTAR_CONVERT_SKIP_BROKEN_BITMAPS = 1u << 6 /**< --skip-broken-bitmaps */
+    INSTAR_CONVERT_SKIP_BROKEN_BITMAPS = 1u << 6, /**< --skip-broken-bitmaps */
+    /** -C: copy offloading (copy_file_range) of data stored plainly; not with sparse_size >= 0 or SALVAGE. */
+    INSTAR_CONVERT_COPY_RANGE = 1u << 7,
+    /** --salvage: sectors that cannot be read are written as zeroes instead of failing the copy (qemu's
+     *  warnings about them are not reported through this call). */
+    INSTAR_CONVERT_SALVAGE = 1u << 8
 };
 
 typedef struct instar_convert_options {
