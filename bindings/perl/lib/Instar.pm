@@ -36,16 +36,25 @@ sub _finish_info {
     return $h;
 }
 
+# Options: a list of key => value pairs, or one hash reference.
+sub _opts {
+    return $_[0] if @_ == 1 && ref($_[0]) eq 'HASH';
+    die Instar::Error->can('throw')->('Instar::Error', code => E_INVALID, errno => 0,
+        message => 'options must be key => value pairs or a hash reference') if @_ % 2;
+    return {@_};
+}
+
 sub info {
-    my ($filename, %opts) = @_;
-    my $r = _info($filename, \%opts);
+    my ($filename, @opts) = @_;
+    my $r = _info($filename, _opts(@opts));
     return ref($r) eq 'ARRAY' ? [map { _finish_info($_) } @$r] : _finish_info($r);
 }
 
 my %bitmap_action = (add => 1, remove => 2, clear => 3, enable => 4, disable => 5, merge => 6);
 
 sub bitmap {
-    my ($filename, $name, $actions, %opts) = @_;
+    my ($filename, $name, $actions, @o) = @_;
+    my %opts = %{ _opts(@o) };
     my @acts;
     for my $a (@$actions) {
         my ($what, $src) = ref($a) eq 'ARRAY' ? @$a : ($a);
@@ -56,9 +65,9 @@ sub bitmap {
     return _bitmap($filename, $name, \@acts, \%opts);
 }
 
-sub snapshot_create { my ($f, $n, %o) = @_; return _snapshot(0, $f, $n, \%o); }
-sub snapshot_apply  { my ($f, $n, %o) = @_; return _snapshot(1, $f, $n, \%o); }
-sub snapshot_delete { my ($f, $n, %o) = @_; return _snapshot(2, $f, $n, \%o); }
+sub snapshot_create { my ($f, $n, @o) = @_; return _snapshot(0, $f, $n, _opts(@o)); }
+sub snapshot_apply  { my ($f, $n, @o) = @_; return _snapshot(1, $f, $n, _opts(@o)); }
+sub snapshot_delete { my ($f, $n, @o) = @_; return _snapshot(2, $f, $n, _opts(@o)); }
 
 # The hash-taking XS functions also accept a flat list of options.
 for my $name (qw(info_json info_human map compare convert create measure check check_json check_chain_json resize
@@ -69,7 +78,7 @@ for my $name (qw(info_json info_human map compare convert create measure check c
     my $nargs = { compare => 2, convert => 2, dd => 2, resize => 2 }->{$name} // 1;
     *{"Instar::$name"} = sub {
         my @pos = splice(@_, 0, $nargs);
-        return $xs->(@pos, @_ == 1 && ref($_[0]) eq 'HASH' ? $_[0] : {@_});
+        return $xs->(@pos, _opts(@_));
     };
 }
 
