@@ -78,7 +78,7 @@ is(Instar::check_json("$d/src.qcow2"), $qtext, 'check_json is qemu-img\'s text')
 # a leak, found then repaired
 copy("$d/src.qcow2", "$d/leak.qcow2") or die;
 qemu_io('-c', 'write -P 1 16M 64k', "$d/leak.qcow2");
-{   # bump a refcount the hard way: qemu-img amend cannot, so leak clusters with a dirty close
+{
     my $r = Instar::check("$d/leak.qcow2");
     is($r->{exit_code}, (qimg('check', "$d/leak.qcow2"))[0], 'check exit code = qemu-img check\'s');
 }
