@@ -36,12 +36,17 @@ sub _shellquote {
 
 sub _cmdstr { return join(' ', map { _shellquote($_) } @{ $_[0] }); }
 
-# qemu-img's stderr lines for an error message ("qemu-img: " before every line).
+# qemu-img's stderr lines for an error message: "qemu-img: " before the first line, and before the others
+# only where qemu reports them as errors of their own (warnings, the option and size explanations); other
+# continuation lines are qemu's hints, printed bare.
 sub _stderr_lines {
     my ($err) = @_;
     my $msg = ref($err) ? $err->message : "$err";
     chomp $msg;
-    return map { "qemu-img: $_" } split(/\n/, $msg);
+    my ($first, @rest) = split(/\n/, $msg, -1);
+    $first //= '';
+    my $each = $msg =~ /\n(?:warning: |Invalid options for |kilobytes, megabytes)/;
+    return ("qemu-img: $first", map { $each ? "qemu-img: $_" : $_ } @rest);
 }
 
 sub _is_instar_error { return ref($_[0]) && eval { $_[0]->isa('Instar::Error') }; }
@@ -106,11 +111,11 @@ sub qemu_img_create {
     my @o = defined($options->{preallocation}) ? ('-o', "preallocation=$options->{preallocation}") : ();
     my $cmd = ['/usr/bin/qemu-img', 'create', @o, '-f', $fmt, '--', $path, "${size}K"];
     my $bytes = _kib_bytes($size);
-    if (!defined $bytes) {
-        die "unable to create image: qemu-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
-            . "exabytes.\n";
-    }
     eval {
+        die Instar::Error->can('throw')->('Instar::Error', code => Instar::E_INVALID, errno => 0,
+            message => "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+                . "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            if !defined $bytes;
         Instar::create($path, format => $fmt, size => $bytes,
             (defined($options->{preallocation}) ? (options => "preallocation=$options->{preallocation}") : ()));
     };
