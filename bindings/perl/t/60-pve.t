@@ -251,6 +251,24 @@ for my $p (qw(i q)) {
     is_deeply([@mine[1 .. 3]], [@theirs[1 .. 3]], 'qemu_img_commit without backing: same die and STDERR');
 }
 
+# ---- a timeout is honoured by the library: the call stops at the deadline, the chain stays valid ----
+{
+    qimg_ok('create', '-f', 'qcow2', "$d/to-b.qcow2", '16M');
+    qimg_ok('create', '-f', 'qcow2', '-F', 'qcow2', '-b', "$d/to-b.qcow2", "$d/to-t.qcow2");
+    qemu_io('-c', 'write -P 7 0 8M', "$d/to-t.qcow2");
+    copy("$d/to-t.qcow2", "$d/to-ref.qcow2") or die;
+    qimg_ok('rebase', '-u', '-F', 'qcow2', '-b', "$d/to-b.qcow2", "$d/to-ref.qcow2");
+    my @o = observe(sub { Instar::PVE::qemu_img_commit("$d/to-t.qcow2", 1e-6) });
+    is($o[1], "command '/usr/bin/qemu-img commit $d/to-t.qcow2' failed: got timeout\n",
+        'qemu_img_commit past its timeout: run_command\'s timeout die');
+    is((qimg('check', "$d/to-b.qcow2"))[0], 0, '... the base checks clean');
+    ok(same_image("$d/to-t.qcow2", "$d/to-ref.qcow2"), '... and the top still reads the same');
+    @o = observe(sub { Instar::PVE::qemu_img_rebase("$d/to-t.qcow2", '', 'qcow2', 'qcow2', 1e-6) });
+    like($o[1], qr/^command '.*rebase.*' failed: got timeout\n\z/, 'qemu_img_rebase past its timeout');
+    is(Instar::info("$d/to-t.qcow2")->{'backing-filename'}, "$d/to-b.qcow2", '... the backing file is unchanged');
+    ok(same_image("$d/to-t.qcow2", "$d/to-ref.qcow2"), '... and the contents too');
+}
+
 # ---- QemuImage::convert (paths) and the EFI-disk dd ----
 
 {
