@@ -136,6 +136,9 @@ sub close {
 
 sub DESTROY { $_[0]->close }
 
+# A new perl thread gets no copy of a handle (two copies would close the library handle twice).
+sub CLONE_SKIP { 1 }
+
 1;
 
 __END__

@@ -74,4 +74,14 @@ is($@->code, Instar::E_NOT_FOUND, 'open of a missing file: E_NOT_FOUND');
     is("qemu-img: $e\n", $qerr, '... with qemu-img\'s message');
 }
 
+# a perl thread started while a handle is open gets no copy of it (no double close)
+SKIP: {
+    skip 'perl without threads', 2 if !eval { require threads; 1 };
+    my $h = Instar::Image->open("$d/m.qcow2");
+    my $t = threads->create(sub { return 'thread ran' });
+    is($t->join, 'thread ran', 'a thread ran while a handle was open');
+    is($h->size, 17 << 20, 'the handle still works in the parent after the thread ended');
+    $h->close;
+}
+
 done_testing;
