@@ -24,8 +24,8 @@ instar_croak(pTHX_ int rc, const instar_error_t *e)
     int code = (e && e->code) ? e->code : rc;
     (void)hv_stores(hv, "code", newSViv(code));
     (void)hv_stores(hv, "errno", newSViv(e ? e->errno_value : 0));
-    if (e && e->message[0])
-        (void)hv_stores(hv, "message", newSVpvn_utf8(e->message, strnlen(e->message, sizeof e->message), 1));
+    if (e && e->message[0])  /* bytes, as qemu-img writes them to stderr */
+        (void)hv_stores(hv, "message", newSVpvn(e->message, strnlen(e->message, sizeof e->message)));
     else
         (void)hv_stores(hv, "message", newSVpv(instar_strerror(code), 0));
     ref = sv_bless(newRV_noinc((SV *)hv), gv_stashpvs("Instar::Error", GV_ADD));
@@ -59,11 +59,13 @@ opt_sv(pTHX_ HV *hv, const char *key)
 }
 
 /* The string stays valid as long as the hash entry does (the whole call). */
+/* Bytes as perl holds them (a file name is bytes; a character string gives its UTF-8 form), like the
+ * positional const char * arguments. */
 static const char *
 opt_str(pTHX_ HV *hv, const char *key, const char *dflt)
 {
     SV *sv = opt_sv(aTHX_ hv, key);
-    return sv ? SvPVutf8_nolen(sv) : dflt;
+    return sv ? SvPV_nolen(sv) : dflt;
 }
 
 static int64_t
@@ -230,10 +232,20 @@ u64sv(pTHX_ uint64_t v)
     return newSVuv((UV)v);
 }
 
+/* A string of a result struct: characters when it is valid UTF-8 (what decode_json of qemu-img's output gives),
+ * else the bytes. */
 static SV *
 strsv(pTHX_ const char *s)
 {
-    return s ? newSVpvn_utf8(s, strlen(s), 1) : newSV(0);
+    SV *sv;
+    STRLEN len;
+    if (!s)
+        return newSV(0);
+    len = strlen(s);
+    sv = newSVpvn(s, len);
+    if (!is_ascii_string((const U8 *)s, len) && is_utf8_string((const U8 *)s, len))
+        SvUTF8_on(sv);
+    return sv;
 }
 
 #define PUT(hv, key, sv) (void)hv_stores((hv), key, (sv))
@@ -301,10 +313,12 @@ info_options(pTHX_ HV *hv, instar_info_options_t *o)
     o->key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
 }
 
+/* Text the library returns (JSON, human output): bytes, as qemu-img writes them to stdout (PVE hands them to
+ * decode_json, which wants bytes). */
 static SV *
 take_string(pTHX_ char *s)
 {
-    SV *sv = newSVpvn_utf8(s ? s : "", s ? strlen(s) : 0, 1);
+    SV *sv = newSVpvn(s ? s : "", s ? strlen(s) : 0);
     instar_string_free(s);
     return sv;
 }
@@ -554,7 +568,7 @@ measure(filename, opts = &PL_sv_undef)
     o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
     memset(&r, 0, sizeof r);
     r.struct_size = sizeof r;
-    rc = instar_measure(SvOK(filename) ? SvPVutf8_nolen(filename) : NULL, &o, &r, &err);
+    rc = instar_measure(SvOK(filename) ? SvPV_nolen(filename) : NULL, &o, &r, &err);
     CHECK(rc, err);
     h = newHV();
     if (r.has_bitmaps)
@@ -786,7 +800,7 @@ _bitmap(filename, bitmap, actions, opts = &PL_sv_undef)
         m = av_fetch(pair, 1, 0);
         acts[i].action = a ? (uint32_t)SvUV(*a) : 0;
         acts[i].reserved = 0;
-        acts[i].merge_source = (m && SvOK(*m)) ? SvPVutf8_nolen(*m) : NULL;
+        acts[i].merge_source = (m && SvOK(*m)) ? SvPV_nolen(*m) : NULL;
     }
     instar_bitmap_options_init(&o);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);

@@ -182,6 +182,13 @@ as a number in C<flags>/C<open_flags>.
 Byte counts and offsets are Perl integers (IV/UV): nothing goes through a floating-point number, so sizes above
 2**53 stay exact on a 64-bit perl.
 
+=head2 Strings
+
+File names and option strings are passed as the bytes perl holds (a character string gives its UTF-8
+encoding). Text the library returns (C<info_json>, C<info_human>, C<check_json>, error messages) is bytes, as
+qemu-img writes it; strings inside result hashes are characters when they are valid UTF-8, as C<decode_json>
+of qemu-img's output gives them.
+
 =head2 Errors
 
 Every failure dies with an C<Instar::Error> object: C<< ->code >> (one of the C<Instar::E_*> constants),

@@ -39,6 +39,19 @@ is_deeply(Instar::info("$d/top.qcow2", format => 'qcow2', backing_chain => 1), $
 my (undef, $qct) = qimg('info', '--output=json', '--backing-chain', "$d/top.qcow2");
 is(Instar::info_json("$d/top.qcow2", { backing_chain => 1 }), $qct, 'info_json with a hash reference of options');
 
+# a non-ASCII name: JSON text as qemu-img's bytes, the hash as decode_json's characters
+{
+    my $name = "$d/d\xc3\xa4t\xc3\xa9.qcow2";    # UTF-8 bytes
+    qimg_ok('create', '-f', 'qcow2', '-F', 'qcow2', '-b', "$d/base.qcow2", $name);
+    my (undef, $qtext) = qimg('info', '--output=json', $name);
+    my $text = Instar::info_json($name);
+    ok(!utf8::is_utf8($text), 'info_json returns bytes');
+    is($text, $qtext, 'info_json of a non-ASCII name: qemu-img\'s bytes');
+    is_deeply(Instar::info($name), decode_json($qtext), 'info of a non-ASCII name = decode_json of qemu-img\'s');
+    utf8::decode(my $chars = $name);
+    is_deeply(Instar::info($chars), decode_json($qtext), '... also when the name is given as characters');
+}
+
 # sizes are integers, never floating point
 my $huge = Instar::info("$d/huge.qcow2");
 ok(is_int_sv($huge->{'virtual-size'}), 'virtual-size is an IV');
