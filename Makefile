@@ -120,7 +120,7 @@ wheel-only:
 
 # Perl binding (issue 12): the XS module in bindings/perl built against this tree's header and library (an rpath
 # to build/lib, so no install is needed) and its prove suite.
-APT_PKGS += libperl-dev perl
+APT_PKGS += libperl-dev perl libjson-xs-perl
 .PHONY: perl-test perl-clean
 perl-test: deps build
 	cd bindings/perl && INSTAR_INC="-I$(CURDIR)/include" \
