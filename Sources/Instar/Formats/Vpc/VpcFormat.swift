@@ -191,9 +191,10 @@ public final class VpcFormat: ImageFormat {
         while index < maxTableEntries {
             let n = min(chunkEntries, maxTableEntries - index)
             let chunk = try file.readBytes(at: batOffset + index * 4, count: Int(n * 4))
-            let cr = ByteReader(chunk, what: "VHD block allocation table")
+            guard chunk.count == Int(n * 4) else { throw truncated }
             for i in 0..<Int(n) {
-                let e = try cr.u32be(at: i * 4)
+                let e = UInt32(chunk[4 * i]) << 24 | UInt32(chunk[4 * i + 1]) << 16 | UInt32(chunk[4 * i + 2]) << 8
+                    | UInt32(chunk[4 * i + 3])
                 if index + UInt64(i) < needed { table.append(e) }
                 if e != Vpc.unallocated {
                     let next = UInt64(e) * 512 + bitmapSize + bs
