@@ -11,6 +11,8 @@ enum Vpc {
     static let maxSectors: UInt64 = 0xFF00_0000
     /// The largest CHS geometry (65535 x 16 x 255): images at it use current_size for their size.
     static let maxGeometry: UInt64 = 65535 * 16 * 255
+    /// qemu's BDRV_REQUEST_MAX_BYTES: the largest single request.
+    static let maxRequestBytes: UInt64 = UInt64(Int32.max) & ~511
     /// Seconds from the Unix epoch to the VHD epoch (2000-01-01 00:00:00 UTC).
     static let timestampBase: Int = 946_684_800
     /// BAT entries instar keeps in memory at most (256 MiB of table); qemu's own bound (INT_MAX / 4) would let
@@ -129,7 +131,8 @@ public final class VpcFormat: ImageFormat {
             totalSectors = try r.u64be(at: 48) / 512
         }
         guard totalSectors <= Vpc.maxSectors else {
-            throw InstarError(.range, strerrorString(EFBIG), errno: EFBIG)
+            // qemu's driver fails without a message of its own; the block layer names the file.
+            throw InstarError(.range, "Could not open '\(request.filename)': \(strerrorString(EFBIG))", errno: EFBIG)
         }
         virtualSize = totalSectors * 512
 
@@ -172,7 +175,9 @@ public final class VpcFormat: ImageFormat {
         maxTableEntries = UInt64(entriesSigned)
         let tableBytes = maxTableEntries * 4
         batOffset = try h.u64be(at: 16)
-        guard batOffset <= Vpc.maxRequestEnd, tableBytes <= Vpc.maxRequestEnd - batOffset else {
+        // One read of the whole table: qemu refuses requests over BDRV_REQUEST_MAX_BYTES.
+        guard tableBytes <= Vpc.maxRequestBytes, batOffset <= Vpc.maxRequestEnd,
+              tableBytes <= Vpc.maxRequestEnd - batOffset else {
             throw InstarError(.io, "Error reading pagetable", errno: EIO)
         }
         // Blocks only move the end further: a table running past the end of the file is already refused.
@@ -198,7 +203,11 @@ public final class VpcFormat: ImageFormat {
                 if index + UInt64(i) < needed { table.append(e) }
                 if e != Vpc.unallocated {
                     let next = UInt64(e) * 512 + bitmapSize + bs
-                    if next > free { free = next }
+                    if next > free {
+                        free = next
+                        // The end only grows: once past the end of the file, the image is refused.
+                        if free > fileSize { throw truncated }
+                    }
                 }
             }
             index += n
