@@ -410,3 +410,44 @@ def test_capi_create_write_read_matches_qemu_io(tmp, kind):
         assert img.size == len(data)
         for off, n, _ in API_WRITES + [(0, len(data), None)]:
             assert img.read(off, n) == data[off:off + n]
+
+
+# ---- vpc under other operations ----------------------------------------------------------------------------
+
+@pytest.fixture
+def vpc_base(tmp):
+    p = os.path.join(tmp, "base.vhd")
+    qimg("create", "-q", "-f", "vpc", p, "64M")
+    qemu_io("-f", "vpc", "-c", "write -P 1 0 1M", "-c", "write -P 2 9M 64k", p)
+    return p
+
+
+def test_commit_into_vpc_backing(tmp, vpc_base):
+    """commit writes a qcow2 overlay's clusters (zero ones included) into its vpc backing file."""
+    outs = {}
+    for who in ("q", "i"):
+        b, t = os.path.join(tmp, f"{who}b.vhd"), os.path.join(tmp, f"{who}t.qcow2")
+        shutil.copyfile(vpc_base, b)
+        qimg("create", "-q", "-f", "qcow2", "-b", b, "-F", "vpc", t)
+        qemu_io("-c", "write -P 3 512k 1M", "-c", "write -z 9M 4k", "-c", "write -P 4 30M 64k", t)
+        outs[who] = (qemu if who == "q" else instar)("commit", t), b
+    (qr, qb), (ir, ib) = outs["q"], outs["i"]
+    assert (ir.rc, ir.out, ir.err) == (qr.rc, qr.out, qr.err)
+    assert open(qb, "rb").read() == open(ib, "rb").read()
+
+
+def test_dd_to_vpc(tmp, vpc_base):
+    q, i = os.path.join(tmp, "q.vhd"), os.path.join(tmp, "i.vhd")
+    qr = qemu("dd", "-O", "vpc", f"if={vpc_base}", f"of={q}", "bs=1M")
+    ir = instar("dd", "-O", "vpc", f"if={vpc_base}", f"of={i}", "bs=1M")
+    assert (ir.rc, ir.out, ir.err) == (qr.rc, qr.out, qr.err)
+    assert_files_same(q, i)
+
+
+def test_vpc_as_backing_file(tmp, vpc_base):
+    top = os.path.join(tmp, "top.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-b", vpc_base, "-F", "vpc", top)
+    qemu_io("-c", "write -P 5 1M 64k", top)
+    info_both(top, "--backing-chain")
+    map_both(top)
+    raw_of(tmp, top)
