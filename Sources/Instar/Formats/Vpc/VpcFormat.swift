@@ -338,8 +338,10 @@ public final class VpcFormat: ImageFormat {
         let end = try start.adding(bitmapSize).adding(blockSize)
         try file.write([UInt8](repeating: 0xFF, count: Int(bitmapSize)), at: start)
         try file.sync()
+        CrashPoint.hit("vpc-alloc:bitmap")
         try file.write(footer, at: end)
         try file.sync()
+        CrashPoint.hit("vpc-alloc:footer")
         freeDataBlockOffset = end
         bat[Int(index)] = UInt32(sector)
         var entry = [UInt8](repeating: 0, count: 4)
@@ -347,6 +349,7 @@ public final class VpcFormat: ImageFormat {
         do {
             try file.write(entry, at: batOffset + index * 4)
             try file.sync()
+            CrashPoint.hit("vpc-alloc:table")
         } catch {
             bat[Int(index)] = Vpc.unallocated
             freeDataBlockOffset = start
