@@ -490,3 +490,18 @@ def test_sigkill_during_block_allocation(tmp, point):
     qemu_io("-f", "vpc", "-c", "write -P 0x77 10M 64k", p)
     qemu_io("-f", "raw", "-c", "write -P 0x77 10M 64k", expected)
     assert qemu("compare", "-f", "vpc", "-F", "raw", p, expected).rc == 0
+
+
+@pytest.mark.parametrize("opts", [[], ["-o", "subformat=fixed"], ["-o", "force_size=on"]])
+@pytest.mark.parametrize("size", ["1000", "2041G"])
+def test_convert_odd_and_oversized_sources(tmp, opts, size):
+    """A source of 1000 bytes is rounded up; one over 2040 GiB is refused with the driver's own message (convert
+    shows it, create replaces it)."""
+    src = os.path.join(tmp, "s.qcow2")
+    qimg("create", "-q", "-f", "qcow2", src, size)
+    qemu_io("-c", "write -P 0x42 0 512", src)
+    q, i = os.path.join(tmp, "q.vhd"), os.path.join(tmp, "i.vhd")
+    qr = qemu("convert", "-O", "vpc", *opts, src, q)
+    ir = instar("convert", "-O", "vpc", *opts, src, i)
+    assert (ir.rc, ir.out, ir.err.replace(i, q)) == (qr.rc, qr.out, qr.err), (qr, ir)
+    assert_files_same(q, i)
