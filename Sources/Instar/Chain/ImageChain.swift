@@ -114,7 +114,7 @@ public struct ImageSpec {
     /// Options that change what an image reads as, so qemu keeps them in a rebuilt json: name (the union of its
     /// drivers' strong_runtime_opts: raw's window, the secrets of luks and encrypted qcow2). Other options are
     /// passed to the driver but leave the plain file name.
-    public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret"]
+    public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret", "force_size_calc"]
 
     /// The options of the node under the format (qemu's full_open_options of the "file" child), and the name
     /// qemu gives each window node, innermost last.
