@@ -38,6 +38,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 import instar
+from instar.compat._info import info_dicts
 
 _log = logging.getLogger("storage.qemuimg")
 
@@ -355,9 +356,8 @@ def info(image: str, format: Optional[str] = None, unsafe: bool = False, trusted
     if backing_chain:
         cmd.append("--backing-chain")
     cmd.append(image)
-    result = _call(cmd, instar.info, image, format=format or None, force_share=unsafe, backing_chain=backing_chain)
-    chain = result if backing_chain else [result]
-    dicts = [node.to_dict() for node in chain]
+    dicts: List[Dict[str, Any]] = _call(cmd, info_dicts, image, format=format or None, force_share=unsafe,
+                                        backing_chain=backing_chain)
     for d in dicts:
         for key in ("virtual-size", "format"):
             if key not in d:
