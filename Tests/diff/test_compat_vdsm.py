@@ -9,7 +9,6 @@ module's contract (which command line each function runs, what it returns), not 
 """
 import json
 import os
-import random
 import re
 import shutil
 import struct
@@ -18,7 +17,8 @@ import threading
 
 import pytest
 
-from conftest import info_json, qemu, qemu_io, qimg
+from compat_helpers import Pair, mk_qcow2, mk_raw
+from conftest import qemu, qemu_io, qimg
 
 from instar.compat import vdsm
 
@@ -190,31 +190,6 @@ def run_op(op):
 
 # ---- images -------------------------------------------------------------------------------------------------
 
-def mk_qcow2(d, name="q.qcow2", size="4M", opts="compat=1.1", writes=True, backing=None, backing_fmt=None):
-    p = os.path.join(d, name)
-    args = ["create", "-q", "-f", "qcow2", "-o", opts]
-    if backing:
-        args += ["-b", backing, "-F", backing_fmt]
-    qimg(*args, p, *([size] if size else []))
-    if writes:
-        qemu_io("-f", "qcow2", "-c", "write -P 0x11 1000 70000", "-c", "write -z 196608 131072",
-                "-c", "write -P 0x22 1M 512k", p)
-    return p
-
-
-def mk_raw(d, name="r.raw", size=3 * MiB):
-    """A sparse raw file; the same bytes every time (the two folders of a Pair must start alike)."""
-    rnd = random.Random(name)
-    p = os.path.join(d, name)
-    with open(p, "wb") as f:
-        f.truncate(size)
-        f.seek(5000)
-        f.write(bytes(rnd.getrandbits(8) for _ in range(3000)))
-        f.seek(MiB + 17)
-        f.write(bytes(rnd.getrandbits(8) for _ in range(100000)))
-    return p
-
-
 def leak_one_cluster(path):
     """Grows the qcow2 file by a cluster and marks it used in the refcounts (a leak qemu-img check reports)."""
     with open(path, "r+b") as f:
@@ -354,54 +329,6 @@ def test_compare(imgs, tmp, strict):
 
 # ---- operations that write: VDSM's way in one folder, ours in another with the same names ------------------
 
-class Pair:
-    """Two folders made alike by `setup(folder)`: qemu-img (VDSM's way) works in q/, instar.compat.vdsm in i/."""
-
-    def __init__(self, tmp, setup):
-        self.q, self.i = os.path.join(tmp, "q"), os.path.join(tmp, "i")
-        for d in (self.q, self.i):
-            os.mkdir(d)
-            setup(d)
-
-    def run(self, ref, ours, *names, **kw):
-        """ref(*paths in q/, **kw) and ours(*paths in i/, **kw); outcomes must match once i/ reads as q/."""
-        q = outcome(ref, *[os.path.join(self.q, n) for n in names], **kw)
-        i = outcome(ours, *[os.path.join(self.i, n) for n in names], **kw)
-        assert _swap(i, self.i, self.q) == q, "\n qemu-img (VDSM's way): %r\n instar.compat.vdsm:    %r" % (q, i)
-        return q
-
-    def assert_alike(self, name, byte_equal=False, check=True):
-        qp, ip = os.path.join(self.q, name), os.path.join(self.i, name)
-        assert os.path.exists(qp) == os.path.exists(ip)
-        if not os.path.exists(qp):
-            return
-        qi, ii = info_json(qp), _swap(info_json(ip), self.i, self.q)
-        for d in (qi, ii):
-            d.pop("full-backing-filename", None)
-        assert ii == qi
-        r = qemu("compare", qp, ip)
-        # (an image whose backing file is missing opens in neither: its bytes are compared below)
-        assert r.rc == 0 or (r.rc == 2 and "backing" in str(qi)), r
-        if check and qi["format"] == "qcow2" and r.rc == 0:
-            r = qemu("check", ip)
-            assert r.rc == 0, r
-        if byte_equal:
-            with open(qp, "rb") as a, open(ip, "rb") as b:
-                assert a.read() == b.read()
-
-
-def _swap(v, a, b):
-    if isinstance(v, str):
-        return v.replace(a, b)
-    if isinstance(v, bytes):
-        return v.replace(a.encode(), b.encode())
-    if isinstance(v, (list, tuple)):
-        return type(v)(_swap(x, a, b) for x in v)
-    if isinstance(v, dict):
-        return {k: _swap(x, a, b) for k, x in v.items()}
-    return v
-
-
 def ours_op(fn):
     """Calls fn (a function returning an operation object) and runs the operation."""
     def call(*a, **kw):
@@ -431,7 +358,7 @@ CREATE_CASES = [
 
 @pytest.mark.parametrize("case", CREATE_CASES, ids=lambda c: ",".join("%s=%s" % kv for kv in c.items()))
 def test_create(tmp, case):
-    pair = Pair(tmp, base_images)
+    pair = Pair(tmp, outcome=outcome, setup=base_images)
     ref_kw = dict(case)
     compat = ref_kw.pop("qcow2Compat", "1.1")
 
@@ -482,7 +409,7 @@ def convert_images(d):
 
 @pytest.mark.parametrize("src,case", CONVERT_CASES, ids=lambda c: str(c))
 def test_convert(tmp, src, case):
-    pair = Pair(tmp, convert_images)
+    pair = Pair(tmp, outcome=outcome, setup=convert_images)
     compat = case.get("dstQcow2Compat") or "1.1"
     ref_kw = {k: v for k, v in case.items() if k != "dstQcow2Compat"}
     progress = {}
@@ -510,7 +437,7 @@ def test_convert_into_existing_target(tmp):
         qimg("create", "-q", "-f", "qcow2", os.path.join(d, "dst.qcow2"), "4M")
         qimg("create", "-q", "-f", "qcow2", os.path.join(d, "dst2.qcow2"), "4M")
         qimg("create", "-q", "-f", "qcow2", "-b", "r.raw", "-F", "raw", os.path.join(d, "dst3.qcow2"), "4M")
-    pair = Pair(tmp, setup)
+    pair = Pair(tmp, outcome=outcome, setup=setup)
     pair.run(lambda s, d, **kw: Vdsm.convert(s, d, progress=[], **kw), ours_op(vdsm.convert), "q.qcow2", "dst.qcow2",
              dstFormat="qcow2", create=False)
     pair.assert_alike("dst.qcow2")
@@ -532,7 +459,7 @@ def chain_images(d):
 
 @pytest.mark.parametrize("with_base", [False, True])
 def test_commit(tmp, with_base):
-    pair = Pair(tmp, chain_images)
+    pair = Pair(tmp, outcome=outcome, setup=chain_images)
     progress = {}
 
     def ref(top, base=None):
@@ -559,7 +486,7 @@ def test_amend_resize(tmp):
     def setup(d):
         base_images(d)
         mk_qcow2(d, "old.qcow2", opts="compat=0.10")
-    pair = Pair(tmp, setup)
+    pair = Pair(tmp, outcome=outcome, setup=setup)
     pair.run(Vdsm.amend, vdsm.amend, "old.qcow2", compat="1.1")
     pair.assert_alike("old.qcow2", byte_equal=True)
     pair.run(Vdsm.amend, vdsm.amend, "q.qcow2", compat="0.10")
@@ -577,7 +504,7 @@ def test_amend_resize(tmp):
 
 @pytest.mark.parametrize("unsafe", [False, True])
 def test_rebase(tmp, unsafe):
-    pair = Pair(tmp, chain_images)
+    pair = Pair(tmp, outcome=outcome, setup=chain_images)
 
     def ref(image, backing, **kw):
         Vdsm.rebase(image, backing, **kw)
@@ -600,7 +527,7 @@ def test_bitmaps(tmp):
             fn(*a, **kw)
             return b""
         return call
-    pair = Pair(tmp, setup)
+    pair = Pair(tmp, outcome=outcome, setup=setup)
     pair.run(ref(Vdsm.bitmap_add), ours_op(vdsm.bitmap_add), "a.qcow2", bitmap="b0")
     pair.run(ref(Vdsm.bitmap_add), ours_op(vdsm.bitmap_add), "a.qcow2", bitmap="b1", enable=False, granularity=131072)
     pair.run(ref(Vdsm.bitmap_add), ours_op(vdsm.bitmap_add), "b.qcow2", bitmap="dst")
