@@ -388,6 +388,16 @@ void instar_create_options_init(instar_create_options_t *opts);
  */
 int instar_create(const char *filename, const instar_create_options_t *opts, instar_error_t *err);
 
+/**
+ * instar_create, which also hands back the line `qemu-img create` prints ("Formatting 'NAME', fmt=qcow2
+ * cluster_size=65536 ... size=1048576 ...\n", with the newline) in *line: the caller frees it with
+ * instar_string_free. *line is NULL when the request fails validation (qemu-img prints nothing then); a failure
+ * of the creation itself, which qemu-img reports after printing the line, returns the error with *line set.
+ * Errors: as instar_create, and INSTAR_E_INVALID when line is NULL.
+ */
+int instar_create_formatting(const char *filename, const instar_create_options_t *opts, char **line,
+                             instar_error_t *err);
+
 typedef struct instar_measure_options {
     uint32_t struct_size;
     uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE is honoured */

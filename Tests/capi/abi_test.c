@@ -163,6 +163,21 @@ int main(int argc, char **argv) {
         CHECK(strstr(err.message, "Unknown file format 'no-such-format'") != NULL);
         CHECK(instar_create(NULL, &co, &err) == INSTAR_E_INVALID);
     }
+    /* ---- create_formatting: the same creation, and the line qemu-img create prints ---- */
+    {
+        instar_create_options_t co = INSTAR_CREATE_OPTIONS_INIT;
+        char *line = NULL;
+        co.format = "qcow2";
+        co.size = (int64_t)size;
+        CHECK(instar_create_formatting(path("f.qcow2"), &co, &line, &err) == INSTAR_OK);
+        CHECK(line != NULL && strncmp(line, "Formatting '", 12) == 0 && strstr(line, "fmt=qcow2 ") != NULL &&
+              line[strlen(line) - 1] == '\n');
+        instar_string_free(line);
+        CHECK(instar_create_formatting(path("f.qcow2"), &co, NULL, &err) == INSTAR_E_INVALID);
+        co.format = "no-such-format";
+        line = NULL;
+        CHECK(instar_create_formatting(path("bad.img"), &co, &line, &err) == INSTAR_E_INVALID && line == NULL);
+    }
     {
         instar_open_options_t oo = INSTAR_OPEN_OPTIONS_INIT;
         oo.flags = INSTAR_OPEN_READ_WRITE;

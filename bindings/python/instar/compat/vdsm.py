@@ -24,9 +24,11 @@ C API has no caller-set CPU or memory budget yet, so ``trusted_image=False`` app
 Budgets that a caller sets per call are planned (issue 14); this flag will map onto them.
 
 Differences from running qemu-img: the operations do not change the process's working directory (VDSM runs some
-commands in the image's folder; this only matters for relative image paths, which VDSM does not use), and
-``Command.run()`` returns the text qemu-img would print only for ``compare`` (its verdict line); it returns b""
-for the others, whose output VDSM does not read.
+commands in the image's folder; this only matters for relative image paths, which VDSM does not use); when
+``check`` fails on a corrupt image (rc 2), ``err`` is empty where qemu-img lists its findings ("ERROR cluster 3
+refcount=0 reference=1"), which the C API does not hand back (``out``, the JSON report, is the same); and
+``Command.run()`` returns what qemu-img prints on stdout for ``create`` (its "Formatting ..." line) and ``compare``
+(its progress records and verdict), and b"" for the others, which print nothing without -p.
 """
 from __future__ import annotations
 
@@ -421,10 +423,14 @@ def create(image: str, size: Optional[int] = None, format: Optional[str] = None,
         cmd.append(str(size))
 
     def work(cancel: instar.Cancel, progress: Callable[[float], None]) -> bytes:
-        _call(cmd, lambda: instar.create(image, format or "raw", None if size is None else int(size),
-                                         backing_file=backing or None, backing_format=backingFormat or None,
-                                         no_backing_open=unsafe, **opts))
-        return b""
+        try:
+            line = instar.create_formatting(image, format or "raw", None if size is None else int(size),
+                                            backing_file=backing or None, backing_format=backingFormat or None,
+                                            no_backing_open=unsafe, **opts)
+        except instar.InstarError as e:
+            out = getattr(e, "output", None) or ""
+            raise _error(cmd, e, out=out.encode("utf-8", "surrogateescape")) from e
+        return line.encode("utf-8", "surrogateescape")
     return Command(cmd, work, cwd=_cwd_for(backing, image))
 
 
