@@ -518,6 +518,17 @@ int instar_check(const char *filename, const instar_check_options_t *opts, insta
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
 
 /**
+ * One check that hands back everything `qemu-img check` reports: the counters in *result (as instar_check; NULL
+ * to skip), the text of `--output=json` in *json, and in *messages the lines qemu-img prints on stderr while it
+ * checks ("ERROR cluster 3 refcount=0 reference=1\n", "Leaked cluster 9 refcount=1 reference=0\n", each with
+ * its newline and with the "qemu-img: " prefix where qemu-img prints one; "" when there are none). json and
+ * messages may be NULL; strings are freed with instar_string_free and are NULL on failure. Errors: as
+ * instar_check.
+ */
+int instar_check_report(const char *filename, const instar_check_options_t *opts, instar_check_result_t *result,
+                        char **json, char **messages, instar_error_t *err);
+
+/**
  * `check --chain --output=json` (an instar extension): checks every image of filename's backing chain on its own,
  * top first, with opts (its format applies to the top; the images below are opened in the formats the chain
  * names). Stores in *json the array of the per-image objects of `qemu-img check --output=json` (an image whose

@@ -351,6 +351,22 @@ int main(int argc, char **argv) {
         CHECK(instar_check(path("a.qcow2"), &ko, NULL, &err) == INSTAR_E_INVALID);
         CHECK(instar_check_json(path("missing"), NULL, &json, NULL) == INSTAR_E_NOT_FOUND);
     }
+    /* ---- check_report: counters, JSON and stderr lines of one check ---- */
+    {
+        instar_check_options_t ko = INSTAR_CHECK_OPTIONS_INIT;
+        instar_check_result_t kr;
+        char *json = NULL, *messages = NULL;
+        memset(&kr, 0, sizeof kr);
+        kr.struct_size = sizeof kr;
+        CHECK(instar_check_report(path("a.qcow2"), &ko, &kr, &json, &messages, &err) == INSTAR_OK);
+        CHECK(kr.exit_code == 0 && json != NULL && json[0] == '{' && messages != NULL && messages[0] == 0);
+        instar_string_free(json);
+        instar_string_free(messages);
+        CHECK(instar_check_report(path("a.qcow2"), &ko, NULL, NULL, NULL, &err) == INSTAR_OK);
+        json = messages = NULL;
+        CHECK(instar_check_report(path("missing"), &ko, &kr, &json, &messages, &err) == INSTAR_E_NOT_FOUND);
+        CHECK(json == NULL && messages == NULL);
+    }
 
     /* ---- resize and amend ---- */
     {

@@ -24,9 +24,7 @@ C API has no caller-set CPU or memory budget yet, so ``trusted_image=False`` app
 Budgets that a caller sets per call are planned (issue 14); this flag will map onto them.
 
 Differences from running qemu-img: the operations do not change the process's working directory (VDSM runs some
-commands in the image's folder; this only matters for relative image paths, which VDSM does not use); when
-``check`` fails on a corrupt image (rc 2), ``err`` is empty where qemu-img lists its findings ("ERROR cluster 3
-refcount=0 reference=1"), which the C API does not hand back (``out``, the JSON report, is the same); and
+commands in the image's folder; this only matters for relative image paths, which VDSM does not use), and
 ``Command.run()`` returns what qemu-img prints on stdout for ``create`` (its "Formatting ..." line) and ``compare``
 (its progress records and verdict), and b"" for the others, which print nothing without -p.
 """
@@ -442,14 +440,13 @@ def check(image: str, format: Optional[str] = None) -> Dict[str, int]:
         cmd += ["-f", format]
     cmd.append(image)
     try:
-        r = instar.check_result(image, format=format or None)
+        r, report, messages = instar.check_report(image, format=format or None)
     except instar.Unsupported as e:
         raise _error(cmd, e, rc=63) from e
     except instar.InstarError as e:
         raise _error(cmd, e) from e
     if r.exit_code not in (0, 3):
-        out = _call(cmd, instar.check_json, image, format=format or None).encode("utf-8")
-        raise Error(cmd, r.exit_code, out, b"")
+        raise Error(cmd, r.exit_code, report.encode("utf-8"), messages.encode("utf-8", "surrogateescape"))
     if r.leaks:
         _log.warning("%d leaked clusters found on the image", r.leaks)
     if r.image_end_offset is None:
