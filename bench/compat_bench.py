@@ -4,13 +4,15 @@ the same answer: `qemu-img info --output json PATH` run as a subprocess and its 
 Also `instar.compat.nova.qemu_img_info(path)` against Nova's way (`qemu-img info PATH --force-share
 --output=json` run as a subprocess, parsed into a QemuImgInfo) when oslo.utils is importable. Both sides answer
 on the same image (a 64 MiB qcow2 with a little data and a backing file), and the answers are checked equal
-before timing. Only prints: the microseconds per call of each side and the ratio (> 1: instar is faster).
+before timing. Only prints: the microseconds per call of each side, wall and CPU (this process and its children),
+and the ratios (> 1: instar is faster).
 
     python3 bench/compat_bench.py [--build build] [--calls 2000] [--subprocess-calls 100]
 """
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -20,15 +22,23 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cpu_seconds():
+    """CPU seconds (user + system) of this process and of its waited-for children so far."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def per_call(fn, calls, repeats=3):
-    """Median over `repeats` runs of the seconds per call of fn()."""
-    runs = []
+    """Medians over `repeats` runs of the wall seconds and the CPU seconds (this process and its children) per
+    call of fn(). On a loaded machine the wall time swings with the load; the CPU time much less."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for _ in range(calls):
             fn()
-        runs.append((time.perf_counter() - t0) / calls)
-    return statistics.median(runs)
+        walls.append((time.perf_counter() - t0) / calls)
+        cpus.append((cpu_seconds() - c0) / calls)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def vdsm_subprocess_info(path):
@@ -39,8 +49,9 @@ def vdsm_subprocess_info(path):
 
 
 def report(name, ours, theirs):
-    print("%-44s instar %9.1f us/call   subprocess %9.1f us/call   ratio %7.1fx"
-          % (name, ours * 1e6, theirs * 1e6, theirs / ours))
+    for what, k in (("wall", 0), ("cpu", 1)):
+        print("%-40s %-4s instar %8.1f us/call   subprocess %9.1f us/call   ratio %7.1fx"
+              % (name, what, ours[k] * 1e6, theirs[k] * 1e6, theirs[k] / ours[k]))
 
 
 def main():
@@ -66,6 +77,9 @@ def main():
         theirs = per_call(lambda: vdsm_subprocess_info(path), args.subprocess_calls)
         report("vdsm.info (qcow2 with a backing file)", ours, theirs)
 
+        deps = os.path.join(args.build, "compat-deps")  # where the drop-in tests install oslo, if they ran
+        if os.path.isdir(deps):
+            sys.path.append(deps)
         try:
             from oslo_utils import imageutils
         except ImportError:
