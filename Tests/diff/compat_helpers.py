@@ -3,6 +3,7 @@ one folder's paths read as the other's, and oslo.utils / oslo.concurrency for th
 import fcntl
 import os
 import random
+import struct
 import subprocess
 import sys
 
@@ -114,3 +115,26 @@ def _swap(v, a, b):
     return v
 
 
+def leak_one_cluster(path):
+    """Grows the qcow2 file by a cluster and marks it used in the refcounts (a leak qemu-img check reports)."""
+    with open(path, "r+b") as f:
+        hdr = f.read(104)
+        cs = 1 << struct.unpack(">I", hdr[20:24])[0]
+        f.seek(struct.unpack(">Q", hdr[48:56])[0])
+        refblock = struct.unpack(">Q", f.read(8))[0]
+        n = (os.path.getsize(path) + cs - 1) // cs
+        f.truncate((n + 1) * cs)
+        f.seek(refblock + n * 2)
+        f.write(struct.pack(">H", 1))
+
+
+def zero_l1_refcount(path):
+    """Sets the refcount of the L1 table's cluster to 0 (a corruption)."""
+    with open(path, "r+b") as f:
+        hdr = f.read(104)
+        cs = 1 << struct.unpack(">I", hdr[20:24])[0]
+        l1 = struct.unpack(">Q", hdr[40:48])[0]
+        f.seek(struct.unpack(">Q", hdr[48:56])[0])
+        refblock = struct.unpack(">Q", f.read(8))[0]
+        f.seek(refblock + (l1 // cs) * 2)
+        f.write(struct.pack(">H", 0))

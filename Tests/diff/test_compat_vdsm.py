@@ -11,13 +11,12 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import threading
 
 import pytest
 
-from compat_helpers import Pair, mk_qcow2, mk_raw
+from compat_helpers import Pair, leak_one_cluster, mk_qcow2, mk_raw, zero_l1_refcount
 from conftest import qemu, qemu_io, qimg
 
 from instar.compat import vdsm
@@ -189,31 +188,6 @@ def run_op(op):
 
 
 # ---- images -------------------------------------------------------------------------------------------------
-
-def leak_one_cluster(path):
-    """Grows the qcow2 file by a cluster and marks it used in the refcounts (a leak qemu-img check reports)."""
-    with open(path, "r+b") as f:
-        hdr = f.read(104)
-        cs = 1 << struct.unpack(">I", hdr[20:24])[0]
-        f.seek(struct.unpack(">Q", hdr[48:56])[0])
-        refblock = struct.unpack(">Q", f.read(8))[0]
-        n = (os.path.getsize(path) + cs - 1) // cs
-        f.truncate((n + 1) * cs)
-        f.seek(refblock + n * 2)
-        f.write(struct.pack(">H", 1))
-
-
-def zero_l1_refcount(path):
-    """Sets the refcount of the L1 table's cluster to 0 (a corruption)."""
-    with open(path, "r+b") as f:
-        hdr = f.read(104)
-        cs = 1 << struct.unpack(">I", hdr[20:24])[0]
-        l1 = struct.unpack(">Q", hdr[40:48])[0]
-        f.seek(struct.unpack(">Q", hdr[48:56])[0])
-        refblock = struct.unpack(">Q", f.read(8))[0]
-        f.seek(refblock + (l1 // cs) * 2)
-        f.write(struct.pack(">H", 0))
-
 
 @pytest.fixture
 def imgs(tmp):
