@@ -1,6 +1,6 @@
 """The Python binding does not leak: 100,000 `instar.info` calls (and 20,000 `instar.compat.vdsm.info` calls,
-the drop-in's leaner path, and 20,000 failing calls) leave the process's resident memory flat. RSS is read from /proc/self/statm after a
-warm-up (allocator pools, ctypes type caches and the library's first-use state are filled by then) and again at
+the drop-in's leaner path, and 20,000 failing calls) leave the process's resident memory flat. RSS is read from
+/proc/self/statm after a warm-up (allocator pools, ctypes type caches and the library's first-use state are filled by then) and again at
 the end; a leak of a few bytes per call would show as megabytes over 100,000 calls, which the bound rules out.
 """
 import os

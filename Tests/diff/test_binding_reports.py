@@ -40,7 +40,8 @@ def test_check_report(tmp, kind):
 
 @pytest.mark.parametrize("fmt,size,opts", [
     ("raw", 1 << 20, {}), ("qcow2", 1 << 20, {}), ("qcow2", 3 << 30, {"cluster_size": 4096, "compat": "0.10"}),
-    ("qcow2", 1 << 20, {"preallocation": "metadata", "lazy_refcounts": "on"}), ("raw", 4096, {"preallocation": "full"})])
+    ("qcow2", 1 << 20, {"preallocation": "metadata", "lazy_refcounts": "on"}),
+    ("raw", 4096, {"preallocation": "full"})])
 def test_create_formatting(tmp, fmt, size, opts):
     q, i = os.path.join(tmp, "q.img"), os.path.join(tmp, "i.img")
     argv = ["create", "-f", fmt] + (["-o", ",".join("%s=%s" % kv for kv in opts.items())] if opts else [])
