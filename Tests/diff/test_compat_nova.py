@@ -13,7 +13,7 @@ import os
 import pytest
 
 from compat_helpers import Pair, ensure_oslo, mk_qcow2, mk_raw
-from conftest import qemu_io, qimg
+from conftest import qimg
 
 ensure_oslo()
 from oslo_concurrency import processutils  # noqa: E402

@@ -31,6 +31,7 @@ commands in the image's folder; this only matters for relative image paths, whic
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import struct
@@ -389,7 +390,6 @@ def measure(image: str, format: Optional[str] = None, output_format: Optional[st
 
 def _json_text(node: Dict[str, Any]) -> str:
     """The json: filename VDSM builds (json.dumps spelling), written without parsing anything."""
-    import json
     return json.dumps(node)
 
 
