@@ -393,6 +393,16 @@ void instar_create_options_init(instar_create_options_t *opts);
  */
 int instar_create(const char *filename, const instar_create_options_t *opts, instar_error_t *err);
 
+/**
+ * instar_create, which also hands back the line `qemu-img create` prints ("Formatting 'NAME', fmt=qcow2
+ * cluster_size=65536 ... size=1048576 ...\n", with the newline) in *line: the caller frees it with
+ * instar_string_free. *line is NULL when the request fails validation (qemu-img prints nothing then); a failure
+ * of the creation itself, which qemu-img reports after printing the line, returns the error with *line set.
+ * Errors: as instar_create, and INSTAR_E_INVALID when line is NULL.
+ */
+int instar_create_formatting(const char *filename, const instar_create_options_t *opts, char **line,
+                             instar_error_t *err);
+
 typedef struct instar_measure_options {
     uint32_t struct_size;
     uint32_t open_flags;         /**< INSTAR_OPEN_FORCE_SHARE is honoured */
@@ -511,6 +521,17 @@ int instar_check(const char *filename, const instar_check_options_t *opts, insta
  * instar_string_free. Errors: as instar_check.
  */
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
+
+/**
+ * One check that hands back everything `qemu-img check` reports: the counters in *result (as instar_check; NULL
+ * to skip), the text of `--output=json` in *json, and in *messages the lines qemu-img prints on stderr while it
+ * checks ("ERROR cluster 3 refcount=0 reference=1\n", "Leaked cluster 9 refcount=1 reference=0\n", each with
+ * its newline and with the "qemu-img: " prefix where qemu-img prints one; "" when there are none). json and
+ * messages may be NULL; strings are freed with instar_string_free and are NULL on failure. Errors: as
+ * instar_check.
+ */
+int instar_check_report(const char *filename, const instar_check_options_t *opts, instar_check_result_t *result,
+                        char **json, char **messages, instar_error_t *err);
 
 /**
  * `check --chain --output=json` (an instar extension): checks every image of filename's backing chain on its own,
