@@ -6,6 +6,7 @@ public enum FormatRegistry {
         Qcow2Format.descriptor,
         FileFormat.descriptor,
         QedFormat.descriptor,
+        VdiFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -19,6 +20,7 @@ public enum FormatRegistry {
         Qcow2Create.creator,
         FileFormat.creator,
         QedCreate.creator,
+        VdiCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

@@ -11,7 +11,6 @@ enum UnsupportedFormats {
         descriptor("luks", probe: luks),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
-        descriptor("vdi", probe: vdi),
         descriptor("vhdx", probe: vhdx),
         descriptor("vmdk", probe: vmdk),
         descriptor("vpc", probe: vpc),
@@ -77,12 +76,6 @@ enum UnsupportedFormats {
         let r = ByteReader(buf)
         guard buf.count >= 48, let magic = try? r.u32be(at: 0), magic == 0x5146_49FB,
               let version = try? r.u32be(at: 4), version == 1 else { return 0 }
-        return 100
-    }
-
-    // vdi_probe: a 512-byte header with the signature 0xbeda107f (LE u32 at 64).
-    private static func vdi(_ buf: [UInt8], _ filename: String) -> Int {
-        guard buf.count >= 512, let sig = try? ByteReader(buf).u32le(at: 64), sig == 0xBEDA_107F else { return 0 }
         return 100
     }
 
