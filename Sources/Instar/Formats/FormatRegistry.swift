@@ -47,7 +47,9 @@ public enum FormatRegistry {
     public static func probe(_ file: HostFile, filename: String) throws -> FormatDescriptor {
         let size = try file.size()
         if size == 0 { return RawFormat.descriptor }
-        let header = try file.readBytes(at: 0, count: Int(min(UInt64(probeSize), size)))
+        var header = try file.readBytes(at: 0, count: Int(min(UInt64(probeSize), size)))
+        // qemu always probes a whole buffer: what lies past the end of a short file reads as zeroes.
+        if header.count < probeSize { header += [UInt8](repeating: 0, count: probeSize - header.count) }
         var best = RawFormat.descriptor
         var bestScore = 0
         for d in all + recognized {

@@ -125,6 +125,15 @@ public final class QedFormat: ImageFormat {
                 throw InstarError(.corrupt, "Image corrupted", errno: f.errnoValue)
             }
         }
+        // qemu arms its need-check timer when the flag is still set after open, and the first drain fires it
+        // at once: the flag is cleared in memory and (on a writable image, after a flush) on disk.
+        if header.features & QedHeader.featureNeedCheck != 0 {
+            header.features &= ~QedHeader.featureNeedCheck
+            if writable {
+                try file.sync()
+                try writeHeader()
+            }
+        }
     }
 
     // MARK: geometry (qed.h)
