@@ -17,7 +17,9 @@ public enum QedCreate {
     static func create(_ r: CreateRequest) throws {
         let o = r.options
         // The protocol layer creates (and empties) the file before the qed options are checked.
-        try HostFileCreate.create(r.filename, size: 0, preallocation: .off)
+        // The protocol layer's own options (file-posix preallocation) apply to the empty file it creates.
+        if o.text("preallocation") == "metadata" { try HostFileCreate.create(r.filename, size: 0, preallocation: .off) }
+        try HostFileCreate.create(r.filename, size: 0, preallocation: try RawCreate.preallocation(o.text("preallocation")))
         let size = try (o.size("size") ?? 0).alignedUp(512)
         // qemu keeps these in 32-bit fields.
         let clusterSize = UInt32(truncatingIfNeeded: o.size("cluster_size") ?? UInt64(QedHeader.defaultClusterSize))

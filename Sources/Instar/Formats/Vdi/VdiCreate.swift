@@ -14,7 +14,9 @@ public enum VdiCreate {
     static func create(_ r: CreateRequest) throws {
         let o = r.options
         let isStatic = o.bool("static")
-        try HostFileCreate.create(r.filename, size: 0, preallocation: .off)
+        // The protocol layer's own options (file-posix preallocation) apply to the empty file it creates.
+        if o.text("preallocation") == "metadata" { try HostFileCreate.create(r.filename, size: 0, preallocation: .off) }
+        try HostFileCreate.create(r.filename, size: 0, preallocation: try RawCreate.preallocation(o.text("preallocation")))
         let bytes = try (o.size("size") ?? 0).alignedUp(512)
         if bytes > VdiFormat.maxDiskSize {
             throw InstarError(.unsupported, "Unsupported VDI image size (size is 0x" + String(bytes, radix: 16)
