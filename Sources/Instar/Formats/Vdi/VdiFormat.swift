@@ -197,13 +197,26 @@ public final class VdiFormat: ImageFormat {
         if let f = first {
             // The header (blocks allocated), then the block map sectors that changed.
             headerBytes.putU32le(blocksAllocated, at: 0x184)
-            try file.write(headerBytes, at: 0)
-            let s0 = f / 128, s1 = last / 128
+            var s0 = f / 128
+            let s1 = last / 128
+            // qemu writes the header, then the map sectors: a process killed in between leaves a count that
+            // disagrees with the map. When the map follows the header (as qemu creates it) and the sectors up
+            // to the last changed one are few, both go in one write, with the same resulting bytes.
+            let together = offsetBmap == 512 && s1 < 2048 && offsetData >= 512 + (s1 + 1) * 512
+            if together {
+                s0 = 0
+            } else {
+                try file.write(headerBytes, at: 0)
+            }
             var bytes = [UInt8](repeating: 0, count: Int(s1 - s0 + 1) * 512)
             for i in 0..<Int((s1 - s0 + 1) * 128) {
                 bytes.putU32le(bmap[Int(s0 * 128) + i], at: i * 4)
             }
-            try file.write(bytes, at: offsetBmap + s0 * 512)
+            if together {
+                try file.write(headerBytes + bytes, at: 0)
+            } else {
+                try file.write(bytes, at: offsetBmap + s0 * 512)
+            }
         }
     }
 
