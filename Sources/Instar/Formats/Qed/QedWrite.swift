@@ -11,6 +11,30 @@ extension QedFormat {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         try checkWritable()
+        let end = try offset.adding(UInt64(buffer.count))
+        if offset % 512 == 0 && end % 512 == 0 {
+            return try writeSectors(buffer, at: offset, backing: backing)
+        }
+        // qed takes whole sectors: qemu's block layer pads a request with the current contents of its first
+        // and last sectors (which for a zero cluster are zeroes, where a cluster copy would take the backing
+        // file's bytes) and sends one request.
+        let a0 = offset & ~511
+        let a1 = try end.alignedUp(512)
+        var padded = [UInt8](repeating: 0, count: Int(a1 - a0))
+        try padded.withUnsafeMutableBytes { p in
+            if offset % 512 != 0 {
+                try read(into: UnsafeMutableRawBufferPointer(rebasing: p[0..<512]), at: a0, backing: backing)
+            }
+            if end % 512 != 0 && (a1 - 512 > a0 || offset % 512 == 0) {
+                try read(into: UnsafeMutableRawBufferPointer(rebasing: p[(p.count - 512)...]), at: a1 - 512,
+                         backing: backing)
+            }
+            UnsafeMutableRawBufferPointer(rebasing: p[Int(offset - a0)..<Int(end - a0)]).copyMemory(from: buffer)
+        }
+        try padded.withUnsafeBytes { try writeSectors($0, at: a0, backing: backing) }
+    }
+
+    private func writeSectors(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         var done: UInt64 = 0
         let total = UInt64(buffer.count)
         while done < total {
@@ -33,7 +57,18 @@ extension QedFormat {
         // The block layer's split (bdrv_co_do_pwrite_zeroes with cluster alignment): an unaligned head or tail
         // is written as a buffer of zeroes, the aligned middle as zero clusters.
         var pos = offset
-        let end = try offset.adding(length)
+        var end = try offset.adding(length)
+        // bdrv_co_do_zero_pwritev: partial sectors at either end are written as data (read, zeroed, written).
+        if pos % 512 != 0 {
+            let stop = min(end, (pos & ~511) + 512)
+            try writeZeroBuffer(at: pos, length: stop - pos, backing: backing)
+            pos = stop
+        }
+        var tail: UInt64 = 0
+        if end % 512 != 0 && end > pos {
+            tail = end - max(end & ~511, pos)
+            end -= tail
+        }
         let maxZero = UInt64(Int32.max) & ~(cs - 1)
         while pos < end {
             let head = pos & (cs - 1)
@@ -49,6 +84,7 @@ extension QedFormat {
             }
             pos += num
         }
+        if tail > 0 { try writeZeroBuffer(at: end, length: tail, backing: backing) }
     }
 
     private func writeZeroBuffer(at pos: UInt64, length: UInt64, backing: GuestReader?) throws {
