@@ -6,6 +6,8 @@ public enum FormatRegistry {
         Qcow2Format.descriptor,
         FileFormat.descriptor,
         VpcFormat.descriptor,
+        QedFormat.descriptor,
+        VdiFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -19,6 +21,8 @@ public enum FormatRegistry {
         Qcow2Create.creator,
         FileFormat.creator,
         VpcCreate.creator,
+        QedCreate.creator,
+        VdiCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {
@@ -45,7 +49,9 @@ public enum FormatRegistry {
     public static func probe(_ file: HostFile, filename: String) throws -> FormatDescriptor {
         let size = try file.size()
         if size == 0 { return RawFormat.descriptor }
-        let header = try file.readBytes(at: 0, count: Int(min(UInt64(probeSize), size)))
+        var header = try file.readBytes(at: 0, count: Int(min(UInt64(probeSize), size)))
+        // qemu always probes a whole buffer: what lies past the end of a short file reads as zeroes.
+        if header.count < probeSize { header += [UInt8](repeating: 0, count: probeSize - header.count) }
         var best = RawFormat.descriptor
         var bestScore = 0
         for d in all + recognized {

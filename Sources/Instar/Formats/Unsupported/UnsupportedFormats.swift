@@ -11,8 +11,6 @@ enum UnsupportedFormats {
         descriptor("luks", probe: luks),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
-        descriptor("qed", probe: qed),
-        descriptor("vdi", probe: vdi),
         descriptor("vhdx", probe: vhdx),
         descriptor("vmdk", probe: vmdk),
     ]
@@ -77,17 +75,6 @@ enum UnsupportedFormats {
         let r = ByteReader(buf)
         guard buf.count >= 48, let magic = try? r.u32be(at: 0), magic == 0x5146_49FB,
               let version = try? r.u32be(at: 4), version == 1 else { return 0 }
-        return 100
-    }
-
-    // qed_probe: "QED\0" in a 64-byte header.
-    private static func qed(_ buf: [UInt8], _ filename: String) -> Int {
-        buf.count >= 64 && has(buf, "QED\0") ? 100 : 0
-    }
-
-    // vdi_probe: a 512-byte header with the signature 0xbeda107f (LE u32 at 64).
-    private static func vdi(_ buf: [UInt8], _ filename: String) -> Int {
-        guard buf.count >= 512, let sig = try? ByteReader(buf).u32le(at: 64), sig == 0xBEDA_107F else { return 0 }
         return 100
     }
 
