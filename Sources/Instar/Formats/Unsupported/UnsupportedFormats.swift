@@ -13,7 +13,6 @@ enum UnsupportedFormats {
         descriptor("qcow", probe: qcow),
         descriptor("qed", probe: qed),
         descriptor("vdi", probe: vdi),
-        descriptor("vhdx", probe: vhdx),
         descriptor("vmdk", probe: vmdk),
         descriptor("vpc", probe: vpc),
     ]
@@ -90,11 +89,6 @@ enum UnsupportedFormats {
     private static func vdi(_ buf: [UInt8], _ filename: String) -> Int {
         guard buf.count >= 512, let sig = try? ByteReader(buf).u32le(at: 64), sig == 0xBEDA_107F else { return 0 }
         return 100
-    }
-
-    // vhdx_probe: the file type identifier "vhdxfile".
-    private static func vhdx(_ buf: [UInt8], _ filename: String) -> Int {
-        has(buf, "vhdxfile") ? 100 : 0
     }
 
     // vpc_probe: the footer copy at the start, cookie "conectix".
