@@ -117,23 +117,34 @@ public enum VhdxCreate {
         let dataOffset = batOffset + batLength + 5 * Vhdx.miB
         try file.truncate(to: fixed ? try dataOffset.adding(size) : dataOffset)
         if fixed || zeroBlocks {
-            guard batLength <= 1 << 30 else { throw InstarError(.noMemory, "Failed to allocate memory for the BAT", errno: ENOMEM) }
-            var bat = [UInt8](repeating: 0, count: Int(batLength))
+            // qemu writes the BAT in one request; one longer than the block layer's limit fails with EIO.
+            guard batLength <= 0x7FFF_FE00 else {
+                throw InstarError(.io, "Failed to write the BAT: \(strerrorString(EIO))", errno: EIO)
+            }
+            // Built and written a piece at a time (a BAT may be up to 2 GiB): the same bytes as one write.
             let state = zeroBlocks ? Vhdx.blockZero : (fixed ? Vhdx.blockFullyPresent : Vhdx.blockNotPresent)
             let totalSectors = size / 512
-            var sector: UInt64 = 0
-            while sector < totalSectors {
-                var idx = sector / sectorsPerBlock
-                idx += idx / chunkRatio
-                var entry: UInt64 = state
-                if state == Vhdx.blockFullyPresent {
-                    entry |= try (dataOffset + sector * 512).alignedUp(Vhdx.miB)
+            let dataBlocks = totalSectors.divCeil(sectorsPerBlock)
+            let piece: UInt64 = Vhdx.miB
+            var pieceStart: UInt64 = 0
+            var block: UInt64 = 0
+            while pieceStart < batLength {
+                let n = min(piece, batLength - pieceStart)
+                var bat = [UInt8](repeating: 0, count: Int(n))
+                while block < dataBlocks {
+                    let idx = block + block / chunkRatio
+                    let at = idx * 8
+                    if at >= pieceStart + n { break }
+                    var entry: UInt64 = state
+                    if state == Vhdx.blockFullyPresent {
+                        entry |= try (dataOffset + block * sectorsPerBlock * 512).alignedUp(Vhdx.miB)
+                    }
+                    if at >= pieceStart { bat.putU64le(entry, at: Int(at - pieceStart)) }
+                    block += 1
                 }
-                let at = Int(idx) * 8
-                if at + 8 <= bat.count { bat.putU64le(entry, at: at) }
-                sector += sectorsPerBlock
+                try file.write(bat, at: batOffset + pieceStart)
+                pieceStart += n
             }
-            try file.write(bat, at: batOffset)
         }
         try file.write(rt, at: Vhdx.regionTable1Offset)
         try file.write(rt, at: Vhdx.regionTable2Offset)
