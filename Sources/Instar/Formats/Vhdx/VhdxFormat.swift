@@ -399,6 +399,7 @@ public final class VhdxFormat: ImageFormat {
                 let newOffset = try (try file.size()).alignedUp(Vhdx.miB)
                 guard newOffset <= UInt64(Int64.max) else { throw Vhdx.errnoError(EINVAL) }
                 try file.truncate(to: try newOffset.adding(blockSize))
+                CrashPoint.hit("vhdx-write:block-allocated")
                 let entry = newOffset | Vhdx.blockFullyPresent
                 try setBATEntry(t.batIndex, entry)
                 batUpdate = entry
@@ -419,6 +420,7 @@ public final class VhdxFormat: ImageFormat {
                 throw error
             }
             if let entry = batUpdate {
+                CrashPoint.hit("vhdx-write:data-written")
                 var le = [UInt8](repeating: 0, count: 8)
                 le.putU64le(entry, at: 0)
                 try logWriteAndFlush(le, at: try batRegion.fileOffset.adding(t.batIndex * 8))

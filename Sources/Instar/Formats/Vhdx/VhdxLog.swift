@@ -223,6 +223,7 @@ extension VhdxFormat {
             }
         }
         try file.sync()
+        CrashPoint.hit("vhdx-log:applied")
         // vhdx_log_reset.
         log.read = 0
         log.write = 0
@@ -352,6 +353,7 @@ extension VhdxFormat {
         try writeLogEntry(data, at: offset)
         var logs = VhdxLogSequence(valid: true, count: 1, log: log, lastSequence: 0)
         try file.sync()
+        CrashPoint.hit("vhdx-log:entry-written")
         try flushLog(&logs)
         log = logs.log
     }
