@@ -129,8 +129,8 @@ extension VhdxFormat {
         cur.write = cur.length
         cur.read = 0
         var candidate = VhdxLogSequence()
-        // Every step moves the read position forward by at least one sector until it wraps.
-        let bound = cur.length / Vhdx.logSectorSize + 2
+        // Every step moves the read position forward by at least one sector; a chain may wrap once.
+        let bound = 2 * (cur.length / Vhdx.logSectorSize) + 4
         var steps: UInt64 = 0
         while true {
             var currSeq: UInt64 = 0
