@@ -65,16 +65,21 @@ public final class VhdxFormat: ImageFormat {
         sessionGUID = Vhdx.newGUID()
         headers = []
         currentHeader = 0
-        let sig = try file.readZeroPaddedBytes(at: 0, count: 8)
-        guard sig.elementsEqual(Array("vhdxfile".utf8)) else { throw openError(EINVAL) }
-        try parseHeaders()
-        try parseLog(readOnlyName: request.writable ? nil : request.filename)
-        try openRegionTables()
-        try parseMetadata()
-        try loadBAT()
-        if !request.options.check {
-            var none: Int64? = nil
-            if try checkBATEntries(errorCount: &none) != 0 { throw openError(EINVAL) }
+        do {
+            let sig = try file.readZeroPaddedBytes(at: 0, count: 8)
+            guard sig.elementsEqual(Array("vhdxfile".utf8)) else { throw openError(EINVAL) }
+            try parseHeaders()
+            try parseLog(readOnlyName: request.writable ? nil : request.filename)
+            try openRegionTables()
+            try parseMetadata()
+            try loadBAT()
+            if !request.options.check {
+                var none: Int64? = nil
+                if try checkBATEntries(errorCount: &none) != 0 { throw openError(EINVAL) }
+            }
+        } catch let e as InstarError where e.errnoValue != 0 && e.message == strerrorString(e.errnoValue) {
+            // A failed read or check with no message of its own: qemu's block layer names the image.
+            throw openError(e.errnoValue)
         }
     }
 
@@ -450,6 +455,8 @@ public final class VhdxFormat: ImageFormat {
 extension HostFile {
     /// `count` bytes at `offset`, zeroes past the end of the file (qemu's reads past EOF).
     func readZeroPaddedBytes(at offset: UInt64, count: Int) throws -> [UInt8] {
+        // qemu's block layer refuses requests past INT64_MAX with EIO.
+        guard offset <= UInt64(Int64.max) - UInt64(count) else { throw Vhdx.errnoError(EIO) }
         var b = [UInt8](repeating: 0, count: count)
         try b.withUnsafeMutableBytes { try readZeroPadded(into: $0, at: offset) }
         return b

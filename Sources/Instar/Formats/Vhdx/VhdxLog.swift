@@ -255,6 +255,7 @@ extension VhdxFormat {
         // length; instar refuses one that reaches past the end of the file (a real log zeroes only space the
         // file already has), so a replay never grows the file nor runs unbounded.
         if count == 1 {
+            guard d.fileOffset <= UInt64(Int64.max) - Vhdx.logSectorSize else { throw Vhdx.errnoError(EIO) }
             try file.write(sector, at: d.fileOffset)
         } else if count > 1 {
             let end = try d.fileOffset.adding(try count.multiplied(by: Vhdx.logSectorSize))
