@@ -8,6 +8,7 @@ public enum FormatRegistry {
         VpcFormat.descriptor,
         QedFormat.descriptor,
         VdiFormat.descriptor,
+        VhdxFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -23,6 +24,7 @@ public enum FormatRegistry {
         VpcCreate.creator,
         QedCreate.creator,
         VdiCreate.creator,
+        VhdxCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

@@ -11,7 +11,6 @@ enum UnsupportedFormats {
         descriptor("luks", probe: luks),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
-        descriptor("vhdx", probe: vhdx),
         descriptor("vmdk", probe: vmdk),
     ]
 
@@ -78,9 +77,6 @@ enum UnsupportedFormats {
         return 100
     }
 
-    // vhdx_probe: the file type identifier "vhdxfile".
-    private static func vhdx(_ buf: [UInt8], _ filename: String) -> Int {
-        has(buf, "vhdxfile") ? 100 : 0
     }
 
     // vmdk_probe: a sparse extent magic ("COWD", "KDMV"), or a text descriptor whose first line that is not a
