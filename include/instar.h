@@ -854,16 +854,21 @@ typedef struct instar_probe_options {
     /**
      * Which structure: "header" (every format; for iso the primary volume descriptor at 32 KiB, for gpt the MBR),
      * vhdx "ident", "header" (region table at 192 KiB), "metadata" (the metadata table), "item" (an item's bytes);
-     * vmdk "descriptor" and "footer" (regions[0] the header, regions[1] the last 1536 bytes of the file).
+     * vmdk "descriptor" and "footer" (regions[0] the header, regions[1] the last 1536 bytes of the file),
+     * luks "payload" (regions: the header, the first active slot's key material, the payload's first sector).
      */
     const char *part;
     /** qcow2: incompatible feature bits numbered at or above this are unknown; 0 for oslo.utils' 4. */
     uint32_t qcow2_known_features;
     /** vhdx "metadata": the 16-byte GUID (as stored) of the item to find; NULL for the virtual disk size. */
     const void *vhdx_item;
+    /** luks "payload": the passphrase that unlocks the first active key slot. */
+    const char *luks_passphrase;
+    /** luks "payload": refuse PBKDF2 iteration counts above this (0: only the library's own cap). */
+    uint32_t luks_iter_limit;
 } instar_probe_options_t;
 
-#define INSTAR_PROBE_OPTIONS_INIT { sizeof(instar_probe_options_t), 0, NULL, NULL, 0, NULL }
+#define INSTAR_PROBE_OPTIONS_INIT { sizeof(instar_probe_options_t), 0, NULL, NULL, 0, NULL, NULL, 0 }
 /** Fills *opts with the defaults, the same values as INSTAR_PROBE_OPTIONS_INIT. NULL is ignored. */
 void instar_probe_options_init(instar_probe_options_t *opts);
 
@@ -878,8 +883,10 @@ typedef struct instar_probe_result {
     int32_t footer;                 /**< vmdk: the grain directory is at the end, a footer closes the file */
     int32_t text;                   /**< vmdk: the header bytes are plain text (a descriptor file) */
     uint32_t payload_offset;        /**< luks: where the payload starts, in 512-byte sectors */
+    int32_t key_slot;               /**< luks: the first active key slot (its key material is need_*), -1 when none */
     char subformat[64];             /**< vmdk: createType, lower case; "" when none */
     char message[256];              /**< the first violation, as oslo.utils words it; "" when none */
+    uint8_t payload[512];           /**< luks "payload": the payload's first sector, decrypted */
 } instar_probe_result_t;
 
 /**
@@ -887,7 +894,8 @@ typedef struct instar_probe_result {
  * in chunks) and reports whether the bytes are that format, the virtual size, the next region it needs and the
  * safety findings. Nothing is read from disk. Set result->struct_size before the call (0: the full struct).
  * Errors: INSTAR_E_INVALID (unknown format or part), INSTAR_E_CORRUPT (the structure is malformed: a vmdk
- * without its signature, a vhdx region table without its own; message says which).
+ * without its signature, a vhdx region table without its own; message says which), INSTAR_E_ENCRYPTED (luks
+ * "payload": the passphrase unlocks no key slot, or the iteration limit is exceeded).
  */
 int instar_probe(const instar_probe_region_t *regions, uint32_t count, const instar_probe_options_t *opts,
                  instar_probe_result_t *result, instar_error_t *err);

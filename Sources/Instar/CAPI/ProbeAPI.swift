@@ -6,7 +6,8 @@ import Glibc
 @_cdecl("instar_probe_options_init")
 public func instar_probe_options_init(_ opts: UnsafeMutablePointer<instar_probe_options_t>?) {
     opts?.pointee = instar_probe_options_t(struct_size: UInt32(MemoryLayout<instar_probe_options_t>.size), flags: 0,
-                                           format: nil, part: nil, qcow2_known_features: 0, vhdx_item: nil)
+                                           format: nil, part: nil, qcow2_known_features: 0, vhdx_item: nil,
+                                           luks_passphrase: nil, luks_iter_limit: 0)
 }
 
 /// Copies `s` into a fixed char array of a C struct, NUL-terminated and truncated to fit.
@@ -50,6 +51,8 @@ public func instar_probe(_ regions: UnsafePointer<instar_probe_region_t>?, _ cou
         var options = ProbeOptions()
         if o.qcow2_known_features != 0 { options.qcow2KnownFeatures = o.qcow2_known_features }
         if let item = o.vhdx_item { options.vhdxItem = Array(UnsafeRawBufferPointer(start: item, count: 16)) }
+        options.luksPassphrase = optionalString(o.luks_passphrase).map { Array($0.utf8) }
+        options.luksIterLimit = o.luks_iter_limit
         let rep = try Probe.run(format: format, part: part, regions: ProbeRegions(regions: list), options: options)
 
         let declared = Int(result.pointee.struct_size)
@@ -64,8 +67,12 @@ public func instar_probe(_ regions: UnsafePointer<instar_probe_region_t>?, _ cou
         full.footer = rep.footer ? 1 : 0
         full.text = rep.text ? 1 : 0
         full.payload_offset = rep.payloadOffset
+        full.key_slot = Int32(clamping: rep.keySlot ?? -1)
         fillChars(&full.subformat, rep.subformat)
         fillChars(&full.message, rep.message)
+        withUnsafeMutableBytes(of: &full.payload) { buf in
+            for (i, b) in rep.payload.prefix(buf.count).enumerated() { buf[i] = b }
+        }
         let n = declared == 0 ? MemoryLayout<instar_probe_result_t>.size
             : min(declared, MemoryLayout<instar_probe_result_t>.size)
         withUnsafeBytes(of: &full) { src in

@@ -32,6 +32,9 @@ struct ProbeReport {
     var footer = false
     var text = false
     var payloadOffset: UInt32 = 0
+    var keySlot: Int?
+    /// luks "payload": the decrypted first sector.
+    var payload: [UInt8] = []
     var subformat = ""
 
     mutating func violate(_ v: ProbeViolations, _ text: String) {
@@ -45,6 +48,8 @@ struct ProbeOptions {
     var qcow2KnownFeatures: UInt32 = 4
     /// vhdx metadata item to look up (16 bytes as stored); nil for the virtual disk size.
     var vhdxItem: [UInt8]?
+    var luksPassphrase: [UInt8]?
+    var luksIterLimit: UInt32 = 0
 }
 
 enum Probe {
@@ -64,6 +69,9 @@ enum Probe {
         case ("vmdk", "header"): return try VmdkProbe.header(regions)
         case ("vmdk", "descriptor"): return VmdkProbe.descriptor(regions)
         case ("vmdk", "footer"): return VmdkProbe.footer(regions)
+        case ("luks", "payload"):
+            guard let pass = options.luksPassphrase else { throw InstarError.invalid("luks_passphrase is required") }
+            return try LuksProbe.payload(regions, passphrase: pass, iterationLimit: options.luksIterLimit)
         case ("vhdx", "ident"): return vhdxIdent(regions)
         case ("vhdx", "header"): return try VhdxProbe.regionTable(regions)
         case ("vhdx", "metadata"): return try VhdxProbe.metadataTable(regions, item: options.vhdxItem)
@@ -195,6 +203,18 @@ enum Probe {
         rep.version = Int64(version)
         rep.payloadOffset = payload
         if version != 1 { rep.violate(.unsupportedVersion, "LUKS version \(version) is not supported") }
+        // Key slots (LUKS1): 8 x 48 bytes at 208: active, iterations, salt[32], key material sector, stripes.
+        let keyBytes = UInt64(h.probeU32be(108) ?? 0)
+        for slot in 0..<8 {
+            let at = 208 + 48 * slot
+            guard let active = h.probeU32be(at), let sector = h.probeU32be(at + 40), let stripes = h.probeU32be(at + 44)
+            else { break }
+            if active == 0x00ac_71f3 {
+                rep.keySlot = slot
+                rep.need = (UInt64(sector) * 512, keyBytes * UInt64(stripes))   // both below 2^41: no overflow
+                break
+            }
+        }
         return rep
     }
 

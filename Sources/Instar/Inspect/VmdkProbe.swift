@@ -37,7 +37,11 @@ enum VmdkProbe {
     static func header(_ r: ProbeRegions) throws -> ProbeReport {
         var rep = ProbeReport()
         let b = Probe.first(r)
-        guard let h = Header(b) else { rep.need = (0, UInt64(headerBytes)); return rep }
+        guard let h = Header(b) else {
+            if b.count >= 4 { rep.match = b.probeStarts(with: magic) }
+            rep.need = (0, UInt64(headerBytes))
+            return rep
+        }
         guard h.magic == magic else {
             if b.allSatisfy(isTextByte) {
                 rep.text = true

@@ -32,20 +32,23 @@ class _Region(ctypes.Structure):
 class _Options(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("part", ctypes.c_char_p), ("qcow2_known_features", ctypes.c_uint32),
-                ("vhdx_item", ctypes.c_void_p)]
+                ("vhdx_item", ctypes.c_void_p), ("luks_passphrase", ctypes.c_char_p),
+                ("luks_iter_limit", ctypes.c_uint32)]
 
 
 class _Result(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("match", ctypes.c_int32), ("virtual_size", ctypes.c_int64),
                 ("version", ctypes.c_int32), ("violations", ctypes.c_uint32), ("need_offset", ctypes.c_uint64),
                 ("need_length", ctypes.c_uint64), ("footer", ctypes.c_int32), ("text", ctypes.c_int32),
-                ("payload_offset", ctypes.c_uint32), ("subformat", ctypes.c_char * 64),
-                ("message", ctypes.c_char * 256)]
+                ("payload_offset", ctypes.c_uint32), ("key_slot", ctypes.c_int32),
+                ("subformat", ctypes.c_char * 64),
+                ("message", ctypes.c_char * 256), ("payload", ctypes.c_uint8 * 512)]
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    """What instar_probe found (the fields of instar_probe_result_t; None for -1 / "unknown")."""
+    """What instar_probe found (the fields of instar_probe_result_t; None for -1 / "unknown"; `payload` only
+    for luks "payload")."""
     match: Optional[bool]
     virtual_size: Optional[int]
     version: Optional[int]
@@ -54,8 +57,10 @@ class ProbeResult:
     footer: bool
     text: bool
     payload_offset: int
+    key_slot: Optional[int]
     subformat: str
     message: str
+    payload: bytes = b""
 
 
 def _setup() -> ctypes.CDLL:
@@ -64,7 +69,7 @@ def _setup() -> ctypes.CDLL:
         L.instar_probe.argtypes = [ctypes.POINTER(_Region), ctypes.c_uint32, ctypes.POINTER(_Options),
                                    ctypes.POINTER(_Result), ctypes.POINTER(Error)]
         L.instar_probe.restype = ctypes.c_int
-        L._probe_ready = True
+        setattr(L, "_probe_ready", True)
     return L
 
 
@@ -72,7 +77,8 @@ Bytes = Union[bytes, bytearray]
 
 
 def probe(format: str, part: str, regions: Sequence[Tuple[int, Bytes]], qcow2_known_features: int = 0,
-          vhdx_item: Optional[bytes] = None) -> ProbeResult:
+          vhdx_item: Optional[bytes] = None, luks_passphrase: Optional[str] = None,
+          luks_iter_limit: int = 0) -> ProbeResult:
     """Probes `part` of `format` over `regions` ((file offset, bytes) pairs). Raises Corrupt for a malformed
     structure (the library's message says which) and Invalid for an unknown format or part."""
     L = _setup()
@@ -84,7 +90,8 @@ def probe(format: str, part: str, regions: Sequence[Tuple[int, Bytes]], qcow2_kn
         arr[i] = _Region(offset, len(data), ctypes.cast(buf, ctypes.c_void_p) if buf is not None else None)
     item = ctypes.create_string_buffer(vhdx_item, 16) if vhdx_item is not None else None
     opts = _Options(ctypes.sizeof(_Options), 0, encode(format), encode(part), qcow2_known_features,
-                    ctypes.cast(item, ctypes.c_void_p) if item is not None else None)
+                    ctypes.cast(item, ctypes.c_void_p) if item is not None else None, encode(luks_passphrase),
+                    max(0, min(luks_iter_limit, 0xFFFFFFFF)))
     res = _Result()
     res.struct_size = ctypes.sizeof(_Result)
     err = Error()
@@ -96,4 +103,6 @@ def probe(format: str, part: str, regions: Sequence[Tuple[int, Bytes]], qcow2_kn
         violations=int(res.violations),
         need=(int(res.need_offset), int(res.need_length)) if res.need_length else None,
         footer=bool(res.footer), text=bool(res.text), payload_offset=int(res.payload_offset),
-        subformat=res.subformat.decode("ascii", "replace"), message=res.message.decode("utf-8", "replace"))
+        key_slot=None if res.key_slot < 0 else int(res.key_slot),
+        subformat=res.subformat.decode("ascii", "replace"), message=res.message.decode("utf-8", "replace"),
+        payload=bytes(res.payload) if part == "payload" else b"")
