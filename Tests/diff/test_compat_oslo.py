@@ -39,6 +39,14 @@ else:
         except Exception:
             return None
 
+def err(e):
+    # The order of "Multiple formats detected: a,b" follows a set's iteration, in oslo.utils as in ours.
+    text = str(e)
+    head = "Multiple formats detected: "
+    if text.startswith(head):
+        text = head + ",".join(sorted(text[len(head):].split(",")))
+    return "ImageFormatError: " + text
+
 def verdict(ins):
     try:
         ins.safety_check()
@@ -59,7 +67,7 @@ for path in sys.argv[2:]:
         det = fi.detect_file_format(path)
         r["detect"] = describe(det) if det is not None else None
     except fi.ImageFormatError as e:
-        r["detect"] = "ImageFormatError: %s" % e
+        r["detect"] = err(e)
     for name in sorted(fi.ALL_FORMATS):
         try:
             r["from_file " + name] = describe(fi.get_inspector(name).from_file(path))
@@ -73,7 +81,7 @@ for path in sys.argv[2:]:
         try:
             r["stream"] = describe(w.format)
         except fi.ImageFormatError as e:
-            r["stream"] = "ImageFormatError: %s" % e
+            r["stream"] = err(e)
     q = qinfo(path)
     r["QemuImgInfo"] = None if q is None else {k: getattr(q, k) for k in (
         "image", "backing_file", "backing_file_format", "file_format", "virtual_size", "cluster_size",
