@@ -887,6 +887,8 @@ typedef struct instar_probe_result {
     char subformat[64];             /**< vmdk: createType, lower case; "" when none */
     char message[256];              /**< the first violation, as oslo.utils words it; "" when none */
     uint8_t payload[512];           /**< luks "payload": the payload's first sector, decrypted */
+    uint64_t sectors;               /**< vmdk: capacity in 512-byte sectors as stored (virtual_size is -1 when
+                                         it does not fit in bytes) */
 } instar_probe_result_t;
 
 /**

@@ -265,3 +265,31 @@ def test_from_path_without_json(tmp):
     res = same([q, enc])
     assert res[q]["QemuImgInfo"]["snapshots"][0]["name"] == "first"
     assert res[enc]["QemuImgInfo"]["encrypted"] == "yes"
+
+
+def test_mutated_headers(tmp):
+    """Seeded random byte changes in the structures the inspectors read (the first 1.5 KiB, the vhdx region and
+    metadata tables) of qemu-img-made images of each format: both modules say the same of all 70 images."""
+    import random
+    seeds = [img(tmp, "seed.qcow2", "qcow2", "8M"), img(tmp, "seed.vmdk", "vmdk", "8M"),
+             img(tmp, "seed-so.vmdk", "vmdk", "8M", "-o", "subformat=streamOptimized"),
+             img(tmp, "seed.vhdx", "vhdx", "8M"), img(tmp, "seed.vhd", "vpc", "8M"), img(tmp, "seed.vdi", "vdi", "8M"),
+             img(tmp, "seed.qed", "qed", "8M")]
+    rnd = random.Random(1234)
+    paths = []
+    for seed in seeds:
+        with open(seed, "rb") as f:
+            data = f.read()
+        for k in range(10):
+            d = bytearray(data)
+            for _ in range(rnd.randint(1, 6)):
+                lo, hi = rnd.choice([(0, 1536), (0, 80), (192 << 10, (192 << 10) + 256), (256 << 10, (256 << 10) + 256),
+                                     (1 << 20, (1 << 20) + 512)])
+                if hi > len(d):
+                    lo, hi = 0, min(1536, len(d))
+                d[rnd.randrange(lo, hi)] = rnd.randrange(256)
+            path = "%s.m%d" % (seed, k)
+            with open(path, "wb") as f:
+                f.write(d)
+            paths.append(path)
+    same(paths, info=False)

@@ -68,6 +68,7 @@ public func instar_probe(_ regions: UnsafePointer<instar_probe_region_t>?, _ cou
         full.text = rep.text ? 1 : 0
         full.payload_offset = rep.payloadOffset
         full.key_slot = Int32(clamping: rep.keySlot ?? -1)
+        full.sectors = rep.sectors
         fillChars(&full.subformat, rep.subformat)
         fillChars(&full.message, rep.message)
         withUnsafeMutableBytes(of: &full.payload) { buf in

@@ -33,6 +33,8 @@ struct ProbeReport {
     var text = false
     var payloadOffset: UInt32 = 0
     var keySlot: Int?
+    /// vmdk: capacity in sectors as stored.
+    var sectors: UInt64 = 0
     /// luks "payload": the decrypted first sector.
     var payload: [UInt8] = []
     var subformat = ""

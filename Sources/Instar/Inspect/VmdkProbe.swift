@@ -55,6 +55,7 @@ enum VmdkProbe {
         guard (1...3).contains(h.version) else { throw InstarError.corrupt("Unsupported format version \(h.version)") }
         rep.version = Int64(h.version)
         rep.footer = h.gdOffset == gdAtEnd
+        rep.sectors = h.sectors
         let (sizeBytes, o1) = h.sectors.multipliedReportingOverflow(by: 512)
         rep.virtualSize = o1 ? nil : sizeBytes
         let (descOffset, o2) = h.descriptorSector.multipliedReportingOverflow(by: 512)

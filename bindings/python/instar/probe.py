@@ -42,7 +42,8 @@ class _Result(ctypes.Structure):
                 ("need_length", ctypes.c_uint64), ("footer", ctypes.c_int32), ("text", ctypes.c_int32),
                 ("payload_offset", ctypes.c_uint32), ("key_slot", ctypes.c_int32),
                 ("subformat", ctypes.c_char * 64),
-                ("message", ctypes.c_char * 256), ("payload", ctypes.c_uint8 * 512)]
+                ("message", ctypes.c_char * 256), ("payload", ctypes.c_uint8 * 512),
+                ("sectors", ctypes.c_uint64)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ProbeResult:
     subformat: str
     message: str
     payload: bytes = b""
+    sectors: int = 0
 
 
 def _setup() -> ctypes.CDLL:
@@ -105,4 +107,4 @@ def probe(format: str, part: str, regions: Sequence[Tuple[int, Bytes]], qcow2_kn
         footer=bool(res.footer), text=bool(res.text), payload_offset=int(res.payload_offset),
         key_slot=None if res.key_slot < 0 else int(res.key_slot),
         subformat=res.subformat.decode("ascii", "replace"), message=res.message.decode("utf-8", "replace"),
-        payload=bytes(res.payload) if part == "payload" else b"")
+        payload=bytes(res.payload) if part == "payload" else b"", sectors=int(res.sectors))

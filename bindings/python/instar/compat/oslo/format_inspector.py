@@ -553,7 +553,8 @@ class VMDKInspector(FileInspector):
             r = self._probe_region("header")
         except ImageFormatError:
             return 0
-        return (r.virtual_size or 0) if r is not None else 0
+        # Capacity in sectors x 512, as big as the header says (beyond 64 bits too: a size check must see it).
+        return r.sectors * 512 if r is not None else 0
 
     def check_descriptor(self) -> None:
         r = self._descriptor
