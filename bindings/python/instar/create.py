@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Dict, Mapping, Optional
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, InstarError, check, encode, lib, take_string
 from .results import MeasureResult as MeasureResultData
 
 CREATE_NO_BACKING_OPEN = 1 << 0
@@ -60,6 +60,32 @@ def create(path: str, fmt: str = "raw", size: Optional[int] = None, backing_file
                       encode(_option_string(opts)), encode(key_secret))
     err = Error()
     check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
+
+
+def create_formatting(path: str, fmt: str = "raw", size: Optional[int] = None, backing_file: Optional[str] = None,
+                      backing_format: Optional[str] = None, no_backing_open: bool = False,
+                      key_secret: Optional[str] = None, **opts: object) -> str:
+    """create(), returning the line `qemu-img create` prints ("Formatting 'PATH', fmt=...\\n";
+    instar_create_formatting). When the creation fails after that line (qemu-img printed it, then failed), the
+    InstarError raised carries it as `.output` (None when it failed before)."""
+    L = _setup()
+    if not getattr(L, "_create_formatting_ready", False):
+        L.instar_create_formatting.argtypes = [ctypes.c_char_p, ctypes.POINTER(CreateOptions),
+                                               ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Error)]
+        setattr(L, "_create_formatting_ready", True)
+    o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
+                      -1 if size is None else int(size), encode(backing_file), encode(backing_format),
+                      encode(_option_string(opts)), encode(key_secret))
+    err = Error()
+    line = ctypes.c_void_p()
+    rc = L.instar_create_formatting(encode(path), ctypes.byref(o), ctypes.byref(line), ctypes.byref(err))
+    text = take_string(line) if line.value else None
+    try:
+        check(rc, err)
+    except InstarError as e:
+        setattr(e, "output", text)
+        raise
+    return text or ""
 
 
 def measure_result(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,
