@@ -845,6 +845,89 @@ int instar_snapshot_apply(const char *filename, const char *id_or_name, const in
 int instar_snapshot_delete(const char *filename, const char *name, const instar_snapshot_options_t *opts,
                            instar_error_t *err);
 
+/* ---- probe: formats recognised from content (oslo.utils format_inspector; the seed of instar_inspect) ------ */
+
+/**
+ * Bytes of an image the caller has read: `length` bytes found at `offset` in the file. A probe reads its fields
+ * only from these; a field outside them is reported as needed (need_offset/need_length), never guessed.
+ */
+typedef struct instar_probe_region {
+    uint64_t offset;
+    uint64_t length;
+    const void *data;
+} instar_probe_region_t;
+
+/** Safety findings of a probe (instar_probe_result_t.violations). */
+enum {
+    INSTAR_PROBE_V_BACKING_FILE = 1u << 0,        /**< qcow2: the header names a backing file */
+    INSTAR_PROBE_V_DATA_FILE = 1u << 1,           /**< qcow2: an external data file (incompatible bit 2) */
+    INSTAR_PROBE_V_UNKNOWN_FEATURES = 1u << 2,    /**< qcow2: incompatible feature bits beyond the known ones */
+    INSTAR_PROBE_V_UNSUPPORTED_VERSION = 1u << 3, /**< qcow2 other than 2/3, LUKS other than 1 */
+    INSTAR_PROBE_V_BANNED = 1u << 4,              /**< a format never accepted (qed) */
+    INSTAR_PROBE_V_DESCRIPTOR = 1u << 5,          /**< vmdk: a descriptor line that is not a field, ddb or extent */
+    INSTAR_PROBE_V_SUBFORMAT = 1u << 6,           /**< vmdk: createType other than monolithicSparse/streamOptimized */
+    INSTAR_PROBE_V_EXTENT_PATH = 1u << 7,         /**< vmdk: an extent naming a path ('/') */
+    INSTAR_PROBE_V_NO_EXTENTS = 1u << 8,          /**< vmdk: no extent at all */
+    INSTAR_PROBE_V_FOOTER = 1u << 9,              /**< vmdk: the footer or its markers disagree with the header */
+    INSTAR_PROBE_V_PARTITIONS = 1u << 10          /**< MBR/protective GPT table that is not plain */
+};
+
+typedef struct instar_probe_options {
+    uint32_t struct_size;
+    uint32_t flags;                 /**< none yet: 0 */
+    /** The format whose structure the regions hold: "qcow2", "qed", "vhd", "vhdx", "vmdk", "vdi", "iso", "gpt", "luks". */
+    const char *format;
+    /**
+     * Which structure: "header" (every format; for iso the primary volume descriptor at 32 KiB, for gpt the MBR),
+     * vhdx "ident", "header" (region table at 192 KiB), "metadata" (the metadata table), "item" (an item's bytes);
+     * vmdk "descriptor" and "footer" (regions[0] the header, regions[1] the last 1536 bytes of the file),
+     * luks "payload" (regions: the header, the first active slot's key material, the payload's first sector).
+     */
+    const char *part;
+    /** qcow2: incompatible feature bits numbered at or above this are unknown; 0 for oslo.utils' 4. */
+    uint32_t qcow2_known_features;
+    /** vhdx "metadata": the 16-byte GUID (as stored) of the item to find; NULL for the virtual disk size. */
+    const void *vhdx_item;
+    /** luks "payload": the passphrase that unlocks the first active key slot. */
+    const char *luks_passphrase;
+    /** luks "payload": refuse PBKDF2 iteration counts above this (0: only the library's own cap). */
+    uint32_t luks_iter_limit;
+} instar_probe_options_t;
+
+#define INSTAR_PROBE_OPTIONS_INIT { sizeof(instar_probe_options_t), 0, NULL, NULL, 0, NULL, NULL, 0 }
+/** Fills *opts with the defaults, the same values as INSTAR_PROBE_OPTIONS_INIT. NULL is ignored. */
+void instar_probe_options_init(instar_probe_options_t *opts);
+
+typedef struct instar_probe_result {
+    uint32_t struct_size;
+    int32_t match;                  /**< INSTAR_TRUE/INSTAR_FALSE, INSTAR_UNSET when the bytes given cannot tell yet */
+    int64_t virtual_size;           /**< -1 when this part does not give it */
+    int32_t version;                /**< the header's version (qcow2, vmdk, luks), -1 when none */
+    uint32_t violations;            /**< INSTAR_PROBE_V_* */
+    uint64_t need_offset;           /**< the next bytes the format needs read (vmdk descriptor, vhdx tables)... */
+    uint64_t need_length;           /**< ...0 when none */
+    int32_t footer;                 /**< vmdk: the grain directory is at the end, a footer closes the file */
+    int32_t text;                   /**< vmdk: the header bytes are plain text (a descriptor file) */
+    uint32_t payload_offset;        /**< luks: where the payload starts, in 512-byte sectors */
+    int32_t key_slot;               /**< luks: the first active key slot (its key material is need_*), -1 when none */
+    char subformat[64];             /**< vmdk: createType, lower case; "" when none */
+    char message[256];              /**< the first violation, as oslo.utils words it; "" when none */
+    uint8_t payload[512];           /**< luks "payload": the payload's first sector, decrypted */
+    uint64_t sectors;               /**< vmdk: capacity in 512-byte sectors as stored (virtual_size is -1 when
+                                         it does not fit in bytes) */
+} instar_probe_result_t;
+
+/**
+ * Reads one structure of an image from the regions the caller captured (a stream inspector sees the file once,
+ * in chunks) and reports whether the bytes are that format, the virtual size, the next region it needs and the
+ * safety findings. Nothing is read from disk. Set result->struct_size before the call (0: the full struct).
+ * Errors: INSTAR_E_INVALID (unknown format or part), INSTAR_E_CORRUPT (the structure is malformed: a vmdk
+ * without its signature, a vhdx region table without its own; message says which), INSTAR_E_ENCRYPTED (luks
+ * "payload": the passphrase unlocks no key slot, or the iteration limit is exceeded).
+ */
+int instar_probe(const instar_probe_region_t *regions, uint32_t count, const instar_probe_options_t *opts,
+                 instar_probe_result_t *result, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif
