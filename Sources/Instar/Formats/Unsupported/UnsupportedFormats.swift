@@ -77,8 +77,6 @@ enum UnsupportedFormats {
         return 100
     }
 
-    }
-
     // vmdk_probe: a sparse extent magic ("COWD", "KDMV"), or a text descriptor whose first line that is not a
     // comment or blank is "version=1", "version=2" or "version=3" (LF or CRLF).
     private static func vmdk(_ buf: [UInt8], _ filename: String) -> Int {
