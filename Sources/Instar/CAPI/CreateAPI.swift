@@ -5,7 +5,8 @@ import Glibc
 public func instar_create_options_init(_ opts: UnsafeMutablePointer<instar_create_options_t>?) {
     opts?.pointee = instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
                                             format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil,
-                                            key_secret: nil)
+                                            key_secret: nil, formatting_line: nil,
+                                            size_text: nil)
 }
 
 @_cdecl("instar_create")
@@ -19,6 +20,7 @@ public func instar_create(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
         var p = Create.Parameters(filename: name)
         p.format = optionalString(o.format) ?? "raw"
         p.size = o.size >= 0 ? UInt64(o.size) : nil
+        if let text = optionalString(o.size_text) { p.size = try SizeParse.imageSize(text) }
         p.backingFile = optionalString(o.backing_file)
         p.backingFormat = optionalString(o.backing_format)
         if let list = optionalString(o.options) {
@@ -26,6 +28,10 @@ public func instar_create(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
             p.options = optionList(list, keySecret: optionalString(o.key_secret), secrets: &p.secrets)
         }
         p.unsafeBacking = o.flags & UInt32(INSTAR_CREATE_NO_BACKING_OPEN) != 0
-        try Create.create(p)
+        o.formatting_line?.pointee = nil
+        let prepared = try Create.prepare(p)
+        // The line qemu-img prints between validating and creating, so it is handed back even if creating fails.
+        o.formatting_line?.pointee = mallocString(prepared.formattingLine)
+        try Create.run(prepared)
     }
 }

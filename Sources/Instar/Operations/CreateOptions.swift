@@ -190,6 +190,12 @@ public enum HostFileCreate {
     /// Creates (or truncates) `path` and gives it `size` bytes the way file-posix does: ftruncate for off,
     /// posix_fallocate for falloc, written zeroes for full.
     public static func create(_ path: String, size: UInt64, preallocation: Preallocation) throws {
+        try grow(try createEmpty(path), to: size, preallocation: preallocation)
+    }
+
+    /// Creates (or truncates) `path` to an empty file with file-posix's messages, as a format's create does
+    /// through the protocol layer before writing its header.
+    public static func createEmpty(_ path: String) throws -> HostFile {
         let file: HostFile
         do {
             file = try HostFile.open(path, writable: true, create: true)
@@ -205,7 +211,7 @@ public enum HostFileCreate {
         } catch let e as InstarError {
             throw InstarError(e.code, "Could not truncate file: \(strerrorString(e.errnoValue))", errno: e.errnoValue)
         }
-        try grow(file, to: size, preallocation: preallocation)
+        return file
     }
 
     /// Grows an open file to `size` with the given preallocation (file-posix raw_regular_truncate).

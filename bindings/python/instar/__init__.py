@@ -31,6 +31,7 @@ from .ops import compare_result, map_entries  # noqa: E402,F401
 from .create import measure_result  # noqa: E402,F401
 from .check import check_result  # noqa: E402,F401
 from .bitmapdd import bench_result  # noqa: E402,F401
+from .ops import compare_status  # noqa: E402,F401
 
 # The public names (mypy --strict and `from instar import *` take them from here).
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "compare_result", "CompareResult", "convert", "resize", "amend", "commit", "rebase", "bitmap", "dd", "bench",
     "bench_result", "BenchResult", "Cancel", "check_chain_json", "snapshot_list", "snapshot_create",
     "snapshot_apply", "snapshot_delete",
+    "compare_status",
 ]

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, check, encode, lib, take_string
 from .results import MeasureResult as MeasureResultData
 
 CREATE_NO_BACKING_OPEN = 1 << 0
@@ -13,7 +13,8 @@ CREATE_NO_BACKING_OPEN = 1 << 0
 class CreateOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("size", ctypes.c_int64), ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p)]
+                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p),
+                ("formatting_line", ctypes.POINTER(ctypes.c_void_p)), ("size_text", ctypes.c_char_p)]
 
 
 class MeasureOptions(ctypes.Structure):
@@ -47,19 +48,30 @@ def _option_string(opts: Mapping[str, object]) -> Optional[str]:
     return ",".join(parts) or None
 
 
-def create(path: str, fmt: str = "raw", size: Optional[int] = None, backing_file: Optional[str] = None,
+def create(path: str, fmt: str = "raw", size: Union[int, str, None] = None, backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, no_backing_open: bool = False, key_secret: Optional[str] = None,
-           **opts: object) -> None:
+           formatting: Optional[Callable[[str], object]] = None, **opts: object) -> None:
     """Creates an image like `qemu-img create -f FMT [-b B -F BF] [-o k=v,...] PATH SIZE`.
+    `size` is bytes, or a str as qemu-img's size operand takes it ("1G", "1.5M"; qemu-img's errors otherwise).
     Extra keyword arguments are -o options (cluster_size=65536, preallocation="metadata", ...); dotted names
     such as encrypt.format go through a dict: create(p, "qcow2", n, key_secret="pw", **{"encrypt.format": "luks"}).
-    `key_secret` is the new image's passphrase when the options ask for encryption."""
+    `key_secret` is the new image's passphrase when the options ask for encryption.
+    `formatting(line)` gets the `Formatting '...', fmt=...` line qemu-img create prints (no newline) once the
+    request is valid, before any error of the creation itself is raised."""
     L = _setup()
+    line = ctypes.c_void_p()
     o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
-                      -1 if size is None else int(size), encode(backing_file), encode(backing_format),
-                      encode(_option_string(opts)), encode(key_secret))
+                      int(size) if isinstance(size, int) else -1, encode(backing_file), encode(backing_format),
+                      encode(_option_string(opts)), encode(key_secret),
+                      ctypes.pointer(line) if formatting is not None else None,
+                      encode(size) if isinstance(size, str) else None)
     err = Error()
-    check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
+    rc = L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err))
+    if line.value:
+        text = take_string(line)
+        if formatting is not None:
+            formatting(text)
+    check(rc, err)
 
 
 def measure_result(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,
