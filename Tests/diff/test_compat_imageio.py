@@ -328,3 +328,15 @@ def test_compare_read_error(tmp):
         f.write(b"\xff" * 64)
     same(tmp, "compare", raw, c)
     same(tmp, "compare", c, raw, format1="qcow2", strict=True)
+
+
+def test_module_is_python_3_9_and_packaged():
+    """The drop-in parses as Python 3.9 and `pip install bindings/python` ships it (pyproject names the
+    subpackage)."""
+    import ast
+    for name in ("__init__.py", "imageio.py"):
+        path = os.path.join(BINDINGS, "instar", "compat", name)
+        with open(path) as f:
+            ast.parse(f.read(), path, feature_version=(3, 9))
+    with open(os.path.join(BINDINGS, "pyproject.toml")) as f:
+        assert '"instar.compat"' in f.read()
