@@ -143,3 +143,70 @@ def test_rebase_and_bitmap_warnings(tmp):
     instar.bitmap(q2, "b0", "add", warning=got.append)
     instar.rebase(q2, raw, "raw", unsafe=True, warning=got.append)
     assert got == []
+
+
+@pytest.mark.parametrize("create_opts,setup", [
+    ("compat=0.10", None),
+    ("compat=1.1", None),
+    ("lazy_refcounts=on,refcount_bits=1", None),
+    ("refcount_bits=64,compression_type=zstd", None),
+    ("extended_l2=on,cluster_size=128k", None),
+    ("data_file=DATA,data_file_raw=on", None),
+    ("data_file=DATA", None),
+    ("compat=1.1", "bitmaps"),
+    ("compat=1.1", "in-use"),
+    ("compat=1.1", "corrupt"),
+    ("encrypt.format=luks,encrypt.key-secret=sec0", None),
+])
+def test_info_format_specific_typed(tmp, create_opts, setup):
+    """qcow2's format-specific member, built from instar_info_t's typed fields (the library's JSON text only
+    where they cannot hold it: encryption), equals what qemu-img info prints and what the library's text says."""
+    import ctypes
+    import importlib
+    import json
+    from instar._lib import Error
+    info_module = importlib.import_module("instar.info")
+    path = os.path.join(tmp, "i.qcow2")
+    opts = create_opts.replace("DATA", os.path.join(tmp, "d.raw"))
+    secret = []
+    if "encrypt" in opts:
+        secret = ["--object", "secret,id=sec0,data=pw"]
+    qimg("create", *secret, "-f", "qcow2", "-o", opts, path, "4M")
+    if setup in ("bitmaps", "in-use"):
+        qimg("bitmap", "--add", path, "b0")
+        qimg("bitmap", "--add", "-g", "128k", "--disable", path, "b1")
+    if setup == "in-use":
+        with open(path, "r+b") as f:  # the bitmap extension's directory entry flags: set "in use" on b0
+            data = f.read()
+            ext = data.find(b"\x23\x85\x28\x75", 104)  # the bitmaps extension: magic, length, then its data
+            assert ext > 0
+            directory = int.from_bytes(data[ext + 8 + 16:ext + 8 + 24], "big")
+            flags_at = directory + 12  # table offset (8), table size (4), flags (4)
+            f.seek(flags_at)
+            f.write((int.from_bytes(data[flags_at:flags_at + 4], "big") | 1).to_bytes(4, "big"))
+    if setup == "corrupt":
+        with open(path, "r+b") as f:  # incompatible feature bit 1: corrupt
+            f.seek(72)
+            f.write((2).to_bytes(8, "big"))
+    q = qemu_img("info", "--output=json", "-U", path)
+    assert q.rc == 0, q
+    expected = json.loads(q.out)["format-specific"]
+    got = instar.info(path, force_share=True).format_specific
+    assert got == expected
+    if setup == "in-use":
+        assert expected["data"]["bitmaps"][0]["flags"] == ["in-use", "auto"]
+    if setup == "corrupt":
+        assert expected["data"]["corrupt"] is True
+    L = info_module._setup()
+    opts_struct = info_module._options(None, True, False)
+    out = ctypes.POINTER(info_module._Info)()
+    assert L.instar_info(path.encode(), ctypes.byref(opts_struct), ctypes.byref(out), ctypes.byref(Error())) == 0
+    try:
+        text = json.loads(out.contents.format_specific_json)
+        typed = info_module._qcow2_specific(out.contents)
+    finally:
+        L.instar_info_free(out)
+    assert text == expected
+    assert typed == (None if "encrypt" in opts else expected)
+    if typed is not None:
+        assert list(typed["data"]) == list(expected["data"])  # qemu-img's key order too
