@@ -340,3 +340,21 @@ def test_module_is_python_3_9_and_packaged():
             ast.parse(f.read(), path, feature_version=(3, 9))
     with open(os.path.join(BINDINGS, "pyproject.toml")) as f:
         assert '"instar.compat"' in f.read()
+
+
+def test_image_in_use(tmp):
+    """An image a qemu-nbd serves (holding qemu's write lock): every call fails or succeeds as qemu-img's does,
+    with its lock message."""
+    from conftest import QemuNbd
+    img = p(tmp, "busy.qcow2")
+    qimg("create", "-f", "qcow2", img, "1M")
+    other = p(tmp, "other.qcow2")
+    qimg("create", "-f", "qcow2", other, "1M")
+    with QemuNbd(img, "qcow2"):
+        same(tmp, "info", img)
+        same(tmp, "measure", img, "qcow2")
+        same(tmp, "compare", img, other)
+        same(tmp, "bitmap_add", img, "b0")
+        same(tmp, "unsafe_rebase", img, other, "qcow2")
+        same(tmp, "convert", img, p(tmp, "copy.raw"), "qcow2", "raw", outputs=[p(tmp, "copy.raw")])
+        same(tmp, "create", img, "qcow2", size=1 << 20)

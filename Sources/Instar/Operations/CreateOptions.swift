@@ -206,6 +206,9 @@ public enum HostFileCreate {
             if m.hasPrefix(prefix) { m = "Could not create '\(path)'" + m.dropFirst(prefix.count) }
             throw InstarError(e.code, m, errno: e.errnoValue)
         }
+        // file-posix's create locks before it truncates: it writes and resizes, and shares everything but
+        // resizing, so an image another process uses is refused, not emptied.
+        try ImageLock.acquire(file, perm: [.write, .resize], shared: [.consistentRead, .write, .writeUnchanged])
         do {
             try file.truncate(to: 0)
         } catch let e as InstarError {
