@@ -117,3 +117,15 @@ wheel-only:
 	rm -rf $(WHEEL_STAGE)/instar/__pycache__ $(WHEEL_STAGE)/instar/_native && mkdir -p $(WHEEL_STAGE)/instar/_native
 	cp $(OUT)/lib/libinstar.so $(WHEEL_STAGE)/instar/_native/libinstar.so
 	$(PYTHON) -m pip wheel --no-deps --no-build-isolation --no-index --no-cache-dir -w $(WHEEL_DIR) $(WHEEL_STAGE)
+
+# Perl binding (issue 12): the XS module in bindings/perl built against this tree's header and library (an rpath
+# to build/lib, so no install is needed) and its prove suite.
+APT_PKGS += libperl-dev perl libjson-xs-perl
+.PHONY: perl-test perl-clean
+perl-test: deps build
+	cd bindings/perl && INSTAR_INC="-I$(CURDIR)/include" \
+	  INSTAR_LIBS="-L$(CURDIR)/$(OUT)/lib -Wl,-rpath,$(CURDIR)/$(OUT)/lib" perl Makefile.PL && $(MAKE) && prove -b t/
+test: perl-test
+perl-clean:
+	-[ -f bindings/perl/Makefile ] && $(MAKE) -C bindings/perl distclean >/dev/null
+clean: perl-clean

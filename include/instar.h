@@ -335,7 +335,12 @@ enum {
     INSTAR_CONVERT_COMPRESS = 1u << 3,         /**< -c */
     INSTAR_CONVERT_UNORDERED_WRITES = 1u << 4, /**< -W */
     INSTAR_CONVERT_BITMAPS = 1u << 5,          /**< --bitmaps */
-    INSTAR_CONVERT_SKIP_BROKEN_BITMAPS = 1u << 6 /**< --skip-broken-bitmaps */
+    INSTAR_CONVERT_SKIP_BROKEN_BITMAPS = 1u << 6, /**< --skip-broken-bitmaps */
+    /** -C: copy offloading (copy_file_range) of data stored plainly; not with sparse_size >= 0 or SALVAGE. */
+    INSTAR_CONVERT_COPY_RANGE = 1u << 7,
+    /** --salvage: sectors that cannot be read are written as zeroes instead of failing the copy (qemu's
+     *  warnings about them are not reported through this call). */
+    INSTAR_CONVERT_SALVAGE = 1u << 8
 };
 
 typedef struct instar_convert_options {
@@ -392,12 +397,6 @@ typedef struct instar_create_options {
      */
     const char *key_secret;
     /**
-     * When not NULL, receives the `Formatting 'FILENAME', fmt=...` line `qemu-img create` prints (without -q),
-     * without its newline, malloc'd (free it with instar_string_free), or NULL. It is set once the request is
-     * validated, so a creation that fails afterwards (qemu-img printed the line, then the error) sets it too.
-     */
-    char **formatting_line;
-    /**
      * The size operand as qemu-img create takes it on its command line ("1G", "1.5M", "0x10000", "1024"), or
      * NULL. When set it replaces `size`, with qemu-img's messages for a size it rejects (INSTAR_E_INVALID,
      * INSTAR_E_RANGE).
@@ -405,7 +404,7 @@ typedef struct instar_create_options {
     const char *size_text;
 } instar_create_options_t;
 
-#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL, NULL, NULL }
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL, NULL }
 /** Fills *opts with the defaults, the same values as INSTAR_CREATE_OPTIONS_INIT. NULL is ignored. */
 void instar_create_options_init(instar_create_options_t *opts);
 
@@ -416,6 +415,16 @@ void instar_create_options_init(instar_create_options_t *opts);
  * INSTAR_E_RANGE (image too large), INSTAR_E_IO, INSTAR_E_NOT_FOUND (backing file).
  */
 int instar_create(const char *filename, const instar_create_options_t *opts, instar_error_t *err);
+
+/**
+ * instar_create, which also hands back the line `qemu-img create` prints ("Formatting 'NAME', fmt=qcow2
+ * cluster_size=65536 ... size=1048576 ...\n", with the newline) in *line: the caller frees it with
+ * instar_string_free. *line is NULL when the request fails validation (qemu-img prints nothing then); a failure
+ * of the creation itself, which qemu-img reports after printing the line, returns the error with *line set.
+ * Errors: as instar_create, and INSTAR_E_INVALID when line is NULL.
+ */
+int instar_create_formatting(const char *filename, const instar_create_options_t *opts, char **line,
+                             instar_error_t *err);
 
 typedef struct instar_measure_options {
     uint32_t struct_size;
@@ -535,6 +544,17 @@ int instar_check(const char *filename, const instar_check_options_t *opts, insta
  * instar_string_free. Errors: as instar_check.
  */
 int instar_check_json(const char *filename, const instar_check_options_t *opts, char **json, instar_error_t *err);
+
+/**
+ * One check that hands back everything `qemu-img check` reports: the counters in *result (as instar_check; NULL
+ * to skip), the text of `--output=json` in *json, and in *messages the lines qemu-img prints on stderr while it
+ * checks ("ERROR cluster 3 refcount=0 reference=1\n", "Leaked cluster 9 refcount=1 reference=0\n", each with
+ * its newline and with the "qemu-img: " prefix where qemu-img prints one; "" when there are none). json and
+ * messages may be NULL; strings are freed with instar_string_free and are NULL on failure. Errors: as
+ * instar_check.
+ */
+int instar_check_report(const char *filename, const instar_check_options_t *opts, instar_check_result_t *result,
+                        char **json, char **messages, instar_error_t *err);
 
 /**
  * `check --chain --output=json` (an instar extension): checks every image of filename's backing chain on its own,

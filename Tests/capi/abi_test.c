@@ -167,6 +167,21 @@ int main(int argc, char **argv) {
         CHECK(strstr(err.message, "Unknown file format 'no-such-format'") != NULL);
         CHECK(instar_create(NULL, &co, &err) == INSTAR_E_INVALID);
     }
+    /* ---- create_formatting: the same creation, and the line qemu-img create prints ---- */
+    {
+        instar_create_options_t co = INSTAR_CREATE_OPTIONS_INIT;
+        char *line = NULL;
+        co.format = "qcow2";
+        co.size = (int64_t)size;
+        CHECK(instar_create_formatting(path("f.qcow2"), &co, &line, &err) == INSTAR_OK);
+        CHECK(line != NULL && strncmp(line, "Formatting '", 12) == 0 && strstr(line, "fmt=qcow2 ") != NULL &&
+              line[strlen(line) - 1] == '\n');
+        instar_string_free(line);
+        CHECK(instar_create_formatting(path("f.qcow2"), &co, NULL, &err) == INSTAR_E_INVALID);
+        co.format = "no-such-format";
+        line = NULL;
+        CHECK(instar_create_formatting(path("bad.img"), &co, &line, &err) == INSTAR_E_INVALID && line == NULL);
+    }
     {
         instar_open_options_t oo = INSTAR_OPEN_OPTIONS_INIT;
         oo.flags = INSTAR_OPEN_READ_WRITE;
@@ -326,19 +341,18 @@ int main(int argc, char **argv) {
         CHECK(instar_bitmap(path("b.raw"), "b0", &add, 1, &bo, &err) != INSTAR_OK && warnings == 2);
     }
 
-    /* ---- create: the Formatting line qemu-img create prints ---- */
+    /* ---- create: size_text, the size operand as qemu-img create takes it ---- */
     {
         instar_create_options_t co = INSTAR_CREATE_OPTIONS_INIT;
         char *line = NULL;
         co.format = "raw";
-        co.size = 1024;
-        co.formatting_line = &line;
-        CHECK(instar_create(path("fmt.raw"), &co, &err) == INSTAR_OK && line != NULL);
-        CHECK(write_file("formatting.txt", line) == 0);
+        co.size_text = "1k";
+        CHECK(instar_create_formatting(path("fmt.raw"), &co, &line, &err) == INSTAR_OK && line != NULL);
+        if (line) CHECK(write_file("formatting.txt", line) == 0);
         instar_string_free(line);
         line = NULL;
-        co.size = -1;
-        CHECK(instar_create(path("nosize.raw"), &co, &err) == INSTAR_E_INVALID && line == NULL);
+        co.size_text = "1Q";
+        CHECK(instar_create_formatting(path("nosize.raw"), &co, &line, &err) == INSTAR_E_INVALID && line == NULL);
     }
 
     /* ---- measure ---- */
@@ -376,6 +390,22 @@ int main(int argc, char **argv) {
         CHECK(instar_check(path("b.raw"), &ko, &kr, &err) == INSTAR_E_UNSUPPORTED);
         CHECK(instar_check(path("a.qcow2"), &ko, NULL, &err) == INSTAR_E_INVALID);
         CHECK(instar_check_json(path("missing"), NULL, &json, NULL) == INSTAR_E_NOT_FOUND);
+    }
+    /* ---- check_report: counters, JSON and stderr lines of one check ---- */
+    {
+        instar_check_options_t ko = INSTAR_CHECK_OPTIONS_INIT;
+        instar_check_result_t kr;
+        char *json = NULL, *messages = NULL;
+        memset(&kr, 0, sizeof kr);
+        kr.struct_size = sizeof kr;
+        CHECK(instar_check_report(path("a.qcow2"), &ko, &kr, &json, &messages, &err) == INSTAR_OK);
+        CHECK(kr.exit_code == 0 && json != NULL && json[0] == '{' && messages != NULL && messages[0] == 0);
+        instar_string_free(json);
+        instar_string_free(messages);
+        CHECK(instar_check_report(path("a.qcow2"), &ko, NULL, NULL, NULL, &err) == INSTAR_OK);
+        json = messages = NULL;
+        CHECK(instar_check_report(path("missing"), &ko, &kr, &json, &messages, &err) == INSTAR_E_NOT_FOUND);
+        CHECK(json == NULL && messages == NULL);
     }
 
     /* ---- resize and amend ---- */

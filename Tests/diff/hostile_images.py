@@ -632,3 +632,145 @@ def _all_ones(ctx, d):
 @variant("header-zeros")
 def _zeros(ctx, d):
     return write(d, "m.qcow2", b"QFI\xfb\0\0\0\3" + b"\0" * 504)
+
+
+# ---- vpc (VHD): footer, dynamic header and BAT fields -------------------------------------------------------
+# A qemu-made 8 MiB dynamic image with data in two blocks: footer at 0 (and at the end), dynamic header at 512,
+# BAT at 1536. Edits to the footer refresh its checksum in both copies (unless the checksum is the point).
+
+import threading  # noqa: E402
+
+_VPC_LOCK = threading.Lock()
+
+
+def _vpc_base(ctx):
+    with _VPC_LOCK:
+        if "vpc" not in ctx.bytes:
+            p = os.path.join(ctx.root, "vpc-base.vhd")
+            sh("qemu-img", "create", "-q", "-f", "vpc", p, "8M")
+            sh("qemu-io", "-f", "vpc", "-c", "write -P 0x5a 0 64k", "-c", "write -P 0xa5 3M 1M", p)
+            with open(p, "rb") as f:
+                ctx.bytes["vpc"] = f.read()
+    return bytearray(ctx.bytes["vpc"])
+
+
+def _vpc_footers(data):
+    return [o for o in (0, len(data) - 512) if data[o:o + 8] == b"conectix"]
+
+
+def _vpc_fix_checksum(data, off):
+    data[off + 64:off + 68] = b"\0\0\0\0"
+    struct.pack_into(">I", data, off + 64, ~sum(data[off:off + 512]) & 0xFFFFFFFF)
+
+
+def _vpc_footer(off, fmt, value):
+    def fn(ctx, d):
+        data = _vpc_base(ctx)
+        for f in _vpc_footers(data):
+            struct.pack_into(fmt, data, f + off, value)
+            _vpc_fix_checksum(data, f)
+        return write(d, "v.vhd", data)
+    return fn
+
+
+def _vpc_header(off, fmt, value, extend_to=None, bat_fill=None):
+    def fn(ctx, d):
+        data = _vpc_base(ctx)
+        struct.pack_into(fmt, data, 512 + off, value)
+        p = write(d, "v.vhd", data)
+        if extend_to is not None:
+            with open(p, "r+b") as f:
+                if bat_fill is not None:
+                    # The table (at 1536) filled with one entry value up to `extend_to`.
+                    f.seek(1536)
+                    left, chunk = extend_to - 1536, bat_fill * (1 << 18)
+                    while left > 0:
+                        f.write(chunk[:left])
+                        left -= min(left, len(chunk))
+                f.truncate(extend_to)
+        return p
+    return fn
+
+
+def _vpc_bat(index, value):
+    def fn(ctx, d):
+        data = _vpc_base(ctx)
+        struct.pack_into(">I", data, 1536 + 4 * index, value)
+        return write(d, "v.vhd", data)
+    return fn
+
+
+@variant("vpc-footer-checksum")
+def _vpc_footer_checksum(ctx, d):
+    data = _vpc_base(ctx)
+    data[64] ^= 0x40
+    return write(d, "v.vhd", data)
+
+
+@variant("vpc-dynheader-checksum")
+def _vpc_dynheader_checksum(ctx, d):
+    data = _vpc_base(ctx)
+    data[512 + 36] ^= 0x40
+    return write(d, "v.vhd", data)
+
+
+@variant("vpc-tiny")
+def _vpc_tiny(ctx, d):
+    return write(d, "v.vhd", _vpc_base(ctx)[:100])
+
+
+@variant("vpc-footer-only")
+def _vpc_footer_only(ctx, d):
+    return write(d, "v.vhd", _vpc_base(ctx)[:512])
+
+
+for _v in (0, 1 << 40, 1 << 62, 0xFFFFFFFFFFFFFFFF, 0x7FFFFFFFFFFFFE00):
+    VARIANTS[f"vpc-data-offset-{_v:#x}"] = _vpc_footer(16, ">Q", _v)
+for _v in (1 << 40, 1 << 50, 0xFFFFFFFFFFFFFFFF):
+    VARIANTS[f"vpc-win-current-size-{_v:#x}"] = (
+        lambda v: lambda ctx, d: _vpc_win(ctx, d, v))(_v)
+VARIANTS["vpc-geometry-max"] = _vpc_footer(56, ">I", (65535 << 16) | (16 << 8) | 255)
+VARIANTS["vpc-geometry-zero"] = _vpc_footer(56, ">I", 0)
+VARIANTS["vpc-type-fixed-at-start"] = _vpc_footer(60, ">I", 2)
+VARIANTS["vpc-type-differencing"] = _vpc_footer(60, ">I", 4)
+for _v in (0, 1, 256, 511, 0x3000, 0x80000000, 0xFFFFFFFF):
+    VARIANTS[f"vpc-block-size-{_v:#x}"] = _vpc_header(32, ">I", _v)
+for _v in (0, 1, 3, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x1FFFFFFF, 0x20000000):
+    VARIANTS[f"vpc-max-table-entries-{_v:#x}"] = _vpc_header(28, ">I", _v)
+for _v in (0, 512, 1 << 40, 1 << 63, 0xFFFFFFFFFFFFFFFF, 0x7FFFFFFFFFFFFE00):
+    VARIANTS[f"vpc-table-offset-{_v:#x}"] = _vpc_header(16, ">Q", _v)
+for _v in (0, 1, 3, 0x10000000, 0xFFFFFFFE, 0x7FFFFFFF):
+    VARIANTS[f"vpc-bat0-{_v:#x}"] = _vpc_bat(0, _v)
+VARIANTS["vpc-bat3-0x4"] = _vpc_bat(3, 4)
+
+
+def _vpc_win(ctx, d, size):
+    data = _vpc_base(ctx)
+    for f in _vpc_footers(data):
+        data[f + 28:f + 32] = b"win "
+        struct.pack_into(">Q", data, f + 48, size)
+        _vpc_fix_checksum(data, f)
+    return write(d, "v.vhd", data)
+
+
+@variant("vpc-big-table-small-blocks")
+def _vpc_big_table(ctx, d):
+    """A Hyper-V image of 4 GiB in 512-byte blocks: 8 Mi BAT entries (32 MiB of table, all unallocated)."""
+    data = _vpc_base(ctx)[:1536]
+    for f in _vpc_footers(data):
+        data[f + 28:f + 32] = b"win "
+        struct.pack_into(">Q", data, f + 48, 4 << 30)
+        _vpc_fix_checksum(data, f)
+    struct.pack_into(">I", data, 512 + 28, 8 << 20)
+    struct.pack_into(">I", data, 512 + 32, 512)
+    p = write(d, "v.vhd", data)
+    with open(p, "ab") as f:
+        chunk = b"\xff" * (1 << 20)
+        for _ in range(32):
+            f.write(chunk)
+        f.write(bytes(data[:512]))
+    return p
+
+
+# A table of 2^29 - 256 entries in a sparse file of 2 GiB: qemu reads it all; instar scans it in bounded chunks.
+VARIANTS["vpc-max-table-entries-sparse-2g"] = _vpc_header(28, ">I", 0x1FFFFF00, extend_to=1536 + 0x1FFFFF00 * 4 + 512)

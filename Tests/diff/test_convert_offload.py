@@ -230,3 +230,45 @@ def test_salvage_block_status_errors(tmp, m, fmt):
         if q.rc == 0:
             with open(qd, "rb") as a, open(idst, "rb") as b:
                 assert a.read() == b.read()
+
+
+# ---- the same through the library (instar_convert flags INSTAR_CONVERT_COPY_RANGE / INSTAR_CONVERT_SALVAGE) ----
+
+def test_library_copy_range_and_salvage(tmp):
+    import instar as pyinstar
+    src = zero_data_raw(tmp)
+    qd = os.path.join(tmp, "q-offload.qcow2")
+    qemu("convert", "-C", "-O", "qcow2", src, qd)
+    ld = os.path.join(tmp, "l-offload.qcow2")
+    pyinstar.convert(src, ld, fmt="qcow2", copy_range=True)
+    with open(qd, "rb") as a, open(ld, "rb") as b:
+        assert a.read() == b.read()
+    check_clean(ld)
+
+    c = broken_compressed(tmp)
+    qd = os.path.join(tmp, "q-salvage.raw")
+    qemu("convert", "--salvage", "-O", "raw", c, qd)
+    ld = os.path.join(tmp, "l-salvage.raw")
+    pyinstar.convert(c, ld, fmt="raw", salvage=True)
+    with open(qd, "rb") as a, open(ld, "rb") as b:
+        assert a.read() == b.read()
+    # Without salvage the library fails as qemu-img does, and removes the target it created.
+    q = qemu("convert", "-O", "raw", c, os.path.join(tmp, "q-fail.raw"))
+    assert q.rc == 1
+    with pytest.raises(pyinstar.InstarError):
+        pyinstar.convert(c, os.path.join(tmp, "l-fail.raw"), fmt="raw")
+    assert not os.path.exists(os.path.join(tmp, "l-fail.raw"))
+
+
+@pytest.mark.parametrize("kw,msg", [({"copy_range": True, "salvage": True}, "Cannot use copy offloading in salvaging mode"),
+                                    ({"copy_range": True, "sparse_size": 0}, "Cannot enable copy offloading when -S is used")])
+def test_library_refusals(tmp, kw, msg):
+    import instar as pyinstar
+    src = zero_data_raw(tmp)
+    args = ["-C", "--salvage"] if "salvage" in kw else ["-C", "-S", "0"]
+    q = qemu("convert", *args, "-O", "raw", src, os.path.join(tmp, "q.raw"))
+    assert q.rc == 1 and msg in q.err
+    with pytest.raises(pyinstar.InstarError) as e:
+        pyinstar.convert(src, os.path.join(tmp, "l.raw"), fmt="raw", **kw)
+    assert msg in str(e.value)
+    assert not os.path.exists(os.path.join(tmp, "l.raw"))

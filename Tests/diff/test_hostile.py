@@ -241,7 +241,7 @@ def test_chain_deeper_than_limit(results):
             f"{cmd}: {i}"
 
 
-@pytest.mark.parametrize("fmt", ["qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "parallels"])
+@pytest.mark.parametrize("fmt", ["qcow", "qed", "vmdk", "vhdx", "vdi", "parallels"])
 def test_unsupported_format_is_not_read_as_raw(tmp_path, fmt):
     """An image of a format qemu-img knows and instar cannot open yet is probed as qemu probes it and refused
     with a clear error (never read as raw); `-f FMT` names it the same way."""
@@ -258,3 +258,16 @@ def test_unsupported_format_is_not_read_as_raw(tmp_path, fmt):
     i = subprocess.run([INSTAR, "info", "-f", fmt, plain], capture_output=True, text=True)
     assert (i.returncode, i.stderr) == (
         1, f"instar: Could not open '{plain}': The '{fmt}' image format is not supported by instar yet\n"), i
+
+
+VPC_NAMES = [n for n in NAMES if n.startswith("vpc-")]
+
+
+@pytest.mark.parametrize("name", VPC_NAMES)
+def test_vpc_same_messages(results, name):
+    """The damaged vpc images fail (or open) with qemu-img's own message, byte for byte."""
+    for cmd in ("info", "info-json", "map-json", "convert"):
+        q, i = _get(results, name)[cmd]
+        if q.timed_out or q.rc is None or q.rc < 0:
+            continue
+        assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), f"{name}: {cmd}\n qemu: {q}\n instar: {i}"

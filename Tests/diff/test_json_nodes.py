@@ -416,3 +416,18 @@ def test_backing_file_named_by_a_window(imgs):
     assert q.rc == 0 and filecmp.cmp(qd, idst, shallow=False)
     # create takes no json: names, as qemu's
     assert_same("create", "-f", "qcow2", node({"driver": "file", "filename": "jc.qcow2"}), "1M", cwd=tmp)
+
+
+def test_host_device_file_node(tmp):
+    """The host_device protocol driver (what VDSM names for block storage) opens a device and refuses anything
+    else after opening it, as file-posix does; its option errors name it."""
+    qimg("create", "-q", "-f", "qcow2", os.path.join(tmp, "a.qcow2"), "1M")
+    for fmt, filename in (("raw", "/dev/null"), ("qcow2", "a.qcow2"), ("raw", "missing"), (None, "/dev/null")):
+        n = {"file": {"driver": "host_device", "filename": filename}}
+        if fmt:
+            n["driver"] = fmt
+        for args in (["info", node(n)], ["info", "--output=json", node(n)], ["measure", "-O", "qcow2", node(n)]):
+            assert_same(*args, cwd=tmp)
+    assert_same("info", node({"driver": "raw", "file": {"driver": "host_device", "filename": "/dev/null",
+                                                         "bogus": 1}}), cwd=tmp)
+    assert_same("info", node({"driver": "raw", "file": {"driver": "host_device"}}), cwd=tmp)

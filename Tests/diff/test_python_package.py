@@ -107,6 +107,8 @@ def test_sources_parse_as_python_3_9():
     files = [os.path.join(PKG_SRC, "setup.py")]
     files += [os.path.join(PKG_SRC, "instar", n) for n in os.listdir(os.path.join(PKG_SRC, "instar"))
               if n.endswith(".py")]
+    files += [os.path.join(PKG_SRC, "instar", "compat", n)
+              for n in os.listdir(os.path.join(PKG_SRC, "instar", "compat")) if n.endswith(".py")]
     for path in files:
         with open(path) as f:
             ast.parse(f.read(), path, feature_version=(3, 9))
@@ -198,6 +200,7 @@ def test_wheel_carries_the_library(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         assert "instar/_native/libinstar.so" in names and "instar/py.typed" in names
+        assert "instar/compat/__init__.py" in names and "instar/compat/vdsm.py" in names
         with open(LIBINSTAR, "rb") as f:
             assert z.read("instar/_native/libinstar.so") == f.read()
 

@@ -30,13 +30,13 @@ func checkArguments(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<ins
 
 /// Runs the check the options describe and returns its report (throws for open failures, missing check
 /// support and failed check passes).
-func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?) throws
-    -> ImageCheckReport
+func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?,
+              messages: (CheckMessage) -> Void = { _ in }) throws -> ImageCheckReport
 {
     let (name, options) = try checkArguments(filename, opts)
     let outcome: CheckOperation.Outcome
     do {
-        outcome = try CheckOperation.run(name, options: options) { _ in }
+        outcome = try CheckOperation.run(name, options: options, messages: messages)
     } catch let e as CheckNotSupported {
         throw InstarError(.unsupported, e.description, errno: 95 /* ENOTSUP */)
     }
@@ -53,26 +53,49 @@ public func instar_check(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointe
                          _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
         guard let result else { throw InstarError.invalid("result must not be NULL") }
-        let declared = Int(UnsafeRawPointer(result).load(as: UInt32.self))
-        guard declared >= MemoryLayout<UInt32>.size else {
-            throw InstarError.invalid("struct_size of the result struct is too small")
+        try fillCheckResult(result, try runCheck(filename, opts))
+    }
+}
+
+/// Stores a report's counters in a caller's instar_check_result_t (only what its struct_size holds).
+private func fillCheckResult(_ result: UnsafeMutablePointer<instar_check_result_t>, _ report: ImageCheckReport) throws {
+    let declared = Int(UnsafeRawPointer(result).load(as: UInt32.self))
+    guard declared >= MemoryLayout<UInt32>.size else {
+        throw InstarError.invalid("struct_size of the result struct is too small")
+    }
+    let r = report.result
+    func opt(_ v: Int64) -> Int64 { v != 0 ? v : -1 }
+    let exitCode: Int32 = r.checkErrors != 0 ? 1 : r.corruptions != 0 ? 2 : r.leaks != 0 ? 3 : 0
+    var out = instar_check_result_t(
+        struct_size: UInt32(MemoryLayout<instar_check_result_t>.size), exit_code: exitCode,
+        check_errors: r.checkErrors, corruptions: opt(r.corruptions), leaks: opt(r.leaks),
+        corruptions_fixed: opt(r.corruptionsFixed), leaks_fixed: opt(r.leaksFixed),
+        image_end_offset: opt(r.imageEndOffset), total_clusters: opt(r.totalClusters),
+        allocated_clusters: opt(r.allocatedClusters), fragmented_clusters: opt(r.fragmentedClusters),
+        compressed_clusters: opt(r.compressedClusters))
+    // Fill only what the caller's version of the struct holds; struct_size stays the caller's.
+    let n = min(declared, MemoryLayout<instar_check_result_t>.size)
+    withUnsafeBytes(of: &out) { src in
+        UnsafeMutableRawPointer(result).advanced(by: 4).copyMemory(from: src.baseAddress! + 4, byteCount: n - 4)
+    }
+}
+
+@_cdecl("instar_check_report")
+public func instar_check_report(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?,
+                                _ result: UnsafeMutablePointer<instar_check_result_t>?,
+                                _ json: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?,
+                                _ messages: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?,
+                                _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
+    capiCall(err) {
+        json?.pointee = nil
+        messages?.pointee = nil
+        var text = ""
+        let report = try runCheck(filename, opts) { m in
+            text += (m.errorReport ? "qemu-img: " : "") + m.text + "\n"
         }
-        let report = try runCheck(filename, opts)
-        let r = report.result
-        func opt(_ v: Int64) -> Int64 { v != 0 ? v : -1 }
-        let exitCode: Int32 = r.checkErrors != 0 ? 1 : r.corruptions != 0 ? 2 : r.leaks != 0 ? 3 : 0
-        var out = instar_check_result_t(
-            struct_size: UInt32(MemoryLayout<instar_check_result_t>.size), exit_code: exitCode,
-            check_errors: r.checkErrors, corruptions: opt(r.corruptions), leaks: opt(r.leaks),
-            corruptions_fixed: opt(r.corruptionsFixed), leaks_fixed: opt(r.leaksFixed),
-            image_end_offset: opt(r.imageEndOffset), total_clusters: opt(r.totalClusters),
-            allocated_clusters: opt(r.allocatedClusters), fragmented_clusters: opt(r.fragmentedClusters),
-            compressed_clusters: opt(r.compressedClusters))
-        // Fill only what the caller's version of the struct holds; struct_size stays the caller's.
-        let n = min(declared, MemoryLayout<instar_check_result_t>.size)
-        withUnsafeBytes(of: &out) { src in
-            UnsafeMutableRawPointer(result).advanced(by: 4).copyMemory(from: src.baseAddress! + 4, byteCount: n - 4)
-        }
+        if let result { try fillCheckResult(result, report) }
+        json?.pointee = mallocString(report.json)
+        messages?.pointee = mallocString(text)
     }
 }
 

@@ -27,6 +27,14 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         options.unorderedWrites = o.flags & UInt32(INSTAR_CONVERT_UNORDERED_WRITES) != 0
         options.bitmaps = o.flags & UInt32(INSTAR_CONVERT_BITMAPS) != 0
         options.skipBrokenBitmaps = o.flags & UInt32(INSTAR_CONVERT_SKIP_BROKEN_BITMAPS) != 0
+        options.copyRange = o.flags & UInt32(INSTAR_CONVERT_COPY_RANGE) != 0
+        options.salvage = o.flags & UInt32(INSTAR_CONVERT_SALVAGE) != 0
+        if options.copyRange && options.salvage {
+            throw InstarError.invalid("Cannot use copy offloading in salvaging mode")
+        }
+        if options.copyRange && o.sparse_size >= 0 {
+            throw InstarError.invalid("Cannot enable copy offloading when -S is used")
+        }
         options.targetFormat = optionalString(o.target_format) ?? "raw"
         options.createOptions = optionList(optionalString(o.options), keySecret: optionalString(o.target_key_secret),
                                            secrets: &options.secrets)

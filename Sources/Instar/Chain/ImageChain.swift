@@ -97,6 +97,8 @@ public struct ImageSpec {
     public var windows: [RawWindowSpec] = []
     /// The file node's "locking" (on, off, auto); nil when not given.
     public var locking: String?
+    /// The file node names qemu's host_device driver: the file must be a block or character device.
+    public var deviceOnly = false
     public var backing: BackingChoice = .fromImage
     /// The flattened backing.* options, for the error qemu gives when a backing node is given to an open
     /// that does not open backing files.
@@ -114,7 +116,7 @@ public struct ImageSpec {
     /// Options that change what an image reads as, so qemu keeps them in a rebuilt json: name (the union of its
     /// drivers' strong_runtime_opts: raw's window, the secrets of luks and encrypted qcow2). Other options are
     /// passed to the driver but leave the plain file name.
-    public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret"]
+    public static let strongOptions: Set<String> = ["offset", "size", "key-secret", "encrypt.key-secret", "force_size_calc"]
 
     /// The options of the node under the format (qemu's full_open_options of the "file" child), and the name
     /// qemu gives each window node, innermost last.
@@ -298,7 +300,7 @@ public enum ImageOpener {
         var driver = "file"
         for (k, v) in keys where k == "driver" { if let s = v.stringValue { driver = s } }
         switch driver {
-        case "file":
+        case "file", "host_device":
             var filename: String?
             for (k, v) in keys {
                 switch k {
@@ -315,12 +317,14 @@ public enum ImageOpener {
                     spec.locking = s
                 default:
                     if genericOptions.contains(k) || fileOptions.contains(k) { continue }
-                    throw InstarError.invalid("Block protocol 'file' doesn't support the option '\(k)'")
+                    throw InstarError.invalid("Block protocol '\(driver)' doesn't support the option '\(k)'")
                 }
             }
-            guard let f = filename else { throw InstarError.invalid("The 'file' block driver requires a file name") }
-            if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
+            guard let f = filename, !f.isEmpty else {
+                throw InstarError.invalid("The '\(driver)' block driver requires a file name")
+            }
             spec.filename = f
+            spec.deviceOnly = driver == "host_device"
         case "raw":
             var window = RawWindowSpec()
             var child: [(String, QObject)] = []
@@ -370,6 +374,15 @@ public enum ImageOpener {
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
         if let layer = try openFileless(spec, options: options, writable: writable) { return layer }
         let hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
+        if spec.deviceOnly {
+            // file-posix's host_device: the opened file must be a device (checked after the open, as qemu does)
+            var st = stat()
+            let kind = fstat(hostFile.fd, &st) == 0 ? st.st_mode & S_IFMT : 0
+            guard kind == S_IFBLK || kind == S_IFCHR else {
+                throw InstarError.invalid(
+                    "'host_device' driver requires '\(spec.filename)' to be either a character or block device")
+            }
+        }
         hostFile.noFlush = options.noFlush
         // The format reads through the window nodes between it and the file, innermost first.
         var file = hostFile

@@ -15,10 +15,11 @@ public enum QJSON {
 
     /// The hash QEMU's QDict uses (tdb_hash from Samba's TDB), modulo 2^32.
     public static func tdbHash(_ key: String) -> UInt32 {
-        let bytes = Array(key.utf8)
-        var value = UInt32(0x238F_13AF) &* UInt32(truncatingIfNeeded: bytes.count)
-        for (i, b) in bytes.enumerated() {
+        var value = UInt32(0x238F_13AF) &* UInt32(truncatingIfNeeded: key.utf8.count)
+        var i = 0
+        for b in key.utf8 {
             value = value &+ (UInt32(b) << UInt32((i * 5) % 24))
+            i += 1
         }
         return 1_103_515_243 &* value &+ 12345
     }
@@ -26,63 +27,86 @@ public enum QJSON {
     /// The members of a dictionary in the order QEMU's qdict_first/qdict_next walk them. A key inserted twice
     /// keeps its first position and its last value, as qdict_put does.
     public static func qdictOrder(_ members: [(String, QObject)]) -> [(String, QObject)] {
-        var firstIndex: [String: Int] = [:]
         var unique: [(String, QObject)] = []
-        for (k, v) in members {
-            if let i = firstIndex[k] {
-                unique[i].1 = v
-            } else {
-                firstIndex[k] = unique.count
+        unique.reserveCapacity(members.count)
+        if members.count <= 32 {
+            // The dictionaries qemu-img prints are small: a linear search beats hashing every key twice.
+            outer: for (k, v) in members {
+                for i in unique.indices where unique[i].0 == k {
+                    unique[i].1 = v
+                    continue outer
+                }
                 unique.append((k, v))
             }
+        } else {
+            var firstIndex: [String: Int] = [:]
+            for (k, v) in members {
+                if let i = firstIndex[k] {
+                    unique[i].1 = v
+                } else {
+                    firstIndex[k] = unique.count
+                    unique.append((k, v))
+                }
+            }
         }
-        let keyed = unique.enumerated().map { (i, m) in (bucket: tdbHash(m.0) % bucketCount, index: i, member: m) }
+        let keyed = unique.enumerated().map { (i, m) in (bucket: tdbHash(m.0) % bucketCount, index: i) }
         return keyed.sorted { a, b in
             a.bucket != b.bucket ? a.bucket < b.bucket : a.index > b.index
-        }.map(\.member)
+        }.map { unique[$0.index] }
     }
 
     /// `qobject_to_json_pretty`: 4-space indentation, no trailing newline (qemu-img adds one with printf).
     public static func pretty(_ value: QObject) -> String {
         var w = Writer(pretty: true)
         w.emit(name: nil, value)
-        return w.text
+        return String(decoding: w.bytes, as: UTF8.self)
     }
 
     /// `qobject_to_json`: one line, ", " between members and ": " after keys.
     public static func compact(_ value: QObject) -> String {
         var w = Writer(pretty: false)
         w.emit(name: nil, value)
-        return w.text
+        return String(decoding: w.bytes, as: UTF8.self)
     }
 
-    /// QEMU's json-writer state machine.
+    /// QEMU's json-writer state machine, writing UTF-8 bytes (the output is ASCII: everything else is escaped).
     struct Writer {
         let pretty: Bool
-        var text = ""
+        var bytes: [UInt8] = []
         /// One entry per open container: true for an array, false for an object.
         var containers: [Bool] = []
         var needComma = false
 
-        init(pretty: Bool) { self.pretty = pretty }
+        init(pretty: Bool) {
+            self.pretty = pretty
+            bytes.reserveCapacity(1024)
+        }
+
+        mutating func append(_ s: StaticString) {
+            s.withUTF8Buffer { bytes.append(contentsOf: $0) }
+        }
+
+        mutating func append(_ s: String) {
+            bytes.append(contentsOf: s.utf8)
+        }
 
         mutating func newline() {
             guard pretty else { return }
-            text += "\n"
-            text += String(repeating: " ", count: 4 * containers.count)
+            bytes.append(0x0A)
+            bytes.append(contentsOf: repeatElement(0x20, count: 4 * containers.count))
         }
 
         mutating func commaAndName(_ name: String?) {
             if needComma {
-                text += ","
-                if pretty { newline() } else { text += " " }
+                bytes.append(0x2C)
+                if pretty { newline() } else { bytes.append(0x20) }
             } else {
-                if !text.isEmpty { newline() }
+                if !bytes.isEmpty { newline() }
                 needComma = true
             }
             if containers.last == false {
-                text += QJSON.quoted(name ?? "")
-                text += ": "
+                QJSON.appendQuoted(name ?? "", to: &bytes)
+                append(": ")
             }
         }
 
@@ -90,29 +114,29 @@ public enum QJSON {
             commaAndName(name)
             switch value {
             case let .dict(members):
-                text += "{"
+                bytes.append(0x7B)
                 containers.append(false)
                 needComma = false
                 for (k, v) in QJSON.qdictOrder(members) { emit(name: k, v) }
                 containers.removeLast()
                 newline()
-                text += "}"
+                bytes.append(0x7D)
                 needComma = true
             case let .list(items):
-                text += "["
+                bytes.append(0x5B)
                 containers.append(true)
                 needComma = false
                 for v in items { emit(name: nil, v) }
                 containers.removeLast()
                 newline()
-                text += "]"
+                bytes.append(0x5D)
                 needComma = true
-            case let .string(s): text += QJSON.quoted(s)
-            case let .int(v): text += String(v)
-            case let .uint(v): text += String(v)
-            case let .double(d): text += QJSON.formatDouble(d)
-            case let .bool(b): text += b ? "true" : "false"
-            case .null: text += "null"
+            case let .string(s): QJSON.appendQuoted(s, to: &bytes)
+            case let .int(v): append(String(v))
+            case let .uint(v): append(String(v))
+            case let .double(d): append(QJSON.formatDouble(d))
+            case let .bool(b): if b { append("true") } else { append("false") }
+            case .null: append("null")
             }
         }
     }
@@ -121,31 +145,59 @@ public enum QJSON {
     /// are backslashed; every other code point outside printable ASCII becomes \uXXXX (upper-case hex, a
     /// surrogate pair beyond the BMP); noncharacters become U+FFFD. The string ends at a NUL, as a C string does.
     public static func quoted(_ s: String) -> String {
-        var out = "\""
+        var out: [UInt8] = []
+        appendQuoted(s, to: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func appendQuoted(_ s: String, to out: inout [UInt8]) {
+        out.append(0x22)
+        defer { out.append(0x22) }
+        // Printable ASCII without `"` and `\` goes through as it is; anything else takes the scalar path.
+        var plain = true
+        for b in s.utf8 where b < 0x20 || b >= 0x7F || b == 0x22 || b == 0x5C {
+            plain = false
+            break
+        }
+        if plain {
+            out.append(contentsOf: s.utf8)
+            return
+        }
         for scalar in s.unicodeScalars {
             var cp = scalar.value
             switch cp {
-            case 0: out += "\""; return out
-            case 0x22: out += "\\\""
-            case 0x5C: out += "\\\\"
-            case 0x08: out += "\\b"
-            case 0x0C: out += "\\f"
-            case 0x0A: out += "\\n"
-            case 0x0D: out += "\\r"
-            case 0x09: out += "\\t"
+            case 0: return
+            case 0x22: out.append(0x5C); out.append(0x22)
+            case 0x5C: out.append(0x5C); out.append(0x5C)
+            case 0x08: out.append(0x5C); out.append(0x62)
+            case 0x0C: out.append(0x5C); out.append(0x66)
+            case 0x0A: out.append(0x5C); out.append(0x6E)
+            case 0x0D: out.append(0x5C); out.append(0x72)
+            case 0x09: out.append(0x5C); out.append(0x74)
             default:
                 if (cp >= 0xFDD0 && cp <= 0xFDEF) || (cp & 0xFFFE) == 0xFFFE { cp = 0xFFFD }
                 if cp > 0xFFFF {
-                    out += "\\u" + hex4(0xD800 + ((cp - 0x10000) >> 10)) + "\\u" + hex4(0xDC00 + ((cp - 0x10000) & 0x3FF))
+                    appendEscape(0xD800 + ((cp - 0x10000) >> 10), to: &out)
+                    appendEscape(0xDC00 + ((cp - 0x10000) & 0x3FF), to: &out)
                 } else if cp < 0x20 || cp >= 0x7F {
-                    out += "\\u" + hex4(cp)
+                    appendEscape(cp, to: &out)
                 } else {
-                    out.unicodeScalars.append(scalar)
+                    out.append(UInt8(truncatingIfNeeded: cp))
                 }
             }
         }
-        out += "\""
-        return out
+    }
+
+    /// `\uXXXX` with upper-case hex digits.
+    static func appendEscape(_ v: UInt32, to out: inout [UInt8]) {
+        let digits: StaticString = "0123456789ABCDEF"
+        out.append(0x5C)
+        out.append(0x75)
+        digits.withUTF8Buffer { d in
+            for shift in stride(from: 12, through: 0, by: -4) {
+                out.append(d[Int((v >> UInt32(shift)) & 0xF)])
+            }
+        }
     }
 
     static func hex4(_ v: UInt32) -> String {

@@ -31,6 +31,8 @@ from .ops import compare_result, map_entries  # noqa: E402,F401
 from .create import measure_result  # noqa: E402,F401
 from .check import check_result  # noqa: E402,F401
 from .bitmapdd import bench_result  # noqa: E402,F401
+from .create import create_formatting  # noqa: E402,F401
+from .check import check_report  # noqa: E402,F401
 from .ops import compare_status  # noqa: E402,F401
 
 # The public names (mypy --strict and `from instar import *` take them from here).
@@ -43,5 +45,6 @@ __all__ = [
     "compare_result", "CompareResult", "convert", "resize", "amend", "commit", "rebase", "bitmap", "dd", "bench",
     "bench_result", "BenchResult", "Cancel", "check_chain_json", "snapshot_list", "snapshot_create",
     "snapshot_apply", "snapshot_delete",
+    "create_formatting", "check_report",
     "compare_status",
 ]

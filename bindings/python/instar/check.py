@@ -69,6 +69,29 @@ def check_result(path: str, repair: Optional[str] = None, format: Optional[str] 
     return CheckResult(r.exit_code, r.check_errors, *(None if v < 0 else v for v in counts))
 
 
+def check_report(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
+                 key_secret: Optional[str] = None) -> Tuple[CheckResult, str, str]:
+    """One check, everything `qemu-img check` reports (instar_check_report): the counters as a CheckResult, the
+    text of `--output=json`, and the lines qemu-img prints on stderr while checking ("ERROR cluster 3
+    refcount=0 reference=1", with "qemu-img: " where qemu-img prints it; "" when none)."""
+    L = _setup()
+    if not getattr(L, "_check_report_ready", False):
+        L.instar_check_report.argtypes = [ctypes.c_char_p, ctypes.POINTER(_CheckOptions),
+                                          ctypes.POINTER(_CheckResult), ctypes.POINTER(ctypes.c_void_p),
+                                          ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Error)]
+        setattr(L, "_check_report_ready", True)
+    opts = _options(repair, format, force_share, key_secret)
+    r = _CheckResult()
+    r.struct_size = ctypes.sizeof(_CheckResult)
+    json_text, messages = ctypes.c_void_p(), ctypes.c_void_p()
+    err = Error()
+    _check_rc(L.instar_check_report(encode(path), ctypes.byref(opts), ctypes.byref(r), ctypes.byref(json_text),
+                                    ctypes.byref(messages), ctypes.byref(err)), err)
+    counts = [getattr(r, f[0]) for f in _CheckResult._fields_[3:]]
+    return (CheckResult(r.exit_code, r.check_errors, *(None if v < 0 else v for v in counts)),
+            take_string(json_text), take_string(messages))
+
+
 def check_json(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
                key_secret: Optional[str] = None) -> str:
     """The exact text of `qemu-img check --output=json` (with the trailing newline)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from ._lib import Error, check, encode, lib, take_string
+from ._lib import Error, InstarError, check, encode, lib, take_string
 from .results import MeasureResult as MeasureResultData
 
 CREATE_NO_BACKING_OPEN = 1 << 0
@@ -13,8 +13,7 @@ CREATE_NO_BACKING_OPEN = 1 << 0
 class CreateOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("size", ctypes.c_int64), ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p),
-                ("formatting_line", ctypes.POINTER(ctypes.c_void_p)), ("size_text", ctypes.c_char_p)]
+                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p), ("size_text", ctypes.c_char_p)]
 
 
 class MeasureOptions(ctypes.Structure):
@@ -48,6 +47,16 @@ def _option_string(opts: Mapping[str, object]) -> Optional[str]:
     return ",".join(parts) or None
 
 
+def _create_options(fmt: str, size: Union[int, str, None], backing_file: Optional[str],
+                    backing_format: Optional[str], no_backing_open: bool, key_secret: Optional[str],
+                    opts: Mapping[str, object]) -> CreateOptions:
+    """The C options; a str size goes as qemu-img's size text (size_text)."""
+    return CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0,
+                         encode(fmt), int(size) if isinstance(size, int) else -1, encode(backing_file),
+                         encode(backing_format), encode(_option_string(opts)), encode(key_secret),
+                         encode(size) if isinstance(size, str) else None)
+
+
 def create(path: str, fmt: str = "raw", size: Union[int, str, None] = None, backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, no_backing_open: bool = False, key_secret: Optional[str] = None,
            formatting: Optional[Callable[[str], object]] = None, **opts: object) -> None:
@@ -58,20 +67,45 @@ def create(path: str, fmt: str = "raw", size: Union[int, str, None] = None, back
     `key_secret` is the new image's passphrase when the options ask for encryption.
     `formatting(line)` gets the `Formatting '...', fmt=...` line qemu-img create prints (no newline) once the
     request is valid, before any error of the creation itself is raised."""
+    if formatting is not None:
+        try:
+            line = create_formatting(path, fmt, size, backing_file, backing_format, no_backing_open, key_secret,
+                                     **opts)
+        except InstarError as e:
+            printed = getattr(e, "output", None)
+            if printed:
+                formatting(printed[:-1] if printed.endswith("\n") else printed)
+            raise
+        formatting(line[:-1] if line.endswith("\n") else line)
+        return
     L = _setup()
-    line = ctypes.c_void_p()
-    o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
-                      int(size) if isinstance(size, int) else -1, encode(backing_file), encode(backing_format),
-                      encode(_option_string(opts)), encode(key_secret),
-                      ctypes.pointer(line) if formatting is not None else None,
-                      encode(size) if isinstance(size, str) else None)
+    o = _create_options(fmt, size, backing_file, backing_format, no_backing_open, key_secret, opts)
     err = Error()
-    rc = L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err))
-    if line.value:
-        text = take_string(line)
-        if formatting is not None:
-            formatting(text)
-    check(rc, err)
+    check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
+
+
+def create_formatting(path: str, fmt: str = "raw", size: Union[int, str, None] = None,
+                      backing_file: Optional[str] = None, backing_format: Optional[str] = None,
+                      no_backing_open: bool = False, key_secret: Optional[str] = None, **opts: object) -> str:
+    """create(), returning the line `qemu-img create` prints ("Formatting 'PATH', fmt=...\\n";
+    instar_create_formatting). When the creation fails after that line (qemu-img printed it, then failed), the
+    InstarError raised carries it as `.output` (None when it failed before)."""
+    L = _setup()
+    if not getattr(L, "_create_formatting_ready", False):
+        L.instar_create_formatting.argtypes = [ctypes.c_char_p, ctypes.POINTER(CreateOptions),
+                                               ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Error)]
+        setattr(L, "_create_formatting_ready", True)
+    o = _create_options(fmt, size, backing_file, backing_format, no_backing_open, key_secret, opts)
+    err = Error()
+    line = ctypes.c_void_p()
+    rc = L.instar_create_formatting(encode(path), ctypes.byref(o), ctypes.byref(line), ctypes.byref(err))
+    text = take_string(line) if line.value else None
+    try:
+        check(rc, err)
+    except InstarError as e:
+        setattr(e, "output", text)
+        raise
+    return text or ""
 
 
 def measure_result(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,

@@ -18,6 +18,8 @@ CONVERT_COMPRESS = 1 << 3
 CONVERT_UNORDERED_WRITES = 1 << 4
 CONVERT_BITMAPS = 1 << 5
 CONVERT_SKIP_BROKEN_BITMAPS = 1 << 6
+CONVERT_COPY_RANGE = 1 << 7
+CONVERT_SALVAGE = 1 << 8
 
 
 class MapEntry(ctypes.Structure):
@@ -167,18 +169,21 @@ def convert(src: str, dst: str, source_format: Optional[str] = None, target_form
             compress: bool = False, backing_file: Optional[str] = None, backing_format: Optional[str] = None,
             snapshot: Optional[str] = None, coroutines: int = 8, rate_limit: int = 0, unordered_writes: bool = False,
             bitmaps: bool = False, skip_broken_bitmaps: bool = False, key_secret: Optional[str] = None,
-            target_key_secret: Optional[str] = None, cancel: Optional[Cancel] = None) -> None:
+            target_key_secret: Optional[str] = None, cancel: Optional[Cancel] = None, copy_range: bool = False,
+            salvage: bool = False) -> None:
     """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
     -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
     `key_secret` unlocks an encrypted source, `target_key_secret` an encrypted target (existing with
-    no_create, or new with options asking for encrypt.format=luks or aes).
+    no_create, or new with options asking for encrypt.format=luks or aes). `copy_range` is -C (copy
+    offloading), `salvage` --salvage (unreadable sectors become zeroes).
     `progress(percent)` gets qemu's progress values; a true return cancels, and so does `cancel.cancel()` from
     another thread (instar.Cancelled is raised)."""
     L = _setup()
     flags = (CONVERT_NO_CREATE if no_create else 0) | (CONVERT_TARGET_IS_ZERO if target_is_zero else 0) | \
         (CONVERT_FORCE_SHARE if force_share else 0) | (CONVERT_COMPRESS if compress else 0) | \
         (CONVERT_UNORDERED_WRITES if unordered_writes else 0) | (CONVERT_BITMAPS if bitmaps else 0) | \
-        (CONVERT_SKIP_BROKEN_BITMAPS if skip_broken_bitmaps else 0)
+        (CONVERT_SKIP_BROKEN_BITMAPS if skip_broken_bitmaps else 0) | (CONVERT_COPY_RANGE if copy_range else 0) | \
+        (CONVERT_SALVAGE if salvage else 0)
     cb = _progress(progress, cancel)
     opts = ConvertOptions(ctypes.sizeof(ConvertOptions), flags, encode(source_format), encode(fmt or target_format),
                           encode(source_cache), encode(target_cache), -1 if sparse_size is None else sparse_size,

@@ -73,6 +73,32 @@ public final class Qcow2Format: ImageFormat {
         Diagnostics.plain("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
     }
 
+    /// The bytes of the first cluster that the header, its extensions and the backing name can occupy. Most
+    /// images keep them in the first 4 KiB, so that much is read when it holds everything the walk of the
+    /// extensions meets up to their end marker (reading a 2 MiB cluster on every open costs more than the rest of
+    /// `info`); otherwise, or when anything reaches past it, the whole cluster. Parsing either gives the same result.
+    static func headerArea(file: HostFile, header h: Qcow2Header) throws -> [UInt8] {
+        let short = 4096
+        guard h.clusterSize > UInt64(short), UInt64(h.headerLength) <= UInt64(short) else {
+            return try file.readBytes(at: 0, count: Int(h.clusterSize))
+        }
+        let area = try file.readBytes(at: 0, count: short)
+        if h.extensionsEnd <= UInt64(short) { return area }
+        var offset = UInt64(h.headerLength)
+        // Each step moves past at least one 8-byte extension header, so the walk ends within short/8 steps.
+        while offset + 8 <= UInt64(short) {
+            let type = UInt32(area[Int(offset)]) << 24 | UInt32(area[Int(offset) + 1]) << 16
+                | UInt32(area[Int(offset) + 2]) << 8 | UInt32(area[Int(offset) + 3])
+            let len = UInt64(area[Int(offset) + 4]) << 24 | UInt64(area[Int(offset) + 5]) << 16
+                | UInt64(area[Int(offset) + 6]) << 8 | UInt64(area[Int(offset) + 7])
+            offset += 8
+            guard len <= UInt64(short) - offset else { break }
+            if type == Qcow2.extEnd { return area }
+            offset += (len + 7) & ~7
+        }
+        return try file.readBytes(at: 0, count: Int(h.clusterSize))
+    }
+
     init(request: OpenRequest) throws {
         file = request.file
         writable = request.writable
@@ -80,7 +106,7 @@ public final class Qcow2Format: ImageFormat {
         let h = try Qcow2Header(bytes: first)
         header = h
         // The first cluster holds the header, its extensions and the backing file name.
-        let area = try file.readBytes(at: 0, count: Int(h.clusterSize))
+        let area = try Qcow2Format.headerArea(file: file, header: h)
         let knownHeaderBytes = 112
         unknownHeaderFields = h.version >= 3 && Int(h.headerLength) > knownHeaderBytes && Int(h.headerLength) <= area.count
             ? Array(area[knownHeaderBytes..<Int(h.headerLength)]) : []

@@ -15,7 +15,6 @@ enum UnsupportedFormats {
         descriptor("vdi", probe: vdi),
         descriptor("vhdx", probe: vhdx),
         descriptor("vmdk", probe: vmdk),
-        descriptor("vpc", probe: vpc),
     ]
 
     private static func descriptor(_ name: String, probe: @escaping ([UInt8], String) -> Int) -> FormatDescriptor {
@@ -95,11 +94,6 @@ enum UnsupportedFormats {
     // vhdx_probe: the file type identifier "vhdxfile".
     private static func vhdx(_ buf: [UInt8], _ filename: String) -> Int {
         has(buf, "vhdxfile") ? 100 : 0
-    }
-
-    // vpc_probe: the footer copy at the start, cookie "conectix".
-    private static func vpc(_ buf: [UInt8], _ filename: String) -> Int {
-        has(buf, "conectix") ? 100 : 0
     }
 
     // vmdk_probe: a sparse extent magic ("COWD", "KDMV"), or a text descriptor whose first line that is not a

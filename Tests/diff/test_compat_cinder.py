@@ -1,0 +1,121 @@
+"""instar.compat.cinder against Cinder's qemu-img helpers (cinder/image/image_utils.py): each drop-in function is
+called, and the same call is answered the way Cinder answers it: the real qemu-img 7.2 run through
+oslo.concurrency's processutils.execute with Cinder's command line, its JSON read by oslo.utils' QemuImgInfo
+(with Cinder's renames luks -> raw, vpc -> vhd). Attributes, exception types and texts must be equal, and images
+a call writes must end up alike.
+
+Cinder itself is not installed: `Ref` follows its contract with the real oslo pieces. Cinder names the format
+its format inspector detected with -f; the reference asks qemu-img's own probe for it.
+"""
+import json
+import os
+
+import pytest
+
+from compat_helpers import Pair, ensure_oslo, mk_qcow2, mk_raw
+from conftest import qemu, qimg
+
+ensure_oslo()
+from oslo_concurrency import processutils  # noqa: E402
+from oslo_utils import imageutils  # noqa: E402
+
+from instar.compat import cinder  # noqa: E402
+
+MiB = 1 << 20
+
+
+class Ref:
+    """Cinder's way, with the real qemu-img."""
+
+    @staticmethod
+    def qemu_img_info(path, run_as_root=True, force_share=False, allow_qcow2_backing_file=False):
+        r = qemu("info", "--output=json", "-U", path)
+        if r.rc == 0:
+            probed = json.loads(r.out)
+            data = probed.get("format-specific", {}).get("data", {})
+            if probed["format"] == "qcow2" and (data.get("data-file") is not None or (
+                    "backing-filename" in probed and not allow_qcow2_backing_file)):
+                raise processutils.ProcessExecutionError(description="Failed safety check")
+            cmd = ["env", "LC_ALL=C", "qemu-img", "info", "-f", probed["format"], "--output=json"]
+        else:
+            cmd = ["env", "LC_ALL=C", "qemu-img", "info", "--output=json"]
+        cmd += (["--force-share"] if force_share else []) + [path]
+        out, _err = processutils.execute(*cmd)
+        info = imageutils.QemuImgInfo(out, format="json")
+        if info.file_format == "vpc":
+            info.file_format = "vhd"
+        if info.file_format == "luks":
+            info.file_format = "raw"
+        return info
+
+    @staticmethod
+    def convert_image(source, dest, out_format, out_subformat=None, src_format=None, compress=False):
+        cmd = ["qemu-img", "convert", "-O", out_format] + (["-f", src_format] if src_format else [])
+        cmd += (["-o", "subformat=%s" % out_subformat] if out_subformat else []) + (["-c"] if compress else [])
+        processutils.execute(*(cmd + [source, dest]))
+
+    @staticmethod
+    def resize_image(source, size, run_as_root=False, file_format=None):
+        processutils.execute(*(["qemu-img", "resize"] + (["-f", file_format] if file_format else [])
+                               + [source, "%sG" % size]))
+
+
+def outcome(fn, *args, **kw):
+    try:
+        r = fn(*args, **kw)
+        return ("ok", None if r is None else vars(r))
+    except Exception as e:
+        return (type(e).__name__, str(e), dict(vars(e)))
+
+
+def same(ref, ours, *args, **kw):
+    q, i = outcome(ref, *args, **kw), outcome(ours, *args, **kw)
+    assert i == q, "\n Cinder's way: %r\n instar:       %r" % (q, i)
+    return q
+
+
+@pytest.fixture
+def imgs(tmp):
+    raw = mk_raw(tmp)
+    q = mk_qcow2(tmp)
+    top = mk_qcow2(tmp, "top.qcow2", size=None, writes=False, backing="q.qcow2", backing_fmt="qcow2")
+    df = os.path.join(tmp, "df.qcow2")
+    qimg("create", "-q", "-f", "qcow2", "-o", "data_file=df.data", df, "1M")
+    return {"raw": raw, "qcow2": q, "top": top, "data_file": df}
+
+
+# vpc (Cinder's vhd) and luks (Cinder's raw) are left out: libinstar does not read them yet ("The 'luks' image
+# format is not supported by instar yet"); the renames are in place for when it does
+@pytest.mark.parametrize("name", ["raw", "qcow2", "top", "data_file"])
+def test_qemu_img_info(imgs, name):
+    same(Ref.qemu_img_info, cinder.qemu_img_info, imgs[name])
+    same(Ref.qemu_img_info, cinder.qemu_img_info, imgs[name], force_share=True)
+    same(Ref.qemu_img_info, cinder.qemu_img_info, imgs[name], allow_qcow2_backing_file=True)
+
+
+def test_qemu_img_info_errors(tmp):
+    same(Ref.qemu_img_info, cinder.qemu_img_info, os.path.join(tmp, "missing"))
+    same(Ref.qemu_img_info, cinder.qemu_img_info, tmp)
+
+
+def setup_images(d):
+    mk_raw(d)
+    mk_qcow2(d)
+
+
+@pytest.mark.parametrize("src,kw", [
+    ("q.qcow2", dict(out_format="raw")), ("r.raw", dict(out_format="qcow2", src_format="raw")),
+    ("q.qcow2", dict(out_format="qcow2", compress=True)), ("missing.qcow2", dict(out_format="raw")),
+    ("r.raw", dict(out_format="raw", src_format="qcow2")), ("q.qcow2", dict(out_format="bogus"))])
+def test_convert_image(tmp, src, kw):
+    pair = Pair(tmp, outcome=outcome, setup=setup_images)
+    pair.run(Ref.convert_image, cinder.convert_image, src, "out.img", **kw)
+    pair.assert_alike("out.img", byte_equal=kw["out_format"] == "qcow2" and not kw.get("compress"))
+
+
+@pytest.mark.parametrize("name,size,fmt", [("q.qcow2", 1, None), ("r.raw", 2, "raw"), ("r.raw", 1, "qcow2"),
+                                           ("missing.raw", 1, None)])
+def test_resize_image(tmp, name, size, fmt):
+    pair = Pair(tmp, outcome=outcome, setup=setup_images)
+    pair.run(Ref.resize_image, cinder.resize_image, name, size=size, file_format=fmt)
+    pair.assert_alike(name, byte_equal=name.endswith(".qcow2"))

@@ -1,0 +1,198 @@
+"""instar.compat.nova against Nova's qemu-img helpers: each drop-in function is called, and the same call is
+answered the way Nova answers it: the real qemu-img 7.2 run through oslo.concurrency's processutils.execute with
+Nova's command line, its JSON read by oslo.utils' QemuImgInfo, its failures turned into Nova's exceptions. The
+QemuImgInfo attributes, the exception types and their messages must be equal, and images that a call writes must
+end up alike (qemu-img info, compare, check, bytes where qemu's layout is fixed).
+
+Nova itself is not installed (it drags in most of OpenStack): `Ref` below follows nova/virt/images.py,
+nova/privsep/qemu.py and nova/virt/libvirt/utils.py's contract (command lines, error handling), with the real
+oslo pieces they use.
+"""
+import os
+
+import pytest
+
+from compat_helpers import Pair, ensure_oslo, mk_qcow2, mk_raw
+from conftest import qimg
+
+ensure_oslo()
+from oslo_concurrency import processutils  # noqa: E402
+from oslo_utils import imageutils  # noqa: E402
+
+from instar.compat import _openstack, nova  # noqa: E402
+
+MiB = 1 << 20
+
+
+class Ref:
+    """Nova's way, with the real qemu-img."""
+
+    @staticmethod
+    def qemu_img_info(path, format=None):
+        if not os.path.exists(path):
+            raise nova.DiskNotFound(location=path)
+        cmd = ("env", "LC_ALL=C", "LANG=C", "qemu-img", "info", path, "--force-share", "--output=json")
+        if format is not None:
+            cmd += ("-f", format)
+        try:
+            out, err = processutils.execute(*cmd)
+        except processutils.ProcessExecutionError as exp:
+            if exp.exit_code == 1 and "No such file or directory" in exp.stderr:
+                raise nova.DiskNotFound(location=path)
+            raise nova.InvalidDiskInfo(reason="qemu-img failed to execute on %(path)s : %(exp)s"
+                                       % {"path": path, "exp": exp})
+        return imageutils.QemuImgInfo(out, format="json")
+
+    @staticmethod
+    def convert_image(source, dest, in_format, out_format, compress=False):
+        if in_format is None:
+            raise RuntimeError("convert_image without input format is a security risk")
+        cache = "none" if _openstack.supports_direct_io(os.path.dirname(dest)) else "writeback"
+        cmd = ("qemu-img", "convert", "-t", cache, "-O", out_format, "-f", in_format)
+        cmd += (("-c",) if compress else ()) + (source, dest)
+        try:
+            processutils.execute(*cmd)
+        except processutils.ProcessExecutionError as exp:
+            raise nova.ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: %(exp)s"
+                                         % {"format": out_format, "exp": exp})
+
+    @staticmethod
+    def create_image(disk_format, path, size):
+        processutils.execute("qemu-img", "create", "-f", disk_format, path, size)
+
+    @staticmethod
+    def create_cow_image(backing_file, path, size=None):
+        opts = []
+        if backing_file:
+            base = Ref.qemu_img_info(backing_file)
+            opts += ["backing_file=%s" % backing_file, "backing_fmt=%s" % base.file_format]
+            if base.cluster_size is not None:
+                opts.append("cluster_size=%s" % base.cluster_size)
+        if size is not None:
+            opts.append("size=%s" % size)
+        processutils.execute(*(["qemu-img", "create", "-f", "qcow2"] + (["-o", ",".join(opts)] if opts else [])
+                               + [path]))
+
+    @staticmethod
+    def resize_image(path, size):
+        processutils.execute("qemu-img", "resize", path, size)
+
+
+def outcome(fn, *args, **kw):
+    """("ok", the result's attributes) or (exception class name, its text, its attributes)."""
+    try:
+        r = fn(*args, **kw)
+        return ("ok", None if r is None else vars(r))
+    except Exception as e:
+        attrs = {k: v for k, v in vars(e).items()}
+        return (type(e).__name__, str(e), attrs)
+
+
+def same(ref, ours, *args, **kw):
+    q, i = outcome(ref, *args, **kw), outcome(ours, *args, **kw)
+    assert i == q, "\n Nova's way: %r\n instar:     %r" % (q, i)
+    return q
+
+
+def test_real_oslo_classes():
+    # beside oslo (as beside Nova) the drop-in hands back oslo's own classes
+    assert nova.QemuImgInfo is imageutils.QemuImgInfo
+    assert nova.ProcessExecutionError is processutils.ProcessExecutionError
+    assert isinstance(nova.qemu_img_info(__file__), imageutils.QemuImgInfo)
+
+
+@pytest.fixture
+def imgs(tmp):
+    raw = mk_raw(tmp)
+    q = mk_qcow2(tmp)
+    qimg("snapshot", "-c", "snap1", q)
+    old = mk_qcow2(tmp, "old.qcow2", opts="compat=0.10,cluster_size=4096")
+    top = mk_qcow2(tmp, "top.qcow2", size=None, writes=False, backing="q.qcow2", backing_fmt="qcow2")
+    comp = os.path.join(tmp, "c.qcow2")
+    qimg("convert", "-c", "-O", "qcow2", q, comp)
+    bm = mk_qcow2(tmp, "bm.qcow2")
+    qimg("bitmap", "--add", bm, "b0")
+    return {"raw": raw, "qcow2": q, "old": old, "top": top, "compressed": comp, "bitmaps": bm}
+
+
+@pytest.mark.parametrize("name", ["raw", "qcow2", "old", "top", "compressed", "bitmaps"])
+def test_qemu_img_info(imgs, name):
+    same(Ref.qemu_img_info, nova.qemu_img_info, imgs[name])
+    fmt = "raw" if name == "raw" else "qcow2"
+    same(Ref.qemu_img_info, nova.qemu_img_info, imgs[name], format=fmt)
+    same(Ref.qemu_img_info, nova.qemu_img_info, imgs[name], format="raw")
+
+
+def test_qemu_img_info_errors(imgs, tmp):
+    same(Ref.qemu_img_info, nova.qemu_img_info, os.path.join(tmp, "missing"))
+    same(Ref.qemu_img_info, nova.qemu_img_info, imgs["raw"], format="qcow2")
+    same(Ref.qemu_img_info, nova.qemu_img_info, tmp)
+    broken = mk_qcow2(tmp, "broken.qcow2", size=None, writes=False, backing="q.qcow2", backing_fmt="qcow2")
+    os.rename(imgs["qcow2"], imgs["qcow2"] + ".away")
+    same(Ref.qemu_img_info, nova.qemu_img_info, broken)
+    with open(os.path.join(tmp, "junk.qcow2"), "wb") as f:
+        f.write(b"QFI\xfb" + b"\xff" * 200)
+    same(Ref.qemu_img_info, nova.qemu_img_info, os.path.join(tmp, "junk.qcow2"))
+
+
+def setup_images(d):
+    mk_raw(d)
+    mk_qcow2(d)
+    mk_qcow2(d, "c4k.qcow2", opts="cluster_size=4096")
+
+
+CONVERT_CASES = [("q.qcow2", "qcow2", "raw", False), ("r.raw", "raw", "qcow2", False),
+                 ("q.qcow2", "qcow2", "qcow2", True), ("r.raw", "qcow2", "raw", False),
+                 ("missing.qcow2", "qcow2", "raw", False), ("q.qcow2", "qcow2", "bogus", False),
+                 ("q.qcow2", None, "raw", False)]
+
+
+@pytest.mark.parametrize("src,in_fmt,out_fmt,compress", CONVERT_CASES)
+def test_convert_image(tmp, src, in_fmt, out_fmt, compress):
+    pair = Pair(tmp, outcome=outcome, setup=setup_images)
+    pair.run(Ref.convert_image, nova.convert_image, src, "out.img", in_format=in_fmt, out_format=out_fmt,
+             compress=compress)
+    pair.assert_alike("out.img", byte_equal=out_fmt == "qcow2" and not compress)
+
+
+@pytest.mark.parametrize("fmt,size", [("raw", 4 * MiB), ("qcow2", 4 * MiB), ("qcow2", "10G"), ("raw", "1M"),
+                                      ("qcow2", "12x"), ("bogus", 1024)])
+def test_create_image(tmp, fmt, size):
+    pair = Pair(tmp, outcome=outcome, setup=setup_images)
+    ref = (lambda p, **kw: Ref.create_image(fmt, p, str(size)))
+    ours = (lambda p, **kw: nova.create_image(fmt, p, size))
+    pair.run(ref, ours, "new.img")
+    pair.assert_alike("new.img", byte_equal=fmt == "qcow2")
+
+
+@pytest.mark.parametrize("backing,size", [("q.qcow2", None), ("c4k.qcow2", 8 * MiB), ("r.raw", None),
+                                          (None, 2 * MiB), ("missing.qcow2", None)])
+def test_create_cow_image(tmp, backing, size):
+    pair = Pair(tmp, outcome=outcome, setup=setup_images)
+    if backing is None:
+        pair.run(lambda p: Ref.create_cow_image(None, p, size), lambda p: nova.create_cow_image(None, p, size),
+                 "new.qcow2")
+    else:
+        pair.run(lambda b, p: Ref.create_cow_image(b, p, size), lambda b, p: nova.create_cow_image(b, p, size),
+                 backing, "new.qcow2")
+    pair.assert_alike("new.qcow2", byte_equal=True)
+
+
+@pytest.mark.parametrize("name,size", [("q.qcow2", 8 * MiB), ("r.raw", "5M"), ("q.qcow2", MiB),
+                                       ("missing.raw", MiB)])
+def test_resize_image(tmp, name, size):
+    pair = Pair(tmp, outcome=outcome, setup=setup_images)
+    pair.run(lambda p: Ref.resize_image(p, size), lambda p: nova.resize_image(p, size), name)
+    pair.assert_alike(name, byte_equal=name.endswith(".qcow2"))
+
+
+def test_lookalikes_without_oslo(imgs, tmp):
+    """Where oslo is missing, the lookalike classes carry the same attributes and text."""
+    ours = _openstack._QemuImgInfo()
+    for k, v in vars(nova.qemu_img_info(imgs["top"])).items():
+        setattr(ours, k, v)
+    assert str(ours) == str(nova.qemu_img_info(imgs["top"]))
+    assert set(vars(_openstack._QemuImgInfo())) == set(vars(imageutils.QemuImgInfo()))
+    theirs = processutils.ProcessExecutionError(stdout="", stderr="qemu-img: x\n", exit_code=1, cmd="qemu-img y")
+    mine = _openstack._ProcessExecutionError(stdout="", stderr="qemu-img: x\n", exit_code=1, cmd="qemu-img y")
+    assert str(mine) == str(theirs) and vars(mine) == vars(theirs)

@@ -1,0 +1,192 @@
+"""A drop-in for Nova's qemu-img helpers, answered by libinstar's calls instead of a qemu-img process:
+``qemu_img_info``, ``convert_image`` and ``convert_image_unsafe`` of ``nova.virt.images`` (with
+``nova.privsep.qemu``'s command lines), ``create_image`` and ``create_cow_image`` of ``nova.virt.libvirt.utils``,
+and ``resize_image``, the ``qemu-img resize`` step of ``nova.virt.disk.api.extend``.
+
+Switch Nova over where it calls them::
+
+    from instar.compat import nova as images       # was: from nova.virt import images
+
+Arguments, return values and exceptions are Nova's: ``qemu_img_info`` returns an
+``oslo_utils.imageutils.QemuImgInfo`` (filled from the library's answer, no text parsed) and raises
+``DiskNotFound`` / ``InvalidDiskInfo``; ``convert_image`` raises ``ImageUnacceptable``; the create and resize
+helpers raise ``oslo_concurrency.processutils.ProcessExecutionError``, whose ``stderr`` and ``exit_code`` are
+what qemu-img would have given. Nova's own exception classes are used when ``nova.exception`` is importable;
+otherwise lookalikes with the same names, keyword arguments and messages.
+
+Not done: ``src_encryption`` / ``dest_encryption`` of convert_image (LUKS conversions) raise
+NotImplementedError. ``convert_image`` picks cache=none when the target's folder takes O_DIRECT (Nova tests
+``CONF.instances_path``, the same folder in practice) and cache=writeback otherwise, as Nova does. Nova runs
+qemu-img info under prlimit; libinstar bounds what it reads from an image by itself (see instar.compat.vdsm).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+import instar
+from instar.compat._info import info_dicts
+from instar.compat._openstack import (ProcessExecutionError, QemuImgInfo, execution_error, optional,
+                                      qemu_img_info_from, supports_direct_io)
+
+
+class NovaException(Exception):
+    """nova.exception.NovaException's shape: built from keyword arguments into ``msg_fmt``."""
+    msg_fmt = "An unknown exception occurred."
+
+    def __init__(self, message: Optional[str] = None, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        if not message:
+            message = self.msg_fmt % kwargs
+        self.message = message
+        super().__init__(message)
+
+    def format_message(self) -> str:
+        return str(self.args[0])
+
+
+class _DiskNotFound(NovaException):
+    msg_fmt = "No disk at %(location)s"
+
+
+class _InvalidDiskInfo(NovaException):
+    msg_fmt = "Disk info file is invalid: %(reason)s"
+
+
+class _ImageUnacceptable(NovaException):
+    msg_fmt = "Image %(image_id)s is unacceptable: %(reason)s"
+
+
+DiskNotFound: Any = optional("nova.exception", "DiskNotFound") or _DiskNotFound
+InvalidDiskInfo: Any = optional("nova.exception", "InvalidDiskInfo") or _InvalidDiskInfo
+ImageUnacceptable: Any = optional("nova.exception", "ImageUnacceptable") or _ImageUnacceptable
+
+_SIZE_ERROR = ("qemu-img: Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+               "qemu-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n")
+
+
+def qemu_img_info(path: str, format: Optional[str] = None) -> Any:
+    """What ``qemu-img info PATH --force-share --output=json [-f FORMAT]`` reports, as a QemuImgInfo."""
+    if not os.path.exists(path) and not path.startswith("rbd:"):
+        raise DiskNotFound(location=path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "DiskDescriptor.xml")):
+        path = os.path.join(path, "root.hds")  # a ploop image: its data file
+    cmd = ["env", "LC_ALL=C", "LANG=C", "qemu-img", "info", path, "--force-share", "--output=json"]
+    if format is not None:
+        cmd += ["-f", format]
+    try:
+        d: Dict[str, Any] = info_dicts(path, format=format, force_share=True)[0]
+    except instar.InstarError as e:
+        exp = execution_error(cmd, e)
+        if "No such file or directory" in exp.stderr:
+            raise DiskNotFound(location=path) from e
+        raise InvalidDiskInfo(reason="qemu-img failed to execute on %(path)s : %(exp)s"
+                              % {"path": path, "exp": exp}) from e
+    return qemu_img_info_from(d)
+
+
+def convert_image(source: str, dest: str, in_format: Optional[str], out_format: str, run_as_root: bool = False,
+                  compress: bool = False, src_encryption: Optional[Dict[str, Any]] = None,
+                  dest_encryption: Optional[Dict[str, Any]] = None) -> None:
+    """Converts `source` (format `in_format`, required) to `dest` in `out_format`, like Nova's
+    ``qemu-img convert -t CACHE -O OUT -f IN [-c] SOURCE DEST``; raises ImageUnacceptable on failure."""
+    if in_format is None:
+        raise RuntimeError("convert_image without input format is a security risk")
+    _convert_image(source, dest, in_format, out_format, compress, src_encryption, dest_encryption)
+
+
+def convert_image_unsafe(source: str, dest: str, out_format: str, run_as_root: bool = False) -> None:
+    """convert_image with the input format probed (Nova's unsafe variant, kept for its one caller)."""
+    _convert_image(source, dest, None, out_format)
+
+
+def _convert_image(source: str, dest: str, in_format: Optional[str], out_format: str, compress: bool = False,
+                   src_encryption: Optional[Dict[str, Any]] = None,
+                   dest_encryption: Optional[Dict[str, Any]] = None) -> None:
+    if src_encryption or dest_encryption:
+        raise NotImplementedError("instar.compat.nova: encrypted conversions (src_encryption/dest_encryption) "
+                                  "are not supported yet")
+    cache = "none" if supports_direct_io(os.path.dirname(os.path.abspath(dest))) else "writeback"
+    cmd = ["qemu-img", "convert", "-t", cache, "-O", out_format]
+    if in_format is not None:
+        cmd += ["-f", in_format]
+    if compress:
+        cmd.append("-c")
+    cmd += [source, dest]
+    try:
+        instar.convert(source, dest, source_format=in_format, fmt=out_format, target_cache=cache, compress=compress)
+    except instar.InstarError as e:
+        exp = execution_error(cmd, e)
+        raise ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: %(exp)s"
+                                % {"format": out_format, "exp": exp}) from e
+
+
+def _size_bytes(size: Union[int, str], cmd: Any) -> int:
+    """`size` as qemu-img reads its size argument (bytes, or a number with a k/M/G/T/P/E suffix)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip()
+    shift = 0
+    units = "bkmgtpe"
+    if text and text[-1].lower() in units:
+        shift, text = 10 * units.index(text[-1].lower()), text[:-1]
+    try:
+        value = float(text)
+        if value < 0 or not text or text.lstrip("0123456789.") != "":
+            raise ValueError(text)
+    except ValueError:
+        raise ProcessExecutionError(stdout="", stderr=_SIZE_ERROR, exit_code=1,
+                                    cmd=" ".join(cmd)) from None
+    return int(value * (1 << shift))
+
+
+def create_image(disk_format: str, path: str, size: Union[int, str]) -> None:
+    """Creates `path` like ``qemu-img create -f DISK_FORMAT PATH SIZE`` (`size` in bytes, or a string with a
+    K/M/G/T suffix); raises ProcessExecutionError on failure."""
+    cmd = ["qemu-img", "create", "-f", disk_format, path, str(size)]
+    nbytes = _size_bytes(size, cmd)
+    try:
+        instar.create(path, disk_format, nbytes)
+    except instar.InstarError as e:
+        raise execution_error(cmd, e) from e
+
+
+def create_cow_image(backing_file: Optional[str], path: str, size: Optional[int] = None) -> None:
+    """Creates a qcow2 overlay `path` on `backing_file` (its format and cluster size inherited, as Nova does),
+    like ``qemu-img create -f qcow2 -o backing_file=B,backing_fmt=F,cluster_size=C[,size=S] PATH``."""
+    opts = []
+    backing_fmt: Optional[str] = None
+    cluster: Optional[int] = None
+    if backing_file:
+        base = qemu_img_info(backing_file)
+        backing_fmt, cluster = base.file_format, base.cluster_size
+        opts += ["backing_file=%s" % backing_file, "backing_fmt=%s" % backing_fmt]
+        if cluster is not None:
+            opts.append("cluster_size=%s" % cluster)
+    if size is not None:
+        opts.append("size=%s" % size)
+    cmd = ["qemu-img", "create", "-f", "qcow2"] + (["-o", ",".join(opts)] if opts else []) + [path]
+    try:
+        # backing_file/backing_format are -o backing_file/backing_fmt, and `size` the size option, to qemu-img
+        if cluster is None:
+            instar.create(path, "qcow2", size, backing_file=backing_file or None, backing_format=backing_fmt)
+        else:
+            instar.create(path, "qcow2", size, backing_file=backing_file or None, backing_format=backing_fmt,
+                          cluster_size=cluster)
+    except instar.InstarError as e:
+        raise execution_error(cmd, e) from e
+
+
+def resize_image(path: str, size: Union[int, str]) -> None:
+    """Sets the virtual size of `path` like ``qemu-img resize PATH SIZE`` (Nova's disk extend); raises
+    ProcessExecutionError on failure."""
+    cmd = ["qemu-img", "resize", path, str(size)]
+    try:
+        instar.resize(path, size)
+    except instar.InstarError as e:
+        raise execution_error(cmd, e) from e
+
+
+__all__ = ["qemu_img_info", "convert_image", "convert_image_unsafe", "create_image", "create_cow_image",
+           "resize_image", "QemuImgInfo", "ProcessExecutionError", "DiskNotFound", "InvalidDiskInfo",
+           "ImageUnacceptable", "NovaException"]
