@@ -273,6 +273,13 @@ void instar_map_free(instar_map_t *map);
  */
 typedef int (*instar_progress_fn)(double percent, void *user_data);
 
+/**
+ * Receives a warning qemu-img prints on stderr while an operation goes on (for example the probed-raw warning
+ * when a write opens a raw image whose format was not given), the text without its final newline (it may hold
+ * several lines). Called from the thread that called the operation; the text is valid only during the call.
+ */
+typedef void (*instar_warning_fn)(const char *message, void *user_data);
+
 /* ---- compare ----------------------------------------------------------------------------------------- */
 
 typedef struct instar_compare_options {
@@ -298,13 +305,23 @@ typedef struct instar_compare_result {
     int64_t mismatch_offset;     /**< first differing byte offset qemu-img reports, -1 if none */
     /** The message qemu-img prints on stdout (without -q), e.g. "Images are identical.\n". */
     char message[256];
+    /**
+     * qemu-img compare's exit status for this outcome: 0 identical, 1 different, and, written also when the
+     * call fails: 2 an image could not be opened (or a bad argument), 3 a block-status query failed (or the
+     * image is corrupt), 4 a read failed.
+     */
+    int32_t exit_status;
+    /** When the call fails: the line qemu-img compare prints on stderr after "qemu-img: " (NUL-terminated). */
+    char error_message[512];
 } instar_compare_result_t;
 
 /**
  * Compares two images' guest contents like `qemu-img compare`. Images that differ are no error: see
  * result->identical and result->message. Set result->struct_size before the call (0 means the full struct).
  * Errors: the instar_open errors for either image (with qemu-img's "Could not open" message), INSTAR_E_IO,
- * INSTAR_E_CORRUPT, INSTAR_E_CANCELLED (the progress callback returned nonzero).
+ * INSTAR_E_CORRUPT, INSTAR_E_CANCELLED (the progress callback returned nonzero). A failed call still writes
+ * result->exit_status and result->error_message (when struct_size covers them), so a caller can tell the
+ * outcomes qemu-img compare's exit status tells apart.
  */
 int instar_compare(const char *filename1, const char *filename2, const instar_compare_options_t *opts,
                    instar_compare_result_t *result, instar_error_t *err);
@@ -379,9 +396,15 @@ typedef struct instar_create_options {
      * `options` name no encrypt.key-secret the library supplies one; when they name an id, this fills it.
      */
     const char *key_secret;
+    /**
+     * The size operand as qemu-img create takes it on its command line ("1G", "1.5M", "0x10000", "1024"), or
+     * NULL. When set it replaces `size`, with qemu-img's messages for a size it rejects (INSTAR_E_INVALID,
+     * INSTAR_E_RANGE).
+     */
+    const char *size_text;
 } instar_create_options_t;
 
-#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL }
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL, NULL }
 /** Fills *opts with the defaults, the same values as INSTAR_CREATE_OPTIONS_INIT. NULL is ignored. */
 void instar_create_options_init(instar_create_options_t *opts);
 
@@ -652,10 +675,12 @@ typedef struct instar_rebase_options {
     instar_progress_fn progress; /**< called with the percentages `qemu-img rebase -p` shows, or NULL */
     void *progress_data;
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    instar_warning_fn warning;   /**< gets the warnings qemu-img rebase prints (probed raw), or NULL */
+    void *warning_data;
 } instar_rebase_options_t;
 
 #define INSTAR_REBASE_OPTIONS_INIT { sizeof(instar_rebase_options_t), 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-                                     NULL }
+                                     NULL, NULL, NULL }
 /** Fills *opts with the defaults, the same values as INSTAR_REBASE_OPTIONS_INIT. NULL is ignored. */
 void instar_rebase_options_init(instar_rebase_options_t *opts);
 
@@ -697,9 +722,11 @@ typedef struct instar_bitmap_options {
     const char *source_file;     /**< -b: the image merge sources are read from; NULL for the image itself */
     const char *source_format;   /**< -F: its format; NULL to probe */
     const char *key_secret;      /**< the passphrase of the image's encryption, NULL for none */
+    instar_warning_fn warning;   /**< gets the warnings qemu-img bitmap prints (probed raw), or NULL */
+    void *warning_data;
 } instar_bitmap_options_t;
 
-#define INSTAR_BITMAP_OPTIONS_INIT { sizeof(instar_bitmap_options_t), 0, NULL, 0, NULL, NULL, NULL }
+#define INSTAR_BITMAP_OPTIONS_INIT { sizeof(instar_bitmap_options_t), 0, NULL, 0, NULL, NULL, NULL, NULL, NULL }
 /** Fills *opts with the defaults, the same values as INSTAR_BITMAP_OPTIONS_INIT. NULL is ignored. */
 void instar_bitmap_options_init(instar_bitmap_options_t *opts);
 

@@ -53,6 +53,10 @@ static int cancel_progress(double percent, void *data) {
     return 1;
 }
 
+static void count_warning(const char *message, void *data) {
+    if (strncmp(message, "WARNING: Image format was not specified for ", 44) == 0) ++*(int *)data;
+}
+
 static int count_progress(double percent, void *data) {
     (void)percent;
     ++*(int *)data;
@@ -313,6 +317,42 @@ int main(int argc, char **argv) {
         CHECK(instar_compare(path("a.qcow2"), path("b.raw"), &cmp, &res, NULL) == INSTAR_OK);
         CHECK(instar_compare(path("a.qcow2"), path("b.raw"), &cmp, NULL, &err) == INSTAR_E_INVALID);
         CHECK(instar_compare(path("a.qcow2"), path("missing"), NULL, &res, &err) == INSTAR_E_NOT_FOUND);
+        /* a failed compare still reports qemu-img compare's exit status and stderr line */
+        CHECK(res.exit_status == 2 && strcmp(res.error_message, err.message) == 0);
+        cmp.strict = 0;
+        CHECK(instar_compare(path("a.qcow2"), path("b.raw"), &cmp, &res, &err) == INSTAR_OK);
+        CHECK(res.exit_status == 0 && res.error_message[0] == '\0');
+    }
+
+    /* ---- warnings: rebase and bitmap hand back the probed-raw warning, then fail on raw ---- */
+    {
+        instar_rebase_options_t ro = INSTAR_REBASE_OPTIONS_INIT;
+        instar_bitmap_options_t bo = INSTAR_BITMAP_OPTIONS_INIT;
+        instar_bitmap_action_t add = { INSTAR_BITMAP_ADD, 0, NULL };
+        int warnings = 0;
+        ro.flags = INSTAR_REBASE_UNSAFE;
+        ro.backing_file = "x.qcow2";
+        ro.backing_format = "qcow2";
+        ro.warning = count_warning;
+        ro.warning_data = &warnings;
+        CHECK(instar_rebase(path("b.raw"), &ro, &err) == INSTAR_E_UNSUPPORTED && warnings == 1);
+        bo.warning = count_warning;
+        bo.warning_data = &warnings;
+        CHECK(instar_bitmap(path("b.raw"), "b0", &add, 1, &bo, &err) != INSTAR_OK && warnings == 2);
+    }
+
+    /* ---- create: size_text, the size operand as qemu-img create takes it ---- */
+    {
+        instar_create_options_t co = INSTAR_CREATE_OPTIONS_INIT;
+        char *line = NULL;
+        co.format = "raw";
+        co.size_text = "1k";
+        CHECK(instar_create_formatting(path("fmt.raw"), &co, &line, &err) == INSTAR_OK && line != NULL);
+        if (line) CHECK(write_file("formatting.txt", line) == 0);
+        instar_string_free(line);
+        line = NULL;
+        co.size_text = "1Q";
+        CHECK(instar_create_formatting(path("nosize.raw"), &co, &line, &err) == INSTAR_E_INVALID && line == NULL);
     }
 
     /* ---- measure ---- */

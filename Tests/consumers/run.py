@@ -52,6 +52,10 @@ DROPIN = {
 }
 BINDINGS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "bindings", "python")
 
+# ovirt-imageio's other modules reach qemu-img through that same module (client uploads and downloads, backups,
+# checksums, NBD): the drop-in run takes every module the qemu-img run does.
+DROPIN["ovirt-imageio"] = ("imageio", list(OVIRT_MODULES))
+
 LINE = re.compile(r"^(?P<id>\S+)\s+#\s*issue\s+(?P<issue>\d+|\?)\s*:\s*(?P<reason>.*)$")
 
 

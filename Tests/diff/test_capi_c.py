@@ -71,6 +71,9 @@ def assert_outputs_match_qemu(work):
         assert f.read() == qemu_out("check", "--output=json", a)
     with open(os.path.join(work, "compare.txt")) as f:
         assert f.read() == qemu_out("compare", a, b)
+    # size_text "1k": the line qemu-img create prints for the same request.
+    with open(os.path.join(work, "formatting.txt")) as f:
+        assert f.read() == qemu_out("create", "-f", "raw", os.path.join(work, "fmt.raw"), "1k")
     qmap = json.loads(qemu_out("map", "--output=json", a))
     with open(os.path.join(work, "map.txt")) as f:
         rows = [list(map(int, line.split())) for line in f]

@@ -71,3 +71,28 @@ def test_instar_reader_blocks_qemu_writer(tmp):
         assert qemu("map", p).rc == 0
     r = run(["qemu-io", "-f", "raw", "-c", "write 0 512", p])
     assert r.rc == 0, r
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_create_and_convert_refuse_an_image_in_use(tmp, nbd_writer, fmt):
+    """create and convert make their target through qemu's file create, which locks before it empties the file:
+    an image a qemu-nbd serves is refused with qemu-img's message and stays as it was."""
+    busy = os.path.join(tmp, "busy." + fmt)
+    qimg("create", "-q", "-f", fmt, busy, "1M")
+    qemu_io("-f", fmt, "-c", "write -P 0x5a 0 64k", busy)
+    with open(busy, "rb") as f:
+        before = f.read()
+    src = os.path.join(tmp, "src.raw")
+    qimg("create", "-q", "-f", "raw", src, "1M")
+    nbd_writer(busy, fmt)
+    for out_fmt in ("raw", "qcow2"):
+        q = assert_same("create", "-f", out_fmt, busy, "2M", cwd=tmp)
+        assert q.rc == 1 and "Is another process using the image" in q.err
+        q = assert_same("convert", "-O", out_fmt, src, busy, cwd=tmp)
+        assert q.rc == 1 and "Is another process using the image" in q.err
+        with pytest.raises(pyinstar.Locked):
+            pyinstar.create(busy, out_fmt, 1 << 20)
+        with pytest.raises(pyinstar.Locked):
+            pyinstar.convert(src, busy, fmt=out_fmt)
+    with open(busy, "rb") as f:
+        assert f.read() == before

@@ -5,7 +5,7 @@ import Glibc
 public func instar_bitmap_options_init(_ opts: UnsafeMutablePointer<instar_bitmap_options_t>?) {
     opts?.pointee = instar_bitmap_options_t(struct_size: UInt32(MemoryLayout<instar_bitmap_options_t>.size),
                                             open_flags: 0, format: nil, granularity: 0, source_file: nil,
-                                            source_format: nil, key_secret: nil)
+                                            source_format: nil, key_secret: nil, warning: nil, warning_data: nil)
 }
 
 @_cdecl("instar_bitmap")
@@ -43,6 +43,7 @@ public func instar_bitmap(_ filename: UnsafePointer<CChar>?, _ bitmap: UnsafePoi
         options.granularity = o.granularity
         options.sourceFile = optionalString(o.source_file)
         options.sourceFormat = optionalString(o.source_format)
+        options.warn = warningCallback(o.warning, o.warning_data)
         try BitmapOperation.run(name, bitmap: bitmapName, actions: list, options: options)
     }
 }

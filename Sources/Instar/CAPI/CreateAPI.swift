@@ -5,7 +5,7 @@ import Glibc
 public func instar_create_options_init(_ opts: UnsafeMutablePointer<instar_create_options_t>?) {
     opts?.pointee = instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
                                             format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil,
-                                            key_secret: nil)
+                                            key_secret: nil, size_text: nil)
 }
 
 @_cdecl("instar_create")
@@ -26,6 +26,7 @@ private func createParameters(_ filename: UnsafePointer<CChar>?,
     var p = Create.Parameters(filename: name)
     p.format = optionalString(o.format) ?? "raw"
     p.size = o.size >= 0 ? UInt64(o.size) : nil
+    if let text = optionalString(o.size_text) { p.size = try SizeParse.imageSize(text) }
     p.backingFile = optionalString(o.backing_file)
     p.backingFormat = optionalString(o.backing_format)
     if let list = optionalString(o.options) {

@@ -6,7 +6,7 @@ public func instar_rebase_options_init(_ opts: UnsafeMutablePointer<instar_rebas
     opts?.pointee = instar_rebase_options_t(struct_size: UInt32(MemoryLayout<instar_rebase_options_t>.size),
                                             flags: 0, format: nil, backing_file: nil, backing_format: nil,
                                             cache: nil, source_cache: nil, progress: nil, progress_data: nil,
-                                            key_secret: nil)
+                                            key_secret: nil, warning: nil, warning_data: nil)
 }
 
 @_cdecl("instar_rebase")
@@ -27,6 +27,7 @@ public func instar_rebase(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
         options.sourceCache = optionalString(o.source_cache) ?? "writeback"
         options.open.keySecret = optionalString(o.key_secret)
         options.progress = progressCallback(o.progress, o.progress_data)
+        options.warn = warningCallback(o.warning, o.warning_data)
         if !options.unsafe && options.backingFile == nil {
             throw InstarError.invalid("Must specify backing file (-b) or use unsafe mode (-u)")
         }

@@ -106,15 +106,8 @@ public enum ConvertOperation {
     /// Creates a raw target of `size` bytes as qemu's file driver does with preallocation=off: truncate, then
     /// write the first block so its allocation can be probed later.
     public static func createRawTarget(_ path: String, size: UInt64) throws {
-        let file: HostFile
-        do {
-            file = try HostFile.open(path, writable: true, create: true, truncate: true)
-        } catch let e as InstarError {
-            var m = e.message
-            let prefix = "Could not open '\(path)'"
-            if m.hasPrefix(prefix) { m = "Could not create '\(path)'" + m.dropFirst(prefix.count) }
-            throw InstarError(e.code, m, errno: e.errnoValue)
-        }
+        // Created (and emptied) only once qemu's create locks are held: a target another process uses is refused.
+        let file = try HostFileCreate.createEmpty(path)
         try file.truncate(to: size)
         if size > 0 {
             let first = size < 4096 ? 512 : 4096

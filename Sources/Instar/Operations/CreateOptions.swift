@@ -190,6 +190,12 @@ public enum HostFileCreate {
     /// Creates (or truncates) `path` and gives it `size` bytes the way file-posix does: ftruncate for off,
     /// posix_fallocate for falloc, written zeroes for full.
     public static func create(_ path: String, size: UInt64, preallocation: Preallocation) throws {
+        try grow(try createEmpty(path), to: size, preallocation: preallocation)
+    }
+
+    /// Creates (or truncates) `path` to an empty file with file-posix's messages, as a format's create does
+    /// through the protocol layer before writing its header.
+    public static func createEmpty(_ path: String) throws -> HostFile {
         let file: HostFile
         do {
             file = try HostFile.open(path, writable: true, create: true)
@@ -200,12 +206,15 @@ public enum HostFileCreate {
             if m.hasPrefix(prefix) { m = "Could not create '\(path)'" + m.dropFirst(prefix.count) }
             throw InstarError(e.code, m, errno: e.errnoValue)
         }
+        // file-posix's create locks before it truncates: it writes and resizes, and shares everything but
+        // resizing, so an image another process uses is refused, not emptied.
+        try ImageLock.acquire(file, perm: [.write, .resize], shared: [.consistentRead, .write, .writeUnchanged])
         do {
             try file.truncate(to: 0)
         } catch let e as InstarError {
             throw InstarError(e.code, "Could not truncate file: \(strerrorString(e.errnoValue))", errno: e.errnoValue)
         }
-        try grow(file, to: size, preallocation: preallocation)
+        return file
     }
 
     /// Grows an open file to `size` with the given preallocation (file-posix raw_regular_truncate).

@@ -33,6 +33,7 @@ from .check import check_result  # noqa: E402,F401
 from .bitmapdd import bench_result  # noqa: E402,F401
 from .create import create_formatting  # noqa: E402,F401
 from .check import check_report  # noqa: E402,F401
+from .ops import compare_status  # noqa: E402,F401
 
 # The public names (mypy --strict and `from instar import *` take them from here).
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "bench_result", "BenchResult", "Cancel", "check_chain_json", "snapshot_list", "snapshot_create",
     "snapshot_apply", "snapshot_delete",
     "create_formatting", "check_report",
+    "compare_status",
 ]

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from ._lib import Error, check, encode, lib
 from .ops import PROGRESS_FN, _progress
-from .progress import Cancel, ProgressCallable
+from .progress import WARNING_FN, Cancel, ProgressCallable, WarningCallable, make_warning
 from .results import BenchResult as BenchResultData
 
 BITMAP_ADD, BITMAP_REMOVE, BITMAP_CLEAR, BITMAP_ENABLE, BITMAP_DISABLE, BITMAP_MERGE = 1, 2, 3, 4, 5, 6
@@ -23,7 +23,8 @@ class BitmapAction(ctypes.Structure):
 class BitmapOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("granularity", ctypes.c_int64), ("source_file", ctypes.c_char_p),
-                ("source_format", ctypes.c_char_p), ("key_secret", ctypes.c_char_p)]
+                ("source_format", ctypes.c_char_p), ("key_secret", ctypes.c_char_p), ("warning", WARNING_FN),
+                ("warning_data", ctypes.c_void_p)]
 
 
 class DdOptions(ctypes.Structure):
@@ -47,9 +48,11 @@ def _setup() -> ctypes.CDLL:
 
 def bitmap(path: str, name: str, *actions: Union[str, Tuple[str, str]], fmt: Optional[str] = None,
            granularity: int = 0, source: Optional[str] = None, source_fmt: Optional[str] = None, open_flags: int = 0,
-           key_secret: Optional[str] = None) -> None:
+           key_secret: Optional[str] = None, warning: Optional[WarningCallable] = None) -> None:
     """Like `qemu-img bitmap [-f FMT] [-g G] [-b SOURCE [-F SOURCE_FMT]] ACTIONS PATH NAME`. Each action is
-    "add", "remove", "clear", "enable", "disable" or ("merge", SOURCE_BITMAP); they run in the order given."""
+    "add", "remove", "clear", "enable", "disable" or ("merge", SOURCE_BITMAP); they run in the order given.
+    `warning(text)` gets the warnings qemu-img bitmap prints on stderr (the probed-raw one), without the final
+    newline."""
     arr = (BitmapAction * max(1, len(actions)))()
     keep = []
     for i, a in enumerate(actions):
@@ -61,7 +64,7 @@ def bitmap(path: str, name: str, *actions: Union[str, Tuple[str, str]], fmt: Opt
         arr[i] = BitmapAction(_ACTIONS[kind], 0, src)
     L = _setup()
     o = BitmapOptions(ctypes.sizeof(BitmapOptions), open_flags, encode(fmt), int(granularity), encode(source),
-                      encode(source_fmt), encode(key_secret))
+                      encode(source_fmt), encode(key_secret), make_warning(warning), None)
     err = Error()
     check(L.instar_bitmap(encode(path), encode(name), arr, len(actions), ctypes.byref(o), ctypes.byref(err)), err)
 

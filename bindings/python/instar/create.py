@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 from ._lib import Error, InstarError, check, encode, lib, take_string
 from .results import MeasureResult as MeasureResultData
@@ -13,7 +13,7 @@ CREATE_NO_BACKING_OPEN = 1 << 0
 class CreateOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("size", ctypes.c_int64), ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p)]
+                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p), ("size_text", ctypes.c_char_p)]
 
 
 class MeasureOptions(ctypes.Structure):
@@ -47,24 +47,46 @@ def _option_string(opts: Mapping[str, object]) -> Optional[str]:
     return ",".join(parts) or None
 
 
-def create(path: str, fmt: str = "raw", size: Optional[int] = None, backing_file: Optional[str] = None,
+def _create_options(fmt: str, size: Union[int, str, None], backing_file: Optional[str],
+                    backing_format: Optional[str], no_backing_open: bool, key_secret: Optional[str],
+                    opts: Mapping[str, object]) -> CreateOptions:
+    """The C options; a str size goes as qemu-img's size text (size_text)."""
+    return CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0,
+                         encode(fmt), int(size) if isinstance(size, int) else -1, encode(backing_file),
+                         encode(backing_format), encode(_option_string(opts)), encode(key_secret),
+                         encode(size) if isinstance(size, str) else None)
+
+
+def create(path: str, fmt: str = "raw", size: Union[int, str, None] = None, backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, no_backing_open: bool = False, key_secret: Optional[str] = None,
-           **opts: object) -> None:
+           formatting: Optional[Callable[[str], object]] = None, **opts: object) -> None:
     """Creates an image like `qemu-img create -f FMT [-b B -F BF] [-o k=v,...] PATH SIZE`.
+    `size` is bytes, or a str as qemu-img's size operand takes it ("1G", "1.5M"; qemu-img's errors otherwise).
     Extra keyword arguments are -o options (cluster_size=65536, preallocation="metadata", ...); dotted names
     such as encrypt.format go through a dict: create(p, "qcow2", n, key_secret="pw", **{"encrypt.format": "luks"}).
-    `key_secret` is the new image's passphrase when the options ask for encryption."""
+    `key_secret` is the new image's passphrase when the options ask for encryption.
+    `formatting(line)` gets the `Formatting '...', fmt=...` line qemu-img create prints (no newline) once the
+    request is valid, before any error of the creation itself is raised."""
+    if formatting is not None:
+        try:
+            line = create_formatting(path, fmt, size, backing_file, backing_format, no_backing_open, key_secret,
+                                     **opts)
+        except InstarError as e:
+            printed = getattr(e, "output", None)
+            if printed:
+                formatting(printed[:-1] if printed.endswith("\n") else printed)
+            raise
+        formatting(line[:-1] if line.endswith("\n") else line)
+        return
     L = _setup()
-    o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
-                      -1 if size is None else int(size), encode(backing_file), encode(backing_format),
-                      encode(_option_string(opts)), encode(key_secret))
+    o = _create_options(fmt, size, backing_file, backing_format, no_backing_open, key_secret, opts)
     err = Error()
     check(L.instar_create(encode(path), ctypes.byref(o), ctypes.byref(err)), err)
 
 
-def create_formatting(path: str, fmt: str = "raw", size: Optional[int] = None, backing_file: Optional[str] = None,
-                      backing_format: Optional[str] = None, no_backing_open: bool = False,
-                      key_secret: Optional[str] = None, **opts: object) -> str:
+def create_formatting(path: str, fmt: str = "raw", size: Union[int, str, None] = None,
+                      backing_file: Optional[str] = None, backing_format: Optional[str] = None,
+                      no_backing_open: bool = False, key_secret: Optional[str] = None, **opts: object) -> str:
     """create(), returning the line `qemu-img create` prints ("Formatting 'PATH', fmt=...\\n";
     instar_create_formatting). When the creation fails after that line (qemu-img printed it, then failed), the
     InstarError raised carries it as `.output` (None when it failed before)."""
@@ -73,9 +95,7 @@ def create_formatting(path: str, fmt: str = "raw", size: Optional[int] = None, b
         L.instar_create_formatting.argtypes = [ctypes.c_char_p, ctypes.POINTER(CreateOptions),
                                                ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Error)]
         setattr(L, "_create_formatting_ready", True)
-    o = CreateOptions(ctypes.sizeof(CreateOptions), CREATE_NO_BACKING_OPEN if no_backing_open else 0, encode(fmt),
-                      -1 if size is None else int(size), encode(backing_file), encode(backing_format),
-                      encode(_option_string(opts)), encode(key_secret))
+    o = _create_options(fmt, size, backing_file, backing_format, no_backing_open, key_secret, opts)
     err = Error()
     line = ctypes.c_void_p()
     rc = L.instar_create_formatting(encode(path), ctypes.byref(o), ctypes.byref(line), ctypes.byref(err))

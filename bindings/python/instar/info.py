@@ -123,6 +123,44 @@ def _tri(v: int) -> Optional[bool]:
     return None if v == UNSET else bool(v)
 
 
+BITMAP_IN_USE = 1 << 0
+BITMAP_AUTO = 1 << 1
+
+
+def _qcow2_specific(n: Any) -> Optional[Dict[str, Any]]:
+    """qcow2's "format-specific" member built from the struct's typed fields, in qemu-img's key order; None when
+    they cannot carry all of it (an encrypted image's "encrypt" details), where the library's text is read."""
+    if _s(n.specific_type) != "qcow2" or n.encrypt_format is not None or n.compat is None \
+            or n.compression_type is None or n.refcount_bits < 0:
+        return None
+    data: Dict[str, Any] = {"compat": _s(n.compat), "compression-type": _s(n.compression_type)}
+    if n.lazy_refcounts != UNSET:
+        data["lazy-refcounts"] = bool(n.lazy_refcounts)
+    if n.has_bitmaps:
+        bitmaps = []
+        for k in range(n.bitmap_count):
+            b = n.bitmaps[k]
+            flags = [name for bit, name in ((BITMAP_IN_USE, "in-use"), (BITMAP_AUTO, "auto")) if b.flags & bit]
+            bitmaps.append({"flags": flags, "name": _s(b.name) or "", "granularity": b.granularity})
+        data["bitmaps"] = bitmaps
+    data["refcount-bits"] = n.refcount_bits
+    if n.data_file is not None:
+        data["data-file"] = _s(n.data_file)
+    for key, value in (("data-file-raw", n.data_file_raw), ("corrupt", n.corrupt), ("extended-l2", n.extended_l2)):
+        if value != UNSET:
+            data[key] = bool(value)
+    return {"type": "qcow2", "data": data}
+
+
+def _format_specific(n: Any) -> Optional[Dict[str, Any]]:
+    """The "format-specific" member: from the typed fields where they hold it all (qcow2), else the library's
+    compact JSON of it (luks slots, qcow2 encryption details)."""
+    typed = _qcow2_specific(n)
+    if typed is not None:
+        return typed
+    return None if n.format_specific_json is None else dict(json.loads(n.format_specific_json))
+
+
 def _convert(node: Any) -> ImageInfo:
     n = node.contents
     snaps = None
@@ -140,7 +178,7 @@ def _convert(node: Any) -> ImageInfo:
         compressed=_tri(n.compressed), backing_filename=_s(n.backing_filename),
         full_backing_filename=_s(n.full_backing_filename), backing_filename_format=_s(n.backing_format),
         snapshots=snaps,
-        format_specific=None if n.format_specific_json is None else json.loads(n.format_specific_json))
+        format_specific=_format_specific(n))
 
 
 def _options(format: Optional[str], force_share: bool, backing_chain: bool,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._lib import Error, InstarError, check, encode, lib  # noqa: F401
 from .image import OPEN_FORCE_SHARE
@@ -46,7 +46,8 @@ class CompareOptions(ctypes.Structure):
 
 class CompareResult(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("identical", ctypes.c_int32), ("size_mismatch", ctypes.c_int32),
-                ("mismatch_offset", ctypes.c_int64), ("message", ctypes.c_char * 256)]
+                ("mismatch_offset", ctypes.c_int64), ("message", ctypes.c_char * 256),
+                ("exit_status", ctypes.c_int32), ("error_message", ctypes.c_char * 512)]
 
 
 class ConvertOptions(ctypes.Structure):
@@ -118,6 +119,21 @@ def compare_result(path1: str, path2: str, format1: Optional[str] = None, format
     """Compares like `qemu-img compare`; returns a CompareResult. Images that differ are no error.
     `key_secret1`/`key_secret2` are the passphrases of encrypted images; `progress(percent)` may return True to
     cancel, and so does `cancel.cancel()` from another thread."""
+    result, error = compare_status(path1, path2, format1, format2, strict, force_share, progress, key_secret1,
+                                   key_secret2, cancel)
+    if error is not None:
+        raise error
+    return result
+
+
+def compare_status(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
+                   strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
+                   key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
+                   cancel: Optional[Cancel] = None) -> Tuple[CompareResultData, Optional[InstarError]]:
+    """Like compare_result, but a failure is returned, not raised: (result, error). `result.exit_status` is
+    qemu-img compare's exit status in every case (0 identical, 1 different, 2 an image could not be opened, 3 a
+    block-status query failed or an image is corrupt, 4 a read failed) and, on failure, `result.error_message`
+    the line qemu-img prints on stderr after "qemu-img: "; `error` is the InstarError (None on success)."""
     L = _setup()
     cb = _progress(progress, cancel)
     opts = CompareOptions(ctypes.sizeof(CompareOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format1),
@@ -125,10 +141,15 @@ def compare_result(path1: str, path2: str, format1: Optional[str] = None, format
     res = CompareResult()
     res.struct_size = ctypes.sizeof(CompareResult)
     err = Error()
-    check(L.instar_compare(encode(path1), encode(path2), ctypes.byref(opts), ctypes.byref(res), ctypes.byref(err)),
-          err)
+    rc = L.instar_compare(encode(path1), encode(path2), ctypes.byref(opts), ctypes.byref(res), ctypes.byref(err))
+    error: Optional[InstarError] = None
+    try:
+        check(rc, err)
+    except InstarError as e:
+        error = e
     return CompareResultData(bool(res.identical), bool(res.size_mismatch),
-                             None if res.mismatch_offset < 0 else res.mismatch_offset, res.message.decode())
+                             None if res.mismatch_offset < 0 else res.mismatch_offset, res.message.decode(),
+                             res.exit_status, res.error_message.decode("utf-8", "replace")), error
 
 
 def compare(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,

@@ -60,3 +60,24 @@ def make_progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel]
                 return 1
         return 1 if cancel is not None and cancel.cancelled else 0
     return PROGRESS_FN(fn)
+
+
+WARNING_FN = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_void_p)
+
+WarningCallable = Callable[[str], object]
+
+
+def make_warning(callback: Optional[WarningCallable]) -> Any:
+    """The C instar_warning_fn for a Python callable given each warning's text (a NULL pointer for None). An
+    exception in the callable is dropped: a warning cannot stop the operation. Keep the returned object alive for
+    the whole call."""
+    if callback is None:
+        return WARNING_FN(0)
+    report = callback
+
+    def fn(message: Optional[bytes], _data: Optional[int]) -> None:
+        try:
+            report((message or b"").decode("utf-8", "replace"))
+        except Exception:
+            pass
+    return WARNING_FN(fn)

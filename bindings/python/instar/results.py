@@ -34,14 +34,19 @@ class MapEntry:
 @dataclasses.dataclass(frozen=True)
 class CompareResult:
     """What `qemu-img compare` found (instar_compare_result_t). `mismatch_offset` is None when none was
-    reported; `message` is what qemu-img prints on stdout."""
+    reported; `message` is what qemu-img prints on stdout. `exit_status` is qemu-img compare's exit status and
+    `error_message`, after a failure (see instar.compare_status), the line it prints on stderr."""
     identical: bool
     size_mismatch: bool
     mismatch_offset: Optional[int]
     message: str
+    exit_status: int = 0
+    error_message: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """identical, size_mismatch, mismatch_offset and message (what instar.compare returns)."""
+        return {"identical": self.identical, "size_mismatch": self.size_mismatch,
+                "mismatch_offset": self.mismatch_offset, "message": self.message}
 
 
 @dataclasses.dataclass(frozen=True)
