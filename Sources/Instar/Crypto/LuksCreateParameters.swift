@@ -50,6 +50,12 @@ struct LuksCreateParameters {
             throw InstarError.unsupported("Cipher algorithm '\(settings.algorithm)' is not supported by this build")
         }
         _ = try settings.sectorCipher(key: [UInt8](repeating: 0, count: settings.keyBytes))
+        // qemu 7.2 encrypts the split key in whole sectors and aborts (an assertion) when 4000 stripes of the
+        // key do not fill whole sectors (24-byte keys outside XTS); such a volume is refused instead.
+        if (settings.keyBytes * Int(LuksHeader.stripes)) % Int(LuksHeader.sectorSize) != 0 {
+            throw InstarError.unsupported("Cipher '\(settings.algorithm)' in mode '\(settings.mode)' is not supported: "
+                + "its key material does not fill whole sectors")
+        }
     }
 
     /// Bytes of the LUKS header and the eight slots' key material (qcrypto_block_calculate_payload_offset).

@@ -6,7 +6,8 @@ import Glibc
 public final class LuksFormat: ImageFormat {
     public static let descriptor: FormatDescriptor = {
         var d = FormatDescriptor(name: "luks", probe: probe, open: { try LuksFormat(request: $0) })
-        d.runtimeOptions = ["key-secret"]
+        // No runtimeOptions: qemu opens the crypto layer (and fails on a missing secret) before it refuses
+        // options the driver left unused, so the driver checks them itself at the end of its open.
         return d
     }()
 
@@ -74,6 +75,11 @@ public final class LuksFormat: ImageFormat {
         // block_crypto_getlength: a file shorter than the payload offset has no length.
         if payloadOffset > (try file.nodeLength()) {
             throw InstarError(.io, "Could not refresh total sector count: Input/output error", errno: EIO)
+        }
+        // The C API's direct passphrase arrives as encrypt.key-secret; from the command line it is unknown here.
+        let known: Set<String> = opts.keySecret != nil ? ["key-secret", "encrypt.key-secret"] : ["key-secret"]
+        if let k = opts.driverOptions.keys.filter({ !known.contains($0) }).sorted().first {
+            throw InstarError.invalid("Block format 'luks' does not support the option '\(k)'")
         }
     }
 
