@@ -335,16 +335,19 @@ def test_measure(extra, qimages):
     d, imgs = qimages
     for size in ("1M", "1000", "1G", "0"):
         for out in ([], ["--output=json"]):
-            assert_same("measure", *out, "-O", "luks", *OBJ, "-o", "key-secret=sec0" + extra, "--size", size)
-    assert_same("measure", "-O", "luks", *OBJ, "-o", "key-secret=sec0" + extra, "--image-opts", opts(imgs["default"]))
+            assert_same("measure", *out, "-O", "luks", *OBJ, "-o", "key-secret=sec0,iter-time=10" + extra,
+                        "--size", size)
+    assert_same("measure", "-O", "luks", *OBJ, "-o", "key-secret=sec0,iter-time=10" + extra,
+                "--image-opts", opts(imgs["default"]))
     assert_same("measure", "-O", "qcow2", *OBJ, "--image-opts", opts(imgs["default"]))
     assert_same("measure", "-O", "raw", *OBJ, "--image-opts", opts(imgs["default"]))
 
 
 def test_measure_errors():
-    for o in ([], ["-o", "key-secret=nosuch"], ["-o", "key-secret=sec0,cipher-alg=des"],
+    for o in ([], ["-o", "key-secret=nosuch"], ["-o", "key-secret=sec0,cipher-alg=des,iter-time=10"],
               ["-o", "key-secret=sec0,cipher-alg=bogus"], ["-o", "key-secret=sec0,cipher-alg=cast5-128,ivgen-alg=essiv"]):
         assert_same("measure", "-O", "luks", *OBJ, *o, "--size", "1M")
+    assert_same("measure", "-O", "luks", "-o", "iter-time=10", *OBJ, "--size", "1M")
 
 
 @pytest.mark.parametrize("steps", [["+1M"], ["3M", "--shrink 1M"], ["--preallocation=full 5M"],
@@ -418,7 +421,7 @@ def _hostile_variants(src):
         "hash-unterminated": text(72, b"s" * 32),
         "truncated-header": base[:300],
         "truncated-key-material": base[:8192],
-        "uuid-garbage": text(168, b"\xff\xfe" * 20, 40),
+        "uuid-odd": text(168, b"not a uuid, and exactly forty bytes long", 40),
     }
     return v
 

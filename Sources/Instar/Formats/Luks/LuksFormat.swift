@@ -39,8 +39,8 @@ public final class LuksFormat: ImageFormat {
         if !opts.metadataOnly {
             // The C API's direct passphrase arrives as encrypt.key-secret (the command line cannot give that
             // name to a luks image: the option check refuses it).
-            guard let id = opts.driverOptions["key-secret"]?.stringValue
-                    ?? opts.driverOptions["encrypt.key-secret"]?.stringValue else {
+            let apiID = opts.keySecret != nil ? opts.driverOptions["encrypt.key-secret"]?.stringValue : nil
+            guard let id = opts.driverOptions["key-secret"]?.stringValue ?? apiID else {
                 throw InstarError(.encrypted, "Parameter 'key-secret' is required for cipher", errno: EINVAL)
             }
             guard let secret = opts.secrets[id] else {
