@@ -37,7 +37,7 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         }
         options.targetFormat = optionalString(o.target_format) ?? "raw"
         options.createOptions = optionList(optionalString(o.options), keySecret: optionalString(o.target_key_secret),
-                                           secrets: &options.secrets)
+                                           secrets: &options.secrets, format: options.targetFormat)
         options.targetKeySecret = optionalString(o.target_key_secret)
         options.backingFile = optionalString(o.backing_file)
         options.backingFormat = optionalString(o.backing_format)

@@ -31,7 +31,9 @@ private func createParameters(_ filename: UnsafePointer<CChar>?,
     p.backingFormat = optionalString(o.backing_format)
     if let list = optionalString(o.options) {
         guard CreateOptionValues.isValidList(list) else { throw InstarError.invalid("Invalid option list: \(list)") }
-        p.options = optionList(list, keySecret: optionalString(o.key_secret), secrets: &p.secrets)
+        p.options = optionList(list, keySecret: optionalString(o.key_secret), secrets: &p.secrets, format: p.format)
+    } else if p.format == "luks" {
+        p.options = optionList(nil, keySecret: optionalString(o.key_secret), secrets: &p.secrets, format: p.format)
     }
     p.unsafeBacking = o.flags & UInt32(INSTAR_CREATE_NO_BACKING_OPEN) != 0
     return p

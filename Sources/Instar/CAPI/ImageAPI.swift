@@ -32,7 +32,20 @@ func openOptions(flags: UInt32, keySecret: UnsafePointer<CChar>? = nil) -> Image
 /// Hands a key_secret field to an `-o` list (create, measure): when the list names an encrypt.key-secret id,
 /// that id gets the passphrase; when it asks for encryption without naming one, it gains the reserved id.
 /// Lists that ask for no encryption are left alone, so a passphrase for a plain image is no error.
-func optionList(_ list: String?, keySecret: String?, secrets: inout [String: String]) -> String? {
+/// A native luks target (`format` "luks") always encrypts and names its secret with key-secret.
+func optionList(_ list: String?, keySecret: String?, secrets: inout [String: String],
+                format: String? = nil) -> String? {
+    if format == "luks", let key = keySecret {
+        let pairs = QemuOptsParser.parse(list ?? "", impliedKey: nil)
+        if let id = pairs.last(where: { $0.0 == "key-secret" })?.1 {
+            secrets[id] = key
+            return list
+        }
+        secrets[ImageOpenOptions.keySecretID] = key
+        let named = "key-secret=" + ImageOpenOptions.keySecretID
+        if let l = list, !l.isEmpty { return l + "," + named }
+        return named
+    }
     guard let key = keySecret, let list else { return list }
     let pairs = QemuOptsParser.parse(list, impliedKey: nil)
     if let id = pairs.last(where: { $0.0 == "encrypt.key-secret" })?.1 {

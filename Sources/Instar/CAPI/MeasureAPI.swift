@@ -23,7 +23,8 @@ public func instar_measure(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoin
         p.outputFormat = optionalString(o.output_format) ?? "raw"
         let keySecret = optionalString(o.key_secret)
         p.keySecret = keySecret
-        p.options = optionList(optionalString(o.options), keySecret: keySecret, secrets: &p.secrets)
+        p.options = optionList(optionalString(o.options), keySecret: keySecret, secrets: &p.secrets,
+                               format: p.outputFormat)
         p.size = o.size >= 0 ? UInt64(o.size) : nil
         p.forceShare = o.open_flags & UInt32(INSTAR_OPEN_FORCE_SHARE) != 0
         let r = try Measure.measure(p)

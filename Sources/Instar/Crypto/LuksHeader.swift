@@ -173,8 +173,15 @@ struct LuksCipherSettings {
     var ivgenHash: LuksHash?
     var hash: LuksHash
 
+    /// The master key size; algorithms this build cannot run (twofish-192 through libgcrypt) still get the
+    /// size their name gives, so the layout of a volume can be computed.
     var keyBytes: Int {
-        ((try? LuksSectorCipher.keyBytes(algorithm)) ?? 0) * (mode == "xts" ? 2 : 1)
+        var base = (try? LuksSectorCipher.keyBytes(algorithm)) ?? 0
+        if base == 0, algorithm.hasPrefix("twofish-") || algorithm.hasPrefix("serpent-") || algorithm.hasPrefix("aes-"),
+           let bits = algorithm.split(separator: "-").last.flatMap({ Int($0) }) {
+            base = bits / 8
+        }
+        return base * (mode == "xts" ? 2 : 1)
     }
 
     func sectorCipher(key: [UInt8]) throws -> LuksSectorCipher {

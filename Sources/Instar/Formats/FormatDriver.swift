@@ -147,6 +147,9 @@ public protocol ImageFormat: AnyObject {
     /// Whether an unallocated range falls through to a backing file, and so reads as zero without one (qemu's
     /// supports_backing). Drivers that cannot have one report unallocated ranges as neither data nor zero.
     var supportsBacking: Bool { get }
+    /// A newly created image of this format reads as zeroes before anything is written (qemu's
+    /// bdrv_has_zero_init), so convert may skip writing zero ranges to it.
+    var hasZeroInit: Bool { get }
 }
 
 /// One persistent dirty bitmap as an image describes it.
@@ -217,6 +220,7 @@ extension ImageFormat {
     public var compressedWrites: CompressedClusterWriting? { nil }
     public var persistentBitmapStore: PersistentBitmapStore? { nil }
     public var supportsBacking: Bool { true }
+    public var hasZeroInit: Bool { true }
     public func loadSnapshotTemporarily(id: String?, name: String?) throws {
         throw InstarError.unsupported("Block format '\(formatName)' used by device '' does not support temporarily "
                                       + "loading internal snapshots")

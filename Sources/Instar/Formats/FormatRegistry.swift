@@ -9,6 +9,7 @@ public enum FormatRegistry {
         QedFormat.descriptor,
         VdiFormat.descriptor,
         VhdxFormat.descriptor,
+        LuksFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -25,6 +26,7 @@ public enum FormatRegistry {
         QedCreate.creator,
         VdiCreate.creator,
         VhdxCreate.creator,
+        LuksCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

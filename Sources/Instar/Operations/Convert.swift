@@ -471,7 +471,8 @@ public enum ConvertOperation {
         }
         let totalSectors = sourceSectors.reduce(0, +)
         let minSparse = options.sparseSize / sectorSize
-        let hasZeroInit = options.targetIsZero || (targetCreated && minSparse > 0 && !targetHasBacking)
+        let hasZeroInit = options.targetIsZero
+            || (targetCreated && minSparse > 0 && !targetHasBacking && target.format.hasZeroInit)
         let writeAlignment = max(pow2floor(minSparse), 1)
         let targetFormat = target.format
         let targetBacking = target.backing

@@ -121,9 +121,6 @@ struct Qcow2EncryptionRequest {
 
     static let luksOptions = ["encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
                               "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time"]
-    static let cipherAlgorithms = ["aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128",
-                                   "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256", "sm4"]
-
     /// nil when the image is not to be encrypted.
     static func parse(_ o: CreateOptionValues) throws -> Qcow2EncryptionRequest? {
         // qcow2_co_create_opts maps the legacy spellings: encryption=on and encrypt.format=aes mean "qcow".
@@ -137,12 +134,6 @@ struct Qcow2EncryptionRequest {
             if !given.isEmpty { throw InstarError.invalid("Parameter 'encrypt.format' is missing") }
             return nil
         }
-        func choice(_ name: String, _ allowed: [String]) throws -> String? {
-            guard let v = o.text("encrypt." + name) else { return nil }
-            guard allowed.contains(v) else { throw InstarError.invalid("Parameter '\(name)' does not accept value '\(v)'") }
-            return v
-        }
-        let hashes = LuksHash.allCases.map { $0.rawValue }
         switch f {
         case "aes", "qcow":
             if let extra = given.first(where: { $0 != "encrypt.key-secret" }) {
@@ -153,16 +144,9 @@ struct Qcow2EncryptionRequest {
                                                                        ivgenHash: nil, hash: .sha256),
                                           iterTimeMs: 0)
         case "luks":
-            let alg = try choice("cipher-alg", cipherAlgorithms) ?? "aes-256"
-            let mode = try choice("cipher-mode", ["ecb", "cbc", "xts", "ctr"]) ?? "xts"
-            let ivgen = try choice("ivgen-alg", ["plain", "plain64", "essiv"]) ?? "plain64"
-            var ivhash = try choice("ivgen-hash-alg", hashes).flatMap { LuksHash(rawValue: $0) }
-            let hash = try choice("hash-alg", hashes).flatMap { LuksHash(rawValue: $0) } ?? .sha256
-            if ivgen == "essiv" && ivhash == nil { ivhash = .sha256 }
-            return Qcow2EncryptionRequest(format: .luks, keySecret: o.text("encrypt.key-secret"),
-                                          settings: LuksCipherSettings(algorithm: alg, mode: mode, ivgen: ivgen,
-                                                                       ivgenHash: ivhash, hash: hash),
-                                          iterTimeMs: o.number("encrypt.iter-time") ?? 2000)
+            let p = try LuksCreateParameters.parse(o, prefix: "encrypt.")
+            return Qcow2EncryptionRequest(format: .luks, keySecret: p.keySecret, settings: p.settings,
+                                          iterTimeMs: p.iterTimeMs)
         default:
             throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
         }

@@ -8,7 +8,6 @@ enum UnsupportedFormats {
         descriptor("bochs", probe: bochs),
         descriptor("cloop", probe: cloop),
         descriptor("dmg", probe: dmg),
-        descriptor("luks", probe: luks),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
         descriptor("vmdk", probe: vmdk),
@@ -53,13 +52,6 @@ enum UnsupportedFormats {
     private static func dmg(_ buf: [UInt8], _ filename: String) -> Int {
         let name = Array(filename.utf8)
         return name.count > 4 && name.suffix(4).elementsEqual(Array(".dmg".utf8)) ? 2 : 0
-    }
-
-    // block_crypto_probe_luks: the LUKS magic and version 1 (big-endian u16 at 6).
-    private static func luks(_ buf: [UInt8], _ filename: String) -> Int {
-        guard buf.count >= 8, buf.prefix(6).elementsEqual([0x4C, 0x55, 0x4B, 0x53, 0xBA, 0xBE]),
-              let version = try? ByteReader(buf).u16be(at: 6), version == 1 else { return 0 }
-        return 100
     }
 
     // parallels_probe: a 64-byte header, one of two signatures and version 2 (LE u32 at 16).
