@@ -5,6 +5,7 @@ public enum FormatRegistry {
         RawFormat.descriptor,
         Qcow2Format.descriptor,
         FileFormat.descriptor,
+        VmdkFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -17,6 +18,7 @@ public enum FormatRegistry {
         RawCreate.creator,
         Qcow2Create.creator,
         FileFormat.creator,
+        VmdkCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {
