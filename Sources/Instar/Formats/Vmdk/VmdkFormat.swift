@@ -34,7 +34,8 @@ public final class VmdkFormat: ImageFormat {
     init(request: OpenRequest) throws {
         file = request.file
         writable = request.writable
-        let size = try file.size()
+        // bdrv_getlength: whole sectors.
+        let size = try (try file.size()).alignedUp(512)
         if size < 4 { throw InstarError(.invalid, "File is too small, not a valid image", errno: EINVAL) }
         let head = try file.readBytes(at: 0, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))))
         let magic = try ByteReader(head).u32be(at: 0)
@@ -49,8 +50,11 @@ public final class VmdkFormat: ImageFormat {
         createType = parsedCreateType
         // vmdk_parent_open and vmdk_read_cid read the descriptor window at descOffset.
         let window = try file.readBytes(at: descOffset, count: VmdkFormat.descWindow)
+        // Failures here carry no message of their own: the block layer words them.
+        let openFailed = InstarError(.invalid, "Could not open '\(request.filename)': Invalid argument", errno: EINVAL)
         let parentText = VmdkDescriptor(bytes: window)
-        if let hint = try parentText.parentFileNameHint() {
+        guard let hint = try? parentText.parentFileNameHint() else { throw openFailed }
+        if let hint = hint {
             backingReference = BackingReference(filename: hint, format: "vmdk")
         } else {
             backingReference = nil
@@ -58,9 +62,7 @@ public final class VmdkFormat: ImageFormat {
         var cidWindow = window
         cidWindow[cidWindow.count - 1] = 0
         let cidText = VmdkDescriptor(bytes: cidWindow)
-        guard let c = cidText.cid(parent: false), let pc = cidText.cid(parent: true) else {
-            throw VmdkDescriptor.invalidArgument()
-        }
+        guard let c = cidText.cid(parent: false), let pc = cidText.cid(parent: true) else { throw openFailed }
         cid = c
         parentCID = pc
     }
@@ -187,7 +189,7 @@ public final class VmdkFormat: ImageFormat {
                 e.typeName = line.type
                 extents.append(e)
             case "SPARSE", "VMFSSPARSE":
-                let size = try ef.size()
+                let size = try (try ef.size()).alignedUp(512)
                 if size < 4 { throw InstarError(.invalid, "File is too small, not a valid image", errno: EINVAL) }
                 let magic = try ByteReader(try ef.readBytes(at: 0, count: 4)).u32be(at: 0)
                 var ignored = createType

@@ -151,7 +151,8 @@ extension VmdkFormat {
     func writeCID(_ newCID: UInt32) throws {
         var size = VmdkFormat.descWindow
         if descOffset == 0 {
-            let length = try file.size()
+            // bdrv_getlength: the file's length in whole sectors.
+            let length = try (try file.size()).alignedUp(512)
             if length > 16 << 20 {
                 Diagnostics.plain("VMDK description file too big")
                 throw InstarError(.range, "File too large", errno: EFBIG)
