@@ -53,7 +53,8 @@ public final class VmdkFormat: ImageFormat {
         // Failures here carry no message of their own: the block layer words them.
         let openFailed = InstarError(.invalid, "Could not open '\(request.filename)': Invalid argument", errno: EINVAL)
         let parentText = VmdkDescriptor(bytes: window)
-        guard let hint = try? parentText.parentFileNameHint() else { throw openFailed }
+        let hint: String?
+        do { hint = try parentText.parentFileNameHint() } catch { throw openFailed }
         if let hint = hint {
             backingReference = BackingReference(filename: hint, format: "vmdk")
         } else {
