@@ -248,6 +248,12 @@ def _(d):
 
 NAMES = sorted(VARIANTS)
 
+# Deliberate differences, for which only the no-crash rule is checked:
+# - a capacity of 2^62 sectors: qemu-img compare opens it and then fails to get its size (exit 4); instar refuses
+#   it at open as qemu's info does (exit 2 in compare);
+# - a flat extent offset of 2^63-1 sectors: qemu's map prints the wrapped host offset as a negative number.
+DELIBERATE = {"hdr-capacity-4000000000000000", "desc-flat-offset-huge"}
+
 
 def _one(root, name):
     d = os.path.join(root, name)
@@ -289,6 +295,8 @@ def test_never_crashes(results, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_rejects_where_qemu_rejects(results, name):
+    if name in DELIBERATE:
+        pytest.skip("deliberate difference (see DELIBERATE)")
     for cmd, (q, i) in _get(results, name).items():
         if q.timed_out or q.rc is None or q.rc < 0 or q.rc == 0 or (cmd == "compare" and q.rc == 1):
             continue
@@ -299,6 +307,8 @@ def test_rejects_where_qemu_rejects(results, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_same_result_where_qemu_accepts(results, name):
+    if name in DELIBERATE:
+        pytest.skip("deliberate difference (see DELIBERATE)")
     for cmd, (q, i) in _get(results, name).items():
         if q.timed_out or q.rc is None or q.rc != 0:
             continue

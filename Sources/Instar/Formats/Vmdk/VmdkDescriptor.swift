@@ -91,10 +91,9 @@ struct VmdkDescriptor {
             s.skipSpace()
             guard s.literal(UInt8(ascii: "\"")) else { continue }
             guard let name = s.set(max: 511, excluding: [0x0A, 0x0D, 0x22]) else { continue }
-            guard s.literal(UInt8(ascii: "\"")) else { continue }
             var matches = 4
             var flat: Int64 = -1
-            if let f = s.int64() { flat = f; matches = 5 }
+            if s.literal(UInt8(ascii: "\"")), let f = s.int64() { flat = f; matches = 5 }
             if access != "RW" { continue }
             if type == "FLAT" {
                 if matches != 5 || flat < 0 { throw invalidLine(p, lineEnd) }

@@ -85,8 +85,8 @@ final class VmdkExtent {
         } else {
             nextClusterSector = fileSectors
         }
-        if startSector > UInt64(Int64.max) - sectors {
-            throw InstarError(.invalid, "Invalid extent size", errno: EINVAL)
+        if sectors > UInt64(Int64.max) || startSector > UInt64(Int64.max) - sectors {
+            throw InstarError(.range, "Could not refresh total sector count: File too large", errno: EFBIG)
         }
     }
 
@@ -132,6 +132,8 @@ final class VmdkExtent {
     /// get_cluster_offset without allocation. `offset` is a guest byte offset inside this extent.
     func lookup(_ offset: UInt64) throws -> (Lookup, TableSlot?) {
         if kind == .flat { return (.allocated(flatStartOffset), nil) }
+        // A COWD header may give a zero granularity (qemu would divide by zero).
+        if l1EntrySectors == 0 || clusterSectors == 0 || l2Size == 0 { return (.error, nil) }
         let rel = offset - startSector * 512
         let l1Index = (rel >> 9) / UInt64(l1EntrySectors)
         guard l1Index < UInt64(l1Size) else { return (.error, nil) }
@@ -208,7 +210,42 @@ final class VmdkExtent {
 
     /// The offset of `offset` inside its grain (vmdk_find_offset_in_cluster).
     func offsetInCluster(_ offset: UInt64) -> UInt64 {
-        (offset - startSector * 512) % clusterBytes
+        clusterBytes == 0 ? 0 : (offset - startSector * 512) % clusterBytes
+    }
+
+    /// Bytes from `offset` (whose lookup gave `first`) up to `limit` whose grains all stand the same way: all
+    /// unallocated, all zeroed, or allocated uncompressed grains that follow each other in the file.
+    func runLength(from offset: UInt64, first: Lookup, limit: UInt64) throws -> UInt64 {
+        let inCluster = offsetInCluster(offset)
+        var n = min(clusterBytes - inCluster, limit)
+        if kind == .flat || (compressed && first != .unallocated && first != .zeroed) { return n }
+        let extentEnd = endSector * 512
+        var pos = offset - inCluster + clusterBytes
+        var expected: UInt64? = nil
+        if case .allocated(let h) = first { expected = h + clusterBytes }
+        // At most one grain table's worth of lookups per call beyond the tables skipped whole.
+        var steps = 0
+        while n < limit && pos < extentEnd && steps < 4096 {
+            steps += 1
+            let (l, slot) = try lookup(pos)
+            if l == .unallocated && first == .unallocated && slot == nil {
+                // No grain table: the whole directory entry is unallocated.
+                let span = UInt64(l1EntrySectors) * 512
+                let rel = pos - startSector * 512
+                let next = min(extentEnd, startSector * 512 + (rel / span + 1) * span)
+                n = min(limit, n + (next - pos))
+                pos = next
+                continue
+            }
+            switch (first, l) {
+            case (.unallocated, .unallocated), (.zeroed, .zeroed): break
+            case (.allocated, .allocated(let h)) where h == expected: expected = h + clusterBytes
+            default: return n
+            }
+            n = min(limit, n + min(clusterBytes, extentEnd - pos))
+            pos += clusterBytes
+        }
+        return n
     }
 
     /// vmdk_read_extent: `count` bytes from the grain at `clusterOffset`, `inCluster` bytes in.

@@ -48,6 +48,11 @@ public final class VmdkFormat: ImageFormat {
             descOffset = 0
         }
         createType = parsedCreateType
+        // refresh_total_sectors: the image may not exceed BDRV_MAX_LENGTH.
+        let maxLength = UInt64(Int64.max) & ~((UInt64(1) << 30) - 1)
+        if let last = extents.last, last.endSector > maxLength / 512 {
+            throw InstarError(.range, "Could not refresh total sector count: File too large", errno: EFBIG)
+        }
         // vmdk_parent_open and vmdk_read_cid read the descriptor window at descOffset.
         let window = try file.readBytes(at: descOffset, count: VmdkFormat.descWindow)
         // Failures here carry no message of their own: the block layer words them.
@@ -144,9 +149,6 @@ public final class VmdkFormat: ImageFormat {
             throw InstarError(.invalid, "File truncated, expecting at least \(Int64(bitPattern: h.grainOffset &* 512)) bytes",
                               errno: EINVAL)
         }
-        if h.capacity > UInt64(Int64.max) / 512 {
-            throw InstarError(.invalid, "Invalid capacity", errno: EINVAL)
-        }
         let e = try VmdkExtent(file: file, isImageFile: isImageFile, kind: .vmdk4, sectors: h.capacity,
                                startSector: nextStartSector, l1Offset: h.gdOffset &<< 9, l1BackupOffset: l1Backup,
                                l1Size: l1Size, l2Size: h.numGTEsPerGT, clusterSectors: h.granularity)
@@ -185,8 +187,8 @@ public final class VmdkFormat: ImageFormat {
                 let e = try VmdkExtent(file: ef, isImageFile: false, kind: .flat, sectors: sectors,
                                        startSector: nextStartSector, l1Offset: 0, l1BackupOffset: 0, l1Size: 0,
                                        l2Size: 0, clusterSectors: 0)
-                guard line.flatOffset <= Int64.max >> 9 else { throw VmdkExtent.invalid() }
-                e.flatStartOffset = UInt64(line.flatOffset) << 9
+                // qemu shifts without a check; reads past the host file's range then fail.
+                e.flatStartOffset = UInt64(line.flatOffset) &<< 9
                 e.typeName = line.type
                 extents.append(e)
             case "SPARSE", "VMFSSPARSE":
@@ -226,6 +228,7 @@ public final class VmdkFormat: ImageFormat {
         while done < buffer.count {
             guard let e = extent(forSector: pos >> 9) else { throw VmdkFormat.ioError() }
             let (l, _) = try e.lookup(pos)
+            if l == .error { throw VmdkFormat.ioError() }
             let inCluster = e.offsetInCluster(pos)
             let n = Int(min(UInt64(buffer.count - done), e.clusterBytes - inCluster))
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
@@ -252,8 +255,11 @@ public final class VmdkFormat: ImageFormat {
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus {
         guard let e = extent(forSector: offset >> 9) else { throw VmdkFormat.ioError() }
         let (l, _) = try e.lookup(offset)
+        if l == .error { throw VmdkFormat.ioError() }
         let inCluster = e.offsetInCluster(offset)
-        let n = min(e.clusterBytes - inCluster, length)
+        // qemu answers one grain at a time; runs of grains in the same state are answered at once (map and
+        // convert merge them anyway), so a huge sparse image is not walked grain by grain.
+        let n = try e.runLength(from: offset, first: l, limit: length)
         switch l {
         case .error: throw VmdkFormat.ioError()
         case .unallocated: return .unallocated(n)
