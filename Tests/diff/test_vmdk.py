@@ -339,3 +339,43 @@ def test_probe_and_help(tmp):
     assert " vmdk" in r.out
     qimg("create", "-q", "-f", "vmdk", os.path.join(tmp, "a.vmdk"), "1M")
     assert_same("info", "-f", "vmdk", "a.vmdk", cwd=tmp)
+
+
+@pytest.mark.parametrize("opts", CREATE_OPTIONS)
+def test_check(corpus, opts):
+    d, img = corpus[opts]
+    assert_same("check", img)
+    assert_same("check", "--output=json", img)
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "-r", "all"],
+    ["check", "-r", "leaks"],
+    ["resize", "@", "20M"],
+    ["amend", "-o", "zeroed_grain=on"],
+    ["measure", "-O", "vmdk"],
+    ["snapshot", "-l"],
+])
+def test_unsupported_operations(args, tmp):
+    img = os.path.join(tmp, "c.vmdk")
+    qimg("create", "-q", "-f", "vmdk", img, "10M")
+    qemu_io("-f", "vmdk", "-c", "write 0 1M", img)
+    argv = [img if a == "@" else a for a in args]
+    if "@" not in args:
+        argv.append(img)
+    assert_same(*argv)
+
+
+def test_check_grain_past_eof(tmp):
+    img = os.path.join(tmp, "c.vmdk")
+    qimg("create", "-q", "-f", "vmdk", img, "10M")
+    qemu_io("-f", "vmdk", "-c", "write 0 1M", img)
+    with open(img, "r+b") as f:
+        hdr = f.read(80)
+        gd = int.from_bytes(hdr[56:64], "little")
+        f.seek(gd * 512)
+        gt = int.from_bytes(f.read(4), "little")
+        f.seek(gt * 512 + 4)
+        f.write((0x100000).to_bytes(4, "little"))
+    assert_same("check", img)
+    assert_same("check", "--output=json", img)

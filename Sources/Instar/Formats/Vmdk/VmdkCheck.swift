@@ -4,7 +4,8 @@ import Glibc
 /// extent file stops the check with one corruption. Repairs are not supported.
 extension VmdkFormat: ImageCheckable {
     public func check(repair: CheckRepair, report: (CheckMessage) -> Void) throws -> CheckResult {
-        if !repair.isEmpty { throw CheckFailure(partial: CheckResult(), errnoValue: ENOTSUP) }
+        // vmdk_co_check returns -ENOTSUP for any repair, which qemu-img reports as a format without checks.
+        if !repair.isEmpty { throw CheckNotSupported() }
         var result = CheckResult()
         let total = virtualSize / 512
         var sector: UInt64 = 0
