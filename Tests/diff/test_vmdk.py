@@ -379,3 +379,15 @@ def test_check_grain_past_eof(tmp):
         f.write((0x100000).to_bytes(4, "little"))
     assert_same("check", img)
     assert_same("check", "--output=json", img)
+
+
+def test_parent_cid_mismatch(tmp):
+    """A parent written after the overlay was made has a new CID: reads that reach it fail, as in qemu."""
+    qimg("create", "-q", "-f", "vmdk", os.path.join(tmp, "base.vmdk"), "4M")
+    qimg("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", os.path.join(tmp, "top.vmdk"))
+    qemu_io("-f", "vmdk", "-c", "write -P 1 0 64k", os.path.join(tmp, "top.vmdk"))
+    qemu_io("-f", "vmdk", "-c", "write -P 2 1M 64k", os.path.join(tmp, "base.vmdk"))
+    assert_same("info", "--backing-chain", "top.vmdk", cwd=tmp)
+    assert_same("map", "--output=json", "top.vmdk", cwd=tmp)
+    q, qd, idst = convert_both(tmp, ["-O", "raw"], ["top.vmdk"], fmt="raw")
+    assert q.rc != 0

@@ -25,6 +25,7 @@ public final class VmdkFormat: ImageFormat {
     public private(set) var backingReference: BackingReference?
     let writable: Bool
     var cidUpdated = false
+    var cidChecked = false
     /// Extent files opened besides the image file (locked, closed with the image).
     var extraFiles: [HostFile] = []
 
@@ -220,6 +221,24 @@ public final class VmdkFormat: ImageFormat {
         return lo < extents.count ? extents[lo] : nil
     }
 
+    /// vmdk_is_cid_valid: the backing file must be a vmdk whose current CID is this image's parentCID, or
+    /// reads that reach it fail. Checked once per open.
+    func checkParentCID(_ backing: GuestReader) throws {
+        if cidChecked { return }
+        guard let layer = backing as? ImageLayer, let parent = layer.format as? VmdkFormat,
+              let current = try? parent.currentCID(), current == parentCID else {
+            throw InstarError(.invalid, "Invalid argument", errno: EINVAL)
+        }
+        cidChecked = true
+    }
+
+    /// vmdk_read_cid on the descriptor as it is now in the file.
+    func currentCID() throws -> UInt32? {
+        var window = try file.readBytes(at: descOffset, count: VmdkFormat.descWindow)
+        window[window.count - 1] = 0
+        return VmdkDescriptor(bytes: window).cid(parent: false)
+    }
+
     static func ioError() -> InstarError { InstarError(.io, "Input/output error", errno: EIO) }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
@@ -239,6 +258,7 @@ public final class VmdkFormat: ImageFormat {
                 try e.readGrain(into: part, clusterOffset: host, inCluster: inCluster)
             case .unallocated:
                 if let b = backing {
+                    try checkParentCID(b)
                     try b.read(into: part, at: pos)
                 } else {
                     part.initializeMemory(as: UInt8.self, repeating: 0)

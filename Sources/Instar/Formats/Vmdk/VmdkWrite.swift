@@ -59,6 +59,7 @@ extension VmdkFormat {
             let skipStart = Int(inCluster)
             let skipEnd = skipStart + data.count
             var whole = [UInt8](repeating: 0, count: cb)
+            if let b = backing { try checkParentCID(b) }
             if let b = backing, l != .zeroed {
                 try whole.withUnsafeMutableBytes { raw in
                     if skipStart > 0 {
