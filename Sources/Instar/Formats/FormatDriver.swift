@@ -200,6 +200,16 @@ public protocol CompressedClusterWriting: AnyObject {
     /// Ends a compressed convert (qemu-img's zero-length compressed write "to signal EOF"): the format may
     /// align its file's end, which compressed streams leave anywhere.
     func finishCompressedWrites() throws
+    /// Every write of the image must be compressed (qemu's needs_compressed_writes: vmdk streamOptimized);
+    /// convert then compresses without -c.
+    var needsCompressedWrites: Bool { get }
+    /// A short last cluster is compressed at its own length, not padded with zeroes to a whole cluster.
+    var compressesExactLength: Bool { get }
+}
+
+extension CompressedClusterWriting {
+    public var needsCompressedWrites: Bool { false }
+    public var compressesExactLength: Bool { false }
 }
 
 extension ImageFormat {

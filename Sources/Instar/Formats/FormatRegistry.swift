@@ -10,6 +10,7 @@ public enum FormatRegistry {
         VdiFormat.descriptor,
         VhdxFormat.descriptor,
         LuksFormat.descriptor,
+        VmdkFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -27,6 +28,7 @@ public enum FormatRegistry {
         VdiCreate.creator,
         VhdxCreate.creator,
         LuksCreate.creator,
+        VmdkCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

@@ -483,7 +483,9 @@ public enum ConvertOperation {
         let targetCluster = ((try? targetFormat.formatInfo().clusterSize) ?? nil) ?? 0
         var bufSectors = min(maxSparseBytes / sectorSize, max(bufferSectors, targetCluster / sectorSize))
         var compressor: CompressedClusterWriting?
-        if options.compress {
+        // qemu-img: a target whose driver needs compressed writes (vmdk streamOptimized) is written compressed.
+        let compress = options.compress || (targetFormat.compressedWrites?.needsCompressedWrites ?? false)
+        if compress {
             guard let cw = targetFormat.compressedWrites else {
                 throw InstarError.unsupported("Compression not supported for this file format")
             }
@@ -499,7 +501,7 @@ public enum ConvertOperation {
         var base = Iterator(sources: sources, sourceSectors: sourceSectors, alignment: alignment,
                             totalSectors: totalSectors, targetHasBacking: targetHasBacking,
                             targetBackingSectors: backingSectors, bufSectors: bufSectors,
-                            compressed: options.compress, clusterSectors: compressor == nil ? clusterSectors
+                            compressed: compress, clusterSectors: compressor == nil ? clusterSectors
                                 : bufSectors)
         base.salvage = options.salvage
         // First pass: progress counts only the sectors that will be read or written.

@@ -61,7 +61,8 @@ final class CompressedBatch {
         runParallel(min(threads, count)) { t, stride in
             var i = t
             while i < count {
-                let src = UnsafeRawBufferPointer(rebasing: self.storage[(i * self.clusterBytes)..<((i + 1) * self.clusterBytes)])
+                let len = self.target.compressesExactLength ? self.lengths[i] : self.clusterBytes
+                let src = UnsafeRawBufferPointer(rebasing: self.storage[(i * self.clusterBytes)..<(i * self.clusterBytes + len)])
                 do {
                     self.results[i] = try self.compressors[t].compress(src)
                 } catch {

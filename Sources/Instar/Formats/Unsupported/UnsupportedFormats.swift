@@ -10,7 +10,6 @@ enum UnsupportedFormats {
         descriptor("dmg", probe: dmg),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
-        descriptor("vmdk", probe: vmdk),
     ]
 
     private static func descriptor(_ name: String, probe: @escaping ([UInt8], String) -> Int) -> FormatDescriptor {
@@ -67,36 +66,5 @@ enum UnsupportedFormats {
         guard buf.count >= 48, let magic = try? r.u32be(at: 0), magic == 0x5146_49FB,
               let version = try? r.u32be(at: 4), version == 1 else { return 0 }
         return 100
-    }
-
-    // vmdk_probe: a sparse extent magic ("COWD", "KDMV"), or a text descriptor whose first line that is not a
-    // comment or blank is "version=1", "version=2" or "version=3" (LF or CRLF).
-    private static func vmdk(_ buf: [UInt8], _ filename: String) -> Int {
-        if buf.count < 4 { return 0 }
-        if has(buf, "COWD") || has(buf, "KDMV") { return 100 }
-        // Bounds-checked byte access: positions here come from the file's contents.
-        func byte(_ i: Int) -> UInt8? { i >= 0 && i < buf.count ? buf[i] : nil }
-        let newline = UInt8(ascii: "\n")
-        let space = UInt8(ascii: " ")
-        var p = 0
-        while let c = byte(p) {
-            if c == UInt8(ascii: "#") {
-                while let d = byte(p), d != newline { p += 1 }
-                p += 1
-                continue
-            }
-            if c == space {
-                while byte(p) == space { p += 1 }
-                if byte(p) == UInt8(ascii: "\r") { p += 1 }
-                if byte(p) != newline { return 0 }
-                p += 1
-                continue
-            }
-            for v in ["1", "2", "3"] where has(buf, "version=\(v)\n", at: p) || has(buf, "version=\(v)\r\n", at: p) {
-                return 100
-            }
-            return 0
-        }
-        return 0
     }
 }
