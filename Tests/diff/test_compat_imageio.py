@@ -339,7 +339,9 @@ def test_module_is_python_3_9_and_packaged():
         with open(path) as f:
             ast.parse(f.read(), path, feature_version=(3, 9))
     with open(os.path.join(BINDINGS, "pyproject.toml")) as f:
-        assert '"instar.compat"' in f.read()
+        text = f.read()
+    # Either the subpackage by name or setuptools' find over instar.* (test_python_package checks the wheel).
+    assert '"instar.compat"' in text or '"instar.*"' in text
 
 
 def test_image_in_use(tmp):
