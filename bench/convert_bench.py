@@ -49,6 +49,18 @@ def settle(path):
     os.sync()
 
 
+def measure(argv, out):
+    """Runs argv once with `out` removed first; wall seconds and the child's CPU seconds (user + system)."""
+    settle(out)
+    t = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}")
+    return wall, ru.ru_utime + ru.ru_stime
+
+
 def timed(argv, out):
     settle(out)
     t = time.monotonic()

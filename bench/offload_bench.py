@@ -9,23 +9,10 @@ faster or cheaper).
 """
 import argparse
 import os
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from convert_bench import CACHE, ROOT, make_sources, settle  # noqa: E402
-
-
-def measure(argv, out):
-    settle(out)
-    t = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.monotonic() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}")
-    return wall, ru.ru_utime + ru.ru_stime
+from convert_bench import CACHE, ROOT, make_sources, measure, settle  # noqa: E402
 
 
 def main():

@@ -191,24 +191,6 @@ extension LuksFormat: ImageResizable {
         guard newSize <= UInt64(Int64.max) - payloadOffset else {
             throw InstarError(.range, "The requested file size is too large", errno: EFBIG)
         }
-        let target = payloadOffset + newSize
-        let mode: HostFileCreate.Preallocation
-        switch preallocation {
-        case .off: mode = .off
-        case .falloc: mode = .falloc
-        case .full: mode = .full
-        case .metadata:
-            throw InstarError(.unsupported, "Unsupported preallocation mode: metadata", errno: ENOTSUP)
-        }
-        let current = try file.size()
-        if target > current {
-            try HostFileCreate.grow(file, to: target, preallocation: mode)
-        } else if target < current {
-            do {
-                try file.truncate(to: target)
-            } catch let e as InstarError {
-                throw InstarError(e.code, "Failed to resize the file: \(strerrorString(e.errnoValue))", errno: e.errnoValue)
-            }
-        }
+        try HostFileCreate.resize(file, to: payloadOffset + newSize, preallocation: preallocation)
     }
 }

@@ -10,8 +10,16 @@ extension RawFormat: ImageResizable {
         guard newSize <= UInt64(Int64.max) - windowOffset else {
             throw InstarError(.invalid, "Disk size too large for the chosen offset", errno: EINVAL)
         }
-        let target = windowOffset + newSize
-        let mode: HostFileCreate.Preallocation
+        try HostFileCreate.resize(file, to: windowOffset + newSize, preallocation: preallocation)
+    }
+}
+
+extension HostFileCreate {
+    /// file-posix's truncate as a format that stores guest bytes plainly at a fixed offset passes it on (raw,
+    /// luks): the file grows with off/falloc/full preallocation or shrinks; `metadata` is refused as the file
+    /// layer refuses it.
+    static func resize(_ file: HostFile, to target: UInt64, preallocation: ResizePreallocation) throws {
+        let mode: Preallocation
         switch preallocation {
         case .off: mode = .off
         case .falloc: mode = .falloc
@@ -21,7 +29,7 @@ extension RawFormat: ImageResizable {
         }
         let current = try file.size()
         if target > current {
-            try HostFileCreate.grow(file, to: target, preallocation: mode)
+            try grow(file, to: target, preallocation: mode)
         } else if target < current {
             do {
                 try file.truncate(to: target)
