@@ -9,7 +9,10 @@
  *    instar_*_close / instar_*_free function.
  *  - Option structs begin with `uint32_t struct_size`. Initialise them with the INSTAR_*_OPTIONS_INIT macro or
  *    the instar_*_options_init() function, then set the fields you need. The library reads only the fields
- *    that fit in struct_size, so a caller built against an older header keeps working.
+ *    that fit in struct_size, so a caller built against an older header keeps working when it initialises
+ *    with the macro. Known defect: an instar_*_options_init() function fills the whole struct of the library's
+ *    own version, so a caller built against an older header must not call it with a newer library (the struct
+ *    grew: it would write past the caller's struct); use the macro until the functions take the caller's size.
  *  - Every call returns an int: 0 (INSTAR_OK) on success or a negative INSTAR_E_* code, and fills the optional
  *    instar_error_t (pass NULL if you do not want it). The library never prints anything.
  *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes. Flags are uint32_t bit
