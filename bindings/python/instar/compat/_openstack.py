@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 import instar
+from instar.compat.oslo import fill_from_json_dict
 
 
 def optional(module: str, name: str) -> Any:
@@ -58,16 +59,7 @@ def qemu_img_info_from(d: Dict[str, Any]) -> Any:
     """A QemuImgInfo holding what QemuImgInfo(`qemu-img info --output=json` text) holds, filled from the dict
     of the same object (no text is made or parsed)."""
     info = QemuImgInfo()
-    info.image = d.get("filename")
-    info.backing_file = d.get("backing-filename")
-    info.backing_file_format = d.get("backing-filename-format")
-    info.file_format = d.get("format")
-    info.virtual_size = d.get("virtual-size")
-    info.cluster_size = d.get("cluster-size")
-    info.disk_size = d.get("actual-size")
-    info.snapshots = d.get("snapshots", [])
-    info.encrypted = "yes" if d.get("encrypted") else None
-    info.format_specific = d.get("format-specific")
+    fill_from_json_dict(info, d)
     return info
 
 

@@ -47,16 +47,7 @@ class QemuImgInfo:
         self._fill(json.loads(cmd_output or "{}"))
 
     def _fill(self, d: Dict[str, Any]) -> None:
-        self.image = d.get("filename")
-        self.backing_file = d.get("backing-filename")
-        self.backing_file_format = d.get("backing-filename-format")
-        self.file_format = d.get("format")
-        self.virtual_size = d.get("virtual-size")
-        self.cluster_size = d.get("cluster-size")
-        self.disk_size = d.get("actual-size")
-        self.snapshots = d.get("snapshots", [])
-        self.encrypted = "yes" if d.get("encrypted") else None
-        self.format_specific = d.get("format-specific")
+        fill_from_json_dict(self, d)
 
     @classmethod
     def from_path(cls, path: str, format: Optional[str] = None, force_share: bool = False) -> "QemuImgInfo":
@@ -106,3 +97,18 @@ class QemuImgInfo:
         if self.format_specific:
             lines.append("format_specific: %s" % self.format_specific)
         return "\n".join(lines)
+
+
+def fill_from_json_dict(info: Any, d: Dict[str, Any]) -> None:
+    """Sets oslo's QemuImgInfo properties on `info` (ours or oslo's own) from the dict of
+    `qemu-img info --output=json`, as oslo's JSON parsing sets them."""
+    info.image = d.get("filename")
+    info.backing_file = d.get("backing-filename")
+    info.backing_file_format = d.get("backing-filename-format")
+    info.file_format = d.get("format")
+    info.virtual_size = d.get("virtual-size")
+    info.cluster_size = d.get("cluster-size")
+    info.disk_size = d.get("actual-size")
+    info.snapshots = d.get("snapshots", [])
+    info.encrypted = "yes" if d.get("encrypted") else None
+    info.format_specific = d.get("format-specific")
