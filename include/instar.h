@@ -8,11 +8,10 @@
  *  - Handles are opaque; the library allocates them and the caller releases them with the matching
  *    instar_*_close / instar_*_free function.
  *  - Option structs begin with `uint32_t struct_size`. Initialise them with the INSTAR_*_OPTIONS_INIT macro or
- *    the instar_*_options_init() function, then set the fields you need. The library reads only the fields
- *    that fit in struct_size, so a caller built against an older header keeps working when it initialises
- *    with the macro. Known defect: an instar_*_options_init() function fills the whole struct of the library's
- *    own version, so a caller built against an older header must not call it with a newer library (the struct
- *    grew: it would write past the caller's struct); use the macro until the functions take the caller's size.
+ *    instar_*_options_init(&opts), then set the fields you need. The library reads only the fields that fit
+ *    in struct_size, so a caller built against an older header keeps working with a newer library. The
+ *    instar_*_options_init() macros call instar_*_options_init_sized() with the caller's sizeof, which writes
+ *    no more than that (the unsized 0.1.0 functions stay exported and write at most 0.1.0's structs).
  *  - Every call returns an int: 0 (INSTAR_OK) on success or a negative INSTAR_E_* code, and fills the optional
  *    instar_error_t (pass NULL if you do not want it). The library never prints anything.
  *  - Strings are NUL-terminated UTF-8. Sizes and offsets are int64_t/uint64_t bytes. Flags are uint32_t bit
@@ -97,8 +96,15 @@ typedef struct instar_open_options {
 } instar_open_options_t;
 
 #define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_OPEN_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_OPEN_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_open_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_open_options_init_sized(instar_open_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_open_options_init(instar_open_options_t *opts);
+#define instar_open_options_init(opts) instar_open_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Opens an image (and its backing chain unless INSTAR_OPEN_NO_BACKING). `filename` may be a path or a
@@ -205,8 +211,15 @@ typedef struct instar_info_options {
 } instar_info_options_t;
 
 #define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_INFO_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_INFO_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_info_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_info_options_init_sized(instar_info_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_info_options_init(instar_info_options_t *opts);
+#define instar_info_options_init(opts) instar_info_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Fills *out with what `qemu-img info` reports (with opts->backing_chain, the whole chain through ->backing).
@@ -256,8 +269,15 @@ typedef struct instar_map_options {
 } instar_map_options_t;
 
 #define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_MAP_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_MAP_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_map_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_map_options_init_sized(instar_map_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_map_options_init(instar_map_options_t *opts);
+#define instar_map_options_init(opts) instar_map_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * What `qemu-img map --output=json` reports, entry for entry. The caller owns *out (NULL on failure) and frees it
@@ -298,8 +318,15 @@ typedef struct instar_compare_options {
 } instar_compare_options_t;
 
 #define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_COMPARE_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_COMPARE_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_compare_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_compare_options_init_sized(instar_compare_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_compare_options_init(instar_compare_options_t *opts);
+#define instar_compare_options_init(opts) instar_compare_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 typedef struct instar_compare_result {
     uint32_t struct_size;
@@ -371,7 +398,15 @@ typedef struct instar_convert_options {
 
 #define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL, \
                                       NULL, NULL, NULL, NULL, 8, 0, NULL, NULL }
+/**
+ * Fills *opts with the defaults (the values of INSTAR_CONVERT_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_convert_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_convert_options_init_sized(instar_convert_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_convert_options_init(instar_convert_options_t *opts);
+#define instar_convert_options_init(opts) instar_convert_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Copies the guest contents of `source` into `target` like `qemu-img convert`. A target the call created is
@@ -408,8 +443,15 @@ typedef struct instar_create_options {
 } instar_create_options_t;
 
 #define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_CREATE_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_CREATE_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_create_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_create_options_init_sized(instar_create_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_create_options_init(instar_create_options_t *opts);
+#define instar_create_options_init(opts) instar_create_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Creates an image like `qemu-img create` (raw or qcow2; the same bytes qemu-img writes). An existing file is
@@ -444,8 +486,15 @@ typedef struct instar_measure_options {
 } instar_measure_options_t;
 
 #define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_MEASURE_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_MEASURE_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_measure_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_measure_options_init_sized(instar_measure_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_measure_options_init(instar_measure_options_t *opts);
+#define instar_measure_options_init(opts) instar_measure_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 typedef struct instar_measure_result {
     uint32_t struct_size;
@@ -514,8 +563,15 @@ typedef struct instar_check_options {
 } instar_check_options_t;
 
 #define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_CHECK_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_CHECK_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_check_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_check_options_init_sized(instar_check_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_check_options_init(instar_check_options_t *opts);
+#define instar_check_options_init(opts) instar_check_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /** What `qemu-img check` reports. Counters qemu-img omits from its JSON (because they are 0) are -1. */
 typedef struct instar_check_result {
@@ -587,8 +643,15 @@ typedef struct instar_resize_options {
 } instar_resize_options_t;
 
 #define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_RESIZE_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_RESIZE_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_resize_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_resize_options_init_sized(instar_resize_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_resize_options_init(instar_resize_options_t *opts);
+#define instar_resize_options_init(opts) instar_resize_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Changes an image's virtual size like `qemu-img resize`: to `size` bytes, or by `size` bytes with
@@ -610,8 +673,15 @@ typedef struct instar_amend_options {
 } instar_amend_options_t;
 
 #define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_AMEND_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_AMEND_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_amend_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_amend_options_init_sized(instar_amend_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_amend_options_init(instar_amend_options_t *opts);
+#define instar_amend_options_init(opts) instar_amend_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Changes creation options of an existing image like `qemu-img amend` (qcow2: compat, lazy_refcounts, size;
@@ -641,8 +711,15 @@ typedef struct instar_commit_options {
 } instar_commit_options_t;
 
 #define INSTAR_COMMIT_OPTIONS_INIT { sizeof(instar_commit_options_t), 0, NULL, NULL, NULL, 0, NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_COMMIT_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_COMMIT_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_commit_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_commit_options_init_sized(instar_commit_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_commit_options_init(instar_commit_options_t *opts);
+#define instar_commit_options_init(opts) instar_commit_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Copies what the images above the base hold into the base like `qemu-img commit` (an active commit: the base
@@ -684,8 +761,15 @@ typedef struct instar_rebase_options {
 
 #define INSTAR_REBASE_OPTIONS_INIT { sizeof(instar_rebase_options_t), 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
                                      NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_REBASE_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_REBASE_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_rebase_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_rebase_options_init_sized(instar_rebase_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_rebase_options_init(instar_rebase_options_t *opts);
+#define instar_rebase_options_init(opts) instar_rebase_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Changes an image's backing file like `qemu-img rebase`. In safe mode (the default) the guest contents stay
@@ -730,8 +814,15 @@ typedef struct instar_bitmap_options {
 } instar_bitmap_options_t;
 
 #define INSTAR_BITMAP_OPTIONS_INIT { sizeof(instar_bitmap_options_t), 0, NULL, 0, NULL, NULL, NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_BITMAP_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_BITMAP_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_bitmap_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_bitmap_options_init_sized(instar_bitmap_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_bitmap_options_init(instar_bitmap_options_t *opts);
+#define instar_bitmap_options_init(opts) instar_bitmap_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Runs `count` operations in order on the persistent bitmap `bitmap` of `filename`, like one
@@ -767,8 +858,15 @@ typedef struct instar_dd_options {
 } instar_dd_options_t;
 
 #define INSTAR_DD_OPTIONS_INIT { sizeof(instar_dd_options_t), 0, NULL, NULL, 0, -1, -1, -1, -1, NULL, NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_DD_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_DD_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_dd_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_dd_options_init_sized(instar_dd_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_dd_options_init(instar_dd_options_t *opts);
+#define instar_dd_options_init(opts) instar_dd_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * Copies `input` into a new image `output` block by block like `qemu-img dd if=INPUT of=OUTPUT`: the output is
@@ -806,8 +904,15 @@ typedef struct instar_bench_options {
 
 #define INSTAR_BENCH_OPTIONS_INIT { sizeof(instar_bench_options_t), 0, NULL, NULL, 75000, 64, 0, 4096, 0, 0, 0, \
                                     NULL, NULL, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_BENCH_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_BENCH_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_bench_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_bench_options_init_sized(instar_bench_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_bench_options_init(instar_bench_options_t *opts);
+#define instar_bench_options_init(opts) instar_bench_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 typedef struct instar_bench_result {
     uint32_t struct_size;        /**< set by the caller; 0 means the full struct */
@@ -839,8 +944,15 @@ typedef struct instar_snapshot_options {
 } instar_snapshot_options_t;
 
 #define INSTAR_SNAPSHOT_OPTIONS_INIT { sizeof(instar_snapshot_options_t), 0, NULL }
-/** Fills *opts with the defaults, the same values as INSTAR_SNAPSHOT_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_SNAPSHOT_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_snapshot_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_snapshot_options_init_sized(instar_snapshot_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_snapshot_options_init(instar_snapshot_options_t *opts);
+#define instar_snapshot_options_init(opts) instar_snapshot_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 /**
  * The internal snapshots of an image (`qemu-img snapshot -l`; the format is probed). A format without internal
@@ -925,8 +1037,15 @@ typedef struct instar_probe_options {
 } instar_probe_options_t;
 
 #define INSTAR_PROBE_OPTIONS_INIT { sizeof(instar_probe_options_t), 0, NULL, NULL, 0, NULL, NULL, 0 }
-/** Fills *opts with the defaults, the same values as INSTAR_PROBE_OPTIONS_INIT. NULL is ignored. */
+/**
+ * Fills *opts with the defaults (the values of INSTAR_PROBE_OPTIONS_INIT), at most `size` bytes of it, and sets
+ * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
+ * Call it through the instar_probe_options_init(opts) macro, which passes sizeof(*opts).
+ */
+int32_t instar_probe_options_init_sized(instar_probe_options_t *opts, uint32_t size);
+/** The 0.1.0 entry point, kept for programs built with that header: writes at most 0.1.0's struct. */
 void instar_probe_options_init(instar_probe_options_t *opts);
+#define instar_probe_options_init(opts) instar_probe_options_init_sized((opts), (uint32_t)sizeof(*(opts)))
 
 typedef struct instar_probe_result {
     uint32_t struct_size;

@@ -156,6 +156,49 @@ int main(int argc, char **argv) {
         CHECK(o.struct_size == m.struct_size && o.force == 0 && o.options == NULL && o.key_secret == NULL);
     }
 
+    /* ---- an older, smaller struct: init writes only the caller's size (sized entry) or 0.1.0's (legacy) ---- */
+#define OLDER_CALLER(name)                                                                                 \
+    do {                                                                                                   \
+        union { unsigned char b[512]; uint64_t align; } u;                                                 \
+        size_t k, untouched = 1;                                                                           \
+        memset(u.b, 0xab, sizeof u.b);                                                                     \
+        CHECK(instar_##name##_options_init_sized((instar_##name##_options_t *)(void *)u.b, 8) == INSTAR_OK); \
+        for (k = 8; k < sizeof u.b; k++) untouched &= u.b[k] == 0xab;                                      \
+        CHECK(untouched && ((instar_##name##_options_t *)(void *)u.b)->struct_size == 8);                  \
+        memset(u.b, 0xab, sizeof u.b);                                                                     \
+        CHECK(instar_##name##_options_init_sized((instar_##name##_options_t *)(void *)u.b, 3) == INSTAR_E_INVALID); \
+        CHECK(instar_##name##_options_init_sized(NULL, 64) == INSTAR_E_INVALID);                           \
+        CHECK(instar_##name##_options_init_sized((instar_##name##_options_t *)(void *)u.b, 500) == INSTAR_OK); \
+        for (k = sizeof(instar_##name##_options_t), untouched = 1; k < sizeof u.b; k++)                     \
+            untouched &= u.b[k] == 0xab;                                                                   \
+        CHECK(untouched && ((instar_##name##_options_t *)(void *)u.b)->struct_size                         \
+                               == sizeof(instar_##name##_options_t));                                      \
+        memset(u.b, 0xab, sizeof u.b);                                                                     \
+        (instar_##name##_options_init)((instar_##name##_options_t *)(void *)u.b);                          \
+        for (k = sizeof(instar_##name##_options_t), untouched = 1; k < sizeof u.b; k++)                     \
+            untouched &= u.b[k] == 0xab;                                                                   \
+        CHECK(untouched && ((instar_##name##_options_t *)(void *)u.b)->struct_size                         \
+                               <= sizeof(instar_##name##_options_t));                                      \
+    } while (0)
+    OLDER_CALLER(open);
+    OLDER_CALLER(info);
+    OLDER_CALLER(map);
+    OLDER_CALLER(compare);
+    OLDER_CALLER(convert);
+    OLDER_CALLER(create);
+    OLDER_CALLER(measure);
+    OLDER_CALLER(check);
+    OLDER_CALLER(resize);
+    OLDER_CALLER(amend);
+    OLDER_CALLER(commit);
+    OLDER_CALLER(rebase);
+    OLDER_CALLER(bitmap);
+    OLDER_CALLER(dd);
+    OLDER_CALLER(bench);
+    OLDER_CALLER(snapshot);
+    OLDER_CALLER(probe);
+#undef OLDER_CALLER
+
     /* ---- create (NULL error struct), then write through a read/write handle ---- */
     {
         instar_create_options_t co = INSTAR_CREATE_OPTIONS_INIT;

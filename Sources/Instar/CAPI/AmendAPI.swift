@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_amend_options_t, the values of INSTAR_AMEND_OPTIONS_INIT.
+func amendOptionsDefaults() -> instar_amend_options_t {
+    instar_amend_options_t(struct_size: UInt32(MemoryLayout<instar_amend_options_t>.size),
+                           open_flags: 0, format: nil, options: nil, force: 0, progress: nil,
+                           progress_data: nil, key_secret: nil)
+}
+
 @_cdecl("instar_amend_options_init")
 public func instar_amend_options_init(_ opts: UnsafeMutablePointer<instar_amend_options_t>?) {
-    opts?.pointee = instar_amend_options_t(struct_size: UInt32(MemoryLayout<instar_amend_options_t>.size),
-                                           open_flags: 0, format: nil, options: nil, force: 0, progress: nil,
-                                           progress_data: nil, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 56, amendOptionsDefaults())
+}
+
+@_cdecl("instar_amend_options_init_sized")
+public func instar_amend_options_init_sized(_ opts: UnsafeMutablePointer<instar_amend_options_t>?,
+                                            _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, amendOptionsDefaults())
 }
 
 @_cdecl("instar_amend")
@@ -13,8 +24,7 @@ public func instar_amend(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointe
                          _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
         let name = try cString(filename, "filename")
-        var defaults = instar_amend_options_t()
-        instar_amend_options_init(&defaults)
+        let defaults = amendOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         guard let list = optionalString(o.options), !list.isEmpty else {
             throw InstarError.invalid("Must specify options (-o)")

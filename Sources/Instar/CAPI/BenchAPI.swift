@@ -1,12 +1,23 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_bench_options_t, the values of INSTAR_BENCH_OPTIONS_INIT.
+func benchOptionsDefaults() -> instar_bench_options_t {
+    instar_bench_options_t(struct_size: UInt32(MemoryLayout<instar_bench_options_t>.size), flags: 0,
+                           format: nil, cache: nil, count: 75000, depth: 64, offset: 0,
+                           buffer_size: 4096, step: 0, pattern: 0, flush_interval: 0, progress: nil,
+                           progress_data: nil, key_secret: nil)
+}
+
 @_cdecl("instar_bench_options_init")
 public func instar_bench_options_init(_ opts: UnsafeMutablePointer<instar_bench_options_t>?) {
-    opts?.pointee = instar_bench_options_t(struct_size: UInt32(MemoryLayout<instar_bench_options_t>.size), flags: 0,
-                                           format: nil, cache: nil, count: 75000, depth: 64, offset: 0,
-                                           buffer_size: 4096, step: 0, pattern: 0, flush_interval: 0, progress: nil,
-                                           progress_data: nil, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 80, benchOptionsDefaults())
+}
+
+@_cdecl("instar_bench_options_init_sized")
+public func instar_bench_options_init_sized(_ opts: UnsafeMutablePointer<instar_bench_options_t>?,
+                                            _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, benchOptionsDefaults())
 }
 
 @_cdecl("instar_bench")
@@ -16,8 +27,7 @@ public func instar_bench(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointe
     capiCall(err) {
         let name = try cString(filename, "filename")
         guard let result else { throw InstarError.invalid("result must not be NULL") }
-        var defaults = instar_bench_options_t()
-        instar_bench_options_init(&defaults)
+        let defaults = benchOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var options = BenchOperation.Options()
         options.format = optionalString(o.format)

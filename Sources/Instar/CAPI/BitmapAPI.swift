@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_bitmap_options_t, the values of INSTAR_BITMAP_OPTIONS_INIT.
+func bitmapOptionsDefaults() -> instar_bitmap_options_t {
+    instar_bitmap_options_t(struct_size: UInt32(MemoryLayout<instar_bitmap_options_t>.size),
+                            open_flags: 0, format: nil, granularity: 0, source_file: nil,
+                            source_format: nil, key_secret: nil, warning: nil, warning_data: nil)
+}
+
 @_cdecl("instar_bitmap_options_init")
 public func instar_bitmap_options_init(_ opts: UnsafeMutablePointer<instar_bitmap_options_t>?) {
-    opts?.pointee = instar_bitmap_options_t(struct_size: UInt32(MemoryLayout<instar_bitmap_options_t>.size),
-                                            open_flags: 0, format: nil, granularity: 0, source_file: nil,
-                                            source_format: nil, key_secret: nil, warning: nil, warning_data: nil)
+    legacyInitOptions(opts, frozenSize: 64, bitmapOptionsDefaults())
+}
+
+@_cdecl("instar_bitmap_options_init_sized")
+public func instar_bitmap_options_init_sized(_ opts: UnsafeMutablePointer<instar_bitmap_options_t>?,
+                                             _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, bitmapOptionsDefaults())
 }
 
 @_cdecl("instar_bitmap")
@@ -16,8 +27,7 @@ public func instar_bitmap(_ filename: UnsafePointer<CChar>?, _ bitmap: UnsafePoi
     capiCall(err) {
         let name = try cString(filename, "filename")
         let bitmapName = try cString(bitmap, "bitmap")
-        var defaults = instar_bitmap_options_t()
-        instar_bitmap_options_init(&defaults)
+        let defaults = bitmapOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         guard count <= 4096 else { throw InstarError.invalid("Too many bitmap operations") }
         if count > 0 && actions == nil { throw InstarError.invalid("actions must not be NULL") }
@@ -48,12 +58,23 @@ public func instar_bitmap(_ filename: UnsafePointer<CChar>?, _ bitmap: UnsafePoi
     }
 }
 
+/// The defaults of instar_dd_options_t, the values of INSTAR_DD_OPTIONS_INIT.
+func ddOptionsDefaults() -> instar_dd_options_t {
+    instar_dd_options_t(struct_size: UInt32(MemoryLayout<instar_dd_options_t>.size), flags: 0,
+                        input_format: nil, output_format: nil, block_size: 0, count: -1, skip: -1,
+                        output_size: -1, input_size: -1, snapshot: nil, progress: nil,
+                        progress_data: nil, key_secret: nil)
+}
+
 @_cdecl("instar_dd_options_init")
 public func instar_dd_options_init(_ opts: UnsafeMutablePointer<instar_dd_options_t>?) {
-    opts?.pointee = instar_dd_options_t(struct_size: UInt32(MemoryLayout<instar_dd_options_t>.size), flags: 0,
-                                        input_format: nil, output_format: nil, block_size: 0, count: -1, skip: -1,
-                                        output_size: -1, input_size: -1, snapshot: nil, progress: nil,
-                                        progress_data: nil, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 96, ddOptionsDefaults())
+}
+
+@_cdecl("instar_dd_options_init_sized")
+public func instar_dd_options_init_sized(_ opts: UnsafeMutablePointer<instar_dd_options_t>?,
+                                         _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, ddOptionsDefaults())
 }
 
 @_cdecl("instar_dd")
@@ -61,8 +82,7 @@ public func instar_dd(_ input: UnsafePointer<CChar>?, _ output: UnsafePointer<CC
                       _ opts: UnsafePointer<instar_dd_options_t>?,
                       _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
-        var defaults = instar_dd_options_t()
-        instar_dd_options_init(&defaults)
+        let defaults = ddOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var options = DdOperation.Options()
         options.input = try cString(input, "input")

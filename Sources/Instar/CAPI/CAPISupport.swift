@@ -56,6 +56,27 @@ func readOptions<T>(_ ptr: UnsafePointer<T>?, defaults: T) throws -> T {
     return result
 }
 
+/// Fills the first `size` bytes of a caller's option struct with `defaults` (the caller's version of the struct
+/// may be older and smaller than the library's, never larger than what it declares), and sets its struct_size to
+/// the bytes written. A size above the library's struct is the library's size: fields the library does not know
+/// stay as the caller had them.
+func initOptions<T>(_ ptr: UnsafeMutablePointer<T>?, size: UInt32, _ defaults: T) -> Int32 {
+    guard let ptr, Int(size) >= MemoryLayout<UInt32>.size else { return InstarError.Code.invalid.rawValue }
+    let n = min(Int(size), MemoryLayout<T>.size)
+    withUnsafeBytes(of: defaults) { src in
+        UnsafeMutableRawPointer(ptr).copyMemory(from: src.baseAddress!, byteCount: n)
+    }
+    UnsafeMutableRawPointer(ptr).storeBytes(of: UInt32(n), as: UInt32.self)
+    return 0
+}
+
+/// The unsized instar_*_options_init of 0.1.0, kept for programs built before the _sized functions: it writes
+/// no more than the struct as it was in 0.1.0's header (`frozenSize`), so a later, larger struct never
+/// overflows such a caller. Programs built with a newer header reach the _sized function through the macro.
+func legacyInitOptions<T>(_ ptr: UnsafeMutablePointer<T>?, frozenSize: Int, _ defaults: T) {
+    _ = initOptions(ptr, size: UInt32(min(frozenSize, MemoryLayout<T>.size)), defaults)
+}
+
 /// A C string argument, or .invalid when NULL.
 func cString(_ p: UnsafePointer<CChar>?, _ what: String) throws -> String {
     guard let p else { throw InstarError.invalid("\(what) must not be NULL") }

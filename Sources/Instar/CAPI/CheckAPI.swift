@@ -4,10 +4,21 @@ import Glibc
 // instar_check*: `qemu-img check` through the C ABI. The per-cluster messages qemu prints to stderr are not
 // returned (the library never prints); the counters and the JSON text are.
 
+/// The defaults of instar_check_options_t, the values of INSTAR_CHECK_OPTIONS_INIT.
+func checkOptionsDefaults() -> instar_check_options_t {
+    instar_check_options_t(struct_size: UInt32(MemoryLayout<instar_check_options_t>.size),
+                           open_flags: 0, format: nil, repair: 0, key_secret: nil)
+}
+
 @_cdecl("instar_check_options_init")
 public func instar_check_options_init(_ opts: UnsafeMutablePointer<instar_check_options_t>?) {
-    opts?.pointee = instar_check_options_t(struct_size: UInt32(MemoryLayout<instar_check_options_t>.size),
-                                           open_flags: 0, format: nil, repair: 0, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 32, checkOptionsDefaults())
+}
+
+@_cdecl("instar_check_options_init_sized")
+public func instar_check_options_init_sized(_ opts: UnsafeMutablePointer<instar_check_options_t>?,
+                                            _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, checkOptionsDefaults())
 }
 
 /// The filename and the check options a C caller passed (repair bits, format, open flags, key secret).
@@ -15,8 +26,7 @@ func checkArguments(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<ins
     -> (String, CheckOperation.Options)
 {
     let name = try cString(filename, "filename")
-    var defaults = instar_check_options_t()
-    instar_check_options_init(&defaults)
+    let defaults = checkOptionsDefaults()
     let o = try readOptions(opts, defaults: defaults)
     var options = CheckOperation.Options()
     options.format = optionalString(o.format)

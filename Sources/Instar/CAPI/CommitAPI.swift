@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_commit_options_t, the values of INSTAR_COMMIT_OPTIONS_INIT.
+func commitOptionsDefaults() -> instar_commit_options_t {
+    instar_commit_options_t(struct_size: UInt32(MemoryLayout<instar_commit_options_t>.size),
+                            flags: 0, format: nil, base: nil, cache: nil, rate_limit: 0,
+                            progress: nil, progress_data: nil, key_secret: nil)
+}
+
 @_cdecl("instar_commit_options_init")
 public func instar_commit_options_init(_ opts: UnsafeMutablePointer<instar_commit_options_t>?) {
-    opts?.pointee = instar_commit_options_t(struct_size: UInt32(MemoryLayout<instar_commit_options_t>.size),
-                                            flags: 0, format: nil, base: nil, cache: nil, rate_limit: 0,
-                                            progress: nil, progress_data: nil, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 64, commitOptionsDefaults())
+}
+
+@_cdecl("instar_commit_options_init_sized")
+public func instar_commit_options_init_sized(_ opts: UnsafeMutablePointer<instar_commit_options_t>?,
+                                             _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, commitOptionsDefaults())
 }
 
 @_cdecl("instar_commit")
@@ -13,8 +24,7 @@ public func instar_commit(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
                           _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
         let name = try cString(filename, "filename")
-        var defaults = instar_commit_options_t()
-        instar_commit_options_init(&defaults)
+        let defaults = commitOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var options = CommitOperation.Options()
         options.format = optionalString(o.format)

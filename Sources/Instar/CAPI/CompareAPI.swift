@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_compare_options_t, the values of INSTAR_COMPARE_OPTIONS_INIT.
+func compareOptionsDefaults() -> instar_compare_options_t {
+    instar_compare_options_t(struct_size: UInt32(MemoryLayout<instar_compare_options_t>.size),
+                             open_flags: 0, format1: nil, format2: nil, strict: 0, progress: nil,
+                             progress_data: nil, key_secret1: nil, key_secret2: nil)
+}
+
 @_cdecl("instar_compare_options_init")
 public func instar_compare_options_init(_ opts: UnsafeMutablePointer<instar_compare_options_t>?) {
-    opts?.pointee = instar_compare_options_t(struct_size: UInt32(MemoryLayout<instar_compare_options_t>.size),
-                                             open_flags: 0, format1: nil, format2: nil, strict: 0, progress: nil,
-                                             progress_data: nil, key_secret1: nil, key_secret2: nil)
+    legacyInitOptions(opts, frozenSize: 64, compareOptionsDefaults())
+}
+
+@_cdecl("instar_compare_options_init_sized")
+public func instar_compare_options_init_sized(_ opts: UnsafeMutablePointer<instar_compare_options_t>?,
+                                              _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, compareOptionsDefaults())
 }
 
 /// Wraps a C progress callback: a nonzero return cancels the operation.
@@ -75,8 +86,7 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
         do {
             names.0 = try cString(filename1, "filename1")
             names.1 = try cString(filename2, "filename2")
-            var defaults = instar_compare_options_t()
-            instar_compare_options_init(&defaults)
+            let defaults = compareOptionsDefaults()
             let o = try readOptions(opts, defaults: defaults)
             let a = try openForOperation(names.0, format: optionalString(o.format1), flags: o.open_flags,
                                          keySecret: o.key_secret1)

@@ -1,13 +1,24 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_convert_options_t, the values of INSTAR_CONVERT_OPTIONS_INIT.
+func convertOptionsDefaults() -> instar_convert_options_t {
+    instar_convert_options_t(struct_size: UInt32(MemoryLayout<instar_convert_options_t>.size),
+                             flags: 0, source_format: nil, target_format: nil, source_cache: nil,
+                             target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
+                             options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
+                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil)
+}
+
 @_cdecl("instar_convert_options_init")
 public func instar_convert_options_init(_ opts: UnsafeMutablePointer<instar_convert_options_t>?) {
-    opts?.pointee = instar_convert_options_t(struct_size: UInt32(MemoryLayout<instar_convert_options_t>.size),
-                                             flags: 0, source_format: nil, target_format: nil, source_cache: nil,
-                                             target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
-                                             options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
-                                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 128, convertOptionsDefaults())
+}
+
+@_cdecl("instar_convert_options_init_sized")
+public func instar_convert_options_init_sized(_ opts: UnsafeMutablePointer<instar_convert_options_t>?,
+                                              _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, convertOptionsDefaults())
 }
 
 @_cdecl("instar_convert")
@@ -17,8 +28,7 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
     capiCall(err) {
         let src = try cString(source, "source")
         let dst = try cString(target, "target")
-        var defaults = instar_convert_options_t()
-        instar_convert_options_init(&defaults)
+        let defaults = convertOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var options = ConvertOptions()
         options.noCreate = o.flags & UInt32(INSTAR_CONVERT_NO_CREATE) != 0

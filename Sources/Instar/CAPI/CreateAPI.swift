@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_create_options_t, the values of INSTAR_CREATE_OPTIONS_INIT.
+func createOptionsDefaults() -> instar_create_options_t {
+    instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
+                            format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil,
+                            key_secret: nil, size_text: nil)
+}
+
 @_cdecl("instar_create_options_init")
 public func instar_create_options_init(_ opts: UnsafeMutablePointer<instar_create_options_t>?) {
-    opts?.pointee = instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
-                                            format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil,
-                                            key_secret: nil, size_text: nil)
+    legacyInitOptions(opts, frozenSize: 64, createOptionsDefaults())
+}
+
+@_cdecl("instar_create_options_init_sized")
+public func instar_create_options_init_sized(_ opts: UnsafeMutablePointer<instar_create_options_t>?,
+                                             _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, createOptionsDefaults())
 }
 
 @_cdecl("instar_create")
@@ -20,8 +31,7 @@ public func instar_create(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
 private func createParameters(_ filename: UnsafePointer<CChar>?,
                               _ opts: UnsafePointer<instar_create_options_t>?) throws -> Create.Parameters {
     let name = try cString(filename, "filename")
-    var defaults = instar_create_options_t()
-    instar_create_options_init(&defaults)
+    let defaults = createOptionsDefaults()
     let o = try readOptions(opts, defaults: defaults)
     var p = Create.Parameters(filename: name)
     p.format = optionalString(o.format) ?? "raw"

@@ -57,10 +57,21 @@ func optionList(_ list: String?, keySecret: String?, secrets: inout [String: Str
     return list + ",encrypt.key-secret=" + ImageOpenOptions.keySecretID
 }
 
+/// The defaults of instar_open_options_t, the values of INSTAR_OPEN_OPTIONS_INIT.
+func openOptionsDefaults() -> instar_open_options_t {
+    instar_open_options_t(struct_size: UInt32(MemoryLayout<instar_open_options_t>.size), flags: 0, format: nil,
+                                 key_secret: nil)
+}
+
 @_cdecl("instar_open_options_init")
 public func instar_open_options_init(_ opts: UnsafeMutablePointer<instar_open_options_t>?) {
-    opts?.pointee = instar_open_options_t(struct_size: UInt32(MemoryLayout<instar_open_options_t>.size), flags: 0, format: nil,
-                                                 key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 24, openOptionsDefaults())
+}
+
+@_cdecl("instar_open_options_init_sized")
+public func instar_open_options_init_sized(_ opts: UnsafeMutablePointer<instar_open_options_t>?,
+                                           _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, openOptionsDefaults())
 }
 
 @_cdecl("instar_open")
@@ -70,8 +81,7 @@ public func instar_open(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer
         guard let out else { throw InstarError.invalid("out must not be NULL") }
         out.pointee = nil
         let name = try cString(filename, "filename")
-        var defaults = instar_open_options_t()
-        instar_open_options_init(&defaults)
+        let defaults = openOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         let writable = o.flags & UInt32(INSTAR_OPEN_READ_WRITE) != 0
         let spec = try ImageOpener.parseSpec(name, format: optionalString(o.format))

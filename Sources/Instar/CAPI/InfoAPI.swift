@@ -5,10 +5,21 @@ import Glibc
 // An instar_info_t and everything it points to (strings, the snapshot and bitmap arrays, the backing chain) are
 // separate malloc'd blocks owned by the root; instar_info_free walks the tree and frees them all.
 
+/// The defaults of instar_info_options_t, the values of INSTAR_INFO_OPTIONS_INIT.
+func infoOptionsDefaults() -> instar_info_options_t {
+    instar_info_options_t(struct_size: UInt32(MemoryLayout<instar_info_options_t>.size), open_flags: 0,
+                          format: nil, backing_chain: 0, key_secret: nil)
+}
+
 @_cdecl("instar_info_options_init")
 public func instar_info_options_init(_ opts: UnsafeMutablePointer<instar_info_options_t>?) {
-    opts?.pointee = instar_info_options_t(struct_size: UInt32(MemoryLayout<instar_info_options_t>.size), open_flags: 0,
-                                          format: nil, backing_chain: 0, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 32, infoOptionsDefaults())
+}
+
+@_cdecl("instar_info_options_init_sized")
+public func instar_info_options_init_sized(_ opts: UnsafeMutablePointer<instar_info_options_t>?,
+                                           _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, infoOptionsDefaults())
 }
 
 /// The engine options and the list qemu-img would print for `filename`.
@@ -16,8 +27,7 @@ func collectInfo(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar
     -> (list: [ImageInfo], chain: Bool)
 {
     let name = try cString(filename, "filename")
-    var defaults = instar_info_options_t()
-    instar_info_options_init(&defaults)
+    let defaults = infoOptionsDefaults()
     let o = try readOptions(opts, defaults: defaults)
     var options = InfoOperation.Options()
     options.format = optionalString(o.format)

@@ -1,10 +1,21 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_map_options_t, the values of INSTAR_MAP_OPTIONS_INIT.
+func mapOptionsDefaults() -> instar_map_options_t {
+    instar_map_options_t(struct_size: UInt32(MemoryLayout<instar_map_options_t>.size), open_flags: 0,
+                         format: nil, start_offset: 0, max_length: -1, key_secret: nil)
+}
+
 @_cdecl("instar_map_options_init")
 public func instar_map_options_init(_ opts: UnsafeMutablePointer<instar_map_options_t>?) {
-    opts?.pointee = instar_map_options_t(struct_size: UInt32(MemoryLayout<instar_map_options_t>.size), open_flags: 0,
-                                         format: nil, start_offset: 0, max_length: -1, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 40, mapOptionsDefaults())
+}
+
+@_cdecl("instar_map_options_init_sized")
+public func instar_map_options_init_sized(_ opts: UnsafeMutablePointer<instar_map_options_t>?,
+                                          _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, mapOptionsDefaults())
 }
 
 /// Opens `name` read-only for an operation, with qemu-img's "Could not open 'NAME': " prefix on failure.
@@ -29,8 +40,7 @@ public func instar_map(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<
         guard let out else { throw InstarError.invalid("out must not be NULL") }
         out.pointee = nil
         let name = try cString(filename, "filename")
-        var defaults = instar_map_options_t()
-        instar_map_options_init(&defaults)
+        let defaults = mapOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         let image = try openForOperation(name, format: optionalString(o.format), flags: o.open_flags,
                                          keySecret: o.key_secret)

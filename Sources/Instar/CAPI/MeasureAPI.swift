@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_measure_options_t, the values of INSTAR_MEASURE_OPTIONS_INIT.
+func measureOptionsDefaults() -> instar_measure_options_t {
+    instar_measure_options_t(struct_size: UInt32(MemoryLayout<instar_measure_options_t>.size),
+                             open_flags: 0, source_format: nil, output_format: nil, options: nil, size: -1,
+                             key_secret: nil)
+}
+
 @_cdecl("instar_measure_options_init")
 public func instar_measure_options_init(_ opts: UnsafeMutablePointer<instar_measure_options_t>?) {
-    opts?.pointee = instar_measure_options_t(struct_size: UInt32(MemoryLayout<instar_measure_options_t>.size),
-                                             open_flags: 0, source_format: nil, output_format: nil, options: nil, size: -1,
-                                             key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 48, measureOptionsDefaults())
+}
+
+@_cdecl("instar_measure_options_init_sized")
+public func instar_measure_options_init_sized(_ opts: UnsafeMutablePointer<instar_measure_options_t>?,
+                                              _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, measureOptionsDefaults())
 }
 
 @_cdecl("instar_measure")
@@ -14,8 +25,7 @@ public func instar_measure(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoin
                            _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
         guard let result else { throw InstarError.invalid("result must not be NULL") }
-        var defaults = instar_measure_options_t()
-        instar_measure_options_init(&defaults)
+        let defaults = measureOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var p = Measure.Parameters()
         p.filename = optionalString(filename)

@@ -3,11 +3,22 @@ import Glibc
 
 // instar_probe: one structure of an image read from regions the caller captured (Inspect/).
 
+/// The defaults of instar_probe_options_t, the values of INSTAR_PROBE_OPTIONS_INIT.
+func probeOptionsDefaults() -> instar_probe_options_t {
+    instar_probe_options_t(struct_size: UInt32(MemoryLayout<instar_probe_options_t>.size), flags: 0,
+                           format: nil, part: nil, qcow2_known_features: 0, vhdx_item: nil,
+                           luks_passphrase: nil, luks_iter_limit: 0)
+}
+
 @_cdecl("instar_probe_options_init")
 public func instar_probe_options_init(_ opts: UnsafeMutablePointer<instar_probe_options_t>?) {
-    opts?.pointee = instar_probe_options_t(struct_size: UInt32(MemoryLayout<instar_probe_options_t>.size), flags: 0,
-                                           format: nil, part: nil, qcow2_known_features: 0, vhdx_item: nil,
-                                           luks_passphrase: nil, luks_iter_limit: 0)
+    legacyInitOptions(opts, frozenSize: 56, probeOptionsDefaults())
+}
+
+@_cdecl("instar_probe_options_init_sized")
+public func instar_probe_options_init_sized(_ opts: UnsafeMutablePointer<instar_probe_options_t>?,
+                                            _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, probeOptionsDefaults())
 }
 
 /// Copies `s` into a fixed char array of a C struct, NUL-terminated and truncated to fit.
@@ -32,8 +43,7 @@ public func instar_probe(_ regions: UnsafePointer<instar_probe_region_t>?, _ cou
         guard let result else { throw InstarError.invalid("result must not be NULL") }
         guard count == 0 || regions != nil else { throw InstarError.invalid("regions must not be NULL") }
         guard count <= maxProbeRegions else { throw InstarError.invalid("too many regions (at most 64)") }
-        var defaults = instar_probe_options_t()
-        instar_probe_options_init(&defaults)
+        let defaults = probeOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         let format = try cString(o.format, "format")
         let part = optionalString(o.part) ?? "header"

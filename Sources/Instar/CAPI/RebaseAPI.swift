@@ -1,12 +1,23 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_rebase_options_t, the values of INSTAR_REBASE_OPTIONS_INIT.
+func rebaseOptionsDefaults() -> instar_rebase_options_t {
+    instar_rebase_options_t(struct_size: UInt32(MemoryLayout<instar_rebase_options_t>.size),
+                            flags: 0, format: nil, backing_file: nil, backing_format: nil,
+                            cache: nil, source_cache: nil, progress: nil, progress_data: nil,
+                            key_secret: nil, warning: nil, warning_data: nil)
+}
+
 @_cdecl("instar_rebase_options_init")
 public func instar_rebase_options_init(_ opts: UnsafeMutablePointer<instar_rebase_options_t>?) {
-    opts?.pointee = instar_rebase_options_t(struct_size: UInt32(MemoryLayout<instar_rebase_options_t>.size),
-                                            flags: 0, format: nil, backing_file: nil, backing_format: nil,
-                                            cache: nil, source_cache: nil, progress: nil, progress_data: nil,
-                                            key_secret: nil, warning: nil, warning_data: nil)
+    legacyInitOptions(opts, frozenSize: 88, rebaseOptionsDefaults())
+}
+
+@_cdecl("instar_rebase_options_init_sized")
+public func instar_rebase_options_init_sized(_ opts: UnsafeMutablePointer<instar_rebase_options_t>?,
+                                             _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, rebaseOptionsDefaults())
 }
 
 @_cdecl("instar_rebase")
@@ -14,8 +25,7 @@ public func instar_rebase(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
                           _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
         let name = try cString(filename, "filename")
-        var defaults = instar_rebase_options_t()
-        instar_rebase_options_init(&defaults)
+        let defaults = rebaseOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var options = RebaseOperation.Options()
         options.unsafe = o.flags & UInt32(INSTAR_REBASE_UNSAFE) != 0

@@ -1,11 +1,22 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_resize_options_t, the values of INSTAR_RESIZE_OPTIONS_INIT.
+func resizeOptionsDefaults() -> instar_resize_options_t {
+    instar_resize_options_t(struct_size: UInt32(MemoryLayout<instar_resize_options_t>.size),
+                            open_flags: 0, format: nil, preallocation: nil, flags: 0,
+                            key_secret: nil)
+}
+
 @_cdecl("instar_resize_options_init")
 public func instar_resize_options_init(_ opts: UnsafeMutablePointer<instar_resize_options_t>?) {
-    opts?.pointee = instar_resize_options_t(struct_size: UInt32(MemoryLayout<instar_resize_options_t>.size),
-                                            open_flags: 0, format: nil, preallocation: nil, flags: 0,
-                                            key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 40, resizeOptionsDefaults())
+}
+
+@_cdecl("instar_resize_options_init_sized")
+public func instar_resize_options_init_sized(_ opts: UnsafeMutablePointer<instar_resize_options_t>?,
+                                             _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, resizeOptionsDefaults())
 }
 
 @_cdecl("instar_resize")
@@ -14,8 +25,7 @@ public func instar_resize(_ filename: UnsafePointer<CChar>?, _ size: Int64,
                           _ err: UnsafeMutablePointer<instar_error_t>?) -> Int32 {
     capiCall(err) {
         let name = try cString(filename, "filename")
-        var defaults = instar_resize_options_t()
-        instar_resize_options_init(&defaults)
+        let defaults = resizeOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
         var options = ResizeOperation.Options()
         options.format = optionalString(o.format)

@@ -1,16 +1,26 @@
 import CInstar
 import Glibc
 
+/// The defaults of instar_snapshot_options_t, the values of INSTAR_SNAPSHOT_OPTIONS_INIT.
+func snapshotOptionsDefaults() -> instar_snapshot_options_t {
+    instar_snapshot_options_t(struct_size: UInt32(MemoryLayout<instar_snapshot_options_t>.size),
+                              open_flags: 0, key_secret: nil)
+}
+
 @_cdecl("instar_snapshot_options_init")
 public func instar_snapshot_options_init(_ opts: UnsafeMutablePointer<instar_snapshot_options_t>?) {
-    opts?.pointee = instar_snapshot_options_t(struct_size: UInt32(MemoryLayout<instar_snapshot_options_t>.size),
-                                              open_flags: 0, key_secret: nil)
+    legacyInitOptions(opts, frozenSize: 16, snapshotOptionsDefaults())
+}
+
+@_cdecl("instar_snapshot_options_init_sized")
+public func instar_snapshot_options_init_sized(_ opts: UnsafeMutablePointer<instar_snapshot_options_t>?,
+                                               _ size: UInt32) -> Int32 {
+    initOptions(opts, size: size, snapshotOptionsDefaults())
 }
 
 /// The operation options an options struct (or its defaults) asks for.
 private func snapshotOptions(_ opts: UnsafePointer<instar_snapshot_options_t>?) throws -> SnapshotOperation.Options {
-    var defaults = instar_snapshot_options_t()
-    instar_snapshot_options_init(&defaults)
+    let defaults = snapshotOptionsDefaults()
     let o = try readOptions(opts, defaults: defaults)
     var options = SnapshotOperation.Options()
     options.open = openOptions(flags: o.open_flags & ~UInt32(INSTAR_OPEN_READ_WRITE), keySecret: o.key_secret)
