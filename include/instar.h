@@ -57,7 +57,8 @@ enum {
     INSTAR_E_PERMISSION = -9,   /**< permission denied, or the image is read-only */
     INSTAR_E_ENCRYPTED = -10,   /**< the image is encrypted and no usable secret was given */
     INSTAR_E_CHAIN = -11,       /**< the backing chain is broken, loops or is too deep */
-    INSTAR_E_RANGE = -12        /**< an offset or size is out of range */
+    INSTAR_E_RANGE = -12,       /**< an offset or size is out of range */
+    INSTAR_E_LIMIT = -13        /**< a limit of instar_limits_t was reached (time, CPU) */
 };
 
 /** Details of a failure. `message` is what qemu-img would print after "qemu-img: ". */
@@ -66,6 +67,23 @@ typedef struct instar_error {
     int32_t errno_value;  /**< the errno behind the failure, or 0 */
     char message[1024];   /**< NUL-terminated, truncated if longer */
 } instar_error_t;
+
+/* ---- Per-call limits ------------------------------------------------------------------------------ */
+
+/**
+ * Limits for one call, for images that may be hostile: point an options struct's `limits` at one (NULL: no
+ * limits). A call that reaches a limit fails with INSTAR_E_LIMIT. The library checks them before each read of an
+ * image and between the steps of an operation, never inside a metadata update: an operation that writes and is
+ * stopped leaves its images as a crash at that point would (qemu-img check finds leaks at most).
+ */
+typedef struct instar_limits {
+    uint32_t struct_size;  /**< sizeof(instar_limits_t) */
+    uint32_t flags;        /**< reserved, 0 */
+    int64_t timeout_ms;    /**< wall-clock time the call may take, from its start; 0 or less: no limit */
+    int64_t cpu_ms;        /**< CPU time each thread working for the call may use; 0 or less: no limit */
+} instar_limits_t;
+
+#define INSTAR_LIMITS_INIT { sizeof(instar_limits_t), 0, 0, 0 }
 
 /** The library version as "MAJOR.MINOR.PATCH". Static storage; never free it. */
 const char *instar_version(void);
@@ -93,9 +111,10 @@ typedef struct instar_open_options {
     uint32_t flags;              /**< INSTAR_OPEN_* */
     const char *format;          /**< "qcow2", "raw", ...; NULL to probe (like omitting qemu-img -f) */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_open_options_t;
 
-#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL }
+#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_OPEN_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -208,9 +227,10 @@ typedef struct instar_info_options {
     const char *format;              /**< NULL to probe */
     int32_t backing_chain;           /**< nonzero: fill ->backing for the whole chain */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_info_options_t;
 
-#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL }
+#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_INFO_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -266,9 +286,10 @@ typedef struct instar_map_options {
     uint64_t start_offset;       /**< --start-offset */
     int64_t max_length;          /**< --max-length, -1 for to the end */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_map_options_t;
 
-#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL }
+#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_MAP_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -315,9 +336,10 @@ typedef struct instar_compare_options {
     void *progress_data;
     const char *key_secret1;     /**< the passphrase of the first image's encryption (encrypt.key-secret), or NULL */
     const char *key_secret2;     /**< the passphrase of the second image's encryption, or NULL */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_compare_options_t;
 
-#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
+#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_COMPARE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -394,10 +416,11 @@ typedef struct instar_convert_options {
     /** Passphrase of the target: an existing encrypted target (-n), or a new one whose `options` ask for
      *  encrypt.format=luks (it is used as encrypt.key-secret). NULL for none. */
     const char *target_key_secret;
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_convert_options_t;
 
 #define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL, \
-                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL }
+                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_CONVERT_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -440,9 +463,10 @@ typedef struct instar_create_options {
      * INSTAR_E_RANGE).
      */
     const char *size_text;
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_create_options_t;
 
-#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL, NULL }
+#define INSTAR_CREATE_OPTIONS_INIT { sizeof(instar_create_options_t), 0, NULL, -1, NULL, NULL, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_CREATE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -483,9 +507,10 @@ typedef struct instar_measure_options {
      * when `options` ask for encryption (as for instar_create); NULL for none.
      */
     const char *key_secret;
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_measure_options_t;
 
-#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1, NULL }
+#define INSTAR_MEASURE_OPTIONS_INIT { sizeof(instar_measure_options_t), 0, NULL, NULL, NULL, -1, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_MEASURE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -560,9 +585,10 @@ typedef struct instar_check_options {
     const char *format;          /**< -f, NULL to probe */
     uint32_t repair;             /**< INSTAR_CHECK_REPAIR_*; nonzero opens the image for writing */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_check_options_t;
 
-#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0, NULL }
+#define INSTAR_CHECK_OPTIONS_INIT { sizeof(instar_check_options_t), 0, NULL, 0, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_CHECK_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -640,9 +666,10 @@ typedef struct instar_resize_options {
     const char *preallocation;   /**< --preallocation: "off", "metadata", "falloc" or "full"; NULL means off */
     uint32_t flags;              /**< INSTAR_RESIZE_* */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_resize_options_t;
 
-#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0, NULL }
+#define INSTAR_RESIZE_OPTIONS_INIT { sizeof(instar_resize_options_t), 0, NULL, NULL, 0, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_RESIZE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -670,9 +697,10 @@ typedef struct instar_amend_options {
     instar_progress_fn progress; /**< called with the percentages `qemu-img amend -p` shows, or NULL */
     void *progress_data;
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_amend_options_t;
 
-#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL }
+#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_AMEND_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -708,9 +736,10 @@ typedef struct instar_commit_options {
     instar_progress_fn progress; /**< called with the percentages `qemu-img commit -p` shows, or NULL */
     void *progress_data;
     const char *key_secret;      /**< the passphrase of the top image's encryption (encrypt.key-secret), or NULL */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_commit_options_t;
 
-#define INSTAR_COMMIT_OPTIONS_INIT { sizeof(instar_commit_options_t), 0, NULL, NULL, NULL, 0, NULL, NULL, NULL }
+#define INSTAR_COMMIT_OPTIONS_INIT { sizeof(instar_commit_options_t), 0, NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_COMMIT_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -757,10 +786,11 @@ typedef struct instar_rebase_options {
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
     instar_warning_fn warning;   /**< gets the warnings qemu-img rebase prints (probed raw), or NULL */
     void *warning_data;
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_rebase_options_t;
 
 #define INSTAR_REBASE_OPTIONS_INIT { sizeof(instar_rebase_options_t), 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-                                     NULL, NULL, NULL }
+                                     NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_REBASE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -811,9 +841,10 @@ typedef struct instar_bitmap_options {
     const char *key_secret;      /**< the passphrase of the image's encryption, NULL for none */
     instar_warning_fn warning;   /**< gets the warnings qemu-img bitmap prints (probed raw), or NULL */
     void *warning_data;
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_bitmap_options_t;
 
-#define INSTAR_BITMAP_OPTIONS_INIT { sizeof(instar_bitmap_options_t), 0, NULL, 0, NULL, NULL, NULL, NULL, NULL }
+#define INSTAR_BITMAP_OPTIONS_INIT { sizeof(instar_bitmap_options_t), 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_BITMAP_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -855,9 +886,10 @@ typedef struct instar_dd_options {
     instar_progress_fn progress;
     void *progress_data;
     const char *key_secret;      /**< the passphrase of an encrypted input, NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_dd_options_t;
 
-#define INSTAR_DD_OPTIONS_INIT { sizeof(instar_dd_options_t), 0, NULL, NULL, 0, -1, -1, -1, -1, NULL, NULL, NULL, NULL }
+#define INSTAR_DD_OPTIONS_INIT { sizeof(instar_dd_options_t), 0, NULL, NULL, 0, -1, -1, -1, -1, NULL, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_DD_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -900,10 +932,11 @@ typedef struct instar_bench_options {
     instar_progress_fn progress;
     void *progress_data;
     const char *key_secret;      /**< the passphrase of the image's encryption, NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_bench_options_t;
 
 #define INSTAR_BENCH_OPTIONS_INIT { sizeof(instar_bench_options_t), 0, NULL, NULL, 75000, 64, 0, 4096, 0, 0, 0, \
-                                    NULL, NULL, NULL }
+                                    NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_BENCH_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -941,9 +974,10 @@ typedef struct instar_snapshot_options {
     uint32_t struct_size;
     uint32_t open_flags;         /**< INSTAR_OPEN_NO_CACHE and INSTAR_OPEN_FORCE_SHARE (list only) are honoured */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_snapshot_options_t;
 
-#define INSTAR_SNAPSHOT_OPTIONS_INIT { sizeof(instar_snapshot_options_t), 0, NULL }
+#define INSTAR_SNAPSHOT_OPTIONS_INIT { sizeof(instar_snapshot_options_t), 0, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_SNAPSHOT_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -1034,9 +1068,10 @@ typedef struct instar_probe_options {
     const char *luks_passphrase;
     /** luks "payload": refuse PBKDF2 iteration counts above this (0: only the library's own cap). */
     uint32_t luks_iter_limit;
+    const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_probe_options_t;
 
-#define INSTAR_PROBE_OPTIONS_INIT { sizeof(instar_probe_options_t), 0, NULL, NULL, 0, NULL, NULL, 0 }
+#define INSTAR_PROBE_OPTIONS_INIT { sizeof(instar_probe_options_t), 0, NULL, NULL, 0, NULL, NULL, 0, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_PROBE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.

@@ -100,6 +100,35 @@ opt_flags(pTHX_ HV *hv, const char *key, const flag_name_t *names)
     return f;
 }
 
+/* Seconds (a Perl number, fractions allowed) as whole milliseconds; a positive value below 1 ms is 1 ms. */
+static int64_t
+opt_ms(pTHX_ HV *hv, const char *key)
+{
+    SV *sv = opt_sv(aTHX_ hv, key);
+    NV sec;
+    if (!sv)
+        return 0;
+    if (!looks_like_number(sv))
+        croak("Instar: option '%s' must be a number of seconds", key);
+    sec = SvNV(sv);
+    if (!(sec > 0))
+        return 0;
+    if (sec > 9.0e12)
+        return INT64_MAX;
+    return sec * 1000.0 < 1.0 ? 1 : (int64_t)(sec * 1000.0);
+}
+
+/* The call's limits from `timeout` and `cpu_limit` (seconds), in *lim; NULL when neither is set. */
+static const instar_limits_t *
+opt_limits(pTHX_ HV *hv, instar_limits_t *lim)
+{
+    instar_limits_t l = INSTAR_LIMITS_INIT;
+    l.timeout_ms = opt_ms(aTHX_ hv, "timeout");
+    l.cpu_ms = opt_ms(aTHX_ hv, "cpu_limit");
+    *lim = l;
+    return l.timeout_ms > 0 || l.cpu_ms > 0 ? lim : NULL;
+}
+
 static const flag_name_t open_flag_names[] = {
     { "read_write", INSTAR_OPEN_READ_WRITE }, { "force_share", INSTAR_OPEN_FORCE_SHARE },
     { "no_backing", INSTAR_OPEN_NO_BACKING }, { "no_cache", INSTAR_OPEN_NO_CACHE }, { NULL, 0 }
@@ -304,9 +333,10 @@ info_hv(pTHX_ const instar_info_t *in)
 }
 
 static void
-info_options(pTHX_ HV *hv, instar_info_options_t *o)
+info_options(pTHX_ HV *hv, instar_info_options_t *o, instar_limits_t *lim)
 {
     instar_info_options_init(o);
+    o->limits = opt_limits(aTHX_ hv, lim);
     o->open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o->format = opt_str(aTHX_ hv, "format", NULL);
     o->backing_chain = opt_bool(aTHX_ hv, "backing_chain");
@@ -348,13 +378,14 @@ _info(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_info_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     instar_info_t *out = NULL, *node;
     int rc;
     HV *hv;
   CODE:
     hv = opts_hv(aTHX_ opts);
-    info_options(aTHX_ hv, &o);
+    info_options(aTHX_ hv, &o, &lim);
     rc = instar_info(filename, &o, &out, &err);
     CHECK(rc, err);
     if (o.backing_chain) {
@@ -375,11 +406,12 @@ info_json(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_info_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     char *json = NULL;
     int rc;
   CODE:
-    info_options(aTHX_ opts_hv(aTHX_ opts), &o);
+    info_options(aTHX_ opts_hv(aTHX_ opts), &o, &lim);
     rc = instar_info_json(filename, &o, &json, &err);
     CHECK(rc, err);
     RETVAL = take_string(aTHX_ json);
@@ -392,11 +424,12 @@ info_human(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_info_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     char *text = NULL;
     int rc;
   CODE:
-    info_options(aTHX_ opts_hv(aTHX_ opts), &o);
+    info_options(aTHX_ opts_hv(aTHX_ opts), &o, &lim);
     rc = instar_info_human(filename, &o, &text, &err);
     CHECK(rc, err);
     RETVAL = take_string(aTHX_ text);
@@ -409,6 +442,7 @@ map(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_map_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     instar_map_t *m = NULL;
     int rc;
@@ -418,6 +452,7 @@ map(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_map_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.start_offset = (uint64_t)opt_i64(aTHX_ hv, "start_offset", 0);
@@ -454,6 +489,7 @@ compare(filename1, filename2, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_compare_options_t o;
+    instar_limits_t lim;
     instar_compare_result_t r;
     instar_error_t err;
     progress_t p;
@@ -462,6 +498,7 @@ compare(filename1, filename2, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_compare_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format1 = opt_str(aTHX_ hv, "format1", NULL);
     o.format2 = opt_str(aTHX_ hv, "format2", NULL);
@@ -497,6 +534,7 @@ convert(source, target, opts = &PL_sv_undef)
         { "skip_broken_bitmaps", INSTAR_CONVERT_SKIP_BROKEN_BITMAPS }, { NULL, 0 }
     };
     instar_convert_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     progress_t p;
     int rc;
@@ -504,6 +542,7 @@ convert(source, target, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_convert_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", names);
     o.source_format = opt_str(aTHX_ hv, "source_format", NULL);
     o.target_format = opt_str(aTHX_ hv, "target_format", NULL);
@@ -531,12 +570,14 @@ create(filename, opts = &PL_sv_undef)
   PREINIT:
     static const flag_name_t names[] = { { "no_backing_open", INSTAR_CREATE_NO_BACKING_OPEN }, { NULL, 0 } };
     instar_create_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     int rc;
     HV *hv;
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_create_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.size = opt_i64(aTHX_ hv, "size", -1);
@@ -553,6 +594,7 @@ measure(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_measure_options_t o;
+    instar_limits_t lim;
     instar_measure_result_t r;
     instar_error_t err;
     int rc;
@@ -560,6 +602,7 @@ measure(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_measure_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.source_format = opt_str(aTHX_ hv, "source_format", NULL);
     o.output_format = opt_str(aTHX_ hv, "output_format", NULL);
@@ -585,6 +628,7 @@ check(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_check_options_t o;
+    instar_limits_t lim;
     instar_check_result_t r;
     instar_error_t err;
     int rc;
@@ -592,6 +636,7 @@ check(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_check_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
@@ -624,6 +669,7 @@ check_json(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_check_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     char *json = NULL;
     int rc;
@@ -631,6 +677,7 @@ check_json(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_check_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
@@ -647,6 +694,7 @@ check_chain_json(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_check_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     char *json = NULL;
     int32_t exit_code = 0;
@@ -655,6 +703,7 @@ check_chain_json(filename, opts = &PL_sv_undef)
   PPCODE:
     hv = opts_hv(aTHX_ opts);
     instar_check_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
@@ -674,12 +723,14 @@ resize(filename, size, opts = &PL_sv_undef)
         { "relative", INSTAR_RESIZE_RELATIVE }, { "shrink", INSTAR_RESIZE_SHRINK }, { NULL, 0 }
     };
     instar_resize_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     int rc;
     HV *hv;
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_resize_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.preallocation = opt_str(aTHX_ hv, "preallocation", NULL);
@@ -694,6 +745,7 @@ amend(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_amend_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     progress_t p;
     int rc;
@@ -701,6 +753,7 @@ amend(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_amend_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.options = opt_str(aTHX_ hv, "options", NULL);
@@ -719,6 +772,7 @@ commit(filename, opts = &PL_sv_undef)
   PREINIT:
     static const flag_name_t names[] = { { "no_empty", INSTAR_COMMIT_NO_EMPTY }, { NULL, 0 } };
     instar_commit_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     progress_t p;
     int rc;
@@ -726,6 +780,7 @@ commit(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_commit_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.base = opt_str(aTHX_ hv, "base", NULL);
@@ -747,6 +802,7 @@ rebase(filename, opts = &PL_sv_undef)
         { "unsafe", INSTAR_REBASE_UNSAFE }, { "force_share", INSTAR_REBASE_FORCE_SHARE }, { NULL, 0 }
     };
     instar_rebase_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     progress_t p;
     int rc;
@@ -754,6 +810,7 @@ rebase(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_rebase_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.backing_file = opt_str(aTHX_ hv, "backing_file", NULL);
@@ -775,6 +832,7 @@ _bitmap(filename, bitmap, actions, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_bitmap_options_t o;
+    instar_limits_t lim;
     instar_bitmap_action_t acts[64];
     instar_error_t err;
     int rc;
@@ -803,6 +861,7 @@ _bitmap(filename, bitmap, actions, opts = &PL_sv_undef)
         acts[i].merge_source = (m && SvOK(*m)) ? SvPV_nolen(*m) : NULL;
     }
     instar_bitmap_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.granularity = opt_i64(aTHX_ hv, "granularity", 0);
@@ -822,6 +881,7 @@ dd(input, output, opts = &PL_sv_undef)
         { "force_share", INSTAR_DD_FORCE_SHARE }, { "no_create", INSTAR_DD_NO_CREATE }, { NULL, 0 }
     };
     instar_dd_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     progress_t p;
     int rc;
@@ -829,6 +889,7 @@ dd(input, output, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_dd_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", names);
     o.input_format = opt_str(aTHX_ hv, "input_format", NULL);
     o.output_format = opt_str(aTHX_ hv, "output_format", NULL);
@@ -855,6 +916,7 @@ bench(filename, opts = &PL_sv_undef)
         { "force_share", INSTAR_BENCH_FORCE_SHARE }, { "native_aio", INSTAR_BENCH_NATIVE_AIO }, { NULL, 0 }
     };
     instar_bench_options_t o;
+    instar_limits_t lim;
     instar_bench_result_t r;
     instar_error_t err;
     progress_t p;
@@ -863,6 +925,7 @@ bench(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_bench_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.cache = opt_str(aTHX_ hv, "cache", NULL);
@@ -895,6 +958,7 @@ snapshot_list(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_snapshot_options_t o;
+    instar_limits_t lim;
     instar_snapshot_list_t *l = NULL;
     instar_error_t err;
     int rc;
@@ -904,6 +968,7 @@ snapshot_list(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_snapshot_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
     rc = instar_snapshot_list(filename, &o, &l, &err);
@@ -924,12 +989,14 @@ _snapshot(op, filename, name, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_snapshot_options_t o;
+    instar_limits_t lim;
     instar_error_t err;
     int rc;
     HV *hv;
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_snapshot_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
     if (op == 0)
@@ -950,6 +1017,7 @@ _open(filename, opts = &PL_sv_undef)
     SV *opts
   PREINIT:
     instar_open_options_t o;
+    instar_limits_t lim;
     instar_image_t *img = NULL;
     instar_error_t err;
     int rc;
@@ -957,6 +1025,7 @@ _open(filename, opts = &PL_sv_undef)
   CODE:
     hv = opts_hv(aTHX_ opts);
     instar_open_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
     o.flags = opt_flags(aTHX_ hv, "flags", open_flag_names);
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);

@@ -5,7 +5,7 @@ import Glibc
 func amendOptionsDefaults() -> instar_amend_options_t {
     instar_amend_options_t(struct_size: UInt32(MemoryLayout<instar_amend_options_t>.size),
                            open_flags: 0, format: nil, options: nil, force: 0, progress: nil,
-                           progress_data: nil, key_secret: nil)
+                           progress_data: nil, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_amend_options_init")

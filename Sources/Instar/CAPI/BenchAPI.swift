@@ -6,7 +6,7 @@ func benchOptionsDefaults() -> instar_bench_options_t {
     instar_bench_options_t(struct_size: UInt32(MemoryLayout<instar_bench_options_t>.size), flags: 0,
                            format: nil, cache: nil, count: 75000, depth: 64, offset: 0,
                            buffer_size: 4096, step: 0, pattern: 0, flush_interval: 0, progress: nil,
-                           progress_data: nil, key_secret: nil)
+                           progress_data: nil, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_bench_options_init")

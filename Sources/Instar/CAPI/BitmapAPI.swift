@@ -5,7 +5,7 @@ import Glibc
 func bitmapOptionsDefaults() -> instar_bitmap_options_t {
     instar_bitmap_options_t(struct_size: UInt32(MemoryLayout<instar_bitmap_options_t>.size),
                             open_flags: 0, format: nil, granularity: 0, source_file: nil,
-                            source_format: nil, key_secret: nil, warning: nil, warning_data: nil)
+                            source_format: nil, key_secret: nil, warning: nil, warning_data: nil, limits: nil)
 }
 
 @_cdecl("instar_bitmap_options_init")
@@ -63,7 +63,7 @@ func ddOptionsDefaults() -> instar_dd_options_t {
     instar_dd_options_t(struct_size: UInt32(MemoryLayout<instar_dd_options_t>.size), flags: 0,
                         input_format: nil, output_format: nil, block_size: 0, count: -1, skip: -1,
                         output_size: -1, input_size: -1, snapshot: nil, progress: nil,
-                        progress_data: nil, key_secret: nil)
+                        progress_data: nil, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_dd_options_init")

@@ -30,7 +30,7 @@ func clearError(_ err: UnsafeMutablePointer<instar_error_t>?) {
 /// Runs `body`, turning any thrown error into an INSTAR_E_* code in `err`.
 func capiCall(_ err: UnsafeMutablePointer<instar_error_t>?, _ body: () throws -> Void) -> Int32 {
     do {
-        try body()
+        try CallBudget.callScope(body)
         clearError(err)
         return 0
     } catch {
@@ -41,6 +41,11 @@ func capiCall(_ err: UnsafeMutablePointer<instar_error_t>?, _ body: () throws ->
 /// Reads a caller's option struct whose first member is `uint32_t struct_size`: only the bytes the caller
 /// declared are taken, the rest keep `defaults`. A NULL pointer gives the defaults.
 func readOptions<T>(_ ptr: UnsafePointer<T>?, defaults: T) throws -> T {
+    try readDeclared(ptr, defaults: defaults)
+}
+
+/// The part of a caller's struct its struct_size declares, over `defaults` (readOptions' work).
+private func readDeclared<T>(_ ptr: UnsafePointer<T>?, defaults: T) throws -> T {
     guard let ptr else { return defaults }
     let declared = Int(UnsafeRawPointer(ptr).load(as: UInt32.self))
     guard declared >= MemoryLayout<UInt32>.size else {
@@ -77,6 +82,41 @@ func legacyInitOptions<T>(_ ptr: UnsafeMutablePointer<T>?, frozenSize: Int, _ de
     _ = initOptions(ptr, size: UInt32(min(frozenSize, MemoryLayout<T>.size)), defaults)
 }
 
+/// An options struct with a `limits` member (instar_limits_t *).
+protocol CallLimitedOptions {
+    var limits: UnsafePointer<instar_limits_t>! { get }
+}
+
+extension instar_open_options_t: CallLimitedOptions {}
+extension instar_info_options_t: CallLimitedOptions {}
+extension instar_map_options_t: CallLimitedOptions {}
+extension instar_compare_options_t: CallLimitedOptions {}
+extension instar_convert_options_t: CallLimitedOptions {}
+extension instar_create_options_t: CallLimitedOptions {}
+extension instar_measure_options_t: CallLimitedOptions {}
+extension instar_check_options_t: CallLimitedOptions {}
+extension instar_resize_options_t: CallLimitedOptions {}
+extension instar_amend_options_t: CallLimitedOptions {}
+extension instar_commit_options_t: CallLimitedOptions {}
+extension instar_rebase_options_t: CallLimitedOptions {}
+extension instar_bitmap_options_t: CallLimitedOptions {}
+extension instar_dd_options_t: CallLimitedOptions {}
+extension instar_bench_options_t: CallLimitedOptions {}
+extension instar_snapshot_options_t: CallLimitedOptions {}
+extension instar_probe_options_t: CallLimitedOptions {}
+
+/// readOptions for a struct with limits: the limits it points to hold for the rest of the C API call.
+func readOptions<T: CallLimitedOptions>(_ ptr: UnsafePointer<T>?, defaults: T) throws -> T {
+    let o = try readDeclared(ptr, defaults: defaults)
+    if let lp = o.limits {
+        let none = instar_limits_t(struct_size: UInt32(MemoryLayout<instar_limits_t>.size), flags: 0, timeout_ms: 0,
+                                   cpu_ms: 0)
+        let l = try readDeclared(lp, defaults: none)
+        CallBudget.installForCall(CallBudget.make(timeoutMs: l.timeout_ms, cpuMs: l.cpu_ms))
+    }
+    return o
+}
+
 /// A C string argument, or .invalid when NULL.
 func cString(_ p: UnsafePointer<CChar>?, _ what: String) throws -> String {
     guard let p else { throw InstarError.invalid("\(what) must not be NULL") }
@@ -109,6 +149,7 @@ private let errorNames: [Int32: UnsafePointer<CChar>] = {
         (0, "success"), (-1, "invalid argument"), (-2, "I/O error"), (-3, "not found"), (-4, "corrupt image"),
         (-5, "not supported"), (-6, "image is locked"), (-7, "out of memory"), (-8, "cancelled"),
         (-9, "permission denied"), (-10, "encrypted image"), (-11, "bad backing chain"), (-12, "out of range"),
+        (-13, "limit reached"),
     ]
     var d: [Int32: UnsafePointer<CChar>] = [:]
     for (c, n) in names { d[c] = UnsafePointer(strdup(n)!) }

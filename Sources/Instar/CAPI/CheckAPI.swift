@@ -7,7 +7,7 @@ import Glibc
 /// The defaults of instar_check_options_t, the values of INSTAR_CHECK_OPTIONS_INIT.
 func checkOptionsDefaults() -> instar_check_options_t {
     instar_check_options_t(struct_size: UInt32(MemoryLayout<instar_check_options_t>.size),
-                           open_flags: 0, format: nil, repair: 0, key_secret: nil)
+                           open_flags: 0, format: nil, repair: 0, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_check_options_init")

@@ -5,7 +5,7 @@ import Glibc
 func commitOptionsDefaults() -> instar_commit_options_t {
     instar_commit_options_t(struct_size: UInt32(MemoryLayout<instar_commit_options_t>.size),
                             flags: 0, format: nil, base: nil, cache: nil, rate_limit: 0,
-                            progress: nil, progress_data: nil, key_secret: nil)
+                            progress: nil, progress_data: nil, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_commit_options_init")

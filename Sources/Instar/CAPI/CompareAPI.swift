@@ -5,7 +5,7 @@ import Glibc
 func compareOptionsDefaults() -> instar_compare_options_t {
     instar_compare_options_t(struct_size: UInt32(MemoryLayout<instar_compare_options_t>.size),
                              open_flags: 0, format1: nil, format2: nil, strict: 0, progress: nil,
-                             progress_data: nil, key_secret1: nil, key_secret2: nil)
+                             progress_data: nil, key_secret1: nil, key_secret2: nil, limits: nil)
 }
 
 @_cdecl("instar_compare_options_init")

@@ -7,7 +7,7 @@ func convertOptionsDefaults() -> instar_convert_options_t {
                              flags: 0, source_format: nil, target_format: nil, source_cache: nil,
                              target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
                              options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
-                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil)
+                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_convert_options_init")

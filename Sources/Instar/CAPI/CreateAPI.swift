@@ -5,7 +5,7 @@ import Glibc
 func createOptionsDefaults() -> instar_create_options_t {
     instar_create_options_t(struct_size: UInt32(MemoryLayout<instar_create_options_t>.size), flags: 0,
                             format: nil, size: -1, backing_file: nil, backing_format: nil, options: nil,
-                            key_secret: nil, size_text: nil)
+                            key_secret: nil, size_text: nil, limits: nil)
 }
 
 @_cdecl("instar_create_options_init")

@@ -60,7 +60,7 @@ func optionList(_ list: String?, keySecret: String?, secrets: inout [String: Str
 /// The defaults of instar_open_options_t, the values of INSTAR_OPEN_OPTIONS_INIT.
 func openOptionsDefaults() -> instar_open_options_t {
     instar_open_options_t(struct_size: UInt32(MemoryLayout<instar_open_options_t>.size), flags: 0, format: nil,
-                                 key_secret: nil)
+                                 key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_open_options_init")

@@ -8,7 +8,7 @@ import Glibc
 /// The defaults of instar_info_options_t, the values of INSTAR_INFO_OPTIONS_INIT.
 func infoOptionsDefaults() -> instar_info_options_t {
     instar_info_options_t(struct_size: UInt32(MemoryLayout<instar_info_options_t>.size), open_flags: 0,
-                          format: nil, backing_chain: 0, key_secret: nil)
+                          format: nil, backing_chain: 0, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_info_options_init")

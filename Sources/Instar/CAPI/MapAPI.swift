@@ -4,7 +4,7 @@ import Glibc
 /// The defaults of instar_map_options_t, the values of INSTAR_MAP_OPTIONS_INIT.
 func mapOptionsDefaults() -> instar_map_options_t {
     instar_map_options_t(struct_size: UInt32(MemoryLayout<instar_map_options_t>.size), open_flags: 0,
-                         format: nil, start_offset: 0, max_length: -1, key_secret: nil)
+                         format: nil, start_offset: 0, max_length: -1, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_map_options_init")

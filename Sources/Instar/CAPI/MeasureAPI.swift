@@ -5,7 +5,7 @@ import Glibc
 func measureOptionsDefaults() -> instar_measure_options_t {
     instar_measure_options_t(struct_size: UInt32(MemoryLayout<instar_measure_options_t>.size),
                              open_flags: 0, source_format: nil, output_format: nil, options: nil, size: -1,
-                             key_secret: nil)
+                             key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_measure_options_init")

@@ -7,7 +7,7 @@ import Glibc
 func probeOptionsDefaults() -> instar_probe_options_t {
     instar_probe_options_t(struct_size: UInt32(MemoryLayout<instar_probe_options_t>.size), flags: 0,
                            format: nil, part: nil, qcow2_known_features: 0, vhdx_item: nil,
-                           luks_passphrase: nil, luks_iter_limit: 0)
+                           luks_passphrase: nil, luks_iter_limit: 0, limits: nil)
 }
 
 @_cdecl("instar_probe_options_init")

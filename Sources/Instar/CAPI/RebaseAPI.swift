@@ -6,7 +6,7 @@ func rebaseOptionsDefaults() -> instar_rebase_options_t {
     instar_rebase_options_t(struct_size: UInt32(MemoryLayout<instar_rebase_options_t>.size),
                             flags: 0, format: nil, backing_file: nil, backing_format: nil,
                             cache: nil, source_cache: nil, progress: nil, progress_data: nil,
-                            key_secret: nil, warning: nil, warning_data: nil)
+                            key_secret: nil, warning: nil, warning_data: nil, limits: nil)
 }
 
 @_cdecl("instar_rebase_options_init")

@@ -5,7 +5,7 @@ import Glibc
 func resizeOptionsDefaults() -> instar_resize_options_t {
     instar_resize_options_t(struct_size: UInt32(MemoryLayout<instar_resize_options_t>.size),
                             open_flags: 0, format: nil, preallocation: nil, flags: 0,
-                            key_secret: nil)
+                            key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_resize_options_init")

@@ -4,7 +4,7 @@ import Glibc
 /// The defaults of instar_snapshot_options_t, the values of INSTAR_SNAPSHOT_OPTIONS_INIT.
 func snapshotOptionsDefaults() -> instar_snapshot_options_t {
     instar_snapshot_options_t(struct_size: UInt32(MemoryLayout<instar_snapshot_options_t>.size),
-                              open_flags: 0, key_secret: nil)
+                              open_flags: 0, key_secret: nil, limits: nil)
 }
 
 @_cdecl("instar_snapshot_options_init")

@@ -121,6 +121,7 @@ public final class HostFile {
     @discardableResult
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
         if buffer.count == 0 { return 0 }
+        try CallBudget.checkpoint()
         if let base {
             guard offset < windowSize else { return 0 }
             let n = Int(min(UInt64(buffer.count), windowSize - offset))

@@ -39,6 +39,7 @@ public enum ChainStatus {
     /// or it lies past the backing file's end; data over a hole of the host file (RECURSE) reads as zero.
     /// Returns nil when `offset` is at or past the layer's end (qemu's pnum 0 with BDRV_BLOCK_EOF).
     public static func layerStatus(_ layer: ImageLayer, at offset: UInt64, length: UInt64) throws -> ChainBlockStatus? {
+        try CallBudget.checkpoint()
         let total = layer.virtualSize
         if offset >= total || length == 0 { return nil }
         let bytes = min(length, total - offset)

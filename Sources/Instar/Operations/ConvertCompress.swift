@@ -128,8 +128,9 @@ func runParallel(_ n: Int, _ body: @escaping (Int, Int) -> Void) {
     }
     var tids: [pthread_t] = []
     var fallback: [Int] = []
+    let budget = CallBudget.current
     for t in 1..<n {
-        let job = Unmanaged.passRetained(ThreadJob { body(t, n) }).toOpaque()
+        let job = Unmanaged.passRetained(ThreadJob { CallBudget.run(budget) { body(t, n) } }).toOpaque()
         var tid = pthread_t()
         let rc = pthread_create(&tid, nil, { arg in
             guard let arg else { return nil }

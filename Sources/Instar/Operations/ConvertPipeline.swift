@@ -49,6 +49,8 @@ final class ChunkReader {
     var salvage = false
 
     private var iterator: ConvertOperation.Iterator
+    /// The limits of the call that made this reader; its thread works under them too.
+    private let budget = CallBudget.current
     private let sources: [ImageLayer]
     private let sourceSectors: [UInt64]
     private let totalSectors: UInt64
@@ -163,6 +165,10 @@ final class ChunkReader {
 
     /// The reader thread: fills free slots in order until the end, an error, or `stop()`.
     private func run() {
+        CallBudget.run(budget) { runLoop() }
+    }
+
+    private func runLoop() {
         while true {
             pthread_mutex_lock(mutex)
             while produced - consumed == depth && !stopping { pthread_cond_wait(changed, mutex) }

@@ -18,6 +18,7 @@ public struct ProgressMeter {
     /// qemu_progress_print(delta, max): with `max` 0 `delta` is the new percentage, otherwise `delta` percent of
     /// `max` is added to the current value.
     public mutating func advance(_ delta: Float, max: Int) throws {
+        try CallBudget.checkpoint()
         var value: Float = max == 0 ? delta : current + delta / 100 * Float(max)
         if value > 100 { value = 100 }
         current = value

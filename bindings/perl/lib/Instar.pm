@@ -18,6 +18,7 @@ our $_FALSE = JSON::PP::false();
 use constant {
     E_INVALID => -1, E_IO => -2, E_NOT_FOUND => -3, E_CORRUPT => -4, E_UNSUPPORTED => -5, E_LOCKED => -6,
     E_NOMEM => -7, E_CANCELLED => -8, E_PERMISSION => -9, E_ENCRYPTED => -10, E_CHAIN => -11, E_RANGE => -12,
+    E_LIMIT => -13,
 
     OPEN_READ_WRITE => 1, OPEN_FORCE_SHARE => 2, OPEN_NO_BACKING => 4, OPEN_NO_CACHE => 8,
     CHECK_REPAIR_LEAKS => 1, CHECK_REPAIR_ERRORS => 2, CHECK_REPAIR_ALL => 3,
@@ -181,6 +182,13 @@ as a number in C<flags>/C<open_flags>.
 
 Byte counts and offsets are Perl integers (IV/UV): nothing goes through a floating-point number, so sizes above
 2**53 stay exact on a 64-bit perl.
+
+=head2 Limits
+
+Every function takes C<timeout> and C<cpu_limit> (seconds, fractions allowed): the library stops the call when
+it runs longer, or when a thread working for it used more CPU time, and dies with code C<Instar::E_LIMIT>. It
+stops before a read or between the steps of an operation, so an image being written is left as a crash at that
+point would leave it (C<qemu-img check> finds leaks at most).
 
 =head2 Strings
 

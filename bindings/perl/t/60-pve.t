@@ -283,6 +283,50 @@ for my $p (qw(i q)) {
     ok(same_image("$d/to-t.qcow2", "$d/to-ref.qcow2"), '... and the contents too');
 }
 
+# ---- info, measure and resize take $timeout as the library's time limit ----
+{
+    # A vmdk of 4096 flat extents: opening them all takes far longer than a 1 ms limit on any machine.
+    mkdir "$d/vx" or die;
+    Instar::create("$d/vx/t.vmdk", format => 'vmdk', size => 8 << 40, options => 'subformat=twoGbMaxExtentFlat');
+    my @o = observe(sub { Instar::PVE::qemu_img_info("$d/vx/t.vmdk", 'vmdk', 0.001) });
+    is($o[0], '', 'qemu_img_info past its timeout: the empty string run_qemu_img_json returns');
+    is($o[2], "command '/usr/bin/qemu-img info --output=json -f vmdk -- $d/vx/t.vmdk' failed: got timeout\n",
+        '... and the warning run_command\'s timeout gives');
+    is($o[1], '', '... without dying');
+    @o = observe(sub { Instar::PVE::qemu_img_info_struct("$d/vx/t.vmdk", 'vmdk', 0.001) });
+    ok(!defined($o[0]) && $o[1] eq '' && $o[2] =~ /failed: got timeout\n\z/, 'qemu_img_info_struct: undef');
+    my $e = do { eval { Instar::info("$d/vx/t.vmdk", timeout => 0.001) }; $@ };
+    ok(ref($e) && $e->code == Instar::E_LIMIT, 'Instar::info past its timeout dies with E_LIMIT');
+    like("$e", qr/Operation stopped: its time limit of 1 ms is reached$/, '... and says so');
+    is(Instar::PVE::qemu_img_info("$d/vx/t.vmdk", 'vmdk', 600), pve_qemu_img_info("$d/vx/t.vmdk", 'vmdk', 600),
+        'qemu_img_info of it within its timeout: qemu-img\'s JSON');
+    unlink glob("$d/vx/*");
+    rmdir "$d/vx";
+    # A chain within the limit: the same results as without one.
+    Instar::create("$d/ch0.qcow2", format => 'qcow2', size => 1 << 20);
+    for my $i (1 .. 20) {
+        Instar::create("$d/ch$i.qcow2", format => 'qcow2', backing_file => "ch" . ($i - 1) . ".qcow2",
+            backing_format => 'qcow2');
+    }
+    # Within the limit: the same results as without one.
+    is(Instar::PVE::qemu_img_info("$d/ch20.qcow2", 'qcow2', 600, 1),
+        pve_qemu_img_info("$d/ch20.qcow2", 'qcow2', 600, 1), 'qemu_img_info within its timeout: qemu-img\'s JSON');
+    is(Instar::PVE::qemu_img_measure(1024, 'qcow2', 600), pve_qemu_img_measure(1024, 'qcow2', 600),
+        'qemu_img_measure within its timeout: qemu-img\'s JSON');
+    qimg_ok('create', '-f', 'qcow2', "$d/rt.qcow2", '1M');
+    @o = observe(sub { Instar::PVE::qemu_img_resize("$d/rt.qcow2", 'qcow2', 2 << 20, undef, 600) });
+    is($o[4], "Image resized.\n", 'qemu_img_resize within its timeout');
+    is(Instar::info("$d/rt.qcow2")->{'virtual-size'}, 2 << 20, '... resized');
+    # A convert past its limit: E_LIMIT, and the target holds no corruption.
+    qimg_ok('create', '-f', 'raw', "$d/big.raw", '256M');
+    qemu_io('-f', 'raw', '-c', 'write -P 0x5a 0 256M', "$d/big.raw");
+    $e = do { eval { Instar::convert("$d/big.raw", "$d/big.qcow2", target_format => 'qcow2',
+        timeout => 0.001) }; $@ };
+    ok(ref($e) && $e->code == Instar::E_LIMIT, 'convert of 256 MiB with a 1 ms limit dies with E_LIMIT');
+    is((qimg('check', "$d/big.qcow2"))[0], 0, '... and what it left checks clean') if -e "$d/big.qcow2";
+    unlink "$d/big.raw", "$d/big.qcow2";
+}
+
 # ---- QemuImage::convert (paths) and the EFI-disk dd ----
 
 {

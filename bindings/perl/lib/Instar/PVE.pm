@@ -55,7 +55,7 @@ sub _is_instar_error { return ref($_[0]) && eval { $_[0]->isa('Instar::Error') }
 sub _fail_plain {
     my ($cmd, $err) = @_;
     die $err if !_is_instar_error($err);
-    if ($err->{timeout}) {
+    if ($err->{timeout} || $err->code == Instar::E_LIMIT) {
         die "command '" . _cmdstr($cmd) . "' failed: got timeout\n";
     }
     print STDERR "$_\n" for _stderr_lines($err);
@@ -66,7 +66,7 @@ sub _fail_plain {
 sub _fail_errmsg {
     my ($errmsg, $cmd, $err) = @_;
     die $err if !_is_instar_error($err);
-    die "command '" . _cmdstr($cmd) . "' failed: got timeout\n" if $err->{timeout};
+    die "command '" . _cmdstr($cmd) . "' failed: got timeout\n" if $err->{timeout} || $err->code == Instar::E_LIMIT;
     my @lines = _stderr_lines($err);
     my $last = pop @lines;
     print STDERR "$_\n" for @lines;
@@ -88,11 +88,19 @@ sub _deadline_progress {
 
 sub _mark_timeout {
     my ($err, $timeout, $started) = @_;
-    if (_is_instar_error($err) && $err->code == Instar::E_CANCELLED && $timeout
-        && Time::HiRes::time() - $started >= $timeout) {
+    if (_is_instar_error($err) && $timeout && ($err->code == Instar::E_LIMIT
+        || ($err->code == Instar::E_CANCELLED && Time::HiRes::time() - $started >= $timeout))) {
         $err->{timeout} = 1;
     }
     return $err;
+}
+
+# The JSON helpers' timeout: run_command's die is only warned about, qemu-img printed nothing, so the caller
+# gets an empty string.
+sub _json_timeout {
+    my ($cmd) = @_;
+    warn "command '" . _cmdstr($cmd) . "' failed: got timeout\n";
+    return '';
 }
 
 # qemu-img's size argument "NNNK" (PVE passes KiB): bytes, or undef when qemu-img would reject it.
@@ -149,10 +157,12 @@ sub qemu_img_info {
     my ($filename, $file_format, $timeout, $follow_backing_files) = @_;
     my $json = eval {
         Instar::info_json($filename, ($file_format ? (format => $file_format) : ()),
-            ($follow_backing_files ? (backing_chain => 1) : ()));
+            ($follow_backing_files ? (backing_chain => 1) : ()), ($timeout ? (timeout => $timeout) : ()));
     };
     if (my $err = $@) {
         die $err if !_is_instar_error($err);
+        return _json_timeout(_info_cmd($filename, $file_format, $follow_backing_files))
+            if $err->code == Instar::E_LIMIT;
         warn "command '" . _cmdstr(_info_cmd($filename, $file_format, $follow_backing_files))
             . "' failed: exit code 1\n";
         die join('', map { "$_\n" } _stderr_lines($err));
@@ -166,10 +176,14 @@ sub qemu_img_info_struct {
     my ($filename, $file_format, $timeout, $follow_backing_files) = @_;
     my $r = eval {
         Instar::info($filename, ($file_format ? (format => $file_format) : ()),
-            ($follow_backing_files ? (backing_chain => 1) : ()));
+            ($follow_backing_files ? (backing_chain => 1) : ()), ($timeout ? (timeout => $timeout) : ()));
     };
     if (my $err = $@) {
         die $err if !_is_instar_error($err);
+        if ($err->code == Instar::E_LIMIT) {
+            _json_timeout(_info_cmd($filename, $file_format, $follow_backing_files));
+            return undef;
+        }
         warn "command '" . _cmdstr(_info_cmd($filename, $file_format, $follow_backing_files))
             . "' failed: exit code 1\n";
         die join('', map { "$_\n" } _stderr_lines($err));
@@ -190,10 +204,11 @@ sub qemu_img_measure {
             message => "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
                 . "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
             if !defined $bytes;
-        Instar::measure(undef, size => $bytes, output_format => $fmt, @o);
+        Instar::measure(undef, size => $bytes, output_format => $fmt, @o, ($timeout ? (timeout => $timeout) : ()));
     };
     if (my $err = $@) {
         die $err if !_is_instar_error($err);
+        return _json_timeout($cmd) if $err->code == Instar::E_LIMIT;
         warn "command '" . _cmdstr($cmd) . "' failed: exit code 1\n";
         die join('', map { "$_\n" } _stderr_lines($err));
     }
@@ -206,6 +221,7 @@ sub qemu_img_measure {
 sub qemu_img_resize {
     my ($path, $format, $size, $preallocation, $timeout) = @_;
     die "format is missing" if !$format;
+    $timeout = 10 if !$timeout;
     my $cmd = ['/usr/bin/qemu-img', 'resize', ($preallocation ? ("--preallocation=$preallocation") : ()),
         '-f', $format, '--', $path, $size];
     eval {
@@ -214,7 +230,7 @@ sub qemu_img_resize {
             message => 'Invalid image size specified. Must be between 0 and 9223372036854775807.')
             if !defined $n;
         Instar::resize($path, $rel eq '-' ? -$n : $n, format => $format, relative => ($rel ne '' ? 1 : 0),
-            ($preallocation ? (preallocation => $preallocation) : ()));
+            ($preallocation ? (preallocation => $preallocation) : ()), timeout => $timeout);
     };
     _fail_plain($cmd, $@) if $@;
     print "Image resized.\n";
@@ -338,7 +354,9 @@ sub volume_snapshot_delete {
 sub qemu_img_commit {
     my ($path, $timeout) = @_;
     my $t0 = Time::HiRes::time();
-    eval { Instar::commit($path, ($timeout ? (progress => _deadline_progress($timeout)) : ())) };
+    eval {
+        Instar::commit($path, ($timeout ? (timeout => $timeout, progress => _deadline_progress($timeout)) : ()));
+    };
     _fail_plain(['/usr/bin/qemu-img', 'commit', $path], _mark_timeout($@, $timeout, $t0)) if $@;
     print "Image committed.\n";
     return undef;
@@ -352,7 +370,7 @@ sub qemu_img_rebase {
     my $t0 = Time::HiRes::time();
     eval {
         Instar::rebase($path, backing_file => $backing_path, backing_format => $backing_format,
-            format => $format, ($timeout ? (progress => _deadline_progress($timeout)) : ()));
+            format => $format, ($timeout ? (timeout => $timeout, progress => _deadline_progress($timeout)) : ()));
     };
     _fail_plain(['/usr/bin/qemu-img', 'rebase', '-b', $backing_path, '-F', $backing_format, '-f', $format,
         $path], _mark_timeout($@, $timeout, $t0)) if $@;
@@ -540,8 +558,10 @@ plain paths.
 
 Progress of C<convert> is printed as qemu-server prints it (C<transferred X of Y (P%)>), or handed to
 C<< $opts->{progress} >> (C<($percent, $transferred, $total)>; a true return cancels). A C<$timeout> is honoured
-by the library for the operations that report progress (commit, rebase): the operation stops at the deadline and
-the sub dies with C<command '...' failed: got timeout>. C<info>, C<create>, C<measure>, C<resize> and the
-snapshot calls complete without polling a deadline (they do not wait on anything but the image's own I/O).
+by the library (its per-call time limit, see L<Instar/Limits>), not by killing a child: C<qemu_img_info> and
+C<qemu_img_measure> then warn C<command '...' failed: got timeout> and return an empty string as PVE's helper
+does when run_command times out (C<qemu_img_info_struct> returns undef); C<qemu_img_resize> (10 s when no timeout
+is given, as PVE), C<qemu_img_commit> and C<qemu_img_rebase> die with C<command '...' failed: got timeout>.
+Nothing is left half-written.
 
 =cut
