@@ -34,11 +34,13 @@ from .bitmapdd import bench_result  # noqa: E402,F401
 from .create import create_formatting  # noqa: E402,F401
 from .check import check_report  # noqa: E402,F401
 from .ops import compare_status  # noqa: E402,F401
+from ._lib import LimitReached, limits  # noqa: E402,F401
 
 # The public names (mypy --strict and `from instar import *` take them from here).
 __all__ = [
     "InstarError", "Invalid", "IO", "NotFound", "Corrupt", "Unsupported", "Locked", "NoMemory", "Cancelled",
-    "Permission", "Encrypted", "Chain", "OutOfRange", "ERROR_CLASSES", "LibraryNotFoundError", "lib", "library_path",
+    "Permission", "Encrypted", "Chain", "OutOfRange", "LimitReached", "limits",
+    "ERROR_CLASSES", "LibraryNotFoundError", "lib", "library_path",
     "version", "Image", "OPEN_READ_WRITE", "OPEN_FORCE_SHARE", "OPEN_NO_BACKING", "OPEN_NO_CACHE", "ZERO_MAY_UNMAP",
     "ImageInfo", "Snapshot", "info", "info_json", "info_human", "check", "check_json", "check_result", "CheckResult",
     "create", "measure", "measure_result", "MeasureResult", "map", "map_entries", "MapEntry", "compare",

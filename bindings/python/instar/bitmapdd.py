@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Dict, Optional, Tuple, Union
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 from .ops import PROGRESS_FN, _progress
 from .progress import WARNING_FN, Cancel, ProgressCallable, WarningCallable, make_warning
 from .results import BenchResult as BenchResultData
@@ -20,19 +20,19 @@ class BitmapAction(ctypes.Structure):
     _fields_ = [("action", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("merge_source", ctypes.c_char_p)]
 
 
-class BitmapOptions(ctypes.Structure):
+class BitmapOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("granularity", ctypes.c_int64), ("source_file", ctypes.c_char_p),
                 ("source_format", ctypes.c_char_p), ("key_secret", ctypes.c_char_p), ("warning", WARNING_FN),
-                ("warning_data", ctypes.c_void_p)]
+                ("warning_data", ctypes.c_void_p), ("limits", ctypes.POINTER(Limits))]
 
 
-class DdOptions(ctypes.Structure):
+class DdOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("input_format", ctypes.c_char_p),
                 ("output_format", ctypes.c_char_p), ("block_size", ctypes.c_int64), ("count", ctypes.c_int64),
                 ("skip", ctypes.c_int64), ("output_size", ctypes.c_int64), ("input_size", ctypes.c_int64),
                 ("snapshot", ctypes.c_char_p), ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p),
-                ("key_secret", ctypes.c_char_p)]
+                ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:
@@ -91,12 +91,12 @@ BENCH_FORCE_SHARE = 1 << 2
 BENCH_NATIVE_AIO = 1 << 3
 
 
-class BenchOptions(ctypes.Structure):
+class BenchOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("cache", ctypes.c_char_p), ("count", ctypes.c_int32), ("depth", ctypes.c_int32),
                 ("offset", ctypes.c_int64), ("buffer_size", ctypes.c_int32), ("step", ctypes.c_int32),
                 ("pattern", ctypes.c_int32), ("flush_interval", ctypes.c_int32), ("progress", PROGRESS_FN),
-                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
+                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 class BenchResult(ctypes.Structure):

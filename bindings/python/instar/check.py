@@ -9,7 +9,7 @@ import ctypes
 import json
 from typing import Any, Dict, Optional, Tuple
 
-from ._lib import Error, check as _check_rc, encode, lib, take_string
+from ._lib import Error, Limits, Options, check as _check_rc, encode, lib, take_string
 from .image import OPEN_FORCE_SHARE
 from .results import CheckResult
 
@@ -26,9 +26,9 @@ class _CheckResult(ctypes.Structure):
                 ("fragmented_clusters", ctypes.c_int64), ("compressed_clusters", ctypes.c_int64)]
 
 
-class _CheckOptions(ctypes.Structure):
+class _CheckOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("repair", ctypes.c_uint32), ("key_secret", ctypes.c_char_p)]
+                ("repair", ctypes.c_uint32), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:

@@ -4,17 +4,18 @@ from __future__ import annotations
 import ctypes
 from typing import Optional
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 from .ops import PROGRESS_FN, _progress
 from .progress import Cancel, ProgressCallable
 
 COMMIT_NO_EMPTY = 1 << 0
 
 
-class CommitOptions(ctypes.Structure):
+class CommitOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("base", ctypes.c_char_p), ("cache", ctypes.c_char_p), ("rate_limit", ctypes.c_int64),
-                ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
+                ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
 def commit(path: str, base: Optional[str] = None, drop: bool = False, fmt: Optional[str] = None,

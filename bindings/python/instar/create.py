@@ -4,22 +4,24 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from ._lib import Error, InstarError, check, encode, lib, take_string
+from ._lib import Error, Limits, Options, InstarError, check, encode, lib, take_string
 from .results import MeasureResult as MeasureResultData
 
 CREATE_NO_BACKING_OPEN = 1 << 0
 
 
-class CreateOptions(ctypes.Structure):
+class CreateOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("size", ctypes.c_int64), ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p), ("size_text", ctypes.c_char_p)]
+                ("options", ctypes.c_char_p), ("key_secret", ctypes.c_char_p), ("size_text", ctypes.c_char_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
-class MeasureOptions(ctypes.Structure):
+class MeasureOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32),
                 ("source_format", ctypes.c_char_p), ("output_format", ctypes.c_char_p),
-                ("options", ctypes.c_char_p), ("size", ctypes.c_int64), ("key_secret", ctypes.c_char_p)]
+                ("options", ctypes.c_char_p), ("size", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
 class MeasureResult(ctypes.Structure):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Optional, Union
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 
 OPEN_READ_WRITE = 1 << 0
 OPEN_FORCE_SHARE = 1 << 1
@@ -14,9 +14,9 @@ OPEN_NO_CACHE = 1 << 3
 ZERO_MAY_UNMAP = 1 << 0
 
 
-class OpenOptions(ctypes.Structure):
+class OpenOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("key_secret", ctypes.c_char_p)]
+                ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:

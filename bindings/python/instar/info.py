@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any, Dict, List, Optional, Union
 
-from ._lib import Error, check, encode, lib, take_string
+from ._lib import Error, Limits, Options, check, encode, lib, take_string
 from .image import OPEN_FORCE_SHARE
 
 UNSET = -1
@@ -44,9 +44,9 @@ _Info._fields_ = [
 ]
 
 
-class _InfoOptions(ctypes.Structure):
+class _InfoOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p)]
+                ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._lib import Error, InstarError, check, encode, lib  # noqa: F401
+from ._lib import Error, Limits, Options, InstarError, check, encode, lib  # noqa: F401
 from .image import OPEN_FORCE_SHARE
 from .progress import PROGRESS_FN as PROGRESS_FN  # re-exported: the other modules take it from here
 from .progress import Cancel, ProgressCallable, make_progress
@@ -32,16 +32,17 @@ class Map(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint64), ("entries", ctypes.POINTER(MapEntry))]
 
 
-class MapOptions(ctypes.Structure):
+class MapOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("start_offset", ctypes.c_uint64), ("max_length", ctypes.c_int64), ("key_secret", ctypes.c_char_p)]
+                ("start_offset", ctypes.c_uint64), ("max_length", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
-class CompareOptions(ctypes.Structure):
+class CompareOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format1", ctypes.c_char_p),
                 ("format2", ctypes.c_char_p), ("strict", ctypes.c_int32), ("progress", PROGRESS_FN),
                 ("progress_data", ctypes.c_void_p), ("key_secret1", ctypes.c_char_p),
-                ("key_secret2", ctypes.c_char_p)]
+                ("key_secret2", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 class CompareResult(ctypes.Structure):
@@ -50,14 +51,14 @@ class CompareResult(ctypes.Structure):
                 ("exit_status", ctypes.c_int32), ("error_message", ctypes.c_char * 512)]
 
 
-class ConvertOptions(ctypes.Structure):
+class ConvertOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("source_format", ctypes.c_char_p),
                 ("target_format", ctypes.c_char_p), ("source_cache", ctypes.c_char_p),
                 ("target_cache", ctypes.c_char_p), ("sparse_size", ctypes.c_int64), ("progress", PROGRESS_FN),
                 ("progress_data", ctypes.c_void_p), ("options", ctypes.c_char_p), ("backing_file", ctypes.c_char_p),
                 ("backing_format", ctypes.c_char_p), ("snapshot", ctypes.c_char_p), ("coroutines", ctypes.c_int32),
                 ("rate_limit", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
-                ("target_key_secret", ctypes.c_char_p)]
+                ("target_key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:

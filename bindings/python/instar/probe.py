@@ -10,7 +10,7 @@ import ctypes
 import dataclasses
 from typing import Optional, Sequence, Tuple, Union
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 
 V_BACKING_FILE = 1 << 0
 V_DATA_FILE = 1 << 1
@@ -29,11 +29,11 @@ class _Region(ctypes.Structure):
     _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64), ("data", ctypes.c_void_p)]
 
 
-class _Options(ctypes.Structure):
+class _Options(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("part", ctypes.c_char_p), ("qcow2_known_features", ctypes.c_uint32),
                 ("vhdx_item", ctypes.c_void_p), ("luks_passphrase", ctypes.c_char_p),
-                ("luks_iter_limit", ctypes.c_uint32)]
+                ("luks_iter_limit", ctypes.c_uint32), ("limits", ctypes.POINTER(Limits))]
 
 
 class _Result(ctypes.Structure):

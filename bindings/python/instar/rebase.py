@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Optional
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 from .ops import PROGRESS_FN, _progress
 from .progress import WARNING_FN, Cancel, ProgressCallable, WarningCallable, make_warning
 
@@ -12,11 +12,12 @@ REBASE_UNSAFE = 1 << 0
 REBASE_FORCE_SHARE = 1 << 1
 
 
-class RebaseOptions(ctypes.Structure):
+class RebaseOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("backing_file", ctypes.c_char_p), ("backing_format", ctypes.c_char_p), ("cache", ctypes.c_char_p),
                 ("source_cache", ctypes.c_char_p), ("progress", PROGRESS_FN), ("progress_data", ctypes.c_void_p),
-                ("key_secret", ctypes.c_char_p), ("warning", WARNING_FN), ("warning_data", ctypes.c_void_p)]
+                ("key_secret", ctypes.c_char_p), ("warning", WARNING_FN), ("warning_data", ctypes.c_void_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:

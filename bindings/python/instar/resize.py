@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 from typing import Optional, Tuple, Union
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 from .create import _option_string
 from .ops import PROGRESS_FN, _progress
 from .progress import Cancel, ProgressCallable
@@ -13,15 +13,16 @@ RESIZE_RELATIVE = 1 << 0
 RESIZE_SHRINK = 1 << 1
 
 
-class ResizeOptions(ctypes.Structure):
+class ResizeOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("preallocation", ctypes.c_char_p), ("flags", ctypes.c_uint32), ("key_secret", ctypes.c_char_p)]
+                ("preallocation", ctypes.c_char_p), ("flags", ctypes.c_uint32), ("key_secret", ctypes.c_char_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
-class AmendOptions(ctypes.Structure):
+class AmendOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("options", ctypes.c_char_p), ("force", ctypes.c_uint32), ("progress", PROGRESS_FN),
-                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p)]
+                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import ctypes
 from typing import List, Optional
 
-from ._lib import Error, check, encode, lib
+from ._lib import Error, Limits, Options, check, encode, lib
 from .info import Snapshot, _Snapshot
 
 
-class SnapshotOptions(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("key_secret", ctypes.c_char_p)]
+class SnapshotOptions(Options):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("key_secret", ctypes.c_char_p),
+                ("limits", ctypes.POINTER(Limits))]
 
 
 class _SnapshotList(ctypes.Structure):

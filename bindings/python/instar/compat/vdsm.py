@@ -19,9 +19,10 @@ The public names, arguments, return values and exceptions are VDSM's:
 
 ``trusted_image=False`` (``info``): VDSM runs qemu-img under prlimit (30 s of CPU, 1 GiB of address space) because
 qemu's parsers were not hardened. libinstar bounds every size and count it reads from an image before allocating
-and rejects hostile images with an error (never a crash of the host process), whatever ``trusted_image`` says; the
-C API has no caller-set CPU or memory budget yet, so ``trusted_image=False`` applies no further limit today.
-Budgets that a caller sets per call are planned (issue 14); this flag will map onto them.
+and rejects hostile images with an error (never a crash of the host process), whatever ``trusted_image`` says;
+with ``trusted_image=False`` the call also runs under the library's CPU limit of 30 s (``instar.limits``), and
+fails as qemu-img killed by prlimit would (a ``cmdutils.Error``). The library has no caller-set memory budget yet
+(issue 14), so the 1 GiB part has no counterpart beyond those bounds.
 
 Differences from running qemu-img: the operations do not change the process's working directory (VDSM runs some
 commands in the image's folder; this only matters for relative image paths, which VDSM does not use), and
@@ -30,6 +31,7 @@ commands in the image's folder; this only matters for relative image paths, whic
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -39,11 +41,14 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 import instar
+from instar import limits
 from instar.compat._info import info_dicts
 
 _log = logging.getLogger("storage.qemuimg")
 
 _QEMU_IMG = "qemu-img"
+# The CPU time VDSM gives `qemu-img info` of an untrusted image (its prlimit --cpu=30).
+UNTRUSTED_CPU_SECONDS = 30
 
 
 class FORMAT:
@@ -357,8 +362,9 @@ def info(image: str, format: Optional[str] = None, unsafe: bool = False, trusted
     if backing_chain:
         cmd.append("--backing-chain")
     cmd.append(image)
-    dicts: List[Dict[str, Any]] = _call(cmd, info_dicts, image, format=format or None, force_share=unsafe,
-                                        backing_chain=backing_chain)
+    with contextlib.nullcontext() if trusted_image else limits(cpu=UNTRUSTED_CPU_SECONDS):
+        dicts: List[Dict[str, Any]] = _call(cmd, info_dicts, image, format=format or None, force_share=unsafe,
+                                            backing_chain=backing_chain)
     for d in dicts:
         for key in ("virtual-size", "format"):
             if key not in d:
