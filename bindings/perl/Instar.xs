@@ -16,8 +16,9 @@
 
 /* ---- errors ---- */
 
+/* Croaks with an Instar::Error; `output` (may be NULL) is what qemu-img printed on stdout before failing. */
 static void
-instar_croak(pTHX_ int rc, const instar_error_t *e)
+instar_croak_output(pTHX_ int rc, const instar_error_t *e, const char *output)
 {
     HV *hv = newHV();
     SV *ref;
@@ -28,8 +29,16 @@ instar_croak(pTHX_ int rc, const instar_error_t *e)
         (void)hv_stores(hv, "message", newSVpvn(e->message, strnlen(e->message, sizeof e->message)));
     else
         (void)hv_stores(hv, "message", newSVpv(instar_strerror(code), 0));
+    if (output)
+        (void)hv_stores(hv, "output", newSVpv(output, 0));
     ref = sv_bless(newRV_noinc((SV *)hv), gv_stashpvs("Instar::Error", GV_ADD));
     croak_sv(sv_2mortal(ref));
+}
+
+static void
+instar_croak(pTHX_ int rc, const instar_error_t *e)
+{
+    instar_croak_output(aTHX_ rc, e, NULL);
 }
 
 #define CHECK(rc, err) do { if ((rc) != INSTAR_OK) instar_croak(aTHX_ (rc), &(err)); } while (0)
@@ -343,6 +352,53 @@ info_options(pTHX_ HV *hv, instar_info_options_t *o, instar_limits_t *lim)
     o->key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
 }
 
+static void
+create_options(pTHX_ HV *hv, instar_create_options_t *o, instar_limits_t *lim)
+{
+    static const flag_name_t names[] = { { "no_backing_open", INSTAR_CREATE_NO_BACKING_OPEN }, { NULL, 0 } };
+    instar_create_options_init(o);
+    o->limits = opt_limits(aTHX_ hv, lim);
+    o->flags = opt_flags(aTHX_ hv, "flags", names);
+    o->format = opt_str(aTHX_ hv, "format", NULL);
+    o->size = opt_i64(aTHX_ hv, "size", -1);
+    o->backing_file = opt_str(aTHX_ hv, "backing_file", NULL);
+    o->backing_format = opt_str(aTHX_ hv, "backing_format", NULL);
+    o->options = opt_str(aTHX_ hv, "options", NULL);
+    o->key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
+}
+
+static void
+check_options(pTHX_ HV *hv, instar_check_options_t *o, instar_limits_t *lim)
+{
+    instar_check_options_init(o);
+    o->limits = opt_limits(aTHX_ hv, lim);
+    o->open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
+    o->format = opt_str(aTHX_ hv, "format", NULL);
+    o->repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
+    o->key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
+}
+
+/* The counters of a check as qemu-img's JSON names them (those the format reports), and exit_code. */
+static SV *
+check_hv(pTHX_ const instar_check_result_t *r)
+{
+    HV *h = newHV();
+    (void)hv_stores(h, "exit_code", newSViv(r->exit_code));
+#define CPUT(k, f) if (r->f >= 0) (void)hv_stores(h, k, newSViv((IV)r->f))
+    CPUT("check-errors", check_errors);
+    CPUT("corruptions", corruptions);
+    CPUT("leaks", leaks);
+    CPUT("corruptions-fixed", corruptions_fixed);
+    CPUT("leaks-fixed", leaks_fixed);
+    CPUT("image-end-offset", image_end_offset);
+    CPUT("total-clusters", total_clusters);
+    CPUT("allocated-clusters", allocated_clusters);
+    CPUT("fragmented-clusters", fragmented_clusters);
+    CPUT("compressed-clusters", compressed_clusters);
+#undef CPUT
+    return newRV_noinc((SV *)h);
+}
+
 /* Text the library returns (JSON, human output): bytes, as qemu-img writes them to stdout (PVE hands them to
  * decode_json, which wants bytes). */
 static SV *
@@ -568,25 +624,36 @@ create(filename, opts = &PL_sv_undef)
     const char *filename
     SV *opts
   PREINIT:
-    static const flag_name_t names[] = { { "no_backing_open", INSTAR_CREATE_NO_BACKING_OPEN }, { NULL, 0 } };
     instar_create_options_t o;
     instar_limits_t lim;
     instar_error_t err;
     int rc;
-    HV *hv;
   CODE:
-    hv = opts_hv(aTHX_ opts);
-    instar_create_options_init(&o);
-    o.limits = opt_limits(aTHX_ hv, &lim);
-    o.flags = opt_flags(aTHX_ hv, "flags", names);
-    o.format = opt_str(aTHX_ hv, "format", NULL);
-    o.size = opt_i64(aTHX_ hv, "size", -1);
-    o.backing_file = opt_str(aTHX_ hv, "backing_file", NULL);
-    o.backing_format = opt_str(aTHX_ hv, "backing_format", NULL);
-    o.options = opt_str(aTHX_ hv, "options", NULL);
-    o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
+    create_options(aTHX_ opts_hv(aTHX_ opts), &o, &lim);
     rc = instar_create(filename, &o, &err);
     CHECK(rc, err);
+
+SV *
+create_formatting(filename, opts = &PL_sv_undef)
+    const char *filename
+    SV *opts
+  PREINIT:
+    instar_create_options_t o;
+    instar_limits_t lim;
+    instar_error_t err;
+    char *line = NULL;
+    int rc;
+  CODE:
+    create_options(aTHX_ opts_hv(aTHX_ opts), &o, &lim);
+    rc = instar_create_formatting(filename, &o, &line, &err);
+    if (rc != INSTAR_OK) {
+        SV *printed = line ? sv_2mortal(newSVpv(line, 0)) : NULL;
+        instar_string_free(line);
+        instar_croak_output(aTHX_ rc, &err, printed ? SvPV_nolen(printed) : NULL);
+    }
+    RETVAL = take_string(aTHX_ line);
+  OUTPUT:
+    RETVAL
 
 SV *
 measure(filename, opts = &PL_sv_undef)
@@ -632,33 +699,116 @@ check(filename, opts = &PL_sv_undef)
     instar_check_result_t r;
     instar_error_t err;
     int rc;
-    HV *hv, *h;
   CODE:
-    hv = opts_hv(aTHX_ opts);
-    instar_check_options_init(&o);
-    o.limits = opt_limits(aTHX_ hv, &lim);
-    o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
-    o.format = opt_str(aTHX_ hv, "format", NULL);
-    o.repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
-    o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
+    check_options(aTHX_ opts_hv(aTHX_ opts), &o, &lim);
     memset(&r, 0, sizeof r);
     r.struct_size = sizeof r;
     rc = instar_check(filename, &o, &r, &err);
     CHECK(rc, err);
+    RETVAL = check_hv(aTHX_ &r);
+  OUTPUT:
+    RETVAL
+
+SV *
+check_report(filename, opts = &PL_sv_undef)
+    const char *filename
+    SV *opts
+  PREINIT:
+    instar_check_options_t o;
+    instar_limits_t lim;
+    instar_check_result_t r;
+    instar_error_t err;
+    char *json = NULL, *messages = NULL;
+    int rc;
+    HV *h;
+  CODE:
+    check_options(aTHX_ opts_hv(aTHX_ opts), &o, &lim);
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    rc = instar_check_report(filename, &o, &r, &json, &messages, &err);
+    CHECK(rc, err);
     h = newHV();
-    PUT(h, "exit_code", newSViv(r.exit_code));
-#define CPUT(k, f) if (r.f >= 0) PUT(h, k, newSViv((IV)r.f))
-    CPUT("check-errors", check_errors);
-    CPUT("corruptions", corruptions);
-    CPUT("leaks", leaks);
-    CPUT("corruptions-fixed", corruptions_fixed);
-    CPUT("leaks-fixed", leaks_fixed);
-    CPUT("image-end-offset", image_end_offset);
-    CPUT("total-clusters", total_clusters);
-    CPUT("allocated-clusters", allocated_clusters);
-    CPUT("fragmented-clusters", fragmented_clusters);
-    CPUT("compressed-clusters", compressed_clusters);
-#undef CPUT
+    PUT(h, "result", check_hv(aTHX_ &r));
+    PUT(h, "json", take_string(aTHX_ json));
+    PUT(h, "messages", take_string(aTHX_ messages));
+    RETVAL = newRV_noinc((SV *)h);
+  OUTPUT:
+    RETVAL
+
+SV *
+probe(regions, opts = &PL_sv_undef)
+    SV *regions
+    SV *opts
+  PREINIT:
+    instar_probe_options_t o;
+    instar_limits_t lim;
+    instar_probe_result_t r;
+    instar_probe_region_t reg[16];
+    instar_error_t err;
+    AV *av;
+    SSize_t n, i;
+    int rc;
+    HV *hv, *h;
+    SV *item;
+    STRLEN len;
+  CODE:
+    if (!SvROK(regions) || SvTYPE(SvRV(regions)) != SVt_PVAV)
+        croak("Instar: regions must be an array reference of [offset, bytes] pairs");
+    av = (AV *)SvRV(regions);
+    n = av_len(av) + 1;
+    if (n > (SSize_t)(sizeof reg / sizeof reg[0]))
+        croak("Instar: at most %d regions", (int)(sizeof reg / sizeof reg[0]));
+    for (i = 0; i < n; i++) {
+        SV **e = av_fetch(av, i, 0);
+        AV *pair;
+        SV **off, **data;
+        if (!e || !SvROK(*e) || SvTYPE(SvRV(*e)) != SVt_PVAV)
+            croak("Instar: region %d must be an [offset, bytes] pair", (int)i);
+        pair = (AV *)SvRV(*e);
+        off = av_fetch(pair, 0, 0);
+        data = av_fetch(pair, 1, 0);
+        if (!off || !data)
+            croak("Instar: region %d must be an [offset, bytes] pair", (int)i);
+        reg[i].offset = (uint64_t)SvUV(*off);
+        reg[i].data = SvPVbyte(*data, len);
+        reg[i].length = (uint64_t)len;
+    }
+    hv = opts_hv(aTHX_ opts);
+    instar_probe_options_init(&o);
+    o.limits = opt_limits(aTHX_ hv, &lim);
+    o.format = opt_str(aTHX_ hv, "format", NULL);
+    o.part = opt_str(aTHX_ hv, "part", "header");
+    o.qcow2_known_features = (uint32_t)opt_i64(aTHX_ hv, "qcow2_known_features", 0);
+    item = opt_sv(aTHX_ hv, "vhdx_item");
+    if (item) {
+        o.vhdx_item = SvPVbyte(item, len);
+        if (len != 16)
+            croak("Instar: vhdx_item must be 16 bytes");
+    }
+    o.luks_passphrase = opt_str(aTHX_ hv, "luks_passphrase", NULL);
+    o.luks_iter_limit = (uint32_t)opt_i64(aTHX_ hv, "luks_iter_limit", 0);
+    memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    rc = instar_probe(reg, (uint32_t)n, &o, &r, &err);
+    CHECK(rc, err);
+    h = newHV();
+    PUT(h, "match", r.match == INSTAR_UNSET ? newSV(0) : boolsv(aTHX_ r.match));
+    if (r.virtual_size >= 0)
+        PUT(h, "virtual_size", newSViv((IV)r.virtual_size));
+    if (r.version >= 0)
+        PUT(h, "version", newSViv(r.version));
+    PUT(h, "violations", newSVuv(r.violations));
+    PUT(h, "need_offset", newSVuv((UV)r.need_offset));
+    PUT(h, "need_length", newSVuv((UV)r.need_length));
+    PUT(h, "footer", boolsv(aTHX_ r.footer > 0));
+    PUT(h, "text", boolsv(aTHX_ r.text > 0));
+    PUT(h, "payload_offset", newSVuv(r.payload_offset));
+    PUT(h, "key_slot", newSViv(r.key_slot));
+    PUT(h, "subformat", newSVpv(r.subformat, strnlen(r.subformat, sizeof r.subformat)));
+    PUT(h, "message", newSVpv(r.message, strnlen(r.message, sizeof r.message)));
+    if (o.part && strcmp(o.part, "payload") == 0)
+        PUT(h, "payload", newSVpvn((const char *)r.payload, sizeof r.payload));
+    PUT(h, "sectors", newSVuv((UV)r.sectors));
     RETVAL = newRV_noinc((SV *)h);
   OUTPUT:
     RETVAL
@@ -676,12 +826,7 @@ check_json(filename, opts = &PL_sv_undef)
     HV *hv;
   CODE:
     hv = opts_hv(aTHX_ opts);
-    instar_check_options_init(&o);
-    o.limits = opt_limits(aTHX_ hv, &lim);
-    o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
-    o.format = opt_str(aTHX_ hv, "format", NULL);
-    o.repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
-    o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
+    check_options(aTHX_ hv, &o, &lim);
     rc = instar_check_json(filename, &o, &json, &err);
     CHECK(rc, err);
     RETVAL = take_string(aTHX_ json);
@@ -702,12 +847,7 @@ check_chain_json(filename, opts = &PL_sv_undef)
     HV *hv;
   PPCODE:
     hv = opts_hv(aTHX_ opts);
-    instar_check_options_init(&o);
-    o.limits = opt_limits(aTHX_ hv, &lim);
-    o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
-    o.format = opt_str(aTHX_ hv, "format", NULL);
-    o.repair = (uint32_t)opt_i64(aTHX_ hv, "repair", 0);
-    o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
+    check_options(aTHX_ hv, &o, &lim);
     rc = instar_check_chain_json(filename, &o, &json, &exit_code, &err);
     CHECK(rc, err);
     mXPUSHs(take_string(aTHX_ json));

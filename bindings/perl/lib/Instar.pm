@@ -73,8 +73,8 @@ sub snapshot_apply  { my ($f, $n, @o) = @_; return _snapshot(1, $f, $n, _opts(@o
 sub snapshot_delete { my ($f, $n, @o) = @_; return _snapshot(2, $f, $n, _opts(@o)); }
 
 # The hash-taking XS functions also accept a flat list of options.
-for my $name (qw(info_json info_human map compare convert create measure check check_json check_chain_json resize
-                 amend commit rebase dd bench snapshot_list)) {
+for my $name (qw(info_json info_human map compare convert create create_formatting measure check check_report check_json
+                 check_chain_json resize amend probe commit rebase dd bench snapshot_list)) {
     no strict 'refs';
     no warnings 'redefine';
     my $xs = \&{"Instar::$name"};
@@ -250,6 +250,12 @@ C<force_share> (-U), C<key_secret>, C<target_key_secret>, C<progress>.
 Options: C<format>, C<size> (bytes), C<backing_file>, C<backing_format>, C<options>, C<no_backing_open> (-u),
 C<key_secret>.
 
+=item create_formatting($filename, %opts)
+
+The same creation; returns the line C<qemu-img create> prints (C<Formatting 'PATH', fmt=... size=...>, with its
+newline). When the creation fails after qemu-img would have printed that line, the C<Instar::Error> carries it as
+C<< $err->{output} >>.
+
 =item measure($filename_or_undef, %opts)
 
 C<< { required, 'fully-allocated', bitmaps } >> as C<qemu-img measure --output=json>. Options:
@@ -262,6 +268,23 @@ C<check> returns the counters of C<qemu-img check --output=json> (keys as qemu-i
 C<exit_code>, qemu-img's exit status. C<check_json> returns qemu-img's JSON text; C<check_chain_json> returns
 C<($json, $exit_code)> for the whole chain. Options: C<format>, C<repair> (C<Instar::CHECK_REPAIR_*>),
 C<force_share>, C<no_cache>, C<key_secret>.
+
+=item check_report($filename, %opts)
+
+One check giving everything C<qemu-img check> reports: C<< {result => {...as check...}, json => TEXT,
+messages => TEXT} >>, C<messages> being the lines qemu-img prints on stderr while it checks (C<ERROR ...>,
+C<Leaked cluster ...>). Options as C<check>.
+
+=item probe(\@regions, %opts)
+
+Reads one structure of an image from bytes the caller already has (C<instar_probe>; nothing is read from disk):
+C<@regions> are C<[$offset, $bytes]> pairs (at most 16). Options: C<format> (C<qcow2>, C<qed>, C<vhd>, C<vhdx>,
+C<vmdk>, C<vdi>, C<iso>, C<gpt>, C<luks>), C<part> (default C<header>), C<qcow2_known_features>, C<vhdx_item>
+(16 bytes), C<luks_passphrase>, C<luks_iter_limit>. Returns a hash: C<match> (true, false or undef when the
+bytes cannot tell yet), C<virtual_size>, C<version>, C<violations> (C<INSTAR_PROBE_V_*> bits), C<need_offset>
+and C<need_length> (the next bytes it needs), C<footer>, C<text>, C<payload_offset>, C<key_slot>,
+C<subformat>, C<message> (the first violation as oslo.utils words it), C<sectors>, and C<payload> for the luks
+C<payload> part.
 
 =item resize($filename, $size, %opts)
 

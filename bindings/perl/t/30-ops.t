@@ -82,6 +82,40 @@ qemu_io('-c', 'write -P 1 16M 64k', "$d/leak.qcow2");
     my $r = Instar::check("$d/leak.qcow2");
     is($r->{exit_code}, (qimg('check', "$d/leak.qcow2"))[0], 'check exit code = qemu-img check\'s');
 }
+# check_report on a real leak: a fresh image's first data cluster (at 0x50000) made unreferenced by zeroing its
+# L2 entry (qemu's layout: L2 table at 0x40000)
+qimg_ok('create', '-f', 'qcow2', "$d/lk.qcow2", '1M');
+qemu_io('-c', 'write -P 1 0 64k', "$d/lk.qcow2");
+{
+    open(my $fh, '+<:raw', "$d/lk.qcow2") or die;
+    sysseek($fh, 0x40000, 0) or die;
+    syswrite($fh, "\0" x 8) == 8 or die;
+    close $fh;
+    my ($qrc, $qjson, $qmsg) = qimg('check', '--output=json', "$d/lk.qcow2");
+    my $rep = Instar::check_report("$d/lk.qcow2");
+    is($rep->{result}{exit_code}, $qrc, 'check_report: qemu-img check\'s exit code (3, a leak)');
+    is($rep->{result}{leaks}, 1, '... one leak counted');
+    is($rep->{json}, $qjson, '... qemu-img check --output=json\'s text');
+    is($rep->{messages}, $qmsg, '... and the lines qemu-img prints on stderr');
+}
+
+# probe: a qcow2 header as bytes in memory, as a stream inspector holds it
+{
+    my $hdr = substr(slurp("$d/src.qcow2"), 0, 512);
+    my $p = Instar::probe([[0, $hdr]], format => 'qcow2');
+    ok($p->{match}, 'probe: the header bytes are qcow2');
+    is($p->{virtual_size}, qimg_json('info', '--output=json', "$d/src.qcow2")->{'virtual-size'},
+        '... with qemu-img\'s virtual size');
+    is($p->{version}, 3, '... version 3');
+    is($p->{violations}, 0, '... and nothing unsafe');
+    my $b = Instar::probe([[0, substr(slurp("$d/q-back"), 0, 512)]], format => 'qcow2');
+    ok($b->{violations} & 1, 'probe: a backing file is reported (INSTAR_PROBE_V_BACKING_FILE)');
+    like($b->{message}, qr/backing/i, '... in words');
+    my $r = Instar::probe([[0, "\0" x 512]], format => 'qcow2');
+    ok(defined($r->{match}) && !$r->{match}, 'probe: zeroes are not qcow2');
+    eval { Instar::probe([[0, $hdr]], format => 'nope') };
+    is($@->code, Instar::E_INVALID, 'probe of an unknown format: E_INVALID');
+}
 my ($cj, $cx) = Instar::check_chain_json("$d/src.qcow2");
 like($cj, qr/^\[/, 'check_chain_json gives a JSON array');
 is($cx, 0, '... and exit code 0');

@@ -135,15 +135,17 @@ for my $case (['qcow2', 65536, { preallocation => 'metadata' }], ['qcow2', 20480
         pve_cmd(['/usr/bin/qemu-img', 'create', '-f', 'qcow2', '--', "$d/nodir/x.qcow2", '1024K'],
             errmsg => 'unable to create image', quiet => 1) });
     is($mine[1], $theirs[1], 'qemu_img_create qcow2 into a missing directory: the same die');
-    TODO: {
-        local $TODO = 'Instar::PVE does not print the "Formatting ..." line qemu-img create prints (run_command '
-            . 'copies it to the task log): the C API has instar_create_formatting now, the XS does not wrap it yet';
-        @mine = observe(sub { Instar::PVE::qemu_img_create('raw', 1024, "$d/fmt-i.raw", {}) });
-        @theirs = observe(sub {
-            pve_cmd(['/usr/bin/qemu-img', 'create', '-f', 'raw', '--', "$d/fmt-i.raw", '1024K'],
-                errmsg => 'unable to create image') });
-        is($mine[4], $theirs[4], 'qemu_img_create: the same STDOUT');
-    }
+    @mine = observe(sub { Instar::PVE::qemu_img_create('raw', 1024, "$d/fmt-i.raw", {}) });
+    @theirs = observe(sub {
+        pve_cmd(['/usr/bin/qemu-img', 'create', '-f', 'raw', '--', "$d/fmt-i.raw", '1024K'],
+            errmsg => 'unable to create image') });
+    is($mine[4], $theirs[4], 'qemu_img_create: the same STDOUT (the "Formatting ..." line)');
+    @mine = observe(sub { Instar::PVE::qemu_img_create('qcow2', 1024, "$d/fmt-i.qcow2", { preallocation => 'full' }) });
+    @theirs = observe(sub {
+        pve_cmd(['/usr/bin/qemu-img', 'create', '-o', 'preallocation=full', '-f', 'qcow2', '--', "$d/fmt-q.qcow2",
+            '1024K'], errmsg => 'unable to create image') });
+    s{/fmt-i\.qcow2}{/fmt-q.qcow2}g for @mine[1 .. 4];
+    is($mine[4], $theirs[4], 'qemu_img_create qcow2 with preallocation: the same STDOUT');
 }
 
 {

@@ -51,6 +51,12 @@ sub _stderr_lines {
 
 sub _is_instar_error { return ref($_[0]) && eval { $_[0]->isa('Instar::Error') }; }
 
+# What qemu-img printed on stdout before it failed (create's "Formatting ..." line): run_command copies it out.
+sub _print_output {
+    my ($err) = @_;
+    print $err->{output} if _is_instar_error($err) && defined $err->{output};
+}
+
 # run_command($cmd) without errmsg: stderr goes to our STDERR, then "command '...' failed: exit code 1".
 sub _fail_plain {
     my ($cmd, $err) = @_;
@@ -124,10 +130,13 @@ sub qemu_img_create {
             message => "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
                 . "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
             if !defined $bytes;
-        Instar::create($path, format => $fmt, size => $bytes,
+        print Instar::create_formatting($path, format => $fmt, size => $bytes,
             (defined($options->{preallocation}) ? (options => "preallocation=$options->{preallocation}") : ()));
     };
-    _fail_errmsg('unable to create image', $cmd, $@) if $@;
+    if (my $err = $@) {
+        _print_output($err);
+        _fail_errmsg('unable to create image', $cmd, $err);
+    }
     return 0;
 }
 
@@ -138,10 +147,13 @@ sub qemu_img_create_qcow2_backed {
     my $cmd = ['/usr/bin/qemu-img', 'create', '-F', $backing_format, '-b', $backing_path, '-f', 'qcow2',
         '-o', $opts, '--', $path];
     eval {
-        Instar::create($path, format => 'qcow2', backing_file => $backing_path,
+        print Instar::create_formatting($path, format => 'qcow2', backing_file => $backing_path,
             backing_format => $backing_format, options => $opts);
     };
-    _fail_errmsg('unable to create image', $cmd, $@) if $@;
+    if (my $err = $@) {
+        _print_output($err);
+        _fail_errmsg('unable to create image', $cmd, $err);
+    }
     return 0;
 }
 
