@@ -11,6 +11,10 @@ final class Qcow2WriteCache<Table> {
 
     private(set) var entries: [UInt64: Entry] = [:]
     private var clock: UInt64 = 0
+    /// The entry the last lookup returned: walks over a table's clusters hit the same refcount block or L2
+    /// table again and again, and skip the dictionary then.
+    private var lastOffset = UInt64.max
+    private var lastEntry: Entry?
     let capacity: Int
 
     init(capacity: Int) { self.capacity = max(4, capacity) }
@@ -19,13 +23,21 @@ final class Qcow2WriteCache<Table> {
     /// across an operation, so eviction happens only in `trim`, between operations.
     func entry(at offset: UInt64, load: () throws -> Table) rethrows -> Entry {
         clock &+= 1
+        if offset == lastOffset, let hit = lastEntry {
+            hit.stamp = clock
+            return hit
+        }
         if let hit = entries[offset] {
             hit.stamp = clock
+            lastOffset = offset
+            lastEntry = hit
             return hit
         }
         let e = Entry(table: try load())
         e.stamp = clock
         entries[offset] = e
+        lastOffset = offset
+        lastEntry = e
         return e
     }
 
@@ -36,6 +48,8 @@ final class Qcow2WriteCache<Table> {
         e.stamp = clock
         e.dirty = dirty
         entries[offset] = e
+        lastOffset = offset
+        lastEntry = e
         return e
     }
 
@@ -55,6 +69,8 @@ final class Qcow2WriteCache<Table> {
     /// entries back first).
     func trim() {
         guard entries.count > capacity else { return }
+        lastOffset = .max
+        lastEntry = nil
         let clean = entries.filter { !$0.value.dirty }.sorted { $0.value.stamp < $1.value.stamp }
         var excess = entries.count - capacity
         for (k, _) in clean where excess > 0 {
@@ -63,5 +79,11 @@ final class Qcow2WriteCache<Table> {
         }
     }
 
-    func remove(at offset: UInt64) { entries.removeValue(forKey: offset) }
+    func remove(at offset: UInt64) {
+        entries.removeValue(forKey: offset)
+        if offset == lastOffset {
+            lastOffset = .max
+            lastEntry = nil
+        }
+    }
 }
