@@ -17,6 +17,7 @@ public struct InstarError: Error, CustomStringConvertible {
         case encrypted = -10
         case chain = -11
         case range = -12
+        case policy = -13
     }
 
     public var code: Code
