@@ -4,7 +4,7 @@
 // encryption, a virtual size limit, the declared format) read the header fields directly, bounded.
 
 /// Violation codes (instar.h INSTAR_INSPECT_*): bit numbers in a policy's fatal mask.
-enum InspectCode: UInt32, CaseIterable {
+public enum InspectCode: UInt32, CaseIterable {
     case formatMismatch = 0
     case multipleFormats = 1
     case malformed = 2
@@ -24,10 +24,10 @@ enum InspectCode: UInt32, CaseIterable {
     case partitions = 16
     case bannedFormat = 17
 
-    var bit: UInt64 { 1 << UInt64(rawValue) }
+    public var bit: UInt64 { 1 << UInt64(rawValue) }
 
     /// The name the CLI's JSON and the Python binding use.
-    var name: String {
+    public var name: String {
         switch self {
         case .formatMismatch: return "format-mismatch"
         case .multipleFormats: return "multiple-formats"
@@ -50,20 +50,20 @@ enum InspectCode: UInt32, CaseIterable {
         }
     }
 
-    static func named(_ s: String) -> InspectCode? { allCases.first { $0.name == s } }
+    public static func named(_ s: String) -> InspectCode? { allCases.first { $0.name == s } }
 
-    static func mask(_ codes: [InspectCode]) -> UInt64 { codes.reduce(0) { $0 | $1.bit } }
+    public static func mask(_ codes: [InspectCode]) -> UInt64 { codes.reduce(0) { $0 | $1.bit } }
 }
 
 /// The platforms whose refusals a preset reproduces (instar.h INSTAR_INSPECT_PRESET_*; docs/inspect.md).
-enum InspectPreset: UInt32, CaseIterable {
+public enum InspectPreset: UInt32, CaseIterable {
     case glance = 0
     case vdsm = 1
     case nova = 2
     case cinder = 3
     case pve = 4
 
-    var name: String {
+    public var name: String {
         switch self {
         case .glance: return "glance"
         case .vdsm: return "vdsm"
@@ -73,7 +73,7 @@ enum InspectPreset: UInt32, CaseIterable {
         }
     }
 
-    static func named(_ s: String) -> InspectPreset? {
+    public static func named(_ s: String) -> InspectPreset? {
         if s == "oslo" || s == "default" { return .glance }
         return allCases.first { $0.name == s }
     }
@@ -84,7 +84,7 @@ enum InspectPreset: UInt32, CaseIterable {
                                              .unsupportedVersion, .partitions, .bannedFormat, .vmdkExtents,
                                              .virtualSize])
 
-    var fatal: UInt64 {
+    public var fatal: UInt64 {
         switch self {
         case .glance:
             return Self.osloFatal
@@ -101,44 +101,46 @@ enum InspectPreset: UInt32, CaseIterable {
     }
 
     /// The most vmdk extents accepted (0: no limit).
-    var maxVmdkExtents: UInt32 { self == .pve ? 1 : 0 }
+    public var maxVmdkExtents: UInt32 { self == .pve ? 1 : 0 }
 }
 
-struct InspectPolicy {
-    var preset: InspectPreset = .glance
+public struct InspectPolicy {
+    public var preset: InspectPreset = .glance
     /// nil: the preset's.
-    var fatal: UInt64?
-    var maxVirtualSize: UInt64 = 0
+    public var fatal: UInt64?
+    public var maxVirtualSize: UInt64 = 0
     /// nil: the preset's; 0 no limit.
-    var maxVmdkExtents: UInt32?
-    var declaredFormat: String?
+    public var maxVmdkExtents: UInt32?
+    public var declaredFormat: String?
 
-    var fatalMask: UInt64 { fatal ?? preset.fatal }
+    public init() {}
+
+    public var fatalMask: UInt64 { fatal ?? preset.fatal }
     var vmdkExtentLimit: UInt32 { maxVmdkExtents ?? preset.maxVmdkExtents }
 }
 
-struct InspectViolation {
-    var code: InspectCode
-    var field: String
-    var offset: UInt64
-    var message: String
-    var fatal = false
+public struct InspectViolation {
+    public var code: InspectCode
+    public var field: String
+    public var offset: UInt64
+    public var message: String
+    public var fatal = false
 }
 
-struct InspectReport {
+public struct InspectReport {
     /// The detected format ("raw" when nothing matched; the first in oslo.utils' order when several did).
-    var format: String
-    var formats: [String]
+    public var format: String
+    public var formats: [String]
     /// nil when it does not fit in 64 bits.
-    var virtualSize: UInt64?
-    var violations: [InspectViolation]
+    public var virtualSize: UInt64?
+    public var violations: [InspectViolation]
 
-    var isFatal: Bool { violations.contains { $0.fatal } }
+    public var isFatal: Bool { violations.contains { $0.fatal } }
 }
 
-enum Inspect {
+public enum Inspect {
     /// Inspects `path` under `policy`.
-    static func run(path: String, policy: InspectPolicy) throws -> InspectReport {
+    public static func run(path: String, policy: InspectPolicy) throws -> InspectReport {
         let file = try HostFile.open(path)
         let detection = try StreamDetect.run(file)
         let matches = detection.matches

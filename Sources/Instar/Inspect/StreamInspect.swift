@@ -1,3 +1,5 @@
+import Glibc
+
 // oslo.utils' format_inspector stream model, run by the library over a file: every format's inspector is fed
 // the same 4 KiB chunks, keeps the regions it asks for, reads them with the probes of Probe.swift, and may fail
 // (an inspector that throws is dropped from the feed but still counts in the decision, as in
@@ -98,20 +100,22 @@ class StreamInspector {
     func deleteRegion(_ n: String) { regions.removeAll { $0.name == n } }
 
     func eat(_ chunk: ArraySlice<UInt8>) throws {
-        let before = Set(regions.map { ObjectIdentifier($0.region) })
-        let doneBefore = Set(regions.filter { $0.region.complete }.map { ObjectIdentifier($0.region) })
+        // The region objects themselves are held (not their identifiers): a deleted region's memory may be reused
+        // by the one that replaces it.
+        let before = regions.map { $0.region }
+        let doneBefore = before.filter { $0.complete }
         total &+= UInt64(chunk.count)
         capture(chunk, only: nil)
         try postProcess()
-        let added = Set(regions.map { ObjectIdentifier($0.region) }).subtracting(before)
+        let added = regions.map { $0.region }.filter { r in !before.contains { $0 === r } }
         if !added.isEmpty { capture(chunk, only: added) }
-        let newlyComplete = regions.filter { $0.region.complete && !doneBefore.contains(ObjectIdentifier($0.region)) }
+        let newlyComplete = regions.filter { e in e.region.complete && !doneBefore.contains { $0 === e.region } }
         for r in newlyComplete { try regionComplete(r.name) }
     }
 
-    private func capture(_ chunk: ArraySlice<UInt8>, only: Set<ObjectIdentifier>?) {
+    private func capture(_ chunk: ArraySlice<UInt8>, only: [StreamRegion]?) {
         for (_, r) in regions {
-            if let only, !only.contains(ObjectIdentifier(r)) { continue }
+            if let only, !only.contains(where: { $0 === r }) { continue }
             if r.atEnd || !r.complete { r.capture(chunk, position: total) }
         }
     }
@@ -429,6 +433,12 @@ enum StreamDetect {
             if n == 0 { break }
         }
         for i in inspectors { i.finish() }
+        if getenv("INSTAR_INSPECT_TRACE") != nil {
+            for i in inspectors {
+                let rs = i.regions.map { "\($0.name)@\($0.region.offset)+\($0.region.data.count)/\($0.region.length)" }
+                fputs("\(i.name) errored=\(i.errored) total=\(i.total) match=\(i.formatMatch) \(rs)\n", stderr)
+            }
+        }
         return StreamDetection(matches: inspectors.filter { $0.formatMatch }, fileSize: size)
     }
 }
