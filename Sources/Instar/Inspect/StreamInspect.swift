@@ -1,5 +1,3 @@
-import Glibc
-
 // oslo.utils' format_inspector stream model, run by the library over a file: every format's inspector is fed
 // the same 4 KiB chunks, keeps the regions it asks for, reads them with the probes of Probe.swift, and may fail
 // (an inspector that throws is dropped from the feed but still counts in the decision, as in
@@ -419,7 +417,7 @@ enum StreamDetect {
                 target = min(target, size - 1536 - UInt64(chunkSize))
             }
             target -= target % UInt64(chunkSize)
-            if target > pos {
+            if min(target, size) > pos {
                 let gap = min(target, size) - pos
                 let skip = gap - gap % UInt64(chunkSize)
                 if skip > 0 {
@@ -433,12 +431,6 @@ enum StreamDetect {
             if n == 0 { break }
         }
         for i in inspectors { i.finish() }
-        if getenv("INSTAR_INSPECT_TRACE") != nil {
-            for i in inspectors {
-                let rs = i.regions.map { "\($0.name)@\($0.region.offset)+\($0.region.data.count)/\($0.region.length)" }
-                fputs("\(i.name) errored=\(i.errored) total=\(i.total) match=\(i.formatMatch) \(rs)\n", stderr)
-            }
-        }
         return StreamDetection(matches: inspectors.filter { $0.formatMatch }, fileSize: size)
     }
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-from typing import Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from ._lib import ERROR_CLASSES, Error, InstarError, encode, lib
 
@@ -73,7 +73,7 @@ class InspectReport:
     def fatal_violations(self) -> List[Violation]:
         return [v for v in self.violations if v.fatal]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
