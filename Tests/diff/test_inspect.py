@@ -409,3 +409,36 @@ def test_capi_policy_init_writes_only_callers_size(images):
     got = [P.CODES[out.contents.violations[i].code] for i in range(out.contents.count)]
     assert rc == 0 and not out.contents.fatal and got == ["format-mismatch", "backing-file", "unsafe-path"]
     L.instar_inspect_report_free(out)
+
+
+def test_mutations_same_verdict_as_oslo(fi, images, tmp_path):
+    """Random byte edits (a fixed seed) of the images above, some truncated: the same format and verdict as
+    oslo.utils, and never a crash. oslo.utils itself raises AttributeError on some (a text start whose first
+    4 KiB are not ASCII: docs/inspect.md); those have no verdict to compare."""
+    import logging
+    import random
+    rnd = random.Random(20261205)
+    bases = [p for p in images.values() if 0 < os.path.getsize(p) < 20 * MiB]
+    differ, compared = [], 0
+    logging.disable(logging.CRITICAL)
+    try:
+        for n in range(300):
+            data = bytearray(open(rnd.choice(bases), "rb").read())
+            for _ in range(rnd.randint(1, 8)):
+                limit = min(len(data), rnd.choice([64, 512, 4096, 65536, len(data)]))
+                data[rnd.randrange(limit)] = rnd.randrange(256)
+            if rnd.random() < 0.2:
+                data = data[:rnd.randrange(len(data))]
+            p = write(str(tmp_path), "m%d" % n, bytes(data))
+            try:
+                o = oslo_verdict(fi, p)[:2]
+            except AttributeError:
+                continue
+            i_fmt, i_refused, rep = instar_verdict(p)
+            compared += 1
+            if o != (i_fmt, i_refused):
+                differ.append((n, o, (i_fmt, i_refused), rep.violations))
+            os.unlink(p)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert compared >= 250 and differ == []
