@@ -970,7 +970,7 @@ enum {
     INSTAR_INSPECT_FORMAT_MISMATCH = 0,     /**< the declared format is not what the content is ("raw" holding a qcow2) */
     INSTAR_INSPECT_MULTIPLE_FORMATS = 1,    /**< more than one format matches (polyglot: ISO or GPT disk carrying a qcow2) */
     INSTAR_INSPECT_MALFORMED = 2,           /**< the matched format cannot be checked (truncated, inconsistent) */
-    INSTAR_INSPECT_BACKING_FILE = 3,        /**< qcow2: a backing file */
+    INSTAR_INSPECT_BACKING_FILE = 3,        /**< a backing file: qcow2, qed, a vmdk parentFileNameHint */
     INSTAR_INSPECT_PROTOCOL_NAME = 4,       /**< a backing, data-file, parent or extent name that is json: or protocol: */
     INSTAR_INSPECT_UNSAFE_PATH = 5,         /**< such a name is absolute or has a ".." component */
     INSTAR_INSPECT_DATA_FILE = 6,           /**< qcow2: an external data file */

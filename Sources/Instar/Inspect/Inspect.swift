@@ -200,6 +200,7 @@ public enum Inspect {
         case "vmdk":
             guard let v = m as? VmdkStream, let text = v.descText else { return [] }
             return vmdkExtras(text, at: v.region("descriptor")?.offset ?? 0, limit: policy.vmdkExtentLimit)
+        case "qed": return (try? qedExtras(file)) ?? []
         case "luks":
             return [InspectViolation(code: .encrypted, field: "luks", offset: 0, message: "Image is LUKS encrypted")]
         default: return []
@@ -272,6 +273,17 @@ public enum Inspect {
         return out
     }
 
+    /// qed: the backing file (feature bit 0) and its name.
+    static func qedExtras(_ file: HostFile) throws -> [InspectViolation] {
+        let h = try file.readBytes(at: 0, count: 64)
+        guard let features = h.probeU64le(16), features & 1 != 0 else { return [] }
+        let off = UInt64(h.probeU32le(56) ?? 0), len = Int(min(h.probeU32le(60) ?? 0, 1023))
+        let name = printable(try file.readBytes(at: off, count: len)[...])
+        return [InspectViolation(code: .backingFile, field: "qed.backing_filename_offset", offset: 56,
+                                 message: "Image has a backing file")]
+            + nameFindings(name, what: "Backing file '\(name)'", field: "qed.backing_file", offset: off)
+    }
+
     /// vmdk: the extents of the descriptor (count, paths, devices, protocols) and a parent hint.
     static func vmdkExtras(_ text: [UInt8], at descAt: UInt64, limit: UInt32) -> [InspectViolation] {
         var out: [InspectViolation] = []
@@ -300,16 +312,18 @@ public enum Inspect {
             out.append(InspectViolation(code: .vmdkExtents, field: "vmdk.extents", offset: descAt,
                                         message: "\(extents) extents (at most \(limit) accepted)"))
         }
-        let key = Array("parentfilenamehint".utf8)
-        for raw in text.split(separator: 0x0a) {
-            let line = VmdkProbe.strip(raw)
-            let lower = line.map { (0x41...0x5a).contains($0) ? $0 + 0x20 : $0 }
-            guard lower.starts(with: key), let eq = line.firstIndex(of: 0x3d) else { continue }
-            var value = VmdkProbe.strip(line[(eq + 1)...])
-            if value.first == 0x22 { value = value.dropFirst() }
-            if value.last == 0x22 { value = value.dropLast() }
-            let name = printable(value)
-            out += nameFindings(name, what: "Parent '\(name)'", field: "vmdk.parentFileNameHint", offset: descAt)
+        // qemu takes the text after `parentFileNameHint="` (the first occurrence, case as written) up to the next
+        // quote as the parent, opened as a vmdk backing file, whatever parentCID says.
+        let key = Array("parentFileNameHint".utf8)
+        if let at = VmdkProbe.find(key, in: text) {
+            let start = at + key.count + 2
+            if start <= text.count, let end = VmdkProbe.find([0x22], in: text, from: start) {
+                let name = printable(text[start..<end])
+                out.append(InspectViolation(code: .backingFile, field: "vmdk.parentFileNameHint", offset: descAt &+ UInt64(at),
+                                            message: "Image has a parent file '\(name)'"))
+                out += nameFindings(name, what: "Parent '\(name)'", field: "vmdk.parentFileNameHint",
+                                    offset: descAt &+ UInt64(at))
+            }
         }
         return out
     }
