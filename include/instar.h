@@ -58,7 +58,8 @@ enum {
     INSTAR_E_ENCRYPTED = -10,   /**< the image is encrypted and no usable secret was given */
     INSTAR_E_CHAIN = -11,       /**< the backing chain is broken, loops or is too deep */
     INSTAR_E_RANGE = -12,       /**< an offset or size is out of range */
-    INSTAR_E_LIMIT = -13        /**< a limit of instar_limits_t was reached (time, CPU) */
+    INSTAR_E_LIMIT = -13,       /**< a limit of instar_limits_t was reached (time, CPU) */
+    INSTAR_E_POLICY = -14       /**< instar_inspect: the image violates the policy (the report says how) */
 };
 
 /** Details of a failure. `message` is what qemu-img would print after "qemu-img: ". */
@@ -1111,6 +1112,117 @@ typedef struct instar_probe_result {
  */
 int instar_probe(const instar_probe_region_t *regions, uint32_t count, const instar_probe_options_t *opts,
                  instar_probe_result_t *result, instar_error_t *err);
+
+
+/* ---- inspect: the format from content alone and every violation of a safety policy (docs/inspect.md) ------- */
+
+/**
+ * Violation codes of instar_inspect. A policy's `fatal` mask holds INSTAR_INSPECT_BIT(code) for each code that
+ * refuses the image; every violation is reported whether fatal or not.
+ */
+enum {
+    INSTAR_INSPECT_FORMAT_MISMATCH = 0,     /**< the declared format is not what the content is ("raw" holding a qcow2) */
+    INSTAR_INSPECT_MULTIPLE_FORMATS = 1,    /**< more than one format matches (polyglot: ISO or GPT disk carrying a qcow2) */
+    INSTAR_INSPECT_MALFORMED = 2,           /**< the matched format cannot be checked (truncated, inconsistent) */
+    INSTAR_INSPECT_BACKING_FILE = 3,        /**< a backing file: qcow2, qed, a vmdk parentFileNameHint */
+    INSTAR_INSPECT_PROTOCOL_NAME = 4,       /**< a backing, data-file, parent or extent name that is json: or protocol: */
+    INSTAR_INSPECT_UNSAFE_PATH = 5,         /**< such a name is absolute or has a ".." component */
+    INSTAR_INSPECT_DATA_FILE = 6,           /**< qcow2: an external data file */
+    INSTAR_INSPECT_VMDK_EXTENTS = 7,        /**< vmdk: more extents than max_vmdk_extents */
+    INSTAR_INSPECT_VMDK_EXTENT_PATH = 8,    /**< vmdk: an extent naming a path (outside the image's directory) */
+    INSTAR_INSPECT_VMDK_DEVICE = 9,         /**< vmdk: an extent naming a device (/dev/...) */
+    INSTAR_INSPECT_VMDK_DESCRIPTOR = 10,    /**< vmdk: createType other than monolithicSparse/streamOptimized,
+                                                 a line that is not a field/ddb/extent, no extent, no descriptor */
+    INSTAR_INSPECT_VMDK_FOOTER = 11,        /**< vmdk: footer or markers disagreeing with the header */
+    INSTAR_INSPECT_UNKNOWN_FEATURES = 12,   /**< qcow2: incompatible feature bits oslo.utils does not know (4 and up) */
+    INSTAR_INSPECT_UNSUPPORTED_VERSION = 13,/**< qcow2 other than 2/3, LUKS other than 1 */
+    INSTAR_INSPECT_ENCRYPTED = 14,          /**< qcow2 encryption (AES or LUKS), a LUKS image */
+    INSTAR_INSPECT_VIRTUAL_SIZE = 15,       /**< the virtual size is above max_virtual_size */
+    INSTAR_INSPECT_PARTITIONS = 16,         /**< an MBR / protective GPT table that is not plain (oslo.utils' checks) */
+    INSTAR_INSPECT_BANNED_FORMAT = 17       /**< a format never accepted (qed) */
+};
+#define INSTAR_INSPECT_BIT(code) (1ull << (code))
+/** `fatal` value: the preset's fatal set. */
+#define INSTAR_INSPECT_FATAL_PRESET 0ull
+/** `fatal` value: nothing is fatal (a bit no code uses; the report still lists every violation). */
+#define INSTAR_INSPECT_FATAL_NONE (1ull << 63)
+
+/**
+ * Policy presets: each chooses the fatal set (and, for pve, the vmdk extent limit) of the platform it names.
+ *  - GLANCE (the default; "oslo"): what oslo.utils' format_inspector refuses (detect_file_format: several
+ *    formats match, safety_check(): backing file, data file, unknown qcow2 features or version, qed, vmdk
+ *    descriptor/extent/footer checks, MBR/GPT tables, LUKS other than 1, a file it cannot check) and Glance's
+ *    refusal of content that is not the declared disk_format. A vmdk extent limit and a virtual size limit
+ *    are fatal when set.
+ *  - NOVA: GLANCE plus protocol/json: names, absolute or ".." names and device extents (Nova checks the same
+ *    format_inspector verdict and the disk_format match before it hands an image to qemu-img).
+ *  - CINDER: NOVA plus encryption (Cinder refuses encrypted images from Glance).
+ *  - VDSM: GLANCE plus protocol/json: names, absolute or ".." names and device extents (VDSM's upload checks).
+ *  - PVE: what Proxmox VE's file_size_info() dies on for untrusted images (imports, uploads): a backing file,
+ *    a qcow2 data-file, a vmdk with more than one extent (max_vmdk_extents 1), a json:/protocol name, a format
+ *    other than the one asked for, an image qemu-img cannot read; nothing of oslo.utils' other checks.
+ */
+enum {
+    INSTAR_INSPECT_PRESET_GLANCE = 0,
+    INSTAR_INSPECT_PRESET_VDSM = 1,
+    INSTAR_INSPECT_PRESET_NOVA = 2,
+    INSTAR_INSPECT_PRESET_CINDER = 3,
+    INSTAR_INSPECT_PRESET_PVE = 4
+};
+
+typedef struct instar_inspect_policy {
+    uint32_t struct_size;
+    uint32_t preset;               /**< INSTAR_INSPECT_PRESET_* */
+    uint64_t fatal;                /**< INSTAR_INSPECT_BIT()s; INSTAR_INSPECT_FATAL_PRESET, INSTAR_INSPECT_FATAL_NONE */
+    uint64_t max_virtual_size;     /**< bytes; 0: no limit */
+    uint32_t max_vmdk_extents;     /**< 0: the preset's (1 for pve, none otherwise); UINT32_MAX: no limit */
+    uint32_t flags;                /**< none yet: 0 */
+    const char *declared_format;   /**< the format the image is declared as ("raw", "qcow2", ...), or NULL */
+} instar_inspect_policy_t;
+
+/**
+ * Fills the first `struct_size` bytes of *policy with the defaults (GLANCE preset, nothing else set) and sets
+ * policy->struct_size to min(struct_size, the library's size): it never writes past the caller's struct, so a
+ * caller built against an older, smaller header is safe. Call it through the instar_inspect_policy_init(&p) macro,
+ * which passes sizeof(p).
+ * Returns INSTAR_E_INVALID for NULL or a struct_size below 4.
+ */
+int instar_inspect_policy_init_sized(instar_inspect_policy_t *policy, uint32_t struct_size);
+#define instar_inspect_policy_init(p) instar_inspect_policy_init_sized((p), (uint32_t)sizeof(*(p)))
+
+typedef struct instar_inspect_violation {
+    uint32_t code;                 /**< INSTAR_INSPECT_* */
+    int32_t fatal;                 /**< nonzero when the policy makes it fatal */
+    uint64_t offset;               /**< where in the file the offending field is (0 when it is the whole file) */
+    char *field;                   /**< what: "qcow2.backing_file", "vmdk.extent[0]", "format", ... */
+    char *message;                 /**< a sentence (oslo.utils' wording for its own checks) */
+} instar_inspect_violation_t;
+
+typedef struct instar_inspect_report {
+    uint32_t struct_size;          /**< the library's size of this struct */
+    int32_t fatal;                 /**< nonzero when a violation is fatal (the call returned INSTAR_E_POLICY) */
+    char *format;                  /**< detected from content: "raw" when nothing matched, the first match when several */
+    char *formats;                 /**< every format that matched, comma-separated ("" for raw) */
+    int64_t virtual_size;          /**< the detected format's, -1 when it does not fit */
+    uint32_t count;                /**< violations */
+    instar_inspect_violation_t *violations;
+    const char *preset;            /**< static: the preset's name ("glance", "vdsm", "nova", "cinder", "pve") */
+} instar_inspect_report_t;
+
+/**
+ * Detects the format of `path` from its content alone (never from its name or a caller's claim) and checks it
+ * against `policy` (NULL: the defaults). *report receives the full list of violations in both outcomes; free it
+ * with instar_inspect_report_free. Returns 0 when no violation is fatal, INSTAR_E_POLICY when one is (err's
+ * message is the first fatal one), or another INSTAR_E_* when the file cannot be read (*report is NULL then).
+ */
+int instar_inspect(const char *path, const instar_inspect_policy_t *policy, instar_inspect_report_t **report,
+                   instar_error_t *err);
+
+/** Frees a report from instar_inspect. NULL is allowed. */
+void instar_inspect_report_free(instar_inspect_report_t *report);
+
+/** The name of a violation code ("backing-file", ...; the CLI's JSON and --fatal use them), NULL when unknown. */
+const char *instar_inspect_code_name(uint32_t code);
 
 #ifdef __cplusplus
 }

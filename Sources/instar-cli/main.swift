@@ -19,6 +19,7 @@ let commands: [String: Command] = [
     "dd": ddCommand,
     "bench": benchCommand,
     "snapshot": snapshotCommand,
+    "inspect": inspectCommand,
 ]
 
 func runMain() -> Int32 {

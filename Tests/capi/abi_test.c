@@ -503,6 +503,45 @@ int main(int argc, char **argv) {
         CHECK(instar_commit(NULL, NULL, NULL) == INSTAR_E_INVALID);
     }
 
+    /* ---- inspect: the format from content and the policy's violations ---- */
+    {
+        instar_inspect_policy_t po;
+        instar_inspect_report_t *rep = NULL;
+        unsigned char small[16];
+        memset(small, 0xab, sizeof small);
+        CHECK(instar_inspect_policy_init_sized((instar_inspect_policy_t *)(void *)small, 8) == INSTAR_OK);
+        CHECK(small[0] == 8 && small[4] == 0 && small[8] == 0xab && small[15] == 0xab);
+        CHECK(instar_inspect_policy_init(&po) == INSTAR_OK);
+        CHECK(po.struct_size == sizeof po && po.preset == INSTAR_INSPECT_PRESET_GLANCE && po.fatal == 0
+              && po.max_virtual_size == 0 && po.max_vmdk_extents == 0 && po.declared_format == NULL);
+        CHECK(instar_inspect(path("ct.qcow2"), &po, &rep, &err) == INSTAR_E_POLICY && rep != NULL);
+        if (rep) {
+            CHECK(strcmp(rep->format, "qcow2") == 0 && rep->fatal && rep->count >= 1 && rep->virtual_size == 1 << 20);
+            CHECK(rep->violations[0].code == INSTAR_INSPECT_BACKING_FILE && rep->violations[0].fatal
+                  && rep->violations[0].offset == 8);
+            CHECK(strcmp(err.message, rep->violations[0].message) == 0);
+        }
+        instar_inspect_report_free(rep);
+        rep = NULL;
+        po.fatal = INSTAR_INSPECT_FATAL_NONE;
+        CHECK(instar_inspect(path("ct.qcow2"), &po, &rep, &err) == INSTAR_OK && rep != NULL && !rep->fatal);
+        instar_inspect_report_free(rep);
+        rep = NULL;
+        po.fatal = INSTAR_INSPECT_FATAL_PRESET;
+        po.preset = INSTAR_INSPECT_PRESET_PVE;
+        po.declared_format = "raw";
+        CHECK(instar_inspect(path("cb.qcow2"), &po, &rep, &err) == INSTAR_E_POLICY && rep != NULL);
+        if (rep) CHECK(rep->count == 1 && rep->violations[0].code == INSTAR_INSPECT_FORMAT_MISMATCH
+                       && strcmp(rep->preset, "pve") == 0);
+        instar_inspect_report_free(rep);
+        rep = NULL;
+        CHECK(instar_inspect(path("nothere"), NULL, &rep, &err) == INSTAR_E_NOT_FOUND && rep == NULL);
+        CHECK(instar_inspect(NULL, NULL, &rep, NULL) == INSTAR_E_INVALID);
+        CHECK(strcmp(instar_inspect_code_name(INSTAR_INSPECT_VMDK_DEVICE), "vmdk-device") == 0);
+        CHECK(instar_inspect_code_name(999) == NULL);
+        CHECK(strlen(instar_strerror(INSTAR_E_POLICY)) > 0);
+    }
+
     printf("%s %d checks, %d failed\n", failures ? "FAIL" : "ok", checks, failures);
     return failures ? 1 : 0;
 }

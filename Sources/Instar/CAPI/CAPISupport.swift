@@ -149,7 +149,7 @@ private let errorNames: [Int32: UnsafePointer<CChar>] = {
         (0, "success"), (-1, "invalid argument"), (-2, "I/O error"), (-3, "not found"), (-4, "corrupt image"),
         (-5, "not supported"), (-6, "image is locked"), (-7, "out of memory"), (-8, "cancelled"),
         (-9, "permission denied"), (-10, "encrypted image"), (-11, "bad backing chain"), (-12, "out of range"),
-        (-13, "limit reached"),
+        (-13, "limit reached"), (-14, "policy violation"),
     ]
     var d: [Int32: UnsafePointer<CChar>] = [:]
     for (c, n) in names { d[c] = UnsafePointer(strdup(n)!) }

@@ -18,6 +18,7 @@ public struct InstarError: Error, CustomStringConvertible {
         case chain = -11
         case range = -12
         case limit = -13
+        case policy = -14
     }
 
     public var code: Code

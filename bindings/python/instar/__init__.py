@@ -35,6 +35,7 @@ from .create import create_formatting  # noqa: E402,F401
 from .check import check_report  # noqa: E402,F401
 from .ops import compare_status  # noqa: E402,F401
 from ._lib import LimitReached, limits  # noqa: E402,F401
+from .policy import InspectPolicy, InspectReport, PolicyViolation, Violation, inspect  # noqa: E402,F401
 
 # The public names (mypy --strict and `from instar import *` take them from here).
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "snapshot_apply", "snapshot_delete",
     "create_formatting", "check_report",
     "compare_status",
+    "inspect", "InspectPolicy", "InspectReport", "PolicyViolation", "Violation",
 ]
