@@ -249,4 +249,9 @@ def same_hostile(tmp, img, fmt, copy=True):
             q = _limited(["prlimit", f"--cpu={CPU_LIMIT}", "--", "qemu-img", *argv], tmp, out)
             i = _limited(["prlimit", f"--as={AS_LIMIT}", f"--cpu={CPU_LIMIT}", "--", INSTAR, *argv], tmp, out)
             assert i[0] != "timeout" and i[0] >= 0, (argv, i)
+            if c[0] == "convert" and q[0] == 1 and q[2].count("\n") > 1:
+                # qemu's convert runs several requests at once and prints each one's failure; instar stops at
+                # the first, which is qemu's first line.
+                assert i[:2] == q[:2] and i[2] == q[2].splitlines(True)[0], f"{argv}\n qemu: {q}\n instar: {i}"
+                continue
             assert i == q, f"{argv}\n qemu: {q}\n instar: {i}"
