@@ -255,3 +255,36 @@ def same_hostile(tmp, img, fmt, copy=True):
                 assert i[:2] == q[:2] and i[2] == q[2].splitlines(True)[0], f"{argv}\n qemu: {q}\n instar: {i}"
                 continue
             assert i == q, f"{argv}\n qemu: {q}\n instar: {i}"
+
+
+def _mask_node(text):
+    """qemu's generated node names end in two random digits."""
+    import re
+    return re.sub(r"'#block(\d+)\d\d'", r"'#block\1NN'", text)
+
+
+def same_commit_refusals(tmp, img, fmt):
+    """Committing into the image, or into a qcow2 above it, fails as qemu's does: qemu reopens the base and
+    every node below it read/write, which these drivers cannot do. Nothing changes in any file."""
+    name = os.path.basename(img)
+    r = qemu("create", "-q", "-f", "qcow2", "-b", name, "-F", fmt, "mid.qcow2", cwd=tmp)
+    assert r.rc == 0, r
+    r = qemu("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", cwd=tmp)
+    assert r.rc == 0, r
+    r = run(["qemu-io", "-c", "write -P 9 0 4096", os.path.join(tmp, "top.qcow2")])
+    assert r.rc == 0, r
+    files = [img, os.path.join(tmp, "mid.qcow2"), os.path.join(tmp, "top.qcow2")]
+
+    def contents():
+        return [open(f, "rb").read() for f in files]
+    before = contents()
+    for args in (["commit", "mid.qcow2"], ["commit", "-p", "mid.qcow2"], ["commit", "top.qcow2"],
+                 ["commit", "-b", "mid.qcow2", "top.qcow2"], ["commit", "-b", name, "top.qcow2"],
+                 ["commit", "-d", "-b", name, "top.qcow2"], ["commit", "-b", "nothere", "top.qcow2"]):
+        q = qemu(*args, cwd=tmp)
+        i = run([INSTAR, *args], cwd=tmp)
+        assert (i.rc, i.out, _mask_node(i.err)) == (q.rc, q.out, _mask_node(q.err)), (args, q, i)
+        assert contents() == before, args
+    for args in (["info", "--backing-chain", "top.qcow2"], ["convert", "-O", "raw", "top.qcow2", "top.raw"],
+                 ["compare", "top.qcow2", name], ["map", "--output=json", "top.qcow2"]):
+        assert_same(*args, cwd=tmp)

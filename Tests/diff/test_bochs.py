@@ -76,6 +76,11 @@ def test_writers_refused_as_qemu(tmp, image):
     R.same_refusals(tmp, image[0], "bochs")
 
 
+@pytest.mark.parametrize("image", ["v2", "v1"], indirect=True)
+def test_commit_refused_as_qemu(tmp, image):
+    R.same_commit_refusals(tmp, image[0], "bochs")
+
+
 def test_help_lists_bochs():
     from conftest import INSTAR, run
     r = run([INSTAR, "--help"])

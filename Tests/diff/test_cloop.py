@@ -54,6 +54,11 @@ def test_writers_refused_as_qemu(tmp, image):
     R.same_refusals(tmp, image[0], "cloop")
 
 
+@pytest.mark.parametrize("image", ["64k"], indirect=True)
+def test_commit_refused_as_qemu(tmp, image):
+    R.same_commit_refusals(tmp, image[0], "cloop")
+
+
 def test_help_lists_cloop():
     from conftest import INSTAR, run
     r = run([INSTAR, "--help"])

@@ -6,8 +6,12 @@ import Glibc
 /// sector bitmap (one bit per 512-byte sector, set: the sector is stored) followed by the extent's sectors.
 /// Unstored sectors read as zeroes. qemu cannot create, write or check these images, and neither does instar.
 public final class BochsFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(name: "bochs", probe: { header, _ in probe(header) },
-                                                    open: { try BochsFormat(request: $0) })
+    public static let descriptor: FormatDescriptor = {
+        var d = FormatDescriptor(name: "bochs", probe: { header, _ in probe(header) },
+                                 open: { try BochsFormat(request: $0) })
+        d.reopenable = false
+        return d
+    }()
 
     static let headerSize = 512
     static let version2: UInt32 = 0x0002_0000

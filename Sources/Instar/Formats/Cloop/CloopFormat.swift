@@ -6,8 +6,12 @@ import Glibc
 /// big-endian u64 file offsets at 136; block i is the zlib stream between offsets i and i + 1 and inflates to
 /// exactly one block. qemu cannot create, write or check these images, and neither does instar.
 public final class CloopFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(name: "cloop", probe: { header, _ in probe(header) },
-                                                    open: { try CloopFormat(request: $0) })
+    public static let descriptor: FormatDescriptor = {
+        var d = FormatDescriptor(name: "cloop", probe: { header, _ in probe(header) },
+                                 open: { try CloopFormat(request: $0) })
+        d.reopenable = false
+        return d
+    }()
 
     static let magic = Array("#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
         .utf8)
