@@ -9,7 +9,7 @@ import struct
 import pytest
 
 import readonly_images as R
-from conftest import assert_same
+from conftest import INSTAR, assert_same, run
 
 MiB = 1 << 20
 S = R.SECTOR
@@ -82,7 +82,6 @@ def test_commit_refused_as_qemu(tmp, image):
 
 
 def test_help_lists_bochs():
-    from conftest import INSTAR, run
     r = run([INSTAR, "--help"])
     assert " bochs " in r.out.split("Supported formats:")[1].splitlines()[0] + " ", r.out
 

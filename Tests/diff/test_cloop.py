@@ -10,7 +10,7 @@ import zlib
 import pytest
 
 import readonly_images as R
-from conftest import assert_same
+from conftest import INSTAR, assert_same, qemu, run
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -60,7 +60,6 @@ def test_commit_refused_as_qemu(tmp, image):
 
 
 def test_help_lists_cloop():
-    from conftest import INSTAR, run
     r = run([INSTAR, "--help"])
     assert " cloop " in r.out.split("Supported formats:")[1].splitlines()[0] + " ", r.out
 
@@ -170,3 +169,31 @@ def test_probe_prefix(tmp):
         R.write(os.path.join(tmp, name), data)
         assert_same("info", "--output=json", name, cwd=tmp)
         assert_same("info", name, cwd=tmp)
+
+
+def test_table_larger_than_kept_in_memory(tmp):
+    """A table of more than 4M entries, which instar reads from the file as it goes instead of holding it: the
+    blocks near the start and the end read as qemu reads them (info, and dd of a few blocks at each end)."""
+    n = (4 << 20) + 3
+    zero = zlib.compress(bytes(512), 9)
+    chunks = [zero] * n
+    marks = {0: b"first", 1: b"second", n - 2: b"next-to-last", n - 1: b"last"}
+    for i, text in marks.items():
+        chunks[i] = zlib.compress(text.ljust(512, b"."), 9)
+    path = R.write(os.path.join(tmp, "big.cloop"), R.cloop_image(b"", block_size=512, chunks=chunks))
+    assert_same("info", "--output=json", "big.cloop", cwd=tmp)
+    assert_same("map", "--output=json", "big.cloop", cwd=tmp)
+    for skip in (0, n - 4):
+        # qemu-img 7.2's dd counts `count` from the start of the input, skipped blocks included.
+        outs = []
+        for who, tool in (("q", "qemu-img"), ("i", None)):
+            out = os.path.join(tmp, f"dd-{who}.raw")
+            argv = ["dd", "-O", "raw", "bs=512", f"skip={skip}", f"count={skip + 4}", "if=big.cloop", f"of={out}"]
+            r = qemu(*argv, cwd=tmp) if tool else run([INSTAR, *argv], cwd=tmp)
+            assert r.rc == 0, r
+            outs.append(open(out, "rb").read())
+        assert outs[0] == outs[1] and len(outs[0]) == 2048
+        want = b"".join(marks.get(skip + k, b"").ljust(512, b".") if skip + k in marks else bytes(512)
+                        for k in range(4))
+        assert outs[0] == want
+    os.unlink(path)
