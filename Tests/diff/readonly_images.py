@@ -201,12 +201,30 @@ def same_refusals(tmp, img, fmt):
             assert f.read() == before, args
 
 
-def python_info(img, fmt, size):
-    """The C API (through the Python binding) names the format."""
+def python_info(img, fmt, expected):
+    """The C API (through the Python binding) names the format, reads the guest bytes and refuses writes."""
     import instar
+    from instar.image import OPEN_READ_WRITE, Image
     i = instar.info(img)
-    assert (i.format, i.virtual_size) == (fmt, size)
+    assert (i.format, i.virtual_size) == (fmt, len(expected))
     assert json.loads(instar.info_json(img))["format"] == fmt
+    with Image(img) as im:
+        assert im.size == len(expected)
+        for off, n in ((0, len(expected)), (len(expected) // 3, 1000), (max(0, len(expected) - 700), 700)):
+            n = min(n, len(expected) - off)
+            if n > 0:
+                assert im.read(off, n) == expected[off:off + n], (off, n)
+        if expected:
+            try:
+                im.write(0, b"x" * 512)
+                raise AssertionError("write accepted")
+            except instar.InstarError as e:
+                assert "read-only" in str(e), e
+    try:
+        Image(img, flags=OPEN_READ_WRITE)
+        raise AssertionError("read/write open accepted")
+    except instar.InstarError as e:
+        assert str(e) == f"Could not open '{img}': Image is read-only", e
 
 
 def _limited(argv, cwd, out):

@@ -68,7 +68,7 @@ def image(tmp, request):
 def test_reads_as_qemu(tmp, image):
     path, guest = image
     R.same_reads(tmp, path, "bochs")
-    R.python_info(path, "bochs", len(guest))
+    R.python_info(path, "bochs", guest)
 
 
 @pytest.mark.parametrize("image", ["v2", "v1"], indirect=True)

@@ -46,7 +46,7 @@ def image(tmp, request):
 def test_reads_as_qemu(tmp, image):
     path, guest = image
     R.same_reads(tmp, path, "cloop")
-    R.python_info(path, "cloop", len(guest))
+    R.python_info(path, "cloop", guest)
 
 
 @pytest.mark.parametrize("image", ["64k"], indirect=True)
