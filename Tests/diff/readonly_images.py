@@ -306,3 +306,19 @@ def same_commit_refusals(tmp, img, fmt):
     for args in (["info", "--backing-chain", "top.qcow2"], ["convert", "-O", "raw", "top.qcow2", "top.raw"],
                  ["compare", "top.qcow2", name], ["map", "--output=json", "top.qcow2"]):
         assert_same(*args, cwd=tmp)
+
+
+def same_open_options(tmp, img, fmt):
+    """--image-opts and json: names: the driver takes no options of its own (qemu names the first unknown one),
+    the generic ones pass, and the file may sit under a raw window."""
+    name = os.path.basename(img)
+    file = f'"file":{{"driver":"file","filename":"{name}"}}'
+    for args in (["info", "--image-opts", f"driver={fmt},file.filename={name}"],
+                 ["info", "--image-opts", f"driver={fmt},file.filename={name},foo=1"],
+                 ["info", "--image-opts", f"driver={fmt},file.filename={name},read-only=on,cache.direct=off"],
+                 ["info", "--image-opts", f"driver={fmt},file.driver=raw,file.file.filename={name}"],
+                 ["info", "--output=json", f'json:{{"driver":"{fmt}",{file}}}'],
+                 ["info", "-U", f'json:{{"driver":"{fmt}","bar":1,{file}}}'],
+                 ["info", "-f", "raw", name],
+                 ["map", "--output=json", "--image-opts", f"driver={fmt},file.filename={name}"]):
+        assert_same(*args, cwd=tmp)

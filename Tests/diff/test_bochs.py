@@ -81,6 +81,11 @@ def test_commit_refused_as_qemu(tmp, image):
     R.same_commit_refusals(tmp, image[0], "bochs")
 
 
+@pytest.mark.parametrize("image", ["v2"], indirect=True)
+def test_open_options_as_qemu(tmp, image):
+    R.same_open_options(tmp, image[0], "bochs")
+
+
 def test_help_lists_bochs():
     r = run([INSTAR, "--help"])
     assert " bochs " in r.out.split("Supported formats:")[1].splitlines()[0] + " ", r.out

@@ -59,6 +59,11 @@ def test_commit_refused_as_qemu(tmp, image):
     R.same_commit_refusals(tmp, image[0], "cloop")
 
 
+@pytest.mark.parametrize("image", ["64k"], indirect=True)
+def test_open_options_as_qemu(tmp, image):
+    R.same_open_options(tmp, image[0], "cloop")
+
+
 def test_help_lists_cloop():
     r = run([INSTAR, "--help"])
     assert " cloop " in r.out.split("Supported formats:")[1].splitlines()[0] + " ", r.out

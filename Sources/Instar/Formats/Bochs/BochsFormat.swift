@@ -10,6 +10,7 @@ public final class BochsFormat: ImageFormat {
         var d = FormatDescriptor(name: "bochs", probe: { header, _ in probe(header) },
                                  open: { try BochsFormat(request: $0) })
         d.reopenable = false
+        d.runtimeOptions = []
         return d
     }()
 

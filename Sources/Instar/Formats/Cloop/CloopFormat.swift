@@ -10,6 +10,7 @@ public final class CloopFormat: ImageFormat {
         var d = FormatDescriptor(name: "cloop", probe: { header, _ in probe(header) },
                                  open: { try CloopFormat(request: $0) })
         d.reopenable = false
+        d.runtimeOptions = []
         return d
     }()
 
