@@ -249,8 +249,8 @@ def _limited(argv, cwd, out):
 
 def same_hostile(tmp, img, fmt, copy=True):
     """A damaged image: with and without -f, info / info JSON / map JSON / check / snapshot -l / measure (and,
-    with `copy`, convert -O raw and compare) under a 1 GiB address-space limit for instar: never killed, and exactly qemu-img's output, error
-    message and exit code."""
+    with `copy`, convert -O raw and compare) under a 1 GiB address-space limit for instar: never killed, and
+    exactly qemu-img's output, error message and exit code."""
     name = os.path.basename(img)
     out = os.path.join(tmp, "hostile-out.raw")
     cmds = [["info"], ["info", "--output=json"], ["map", "--output=json"], ["check"], ["snapshot", "-l"],
