@@ -433,8 +433,9 @@ public enum ImageOpener {
             opts.driverOptions["encrypt.key-secret"] = .string(id)
             if opts.secrets[id] == nil { opts.secrets[id] = key }
         }
+        // A commit base of a driver qemu cannot reopen stays read-only: the commit refuses it (see `reopenable`).
         let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: directoryName(spec.filename),
-                                  writable: writable, options: opts)
+                                  writable: writable && (depth == 0 || descriptor.reopenable), options: opts)
         let format = try descriptor.open(request)
 
         var backingLayer: ImageLayer?

@@ -307,6 +307,10 @@ public struct FormatDescriptor {
     public var filelessProtocol: String? = nil
     /// The name qemu-img shows for an image opened with this driver, when the driver decides it.
     public var displayName: ((ImageSpec) -> String)? = nil
+    /// The driver can be reopened with other flags (qemu's bdrv_reopen_prepare). qemu reopens a commit's base
+    /// and every node below it read/write; a driver that cannot be reopened fails that commit. Such a driver is
+    /// opened read-only as a commit base, and the commit then reports qemu's error.
+    public var reopenable = true
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name

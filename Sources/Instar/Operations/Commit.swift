@@ -67,6 +67,16 @@ public enum CommitOperation {
             }
             throw InstarError(.chain, "Image does not have a backing file")
         }
+        // qemu reopens the base and everything below it read/write; a driver without reopen support fails that.
+        if let k = top.chain.firstIndex(where: { $0 === base }) {
+            for (i, layer) in top.chain.enumerated() where i >= k {
+                let name = layer.format.formatName
+                if FormatRegistry.descriptor(named: name)?.reopenable == false {
+                    throw InstarError(.unsupported, "Block format '\(name)' used by node '\(reopenNodeName(layer: i))' "
+                                      + "does not support reopening files")
+                }
+            }
+        }
         do {
             var job = CommitJob(top: top, base: base, cache: options.cache, rateLimit: options.rateLimit)
             try job.run(meter: &meter)
@@ -129,6 +139,14 @@ public enum CommitOperation {
             defer { free(p) }
             return String(cString: p)
         }
+    }
+
+    /// The node name qemu generates for the chain's layer `index` (top 0) in the commit's messages: its
+    /// id_generate counter (the file node of each image is named first, then its format node) and two random
+    /// digits.
+    static func reopenNodeName(layer index: Int) -> String {
+        let r = Int.random(in: 0..<100)
+        return "#block" + String(2 * index + 1) + (r < 10 ? "0" : "") + String(r)
     }
 }
 

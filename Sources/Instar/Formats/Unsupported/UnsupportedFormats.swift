@@ -5,8 +5,6 @@ import Glibc
 /// one, probed or named with -f, fails with a clear error.
 enum UnsupportedFormats {
     static let descriptors: [FormatDescriptor] = [
-        descriptor("bochs", probe: bochs),
-        descriptor("cloop", probe: cloop),
         descriptor("dmg", probe: dmg),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
@@ -24,27 +22,6 @@ enum UnsupportedFormats {
         let bytes = Array(text.utf8)
         guard offset >= 0, buf.count >= offset + bytes.count else { return false }
         return buf[offset..<(offset + bytes.count)].elementsEqual(bytes)
-    }
-
-    /// A NUL-terminated string equal to `text` at `offset` (C strcmp on a fixed header field).
-    private static func cStringEquals(_ buf: [UInt8], _ text: String, at offset: Int) -> Bool {
-        has(buf, text + "\0", at: offset)
-    }
-
-    // bochs_probe: a 512-byte header "Bochs Virtual HD Image" / "Redolog" / "Growing", version 1 or 2 (LE u32 at 64).
-    private static func bochs(_ buf: [UInt8], _ filename: String) -> Int {
-        guard buf.count >= 512, cStringEquals(buf, "Bochs Virtual HD Image", at: 0),
-              cStringEquals(buf, "Redolog", at: 32), cStringEquals(buf, "Growing", at: 48),
-              let version = try? ByteReader(buf).u32le(at: 64),
-              version == 0x0002_0000 || version == 0x0001_0000 else { return 0 }
-        return 100
-    }
-
-    // cloop_probe: the V2.0 shell-script preamble (compared over what was read of it); a weak score.
-    private static func cloop(_ buf: [UInt8], _ filename: String) -> Int {
-        let magic = Array("#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n".utf8)
-        let n = min(magic.count, buf.count)
-        return buf.prefix(n).elementsEqual(magic.prefix(n)) ? 2 : 0
     }
 
     // dmg_probe: only the file name, ending in ".dmg" after at least one more character.
