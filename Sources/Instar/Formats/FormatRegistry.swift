@@ -11,6 +11,7 @@ public enum FormatRegistry {
         VhdxFormat.descriptor,
         LuksFormat.descriptor,
         VmdkFormat.descriptor,
+        DmgFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in

@@ -7,7 +7,6 @@ enum UnsupportedFormats {
     static let descriptors: [FormatDescriptor] = [
         descriptor("bochs", probe: bochs),
         descriptor("cloop", probe: cloop),
-        descriptor("dmg", probe: dmg),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
     ]
@@ -45,12 +44,6 @@ enum UnsupportedFormats {
         let magic = Array("#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n".utf8)
         let n = min(magic.count, buf.count)
         return buf.prefix(n).elementsEqual(magic.prefix(n)) ? 2 : 0
-    }
-
-    // dmg_probe: only the file name, ending in ".dmg" after at least one more character.
-    private static func dmg(_ buf: [UInt8], _ filename: String) -> Int {
-        let name = Array(filename.utf8)
-        return name.count > 4 && name.suffix(4).elementsEqual(Array(".dmg".utf8)) ? 2 : 0
     }
 
     // parallels_probe: a 64-byte header, one of two signatures and version 2 (LE u32 at 16).
