@@ -410,6 +410,9 @@ public enum ImageOpener {
             // An open without backing files leaves a backing node's options unused, which qemu refuses.
             throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(key)'")
         }
+        if writable && descriptor.readOnly {
+            throw InstarError(.permission, "Image is read-only", errno: EACCES)
+        }
         if !spec.takesLocks {
             // "locking": "off": the file node neither takes nor checks qemu's locks.
         } else if descriptor.sharesWrites && !writable && !opts.forceShare && depth == 0 && !opts.noShareWrite {

@@ -307,6 +307,9 @@ public struct FormatDescriptor {
     public var filelessProtocol: String? = nil
     /// The name qemu-img shows for an image opened with this driver, when the driver decides it.
     public var displayName: ((ImageSpec) -> String)? = nil
+    /// The driver can only read (qemu's drivers that call bdrv_apply_auto_read_only first): a writable open fails
+    /// with "Image is read-only" before any lock is taken, as qemu fails it before its permissions apply.
+    public var readOnly = false
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name

@@ -11,14 +11,18 @@ import Glibc
 /// decompresses bzip2 chunks (libbz2) where qemu fails their reads with I/O errors after a warning; lzfse chunks
 /// fail as in qemu. qemu's "module ... not found" lines about Debian's packaging are not printed.
 public final class DmgFormat: ImageFormat {
-    public static let descriptor = FormatDescriptor(
-        name: "dmg",
-        probe: { _, filename in
-            // dmg_probe: the name ends in ".dmg" after at least one more character.
-            let name = Array(filename.utf8)
-            return name.count > 4 && name.suffix(4).elementsEqual(Array(".dmg".utf8)) ? 2 : 0
-        },
-        open: { try DmgFormat(request: $0) })
+    public static let descriptor: FormatDescriptor = {
+        var d = FormatDescriptor(
+            name: "dmg",
+            probe: { _, filename in
+                // dmg_probe: the name ends in ".dmg" after at least one more character.
+                let name = Array(filename.utf8)
+                return name.count > 4 && name.suffix(4).elementsEqual(Array(".dmg".utf8)) ? 2 : 0
+            },
+            open: { try DmgFormat(request: $0) })
+        d.readOnly = true
+        return d
+    }()
 
     public let formatName = "dmg"
     let file: HostFile
