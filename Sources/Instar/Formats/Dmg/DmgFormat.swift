@@ -43,23 +43,33 @@ public final class DmgFormat: ImageFormat {
         // The driver only ever reads (bdrv_apply_auto_read_only without auto-read-only fails a writable open).
         guard !request.writable else { throw InstarError(.permission, "Image is read-only", errno: EACCES) }
         file = request.file
-        let trailer = try DmgTrailer(file: request.file)
-        // A size in bytes past 2^63 is refused as qemu's bdrv_getlength refuses it.
-        guard trailer.sectorCount <= UInt64(Int64.max) / 512 else {
+        do {
+            let trailer = try DmgTrailer(file: request.file)
+            var t = DmgChunkTable()
+            if trailer.rsrcForkLength != 0 {
+                try t.readResourceFork(request.file, begin: trailer.rsrcForkOffset, length: trailer.rsrcForkLength,
+                                       dataForkOffset: trailer.dataForkOffset)
+            } else if trailer.xmlLength != 0 {
+                try t.readPlist(request.file, begin: trailer.xmlOffset, length: trailer.xmlLength,
+                                dataForkOffset: trailer.dataForkOffset)
+            } else {
+                throw Dmg.invalid()
+            }
+            table = t
+            sectorCount = trailer.sectorCount
+        } catch let e as InstarError where e.errnoValue == EINVAL && e.message == strerrorString(EINVAL) {
+            // dmg_open fails with only an errno; the block layer names the file (bdrv_open_driver).
+            throw InstarError(e.code, "Could not open '\(request.filename)': \(e.message)", errno: EINVAL)
+        }
+        // The block layer's size checks after the open (refresh_total_sectors, in qemu's signed 64-bit
+        // arithmetic), then bdrv_getlength's: instar refuses at the open what qemu refuses when asked the size.
+        let bytes = Int64(bitPattern: sectorCount &* 512)
+        if bytes > Int64.max & ~Int64((1 << 30) - 1) {
+            throw InstarError(.range, "Could not refresh total sector count: \(strerrorString(EFBIG))", errno: EFBIG)
+        }
+        guard sectorCount <= UInt64(Int64.max) / 512 else {
             throw InstarError(.range, strerrorString(EFBIG), errno: EFBIG)
         }
-        sectorCount = trailer.sectorCount
-        var t = DmgChunkTable()
-        if trailer.rsrcForkLength != 0 {
-            try t.readResourceFork(request.file, begin: trailer.rsrcForkOffset, length: trailer.rsrcForkLength,
-                                   dataForkOffset: trailer.dataForkOffset)
-        } else if trailer.xmlLength != 0 {
-            try t.readPlist(request.file, begin: trailer.xmlOffset, length: trailer.xmlLength,
-                            dataForkOffset: trailer.dataForkOffset)
-        } else {
-            throw Dmg.invalid()
-        }
-        table = t
         lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         lock.initialize(to: pthread_mutex_t())
         pthread_mutex_init(lock, nil)
