@@ -154,6 +154,8 @@ public struct ImageSpec {
 public enum ImageOpener {
     /// Chains deeper than this are refused (a hostile image could otherwise name itself through many links).
     public static let maxChainDepth = 256
+    /// The end of qemu's message for a node whose driver cannot be reopened read/write (commit's base).
+    public static let reopenUnsupported = "does not support reopening files"
 
     /// Opens `spec` (and, if `openBacking`, everything below it). Errors are what qemu-img prints after
     /// "Could not open 'NAME': ".
@@ -411,7 +413,16 @@ public enum ImageOpener {
             throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(key)'")
         }
         if writable && descriptor.readOnly {
-            throw InstarError(.permission, "Image is read-only", errno: EACCES)
+            guard depth > 0 else { throw InstarError(.permission, "Image is read-only", errno: EACCES) }
+            // A backing file asked for writing (commit's base): qemu opens it read-only, which must succeed, then
+            // fails to reopen it read/write, naming the node by its generated name ("#block", a counter, two
+            // random digits).
+            var seenCopy = seen
+            _ = try openLayer(spec, options: options, writable: false, openBacking: openBacking, depth: depth,
+                              seen: &seenCopy)
+            let digits = Int.random(in: 0...99)
+            throw InstarError(.unsupported, "Block format '\(descriptor.name)' used by node '#block\(2 * depth + 1)"
+                              + (digits < 10 ? "0" : "") + "\(digits)' \(ImageOpener.reopenUnsupported)", errno: ENOTSUP)
         }
         if !spec.takesLocks {
             // "locking": "off": the file node neither takes nor checks qemu's locks.

@@ -87,10 +87,20 @@ public final class DmgFormat: ImageFormat {
         current = nil
         guard let c = table.search(sector) else { throw Dmg.ioError() }
         let type = table.types[c]
+        // qemu reads a chunk whole; one that lies past what the block layer can address fails (BDRV_MAX_LENGTH).
+        let maxLength = UInt64(Int64.max) & ~((1 << 30) - 1)
+        guard table.offsets[c] <= maxLength, table.lengths[c] <= maxLength - table.offsets[c] else {
+            throw Dmg.ioError()
+        }
         if type == Dmg.typeZlib || type == Dmg.typeBzip2 {
             chunkBytes = []
             // Bounded at open: at most DMG_LENGTHS_MAX bytes in, DMG_SECTORCOUNTS_MAX sectors out.
-            let input = try file.readBytes(at: table.offsets[c], count: Int(table.lengths[c]))
+            let input: [UInt8]
+            do {
+                input = try file.readBytes(at: table.offsets[c], count: Int(table.lengths[c]))
+            } catch {
+                throw Dmg.ioError()
+            }
             var output = [UInt8](repeating: 0, count: Int(table.sectorCounts[c]) * 512)
             let ok = input.withUnsafeBytes { i in
                 output.withUnsafeMutableBytes { o in
@@ -99,10 +109,6 @@ public final class DmgFormat: ImageFormat {
             }
             guard ok else { throw Dmg.ioError() }
             chunkBytes = output
-        } else if type == Dmg.typeRaw {
-            // qemu reads a raw chunk whole; one that lies past what a file offset can reach fails the same way.
-            guard table.offsets[c] <= UInt64(Int64.max), table.lengths[c] <= UInt64(Int64.max) - table.offsets[c]
-            else { throw Dmg.ioError() }
         }
         current = c
         return c
@@ -160,8 +166,12 @@ public final class DmgFormat: ImageFormat {
                 let length = table.lengths[c]
                 let stored = at < length ? Int(min(UInt64(n), length - at)) : 0
                 if stored > 0 {
-                    try file.readZeroPadded(into: UnsafeMutableRawBufferPointer(rebasing: part[0..<stored]),
-                                            at: table.offsets[c] + at)
+                    do {
+                        try file.readZeroPadded(into: UnsafeMutableRawBufferPointer(rebasing: part[0..<stored]),
+                                                at: table.offsets[c] + at)
+                    } catch {
+                        throw Dmg.ioError()  // dmg_read_chunk turns any failed read into EIO
+                    }
                 }
                 if stored < n {
                     UnsafeMutableRawBufferPointer(rebasing: part[stored..<n]).initializeMemory(as: UInt8.self,
