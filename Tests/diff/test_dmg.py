@@ -480,3 +480,31 @@ def test_dmg_as_backing_file(tmp):
     assert (q.rc, q.out) == (i.rc, i.out) == (1, ""), (q, i)
     assert pattern.fullmatch(q.err) and pattern.fullmatch(i.err), (q, i)
     assert open(os.path.join(tmp, "base.dmg"), "rb").read() == before
+
+
+def test_library_reads_any_range(tmp):
+    """Through the C API (Python binding): reads at any offset and length, from several threads at once, give the
+    bytes the test put in (the chunk cache is shared and locked); a writable open is refused."""
+    import threading
+    import instar as lib
+    image = D.Image([("raw", b"\x11" * 1024), ("zlib", PATTERN), ("zero", 9), ("bzip2", PATTERN[:5000]),
+                     ("zlib", bytes(reversed(PATTERN)))], split=2)
+    path = make(tmp, "lib", image, "rsrc")
+    expected = image.expected()
+    errors = []
+    with lib.Image(path) as im:
+        def worker(seed):
+            pos = seed * 7919
+            for n in range(200):
+                off = (pos * (n + 3)) % (len(expected) - 5000)
+                size = 1 + (n * 131 + seed) % 5000
+                if im.read(off, size) != expected[off:off + size]:
+                    errors.append((off, size))
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:5]
+    with pytest.raises(lib.Permission):
+        lib.Image(path, flags=lib.OPEN_READ_WRITE)
