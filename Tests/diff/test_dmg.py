@@ -228,6 +228,13 @@ def test_probe_by_name(tmp):
         same("info", p)
         same("info", "-f", "dmg", p)
         same("info", "--output=json", p)
+    # A file given as a json:/--image-opts "file" child is probed without a name: raw, unless -f/driver says dmg.
+    for spec in ('json:{"file":{"driver":"file","filename":"img.dmg"}}', 'json:{"file.filename":"img.dmg"}',
+                 'json:{"driver":"dmg","file":{"driver":"file","filename":"img.dmg"}}', "file:img.dmg"):
+        same("info", spec, cwd=tmp)
+        same("info", "--output=json", spec, cwd=tmp)
+    same("info", "--image-opts", "file.filename=img.dmg", cwd=tmp)
+    same("info", "--image-opts", "driver=dmg,file.filename=img.dmg", cwd=tmp)
     write(os.path.join(tmp, ".dmg"), data)
     q = same("info", ".dmg", cwd=tmp)
     assert "file format: raw" in q.out

@@ -103,6 +103,9 @@ public struct ImageSpec {
     /// The flattened backing.* options, for the error qemu gives when a backing node is given to an open
     /// that does not open backing files.
     public var backingOptionKeys: [String] = []
+    /// The name format probing sees when it is not `filename`: qemu probes a file given as a "file" child of
+    /// json: or --image-opts options with no name at all (dmg probes by name only).
+    public var probeName: String?
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -293,6 +296,7 @@ public enum ImageOpener {
         }
         try protocolNode(fileKeys, into: &spec)
         spec.displayName = spec.filename
+        spec.probeName = ""
         return spec
     }
 
@@ -401,7 +405,7 @@ public enum ImageOpener {
             }
             descriptor = d
         } else {
-            descriptor = try FormatRegistry.probe(file, filename: spec.filename)
+            descriptor = try FormatRegistry.probe(file, filename: spec.probeName ?? spec.filename)
         }
         if let accepted = descriptor.runtimeOptions {
             for k in spec.driverOptionOrder where !accepted.contains(k) {
