@@ -391,6 +391,10 @@ HOSTILE = {
     "plist-base64-noise": plist_text(b"<data>" + b"\n\t ".join(B64[i:i + 7] for i in range(0, len(B64), 7))
                                      + b"=</data>"),
     "plist-padding-inside": plist_text(b"<data>" + B64[:8] + b"==" + B64[8:] + b"</data>"),
+    "plist-padding-odd": plist_text(b"<data>" + B64[:5] + b"=" + B64[5:9] + b"=x=" + B64[9:] + b"A</data>"),
+    "plist-partial-group": plist_text(b"<data>" + B64 + b"QU</data>"),
+    "plist-two-tables": plist_text(b"<data>" + B64 + b"</data><data>" + __import__("base64").b64encode(
+        D.mish([(D.UDZO, 0, 1, 0, 10)], first_sector=1)) + b"</data>"),
     "plist-nul-before-data": plist_text(b"<plist>\0<data>" + B64 + b"</data></plist>"),
     "plist-empty-data": plist_text(b"<data></data><data>" + B64 + b"</data>"),
     "plist-nested-open": plist_text(b"<data><data>" + B64 + b"</data>"),
