@@ -20,7 +20,7 @@ private let maxStatusCalls = 256
 @_cdecl("LLVMFuzzerTestOneInput")
 public func instarFuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     guard writeScratch(data, size) else { return 0 }
-    for format in ["qcow2", nil] as [String?] {
+    for format in ["qcow2", "dmg", nil] as [String?] {
         exercise(format: format)
     }
     // Last, as it changes the file.

@@ -27,7 +27,7 @@ echo "fuzz: compiling ${#SOURCES[@]} engine sources + fuzz/FuzzImage.swift ($OPT
 "$SWIFTC" -sanitize="$SANITIZE" -parse-as-library $OPT -g -module-name InstarFuzz "${DEFINES[@]}" \
   -I Sources/CInstar/include -Xcc -fmodule-map-file="$ROOT/Sources/CInstar/include/module.modulemap" \
   "${SOURCES[@]}" fuzz/FuzzImage.swift "$WORK/obj/shims.o" \
-  -lz -lzstd -lgcrypt -o "$WORK/instar-fuzz"
+  -lz -lzstd -lgcrypt -lbz2 -o "$WORK/instar-fuzz"
 
 # Seeds: small valid images of several shapes, made fresh by qemu-img/qemu-io (never committed).
 if [ -z "$(ls -A "$WORK/corpus")" ]; then

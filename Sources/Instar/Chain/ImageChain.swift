@@ -103,6 +103,9 @@ public struct ImageSpec {
     /// The flattened backing.* options, for the error qemu gives when a backing node is given to an open
     /// that does not open backing files.
     public var backingOptionKeys: [String] = []
+    /// The name format probing sees when it is not `filename`: qemu probes a file given as a "file" child of
+    /// json: or --image-opts options with no name at all (dmg probes by name only).
+    public var probeName: String?
 
     public init(filename: String, format: String? = nil) {
         self.filename = filename
@@ -154,6 +157,8 @@ public struct ImageSpec {
 public enum ImageOpener {
     /// Chains deeper than this are refused (a hostile image could otherwise name itself through many links).
     public static let maxChainDepth = 256
+    /// The end of qemu's message for a node whose driver cannot be reopened read/write (commit's base).
+    public static let reopenUnsupported = "does not support reopening files"
 
     /// Opens `spec` (and, if `openBacking`, everything below it). Errors are what qemu-img prints after
     /// "Could not open 'NAME': ".
@@ -291,6 +296,7 @@ public enum ImageOpener {
         }
         try protocolNode(fileKeys, into: &spec)
         spec.displayName = spec.filename
+        spec.probeName = ""
         return spec
     }
 
@@ -399,7 +405,7 @@ public enum ImageOpener {
             }
             descriptor = d
         } else {
-            descriptor = try FormatRegistry.probe(file, filename: spec.filename)
+            descriptor = try FormatRegistry.probe(file, filename: spec.probeName ?? spec.filename)
         }
         if let accepted = descriptor.runtimeOptions {
             for k in spec.driverOptionOrder where !accepted.contains(k) {
@@ -409,6 +415,18 @@ public enum ImageOpener {
         if !openBacking, let key = unusedBackingOption(spec) {
             // An open without backing files leaves a backing node's options unused, which qemu refuses.
             throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(key)'")
+        }
+        if writable && descriptor.readOnly {
+            guard depth > 0 else { throw InstarError(.permission, "Image is read-only", errno: EACCES) }
+            // A backing file asked for writing (commit's base): qemu opens it read-only, which must succeed, then
+            // fails to reopen it read/write, naming the node by its generated name ("#block", a counter, two
+            // random digits).
+            var seenCopy = seen
+            _ = try openLayer(spec, options: options, writable: false, openBacking: openBacking, depth: depth,
+                              seen: &seenCopy)
+            let digits = Int.random(in: 0...99)
+            throw InstarError(.unsupported, "Block format '\(descriptor.name)' used by node '#block\(2 * depth + 1)"
+                              + (digits < 10 ? "0" : "") + "\(digits)' \(ImageOpener.reopenUnsupported)", errno: ENOTSUP)
         }
         if !spec.takesLocks {
             // "locking": "off": the file node neither takes nor checks qemu's locks.

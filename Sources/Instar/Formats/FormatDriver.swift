@@ -311,6 +311,9 @@ public struct FormatDescriptor {
     /// and every node below it read/write; a driver that cannot be reopened fails that commit. Such a driver is
     /// opened read-only as a commit base, and the commit then reports qemu's error.
     public var reopenable = true
+    /// The driver can only read (qemu's drivers that call bdrv_apply_auto_read_only first): a writable open fails
+    /// with "Image is read-only" before any lock is taken, as qemu fails it before its permissions apply.
+    public var readOnly = false
     public init(name: String, probe: @escaping ([UInt8], String) -> Int,
                 open: @escaping (OpenRequest) throws -> ImageFormat) {
         self.name = name

@@ -13,6 +13,7 @@ public enum FormatRegistry {
         VmdkFormat.descriptor,
         BochsFormat.descriptor,
         CloopFormat.descriptor,
+        DmgFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in

@@ -55,6 +55,10 @@ public enum CommitOperation {
             try? again.close()
             guard let r = e.message.firstRange(of: "Failed to get ") else { throw e }
             throw InstarError(e.code, String(e.message[r.lowerBound...]), errno: e.errnoValue)
+        } catch let e as InstarError where e.message.hasSuffix(ImageOpener.reopenUnsupported) {
+            // The base's reopen fails after the chain opened: qemu prints its bare message.
+            guard let r = e.message.firstRange(of: "Block format ") else { throw e }
+            throw InstarError(e.code, String(e.message[r.lowerBound...]), errno: e.errnoValue)
         }
         var closed = false
         defer { if !closed { try? top.close() } }

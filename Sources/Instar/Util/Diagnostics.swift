@@ -45,6 +45,11 @@ public enum Diagnostics {
         sink?(Message("warning: \(text)\n", prefixed: true))
     }
 
+    /// qemu's error_report: "PROGRAM: TEXT\n".
+    static func error(_ text: String) {
+        sink?(Message("\(text)\n", prefixed: true))
+    }
+
     /// Text printed as it is (qemu's error_printf and fprintf(stderr)).
     static func plain(_ text: String) {
         sink?(Message(text, prefixed: false))

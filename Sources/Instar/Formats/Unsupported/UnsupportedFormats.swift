@@ -5,7 +5,6 @@ import Glibc
 /// one, probed or named with -f, fails with a clear error.
 enum UnsupportedFormats {
     static let descriptors: [FormatDescriptor] = [
-        descriptor("dmg", probe: dmg),
         descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
     ]
@@ -24,10 +23,6 @@ enum UnsupportedFormats {
         return buf[offset..<(offset + bytes.count)].elementsEqual(bytes)
     }
 
-    // dmg_probe: only the file name, ending in ".dmg" after at least one more character.
-    private static func dmg(_ buf: [UInt8], _ filename: String) -> Int {
-        let name = Array(filename.utf8)
-        return name.count > 4 && name.suffix(4).elementsEqual(Array(".dmg".utf8)) ? 2 : 0
     }
 
     // parallels_probe: a 64-byte header, one of two signatures and version 2 (LE u32 at 16).
