@@ -23,8 +23,6 @@ enum UnsupportedFormats {
         return buf[offset..<(offset + bytes.count)].elementsEqual(bytes)
     }
 
-    }
-
     // parallels_probe: a 64-byte header, one of two signatures and version 2 (LE u32 at 16).
     private static func parallels(_ buf: [UInt8], _ filename: String) -> Int {
         guard buf.count >= 64, has(buf, "WithoutFreeSpace") || has(buf, "WithouFreSpacExt"),
