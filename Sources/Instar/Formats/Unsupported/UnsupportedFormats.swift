@@ -8,7 +8,6 @@ enum UnsupportedFormats {
         descriptor("bochs", probe: bochs),
         descriptor("cloop", probe: cloop),
         descriptor("dmg", probe: dmg),
-        descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
     ]
 
@@ -51,13 +50,6 @@ enum UnsupportedFormats {
     private static func dmg(_ buf: [UInt8], _ filename: String) -> Int {
         let name = Array(filename.utf8)
         return name.count > 4 && name.suffix(4).elementsEqual(Array(".dmg".utf8)) ? 2 : 0
-    }
-
-    // parallels_probe: a 64-byte header, one of two signatures and version 2 (LE u32 at 16).
-    private static func parallels(_ buf: [UInt8], _ filename: String) -> Int {
-        guard buf.count >= 64, has(buf, "WithoutFreeSpace") || has(buf, "WithouFreSpacExt"),
-              let version = try? ByteReader(buf).u32le(at: 16), version == 2 else { return 0 }
-        return 100
     }
 
     // qcow_probe: the qcow magic (shared with qcow2) and version 1, in a 48-byte header.
