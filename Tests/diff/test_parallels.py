@@ -132,7 +132,9 @@ def test_create_disk_size(tmp):
     for who, tool in (("q", qemu), ("i", instar)):
         r = tool("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", f"{who}.prl", "10G", cwd=tmp)
         assert r.rc == 0, r
-    assert os.stat(os.path.join(tmp, "q.prl")).st_blocks == os.stat(os.path.join(tmp, "i.prl")).st_blocks
+    if opts.get("prealloc-mode") != "truncate":
+        # Growth is zeroed, allocated space (with truncate, qemu's sector-sized writes may allocate a block more).
+        assert os.stat(os.path.join(tmp, "q.prl")).st_blocks == os.stat(os.path.join(tmp, "i.prl")).st_blocks
 
 
 # --- reading ------------------------------------------------------------------------------------------------
@@ -241,20 +243,13 @@ def test_convert_into_file_with_junk_after_data(tmp):
     same_write(tmp, [name, "src.raw"], "convert", "-n", "-O", "parallels", "src.raw", name)
 
 
-def test_commit_qcow2_top_into_parallels_base(tmp):
+def test_commit_into_parallels_base_is_refused(tmp):
+    """qemu's parallels driver cannot be reopened read/write, so commit refuses a parallels base."""
     seeded(tmp, "base.prl", ops=["write -P 0x41 0 2M"])
     qimg("create", "-q", "-f", "qcow2", "-b", "base.prl", "-F", "parallels", os.path.join(tmp, "top.qcow2"))
     for op in ["write -P 0x51 1M 3M", "write -z 10M 1M", "write -P 0x52 40M 10k"]:
         qemu_io("-c", op, os.path.join(tmp, "top.qcow2"))
-    dq, di = pair(tmp, ["base.prl", "top.qcow2"])
-    q = qemu("commit", "top.qcow2", cwd=dq)
-    i = instar("commit", "top.qcow2", cwd=di)
-    assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err)
-    # qemu's mirror-based commit writes in parallel: compare guest data, check and info.
-    a, b = os.path.join(dq, "base.prl"), os.path.join(di, "base.prl")
-    assert qemu("compare", a, b).rc == 0
-    assert qemu("check", b).rc == 0
-    assert info_json(a, keep=()) == info_json(b, keep=())
+    same_write(tmp, ["base.prl", "top.qcow2"], "commit", "top.qcow2")
 
 
 def test_qcow2_over_parallels_chain_reads(tmp):
@@ -315,7 +310,9 @@ def test_library_writes_match_qemu_io(tmp, seed, opts):
         img.close()
     with open(os.path.join(tmp, "q.prl"), "rb") as a, open(os.path.join(tmp, "i.prl"), "rb") as b:
         assert a.read() == b.read()
-    assert os.stat(os.path.join(tmp, "q.prl")).st_blocks == os.stat(os.path.join(tmp, "i.prl")).st_blocks
+    if opts.get("prealloc-mode") != "truncate":
+        # Growth is zeroed, allocated space (with truncate, qemu's sector-sized writes may allocate a block more).
+        assert os.stat(os.path.join(tmp, "q.prl")).st_blocks == os.stat(os.path.join(tmp, "i.prl")).st_blocks
 
 
 @pytest.mark.parametrize("value", ["xx", ""])
@@ -443,7 +440,9 @@ def with_extension(tmp, kind, name="x.prl"):
     if kind == "bad-granularity":
         gran = 1000 * 512
     if kind == "entry-far":
-        entries[0] = 1 << 60
+        entries[0] = (1 << 54) - 1
+    if kind == "wrapped-entry":
+        entries[0] = (1 << 55) + 1
     body = struct.pack("<Q16sII", bf_size, uuid, gran // 512, l1) + b"".join(struct.pack("<Q", e) for e in entries)
     if kind == "unknown-feature":
         feature_magic = 0x1234
@@ -477,10 +476,14 @@ def with_extension(tmp, kind, name="x.prl"):
         set_field(p, "ext", (size + 100 * cs) // 512)
     if kind == "huge-offset":
         set_field(p, "ext", 1 << 53)
+    if kind == "wrapped-offset":
+        set_field(p, "ext", (1 << 55) + ext_at // 512)
+    if kind == "aborting-offset":
+        set_field(p, "ext", 1 << 55)
     return name
 
 
-EXT_KINDS = ["ok", "bad-magic", "bad-checksum", "unknown-feature", "flags", "data-size", "small-feature", "bad-size",
+EXT_KINDS = ["ok", "wrapped-entry", "wrapped-offset", "aborting-offset", "bad-magic", "bad-checksum", "unknown-feature", "flags", "data-size", "small-feature", "bad-size",
              "bad-l1", "bad-granularity", "entry-far", "two-bitmaps", "two-bitmaps-distinct", "past-eof",
              "huge-offset"]
 
@@ -493,6 +496,10 @@ def test_format_extension(tmp, kind):
     for args in (["info", name], ["info", "--output=json", name], ["check", name], ["map", "--output=json", name],
                  ["convert", "--bitmaps", "-O", "qcow2", name, "out.qcow2"], ["convert", "-O", "raw", name, "o.raw"]):
         q, i = both(*args, cwd=tmp)
+        if q.rc < 0:
+            # qemu aborts (an assertion on the granularity): instar refuses the image cleanly.
+            assert i.rc == 1 and i.err.startswith("instar: Could not open"), (args, i)
+            continue
         assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), (args, q, i)
     same_write(tmp, [name], "check", "-r", "all", name)
 

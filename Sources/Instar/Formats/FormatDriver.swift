@@ -150,6 +150,9 @@ public protocol ImageFormat: AnyObject {
     /// A newly created image of this format reads as zeroes before anything is written (qemu's
     /// bdrv_has_zero_init), so convert may skip writing zero ranges to it.
     var hasZeroInit: Bool { get }
+    /// The driver can switch an open image from read-only to read/write (qemu's bdrv_reopen_prepare), which
+    /// commit needs for its base.
+    var reopensReadWrite: Bool { get }
 }
 
 /// One persistent dirty bitmap as an image describes it.
@@ -231,6 +234,7 @@ extension ImageFormat {
     public var persistentBitmapStore: PersistentBitmapStore? { nil }
     public var supportsBacking: Bool { true }
     public var hasZeroInit: Bool { true }
+    public var reopensReadWrite: Bool { true }
     public func loadSnapshotTemporarily(id: String?, name: String?) throws {
         throw InstarError.unsupported("Block format '\(formatName)' used by device '' does not support temporarily "
                                       + "loading internal snapshots")

@@ -67,6 +67,11 @@ public enum CommitOperation {
             }
             throw InstarError(.chain, "Image does not have a backing file")
         }
+        if !base.format.reopensReadWrite {
+            // qemu opens the base read-only and then fails to reopen it read/write.
+            throw InstarError(.unsupported, "Block format '\(base.format.formatName)' used by node '"
+                              + BitmapOperation.nodeName() + "' does not support reopening files", errno: ENOTSUP)
+        }
         do {
             var job = CommitJob(top: top, base: base, cache: options.cache, rateLimit: options.rateLimit)
             try job.run(meter: &meter)

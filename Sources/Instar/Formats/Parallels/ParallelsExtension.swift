@@ -11,9 +11,9 @@ extension ParallelsFormat {
     static let maxExtensionCluster: UInt64 = 64 << 20
 
     func readFormatExtension(sectors: UInt64) throws {
-        let (extOff, overflow) = sectors.multipliedReportingOverflow(by: 512)
-        // qemu asserts a positive offset (a shifted value past 2^63 aborts it).
-        guard !overflow, extOff > 0, extOff <= UInt64(Int64.max) else {
+        // qemu shifts in 64 bits (wrapping) and asserts a positive offset.
+        let extOff = sectors &<< 9
+        guard extOff > 0, extOff <= UInt64(Int64.max) else {
             throw InstarError(.invalid, "Invalid Format Extension offset", errno: EINVAL)
         }
         guard clusterSize <= ParallelsFormat.maxExtensionCluster else {
@@ -121,8 +121,8 @@ extension ParallelsFormat {
         for i in 0..<Int(l1Size) {
             let e = try r.u64le(at: 32 + 8 * i)
             if e == 0 || e == 1 { continue }
-            let (off, o) = e.multipliedReportingOverflow(by: 512)
-            if o || off > ParallelsFormat.maxLength || clusterSize > ParallelsFormat.maxLength - off {
+            let off = e &<< 9
+            if off > ParallelsFormat.maxLength || clusterSize > ParallelsFormat.maxLength - off {
                 throw extError("Failed to read bitmap data cluster: \(strerrorString(EIO))")
             }
             do {

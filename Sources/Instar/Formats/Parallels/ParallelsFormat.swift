@@ -65,6 +65,8 @@ public final class ParallelsFormat: ImageFormat {
     public var hostFiles: [HostFile] { [file] }
     public var virtualSize: UInt64 { totalSectors &* 512 }
     public var backingReference: BackingReference? { nil }
+    /// qemu's parallels driver has no reopen: commit cannot write into a parallels base.
+    public var reopensReadWrite: Bool { false }
 
     init(request: OpenRequest) throws {
         let f = request.file
