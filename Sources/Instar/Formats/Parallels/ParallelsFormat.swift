@@ -249,6 +249,8 @@ public final class ParallelsFormat: ImageFormat {
     func run(_ pos: UInt64, _ len: UInt64) -> (UInt64?, UInt64) {
         let first = pos / clusterSize
         let into = pos % clusterSize
+        // Past the BAT everything is unallocated (the header's size may outgrow its BAT).
+        if first >= UInt64(batSize) { return (nil, len) }
         let e0 = entry(first)
         let start: UInt64? = e0 == 0 ? nil : hostOffset(e0) + into
         var n = min(len, clusterSize - into)
@@ -259,6 +261,10 @@ public final class ParallelsFormat: ImageFormat {
             let e = entry(index)
             if e0 == 0 {
                 if e != 0 { break }
+                if index >= UInt64(batSize) {
+                    n = len
+                    break
+                }
             } else {
                 if e == 0 || hostOffset(e) != expected { break }
                 expected += clusterSize
