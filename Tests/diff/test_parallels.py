@@ -533,9 +533,6 @@ READ_CMDS = [["info", "IMG"], ["info", "--output=json", "IMG"], ["map", "--outpu
              ["info", "-f", "parallels", "IMG"]]
 WRITE_CMDS = [["check", "-r", "all", "IMG"], ["check", "-r", "leaks", "IMG"],
               ["convert", "-n", "-O", "parallels", "src.raw", "IMG"]]
-# qemu's own failures that instar cannot reproduce byte for byte: qemu opens a size whose byte count passes 2^63
-# and then fails to size it (each command in its own words); instar refuses it at open.
-SIZE_BEYOND_63_BITS = {("nb", 0xFFFFFFFFFFFFFFFF)}
 
 
 def digest(path):
