@@ -3,7 +3,7 @@
 
 Source: convert_bench's 2 GiB image holding 1 GiB of random data, as raw, and made by qemu-img into a
 streamOptimized vmdk and a vhdx (cached in /tmp/instar-bench). Cases: vmdk(streamOptimized)->raw,
-raw->vmdk streamOptimized, vhdx->qcow2, raw->luks (aes-256-xts; iter-time=100 on both sides, so the key slot's
+raw->vmdk streamOptimized, vhdx->qcow2, parallels->raw, raw->parallels, raw->luks (aes-256-xts; iter-time=100 on both sides, so the key slot's
 PBKDF2 does not dominate). Prints wall seconds and CPU seconds (user + system of the child), median of --runs,
 and the ratios qemu/instar (> 1: instar is faster or cheaper).
 
@@ -24,7 +24,7 @@ SECRET = ["--object", "secret,id=sec0,data=instar-bench"]
 def sources(raw):
     out = {}
     for name, args in (("stream.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
-                       ("src.vhdx", ["-O", "vhdx"])):
+                       ("src.vhdx", ["-O", "vhdx"]), ("src.parallels", ["-O", "parallels"])):
         p = os.path.join(CACHE, name)
         if not os.path.exists(p):
             subprocess.run(["qemu-img", "convert", *args, raw, p + ".part"], check=True)
@@ -46,6 +46,8 @@ def main():
         ("vmdk(stream)->raw", ["convert", "-f", "vmdk", "-O", "raw", src["stream.vmdk"], out]),
         ("raw->vmdk stream", ["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, out]),
         ("vhdx->qcow2", ["convert", "-f", "vhdx", "-O", "qcow2", src["src.vhdx"], out]),
+        ("parallels->raw", ["convert", "-f", "parallels", "-O", "raw", src["src.parallels"], out]),
+        ("raw->parallels", ["convert", "-f", "raw", "-O", "parallels", raw, out]),
         ("raw->luks", ["convert", *SECRET, "-f", "raw", "-O", "luks", "-o",
                        "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,iter-time=100", raw, out]),
     ]

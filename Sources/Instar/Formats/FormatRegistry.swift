@@ -14,6 +14,7 @@ public enum FormatRegistry {
         BochsFormat.descriptor,
         CloopFormat.descriptor,
         DmgFormat.descriptor,
+        ParallelsFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -32,6 +33,7 @@ public enum FormatRegistry {
         VhdxCreate.creator,
         LuksCreate.creator,
         VmdkCreate.creator,
+        ParallelsCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

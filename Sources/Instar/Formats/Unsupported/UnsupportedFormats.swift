@@ -5,7 +5,6 @@ import Glibc
 /// one, probed or named with -f, fails with a clear error.
 enum UnsupportedFormats {
     static let descriptors: [FormatDescriptor] = [
-        descriptor("parallels", probe: parallels),
         descriptor("qcow", probe: qcow),
     ]
 
@@ -21,13 +20,6 @@ enum UnsupportedFormats {
         let bytes = Array(text.utf8)
         guard offset >= 0, buf.count >= offset + bytes.count else { return false }
         return buf[offset..<(offset + bytes.count)].elementsEqual(bytes)
-    }
-
-    // parallels_probe: a 64-byte header, one of two signatures and version 2 (LE u32 at 16).
-    private static func parallels(_ buf: [UInt8], _ filename: String) -> Int {
-        guard buf.count >= 64, has(buf, "WithoutFreeSpace") || has(buf, "WithouFreSpacExt"),
-              let version = try? ByteReader(buf).u32le(at: 16), version == 2 else { return 0 }
-        return 100
     }
 
     // qcow_probe: the qcow magic (shared with qcow2) and version 1, in a 48-byte header.
