@@ -146,9 +146,10 @@ final class VmdkExtent {
             } else if e & 0xFFFF_FFFF_0000_0000 != 0x1000_0000_0000_0000 {
                 return (.error, nil)
             } else {
-                let (m, o1) = (e & 0xFFFF_FFFF).multipliedReportingOverflow(by: l2SizeBytes)
-                let (sum, o2) = seL2TablesOffset.addingReportingOverflow(m / 512)
-                if o1 || o2 || sum > 0xFFFF_FFFF { return (.error, nil) }
+                // Grain table n of the tables area; qemu adds in 64 bits (wrapping) and then requires a 32-bit
+                // sector number, as the grain table cache keeps.
+                let sum = seL2TablesOffset &+ (e & 0xFFFF_FFFF) * l2SizeBytes / 512
+                if sum > 0xFFFF_FFFF { return (.error, nil) }
                 l2Offset = sum
             }
         } else {
@@ -171,11 +172,10 @@ final class VmdkExtent {
                 zeroed = true
                 clusterSector = e
             case 0x3000_0000_0000_0000:
+                // The grain number's low 12 bits sit in bits 48-59, the rest in bits 0-47.
                 let idx = ((e & 0x0FFF_0000_0000_0000) >> 48) | ((e & 0x0000_FFFF_FFFF_FFFF) << 12)
-                let (m, o1) = idx.multipliedReportingOverflow(by: clusterSectors)
-                let (s, o2) = seClustersOffset.addingReportingOverflow(m)
-                if o1 || o2 { return (.error, slot) }
-                clusterSector = s
+                // qemu computes this in 64 bits without a check; a sector past what a file can hold fails below.
+                clusterSector = seClustersOffset &+ idx &* clusterSectors
             default:
                 return (.error, slot)
             }
