@@ -341,11 +341,18 @@ public final class VmdkFormat: ImageFormat {
     // MARK: Info
 
     public func formatInfo() throws -> FormatInfo {
+        // vmdk_get_info fails (ENOTSUP) when the extents are not all of one kind, and qemu-img then prints
+        // neither a cluster size nor a dirty flag.
         var clusterSize: UInt64?
-        if let first = extents.first, !first.isFlat {
+        var dirty: Bool? = false
+        if let first = extents.first {
             let same = extents.allSatisfy { $0.isFlat == first.isFlat && $0.compressed == first.compressed
                 && ($0.isFlat || $0.clusterSectors == first.clusterSectors) }
-            if same { clusterSize = first.clusterBytes }
+            if !same {
+                dirty = nil
+            } else if !first.isFlat {
+                clusterSize = first.clusterBytes
+            }
         }
         var list: [QObject] = []
         for e in extents {
@@ -364,7 +371,7 @@ public final class VmdkFormat: ImageFormat {
             ("parent-cid", .int(Int64(parentCID))),
             ("extents", .list(list)),
         ]
-        return FormatInfo(clusterSize: clusterSize, dirty: false,
+        return FormatInfo(clusterSize: clusterSize, dirty: dirty,
                           formatSpecific: .dict([("type", .string("vmdk")), ("data", .dict(data))]))
     }
 
