@@ -355,3 +355,38 @@ def test_monolithic_cowd(tmp):
     q, qd, idst = convert_both(tmp, ["-O", "raw"], [p], fmt="raw")
     assert q.rc == 0
     assert _sha(qd) == _sha(idst)
+
+
+# Header values qemu refuses, each with its own message (the same for every command that opens the image).
+REFUSED = [
+    ("cowd", {"header": {"granularity": 0x200001}}),
+    ("cowd", {"header": {"l1dir_size": 0x2000001}}),
+    ("se", {"const": {"magic": 0xCAFECAFE}}),
+    ("se", {"const": {"version": 0x0000000100000001}}),
+    ("se", {"const": {"grain_size": 16}}),
+    ("se", {"const": {"grain_table_size": 32}}),
+    ("se", {"const": {"flags": 0x8000000000000000}}),
+    ("se", {"const": {"reserved1": 1, "reserved4": 0xFF}}),
+    ("se", {"const_pad": (300, b"\x07")}),
+    ("se", {"const": {"volatile_header_offset": 0}}),
+    ("se", {"const": {"volatile_header_offset": 1 << 54}}),
+    ("se", {"volatile": {"magic": 0xCAFEBABE}}),
+    ("se", {"volatile": {"replay_journal": 7}}),
+    ("se", {"volatile_pad": (479, b"\x01")}),
+    ("se", {"const": {"grain_dir_size": (1 << 19) + 1}}),
+    ("se", {"const": {"grain_dir_offset": 1 << 54}}),
+    ("se", {"const": {"capacity": 0xFFFFFFFFFFFFFFFF}}),
+]
+
+
+@pytest.mark.parametrize("kind,kw", REFUSED, ids=[f"{k}-{i}" for i, (k, _) in enumerate(REFUSED)])
+def test_refused_headers(kind, kw, tmp):
+    if kind == "cowd":
+        cowd_image(tmp, Cowd(131072, 1, {0: pattern(1, 512)}, **kw))
+    else:
+        se_image(tmp, SeSparse(65536, {0: pattern(1, 4096)}, **kw))
+    for args in (["info", "img.vmdk"], ["info", "--output=json", "img.vmdk"], ["map", "img.vmdk"],
+                 ["convert", "-O", "raw", "img.vmdk", "out.raw"], ["check", "img.vmdk"]):
+        q, i = both(*args, cwd=tmp)
+        assert q.rc != 0, (args, q)
+        assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), args

@@ -327,7 +327,7 @@ public final class VmdkFormat: ImageFormat {
         case .zeroed: return BlockStatus(length: n, allocated: true, data: false, zero: true)
         case .allocated(let host):
             if e.compressed { return BlockStatus(length: n, allocated: true, data: true, zero: false, hostFile: e.file.path) }
-            return BlockStatus(length: n, allocated: true, data: true, zero: false, hostOffset: host + inCluster,
+            return BlockStatus(length: n, allocated: true, data: true, zero: false, hostOffset: host &+ inCluster,
                                hostFile: e.file.path, recurse: e.isFlat)
         }
     }
