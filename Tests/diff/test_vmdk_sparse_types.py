@@ -215,6 +215,14 @@ def _mask_cid(text):
     return re.sub(rb"\nCID=[0-9a-f]+\n", b"\nCID=X\n", text)
 
 
+def _mask_embedded(data):
+    """A sparse file with its embedded descriptor's CID masked; only the text up to the first NUL of the descriptor
+    window counts (qemu's CID rewrite leaves stale bytes past it when the number gets shorter)."""
+    window = data[0x200:0x200 + 10240]
+    text = _mask_cid(window.split(b"\0")[0])
+    return data[:0x200] + text + b"\0" * (10240 - len(text)) + data[0x200 + 10240:]
+
+
 def _same_dirs(qd, idir):
     assert sorted(os.listdir(qd)) == sorted(os.listdir(idir))
     for f in sorted(os.listdir(qd)):
@@ -225,7 +233,7 @@ def _same_dirs(qd, idir):
             # A descriptor: qemu rewrites the CID in place (a shorter number leaves stale bytes past the NUL).
             da, db = _mask_cid(da.split(b"\0")[0]), _mask_cid(db.split(b"\0")[0])
         elif da[:4] == b"KDMV":
-            da, db = _mask_cid(da), _mask_cid(db)
+            da, db = _mask_embedded(da), _mask_embedded(db)
         assert da == db, f
 
 
