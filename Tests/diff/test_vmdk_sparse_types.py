@@ -398,3 +398,29 @@ def test_refused_headers(kind, kw, tmp):
         q, i = both(*args, cwd=tmp)
         assert q.rc != 0, (args, q)
         assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), args
+
+
+def test_commit_into_sesparse_base(corpus, tmp):
+    """A qcow2 overlay over a seSparse image: qemu opens the base read-only and reopens it read/write for commit,
+    so the open passes and the first write fails ("Block job failed: Operation not supported"); the base's
+    files stay as they were. Rebasing onto it and converting through it only read it."""
+    src_d, _ = corpus["se-basic"]
+    for who in ("q", "i"):
+        d = os.path.join(tmp, who)
+        shutil.copytree(src_d, d)
+        qimg("create", "-q", "-f", "qcow2", "-b", "img.vmdk", "-F", "vmdk", os.path.join(d, "top.qcow2"))
+        qemu_io("-f", "qcow2", "-c", "write -P 5 0 64k", "-c", "write -z 1M 64k", os.path.join(d, "top.qcow2"))
+    before = {f: _sha(os.path.join(src_d, f)) for f in os.listdir(src_d)}
+    q = qemu("commit", "top.qcow2", cwd=os.path.join(tmp, "q"))
+    i = instar("commit", "top.qcow2", cwd=os.path.join(tmp, "i"))
+    assert q.rc != 0
+    assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err)
+    for who in ("q", "i"):
+        d = os.path.join(tmp, who)
+        assert {f: _sha(os.path.join(d, f)) for f in before} == before
+    d = os.path.join(tmp, "i")
+    assert_same("info", "--backing-chain", "top.qcow2", cwd=d)
+    assert_same("map", "--output=json", "top.qcow2", cwd=d)
+    q, qd, idst = convert_both(d, ["-O", "raw"], ["top.qcow2"], fmt="raw")
+    assert q.rc == 0
+    assert _sha(qd) == _sha(idst)

@@ -3,8 +3,9 @@ import Glibc
 
 /// vmdk (VMware's virtual disk), read and written as qemu 7.2's block/vmdk.c does: monolithicSparse and
 /// streamOptimized images (a hosted sparse extent with its descriptor inside), and descriptor files naming
-/// FLAT, SPARSE, VMFS and VMFSSPARSE extents (monolithicFlat, twoGbMaxExtent*, vmfs*), with parent links
-/// (parentFileNameHint) as backing files.
+/// FLAT, SPARSE, VMFS, VMFSSPARSE (COWD) and SESPARSE extents (monolithicFlat, twoGbMaxExtent*, vmfs,
+/// vmfsSparse, seSparse), with parent links (parentFileNameHint) as backing files. seSparse extents are read
+/// only, as in qemu.
 public final class VmdkFormat: ImageFormat {
     public static let descriptor = FormatDescriptor(
         name: "vmdk",
@@ -108,8 +109,9 @@ public final class VmdkFormat: ImageFormat {
     /// vmdk_open_se_sparse: a read-only ESXi seSparse extent. Its headers are checked strictly (the format is
     /// not documented), and the one grain size and grain table size qemu knows are required.
     private func openSeSparse(file: HostFile, request: OpenRequest) throws {
-        // qemu-img never opens with auto-read-only, so a writable open is refused before anything is read.
-        if request.writable {
+        // qemu-img never opens with auto-read-only, so a writable open is refused before anything is read; a
+        // commit base is reopened read/write after a read-only open, which qemu lets through (writes then fail).
+        if request.writable && !request.options.reopenedWritable {
             throw InstarError(.permission, "No write support for seSparse images available", errno: EACCES)
         }
         let c = try SeSparseConstHeader(try readHeaderSector(file, at: 0, what: "const header"))
