@@ -1,6 +1,7 @@
 """Hostile vmdk images: damaged variants of images qemu-img made (header numbers, grain directory and table
 entries, compressed grain markers, footers, descriptors of hostile size, line count, extent count and values,
-parent links), each run through instar's info, info --output=json, map --output=json, convert -O raw and compare
+parent links; vmfsSparse COWD and seSparse extents built byte by byte with hostile header numbers, directory and
+table entries and sizes), each run through instar's info, info --output=json, map --output=json, convert -O raw and compare
 under a 1 GiB address-space limit and a CPU limit, next to the real qemu-img on the same file (the same rules
 as test_hostile.py: never a crash or hang; where qemu-img rejects, instar rejects with its exit code and a
 short "instar: " error; where both accept, the same output and converted bytes).
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import INSTAR, normalize, qemu_io, qimg
 from test_hostile import AS_LIMIT, CPU_LIMIT, TIMEOUT, Run, _run
+from vmdk_sparse_imgs import Cowd, SeSparse, cowd_image, pattern, se_image
 
 COMMANDS = {
     "info": lambda x, out: ["info", x],
@@ -246,13 +248,77 @@ def _(d):
     return img
 
 
+# vmfsSparse (COWD) and seSparse extents qemu-img cannot create, built byte by byte (vmdk_sparse_imgs.py) with
+# one header number, table entry or size at a hostile value.
+COWD_GRAINS = {0: pattern(1, 512), 5: pattern(2, 512), 4096: pattern(3, 512), 9000: pattern(4, 300)}
+SE_GRAINS = {0: pattern(1, 4096), 3: pattern(2, 4096), 4096: pattern(3, 4096), 4100: pattern(4, 1000)}
+
+
+def _cowd(sectors=131072, granularity=1, desc_sectors=None, **kw):
+    return lambda d: cowd_image(d, Cowd(sectors, granularity, COWD_GRAINS, **kw), desc_sectors=desc_sectors)
+
+
+def _se(sectors=65536, desc_sectors=None, **kw):
+    return lambda d: se_image(d, SeSparse(sectors, SE_GRAINS, zero=[1], unmapped=[2], **kw),
+                              desc_sectors=desc_sectors)
+
+
+VARIANTS["cowd-granularity-3"] = _cowd(granularity=3)
+for g in (0, 2, 0x200000, 0x200001, 0xFFFFFFFF):
+    VARIANTS[f"cowd-granularity-field-{g:x}"] = _cowd(header={"granularity": g})
+for n in (0, 1, 0x2000000, 0x2000001, 0xFFFFFFFF):
+    VARIANTS[f"cowd-l1size-{n:x}"] = _cowd(header={"l1dir_size": n})
+for n in (0, 1, 0xFFFFFFFF):
+    VARIANTS[f"cowd-l1offset-{n:x}"] = _cowd(header={"l1dir_offset": n})
+for n in (0, 1, 0xFFFFFFFF):
+    VARIANTS[f"cowd-sectors-{n:x}"] = _cowd(header={"disk_sectors": n})
+for v in (0xFFFFFFFF, 1, 0x7FFFFF):
+    VARIANTS[f"cowd-gd-entry-{v:x}"] = _cowd(gd_entries={0: v})
+    VARIANTS[f"cowd-gt-entry-{v:x}"] = _cowd(gt_entries={5: v})
+VARIANTS["cowd-truncated-header"] = _cowd(truncate_to=20)
+VARIANTS["cowd-truncated-tables"] = _cowd(truncate_to=2600)
+VARIANTS["cowd-desc-sectors-differ"] = _cowd(desc_sectors=8)
+VARIANTS["cowd-empty-extent"] = _desc(HEAD + 'createType="vmfsSparse"\nRW 8 VMFSSPARSE "e.raw"\n', [("e.raw", 0)])
+
+for field, v in [("magic", 0), ("magic", 0xCAFECAFE), ("version", 0x0000000200000002), ("version", 0),
+                 ("grain_size", 16), ("grain_size", 0), ("grain_table_size", 128), ("grain_table_size", 0),
+                 ("flags", 1), ("reserved3", 5), ("volatile_header_offset", 1 << 30),
+                 ("volatile_header_offset", 1 << 54), ("volatile_header_offset", 1 << 55),
+                 ("volatile_header_offset", 0xFFFFFFFFFFFFFFFF), ("volatile_header_offset", 0),
+                 ("grain_dir_size", 0), ("grain_dir_size", (1 << 19) + 1), ("grain_dir_size", 1 << 19),
+                 ("grain_dir_size", 1 << 55), ("grain_dir_size", 0xFFFFFFFFFFFFFFFF),
+                 ("grain_dir_offset", 1 << 30), ("grain_dir_offset", 1 << 54), ("grain_dir_offset", 0xFFFFFFFFFFFFFFFF),
+                 ("grain_dir_offset", 0), ("capacity", 0), ("capacity", 1 << 40), ("capacity", 1 << 63),
+                 ("capacity", 0xFFFFFFFFFFFFFFFF), ("grain_tables_offset", 0xFFFFFFFF00000000),
+                 ("grain_tables_offset", 0xFFFFFFFFFFFFFFC0), ("grain_tables_offset", 0xFFFFFFC0),
+                 ("grain_tables_offset", 0), ("grains_offset", 1 << 61), ("grains_offset", 0xFFFFFFFFFFFFFFF8),
+                 ("grains_offset", 1 << 40), ("grains_offset", 0)]:
+    VARIANTS[f"se-{field}-{v:x}"] = _se(const={field: v})
+for field, v in [("magic", 0), ("replay_journal", 1), ("free_gt_number", 0xFFFFFFFFFFFFFFFF)]:
+    VARIANTS[f"se-volatile-{field}-{v:x}"] = _se(volatile={field: v})
+VARIANTS["se-const-padding"] = _se(const_pad=(511, b"\x01"))
+VARIANTS["se-volatile-padding"] = _se(volatile_pad=(100, b"\x01"))
+for v in (0x2000000000000000, 0x1000000000000000 | 0xFFFFFFFF, 0x1000000100000000, 0x1000000000001000, 1):
+    VARIANTS[f"se-gd-entry-{v:x}"] = _se(gd_entries={0: v})
+for v in (1, 0x4000000000000000, 0xF000000000000000, 0x3FFFFFFFFFFFFFFF, 0x3000000000100000,
+          0x1FFFFFFFFFFFFFFF, 0x3000000000000000):
+    VARIANTS[f"se-gt-entry-{v:x}"] = _se(gt_entries={3: v})
+VARIANTS["se-truncated-volatile"] = _se(truncate_to=700)
+VARIANTS["se-truncated-tables"] = _se(truncate_to=40 * 512)
+VARIANTS["se-desc-sectors-differ"] = _se(desc_sectors=8)
+VARIANTS["se-empty-extent"] = _desc(HEAD + 'createType="seSparse"\nRW 8 SESPARSE "e.raw"\n', [("e.raw", 0)])
+VARIANTS["se-missing-extent"] = _desc(HEAD + 'createType="seSparse"\nRW 8 SESPARSE "nothere.vmdk"\n')
+
+
 NAMES = sorted(VARIANTS)
 
 # Deliberate differences, for which only the no-crash rule is checked:
 # - a capacity of 2^62 sectors: qemu-img compare opens it and then fails to get its size (exit 4); instar refuses
 #   it at open as qemu's info does (exit 2 in compare);
-# - a flat extent offset of 2^63-1 sectors: qemu's map prints the wrapped host offset as a negative number.
-DELIBERATE = {"hdr-capacity-4000000000000000", "desc-flat-offset-huge"}
+# - a flat extent offset of 2^63-1 sectors: qemu's map prints the wrapped host offset as a negative number;
+# - a seSparse capacity of 2^63 sectors: qemu takes it as a negative sector count, so info fails (as instar's
+#   does) but compare opens it and fails later to get its size (exit 4); instar refuses it at open (exit 2).
+DELIBERATE = {"hdr-capacity-4000000000000000", "desc-flat-offset-huge", "se-capacity-8000000000000000"}
 
 
 def _one(root, name):

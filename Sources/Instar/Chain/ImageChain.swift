@@ -497,7 +497,9 @@ public enum ImageOpener {
                         names = (ref.filename, full)
                     }
                     let backingWritable = options.writableBacking?(spec.filename, names.stored, names.full) ?? false
-                    backingLayer = try openLayer(bspec, options: options, writable: backingWritable, openBacking: true,
+                    var backingOptions = options
+                    backingOptions.reopenedWritable = backingWritable
+                    backingLayer = try openLayer(bspec, options: backingOptions, writable: backingWritable, openBacking: true,
                                                  depth: depth + 1, seen: &seen)
                 } catch let e as InstarError {
                     if e.code == .chain { throw e }

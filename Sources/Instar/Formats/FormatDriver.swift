@@ -286,6 +286,10 @@ public struct ImageOpenOptions {
     /// Decides whether a backing file is opened read/write (commit's base): asked once per backing link with
     /// the overlay's name, the backing name stored in it and that name resolved against the overlay.
     public var writableBacking: ((_ overlay: String, _ storedName: String, _ fullName: String) -> Bool)?
+    /// The image is a backing file opened read/write because `writableBacking` chose it: qemu opens it
+    /// read-only and then reopens it, so checks its drivers make only at open (vmdk's seSparse refusal) do not
+    /// apply, and its writes fail instead.
+    public var reopenedWritable = false
     public init() {}
 }
 

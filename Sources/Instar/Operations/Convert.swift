@@ -671,6 +671,9 @@ public enum ConvertOperation {
                     return (done, pieces)
                 }
                 let len = min(st.length, want)
+                // A host range no file can hold (a hostile image's wrapped offset) is not copied by the kernel;
+                // reading it fails as qemu's does.
+                guard host <= UInt64(Int64.max), len <= UInt64(Int64.max) - host else { return (done, pieces) }
                 if let last = pieces.last, last.file === file, last.offset + last.length == host {
                     pieces[pieces.count - 1].length += len
                 } else {

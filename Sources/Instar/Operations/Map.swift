@@ -29,7 +29,8 @@ public struct MapEntry: Equatable {
     public var json: String {
         var s = "{ \"start\": \(start), \"length\": \(length), \"depth\": \(depth), \"present\": \(present), "
             + "\"zero\": \(zero), \"data\": \(data)"
-        if let o = offset { s += ", \"offset\": \(o)" }
+        // qemu prints the offset as a signed 64-bit number (a wrapped host offset reads negative).
+        if let o = offset { s += ", \"offset\": \(Int64(bitPattern: o))" }
         return s + "}"
     }
 

@@ -95,8 +95,9 @@ final class VmdkExtent {
         let bytes = try UInt64(l1Size).multiplied(by: UInt64(entrySize))
         let fileSize = try file.size()
         func load(_ offset: UInt64, what: String) throws -> [UInt8] {
-            guard offset <= UInt64(Int64.max) - bytes else {
-                throw InstarError(.io, "Could not \(what) from extent '\(file.path)': Invalid argument", errno: EINVAL)
+            // bdrv_pread refuses a range outside 0...BDRV_MAX_LENGTH (a wrapped, negative offset too) with EIO.
+            guard offset <= VmdkFormat.maxLength, bytes <= VmdkFormat.maxLength - offset else {
+                throw InstarError(.io, "Could not \(what) from extent '\(file.path)': Input/output error", errno: EIO)
             }
             // Only the part inside the file is read; the rest reads as zero entries.
             let inFile = offset >= fileSize ? 0 : min(bytes, fileSize - offset)
@@ -146,9 +147,10 @@ final class VmdkExtent {
             } else if e & 0xFFFF_FFFF_0000_0000 != 0x1000_0000_0000_0000 {
                 return (.error, nil)
             } else {
-                let (m, o1) = (e & 0xFFFF_FFFF).multipliedReportingOverflow(by: l2SizeBytes)
-                let (sum, o2) = seL2TablesOffset.addingReportingOverflow(m / 512)
-                if o1 || o2 || sum > 0xFFFF_FFFF { return (.error, nil) }
+                // Grain table n of the tables area; qemu adds in 64 bits (wrapping) and then requires a 32-bit
+                // sector number, as the grain table cache keeps.
+                let sum = seL2TablesOffset &+ (e & 0xFFFF_FFFF) * l2SizeBytes / 512
+                if sum > 0xFFFF_FFFF { return (.error, nil) }
                 l2Offset = sum
             }
         } else {
@@ -171,11 +173,10 @@ final class VmdkExtent {
                 zeroed = true
                 clusterSector = e
             case 0x3000_0000_0000_0000:
+                // The grain number's low 12 bits sit in bits 48-59, the rest in bits 0-47.
                 let idx = ((e & 0x0FFF_0000_0000_0000) >> 48) | ((e & 0x0000_FFFF_FFFF_FFFF) << 12)
-                let (m, o1) = idx.multipliedReportingOverflow(by: clusterSectors)
-                let (s, o2) = seClustersOffset.addingReportingOverflow(m)
-                if o1 || o2 { return (.error, slot) }
-                clusterSector = s
+                // qemu computes this in 64 bits without a check; a sector past what a file can hold fails below.
+                clusterSector = seClustersOffset &+ idx &* clusterSectors
             default:
                 return (.error, slot)
             }
@@ -184,8 +185,8 @@ final class VmdkExtent {
             if hasZeroGrain && clusterSector == UInt64(VmdkExtent.gteZeroed) { zeroed = true }
         }
         if clusterSector == 0 || zeroed { return (zeroed ? .zeroed : .unallocated, slot) }
-        guard clusterSector <= UInt64(Int64.max) >> 9 else { return (.error, slot) }
-        return (.allocated(clusterSector << 9), slot)
+        // qemu shifts in 64 bits, wrapping; a byte offset no file can have fails when it is read.
+        return (.allocated(clusterSector &<< 9), slot)
     }
 
     private func grainTable(at sector: UInt64, bytes: Int) throws -> [UInt8] {
@@ -222,7 +223,7 @@ final class VmdkExtent {
         let extentEnd = endSector * 512
         var pos = offset - inCluster + clusterBytes
         var expected: UInt64? = nil
-        if case .allocated(let h) = first { expected = h + clusterBytes }
+        if case .allocated(let h) = first { expected = h &+ clusterBytes }
         // At most one grain table's worth of lookups per call beyond the tables skipped whole.
         var steps = 0
         while n < limit && pos < extentEnd && steps < 4096 {
@@ -239,7 +240,7 @@ final class VmdkExtent {
             }
             switch (first, l) {
             case (.unallocated, .unallocated), (.zeroed, .zeroed): break
-            case (.allocated, .allocated(let h)) where h == expected: expected = h + clusterBytes
+            case (.allocated, .allocated(let h)) where h == expected: expected = h &+ clusterBytes
             default: return n
             }
             n = min(limit, n + min(clusterBytes, extentEnd - pos))
@@ -251,7 +252,12 @@ final class VmdkExtent {
     /// vmdk_read_extent: `count` bytes from the grain at `clusterOffset`, `inCluster` bytes in.
     func readGrain(into buffer: UnsafeMutableRawBufferPointer, clusterOffset: UInt64, inCluster: UInt64) throws {
         if !compressed {
-            try file.readZeroPadded(into: buffer, at: try clusterOffset.adding(inCluster))
+            // bdrv_co_preadv refuses a request outside 0...BDRV_MAX_LENGTH (a wrapped, negative offset too).
+            let at = clusterOffset &+ inCluster
+            guard at <= VmdkFormat.maxLength, UInt64(buffer.count) <= VmdkFormat.maxLength - at else {
+                throw VmdkFormat.ioError()
+            }
+            try file.readZeroPadded(into: buffer, at: at)
             return
         }
         let cb = Int(clusterBytes)

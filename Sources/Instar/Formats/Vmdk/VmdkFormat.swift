@@ -3,8 +3,9 @@ import Glibc
 
 /// vmdk (VMware's virtual disk), read and written as qemu 7.2's block/vmdk.c does: monolithicSparse and
 /// streamOptimized images (a hosted sparse extent with its descriptor inside), and descriptor files naming
-/// FLAT, SPARSE, VMFS and VMFSSPARSE extents (monolithicFlat, twoGbMaxExtent*, vmfs*), with parent links
-/// (parentFileNameHint) as backing files.
+/// FLAT, SPARSE, VMFS, VMFSSPARSE (COWD) and SESPARSE extents (monolithicFlat, twoGbMaxExtent*, vmfs,
+/// vmfsSparse, seSparse), with parent links (parentFileNameHint) as backing files. seSparse extents are read
+/// only, as in qemu.
 public final class VmdkFormat: ImageFormat {
     public static let descriptor = FormatDescriptor(
         name: "vmdk",
@@ -105,6 +106,45 @@ public final class VmdkFormat: ImageFormat {
         extents.append(e)
     }
 
+    /// vmdk_open_se_sparse: a read-only ESXi seSparse extent. Its headers are checked strictly (the format is
+    /// not documented), and the one grain size and grain table size qemu knows are required.
+    private func openSeSparse(file: HostFile, request: OpenRequest) throws {
+        // qemu-img never opens with auto-read-only, so a writable open is refused before anything is read; a
+        // commit base is reopened read/write after a read-only open, which qemu lets through (writes then fail).
+        if request.writable && !request.options.reopenedWritable {
+            throw InstarError(.permission, "No write support for seSparse images available", errno: EACCES)
+        }
+        let c = try SeSparseConstHeader(try readHeaderSector(file, at: 0, what: "const header"))
+        try c.validate()
+        // qemu multiplies the sector number by 512 in 64 bits without a check.
+        let volatileAt = c.volatileHeaderOffset &* 512
+        let v = try SeSparseVolatileHeader(try readHeaderSector(file, at: volatileAt, what: "volatile header"))
+        try v.validate()
+        // vmdk_add_extent takes the capacity as a signed sector count and the directory size as a 32-bit
+        // entry count; both are narrowed as qemu narrows them, and then bounded.
+        let l1Size = UInt32(truncatingIfNeeded: (c.grainDirSize &* 512) / 8)
+        let e = try VmdkExtent(file: file, isImageFile: false, kind: .seSparse, sectors: c.capacity,
+                               startSector: nextStartSector, l1Offset: c.grainDirOffset &* 512, l1BackupOffset: 0,
+                               l1Size: l1Size, l2Size: UInt32(truncatingIfNeeded: (c.grainTableSize &* 512) / 8),
+                               clusterSectors: c.grainSize)
+        e.seL2TablesOffset = c.grainTablesOffset
+        e.seClustersOffset = c.grainsOffset
+        try e.readTables()
+        extents.append(e)
+    }
+
+    /// One 512-byte header of a seSparse extent (zero-padded past the end of the file, as qemu's reads are).
+    private func readHeaderSector(_ file: HostFile, at offset: UInt64, what: String) throws -> [UInt8] {
+        // bdrv_pread refuses an offset past BDRV_MAX_LENGTH (or negative as a signed number) with EIO.
+        guard offset <= VmdkFormat.maxLength - 512 else {
+            throw InstarError(.io, "Could not read \(what) from file '\(file.path)': Input/output error", errno: EIO)
+        }
+        return try file.readBytes(at: offset, count: 512)
+    }
+
+    /// qemu's BDRV_MAX_LENGTH: INT64_MAX rounded down to a whole GiB.
+    static let maxLength = UInt64(Int64.max) & ~((UInt64(1) << 30) - 1)
+
     /// vmdk_open_vmdk4.
     private func openVMDK4(file: HostFile, isImageFile: Bool, request: OpenRequest, createType: inout String?,
                            nested: Bool) throws {
@@ -200,6 +240,9 @@ public final class VmdkFormat: ImageFormat {
                 try openSparse(file: ef, isImageFile: false, magic: magic, request: request, createType: &ignored,
                                nested: true)
                 extents.last?.typeName = line.type
+            case "SESPARSE":
+                try openSeSparse(file: ef, request: request)
+                extents.last?.typeName = line.type
             default:
                 throw InstarError(.unsupported, "Unsupported extent type '\(line.type)'", errno: ENOTSUP)
             }
@@ -286,7 +329,7 @@ public final class VmdkFormat: ImageFormat {
         case .zeroed: return BlockStatus(length: n, allocated: true, data: false, zero: true)
         case .allocated(let host):
             if e.compressed { return BlockStatus(length: n, allocated: true, data: true, zero: false, hostFile: e.file.path) }
-            return BlockStatus(length: n, allocated: true, data: true, zero: false, hostOffset: host + inCluster,
+            return BlockStatus(length: n, allocated: true, data: true, zero: false, hostOffset: host &+ inCluster,
                                hostFile: e.file.path, recurse: e.isFlat)
         }
     }
@@ -300,11 +343,18 @@ public final class VmdkFormat: ImageFormat {
     // MARK: Info
 
     public func formatInfo() throws -> FormatInfo {
+        // vmdk_get_info fails (ENOTSUP) when the extents are not all of one kind, and qemu-img then prints
+        // neither a cluster size nor a dirty flag.
         var clusterSize: UInt64?
-        if let first = extents.first, !first.isFlat {
+        var dirty: Bool? = false
+        if let first = extents.first {
             let same = extents.allSatisfy { $0.isFlat == first.isFlat && $0.compressed == first.compressed
                 && ($0.isFlat || $0.clusterSectors == first.clusterSectors) }
-            if same { clusterSize = first.clusterBytes }
+            if !same {
+                dirty = nil
+            } else if !first.isFlat {
+                clusterSize = first.clusterBytes
+            }
         }
         var list: [QObject] = []
         for e in extents {
@@ -323,7 +373,7 @@ public final class VmdkFormat: ImageFormat {
             ("parent-cid", .int(Int64(parentCID))),
             ("extents", .list(list)),
         ]
-        return FormatInfo(clusterSize: clusterSize, dirty: false,
+        return FormatInfo(clusterSize: clusterSize, dirty: dirty,
                           formatSpecific: .dict([("type", .string("vmdk")), ("data", .dict(data))]))
     }
 
