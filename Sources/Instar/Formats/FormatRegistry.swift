@@ -11,6 +11,7 @@ public enum FormatRegistry {
         VhdxFormat.descriptor,
         LuksFormat.descriptor,
         VmdkFormat.descriptor,
+        QcowFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
     /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
@@ -29,6 +30,7 @@ public enum FormatRegistry {
         VhdxCreate.creator,
         LuksCreate.creator,
         VmdkCreate.creator,
+        QcowCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

@@ -9,7 +9,6 @@ enum UnsupportedFormats {
         descriptor("cloop", probe: cloop),
         descriptor("dmg", probe: dmg),
         descriptor("parallels", probe: parallels),
-        descriptor("qcow", probe: qcow),
     ]
 
     private static func descriptor(_ name: String, probe: @escaping ([UInt8], String) -> Int) -> FormatDescriptor {
@@ -57,14 +56,6 @@ enum UnsupportedFormats {
     private static func parallels(_ buf: [UInt8], _ filename: String) -> Int {
         guard buf.count >= 64, has(buf, "WithoutFreeSpace") || has(buf, "WithouFreSpacExt"),
               let version = try? ByteReader(buf).u32le(at: 16), version == 2 else { return 0 }
-        return 100
-    }
-
-    // qcow_probe: the qcow magic (shared with qcow2) and version 1, in a 48-byte header.
-    private static func qcow(_ buf: [UInt8], _ filename: String) -> Int {
-        let r = ByteReader(buf)
-        guard buf.count >= 48, let magic = try? r.u32be(at: 0), magic == 0x5146_49FB,
-              let version = try? r.u32be(at: 4), version == 1 else { return 0 }
         return 100
     }
 }
