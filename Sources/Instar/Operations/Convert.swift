@@ -351,7 +351,7 @@ public enum ConvertOperation {
     /// block_driver_can_compress): formats with a compression_type option or a cluster_size do.
     static func canCompress(_ d: FormatDescriptor) -> Bool {
         guard let c = d.creator else { return false }
-        return c.options.contains { $0.name == "compression_type" }
+        return c.writesCompressed || c.options.contains { $0.name == "compression_type" }
     }
 
     /// One stretch of the source as convert_iteration_sectors() classifies it.

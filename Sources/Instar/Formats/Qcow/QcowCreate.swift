@@ -15,7 +15,11 @@ public enum QcowCreate {
         CreateOptionSpec("encrypt.key-secret", .string, "ID of the secret that provides the AES encryption key"),
     ]
 
-    public static let creator = FormatCreator(name: "qcow", options: options, create: create)
+    public static let creator: FormatCreator = {
+        var c = FormatCreator(name: "qcow", options: options, create: create)
+        c.writesCompressed = true
+        return c
+    }()
 
     static func create(_ r: CreateRequest) throws {
         let o = r.options
