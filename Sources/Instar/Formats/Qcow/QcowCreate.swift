@@ -39,6 +39,7 @@ public enum QcowCreate {
         format = format ?? legacy
         // The protocol layer creates (and empties) the file before the qcow options are checked; the options
         // qcow takes are not passed to it, so it creates an empty file.
+        if o.text("preallocation") == "metadata" { try HostFileCreate.create(r.filename, size: 0, preallocation: .off) }
         try HostFileCreate.create(r.filename, size: 0, preallocation: try RawCreate.preallocation(o.text("preallocation")))
         // The QAPI visit of BlockdevCreateOptionsQcow.
         if let f = format, f != "qcow" && f != "luks" {
