@@ -98,6 +98,7 @@ extension QcowFormat {
 
     /// Writes the tables a request changed, after its data.
     private func commit(_ p: Pending) throws {
+        for (offset, table) in p.tableData { storeCached(offset, table) }
         if p.extendTo > 0, try file.size() < p.extendTo { try file.truncate(to: p.extendTo) }
         if p.tables.isEmpty && p.l1.isEmpty { return }
         try file.sync()
@@ -140,10 +141,9 @@ extension QcowFormat {
     }
 
     private func setEntry(_ tableOffset: UInt64, _ index: Int, _ value: UInt64, pending p: inout Pending) throws {
-        var table = try p.tableData[tableOffset] ?? l2Table(at: tableOffset)
-        table[index] = value
-        storeCached(tableOffset, table)
-        p.tableData[tableOffset] = table
+        // The request's copy of the table is changed in place; the cache takes it when the request commits.
+        if p.tableData[tableOffset] == nil { p.tableData[tableOffset] = try l2Table(at: tableOffset) }
+        p.tableData[tableOffset]?[index] = value
         if let k = p.tables.firstIndex(where: { $0.offset == tableOffset }) {
             p.tables[k].first = min(p.tables[k].first, index)
             p.tables[k].last = max(p.tables[k].last, index)
