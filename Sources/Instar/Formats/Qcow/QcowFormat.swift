@@ -111,17 +111,30 @@ public final class QcowFormat: ImageFormat {
             throw InstarError(.unsupported, "qcow L1 tables of \(held) entries are larger than instar supports",
                               errno: ENOTSUP)
         }
-        try QcowFormat.checkRequest(h.l1TableOffset, n * 8)
+        // A failed read fails the open with the generic message of qemu's bdrv_open_driver.
+        func openRead(_ body: () throws -> Void) throws {
+            do {
+                try body()
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(.io, "Could not open '\(request.filename)': \(strerrorString(err))", errno: err)
+            }
+        }
         var table = [UInt64](repeating: 0, count: Int(held))
-        try table.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: h.l1TableOffset) }
+        try openRead {
+            try QcowFormat.checkRequest(h.l1TableOffset, n * 8)
+            try table.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: h.l1TableOffset) }
+        }
         for i in table.indices { table[i] = UInt64(bigEndian: table[i]) }
         l1 = table
         if h.backingFileOffset != 0 {
             let len = h.backingFileSize
             guard len <= QcowHeader.maxBackingNameLength else { throw invalid("Backing file name too long") }
-            try QcowFormat.checkRequest(h.backingFileOffset, UInt64(len))
             var name = [UInt8](repeating: 0, count: Int(len))
-            try name.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: h.backingFileOffset) }
+            try openRead {
+                try QcowFormat.checkRequest(h.backingFileOffset, UInt64(len))
+                try name.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: h.backingFileOffset) }
+            }
             if let nul = name.firstIndex(of: 0) { name = Array(name[..<nul]) }
             backingReference = name.isEmpty ? nil
                 : BackingReference(filename: String(decoding: name, as: UTF8.self), format: nil)
