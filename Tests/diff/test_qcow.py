@@ -510,3 +510,16 @@ def test_sigkill_leaves_consistent_tables(tmp, backing):
             r = (qemu if tool == "q" else instar)("convert", "-O", "raw", path, out + tool, cwd=tmp)
             assert r.rc == 0, r
         assert open(out + "q", "rb").read() == open(out + "i", "rb").read()
+
+
+def test_library_info(tmp):
+    """The C API / Python binding describe qcow images as qemu-img info does (qemu prints no format-specific
+    data for qcow), encrypted or not."""
+    import instar as lib
+    seeded(tmp, "p.qcow", size="16M", ops=["write -P 1 0 1M"])
+    seeded(tmp, "e.qcow", size="16M", args=[*SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=s0"])
+    for name, encrypted in (("p.qcow", None), ("e.qcow", True)):
+        path = os.path.join(tmp, name)
+        i = lib.info(path)
+        assert (i.format, i.cluster_size, i.encrypted, i.format_specific) == ("qcow", 4096, encrypted, None), i
+        assert lib.info_json(path).rstrip("\n") == qemu("info", "--output=json", path).out.rstrip("\n")
