@@ -171,6 +171,9 @@ def test_convert_to_qcow(tmp, src_fmt):
     same_write(tmp, [src], "convert", "-c", "-O", "qcow", src, "out.qcow")
     same_write(tmp, [src], "convert", "-p", "-c", "-O", "qcow", src, "out.qcow")
     same_write(tmp, [src], "convert", "-c", "-O", "qcow", "-o", "preallocation=full", src, "out.qcow")
+    same_write(tmp, [src], "convert", "-c", "-O", "qcow", "-o", "encryption=on", src, "out.qcow")
+    same_write(tmp, [src], "convert", *SECRET, "-c", "-O", "qcow", "-o", "encrypt.format=aes,encrypt.key-secret=s0",
+               src, "out.qcow")
 
 
 def test_convert_incompressible(tmp):

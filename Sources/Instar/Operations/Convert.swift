@@ -182,7 +182,7 @@ public enum ConvertOperation {
             if FormatRegistry.descriptor(named: fmt).map({ canCompress($0) }) == false {
                 throw InstarError.unsupported("Compression not supported for this file format")
             }
-            if v.bool("encrypt") || v.isSet("encrypt.format") {
+            if v.bool("encrypt") || v.bool("encryption") || v.isSet("encrypt.format") {
                 throw InstarError.unsupported("Compression and encryption not supported at the same time")
             }
             if let p = v.text("preallocation"), p != "off" {
