@@ -69,6 +69,11 @@ public enum QcowCreate {
         h.l1TableOffset = headerSize
         let shift = UInt64(h.clusterBits) + UInt64(h.l2Bits)
         let l1Size = try size.adding((UInt64(1) << shift) - 1) >> shift
+        // qemu writes an L1 table it cannot open again (or, past 2^31 entries, writes without end); instar
+        // refuses such sizes instead.
+        guard l1Size <= QcowFormat.maxHeldL1Entries else {
+            throw InstarError.invalid("Image too large: qcow images of this size cannot be opened")
+        }
         if format != nil {
             h.cryptMethod = QcowHeader.cryptAES
             guard let id = o.text("encrypt.key-secret") else {

@@ -27,8 +27,8 @@ public final class QcowFormat: ImageFormat {
 
     /// qemu's BDRV_MAX_LENGTH: requests reaching past it fail with EIO before any I/O.
     static let maxRequestEnd: UInt64 = UInt64(Int64.max) & ~((UInt64(1) << 30) - 1)
-    /// instar's bound on the L1 entries held in memory (128 MiB; 32 TiB of guest data at qemu's geometries).
-    static let maxHeldL1Entries: UInt64 = 16 << 20
+    /// instar's bound on the L1 entries held in memory (512 MiB; 128 TiB of guest data at qemu's geometries).
+    static let maxHeldL1Entries: UInt64 = 64 << 20
     /// L2 tables kept in memory (each at most 64 KiB).
     static let l2CacheLimit = 256
 
