@@ -3,9 +3,10 @@
 
 Source: convert_bench's 2 GiB image holding 1 GiB of random data, as raw, and made by qemu-img into a
 streamOptimized vmdk and a vhdx (cached in /tmp/instar-bench). Cases: vmdk(streamOptimized)->raw,
-raw->vmdk streamOptimized, vhdx->qcow2, parallels->raw, raw->parallels, raw->luks (aes-256-xts; iter-time=100 on both sides, so the key slot's
-PBKDF2 does not dominate). Prints wall seconds and CPU seconds (user + system of the child), median of --runs,
-and the ratios qemu/instar (> 1: instar is faster or cheaper).
+raw->vmdk streamOptimized, vhdx->qcow2, parallels->raw, raw->parallels, raw->luks (aes-256-xts; iter-time=100 on both
+sides, so the key slot's PBKDF2 does not dominate), raw->qcow and qcow->raw (qcow version 1, the source made by
+qemu-img). Prints wall seconds and CPU seconds (user + system of the child), median of --runs, and the ratios
+qemu/instar (> 1: instar is faster or cheaper).
 
     python3 bench/formats_bench.py [--instar build/bin/instar] [--runs 1] [--only NAME]
 """
@@ -24,7 +25,8 @@ SECRET = ["--object", "secret,id=sec0,data=instar-bench"]
 def sources(raw):
     out = {}
     for name, args in (("stream.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
-                       ("src.vhdx", ["-O", "vhdx"]), ("src.parallels", ["-O", "parallels"])):
+                       ("src.vhdx", ["-O", "vhdx"]), ("src.parallels", ["-O", "parallels"]),
+                       ("src.qcow", ["-O", "qcow"])):
         p = os.path.join(CACHE, name)
         if not os.path.exists(p):
             subprocess.run(["qemu-img", "convert", *args, raw, p + ".part"], check=True)
@@ -50,6 +52,8 @@ def main():
         ("raw->parallels", ["convert", "-f", "raw", "-O", "parallels", raw, out]),
         ("raw->luks", ["convert", *SECRET, "-f", "raw", "-O", "luks", "-o",
                        "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,iter-time=100", raw, out]),
+        ("raw->qcow", ["convert", "-f", "raw", "-O", "qcow", raw, out]),
+        ("qcow->raw", ["convert", "-f", "qcow", "-O", "raw", src["src.qcow"], out]),
     ]
     print(f"{'case':<18} {'qemu wall':>9} {'instar':>8} {'ratio':>6}   {'qemu cpu':>8} {'instar':>8} {'ratio':>6}")
     for name, args in cases:

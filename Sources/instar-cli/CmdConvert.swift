@@ -201,6 +201,9 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
         var meter = ProgressMeter(minSkip: 1.0, report: options.progress)
         try? meter.advance(100, max: 0)
         return 0
+    } catch is CompressedEndRefused {
+        // The copy is complete, but the end-of-stream compressed write failed: qemu-img exits 1 silently.
+        return 1
     } catch let e as StepError {
         // qemu-img names the step and the chunk, then strerror of the block layer's code.
         switch e.step {

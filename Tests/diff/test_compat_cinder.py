@@ -84,8 +84,8 @@ def imgs(tmp):
     return {"raw": raw, "qcow2": q, "top": top, "data_file": df}
 
 
-# vpc (Cinder's vhd) and luks (Cinder's raw) are left out: libinstar does not read them yet ("The 'luks' image
-# format is not supported by instar yet"); the renames are in place for when it does
+# vpc (Cinder's vhd) and luks images are not in this fixture; Tests/diff/test_vpc.py and test_luks_format.py cover
+# those formats
 @pytest.mark.parametrize("name", ["raw", "qcow2", "top", "data_file"])
 def test_qemu_img_info(imgs, name):
     same(Ref.qemu_img_info, cinder.qemu_img_info, imgs[name])

@@ -208,8 +208,7 @@ def imgs(tmp):
     return {"raw": raw, "qcow2": q, "old": old, "compressed": comp, "top": top, "bitmaps": bm, "vmdk": vmdk}
 
 
-# vmdk is left out: libinstar does not read vmdk yet (its calls fail with "not supported by instar yet")
-IMAGES = ["raw", "qcow2", "old", "compressed", "top", "bitmaps"]
+IMAGES = ["raw", "qcow2", "old", "compressed", "top", "bitmaps", "vmdk"]
 
 
 # ---- read-only functions ------------------------------------------------------------------------------------

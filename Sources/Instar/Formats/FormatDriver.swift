@@ -401,6 +401,9 @@ public struct FormatCreator {
     public var options: [CreateOptionSpec]
     public var create: (CreateRequest) throws -> Void
     public var measure: ((MeasureRequest) throws -> MeasureResult)?
+    /// The driver writes compressed clusters (qemu's block_driver_can_compress), for convert -c's check
+    /// before the target exists; formats with a `compression_type` option are taken to.
+    public var writesCompressed = false
     public init(name: String, options: [CreateOptionSpec], create: @escaping (CreateRequest) throws -> Void,
                 measure: ((MeasureRequest) throws -> MeasureResult)? = nil) {
         self.name = name

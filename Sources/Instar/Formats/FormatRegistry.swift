@@ -15,11 +15,13 @@ public enum FormatRegistry {
         CloopFormat.descriptor,
         DmgFormat.descriptor,
         ParallelsFormat.descriptor,
+        QcowFormat.descriptor,
     ].map(attachingCreator) + NullFormat.descriptors
 
-    /// Formats instar recognises but cannot open yet (Unsupported/): they only take part in probing and in
-    /// `-f NAME`, so that their images fail clearly instead of being read as raw.
-    public static let recognized: [FormatDescriptor] = UnsupportedFormats.descriptors
+    /// Formats instar would recognise but not open (they would take part in probing and in `-f NAME` only, so
+    /// that their images fail clearly instead of being read as raw). Every image format of qemu-img 7.2 now has
+    /// a driver, so there are none.
+    public static let recognized: [FormatDescriptor] = []
 
     /// Create/measure entries by format name. They live beside each driver (RawCreate.swift,
     /// Qcow2Create.swift) and are merged into the descriptors here, so the reading side stays untouched.
@@ -34,6 +36,7 @@ public enum FormatRegistry {
         LuksCreate.creator,
         VmdkCreate.creator,
         ParallelsCreate.creator,
+        QcowCreate.creator,
     ]
 
     private static func attachingCreator(_ d: FormatDescriptor) -> FormatDescriptor {

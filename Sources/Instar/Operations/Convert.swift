@@ -182,7 +182,7 @@ public enum ConvertOperation {
             if FormatRegistry.descriptor(named: fmt).map({ canCompress($0) }) == false {
                 throw InstarError.unsupported("Compression not supported for this file format")
             }
-            if v.bool("encrypt") || v.isSet("encrypt.format") {
+            if v.bool("encrypt") || v.bool("encryption") || v.isSet("encrypt.format") {
                 throw InstarError.unsupported("Compression and encryption not supported at the same time")
             }
             if let p = v.text("preallocation"), p != "off" {
@@ -351,7 +351,7 @@ public enum ConvertOperation {
     /// block_driver_can_compress): formats with a compression_type option or a cluster_size do.
     static func canCompress(_ d: FormatDescriptor) -> Bool {
         guard let c = d.creator else { return false }
-        return c.options.contains { $0.name == "compression_type" }
+        return c.writesCompressed || c.options.contains { $0.name == "compression_type" }
     }
 
     /// One stretch of the source as convert_iteration_sectors() classifies it.
