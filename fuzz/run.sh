@@ -9,6 +9,8 @@
 #                                                         (default: rebuilt when a source is newer than it)
 # Extra arguments go to the fuzzer (with one target in FUZZ_TARGETS: a crash file, to reproduce it).
 set -euo pipefail
+# The whole script is one block, read before it runs: editing it while a long run goes on is harmless.
+{
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=${FUZZ_DIR:-$ROOT/build/fuzz}
@@ -58,13 +60,16 @@ if [ "${FUZZ_BUILD:-}" = 1 ] || { [ "${FUZZ_BUILD:-}" != 0 ] && { [ ! -x "$BIN" 
   start=$(date +%s)
   # The C shims the engine calls, compiled like SwiftPM does (plain C, with the fuzzer's coverage).
   "$CLANG" -c -O1 -g -fsanitize=fuzzer-no-link -I Sources/CInstar/include Sources/CInstar/shims.c -o "$WORK/obj/shims.o"
-  mapfile -t SOURCES < <(find Sources/Instar -name '*.swift' | sort)
+  mapfile -t SOURCES < <(find "$ROOT/Sources/Instar" -name '*.swift' | sort)
   echo "fuzz: compiling ${#SOURCES[@]} engine sources + fuzz/FuzzImage.swift ($OPT, -sanitize=$SANITIZE)"
   # INSTAR_FUZZ: engine limits that only bound the fuzzer's work per input (LUKS PBKDF2 iteration counts).
-  "$SWIFTC" -sanitize="$SANITIZE" -parse-as-library $OPT -wmo -num-threads 2 -g -module-name InstarFuzz -D INSTAR_FUZZ \
-    -I Sources/CInstar/include -Xcc -fmodule-map-file="$ROOT/Sources/CInstar/include/module.modulemap" \
-    "${SOURCES[@]}" fuzz/FuzzImage.swift "$WORK/obj/shims.o" \
-    -lz -lzstd -lgcrypt -o "$BIN.new"
+  # Whole-module: one type check of the module instead of one per batch of files (less CPU on a busy machine).
+  # Run in obj/, where the compiler leaves the module files -g makes.
+  (cd "$WORK/obj" && "$SWIFTC" -sanitize="$SANITIZE" -parse-as-library $OPT -wmo -num-threads 2 -g \
+    -module-name InstarFuzz -D INSTAR_FUZZ \
+    -I "$ROOT/Sources/CInstar/include" -Xcc -fmodule-map-file="$ROOT/Sources/CInstar/include/module.modulemap" \
+    "${SOURCES[@]}" "$ROOT/fuzz/FuzzImage.swift" "$WORK/obj/shims.o" \
+    -lz -lzstd -lgcrypt -o "$BIN.new")
   mv -f "$BIN.new" "$BIN"
   echo "fuzz: compiled in $(( $(date +%s) - start ))s"
 fi
@@ -153,3 +158,5 @@ if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: FAILED targets: ${failed[*]} (reproduce: FUZZ_TARGETS=<t> FUZZ_BUILD=0 bash fuzz/run.sh <crash file>)" >&2
   exit 1
 fi
+exit 0
+}
