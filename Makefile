@@ -139,4 +139,4 @@ diff-test: $(CONSUMERS)/.ready-$(OVIRT_IMAGEIO)
 FUZZ_SMOKE_SECONDS ?= 5
 .PHONY: fuzz-smoke
 fuzz-smoke: deps
-	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) bash fuzz/run.sh
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_OPT=-Onone FUZZ_KEEP_CORPUS=0 bash fuzz/run.sh

@@ -7,6 +7,7 @@
 #   FUZZ_OPT      swiftc optimisation flag (default -O) FUZZ_SANITIZE sanitizers (default fuzzer,address)
 #   FUZZ_TIMEOUT  seconds one input may take (default 30) FUZZ_BUILD  0 reuses the binary, 1 rebuilds it
 #                                                         (default: rebuilt when a source is newer than it)
+#   FUZZ_KEEP_CORPUS  0: start from the seeds alone and keep nothing (make fuzz-smoke); default 1 grows corpus/
 # Extra arguments go to the fuzzer (with one target in FUZZ_TARGETS: a crash file, to reproduce it).
 set -euo pipefail
 # The whole script is one block, read before it runs: editing it while a long run goes on is harmless.
@@ -52,7 +53,8 @@ for t in "${TARGETS[@]}"; do
   grep -qE "^$t[[:space:]]" <<<"$TARGET_TABLE" || { echo "fuzz: no target '$t' (targets: ${ALL_TARGETS[*]})" >&2; exit 2; }
 done
 mkdir -p "$WORK/obj" "$WORK/seeds" "$WORK/corpus" "$WORK/crashes" "$WORK/logs"
-BIN=$WORK/instar-fuzz
+# One binary per optimisation and sanitizer set (make fuzz-smoke builds -Onone: a quarter of the compile time).
+BIN=$WORK/instar-fuzz$OPT-${SANITIZE//,/-}
 
 # ---- The build: once, for every target --------------------------------------------------------------------------
 if [ "${FUZZ_BUILD:-}" = 1 ] || { [ "${FUZZ_BUILD:-}" != 0 ] && { [ ! -x "$BIN" ] ||
@@ -136,6 +138,7 @@ for t in "${TARGETS[@]}"; do
   echo "fuzz: $t: $(ls "$WORK/seeds/$t" | wc -l) seeds, corpus $(ls "$WORK/corpus/$t" | wc -l) files, max_len $max_len, running ${SECONDS_TO_RUN}s"
   # Files among the extra arguments (a crash to reproduce) are run alone; otherwise the corpus, then the seeds.
   inputs=("corpus/$t" "seeds/$t")
+  if [ "${FUZZ_KEEP_CORPUS:-1}" = 0 ]; then rm -rf "$S/corpus" && mkdir "$S/corpus" && inputs=("$S/corpus" "seeds/$t"); fi
   for a in "$@"; do [[ $a == -* ]] || inputs=(); done
   rc=0
   (cd "$WORK" && INSTAR_FUZZ_FORMAT=$t ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} "$BIN" \
