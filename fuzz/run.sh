@@ -5,7 +5,7 @@
 #   FUZZ_SECONDS  run time per target (default 60)     FUZZ_TARGETS  targets to run (default: all in the table)
 #   FUZZ_DIR      work dir (default build/fuzz: binary, seeds/, corpus/, crashes/, logs/)
 #   FUZZ_OPT      swiftc optimisation flag (default -O) FUZZ_SANITIZE sanitizers (default fuzzer,address)
-#   FUZZ_TIMEOUT  seconds one input may take (default 30) FUZZ_BUILD  0 reuses the binary, 1 rebuilds it
+#   FUZZ_TIMEOUT  seconds one input may take (default 120) FUZZ_BUILD  0 reuses the binary, 1 rebuilds it
 #                                                         (default: rebuilt when a source is newer than it)
 #   FUZZ_KEEP_CORPUS  0: start from the seeds alone and keep nothing (make fuzz-smoke); default 1 grows corpus/
 # Extra arguments go to the fuzzer (with one target in FUZZ_TARGETS: a crash file, to reproduce it).
@@ -18,7 +18,7 @@ WORK=${FUZZ_DIR:-$ROOT/build/fuzz}
 SECONDS_TO_RUN=${FUZZ_SECONDS:-60}
 OPT=${FUZZ_OPT:--O}
 SANITIZE=${FUZZ_SANITIZE:-fuzzer,address}
-TIMEOUT=${FUZZ_TIMEOUT:-30}
+TIMEOUT=${FUZZ_TIMEOUT:-120}
 SWIFTC=${SWIFTC:-swiftc}
 CLANG=${CLANG:-clang}
 # The passphrase of the encrypted seeds; fuzz/FuzzImage.swift opens every input with it.
