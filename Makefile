@@ -134,3 +134,10 @@ clean: perl-clean
 # The differential tests of the drop-ins (test_compat_imageio.py, test_compat_oslo.py) run the original modules
 # in the consumers' virtualenv: it is made before the differential suite, so they run rather than skip.
 diff-test: $(CONSUMERS)/.ready-$(OVIRT_IMAGEIO)
+
+# Fuzzing (fuzz/README.md): `make fuzz` runs every format's libFuzzer target for FUZZ_SECONDS (default 60);
+# `make fuzz-smoke` builds the one sanitized binary and runs each target for FUZZ_SMOKE_SECONDS. A crash fails.
+FUZZ_SMOKE_SECONDS ?= 5
+.PHONY: fuzz-smoke
+fuzz-smoke: deps
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_OPT=-Onone FUZZ_KEEP_CORPUS=0 bash fuzz/run.sh

@@ -80,7 +80,16 @@ final class Qcow2RefcountReader {
         let endCluster = fileLength.divCeil(header.clusterSize)
         var used: UInt64 = 0
         var i: UInt64 = 0
+        let t = try refcountTable()
         while i < endCluster && used <= threshold {
+            // Clusters no refcount block covers have refcount 0: skip them a block at a time, so a file made
+            // huge by one far write (a hostile refcount table entry) is not walked cluster by cluster.
+            let tableIndex = i >> blockBits
+            guard tableIndex < UInt64(t.count) else { break }
+            if t[Int(tableIndex)] & Qcow2.reftableOffsetMask == 0 {
+                i = (tableIndex + 1) << blockBits   // tableIndex < 2^20 (8 MiB table), blockBits <= 24
+                continue
+            }
             if try refcount(ofCluster: i) != 0 { used += 1 }
             i += 1
         }
