@@ -43,7 +43,7 @@ vdi    seed vdi empty 256k ''; seed vdi data 256k '' 'write -P 0xaa 0 4k'; seed 
 vmdk   seed vmdk empty 1M ''; seed vmdk data 1M '' 'write -P 0xaa 0 4k'; seed vmdk zeroed 1M '-o zeroed_grain=on' 'write -P 0xaa 0 4k' 'write -z 64k 64k'; conv vmdk stream '-o subformat=streamOptimized'; seed vmdk scsi 1M '-o adapter_type=lsilogic,hwversion=6' 'write -P 0x11 0 512'
 vpc    seed vpc empty 1M ''; seed vpc data 1M '' 'write -P 0xaa 0 4k'; seed vpc fixed 64k '-o subformat=fixed' 'write -P 0x55 0 1k'; seed vpc forced 1M '-o force_size=on' 'write -P 0x11 0 512'
 vhdx   seed vhdx empty 1M '-o block_size=1M,log_size=1M' && trim empty; seed vhdx zero 3M '-o block_size=1M,log_size=1M' 'write -z 1M 1M' && trim zero; seed vhdx data 1M '-o block_size=1M,log_size=1M' 'write -P 0xaa 0 4k'
-qcow   seed qcow empty 1M ''; seed qcow data 1M '' 'write -P 0xaa 0 4k' 'write -P 0x55 600k 1k'; conv qcow comp '-c' small.raw
+qcow   seed qcow empty 1M ''; seed qcow data 1M '' 'write -P 0xaa 0 4k' 'write -P 0x55 600k 1k'
 parallels seed parallels empty 1M '-o cluster_size=4k'; seed parallels data 1M '-o cluster_size=4k' 'write -P 0xaa 0 4k' 'write -z 8k 4k'
 luks   seed luks empty 64k "$SECRET -o key-secret=sec,iter-time=1,cipher-alg=aes-128"; conv luks data "$SECRET -o key-secret=sec,iter-time=1,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1" small.raw
 EOF
