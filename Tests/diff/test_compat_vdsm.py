@@ -261,7 +261,7 @@ def test_map_error(tmp):
     same(Vdsm.map, vdsm.map, os.path.join(tmp, "missing.raw"))
 
 
-@pytest.mark.parametrize("name", IMAGES)
+@pytest.mark.parametrize("name", [n for n in IMAGES if n != "vmdk"])  # VDSM checks qcow2 and raw only
 def test_check(imgs, name):
     same(Vdsm.check, vdsm.check, imgs[name])
 
@@ -400,7 +400,9 @@ def test_convert(tmp, src, case):
     r = pair.run(ref, ours, src, "out.img", **ref_kw)
     if r[0] == "ok":
         assert progress["i"] == progress["q"] == 100.0
-    pair.assert_alike("out.img", byte_equal=case.get("dstFormat") == "qcow2" and not case.get("compressed"))
+    # -W lets qemu-img's coroutines write in any order, so its qcow2 cluster layout differs from run to run.
+    pair.assert_alike("out.img", byte_equal=case.get("dstFormat") == "qcow2" and not case.get("compressed")
+                      and not case.get("unordered_writes"))
 
 
 def test_convert_into_existing_target(tmp):
