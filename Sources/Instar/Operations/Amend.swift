@@ -62,7 +62,8 @@ public enum AmendOperation {
         for (n, v) in try CreateOptionValues.split(optionList) { list.append(AmendOption(name: n, value: v)) }
         try options.progress?(0)
         do {
-            try amendable.amend(options: list, force: options.force, backing: layer.backing, progress: options.progress)
+            try amendable.amend(options: list, force: options.force, secrets: options.open.secrets,
+                                backing: layer.backing, progress: options.progress)
         } catch {
             // qemu-img completes the progress line before it reports the driver's error.
             try? options.progress?(100)
