@@ -5,7 +5,7 @@ import Glibc
 public func instar_amend_options_init(_ opts: UnsafeMutablePointer<instar_amend_options_t>?) {
     opts?.pointee = instar_amend_options_t(struct_size: UInt32(MemoryLayout<instar_amend_options_t>.size),
                                            open_flags: 0, format: nil, options: nil, force: 0, progress: nil,
-                                           progress_data: nil, key_secret: nil)
+                                           progress_data: nil, key_secret: nil, new_secret: nil, old_secret: nil)
 }
 
 @_cdecl("instar_amend")
@@ -24,6 +24,8 @@ public func instar_amend(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointe
         options.open.direct = o.open_flags & UInt32(INSTAR_OPEN_NO_CACHE) != 0
         options.open.keySecret = optionalString(o.key_secret)
         options.force = o.force != 0
+        options.newSecret = optionalString(o.new_secret)
+        options.oldSecret = optionalString(o.old_secret)
         if let report = progressCallback(o.progress, o.progress_data) {
             var meter = ProgressMeter(minSkip: 1.0, report: report)
             options.progress = { try meter.advance(Float($0), max: 0) }
