@@ -209,10 +209,24 @@ def test_progress_and_quiet(kind, base, tmp):
     assert rq.rc == 0 and rq.out == "", rq
 
 
+@pytest.fixture(scope="module")
+def threes(bases, tmp_path_factory):
+    """Made on first use, once per kind (see `three`)."""
+    return {"dir": str(tmp_path_factory.mktemp("three"))}
+
+
 @pytest.fixture
-def three(kind, base, tmp):
-    """`base` with sec0 in slots 0 and 2, sec1 in slot 1 and sec2 in slot 6 (added by qemu-img)."""
+def three(kind, bases, threes, tmp):
+    """A copy of the base image with sec0 in slots 0 and 2, sec1 in slot 1 and sec2 in slot 6 (added by qemu-img)."""
+    if kind.name not in threes:
+        threes[kind.name] = make_three(kind, bases[kind.name], threes["dir"])
     p = os.path.join(tmp, "three." + kind.fmt)
+    shutil.copyfile(threes[kind.name], p)
+    return p
+
+
+def make_three(kind, base, d):
+    p = os.path.join(d, "three." + kind.fmt)
     shutil.copyfile(base, p)
     for o in ("state=active,new-secret=sec1,iter-time=10", "state=active,new-secret=sec0,iter-time=10",
               "state=active,new-secret=sec2,iter-time=10,keyslot=6"):

@@ -79,6 +79,19 @@ enum LuksKeyslotAmend {
         }
     }
 
+    /// The byte offset of a slot's key material, checked in 64 bits to end before the payload (the header check
+    /// does this arithmetic in 32 bits, as qemu does, so a hostile offset could wrap past it and send the
+    /// writes of an amend far beyond the volume).
+    static func keyMaterialOffset(_ header: LuksHeader, slot index: Int) throws -> UInt64 {
+        let slot = header.slots[index]
+        let offset = UInt64(slot.keyOffsetSector) * LuksHeader.sectorSize
+        let length = UInt64(header.keyBytes) * UInt64(slot.stripes)
+        guard offset + length <= UInt64(header.payloadOffsetSector) * LuksHeader.sectorSize else {
+            throw InstarError.invalid("Keyslot \(index) is overlapping with the encrypted payload")
+        }
+        return offset
+    }
+
     static func secret(_ id: String, _ secrets: [String: String]) throws -> [UInt8] {
         guard let s = secrets[id] else { throw InstarError.invalid("No secret with id '\(id)'") }
         return Array(s.utf8)
@@ -146,7 +159,7 @@ enum LuksKeyslotAmend {
                                                length: keyBytes)
         var material = LuksAntiForensic.split(masterKey, stripes: stripes, hash: settings.hash)
         try settings.sectorCipher(key: slotKey).process(&material, firstSector: 0, encrypt: true)
-        let offset = UInt64(header.slots[index].keyOffsetSector) * LuksHeader.sectorSize
+        let offset = try keyMaterialOffset(header, slot: index)
         try io.write(offset, material)
         try io.sync()
         CrashPoint.hit("luks-amend:key-material-written")
@@ -213,6 +226,7 @@ enum LuksKeyslotAmend {
     /// key material overwritten with random bytes, even when the header write failed.
     private static func erase(slot index: Int, header: inout LuksHeader, io: LuksVolumeIO) throws {
         let length = Int(header.keyBytes) * Int(header.slots[index].stripes)
+        let offset = try keyMaterialOffset(header, slot: index)
         var updated = header
         updated.slots[index].salt = [UInt8](repeating: 0, count: LuksHeader.saltBytes)
         updated.slots[index].iterations = 0
@@ -226,7 +240,6 @@ enum LuksKeyslotAmend {
             headerError = error
         }
         CrashPoint.hit("luks-amend:slot-disabled")
-        let offset = UInt64(updated.slots[index].keyOffsetSector) * LuksHeader.sectorSize
         do {
             for pass in 0..<erasePasses {
                 try io.write(offset, Gcrypt.randomBytes(length))

@@ -156,7 +156,8 @@ public struct CreateOptionValues {
                 switch spec.kind {
                 case .size, .number:
                     let v = (try? Self.validate(spec, t)) ?? nil
-                    parts.append("\(spec.name)=\(v.map(String.init) ?? t)")
+                    // qemu_opts_print shows the parsed value as a signed 64-bit number.
+                    parts.append("\(spec.name)=\(v.map { String(Int64(bitPattern: $0)) } ?? t)")
                 default:
                     parts.append("\(spec.name)=\(t)")
                 }
