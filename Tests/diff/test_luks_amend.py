@@ -423,3 +423,25 @@ def test_python_binding(kind, base, tmp):
     pyinstar.amend(p, kind.opts("state=inactive,keyslot=1"), key_secret=pw["sec1"], force=True)
     pyinstar.amend(p, kind.opts("state=inactive,keyslot=4"), key_secret=pw["sec2"], force=True)
     assert opens(kind, p) == []
+
+
+def test_hostile_key_offset_is_not_written(bases, tmp):
+    """A key offset that wraps qemu's 32-bit overlap check (so the header still opens) would send the slot's
+    writes terabytes past the volume; instar refuses before writing anything, and erasing leaves it alone too."""
+    import struct
+    kind = KINDS[0]
+    p = os.path.join(tmp, "hostile.luks")
+    shutil.copyfile(bases["luks"], p)
+    with open(p, "r+b") as f:
+        f.seek(208 + 2 * 48 + 40)
+        f.write(struct.pack(">I", 0xFFFFFFFF - 100))
+    assert info_json(p)["format-specific"]["data"]["slots"][2]["key-offset"] == (0xFFFFFFFF - 100) * 512
+    with open(p, "rb") as f:
+        before = f.read()
+    for options, extra in (("state=active,new-secret=sec1,iter-time=10,keyslot=2", ()),
+                           ("state=inactive,keyslot=2", ("--force",))):
+        r = instar("amend", *OBJ, *extra, "-o", options, "--image-opts", kind.spec(p))
+        assert r.rc == 1 and "Keyslot 2 is overlapping with the encrypted payload" in r.err, r
+        with open(p, "rb") as f:
+            assert f.read() == before
+    assert opens(kind, p) == ["sec0"]
