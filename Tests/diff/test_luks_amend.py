@@ -445,3 +445,22 @@ def test_hostile_key_offset_is_not_written(bases, tmp):
         with open(p, "rb") as f:
             assert f.read() == before
     assert opens(kind, p) == ["sec0"]
+
+
+def test_qcow2_progress_with_upgrade_and_refcount_change(tmp):
+    """-p across an upgrade, the keyslot update (which reports nothing itself) and a refcount width change."""
+    kind = KINDS[1]
+    base = os.path.join(tmp, "v2.qcow2")
+    qimg("create", "-q", "-f", "qcow2", *OBJ, "-o", "compat=0.10,encrypt.format=luks,encrypt.key-secret=sec0,"
+         "encrypt.iter-time=10", base, "1M")
+    qemu_io(*OBJ, "--image-opts", kind.spec(base), "-c", PATTERN)
+    options = "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10,compat=1.1,refcount_bits=8"
+    q, i = os.path.join(tmp, "q.qcow2"), os.path.join(tmp, "i.qcow2")
+    shutil.copyfile(base, q)
+    shutil.copyfile(base, i)
+    rq = qemu("amend", *OBJ, "-p", "-o", options, "--image-opts", kind.spec(q))
+    ri = instar("amend", *OBJ, "-p", "-o", options, "--image-opts", kind.spec(i))
+    assert (ri.rc, ri.out, ri.err) == (rq.rc, rq.out, rq.err)
+    assert masked_info(i) == masked_info(q)
+    assert opens(kind, i) == opens(kind, q) == ["sec0", "sec1"]
+    check_clean(kind, i)
