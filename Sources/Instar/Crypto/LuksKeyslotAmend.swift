@@ -14,14 +14,6 @@ struct LuksKeyslotRequest {
     /// Milliseconds, as qemu's unsigned 64-bit iter_time (a negative value wraps).
     var iterTimeMs: UInt64?
 
-    /// The amend option names (without prefix), in qemu's declaration order.
-    static let names = ["state", "keyslot", "old-secret", "new-secret", "iter-time"]
-
-    /// Whether any option with the prefix is a key slot option.
-    static func given(_ options: [AmendOption], prefix: String) -> Bool {
-        options.contains { o in o.name.hasPrefix(prefix) && names.contains(String(o.name.dropFirst(prefix.count))) }
-    }
-
     static func parse(_ options: [AmendOption], prefix: String) throws -> LuksKeyslotRequest {
         func value(_ name: String) -> String? { options.last { $0.name == prefix + name }?.value }
         func integer(_ name: String) throws -> Int64? {
