@@ -698,10 +698,18 @@ typedef struct instar_amend_options {
     instar_progress_fn progress; /**< called with the percentages `qemu-img amend -p` shows, or NULL */
     void *progress_data;
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
+    /**
+     * LUKS key slots (luks: new-secret/old-secret, qcow2: encrypt.new-secret/encrypt.old-secret): the passphrase
+     * to store in a slot being activated, and the passphrase that selects the slots to erase. When `options`
+     * name a secret id for them, these fill that id; otherwise the library adds the option. NULL for none.
+     */
+    const char *new_secret;
+    const char *old_secret;
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
 } instar_amend_options_t;
 
-#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL }
+#define INSTAR_AMEND_OPTIONS_INIT { sizeof(instar_amend_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL, \
+                                    NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_AMEND_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -714,7 +722,8 @@ void instar_amend_options_init(instar_amend_options_t *opts);
 
 /**
  * Changes creation options of an existing image like `qemu-img amend` (qcow2: compat, lazy_refcounts, size;
- * backing_file/backing_fmt only when unchanged). Errors carry qemu-img's messages: INSTAR_E_INVALID (unknown
+ * backing_file/backing_fmt only when unchanged; LUKS key slots of luks and LUKS-encrypted qcow2 images, with
+ * key_secret unlocking the image and new_secret/old_secret for the slots). Errors carry qemu-img's messages: INSTAR_E_INVALID (unknown
  * or creation-only option, bad value), INSTAR_E_UNSUPPORTED (format cannot amend, feature v2 cannot hold,
  * refcount width change), INSTAR_E_CANCELLED (the progress callback returned nonzero), INSTAR_E_LOCKED, INSTAR_E_IO.
  */

@@ -73,7 +73,12 @@ func amendCommand(_ args: [String]) -> Int32 {
         if message.hasSuffix(hint) {
             message = String(message.dropLast(hint.count)) + "You can use '\(CLI.programName) rebase' instead."
         }
-        CLI.error(message)
+        if message.contains("\nFailed to write to keyslot ") || message.contains("\nFailed to erase keyslot ") {
+            // qemu's error hint after a LUKS keyslot failure ends without a newline.
+            CLI.errorNoNewline(message)
+        } else {
+            CLI.error(message)
+        }
         return finish(1)
     } catch {
         CLI.error("\(error)")

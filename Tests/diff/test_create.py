@@ -91,6 +91,12 @@ MESSAGE_CASES = [
     (["-f", "qcow2", "-o", "refcount_bits=3"], "1M"),
     (["-f", "qcow2", "-o", "refcount_bits=128"], "1M"),
     (["-f", "qcow2", "-o", "refcount_bits=x"], "1M"),
+    # qemu's number parsing: a minus sign wraps (and the Formatting line shows it signed), leading blanks pass,
+    # overflow has its own message.
+    (["-f", "qcow2", "-o", "refcount_bits=-1"], "1M"),
+    (["-f", "qcow2", "-o", "refcount_bits= 16"], "1M"),
+    (["-f", "qcow2", "-o", "refcount_bits=99999999999999999999"], "1M"),
+    (["-f", "qcow2", "-o", "cluster_size=18446744073709551615"], "1M"),
     (["-f", "qcow2", "-o", "lazy_refcounts=maybe"], "1M"),
     (["-f", "qcow2", "-o", "lazy_refcounts=yes"], "1M"),
     (["-f", "qcow2", "-o", "preallocation=bad"], "1M"),

@@ -898,6 +898,8 @@ amend(filename, opts = &PL_sv_undef)
     o.format = opt_str(aTHX_ hv, "format", NULL);
     o.options = opt_str(aTHX_ hv, "options", NULL);
     o.force = (uint32_t)opt_bool(aTHX_ hv, "force");
+    o.new_secret = opt_str(aTHX_ hv, "new_secret", NULL);
+    o.old_secret = opt_str(aTHX_ hv, "old_secret", NULL);
     o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
     progress_init(aTHX_ &p, hv);
     o.progress = PROGRESS_FN(&p);

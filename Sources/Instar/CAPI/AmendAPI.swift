@@ -5,7 +5,8 @@ import Glibc
 func amendOptionsDefaults() -> instar_amend_options_t {
     instar_amend_options_t(struct_size: UInt32(MemoryLayout<instar_amend_options_t>.size),
                            open_flags: 0, format: nil, options: nil, force: 0, progress: nil,
-                           progress_data: nil, key_secret: nil, limits: nil)
+                           progress_data: nil, key_secret: nil, new_secret: nil, old_secret: nil,
+                           limits: nil)
 }
 
 @_cdecl("instar_amend_options_init")
@@ -34,6 +35,8 @@ public func instar_amend(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointe
         options.open.direct = o.open_flags & UInt32(INSTAR_OPEN_NO_CACHE) != 0
         options.open.keySecret = optionalString(o.key_secret)
         options.force = o.force != 0
+        options.newSecret = optionalString(o.new_secret)
+        options.oldSecret = optionalString(o.old_secret)
         if let report = progressCallback(o.progress, o.progress_data) {
             var meter = ProgressMeter(minSkip: 1.0, report: report)
             options.progress = { try meter.advance(Float($0), max: 0) }

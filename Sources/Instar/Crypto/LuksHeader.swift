@@ -209,25 +209,45 @@ enum Luks {
             throw InstarError.unsupported("LUKS master key digest needs \(header.masterKeyIterations) PBKDF2 iterations, "
                 + "more than the limit of \(LuksHeader.maxIterations)")
         }
-        for (i, slot) in header.slots.enumerated() where slot.isActive {
-            if slot.iterations > LuksHeader.maxIterations {
-                throw InstarError.unsupported("LUKS key slot \(i) needs \(slot.iterations) PBKDF2 iterations, "
-                    + "more than the limit of \(LuksHeader.maxIterations)")
+        for i in header.slots.indices {
+            if let key = try loadKey(header: header, slot: i, settings: settings, password: password,
+                                     readKeyMaterial: readKeyMaterial) {
+                return key
             }
-            let slotKey = try settings.hash.pbkdf2(password: password, salt: slot.salt,
-                                                   iterations: UInt64(slot.iterations), length: keyBytes)
-            let stripes = Int(slot.stripes)   // checked to be 4000 by the header check
-            let length = keyBytes * stripes
-            var material = try readKeyMaterial(UInt64(slot.keyOffsetSector) * LuksHeader.sectorSize, length)
-            try settings.sectorCipher(key: slotKey).process(&material, firstSector: 0, encrypt: false)
-            let candidate = try LuksAntiForensic.merge(material, keyBytes: keyBytes,
-                                                       stripes: stripes, hash: settings.hash)
-            let digest = try settings.hash.pbkdf2(password: candidate, salt: header.masterKeySalt,
-                                                  iterations: UInt64(header.masterKeyIterations),
-                                                  length: LuksHeader.digestBytes)
-            if digest == header.masterKeyDigest { return candidate }
         }
         throw InstarError(.permission, "Invalid password, cannot unlock any keyslot", errno: EACCES)
+    }
+
+    /// qemu's qcrypto_block_luks_load_key: the master key when slot `index` is active and `password` opens it,
+    /// nil otherwise. The caller has checked the key size against the cipher and the master key's iterations.
+    static func loadKey(header: LuksHeader, slot index: Int, settings: LuksCipherSettings, password: [UInt8],
+                        readKeyMaterial: (UInt64, Int) throws -> [UInt8]) throws -> [UInt8]? {
+        guard header.slots.indices.contains(index) else { return nil }
+        let slot = header.slots[index]
+        guard slot.isActive else { return nil }
+        let keyBytes = Int(header.keyBytes)
+        guard keyBytes == settings.keyBytes, keyBytes > 0, keyBytes <= 128 else {
+            throw InstarError.invalid("LUKS key size \(header.keyBytes) does not match the cipher")
+        }
+        if header.masterKeyIterations > LuksHeader.maxIterations {
+            throw InstarError.unsupported("LUKS master key digest needs \(header.masterKeyIterations) PBKDF2 iterations, "
+                + "more than the limit of \(LuksHeader.maxIterations)")
+        }
+        if slot.iterations > LuksHeader.maxIterations {
+            throw InstarError.unsupported("LUKS key slot \(index) needs \(slot.iterations) PBKDF2 iterations, "
+                + "more than the limit of \(LuksHeader.maxIterations)")
+        }
+        let slotKey = try settings.hash.pbkdf2(password: password, salt: slot.salt,
+                                               iterations: UInt64(slot.iterations), length: keyBytes)
+        let stripes = Int(slot.stripes)   // checked to be 4000 by the header check
+        let length = keyBytes * stripes
+        var material = try readKeyMaterial(UInt64(slot.keyOffsetSector) * LuksHeader.sectorSize, length)
+        try settings.sectorCipher(key: slotKey).process(&material, firstSector: 0, encrypt: false)
+        let candidate = try LuksAntiForensic.merge(material, keyBytes: keyBytes, stripes: stripes, hash: settings.hash)
+        let digest = try settings.hash.pbkdf2(password: candidate, salt: header.masterKeySalt,
+                                              iterations: UInt64(header.masterKeyIterations),
+                                              length: LuksHeader.digestBytes)
+        return digest == header.masterKeyDigest ? candidate : nil
     }
 
     /// PBKDF2 iterations per second of this thread's CPU time, chosen by qemu's qcrypto_pbkdf2_count_iters

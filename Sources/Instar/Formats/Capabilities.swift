@@ -27,7 +27,8 @@ public struct AmendOption: Equatable {
 /// The amend options of each format that can amend, in qemu's declaration order (qemu's `amend_opts`), for
 /// `amend -o help` without an image and for parsing `-o` before the driver sees it.
 public enum AmendOptionTable {
-    public static let byFormat: [String: [CreateOptionSpec]] = ["qcow2": Qcow2Format.amendOptionSpecs]
+    public static let byFormat: [String: [CreateOptionSpec]] = ["qcow2": Qcow2Format.amendOptionSpecs,
+                                                                "luks": LuksFormat.amendOptionSpecs]
 }
 
 /// A format whose creation options can be changed on an existing image (qemu's bdrv_amend_options).
@@ -36,6 +37,17 @@ public protocol ImageAmendable: ImageFormat {
     /// `backing` is the layer below (its size matters when the image shrinks or loses zero clusters).
     func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
                progress: ((Double) throws -> Void)?) throws
+    /// The same with the --object secrets by id, for options that name secrets (LUKS keyslots' new-secret and
+    /// old-secret). Drivers without such options need not implement it.
+    func amend(options: [AmendOption], force: Bool, secrets: [String: String], backing: GuestReader?,
+               progress: ((Double) throws -> Void)?) throws
+}
+
+extension ImageAmendable {
+    public func amend(options: [AmendOption], force: Bool, secrets: [String: String], backing: GuestReader?,
+                      progress: ((Double) throws -> Void)?) throws {
+        try amend(options: options, force: force, backing: backing, progress: progress)
+    }
 }
 
 /// A format whose persistent dirty bitmaps can be added, removed and changed one by one (qemu's

@@ -12,6 +12,10 @@ public enum AmendOperation {
         public var open = ImageOpenOptions()
         /// --force.
         public var force = false
+        /// Passphrases given directly (the C API) for the options that name a new and an old secret (LUKS key
+        /// slots): they fill the ids the options name, or the options are added naming library ids.
+        public var newSecret: String?
+        public var oldSecret: String?
         /// Receives warnings printed while the operation goes on (the probed-raw warning).
         public var warn: ((String) -> Void)?
         /// Receives the percentages qemu-img -p would print, unfiltered.
@@ -45,6 +49,21 @@ public enum AmendOperation {
         guard let amendable = layer.format as? ImageAmendable, let specs = AmendOptionTable.byFormat[format] else {
             throw InstarError(.unsupported, "Format driver '\(format)' does not support option amendment")
         }
+        var optionList = optionList
+        var secrets = options.open.secrets
+        for (passphrase, suffix) in [(options.newSecret, "new-secret"), (options.oldSecret, "old-secret")] {
+            guard let passphrase else { continue }
+            guard let name = specs.first(where: { $0.name == suffix || $0.name.hasSuffix("." + suffix) })?.name else {
+                throw InstarError.invalid("Invalid parameter '\(suffix)'")
+            }
+            if let id = try CreateOptionValues.split(optionList).last(where: { $0.0 == name })?.1 {
+                secrets[id] = passphrase
+            } else {
+                let id = "instar-\(suffix)"
+                secrets[id] = passphrase
+                optionList += ",\(name)=\(id)"
+            }
+        }
         var values = CreateOptionValues(specs: specs)
         do {
             try values.parse(optionList)
@@ -62,7 +81,8 @@ public enum AmendOperation {
         for (n, v) in try CreateOptionValues.split(optionList) { list.append(AmendOption(name: n, value: v)) }
         try options.progress?(0)
         do {
-            try amendable.amend(options: list, force: options.force, backing: layer.backing, progress: options.progress)
+            try amendable.amend(options: list, force: options.force, secrets: secrets,
+                                backing: layer.backing, progress: options.progress)
         } catch {
             // qemu-img completes the progress line before it reports the driver's error.
             try? options.progress?(100)

@@ -98,8 +98,12 @@ public struct CreateOptionValues {
             }
             return nil
         case .number:
-            guard let v = parseNumber(text) else { throw InstarError.invalid("Parameter '\(spec.name)' expects a number") }
-            return v
+            // qemu's parse_option_number (qemu_strtou64: a minus sign wraps, overflow has its own message).
+            switch QemuStrtol.unsigned(text) {
+            case .unsignedValue(let v): return v
+            case .range: throw InstarError.invalid("Value '\(text)' is too large for parameter '\(spec.name)'")
+            default: throw InstarError.invalid("Parameter '\(spec.name)' expects a number")
+            }
         case .size:
             guard case .success(let v) = SizeParse.parse(text) else {
                 throw InstarError.invalid("Parameter '\(spec.name)' expects a non-negative number below 2^64\n"
@@ -119,10 +123,8 @@ public struct CreateOptionValues {
     }
 
     static func parseNumber(_ s: String) -> UInt64? {
-        if s.isEmpty || s.hasPrefix("-") { return nil }
-        if s.hasPrefix("0x") || s.hasPrefix("0X") { return UInt64(s.dropFirst(2), radix: 16) }
-        if s.count > 1 && s.hasPrefix("0") { return UInt64(s.dropFirst(), radix: 8) }
-        return UInt64(s)
+        if case .unsignedValue(let v) = QemuStrtol.unsigned(s) { return v }
+        return nil
     }
 
     // Typed getters over the given value or the spec default.
@@ -154,7 +156,8 @@ public struct CreateOptionValues {
                 switch spec.kind {
                 case .size, .number:
                     let v = (try? Self.validate(spec, t)) ?? nil
-                    parts.append("\(spec.name)=\(v.map(String.init) ?? t)")
+                    // qemu_opts_print shows the parsed value as a signed 64-bit number.
+                    parts.append("\(spec.name)=\(v.map { String(Int64(bitPattern: $0)) } ?? t)")
                 default:
                     parts.append("\(spec.name)=\(t)")
                 }

@@ -292,7 +292,8 @@ Options: C<format>, C<preallocation>, C<relative> (C<$size> is a signed change),
 
 =item amend($filename, %opts)
 
-Options: C<format>, C<options>, C<force>, C<progress>, C<key_secret>.
+Options: C<format>, C<options>, C<force>, C<progress>, C<key_secret>, C<new_secret> and C<old_secret> (the
+passphrases of LUKS key slots being added or erased).
 
 =item commit($filename, %opts), rebase($filename, %opts)
 

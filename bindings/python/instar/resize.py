@@ -22,7 +22,8 @@ class ResizeOptions(Options):
 class AmendOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("options", ctypes.c_char_p), ("force", ctypes.c_uint32), ("progress", PROGRESS_FN),
-                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
+                ("progress_data", ctypes.c_void_p), ("key_secret", ctypes.c_char_p),
+                ("new_secret", ctypes.c_char_p), ("old_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
 
 
 def _setup() -> ctypes.CDLL:
@@ -62,14 +63,17 @@ def resize(path: str, size: Union[int, str], fmt: Optional[str] = None, relative
 
 def amend(path: str, options: Optional[str] = None, fmt: Optional[str] = None, force: bool = False,
           progress: Optional[ProgressCallable] = None, open_flags: int = 0, key_secret: Optional[str] = None,
-          cancel: Optional[Cancel] = None, **opts: object) -> None:
+          cancel: Optional[Cancel] = None, new_secret: Optional[str] = None, old_secret: Optional[str] = None,
+          **opts: object) -> None:
     """Like `qemu-img amend [-f FMT] [--force] -o OPTIONS PATH`. `options` is the -o string; keyword arguments
     (compat="0.10", lazy_refcounts=True, ...) are added to it. `progress(percent)` may return True to cancel, and
-    so does `cancel.cancel()` from another thread."""
+    so does `cancel.cancel()` from another thread. LUKS key slots: `key_secret` unlocks the image, `new_secret`
+    is the passphrase a slot made active gets and `old_secret` selects the slots to erase (options such as
+    "state=active" or "encrypt.state=inactive,encrypt.keyslot=1" say what to do)."""
     text = ",".join(x for x in (options, _option_string(opts)) if x)
     L = _setup()
     cb = _progress(progress, cancel)
     o = AmendOptions(ctypes.sizeof(AmendOptions), open_flags, encode(fmt), encode(text or None), 1 if force else 0,
-                     cb, None, encode(key_secret))
+                     cb, None, encode(key_secret), encode(new_secret), encode(old_secret))
     err = Error()
     check(L.instar_amend(encode(path), ctypes.byref(o), ctypes.byref(err)), err)

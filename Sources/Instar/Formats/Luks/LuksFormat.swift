@@ -23,10 +23,13 @@ public final class LuksFormat: ImageFormat {
 
     public let formatName = "luks"
     let file: HostFile
-    let header: LuksHeader
-    let info: LuksInfo
+    /// Replaced when amend changes the key slots.
+    var header: LuksHeader
+    var info: LuksInfo
     /// nil when the image was opened only to describe it (no passphrase needed).
     let cipher: LuksSectorCipher?
+    /// The unlocked master key (nil without a passphrase), for adding key slots.
+    let masterKey: [UInt8]?
     let payloadOffset: UInt64
     public var hostFiles: [HostFile] { [file] }
     public var backingReference: BackingReference? { nil }
@@ -69,8 +72,10 @@ public final class LuksFormat: ImageFormat {
                 return try hostFile.readBytes(at: offset, count: count)
             }
             cipher = try settings.sectorCipher(key: key)
+            masterKey = key
         } else {
             cipher = nil
+            masterKey = nil
         }
         // block_crypto_getlength: a file shorter than the payload offset has no length.
         if payloadOffset > (try file.nodeLength()) {
@@ -192,5 +197,53 @@ extension LuksFormat: ImageResizable {
             throw InstarError(.range, "The requested file size is too large", errno: EFBIG)
         }
         try HostFileCreate.resize(file, to: payloadOffset + newSize, preallocation: preallocation)
+    }
+}
+
+/// block_crypto_amend_options_luks: the key slot options (state, keyslot, old-secret, new-secret, iter-time)
+/// applied to the volume's header and key material in the file.
+extension LuksFormat: ImageAmendable {
+    /// qemu's amend_opts for luks.
+    public static let amendOptionSpecs: [CreateOptionSpec] = [
+        CreateOptionSpec("state", .string, "Select new state of affected keyslots (active/inactive)"),
+        CreateOptionSpec("keyslot", .number, "Select a single keyslot to modify explicitly"),
+        CreateOptionSpec("old-secret", .string, "Select all keyslots that match this password"),
+        CreateOptionSpec("new-secret", .string, "New secret to set in the matching keyslots. Empty string to erase"),
+        CreateOptionSpec("iter-time", .number, "Time to spend in PBKDF in milliseconds"),
+    ]
+
+    public func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
+                      progress: ((Double) throws -> Void)?) throws {
+        try amend(options: options, force: force, secrets: [:], backing: backing, progress: progress)
+    }
+
+    public func amend(options: [AmendOption], force: Bool, secrets: [String: String], backing: GuestReader?,
+                      progress: ((Double) throws -> Void)?) throws {
+        let request = try LuksKeyslotRequest.parse(options, prefix: "")
+        guard let key = masterKey else {
+            throw InstarError(.encrypted, "Parameter 'key-secret' is required for cipher", errno: EINVAL)
+        }
+        let file = self.file
+        let fileSize = try file.size()
+        let io = LuksVolumeIO(read: { offset, count in
+            // Key material is at most 64-byte keys in 4000 stripes; past the end of the file it reads as zeroes.
+            guard count <= 64 * Int(LuksHeader.stripes) else {
+                throw InstarError.corrupt("LUKS key material of \(count) bytes is too large")
+            }
+            if offset >= fileSize { return [UInt8](repeating: 0, count: count) }
+            return try file.readBytes(at: offset, count: count)
+        }, write: { offset, bytes in
+            do {
+                try file.write(bytes, at: offset)
+            } catch let e as InstarError {
+                throw InstarError(e.code, "Could not write encryption header: " + e.message, errno: e.errnoValue)
+            }
+        }, sync: { try file.sync() })
+        var h = header
+        defer {
+            header = h
+            if let i = try? LuksInfo(header: h) { info = i }
+        }
+        try LuksKeyslotAmend.apply(request, header: &h, masterKey: key, secrets: secrets, force: force, io: io)
     }
 }

@@ -15,6 +15,11 @@ extension Qcow2Format: ImageAmendable {
 
     public func amend(options: [AmendOption], force: Bool, backing: GuestReader?,
                       progress: ((Double) throws -> Void)?) throws {
+        try amend(options: options, force: force, secrets: [:], backing: backing, progress: progress)
+    }
+
+    public func amend(options: [AmendOption], force: Bool, secrets: [String: String], backing: GuestReader?,
+                      progress: ((Double) throws -> Void)?) throws {
         let oldVersion = header.version
         var newVersion = oldVersion
         var newSize: UInt64 = 0
@@ -96,7 +101,8 @@ extension Qcow2Format: ImageAmendable {
             try meter.status(2, 2)
         }
         if encryptionUpdate {
-            throw InstarError(.unsupported, "Amending LUKS keyslots is not supported", errno: ENOTSUP)
+            meter.start(2)
+            try amendKeyslots(options: options, force: force, secrets: secrets)
         }
         if refcountChange {
             if newVersion < 3 && refcountBits != 16 {
@@ -149,6 +155,35 @@ extension Qcow2Format: ImageAmendable {
             meter.start(2)
             try downgrade(w, backing: backing, meter: &meter)
         }
+    }
+
+    /// The encrypt.* options applied to the LUKS header in the crypto header clusters (qcrypto_block_amend_options
+    /// with qcow2_crypto_hdr_read_func/write_func: every access stays inside the extension's area).
+    private func amendKeyslots(options: [AmendOption], force: Bool, secrets: [String: String]) throws {
+        let request = try LuksKeyslotRequest.parse(options, prefix: "encrypt.")
+        guard let ext = extensions.crypto, let key = crypt?.masterKey else {
+            throw InstarError(.encrypted, "Parameter 'encrypt.key-secret' is required for cipher", errno: EINVAL)
+        }
+        let file = self.file
+        func inside(_ offset: UInt64, _ count: Int) throws -> UInt64 {
+            guard offset <= ext.length, UInt64(count) <= ext.length - offset else {
+                throw InstarError.invalid("Request for data outside of extension header")
+            }
+            return try ext.offset.adding(offset)
+        }
+        let io = LuksVolumeIO(read: { offset, count in
+            try file.readBytes(at: try inside(offset, count), count: count)
+        }, write: { offset, bytes in
+            let at = try inside(offset, bytes.count)
+            do {
+                try file.write(bytes, at: at)
+            } catch let e as InstarError {
+                throw InstarError(e.code, "Could not read encryption header: " + e.message, errno: e.errnoValue)
+            }
+        }, sync: { try file.sync() })
+        var h = try LuksHeader(bytes: try io.read(0, LuksHeader.byteCount))
+        defer { if let i = try? Qcow2LuksInfo(header: h) { luks = i } }
+        try LuksKeyslotAmend.apply(request, header: &h, masterKey: key, secrets: secrets, force: force, io: io)
     }
 
     /// qcow2_downgrade to version 2.

@@ -12,10 +12,13 @@ final class Qcow2Crypt {
     let cipher: LuksSectorCipher
     /// The IV counts host sectors (LUKS) rather than guest sectors (AES).
     let ivFromHost: Bool
+    /// The LUKS master key (nil for the legacy AES method), for adding key slots.
+    let masterKey: [UInt8]?
 
-    init(cipher: LuksSectorCipher, ivFromHost: Bool) {
+    init(cipher: LuksSectorCipher, ivFromHost: Bool, masterKey: [UInt8]? = nil) {
         self.cipher = cipher
         self.ivFromHost = ivFromHost
+        self.masterKey = masterKey
     }
 
     /// The legacy AES method's cipher (qemu's crypto/block-qcow.c): AES-128-CBC keyed with the passphrase's
@@ -65,7 +68,7 @@ final class Qcow2Crypt {
         } catch let e as InstarError where e.code == .permission {
             throw InstarError(.encrypted, e.message, errno: EACCES)
         }
-        return Qcow2Crypt(cipher: try settings.sectorCipher(key: key), ivFromHost: true)
+        return Qcow2Crypt(cipher: try settings.sectorCipher(key: key), ivFromHost: true, masterKey: key)
     }
 
     /// The first IV sector for data at host offset `host` that holds guest offset `guest` (both sector aligned).

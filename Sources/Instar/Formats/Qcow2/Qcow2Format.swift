@@ -37,7 +37,8 @@ public final class Qcow2Format: ImageFormat {
     var refcounts: Qcow2RefcountReader
     var snapshots: [SnapshotInfo]
     let bitmaps: [Qcow2BitmapEntry]
-    let luks: Qcow2LuksInfo?
+    /// Replaced when amend changes the key slots.
+    var luks: Qcow2LuksInfo?
     /// The unlocked payload cipher of a LUKS image opened for I/O.
     let crypt: Qcow2Crypt?
     public internal(set) var backingReference: BackingReference?
