@@ -736,6 +736,103 @@ check_report(filename, opts = &PL_sv_undef)
     RETVAL
 
 SV *
+inspect(path, opts = &PL_sv_undef)
+    const char *path
+    SV *opts
+  PREINIT:
+    instar_inspect_policy_t po;
+    instar_inspect_report_t *rep = NULL;
+    instar_error_t err;
+    int rc;
+    uint32_t k;
+    HV *hv, *h;
+    AV *vs, *fs;
+    SV *sv;
+    const char *preset;
+  CODE:
+    hv = opts_hv(aTHX_ opts);
+    instar_inspect_policy_init(&po);
+    preset = opt_str(aTHX_ hv, "preset", "glance");
+    if (strcmp(preset, "glance") == 0 || strcmp(preset, "oslo") == 0)
+        po.preset = INSTAR_INSPECT_PRESET_GLANCE;
+    else if (strcmp(preset, "vdsm") == 0)
+        po.preset = INSTAR_INSPECT_PRESET_VDSM;
+    else if (strcmp(preset, "nova") == 0)
+        po.preset = INSTAR_INSPECT_PRESET_NOVA;
+    else if (strcmp(preset, "cinder") == 0)
+        po.preset = INSTAR_INSPECT_PRESET_CINDER;
+    else if (strcmp(preset, "pve") == 0)
+        po.preset = INSTAR_INSPECT_PRESET_PVE;
+    else
+        croak("Instar: unknown inspect preset '%s'", preset);
+    po.declared_format = opt_str(aTHX_ hv, "declared_format", NULL);
+    po.max_virtual_size = (uint64_t)opt_i64(aTHX_ hv, "max_virtual_size", 0);
+    po.max_vmdk_extents = (uint32_t)opt_i64(aTHX_ hv, "max_vmdk_extents", 0);
+    sv = opt_sv(aTHX_ hv, "fatal");
+    if (sv) {
+        /* An array of code names (empty: nothing fatal) instead of the preset's choice. */
+        AV *names;
+        SSize_t i;
+        if (!SvROK(sv) || SvTYPE(SvRV(sv)) != SVt_PVAV)
+            croak("Instar: fatal must be an array reference of violation code names");
+        names = (AV *)SvRV(sv);
+        po.fatal = INSTAR_INSPECT_FATAL_NONE;
+        for (i = 0; i <= av_len(names); i++) {
+            SV **e = av_fetch(names, i, 0);
+            const char *want = e ? SvPV_nolen(*e) : "";
+            int found = 0;
+            for (k = 0; k < 63; k++) {
+                const char *n = instar_inspect_code_name(k);
+                if (n && strcmp(n, want) == 0) {
+                    po.fatal |= INSTAR_INSPECT_BIT(k);
+                    found = 1;
+                }
+            }
+            if (!found)
+                croak("Instar: unknown violation code '%s'", want);
+        }
+        if (po.fatal != INSTAR_INSPECT_FATAL_NONE)
+            po.fatal &= ~INSTAR_INSPECT_FATAL_NONE;
+    }
+    rc = instar_inspect(path, &po, &rep, &err);
+    if (rc != INSTAR_OK && rc != INSTAR_E_POLICY)
+        instar_croak(aTHX_ rc, &err);
+    h = newHV();
+    PUT(h, "fatal", boolsv(aTHX_ rep->fatal));
+    PUT(h, "format", newSVpv(rep->format ? rep->format : "", 0));
+    fs = newAV();
+    if (rep->formats && rep->formats[0]) {
+        const char *p = rep->formats;
+        while (*p) {
+            const char *c = strchr(p, ',');
+            size_t n = c ? (size_t)(c - p) : strlen(p);
+            av_push(fs, newSVpvn(p, n));
+            p += n + (c ? 1 : 0);
+        }
+    }
+    PUT(h, "formats", newRV_noinc((SV *)fs));
+    if (rep->virtual_size >= 0)
+        PUT(h, "virtual_size", newSViv((IV)rep->virtual_size));
+    PUT(h, "preset", newSVpv(rep->preset ? rep->preset : "", 0));
+    vs = newAV();
+    for (k = 0; k < rep->count; k++) {
+        const instar_inspect_violation_t *v = &rep->violations[k];
+        HV *vh = newHV();
+        const char *name = instar_inspect_code_name(v->code);
+        PUT(vh, "code", newSVpv(name ? name : "", 0));
+        PUT(vh, "fatal", boolsv(aTHX_ v->fatal));
+        PUT(vh, "offset", newSVuv((UV)v->offset));
+        PUT(vh, "field", newSVpv(v->field ? v->field : "", 0));
+        PUT(vh, "message", newSVpv(v->message ? v->message : "", 0));
+        av_push(vs, newRV_noinc((SV *)vh));
+    }
+    PUT(h, "violations", newRV_noinc((SV *)vs));
+    instar_inspect_report_free(rep);
+    RETVAL = newRV_noinc((SV *)h);
+  OUTPUT:
+    RETVAL
+
+SV *
 probe(regions, opts = &PL_sv_undef)
     SV *regions
     SV *opts

@@ -74,7 +74,7 @@ sub snapshot_delete { my ($f, $n, @o) = @_; return _snapshot(2, $f, $n, _opts(@o
 
 # The hash-taking XS functions also accept a flat list of options.
 for my $name (qw(info_json info_human map compare convert create create_formatting measure check check_report check_json
-                 check_chain_json resize amend probe commit rebase dd bench snapshot_list)) {
+                 check_chain_json resize amend probe inspect commit rebase dd bench snapshot_list)) {
     no strict 'refs';
     no warnings 'redefine';
     my $xs = \&{"Instar::$name"};
@@ -274,6 +274,14 @@ C<force_share>, C<no_cache>, C<key_secret>.
 One check giving everything C<qemu-img check> reports: C<< {result => {...as check...}, json => TEXT,
 messages => TEXT} >>, C<messages> being the lines qemu-img prints on stderr while it checks (C<ERROR ...>,
 C<Leaked cluster ...>). Options as C<check>.
+
+=item inspect($path, %opts)
+
+Is the image safe to hand to qemu (C<instar_inspect>, docs/inspect.md)? Options: C<preset> (C<glance> the
+default, also C<oslo>, C<vdsm>, C<nova>, C<cinder>, C<pve>), C<declared_format>, C<max_virtual_size>,
+C<max_vmdk_extents>, C<fatal> (an array of violation code names, instead of the preset's choice; C<[]>: none).
+Returns C<< {fatal, format, formats => [...], virtual_size, preset, violations => [{code, fatal, offset, field,
+message}, ...]} >>; a fatal violation does not die, C<fatal> says so.
 
 =item probe(\@regions, %opts)
 

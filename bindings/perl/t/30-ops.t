@@ -116,6 +116,24 @@ qemu_io('-c', 'write -P 1 0 64k', "$d/lk.qcow2");
     eval { Instar::probe([[0, $hdr]], format => 'nope') };
     is($@->code, Instar::E_INVALID, 'probe of an unknown format: E_INVALID');
 }
+# inspect: a plain qcow2 is safe, one with a backing file is not (oslo.utils refuses it), unless nothing is fatal
+{
+    my $r = Instar::inspect("$d/src.qcow2");
+    ok(!$r->{fatal}, 'inspect: a plain qcow2 passes the default policy');
+    is($r->{format}, 'qcow2', '... detected as qcow2');
+    is($r->{virtual_size}, qimg_json('info', '--output=json', "$d/src.qcow2")->{'virtual-size'},
+        '... with qemu-img\'s virtual size');
+    is($r->{preset}, 'glance', '... under the glance preset');
+    my $b = Instar::inspect("$d/q-back");
+    ok($b->{fatal}, 'inspect: a qcow2 with a backing file is refused');
+    ok((grep { $_->{code} eq 'backing-file' && $_->{fatal} } @{ $b->{violations} }), '... for its backing file');
+    ok(!Instar::inspect("$d/q-back", fatal => [])->{fatal}, '... and not with fatal => []');
+    is(Instar::inspect("$d/src.qcow2", declared_format => 'raw')->{fatal}, 1 == 1,
+        'inspect: a qcow2 declared raw is refused');
+    eval { Instar::inspect("$d/src.qcow2", preset => 'nope') };
+    like($@, qr/unknown inspect preset/, 'inspect: an unknown preset croaks');
+}
+
 my ($cj, $cx) = Instar::check_chain_json("$d/src.qcow2");
 like($cj, qr/^\[/, 'check_chain_json gives a JSON array');
 is($cx, 0, '... and exit code 0');
