@@ -181,6 +181,23 @@ typedef struct instar_bitmap {
 /** Tri-state for optional booleans. */
 enum { INSTAR_UNSET = -1, INSTAR_FALSE = 0, INSTAR_TRUE = 1 };
 
+/** One extent of a vmdk image (instar_info_t.extents), as qemu-img info lists it. */
+typedef struct instar_info_extent {
+    const char *filename;
+    const char *format;              /**< qemu's extent format ("FLAT", "SPARSE", "VMFSSPARSE", "SESPARSE", ... or "") */
+    int64_t virtual_size;
+    int64_t cluster_size;            /**< -1 when qemu-img gives none */
+    int32_t compressed;              /**< INSTAR_UNSET (not printed), INSTAR_FALSE, INSTAR_TRUE */
+} instar_info_extent_t;
+
+/** One LUKS key slot (instar_info_t.luks_slots). */
+typedef struct instar_info_luks_slot {
+    int32_t active;                  /**< nonzero when the slot holds a key */
+    int64_t iters;                   /**< PBKDF2 iterations; -1 for an inactive slot */
+    int64_t stripes;                 /**< anti-forensic stripes; -1 for an inactive slot */
+    int64_t key_offset;              /**< bytes from the start of the LUKS header */
+} instar_info_luks_slot_t;
+
 /**
  * What `qemu-img info` reports for one image. Strings are NULL when qemu-img would omit the key; integers
  * use -1 for "omitted". Everything is owned by the enclosing instar_info_t and freed with it.
@@ -220,6 +237,23 @@ typedef struct instar_info {
      * qemu-img prints none. It carries what the fields above cannot (luks slots, bitmaps' details, ...).
      */
     const char *format_specific_json;
+    /* vmdk (specific_type "vmdk"): qemu-img's cid, parent-cid, create-type and extents */
+    int64_t vmdk_cid;                /**< -1 when not vmdk */
+    int64_t vmdk_parent_cid;         /**< -1 when not vmdk */
+    const char *vmdk_create_type;    /**< "monolithicSparse", "streamOptimized", ...; NULL when not vmdk */
+    uint32_t extent_count;
+    const instar_info_extent_t *extents; /**< every extent file: a caller can refuse paths it does not trust */
+    /* LUKS: a luks image's header, or an encrypted qcow2's encrypt block with format "luks" */
+    const char *luks_cipher_alg;     /**< "aes-256", ...; NULL when not LUKS */
+    const char *luks_cipher_mode;    /**< "xts", ... */
+    const char *luks_ivgen_alg;      /**< "plain64", "essiv", ... */
+    const char *luks_ivgen_hash_alg; /**< NULL when the IV generator takes no hash */
+    const char *luks_hash_alg;
+    const char *luks_uuid;
+    int64_t luks_payload_offset;     /**< bytes; -1 when not LUKS */
+    int64_t luks_master_key_iters;   /**< -1 when not LUKS */
+    uint32_t luks_slot_count;
+    const instar_info_luks_slot_t *luks_slots;
 } instar_info_t;
 
 typedef struct instar_info_options {

@@ -80,6 +80,18 @@ public func instar_info_free(_ info: UnsafeMutablePointer<instar_info_t>?) {
             for k in 0..<Int(i.bitmap_count) { free(UnsafeMutableRawPointer(mutating: maps[k].name)) }
             free(UnsafeMutableRawPointer(mutating: maps))
         }
+        for p in [i.vmdk_create_type, i.luks_cipher_alg, i.luks_cipher_mode, i.luks_ivgen_alg, i.luks_ivgen_hash_alg,
+                  i.luks_hash_alg, i.luks_uuid] {
+            free(UnsafeMutableRawPointer(mutating: p))
+        }
+        if let ext = i.extents {
+            for k in 0..<Int(i.extent_count) {
+                free(UnsafeMutableRawPointer(mutating: ext[k].filename))
+                free(UnsafeMutableRawPointer(mutating: ext[k].format))
+            }
+            free(UnsafeMutableRawPointer(mutating: ext))
+        }
+        free(UnsafeMutableRawPointer(mutating: i.luks_slots))
         cur = i.backing
         free(node)
     }
@@ -176,8 +188,66 @@ func makeInfoNode(_ info: ImageInfo) throws -> UnsafeMutablePointer<instar_info_
             }
         }
     }
+    fillVmdkAndLuks(&v, info.formatSpecific)
     p.initialize(to: v)
     return p
+}
+
+/// The vmdk and LUKS members of the format-specific block as fields (the C caller needs no JSON parser to see
+/// every extent path or key slot).
+private func fillVmdkAndLuks(_ v: inout instar_info_t, _ spec: QObject?) {
+    v.vmdk_cid = -1
+    v.vmdk_parent_cid = -1
+    v.luks_payload_offset = -1
+    v.luks_master_key_iters = -1
+    guard let spec, let data = spec["data"] else { return }
+    if spec["type"]?.stringValue == "vmdk" {
+        v.vmdk_cid = data["cid"]?.int64Value ?? -1
+        v.vmdk_parent_cid = data["parent-cid"]?.int64Value ?? -1
+        v.vmdk_create_type = mallocString(data["create-type"]?.stringValue)
+        if case let .list(items)? = data["extents"], !items.isEmpty,
+           let arr = malloc(MemoryLayout<instar_info_extent_t>.stride * items.count) {
+            let ext = arr.bindMemory(to: instar_info_extent_t.self, capacity: items.count)
+            for (k, e) in items.enumerated() {
+                ext[k] = instar_info_extent_t(filename: mallocString(Optional(e["filename"]?.stringValue ?? "")),
+                                              format: mallocString(Optional(e["format"]?.stringValue ?? "")),
+                                              virtual_size: e["virtual-size"]?.int64Value ?? -1,
+                                              cluster_size: e["cluster-size"]?.int64Value ?? -1,
+                                              compressed: triState(e["compressed"]?.boolValue))
+            }
+            v.extents = UnsafePointer(ext)
+            v.extent_count = UInt32(clamping: items.count)
+        }
+    }
+    let luks: QObject?
+    if spec["type"]?.stringValue == "luks" {
+        luks = data
+    } else if let enc = data["encrypt"], enc["format"]?.stringValue == "luks" {
+        luks = enc
+    } else {
+        luks = nil
+    }
+    guard let luks else { return }
+    v.luks_cipher_alg = mallocString(luks["cipher-alg"]?.stringValue)
+    v.luks_cipher_mode = mallocString(luks["cipher-mode"]?.stringValue)
+    v.luks_ivgen_alg = mallocString(luks["ivgen-alg"]?.stringValue)
+    v.luks_ivgen_hash_alg = mallocString(luks["ivgen-hash-alg"]?.stringValue)
+    v.luks_hash_alg = mallocString(luks["hash-alg"]?.stringValue)
+    v.luks_uuid = mallocString(luks["uuid"]?.stringValue)
+    v.luks_payload_offset = luks["payload-offset"]?.int64Value ?? -1
+    v.luks_master_key_iters = luks["master-key-iters"]?.int64Value ?? -1
+    if case let .list(items)? = luks["slots"], !items.isEmpty,
+       let arr = malloc(MemoryLayout<instar_info_luks_slot_t>.stride * items.count) {
+        let slots = arr.bindMemory(to: instar_info_luks_slot_t.self, capacity: items.count)
+        for (k, sl) in items.enumerated() {
+            slots[k] = instar_info_luks_slot_t(active: sl["active"]?.boolValue == true ? 1 : 0,
+                                               iters: sl["iters"]?.int64Value ?? -1,
+                                               stripes: sl["stripes"]?.int64Value ?? -1,
+                                               key_offset: sl["key-offset"]?.int64Value ?? -1)
+        }
+        v.luks_slots = UnsafePointer(slots)
+        v.luks_slot_count = UInt32(clamping: items.count)
+    }
 }
 
 func triState(_ b: Bool?) -> Int32 {

@@ -30,6 +30,18 @@ class _Info(ctypes.Structure):
     pass
 
 
+class _Extent(ctypes.Structure):
+    """instar_info_extent_t."""
+    _fields_ = [("filename", ctypes.c_char_p), ("format", ctypes.c_char_p), ("virtual_size", ctypes.c_int64),
+                ("cluster_size", ctypes.c_int64), ("compressed", ctypes.c_int32)]
+
+
+class _LuksSlot(ctypes.Structure):
+    """instar_info_luks_slot_t."""
+    _fields_ = [("active", ctypes.c_int32), ("iters", ctypes.c_int64), ("stripes", ctypes.c_int64),
+                ("key_offset", ctypes.c_int64)]
+
+
 _Info._fields_ = [
     ("filename", ctypes.c_char_p), ("format", ctypes.c_char_p), ("virtual_size", ctypes.c_int64),
     ("actual_size", ctypes.c_int64), ("cluster_size", ctypes.c_int64), ("dirty_flag", ctypes.c_int32),
@@ -41,6 +53,12 @@ _Info._fields_ = [
     ("extended_l2", ctypes.c_int32), ("data_file", ctypes.c_char_p), ("data_file_raw", ctypes.c_int32),
     ("encrypt_format", ctypes.c_char_p), ("bitmap_count", ctypes.c_uint32), ("bitmaps", ctypes.POINTER(_Bitmap)),
     ("has_bitmaps", ctypes.c_int32), ("backing", ctypes.POINTER(_Info)), ("format_specific_json", ctypes.c_char_p),
+    ("vmdk_cid", ctypes.c_int64), ("vmdk_parent_cid", ctypes.c_int64), ("vmdk_create_type", ctypes.c_char_p),
+    ("extent_count", ctypes.c_uint32), ("extents", ctypes.POINTER(_Extent)),
+    ("luks_cipher_alg", ctypes.c_char_p), ("luks_cipher_mode", ctypes.c_char_p), ("luks_ivgen_alg", ctypes.c_char_p),
+    ("luks_ivgen_hash_alg", ctypes.c_char_p), ("luks_hash_alg", ctypes.c_char_p), ("luks_uuid", ctypes.c_char_p),
+    ("luks_payload_offset", ctypes.c_int64), ("luks_master_key_iters", ctypes.c_int64),
+    ("luks_slot_count", ctypes.c_uint32), ("luks_slots", ctypes.POINTER(_LuksSlot)),
 ]
 
 
