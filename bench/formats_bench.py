@@ -5,7 +5,7 @@ Source: convert_bench's 2 GiB image holding 1 GiB of random data, as raw, and ma
 streamOptimized vmdk and a vhdx (cached in /tmp/instar-bench). Cases: vmdk(streamOptimized)->raw,
 raw->vmdk streamOptimized, vhdx->qcow2, parallels->raw, raw->parallels, raw->luks (aes-256-xts; iter-time=100 on both
 sides, so the key slot's PBKDF2 does not dominate), raw->qcow and qcow->raw (qcow version 1, the source made by
-qemu-img). Prints wall seconds and CPU seconds (user + system of the child), median of --runs, and the ratios
+qemu-img), and both directions for qed, vdi and vpc (issue 13's writable formats, and VHD). Prints wall seconds and CPU seconds (user + system of the child), median of --runs, and the ratios
 qemu/instar (> 1: instar is faster or cheaper).
 
     python3 bench/formats_bench.py [--instar build/bin/instar] [--runs 1] [--only NAME]
@@ -26,7 +26,8 @@ def sources(raw):
     out = {}
     for name, args in (("stream.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
                        ("src.vhdx", ["-O", "vhdx"]), ("src.parallels", ["-O", "parallels"]),
-                       ("src.qcow", ["-O", "qcow"])):
+                       ("src.qcow", ["-O", "qcow"]), ("src.qed", ["-O", "qed"]), ("src.vdi", ["-O", "vdi"]),
+                       ("src.vpc", ["-O", "vpc"])):
         p = os.path.join(CACHE, name)
         if not os.path.exists(p):
             subprocess.run(["qemu-img", "convert", *args, raw, p + ".part"], check=True)
@@ -55,6 +56,9 @@ def main():
         ("raw->qcow", ["convert", "-f", "raw", "-O", "qcow", raw, out]),
         ("qcow->raw", ["convert", "-f", "qcow", "-O", "raw", src["src.qcow"], out]),
     ]
+    for fmt in ("qed", "vdi", "vpc"):
+        cases.append((f"raw->{fmt}", ["convert", "-f", "raw", "-O", fmt, raw, out]))
+        cases.append((f"{fmt}->raw", ["convert", "-f", fmt, "-O", "raw", src[f"src.{fmt}"], out]))
     print(f"{'case':<18} {'qemu wall':>9} {'instar':>8} {'ratio':>6}   {'qemu cpu':>8} {'instar':>8} {'ratio':>6}")
     for name, args in cases:
         if a.only and a.only not in name:
