@@ -45,6 +45,9 @@ vpc    seed vpc empty 1M ''; seed vpc data 1M '' 'write -P 0xaa 0 4k'; seed vpc 
 vhdx   seed vhdx empty 1M '-o block_size=1M,log_size=1M' && trim empty; seed vhdx zero 3M '-o block_size=1M,log_size=1M' 'write -z 1M 1M' && trim zero; seed vhdx data 1M '-o block_size=1M,log_size=1M' 'write -P 0xaa 0 4k'
 qcow   seed qcow empty 1M ''; seed qcow data 1M '' 'write -P 0xaa 0 4k' 'write -P 0x55 600k 1k'
 parallels seed parallels empty 1M '-o cluster_size=4k'; seed parallels data 1M '-o cluster_size=4k' 'write -P 0xaa 0 4k' 'write -z 8k 4k'
+bochs  built b2 'r.bochs_image(r.guest_pattern(65536))'; built b1 'r.bochs_image(r.guest_pattern(32768), extent=512, version=r.BOCHS_V1)'
+cloop  built c1 'r.cloop_image(r.guest_pattern(1 << 17), block_size=16384)'; built c0 'r.cloop_image(bytes(4096), block_size=4096)'
+dmg    built rsrc 'd.Image([("raw", b"a" * 1024), ("zero", 8), ("zlib", b"b" * 4096), ("bzip2", b"c" * 2048)]).layout()'; built xml 'd.Image([("zlib", bytes(range(256)) * 16), ("ignore", 4)]).layout("xml")'
 luks   seed luks empty 64k "$SECRET -o key-secret=sec,iter-time=1,cipher-alg=aes-128"; conv luks data "$SECRET -o key-secret=sec,iter-time=1,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1" small.raw
 EOF
 # --------------------------------------------------------------------------------------------------------------
@@ -110,6 +113,11 @@ conv() { # FMT NAME OPTIONS [SOURCE]
   keep "$2"
 }
 keep() { cp "$1" "$SEEDS/$1" || exit 1; }
+built() { # NAME 'PYTHON EXPRESSION': a seed laid out byte by byte by Tests/diff's builders (r: readonly_images,
+  # d: dmg_images), for the formats qemu-img cannot create
+  python3 -c "import sys; sys.path.insert(0, '$ROOT/Tests/diff'); import readonly_images as r, dmg_images as d; \
+open(sys.argv[1], 'wb').write($2)" "$1" >/dev/null && keep "$1"
+}
 trim() {
   local end; end=$(od -A d -v -w4096 -t x1 "$1" | awk '$2 != "" { for (i = 2; i <= NF; i++) if ($i != "00") { last = $1 } } END { print last + 4096 }')
   truncate -s "$end" "$1" && keep "$1"
