@@ -132,7 +132,9 @@ def test_create_disk_size(tmp):
     for who, tool in (("q", qemu), ("i", instar)):
         r = tool("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", f"{who}.prl", "10G", cwd=tmp)
         assert r.rc == 0, r
-    assert os.stat(os.path.join(tmp, "q.prl")).st_blocks == os.stat(os.path.join(tmp, "i.prl")).st_blocks
+    # The same space within 64 KiB: the filesystem may add a few blocks of its own.
+    q, i = (os.stat(os.path.join(tmp, n)).st_blocks for n in ("q.prl", "i.prl"))
+    assert abs(q - i) <= 128, (q, i)
     with open(os.path.join(tmp, "q.prl"), "rb") as a, open(os.path.join(tmp, "i.prl"), "rb") as b:
         assert a.read() == b.read()
 
@@ -312,7 +314,11 @@ def test_library_writes_match_qemu_io(tmp, seed, opts):
         assert a.read() == b.read()
     if opts.get("prealloc-mode") != "truncate":
         # Growth is zeroed, allocated space (with truncate, qemu's sector-sized writes may allocate a block more).
-        assert os.stat(os.path.join(tmp, "q.prl")).st_blocks == os.stat(os.path.join(tmp, "i.prl")).st_blocks
+        # The filesystem may place a block more or less for the same writes (seen: 4 KiB of 9.5 MiB on ext4), so
+        # the space is compared within 32 KiB; a missing preallocation would differ by far more.
+        q = os.stat(os.path.join(tmp, "q.prl")).st_blocks
+        i = os.stat(os.path.join(tmp, "i.prl")).st_blocks
+        assert abs(q - i) <= 64, (q, i)
 
 
 @pytest.mark.parametrize("value", ["xx", ""])
