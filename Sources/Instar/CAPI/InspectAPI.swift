@@ -15,15 +15,7 @@ private func defaultPolicy() -> instar_inspect_policy_t {
 @_cdecl("instar_inspect_policy_init_sized")
 public func instar_inspect_policy_init_sized(_ policy: UnsafeMutablePointer<instar_inspect_policy_t>?,
                                              _ structSize: UInt32) -> Int32 {
-    guard let policy, structSize >= 4 else { return InstarError.Code.invalid.rawValue }
-    var full = defaultPolicy()
-    let n = min(Int(structSize), MemoryLayout<instar_inspect_policy_t>.size)
-    full.struct_size = UInt32(n)
-    withUnsafeBytes(of: &full) { src in
-        guard let base = src.baseAddress else { return }
-        UnsafeMutableRawPointer(policy).copyMemory(from: base, byteCount: n)
-    }
-    return 0
+    initOptions(policy, size: structSize, defaultPolicy())
 }
 
 /// The engine's policy from a caller's struct (only the bytes its struct_size declares).
