@@ -99,6 +99,9 @@ public struct ImageSpec {
     public var locking: String?
     /// The file node names qemu's host_device driver: the file must be a block or character device.
     public var deviceOnly = false
+    /// The node under the format when it is a protocol driver other than "file" given as json:/--image-opts
+    /// options (nbd, rbd); plain protocol names stay in `filename` and are parsed when opened.
+    public var protocolAddress: ProtocolAddress?
     public var backing: BackingChoice = .fromImage
     /// The flattened backing.* options, for the error qemu gives when a backing node is given to an open
     /// that does not open backing files.
@@ -200,6 +203,8 @@ public enum ImageOpener {
         // A protocol driver with nothing beneath (null-co://) is opened by its URL.
         if FormatRegistry.filelessProtocol(named: name) != nil { return name }
         let proto = name[..<colon]
+        // nbd:, rbd: and the other protocol drivers open the name as given.
+        if ProtocolRegistry.descriptor(forPlainName: name) != nil { return name }
         guard proto == "file" else { throw InstarError.unsupported("Unknown protocol '\(proto)'") }
         let rest = String(name[name.index(after: colon)...])
         return hasProtocol(rest) ? "./" + rest : rest
@@ -356,6 +361,14 @@ public enum ImageOpener {
             spec.windows.append(window)
             try protocolNode(child, into: &spec)
         default:
+            if ProtocolRegistry.descriptor(named: driver) != nil {
+                // nbd, rbd...: the driver reads its own options when it opens.
+                let options = keys.filter { $0.0 != "driver" && !genericOptions.contains($0.0) }
+                let address = ProtocolAddress(driver: driver, options: options)
+                spec.protocolAddress = address
+                spec.filename = "json:" + QJSON.compact(address.node)
+                return
+            }
             if FormatRegistry.openDescriptor(named: driver) != nil {
                 throw InstarError.unsupported("Block format '\(driver)' is not supported as the node under a format")
             }
@@ -379,7 +392,12 @@ public enum ImageOpener {
     static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
         if let layer = try openFileless(spec, options: options, writable: writable) { return layer }
-        let hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
+        let hostFile: HostFile
+        if let address = spec.protocolAddress {
+            hostFile = try HostFile.open(address: address, name: spec.filename, writable: writable)
+        } else {
+            hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
+        }
         if spec.deviceOnly {
             // file-posix's host_device: the opened file must be a device (checked after the open, as qemu does)
             var st = stat()

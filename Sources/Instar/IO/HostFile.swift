@@ -1,12 +1,18 @@
 import CInstar
 import Glibc
 
-/// An open host file: the "file" protocol layer under every format driver.
+/// The protocol layer under every format driver: an open host file (qemu's "file" protocol), or a
+/// `ProtocolBackend` (nbd, rbd) that the same methods forward to, so drivers never ask which one they have.
 /// Reads and writes are positional (pread/pwrite) so one handle serves any offset; with `direct` the file is
 /// opened O_DIRECT and unaligned requests go through an aligned bounce buffer.
 public final class HostFile {
     public let path: String
+    /// The host file descriptor; -1 when the node is a protocol backend (`remote`).
     public let fd: Int32
+    /// The protocol backend when the node is not a host file.
+    public let remote: ProtocolBackend?
+    /// The protocol node's driver and options, for a remote node.
+    public let address: ProtocolAddress?
     /// qemu's cache=unsafe (BDRV_O_NO_FLUSH): flushes of this file return at once.
     public var noFlush = false
     public let writable: Bool
@@ -22,8 +28,22 @@ public final class HostFile {
     private init(path: String, fd: Int32, writable: Bool, direct: Bool) {
         self.path = path
         self.fd = fd
+        self.remote = nil
+        self.address = nil
         self.writable = writable
         self.direct = direct
+        self.base = nil
+        self.windowOffset = 0
+        self.windowSize = 0
+    }
+
+    private init(remote: ProtocolBackend, address: ProtocolAddress, name: String, writable: Bool) {
+        self.path = name
+        self.fd = -1
+        self.remote = remote
+        self.address = address
+        self.writable = writable
+        self.direct = false
         self.base = nil
         self.windowOffset = 0
         self.windowSize = 0
@@ -32,6 +52,8 @@ public final class HostFile {
     private init(window base: HostFile, offset: UInt64, size: UInt64, name: String) {
         self.path = name
         self.fd = base.fd
+        self.remote = nil
+        self.address = nil
         self.writable = base.writable
         self.direct = base.direct
         self.base = base
@@ -39,7 +61,22 @@ public final class HostFile {
         self.windowSize = size
     }
 
-    deinit { if base == nil { Glibc.close(fd) } }
+    deinit {
+        if base != nil { return }
+        if let remote { remote.close() } else { Glibc.close(fd) }
+    }
+
+    /// Whether this node is a host file (with a descriptor, locks, SEEK_DATA) rather than a protocol backend.
+    public var isHostFile: Bool { hostLocation(0).file.remote == nil }
+
+    /// Opens the protocol node `address` names; `name` is how messages call it.
+    public static func open(address: ProtocolAddress, name: String, writable: Bool) throws -> HostFile {
+        guard let d = ProtocolRegistry.descriptor(named: address.driver) else {
+            throw InstarError.unsupported("Unknown protocol '\(address.driver)'")
+        }
+        let backend = try d.open(address.options, writable)
+        return HostFile(remote: backend, address: address, name: name, writable: writable)
+    }
 
     /// A window of `base` (qemu's raw protocol-level node): `offset` and, if given, `size` checked as qemu's
     /// raw_apply_options checks them against the containing node's length (whole 512-byte sectors for a file).
@@ -81,6 +118,9 @@ public final class HostFile {
     /// Opens `path`. Errors carry qemu's file-posix wording: "Could not open 'PATH': <strerror>".
     public static func open(_ path: String, writable: Bool = false, create: Bool = false, truncate: Bool = false,
                             direct: Bool = false) throws -> HostFile {
+        if let address = try ProtocolAddress.fromPlainName(path) {
+            return try open(address: address, name: path, writable: writable)
+        }
         var flags = writable ? O_RDWR : O_RDONLY
         if create { flags |= O_CREAT }
         if truncate { flags |= O_TRUNC }
@@ -105,6 +145,7 @@ public final class HostFile {
     /// The file length in bytes.
     public func size() throws -> UInt64 {
         if base != nil { return windowSize }
+        if let remote { return try remote.size() }
         var st = stat()
         if fstat(fd, &st) != 0 { throw InstarError.system(errno, "Could not stat '\(path)'") }
         return UInt64(max(0, st.st_size))
@@ -112,6 +153,13 @@ public final class HostFile {
 
     /// Bytes allocated on the host (st_blocks * 512), as qemu's "actual-size"/"disk size".
     public func allocatedSize() throws -> UInt64 {
+        if let base { return try base.allocatedSize() }
+        if let remote {
+            guard let n = try remote.allocatedSize() else {
+                throw InstarError.unsupported("'\(path)' cannot report its allocation")
+            }
+            return n
+        }
         var st = stat()
         if fstat(fd, &st) != 0 { throw InstarError.system(errno, "Could not stat '\(path)'") }
         return UInt64(max(0, st.st_blocks)) &* 512
@@ -129,6 +177,7 @@ public final class HostFile {
                                  at: try windowOffset.adding(offset))
         }
         guard offset <= UInt64(Int64.max) else { throw InstarError.corrupt("read offset out of range") }
+        if let remote { return try remote.read(into: buffer, at: offset) }
         if direct { return try directRead(into: buffer, at: offset) }
         var done = 0
         while done < buffer.count {
@@ -169,6 +218,7 @@ public final class HostFile {
         if buffer.count == 0 { return }
         if let base { return try base.write(buffer, at: try windowed(offset, UInt64(buffer.count))) }
         guard offset <= UInt64(Int64.max) else { throw InstarError.invalid("write offset out of range") }
+        if let remote { return try remote.write(buffer, at: offset) }
         if direct { return try directWrite(buffer, at: offset) }
         var done = 0
         while done < buffer.count {
@@ -188,6 +238,7 @@ public final class HostFile {
     public func truncate(to length: UInt64) throws {
         guard length <= UInt64(Int64.max) else { throw InstarError.invalid("size out of range") }
         if base != nil { throw InstarError.unsupported("Cannot resize fixed-size raw disks") }
+        if let remote { return try remote.truncate(to: length) }
         if ftruncate(fd, off_t(length)) != 0 { throw InstarError.system(errno, "Could not resize file") }
     }
 
@@ -195,6 +246,7 @@ public final class HostFile {
     public func sync() throws {
         if let base { return try base.sync() }
         if noFlush { return }
+        if let remote { return try remote.flush() }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
     }
 
@@ -205,6 +257,17 @@ public final class HostFile {
             guard offset < windowSize, let d = base.nextData(from: windowOffset &+ offset), d >= windowOffset,
                   d - windowOffset < windowSize else { return nil }
             return max(d, windowOffset &+ offset) - windowOffset
+        }
+        if let remote {
+            // The first extent at or after `offset` that holds data, walked through the backend's block status.
+            guard let end = try? remote.size() else { return offset }
+            var pos = offset
+            while pos < end {
+                guard let e = try? remote.extent(at: pos, length: end - pos), e.length > 0 else { return pos }
+                if e.data { return pos }
+                pos += min(e.length, end - pos)
+            }
+            return nil
         }
         let r = lseek(fd, off_t(offset), 3 /* SEEK_DATA */)
         if r < 0 { return errno == ENXIO ? nil : offset }
@@ -218,6 +281,16 @@ public final class HostFile {
             let h = base.nextHole(from: windowOffset &+ offset)
             return h < windowOffset &+ offset ? offset : min(h - windowOffset, windowSize)
         }
+        if let remote {
+            guard let end = try? remote.size() else { return offset }
+            var pos = offset
+            while pos < end {
+                guard let e = try? remote.extent(at: pos, length: end - pos), e.length > 0 else { return end }
+                if !e.data { return pos }
+                pos += min(e.length, end - pos)
+            }
+            return max(end, offset)
+        }
         let r = lseek(fd, off_t(offset), 4 /* SEEK_HOLE */)
         if r < 0 { return (try? size()) ?? offset }
         return UInt64(r)
@@ -227,6 +300,7 @@ public final class HostFile {
     public func punchHole(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
         if let base { return try base.punchHole(at: try windowed(offset, length), length: length) }
+        if let remote { return try remote.writeZeroes(at: offset, length: length, mayUnmap: true) }
         if instar_shim_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
         try writeZeroes(at: offset, length: length)
     }
@@ -234,6 +308,7 @@ public final class HostFile {
     /// Writes explicit zeroes over the range.
     public func writeZeroes(at offset: UInt64, length: UInt64) throws {
         if let base { return try base.writeZeroes(at: try windowed(offset, length), length: length) }
+        if let remote { return try remote.writeZeroes(at: offset, length: length, mayUnmap: false) }
         let chunk = 1 << 20
         let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: HostFile.directAlignment)
         defer { zeros.deallocate() }
@@ -251,8 +326,31 @@ public final class HostFile {
     public func allocate(at offset: UInt64, length: UInt64) throws {
         if length == 0 { return }
         if let base { return try base.allocate(at: try windowed(offset, length), length: length) }
+        if remote != nil { return try writeZeroes(at: offset, length: length) }
         let r = posix_fallocate(fd, off_t(offset), off_t(length))
         if r != 0 { throw InstarError.system(r, "Could not preallocate data for the new file") }
+    }
+
+    /// The protocol backend's block status for the extent at `offset` (at most `length` bytes), or nil for a
+    /// host file, whose status comes from `nextData`/`nextHole`.
+    public func protocolExtent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent? {
+        if let base {
+            guard offset < windowSize else { return nil }
+            guard var e = try base.protocolExtent(at: try windowOffset.adding(offset),
+                                                  length: min(length, windowSize - offset)) else { return nil }
+            e.length = min(e.length, windowSize - offset)
+            return e
+        }
+        guard let remote else { return nil }
+        return try remote.extent(at: offset, length: length)
+    }
+
+    /// Deallocates the range without promising zeroes (a discard), where the node can.
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        if length == 0 { return }
+        if let base { return try base.discard(at: try windowed(offset, length), length: length) }
+        if let remote { return try remote.discard(at: offset, length: length) }
+        _ = instar_shim_punch_hole(fd, Int64(offset), Int64(length))
     }
 
     // MARK: O_DIRECT

@@ -26,6 +26,8 @@ public enum ImageLock {
     /// A reader that does not force-share uses [.consistentRead] and refuses to share .write; a writer uses
     /// [.consistentRead, .write] (+ .resize) and refuses to share .write and .resize.
     public static func acquire(_ file: HostFile, perm: BlockPermissions, shared: BlockPermissions) throws {
+        // Network protocols have no host file to lock: the server arbitrates, as with qemu.
+        if file.fd < 0 { return }
         let unshared = BlockPermissions.all.subtracting(shared)
         for i in 0..<BlockPermissions.bitCount {
             let bit = BlockPermissions(rawValue: 1 << UInt32(i))

@@ -72,6 +72,11 @@ public enum ChainStatus {
             status.zero = true
             return
         }
+        if let e = try? file.protocolExtent(at: hostOffset, length: status.length) {
+            if e.length > 0 { status.length = min(status.length, e.length) }
+            if e.zero { status.zero = true }
+            return
+        }
         guard let data = file.nextData(from: hostOffset) else {
             // Only a hole follows up to end of file: reads as zeroes.
             status.zero = true

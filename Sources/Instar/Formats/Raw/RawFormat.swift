@@ -87,6 +87,11 @@ public final class RawFormat: ImageFormat {
             return BlockStatus(length: length, allocated: true, data: false, zero: true, hostOffset: hostStart, hostFile: file.path)
         }
         let limit = min(try hostStart.adding(length), fileSize)
+        if let e = try file.protocolExtent(at: hostStart, length: limit - hostStart) {
+            // A protocol's own block status (NBD base:allocation, RBD diff): data and zero as it reports them.
+            return BlockStatus(length: max(1, min(e.length, limit - hostStart)), allocated: true, data: e.data,
+                               zero: e.zero, hostOffset: hostStart, hostFile: file.path)
+        }
         guard let data = file.nextData(from: hostStart) else {
             return BlockStatus(length: length, allocated: true, data: false, zero: true, hostOffset: hostStart, hostFile: file.path)
         }

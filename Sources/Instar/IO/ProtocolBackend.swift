@@ -1,0 +1,112 @@
+import Glibc
+
+/// What lies under a format driver when it is not a host file: an NBD export, an RBD image. `HostFile` holds one
+/// and forwards to it, so format drivers and operations read and write through `HostFile` without asking which
+/// protocol they are on (qemu's protocol nodes: file, nbd, rbd).
+///
+/// Offsets and lengths are bytes. Every method may be called from several threads at once (convert's workers);
+/// a backend that cannot serve requests concurrently serialises them itself.
+public protocol ProtocolBackend: AnyObject {
+    /// The length of the device in bytes.
+    func size() throws -> UInt64
+    /// Bytes the storage holds for it, where the protocol can say (qemu's "disk size"); nil prints "unavailable".
+    func allocatedSize() throws -> UInt64?
+    /// Reads up to `buffer.count` bytes at `offset`; returns how many were read (fewer only at the end).
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int
+    /// Writes all of `buffer` at `offset`.
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws
+    /// Zeroes the range; `mayUnmap` lets the storage deallocate it (NBD_CMD_WRITE_ZEROES without NO_HOLE).
+    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws
+    /// Deallocates the range where the storage can (trim, discard); reads may then return anything the
+    /// protocol allows, so callers that need zeroes use `writeZeroes`.
+    func discard(at offset: UInt64, length: UInt64) throws
+    /// Makes written data durable.
+    func flush() throws
+    /// Changes the device's length, where the protocol can.
+    func truncate(to length: UInt64) throws
+    /// The status of the extent starting at `offset`, at most `length` bytes long (at least one byte when
+    /// `offset` is inside the device): whether it holds data and whether it reads as zeroes.
+    func extent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent
+    /// Releases the connection or image; called once, when the owning HostFile goes away.
+    func close()
+}
+
+/// One extent of a protocol backend's block status.
+public struct ProtocolExtent: Equatable {
+    public var length: UInt64
+    /// The storage holds data here (not a hole).
+    public var data: Bool
+    /// The range reads as zeroes.
+    public var zero: Bool
+
+    public init(length: UInt64, data: Bool, zero: Bool) {
+        self.length = length
+        self.data = data
+        self.zero = zero
+    }
+}
+
+/// A protocol driver: how a name or a json: "file" node becomes a backend.
+public struct ProtocolDescriptor {
+    /// The driver name in json:/--image-opts options ("nbd", "rbd").
+    public var name: String
+    /// Plain-name prefixes it claims ("nbd:", "nbd://", "nbd+unix://", "rbd:").
+    public var prefixes: [String]
+    /// The options a plain name stands for, in the order qemu's parse_filename puts them (they form the json:
+    /// name qemu prints for the node); throws qemu's error for a malformed name.
+    public var parseName: (String) throws -> [(String, QObject)]
+    /// Opens the device the options name.
+    public var open: (_ options: [(String, QObject)], _ writable: Bool) throws -> ProtocolBackend
+    /// Creates the device for `qemu-img create` with `size` bytes, where the protocol can (rbd); nil means
+    /// creation opens the existing device and checks it is large enough, as qemu's generic protocol create does.
+    public var create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)?
+    /// Whether qemu's image locks apply (never for network protocols: the server arbitrates).
+    public var takesLocks: Bool = false
+
+    public init(name: String, prefixes: [String],
+                parseName: @escaping (String) throws -> [(String, QObject)],
+                open: @escaping (_ options: [(String, QObject)], _ writable: Bool) throws -> ProtocolBackend,
+                create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)? = nil) {
+        self.name = name
+        self.prefixes = prefixes
+        self.parseName = parseName
+        self.open = open
+        self.create = create
+    }
+}
+
+/// The protocol drivers instar has besides "file". Each driver adds its descriptor to `all`.
+public enum ProtocolRegistry {
+    public static let all: [ProtocolDescriptor] = protocolDescriptors()
+
+    /// The driver a json: "file" node names.
+    public static func descriptor(named name: String) -> ProtocolDescriptor? {
+        all.first { $0.name == name }
+    }
+
+    /// The driver whose prefix starts the plain name `name`.
+    public static func descriptor(forPlainName name: String) -> ProtocolDescriptor? {
+        all.first { d in d.prefixes.contains { name.hasPrefix($0) } }
+    }
+}
+
+/// The node under a format when it is a protocol other than "file": its driver and options.
+public struct ProtocolAddress {
+    public var driver: String
+    public var options: [(String, QObject)]
+
+    public init(driver: String, options: [(String, QObject)]) {
+        self.driver = driver
+        self.options = options
+    }
+
+    /// The address a plain name stands for, when a protocol driver claims the name.
+    public static func fromPlainName(_ name: String) throws -> ProtocolAddress? {
+        guard let d = ProtocolRegistry.descriptor(forPlainName: name) else { return nil }
+        return ProtocolAddress(driver: d.name, options: try d.parseName(name))
+    }
+
+    /// The node as qemu prints it in a json: name: {"driver": ..., options...} (qemu puts the driver last for
+    /// nodes it rebuilt from a parsed name; the driver's own parse order is kept otherwise).
+    public var node: QObject { .dict(options + [("driver", .string(driver))]) }
+}

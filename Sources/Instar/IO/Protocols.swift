@@ -1,0 +1,6 @@
+/// The protocol drivers `ProtocolRegistry` knows, besides "file". Each driver adds one line.
+func protocolDescriptors() -> [ProtocolDescriptor] {
+    var all: [ProtocolDescriptor] = []
+    all.reserveCapacity(2)
+    return all
+}
