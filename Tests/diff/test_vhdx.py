@@ -446,6 +446,21 @@ HOSTILE_COMMANDS = [["info"], ["info", "--output=json"], ["map", "--output=json"
                     ["convert", "-O", "raw", "@", "out.raw"], ["compare", "@", "@"]]
 
 
+def test_bat_check_uses_whole_sectors(tmp):
+    """A file whose length is not whole sectors: qemu checks BAT entries against its length rounded up to a
+    sector (bdrv_getlength), and says so in the message (found by fuzz/differential.py)."""
+    b = _base(tmp)
+    struct.pack_into("<Q", b, bat_offset(b), (1 << 40) | 6)
+    path = os.path.join(tmp, "odd.vhdx")
+    open(path, "wb").write(b[:len(b) - 242])
+    for cmd in (["info"], ["check"]):
+        q = qemu(*cmd, path)
+        i = instar(*cmd, path)
+        assert q.rc == i.rc != 0
+        assert "end of file (" in q.err
+        assert i.err == q.err
+
+
 def test_hostile(tmp):
     base = _base(tmp)
     variants = _hostile_variants(base)

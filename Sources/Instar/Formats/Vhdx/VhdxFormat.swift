@@ -281,7 +281,7 @@ public final class VhdxFormat: ImageFormat {
     /// vhdx_check_bat_entries: fully present blocks must lie inside the file and outside other regions.
     /// Returns 0 or -EINVAL; with an error count, every problem is counted and reported, else the first stops.
     func checkBATEntries(errorCount: inout Int64?) throws -> Int32 {
-        let fileSize = try file.size()
+        let fileSize = try file.nodeLength()  // bdrv_getlength: whole sectors
         var payblocks = chunkRatio
         var ret: Int32 = 0
         let total = virtualSize

@@ -201,7 +201,7 @@ extension VhdxFormat {
         while cnt > 0 {
             cnt -= 1
             let peek = try peekHeader(logs.log)
-            let fileLength = try file.size()
+            let fileLength = try file.nodeLength()
             if peek.flushedFileOffset > fileLength { throw Vhdx.errnoError(EINVAL) }
             // The descriptors are checked first (they are all read before any is applied), then applied in
             // order, each data descriptor taking the next data sector after the descriptor sectors.
@@ -287,7 +287,7 @@ extension VhdxFormat {
         let trailing = aligned - sectors * sectorSize
         if trailing != 0 { partial += 1 }
         sectors += partial
-        let fileLength = try file.size()
+        let fileLength = try file.nodeLength()
         let descSectors = VhdxFormat.descriptorSectors(UInt32(sectors))
         let total = Int((descSectors + sectors) * sectorSize)
         var buf = [UInt8](repeating: 0, count: total)
