@@ -88,7 +88,7 @@ def nbd_view(sock, tmp, name):
 
 
 def assert_served_alike(plugin, tmp, image, fmt, kit_params=(), nbd_name=None, nbd_extra=()):
-    with QemuNbd(nbd_name or image, fmt, cwd=tmp, extra=("-r", *nbd_extra)) as q:
+    with QemuNbd(nbd_name or image, fmt, cwd=tmp, extra=("-r", "-t", "-e", "8", *nbd_extra)) as q:
         want = nbd_view(q.sock, tmp, "q.out")
     with Nbdkit(plugin, image, *kit_params, cwd=tmp) as k:
         got = nbd_view(k.sock, tmp, "k.out")
@@ -157,7 +157,7 @@ def test_write_through_plugin(plugin, tmp, backing):
         else:
             qimg("create", "-q", "-f", "qcow2", dst, "4M")
         if server == "qemu":
-            ctx = QemuNbd(dst, "qcow2", cwd=tmp)
+            ctx = QemuNbd(dst, "qcow2", cwd=tmp, extra=("-t", "-e", "8"))
         else:
             ctx = Nbdkit(plugin, dst, "format=qcow2", readonly=False, cwd=tmp)
         with ctx as s:
@@ -184,3 +184,30 @@ def test_read_only_format_and_errors(plugin, tmp):
         assert r.rc == 2, r  # nbdinfo --can exits 2 when the server cannot
         r = run(["nbdinfo", "--can", "multi-conn", uri(k.sock)])
         assert r.rc == 0, r
+
+
+def test_python_block_status_is_base_allocation(tmp):
+    """instar.Image.block_status (instar_block_status) walked over a chain gives qemu-nbd's base:allocation."""
+    import json
+
+    import instar
+    top = chain(tmp)[2]
+    with QemuNbd(top, "qcow2", cwd=tmp, extra=("-r", "-t")) as q:
+        r = run(["nbdinfo", "--map", "--json", uri(q.sock)])
+        assert r.rc == 0, r
+    want = [(e["offset"], e["length"], e["type"]) for e in json.loads(r.out)]
+    got = []
+    with instar.Image(top) as img:
+        off = 0
+        while off < img.size:
+            s = img.block_status(off, img.size - off)
+            kind = (0 if s.data else 1) | (2 if s.zero else 0)
+            if got and got[-1][2] == kind:
+                got[-1] = (got[-1][0], got[-1][1] + s.length, kind)
+            else:
+                got.append((off, s.length, kind))
+            off += s.length
+        assert s.eof
+        with pytest.raises(instar.OutOfRange):
+            img.block_status(img.size, 1)
+    assert got == want

@@ -294,12 +294,17 @@ static int instar_flush_cb(void *handle, uint32_t flags) {
     return 0;
 }
 
+#define MAX_EXTENTS_PER_REPLY 65536
+
 /* base:allocation from the chain's block status, as qemu-nbd reports it: no data is a hole, zero is zero. */
 static int instar_extents(void *handle, uint32_t count, uint64_t offset, uint32_t flags,
                           struct nbdkit_extents *extents) {
     uint64_t end = offset + count;
+    unsigned n;
     (void)handle;
-    while (offset < end) {
+    /* nbdkit merges neighbours of one type; a reply may cover less than asked, so a fragmented image answers
+     * in bounded steps and the client asks again from where it ends. */
+    for (n = 0; offset < end && n < MAX_EXTENTS_PER_REPLY; n++) {
         instar_error_t err;
         instar_block_status_t st = INSTAR_BLOCK_STATUS_INIT;
         uint32_t type = 0;
