@@ -211,3 +211,42 @@ def test_python_block_status_is_base_allocation(tmp):
         with pytest.raises(instar.OutOfRange):
             img.block_status(img.size, 1)
     assert got == want
+
+
+# Writes, zero requests (with and without may-trim), trims, FUA writes and flushes as qemu-io sends them over NBD.
+NBD_WRITES = ["write -P 0x11 0 100k", "write -z 192k 128k", "write -z -u 512k 256k", "discard 1M 128k",
+              "write -f -P 0x22 1100k 4k", "write -P 0x33 3M 65k", "flush", "write -z -u 3M 64k", "discard 2560k 64k",
+              "flush"]
+
+
+@pytest.mark.parametrize("fmt,backing", [("qcow2", False), ("qcow2", True), ("vmdk", False), ("vhdx", False),
+                                         ("vpc", False)])
+def test_zero_trim_flush_like_qemu_nbd(plugin, tmp, fmt, backing):
+    """The same NBD requests through the plugin and through qemu-nbd (--discard=unmap: it honours trims and
+    may-trim zeroes as the plugin does) leave qcow2 images with the same contents and the same map, both clean."""
+    base = os.path.join(tmp, "base.qcow2")
+    if backing:
+        qimg("create", "-q", "-f", "qcow2", base, "4M")
+        qemu_io("-f", "qcow2", "-c", "write -P 0x77 0 4M", base)
+    maps = []
+    for server in ("qemu", "kit"):
+        dst = os.path.join(tmp, f"{server}.{fmt}")
+        qimg("create", "-q", "-f", fmt, *(["-b", base, "-F", "qcow2"] if backing else []), dst, "4M")
+        if server == "qemu":
+            ctx = QemuNbd(dst, fmt, cwd=tmp, extra=("-t", "--discard=unmap"))
+        else:
+            ctx = Nbdkit(plugin, dst, readonly=False, cwd=tmp)
+        with ctx as s:
+            args = ["qemu-io", "-f", "raw"]
+            for c in NBD_WRITES:
+                args += ["-c", c]
+            r = run([*args, uri(s.sock)])
+            assert r.rc == 0 and "error" not in r.out.lower(), r
+        if fmt != "vpc":  # qemu-img check: "This image format does not support checks"
+            check_clean(dst)
+        m = qemu("map", "--output=json", dst)
+        assert m.rc == 0, m
+        maps.append(m.out.replace(dst, "DST"))
+    c = qemu("compare", "-f", fmt, "-F", fmt, os.path.join(tmp, f"qemu.{fmt}"), os.path.join(tmp, f"kit.{fmt}"))
+    assert c.rc == 0, c
+    assert maps[1] == maps[0], f"qemu-img map after the same requests\n qemu-nbd:\n{maps[0]}\n nbdkit:\n{maps[1]}"
