@@ -172,7 +172,7 @@ def test_write_through_plugin(plugin, tmp, backing):
     assert maps[1] == maps[0], f"qemu-img map after nbdcopy\n qemu-nbd:\n{maps[0]}\n nbdkit:\n{maps[1]}"
 
 
-def test_read_only_format_and_errors(plugin, tmp):
+def test_errors_and_readonly_parameter(plugin, tmp):
     """A missing image fails at start-up with the library's message; readonly=true refuses writes."""
     p = subprocess.run(["nbdkit", "--exit-with-parent", "-U", os.path.join(tmp, "x.sock"), plugin,
                         os.path.join(tmp, "missing.qcow2")], capture_output=True, text=True, timeout=START_SECONDS)
@@ -250,3 +250,17 @@ def test_zero_trim_flush_like_qemu_nbd(plugin, tmp, fmt, backing):
     c = qemu("compare", "-f", fmt, "-F", fmt, os.path.join(tmp, f"qemu.{fmt}"), os.path.join(tmp, f"kit.{fmt}"))
     assert c.rc == 0, c
     assert maps[1] == maps[0], f"qemu-img map after the same requests\n qemu-nbd:\n{maps[0]}\n nbdkit:\n{maps[1]}"
+
+
+def test_read_only_format_served_read_only(plugin, tmp):
+    """A format instar only reads (bochs) is served read-only even without -r, with qemu-nbd's size, extents
+    and bytes."""
+    from readonly_images import bochs_image, guest_pattern, write
+    img = write(os.path.join(tmp, "r.bochs"), bochs_image(guest_pattern(256 << 10)))
+    with QemuNbd(img, "bochs", cwd=tmp, extra=("-r", "-t")) as q:
+        want = nbd_view(q.sock, tmp, "q.out")
+    with Nbdkit(plugin, img, readonly=False, cwd=tmp) as k:
+        got = nbd_view(k.sock, tmp, "k.out")
+        r = run(["nbdinfo", "--can", "write", uri(k.sock)])
+        assert r.rc == 2, r
+    assert got == want
