@@ -141,3 +141,34 @@ FUZZ_SMOKE_SECONDS ?= 5
 .PHONY: fuzz-smoke
 fuzz-smoke: deps
 	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_OPT=-Onone FUZZ_KEEP_CORPUS=0 bash fuzz/run.sh
+
+# nbdkit plugin (issue 15, docs/nbdkit.md): plugins/nbdkit/instar.c over the C API, built next to libinstar.so
+# (found through an $ORIGIN rpath, or PREFIX/lib once installed). `make install` puts it in nbdkit's plugin
+# directory so `nbdkit instar IMAGE` works (see NBDKIT_PLUGINDIR); `nbdkit-plugin-only` builds it from whatever
+# build/ holds.
+APT_PKGS += nbdkit nbdkit-plugin-dev libnbd-bin
+# nbdkit looks for `nbdkit NAME` in its own plugin directory: a /usr or /usr/local install goes there, an install
+# under another PREFIX stays inside it (PREFIX/lib/nbdkit/plugins).
+ifneq ($(filter /usr /usr/local,$(PREFIX)),)
+NBDKIT_PLUGINDIR ?= $(shell pkg-config --variable=plugindir nbdkit 2>/dev/null || echo $(PREFIX)/lib/nbdkit/plugins)
+else
+NBDKIT_PLUGINDIR ?= $(PREFIX)/lib/nbdkit/plugins
+endif
+.PHONY: nbdkit-plugin nbdkit-plugin-only install-nbdkit-plugin
+all: nbdkit-plugin
+diff-test: nbdkit-plugin
+install-only: install-nbdkit-plugin
+# `make install` builds the plugin before installing it (install-only alone installs it when build/ holds it).
+ifneq ($(filter install,$(MAKECMDGOALS)),)
+install-nbdkit-plugin: nbdkit-plugin
+endif
+nbdkit-plugin: build
+	$(MAKE) --no-print-directory nbdkit-plugin-only
+nbdkit-plugin-only:
+	$(CC) -std=gnu11 -Wall -Wextra -Werror -O2 -fPIC -shared -Iinclude -o $(OUT)/lib/nbdkit-instar-plugin.so.new \
+	  plugins/nbdkit/instar.c -L$(OUT)/lib -linstar -Wl,-rpath,'$$ORIGIN' -Wl,-rpath,$(PREFIX)/lib
+	mv -f $(OUT)/lib/nbdkit-instar-plugin.so.new $(OUT)/lib/nbdkit-instar-plugin.so
+install-nbdkit-plugin:
+	@if [ -f $(OUT)/lib/nbdkit-instar-plugin.so ]; then \
+	  install -d $(DESTDIR)$(NBDKIT_PLUGINDIR) && \
+	  install -m 0755 $(OUT)/lib/nbdkit-instar-plugin.so $(DESTDIR)$(NBDKIT_PLUGINDIR)/nbdkit-instar-plugin.so; fi

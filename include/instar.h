@@ -606,6 +606,37 @@ int instar_discard(instar_image_t *image, uint64_t count, uint64_t offset, insta
 /** Writes cached metadata back and syncs the image files to stable storage. Errors: INSTAR_E_IO. */
 int instar_flush(instar_image_t *image, instar_error_t *err);
 
+/* ---- Block status of a handle (what an NBD server reports as base:allocation; docs/nbdkit.md) ---- */
+
+/** instar_block_status_t flags, qemu's BDRV_BLOCK_* bits. */
+enum {
+    INSTAR_STATUS_ALLOCATED = 1u << 0,  /**< a layer of the chain decides the contents (`map`'s "present") */
+    INSTAR_STATUS_DATA = 1u << 1,       /**< the range holds data (clear: a hole, NBD_STATE_HOLE) */
+    INSTAR_STATUS_ZERO = 1u << 2,       /**< the range reads as zeroes (NBD_STATE_ZERO) */
+    INSTAR_STATUS_EOF = 1u << 3         /**< the range reaches the end of the image */
+};
+
+/** The status of a guest range; the caller provides it and sets struct_size (the library writes only that much). */
+typedef struct instar_block_status {
+    uint32_t struct_size;  /**< sizeof(instar_block_status_t) */
+    uint32_t flags;        /**< INSTAR_STATUS_* */
+    uint64_t length;       /**< bytes from the queried offset that share this status: 1 .. count */
+    int32_t depth;         /**< backing links below the top of the layer that decides the range (0: the top) */
+    int32_t reserved;      /**< 0 */
+} instar_block_status_t;
+
+#define INSTAR_BLOCK_STATUS_INIT { sizeof(instar_block_status_t), 0, 0, 0, 0 }
+
+/**
+ * The status of the guest range at `offset` (at most `count` bytes) across the backing chain, as qemu's
+ * bdrv_block_status_above(top, NULL) reports it (so as qemu-nbd serves base:allocation): status->length bytes
+ * from `offset` share status->flags; call again from offset + length for the rest. Errors: INSTAR_E_RANGE when
+ * count is 0 or the range passes the virtual size, INSTAR_E_INVALID (NULL image or status, struct_size below 4),
+ * INSTAR_E_IO, INSTAR_E_CORRUPT.
+ */
+int instar_block_status(instar_image_t *image, uint64_t offset, uint64_t count, instar_block_status_t *status,
+                        instar_error_t *err);
+
 /* ---- check ------------------------------------------------------------------------------------------- */
 
 enum {

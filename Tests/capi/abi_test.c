@@ -274,6 +274,28 @@ int main(int argc, char **argv) {
         CHECK(instar_write_zeroes(img, 512, 0, 0, &err) == INSTAR_E_PERMISSION);
         CHECK(instar_discard(img, 65536, 0, &err) == INSTAR_E_PERMISSION);
         CHECK(instar_get_size(img, NULL, &err) == INSTAR_E_INVALID);
+        {
+            /* a.qcow2: 0x5a data from 0, a written 4 KiB at 1 MiB, zero clusters at 2 MiB, the rest unallocated */
+            instar_block_status_t st = INSTAR_BLOCK_STATUS_INIT;
+            instar_block_status_t small = INSTAR_BLOCK_STATUS_INIT;
+            CHECK(instar_block_status(img, 0, size, &st, &err) == INSTAR_OK);
+            CHECK(st.struct_size == sizeof st && st.length >= sizeof buf && st.length <= size && st.depth == 0);
+            CHECK(st.flags == (INSTAR_STATUS_ALLOCATED | INSTAR_STATUS_DATA));
+            CHECK(instar_block_status(img, 2u << 20, 65536, &st, NULL) == INSTAR_OK);
+            CHECK(st.length == 65536 && (st.flags & INSTAR_STATUS_ZERO) && !(st.flags & INSTAR_STATUS_DATA));
+            CHECK(instar_block_status(img, size - 512, 512, &st, &err) == INSTAR_OK);
+            CHECK(st.length == 512 && (st.flags & INSTAR_STATUS_EOF) && (st.flags & INSTAR_STATUS_ZERO));
+            small.struct_size = 8;
+            small.length = 7;
+            CHECK(instar_block_status(img, 0, 512, &small, &err) == INSTAR_OK);
+            CHECK(small.struct_size == 8 && small.flags != 0 && small.length == 7);
+            CHECK(instar_block_status(img, 0, 0, &st, &err) == INSTAR_E_RANGE);
+            CHECK(instar_block_status(img, size - 512, 1024, &st, &err) == INSTAR_E_RANGE);
+            CHECK(instar_block_status(img, 0, 512, NULL, &err) == INSTAR_E_INVALID);
+            small.struct_size = 0;
+            CHECK(instar_block_status(img, 0, 512, &small, &err) == INSTAR_E_INVALID);
+            CHECK(instar_block_status(NULL, 0, 512, &st, &err) == INSTAR_E_INVALID);
+        }
         instar_close(img);
         img = NULL;
         CHECK(instar_read(NULL, buf, 1, 0, &err) == INSTAR_E_INVALID);

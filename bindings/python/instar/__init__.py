@@ -36,6 +36,7 @@ from .check import check_report  # noqa: E402,F401
 from .ops import compare_status  # noqa: E402,F401
 from ._lib import LimitReached, limits  # noqa: E402,F401
 from .policy import InspectPolicy, InspectReport, PolicyViolation, Violation, inspect  # noqa: E402,F401
+from .image import (STATUS_ALLOCATED, STATUS_DATA, STATUS_EOF, STATUS_ZERO, BlockStatus)  # noqa: E402,F401
 
 # The public names (mypy --strict and `from instar import *` take them from here).
 __all__ = [
@@ -51,4 +52,5 @@ __all__ = [
     "create_formatting", "check_report",
     "compare_status",
     "inspect", "InspectPolicy", "InspectReport", "PolicyViolation", "Violation",
+    "BlockStatus", "STATUS_ALLOCATED", "STATUS_DATA", "STATUS_ZERO", "STATUS_EOF",
 ]

@@ -13,10 +13,46 @@ OPEN_NO_CACHE = 1 << 3
 
 ZERO_MAY_UNMAP = 1 << 0
 
+STATUS_ALLOCATED = 1 << 0
+STATUS_DATA = 1 << 1
+STATUS_ZERO = 1 << 2
+STATUS_EOF = 1 << 3
+
 
 class OpenOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
+
+
+class _BlockStatus(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("length", ctypes.c_uint64),
+                ("depth", ctypes.c_int32), ("reserved", ctypes.c_int32)]
+
+
+class BlockStatus:
+    """The status of a guest range (instar_block_status): `length` bytes share `flags` (STATUS_* bits)."""
+
+    def __init__(self, length: int, flags: int, depth: int) -> None:
+        self.length, self.flags, self.depth = length, flags, depth
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.flags & STATUS_ALLOCATED)
+
+    @property
+    def data(self) -> bool:
+        return bool(self.flags & STATUS_DATA)
+
+    @property
+    def zero(self) -> bool:
+        return bool(self.flags & STATUS_ZERO)
+
+    @property
+    def eof(self) -> bool:
+        return bool(self.flags & STATUS_EOF)
+
+    def __repr__(self) -> str:
+        return "BlockStatus(length=%d, flags=%#x, depth=%d)" % (self.length, self.flags, self.depth)
 
 
 def _setup() -> ctypes.CDLL:
@@ -36,6 +72,8 @@ def _setup() -> ctypes.CDLL:
                                       ctypes.POINTER(Error)]
     L.instar_discard.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(Error)]
     L.instar_flush.argtypes = [ctypes.c_void_p, ctypes.POINTER(Error)]
+    L.instar_block_status.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                                      ctypes.POINTER(_BlockStatus), ctypes.POINTER(Error)]
     setattr(L, "_image_ready", True)
     return L
 
@@ -102,6 +140,14 @@ class Image:
         """Writes cached metadata back and syncs the image files."""
         err = Error()
         check(lib().instar_flush(self._handle(), ctypes.byref(err)), err)
+
+    def block_status(self, offset: int, count: int) -> BlockStatus:
+        """The status of the range at `offset` (at most `count` bytes) across the backing chain, as qemu-nbd
+        reports base:allocation; call again from offset + length for the rest."""
+        st = _BlockStatus(ctypes.sizeof(_BlockStatus))
+        err = Error()
+        check(lib().instar_block_status(self._handle(), offset, count, ctypes.byref(st), ctypes.byref(err)), err)
+        return BlockStatus(st.length, st.flags, st.depth)
 
     def close(self) -> None:
         """Closes the image (and its backing chain); later calls do nothing."""
