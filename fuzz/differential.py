@@ -12,6 +12,9 @@ qemu-img on untrusted images. A finding is a mutant where
   - data:    both converted it and the raw bytes differ,
   - message: both failed with different error text (counted apart: wording, not behaviour).
 
+Mutants both tools read alike are counted as accepted (every operation succeeded with equal results) or
+rejected (both refused it with the same message).
+
 Findings are copied to OUT/findings/<kind>/ with the commands' outputs, and the counts are printed at the end
 (also as JSON with --json). Usage:
 
@@ -73,10 +76,11 @@ def make_seed(work, fmt, name, size, opts, cmds):
 
 
 def mutate(data, rng):
-    """One deterministic mutation of `data`, biased to the first 64 KiB where the metadata lives."""
+    """One deterministic mutation of `data`, biased to the start of the file where the metadata lives."""
     b = bytearray(data)
     kind = rng.randrange(5)
-    span = min(len(b), 65536) if rng.random() < 0.85 else len(b)
+    # Headers sit in the first sectors, tables in the first 64 KiB: most mutations land there.
+    span = min(len(b), rng.choice([512, 4096, 4096, 65536, 65536, len(b)]))
     if not b:
         return bytes(b)
     if kind == 0:        # a few flipped bits
@@ -129,7 +133,7 @@ def compare(fmt, path, work, cpu, timeout):
         if q[0] != 0:
             if normalise(q[2], path) != normalise(i[2], path):
                 return "message", f"{op}: both failed, different messages", q, i
-            return None
+            return "rejected"
         if op == "info":
             # actual-size depends on how each tool's file was written: both read the same file here, so keep it.
             qs, is_ = json.loads(q[1]), json.loads(i[1])
@@ -149,7 +153,7 @@ def compare(fmt, path, work, cpu, timeout):
         return "rc", f"convert: qemu-img rc {q[0]}, instar rc {i[0]}", q, i
     if q[0] == 0 and digest(qo) != digest(io_):
         return "data", "convert -O raw: bytes differ", q, i
-    return None
+    return "rejected" if q[0] != 0 else "accepted"
 
 
 def digest(path):
@@ -179,7 +183,8 @@ def main():
     total = 0
     with tempfile.TemporaryDirectory(dir=args.out) as work:
         for fmt in args.formats.split(","):
-            per = counts.setdefault(fmt, {"mutants": 0, "crash": 0, "rc": 0, "output": 0, "data": 0, "message": 0})
+            per = counts.setdefault(fmt, {"mutants": 0, "crash": 0, "rc": 0, "output": 0, "data": 0, "message": 0,
+                                        "accepted": 0, "rejected": 0})
             for name, size, opts, cmds in SEEDS[fmt]:
                 seed = open(make_seed(work, fmt, name, size, opts, cmds), "rb").read()
                 for n in range(args.count):
@@ -189,7 +194,8 @@ def main():
                     per["mutants"] += 1
                     total += 1
                     r = compare(fmt, path, work, args.cpu, args.timeout)
-                    if r is None:
+                    if isinstance(r, str):
+                        per[r] += 1  # the same verdict from both: both read it alike, or both refused it
                         continue
                     kind, detail, q, i = r
                     per[kind] += 1
@@ -205,9 +211,11 @@ def main():
     if args.json:
         print(json.dumps({"mutants": total, "formats": counts}, indent=2))
     else:
-        print(f"\n{'format':10} {'mutants':>8} {'crash':>6} {'rc':>5} {'output':>7} {'data':>5} {'message':>8}")
+        print(f"\n{'format':10} {'mutants':>8} {'accepted':>9} {'rejected':>9} {'crash':>6} {'rc':>5} {'output':>7} "
+              f"{'data':>5} {'message':>8}")
         for fmt, c in counts.items():
-            print(f"{fmt:10} {c['mutants']:8} {c['crash']:6} {c['rc']:5} {c['output']:7} {c['data']:5} {c['message']:8}")
+            print(f"{fmt:10} {c['mutants']:8} {c['accepted']:9} {c['rejected']:9} {c['crash']:6} {c['rc']:5} "
+                  f"{c['output']:7} {c['data']:5} {c['message']:8}")
     return 1 if any(c["crash"] for c in counts.values()) else 0
 
 
