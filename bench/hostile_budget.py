@@ -22,6 +22,7 @@ untrusted-limits switch yet), with only a 120 s CPU guard so a runaway cannot st
 
     python3 bench/hostile_budget.py [--instar build/bin/instar] [--only REGEX] [--ops info,check]
                                      [--jobs N] [--runs N] [--json [FILE]] [--flagged]
+    python3 bench/hostile_budget.py --merge part1.json part2.json [--flagged]
 
 Prints one line per image and operation, then the totals: max RSS and max time of each tool, how many runs
 exceeded 64 MiB or 2 s (of CPU, and of wall time, which a loaded machine stretches), and the ratios
@@ -301,7 +302,23 @@ def main():
     ap.add_argument("--json", nargs="?", const="-", help="write the rows and totals as JSON (to FILE, or stdout)")
     ap.add_argument("--flagged", action="store_true", help="print only flagged rows in the table")
     ap.add_argument("--keep", help="build the images in this folder and keep them")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and totals of earlier --json "
+                    "files together (runs split with --only), measuring nothing")
     a = ap.parse_args()
+    if a.merge:
+        rows = []
+        for path in a.merge:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        s = summary(rows)
+        if a.json:
+            doc = json.dumps({"rows": rows, "summary": s, "qemu_prlimit": QEMU_PRLIMIT[:-1]}, indent=1)
+            with (sys.stdout if a.json == "-" else open(a.json, "w")) as f:
+                f.write(doc)
+            if a.json == "-":
+                return
+        print_table(rows, s, a.flagged)
+        return
     global SPAWN
     SPAWN = spawn_helper()
     instar = os.path.abspath(a.instar)
@@ -334,8 +351,13 @@ def main():
         with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as ex:
             for i, rs in enumerate(ex.map(one, builders)):
                 rows += rs
+                for r in rs:
+                    if flags(r):
+                        print(f"[{i + 1}/{len(builders)}] {fmt_row(r)}", file=sys.stderr, flush=True)
                 if sys.stderr.isatty():
                     print(f"\r{i + 1}/{len(builders)}", end="", file=sys.stderr, flush=True)
+                elif (i + 1) % 25 == 0:
+                    print(f"[{i + 1}/{len(builders)}]", file=sys.stderr, flush=True)
         if sys.stderr.isatty():
             print(file=sys.stderr)
     finally:
