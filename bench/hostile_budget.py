@@ -156,6 +156,8 @@ def case_builders(root):
     out.append(("fuzz", "vdi-dup-blocks", lambda d: _plain(test_fuzz_findings.make_dup_vdi(os.path.join(d, "dup.vdi")))))
     out.append(("fuzz", "qcow2-sparse-64g",
                 lambda d: _plain(test_fuzz_findings.make_sparse_qcow2(os.path.join(d, "sparse.qcow2")))))
+    out.append(("fuzz", "vmdk-2t-no-tables",
+                lambda d: _plain(test_fuzz_findings.make_vmdk_2t(os.path.join(d, "big.vmdk")))))
     return out
 
 
@@ -303,13 +305,16 @@ def main():
     ap.add_argument("--flagged", action="store_true", help="print only flagged rows in the table")
     ap.add_argument("--keep", help="build the images in this folder and keep them")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and totals of earlier --json "
-                    "files together (runs split with --only), measuring nothing")
+                    "files together (runs split with --only; a later file's row for the same image and operation wins), "
+                    "measuring nothing")
     a = ap.parse_args()
     if a.merge:
-        rows = []
-        for path in a.merge:
+        merged = {}
+        for path in a.merge:  # a later file's row for the same image and operation replaces an earlier one
             with open(path) as f:
-                rows += json.load(f)["rows"]
+                for r in json.load(f)["rows"]:
+                    merged[(r["image"], r["op"])] = r
+        rows = list(merged.values())
         s = summary(rows)
         if a.json:
             doc = json.dumps({"rows": rows, "summary": s, "qemu_prlimit": QEMU_PRLIMIT[:-1]}, indent=1)
