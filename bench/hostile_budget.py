@@ -11,14 +11,15 @@ The images come from the tests' own builders, imported, not copied:
   vdi        test_vdi.HOSTILE via variant()          parallels  test_parallels.HOSTILE via _hostile()
   qcow       test_qcow.HOSTILE via _hostile()        qed        test_qed.HOSTILE via _hostile()
   vhdx       test_vhdx._hostile_variants()           luks       test_luks_format._hostile_variants()
-  qcow2-luks test_luks.CORRUPT_HEADERS               fuzz       test_fuzz_findings.make_*()
+  qcow2-luks test_luks.CORRUPT_HEADERS               fuzz       test_fuzz_findings.make_*() (the fuzzers' findings: VDI duplicate blocks, 64 GiB sparse qcow2,
+             2 TiB vmdk without grain tables)
 
 Each operation runs once per tool (or --runs times, keeping the run with the least CPU) as a direct child of
 this script; its peak RSS is the child's ru_maxrss from wait4 (prlimit execs qemu-img in the same process), its
 CPU time ru_utime + ru_stime, its wall time measured around the wait. A small C helper
 (bench/hostile_budget_spawn.c, compiled into build/bench on first use) is the parent that forks and waits: a
-child forked from this Python process would start with its (large) resident set as peak. instar runs plain (its CLI has no
-untrusted-limits switch yet), with only a 120 s CPU guard so a runaway cannot stall the bench.
+child forked from this Python process would start with its (large) resident set as peak. instar runs plain
+(its CLI has no untrusted-limits switch yet), with only a 120 s CPU guard so a runaway cannot stall the bench.
 
     python3 bench/hostile_budget.py [--instar build/bin/instar] [--only REGEX] [--ops info,check]
                                      [--jobs N] [--runs N] [--json [FILE]] [--flagged]
@@ -26,7 +27,9 @@ untrusted-limits switch yet), with only a 120 s CPU guard so a runaway cannot st
 
 Prints one line per image and operation, then the totals: max RSS and max time of each tool, how many runs
 exceeded 64 MiB or 2 s (of CPU, and of wall time, which a loaded machine stretches), and the ratios
-instar/qemu-img. Rows are flagged where instar is over 256 MiB or 2 s of CPU, or well over qemu-img's figures. Not part of `make test` (it takes minutes).
+instar/qemu-img. Rows are flagged where instar is over 256 MiB or 2 s of CPU, or well over qemu-img's figures.
+Not part of `make test`: the whole set takes about an hour of wall time on a loaded 2-core machine (mostly
+qemu-img spinning to its 30 s CPU limit on backing loops and huge vmdk maps); split it with --only and --merge.
 """
 import argparse
 import concurrent.futures
@@ -153,7 +156,8 @@ def case_builders(root):
     for rel, data in test_luks.CORRUPT_HEADERS:
         out.append(("qcow2-luks", f"{rel}={data.hex()[:16]}", lambda d, r=rel, x=data: qcow2_luks(d, r, x)))
 
-    out.append(("fuzz", "vdi-dup-blocks", lambda d: _plain(test_fuzz_findings.make_dup_vdi(os.path.join(d, "dup.vdi")))))
+    out.append(("fuzz", "vdi-dup-blocks",
+                lambda d: _plain(test_fuzz_findings.make_dup_vdi(os.path.join(d, "dup.vdi")))))
     out.append(("fuzz", "qcow2-sparse-64g",
                 lambda d: _plain(test_fuzz_findings.make_sparse_qcow2(os.path.join(d, "sparse.qcow2")))))
     out.append(("fuzz", "vmdk-2t-no-tables",
@@ -305,7 +309,8 @@ def main():
     ap.add_argument("--flagged", action="store_true", help="print only flagged rows in the table")
     ap.add_argument("--keep", help="build the images in this folder and keep them")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the table and totals of earlier --json "
-                    "files together (runs split with --only; a later file's row for the same image and operation wins), "
+                    "files together (runs split with --only; a later file's row for the same image and operation "
+                    "wins), "
                     "measuring nothing")
     a = ap.parse_args()
     if a.merge:
