@@ -11,7 +11,8 @@ The images come from the tests' own builders, imported, not copied:
   vdi        test_vdi.HOSTILE via variant()          parallels  test_parallels.HOSTILE via _hostile()
   qcow       test_qcow.HOSTILE via _hostile()        qed        test_qed.HOSTILE via _hostile()
   vhdx       test_vhdx._hostile_variants()           luks       test_luks_format._hostile_variants()
-  qcow2-luks test_luks.CORRUPT_HEADERS               fuzz       test_fuzz_findings.make_*() (the fuzzers' findings: VDI duplicate blocks, 64 GiB sparse qcow2,
+  qcow2-luks test_luks.CORRUPT_HEADERS
+  fuzz       test_fuzz_findings.make_*() (the fuzzers' findings: VDI duplicate blocks, 64 GiB sparse qcow2,
              2 TiB vmdk without grain tables)
 
 Each operation runs once per tool (or --runs times, keeping the run with the least CPU) as a direct child of
