@@ -9,8 +9,9 @@ import zlib
 
 import pytest
 
+import peak_rss
 import readonly_images as R
-from conftest import INSTAR, assert_same, qemu, run
+from conftest import BUILD, INSTAR, assert_same, normalize, qemu, run
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -202,3 +203,16 @@ def test_table_larger_than_kept_in_memory(tmp):
                         for k in range(4))
         assert outs[0] == want
     os.unlink(path)
+
+
+def test_failing_block_of_64m_stays_small(tmp):
+    """size-wraps: 65537 blocks of 64 MiB whose table is all zero, so block 0's stream is empty. instar filled a
+    64 MiB block buffer with zeroes before inflating nothing (74 MiB resident against qemu's 8 MiB); the buffer
+    is now left unwritten until inflate fills it. Same output as qemu-img, and about its peak RSS."""
+    make, _ = HOSTILE["size-wraps"]
+    R.write(os.path.join(tmp, "h.cloop"), make())
+    argv = ["convert", "-O", "raw", "h.cloop", "out.raw"]
+    q = peak_rss.run(BUILD, ["qemu-img", *argv], tmp)
+    i = peak_rss.run(BUILD, [INSTAR, *argv], tmp)
+    assert i[0] == q[0] == 1 and i[1] == normalize(q[1]) and i[2] == normalize(q[2]).splitlines(True)[0], (q, i)
+    assert i[3] <= q[3] + (16 << 20), f"instar {i[3] >> 20} MiB, qemu-img {q[3] >> 20} MiB"

@@ -17,16 +17,29 @@ def cpu_run(argv):
     return p.returncode, p.stdout, p.stderr, cpu
 
 
+def make_dup_vdi(img):
+    """A VDI header claiming 2^20 blocks whose block map lies past the end of the file."""
+    qimg("create", "-q", "-f", "vdi", img, "1M")
+    with open(img, "r+b") as f:
+        f.seek(0x180)
+        f.write(struct.pack("<I", 1 << 20))  # blocks_in_image
+    return img
+
+
+def make_sparse_qcow2(img):
+    """A small qcow2 with 512-byte clusters grown by truncate into a 64 GiB sparse file."""
+    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 4k", img], check=True, capture_output=True)
+    os.truncate(img, 64 << 30)
+    return img
+
+
 def test_vdi_check_many_duplicate_blocks(tmp):
     # A VDI header claiming 2^20 blocks whose block map lies past the end of the file: every entry reads as 0,
     # i.e. "allocated at data block 0", and qemu-img check prints one line per duplicate. instar printed the
     # same lines but spent ~3 µs on each (a generic string replace per line): 20 times qemu's time, and a
     # timeout for the fuzzer on an image of 414 bytes.
-    img = os.path.join(tmp, "dup.vdi")
-    qimg("create", "-q", "-f", "vdi", img, "1M")
-    with open(img, "r+b") as f:
-        f.seek(0x180)
-        f.write(struct.pack("<I", 1 << 20))  # blocks_in_image
+    img = make_dup_vdi(os.path.join(tmp, "dup.vdi"))
     q = cpu_run(["qemu-img", "check", "-f", "vdi", img])
     i = cpu_run([INSTAR, "check", "-f", "vdi", img])
     assert q[0] == 2 and q[2].count(b"\n") > 1 << 19, q[:3]
@@ -41,12 +54,33 @@ def test_qcow2_map_of_huge_sparse_file(tmp):
     # qcow2_detect_metadata_preallocation) one cluster at a time over all of it: 680 million refcount lookups.
     # Clusters no refcount block covers are now skipped a block at a time. A plain image grown sparse by
     # truncate shows the same walk.
-    img = os.path.join(tmp, "sparse.qcow2")
-    qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M")
-    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 4k", img], check=True, capture_output=True)
-    os.truncate(img, 64 << 30)
+    img = make_sparse_qcow2(os.path.join(tmp, "sparse.qcow2"))
     q = cpu_run(["qemu-img", "map", "--output=json", img])
     i = cpu_run([INSTAR, "map", "--output=json", img])
     assert q[0] == 0, q[:3]
     assert (i[0], i[1], i[2]) == (q[0], normalize(q[1]), normalize(q[2]))
     assert i[3] <= 3 * q[3] + 0.5, f"instar {i[3]:.2f}s CPU, qemu-img {q[3]:.2f}s"
+
+
+def make_vmdk_2t(img):
+    """A monolithicSparse vmdk whose header claims 2 TiB and whose grain directory lies past the end of the
+    file: all 64 Ki directory entries read as 0 (no grain tables)."""
+    qimg("create", "-q", "-f", "vmdk", img, "8M")
+    subprocess.run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x11 0 64k", img], check=True, capture_output=True)
+    size = os.path.getsize(img)
+    with open(img, "r+b") as f:
+        f.seek(12)
+        f.write(struct.pack("<Q", (2 << 40) // 512))  # capacity, in sectors
+        f.seek(56)
+        f.write(struct.pack("<Q", size // 512 + 64))  # gd_offset, in sectors
+    return img
+
+
+def test_vmdk_check_of_2t_capacity(tmp):
+    # check looked up each of the 32 Mi grains of a 2 TiB vmdk one at a time, tables or not: 0.73 s against
+    # qemu's 0.18 s. A grain directory entry of 0 now passes its whole span in one step.
+    img = make_vmdk_2t(os.path.join(tmp, "big.vmdk"))
+    q = cpu_run(["qemu-img", "check", img])
+    i = cpu_run([INSTAR, "check", img])
+    assert (i[0], i[1], i[2]) == (q[0], normalize(q[1]), normalize(q[2]))
+    assert i[3] <= q[3] + 0.1, f"instar {i[3]:.2f}s CPU, qemu-img {q[3]:.2f}s"

@@ -235,7 +235,8 @@ def corrupt(path, rel, data):
 SLOT0 = 208
 
 
-@pytest.mark.parametrize("rel,data", [
+# Corrupt LUKS headers inside a qcow2 (bench/hostile_budget.py builds these too): (offset in the header, bytes).
+CORRUPT_HEADERS = [
     (SLOT0 + 44, struct.pack(">I", 4001)),           # stripes
     (SLOT0 + 44, struct.pack(">I", 0xFFFFFFFF)),
     (SLOT0 + 40, struct.pack(">I", 2)),              # key material over the header
@@ -246,7 +247,10 @@ SLOT0 = 208
     (104, struct.pack(">I", 1)),                     # payload offset inside the header
     (6, struct.pack(">H", 2)),                       # version
     (8, b"x" * 32),                                  # cipher name without NUL
-])
+]
+
+
+@pytest.mark.parametrize("rel,data", CORRUPT_HEADERS)
 def test_corrupt_luks_headers(tmp, rel, data):
     p = os.path.join(tmp, "c.qcow2")
     qemu_create(p)

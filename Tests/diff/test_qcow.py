@@ -361,6 +361,8 @@ FIELDS = ["magic", "version", "backing_offset", "backing_size", "mtime", "size",
 
 
 def _hostile(tmp, field, value):
+    if field.startswith("backing"):
+        qimg("create", "-q", "-f", "raw", os.path.join(tmp, "b.raw"), "16M")
     name = seeded(tmp, size="16M", args=["-b", "b.raw", "-F", "raw"] if field.startswith("backing") else [],
                   ops=["write -P 0x11 0 40k", "write -P 0x22 9M 8k"])
     p = os.path.join(tmp, name)
@@ -416,8 +418,6 @@ def limited(args, cwd, tool):
 
 @pytest.mark.parametrize("field,value", HOSTILE, ids=[f"{f}={v:#x}" for f, v in HOSTILE])
 def test_hostile(tmp, field, value):
-    if field.startswith("backing"):
-        qimg("create", "-q", "-f", "raw", os.path.join(tmp, "b.raw"), "16M")
     name = _hostile(tmp, field, value)
     for cmd in READ_CMDS:
         args = [name if a == "IMG" else a for a in cmd]

@@ -145,7 +145,11 @@ public final class CloopFormat: ImageFormat {
         }
         var input = [UInt8](repeating: 0, count: Int(count))
         try input.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: start) }
-        if cached.count != Int(blockSize) { cached = [UInt8](repeating: 0, count: Int(blockSize)) }
+        if cached.count != Int(blockSize) {
+            // Left unwritten: inflate fills it, and a block is used only when the stream filled all of it. A
+            // zero-filled 64 MiB block would be resident at once, for a stream of a few bytes that fails.
+            cached = [UInt8](unsafeUninitializedCapacity: Int(blockSize)) { _, n in n = Int(blockSize) }
+        }
         let ok = input.withUnsafeMutableBufferPointer { inp -> Bool in
             cached.withUnsafeMutableBufferPointer { out -> Bool in
                 var strm = z_stream()

@@ -32,7 +32,17 @@ extension VmdkFormat: ImageCheckable {
                 break
             }
             // Flat extents are one cluster; a sparse grain may cross an extent's end only in a hostile image.
-            sector = try sector.adding(max(1, e.clusterSectors))
+            let step = max(1, e.clusterSectors)
+            if l == .unallocated, let end = e.missingTableEnd(forSector: sector), end > sector {
+                // No grain table here: the grains up to `end` all look up as unallocated. Go on from the first
+                // sector of the same stride at or past it (a 2 TiB image with an empty directory is 32 Mi
+                // lookups otherwise).
+                let gap = end - sector
+                let strides = gap / step + (gap % step == 0 ? 0 : 1)
+                sector = try sector.adding(try strides.multiplied(by: step))
+            } else {
+                sector = try sector.adding(step)
+            }
         }
         return result
     }

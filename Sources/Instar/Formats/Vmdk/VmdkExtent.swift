@@ -189,6 +189,22 @@ final class VmdkExtent {
         return (.allocated(clusterSector &<< 9), slot)
     }
 
+    /// When the grain directory entry covering guest sector `sector` is 0 (no grain table), every grain up to
+    /// the end of that entry's span, or of the extent, looks up as unallocated: returns that end sector, so a
+    /// walk over the grains (check) can pass them in one step. nil when there is a table or no lookup is sound.
+    func missingTableEnd(forSector sector: UInt64) -> UInt64? {
+        guard kind != .flat, l1EntrySectors != 0, clusterSectors != 0, l2Size != 0,
+              sector >= startSector, sector < endSector else { return nil }
+        let l1Index = (sector - startSector) / UInt64(l1EntrySectors)
+        guard l1Index < UInt64(l1Size) else { return nil }
+        let i = Int(l1Index)
+        let entry = kind == .seSparse ? (i < l1Wide.count ? l1Wide[i] : 0) : UInt64(i < l1.count ? l1[i] : 0)
+        guard entry == 0 else { return nil }
+        let (span, o1) = (l1Index + 1).multipliedReportingOverflow(by: UInt64(l1EntrySectors))
+        let (end, o2) = startSector.addingReportingOverflow(span)
+        return o1 || o2 ? endSector : min(end, endSector)
+    }
+
     private func grainTable(at sector: UInt64, bytes: Int) throws -> [UInt8] {
         if let t = l2Cache[sector] { return t }
         guard sector <= UInt64(Int64.max) >> 9 else { throw InstarError(.io, "Input/output error", errno: EIO) }
