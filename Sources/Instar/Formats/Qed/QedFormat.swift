@@ -113,6 +113,7 @@ public final class QedFormat: ImageFormat {
             try? file.sync()
         }
         do {
+            try CallBudget.reserve(count: tableEntries, of: 8, what: "the L1 table")
             l1 = try readTable(at: h.l1TableOffset)
         } catch let e as InstarError {
             throw InstarError(e.code, "Failed to read L1 table", errno: e.errnoValue)
@@ -167,6 +168,7 @@ public final class QedFormat: ImageFormat {
 
     func l2Table(at offset: UInt64) throws -> [UInt64] {
         if let t = cache[offset] { return t }
+        if cache.count < cacheLimit { try CallBudget.reserve(count: tableEntries, of: 8, what: "the L2 table cache") }
         let t = try readTable(at: offset)
         storeCached(offset, t)
         return t

@@ -39,7 +39,8 @@ public final class VmdkFormat: ImageFormat {
         // bdrv_getlength: whole sectors.
         let size = try (try file.size()).alignedUp(512)
         if size < 4 { throw InstarError(.invalid, "File is too small, not a valid image", errno: EINVAL) }
-        let head = try file.readBytes(at: 0, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))))
+        let head = try file.readMetadata(at: 0, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))),
+                                         what: "the descriptor")
         let magic = try ByteReader(head).u32be(at: 0)
         var parsedCreateType: String?
         if magic == VmdkExtent.magicVMDK3 || magic == VmdkExtent.magicVMDK4 {
@@ -155,7 +156,8 @@ public final class VmdkFormat: ImageFormat {
                 throw InstarError(.invalid, "Invalid VMDK descriptor nesting", errno: EINVAL)
             }
             let size = try file.size()
-            let buf = try file.readBytes(at: h.descOffset << 9, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))))
+            let buf = try file.readMetadata(at: h.descOffset << 9, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))),
+                                            what: "the embedded descriptor")
             try openDescriptorFile(VmdkDescriptor(bytes: buf), request: request, createType: &createType,
                                    nested: true)
             return
