@@ -45,6 +45,15 @@ def _cloop_many_blocks(d):
                                                               offsets=[])), "cloop"
 
 
+def _vmdk_descriptor(d):
+    # A descriptor file of 128 KiB (a monolithicFlat descriptor padded with comment lines).
+    p = os.path.join(d, "t.vmdk")
+    qimg("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", p, "1M")
+    with open(p, "a") as f:
+        f.write(("#" + "x" * 1022 + "\n") * 128)
+    return p, "vmdk"
+
+
 def _bochs_max_catalog(d):
     import test_bochs
     return R.write(os.path.join(d, "t.bochs"), test_bochs.HOSTILE["max-catalog"][0]()), "bochs"
@@ -69,14 +78,15 @@ def _context(d):
 # name -> (maker(dir) -> (path, format), budget in bytes, what the message names, the call to make)
 LARGE = {
     "qcow2-l1": (_qemu_made("qcow2", "1G", "cluster_size=512"), 128 * KiB, "the L1 table", "info"),
-    "qcow2-compressed": (None, 64 * KiB + 1024, "the decompression buffers of a compressed cluster", "convert"),
+    "qcow2-compressed": (None, 196 * KiB + 8, "the decompression buffers of a compressed cluster", "convert"),
     "qcow-l1": (_qemu_made("qcow", "1T"), 1 * MiB, "the L1 table", "info"),
     "qed-l1": (_qemu_made("qed", "1T"), 128 * KiB, "the L1 table", "info"),
     "vdi-block-map": (_qemu_made("vdi", "1T"), 1 * MiB, "the block map", "info"),
     "vpc-bat": (_qemu_made("vpc", "1T"), 1 * MiB, "the block allocation table", "info"),
-    "vhdx-bat": (_qemu_made("vhdx", "16T", "block_size=1M"), 1 * MiB, "the BAT", "info"),
+    "vhdx-bat": (_qemu_made("vhdx", "2T", "block_size=8M"), 1 * MiB, "the BAT", "info"),
     "parallels-bat": (_qemu_made("parallels", "1T", "cluster_size=1M"), 1 * MiB, "the header and BAT", "info"),
-    "vmdk-descriptor": (_qemu_made("vmdk", "1G"), 512 * KiB, "the descriptor", "info"),
+    "vmdk-grain-directory": (_qemu_made("vmdk", "1T"), 64 * KiB, "the grain directory of extent '{path}'", "info"),
+    "vmdk-descriptor": (_vmdk_descriptor, 64 * KiB, "the descriptor", "info"),
     "luks-key-material": (_qemu_made("luks", "16M"), 256 * KiB, "the LUKS key material of key slot 0", "map"),
     "cloop-offsets": (_cloop_many_blocks, 1 * MiB, "the offsets table", "info"),
     "bochs-catalog": (_bochs_max_catalog, 1 * MiB, "the catalog", "info"),
@@ -122,6 +132,7 @@ def test_a_small_budget_stops_the_allocation(imgdir, tmp, name):
     d = os.path.join(imgdir, name)
     os.makedirs(d, exist_ok=True)
     path, fmt = _maker(name)(d)
+    what = what.replace("{path}", path)
     with pytest.raises(instar.LimitReached) as e:
         with instar.limits(memory=budget):
             _call(kind, path, fmt, tmp)

@@ -112,8 +112,8 @@ public final class QedFormat: ImageFormat {
             }
             try? file.sync()
         }
+        try CallBudget.reserve(count: tableEntries, of: 8, what: "the L1 table")
         do {
-            try CallBudget.reserve(count: tableEntries, of: 8, what: "the L1 table")
             l1 = try readTable(at: h.l1TableOffset)
         } catch let e as InstarError {
             throw InstarError(e.code, "Failed to read L1 table", errno: e.errnoValue)
