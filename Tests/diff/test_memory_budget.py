@@ -4,7 +4,7 @@ is reserved before it is allocated, and a call whose image asks for more than it
 naming what it was allocating. Under a modest budget, everything reads as without one, and as qemu-img reads it.
 
 The images are made at test time: valid images qemu-img creates with big tables (large virtual sizes, small
-clusters), and the hostile builders of the other tests (hostile_images.py, test_cloop.py, test_bochs.py)."""
+clusters), and the hostile builders of the other tests (hostile_images.py, test_bochs.py) and the cloop and dmg image builders."""
 import ctypes
 import json
 import os
@@ -54,6 +54,12 @@ def _vmdk_descriptor(d):
     return p, "vmdk"
 
 
+def _dmg_many_chunks(d):
+    # 20000 zero chunks in one block table: 720 KB of chunk table.
+    import dmg_images as D
+    return R.write(os.path.join(d, "t.dmg"), D.Image([("zero", 1)] * 20000).layout()), "dmg"
+
+
 def _bochs_max_catalog(d):
     import test_bochs
     return R.write(os.path.join(d, "t.bochs"), test_bochs.HOSTILE["max-catalog"][0]()), "bochs"
@@ -90,6 +96,7 @@ LARGE = {
     "luks-key-material": (_qemu_made("luks", "16M"), 256 * KiB, "the LUKS key material of key slot 0", "map"),
     "cloop-offsets": (_cloop_many_blocks, 1 * MiB, "the offsets table", "info"),
     "bochs-catalog": (_bochs_max_catalog, 1 * MiB, "the catalog", "info"),
+    "dmg-chunk-table": (_dmg_many_chunks, 512 * KiB, "the chunk table", "info"),
     "hostile-vpc-big-table": (_hostile("vpc-big-table-small-blocks"), 16 * MiB, "the block allocation table", "info"),
 }
 
