@@ -58,7 +58,7 @@ enum {
     INSTAR_E_ENCRYPTED = -10,   /**< the image is encrypted and no usable secret was given */
     INSTAR_E_CHAIN = -11,       /**< the backing chain is broken, loops or is too deep */
     INSTAR_E_RANGE = -12,       /**< an offset or size is out of range */
-    INSTAR_E_LIMIT = -13,       /**< a limit of instar_limits_t was reached (time, CPU) */
+    INSTAR_E_LIMIT = -13,       /**< a limit of instar_limits_t was reached (time, CPU, memory) */
     INSTAR_E_POLICY = -14       /**< instar_inspect: the image violates the policy (the report says how) */
 };
 
@@ -82,9 +82,18 @@ typedef struct instar_limits {
     uint32_t flags;        /**< reserved, 0 */
     int64_t timeout_ms;    /**< wall-clock time the call may take, from its start; 0 or less: no limit */
     int64_t cpu_ms;        /**< CPU time each thread working for the call may use; 0 or less: no limit */
+    /**
+     * Bytes of metadata the call may hold at once for its images (tables, caches, descriptors, bitmaps, snapshot
+     * tables, key material, decompression buffers); 0 or less: no limit. Counted when allocated, before the
+     * allocation: an image whose headers ask for more fails with INSTAR_E_LIMIT naming what it asked for. The
+     * metadata of an image opened during the call counts until the call ends (the peak of the call). Guest data
+     * buffers of the copy loops are not counted (their size is the library's, not the image's). Callers built
+     * with a header older than this member (a smaller struct_size) have no memory limit.
+     */
+    int64_t memory_bytes;
 } instar_limits_t;
 
-#define INSTAR_LIMITS_INIT { sizeof(instar_limits_t), 0, 0, 0 }
+#define INSTAR_LIMITS_INIT { sizeof(instar_limits_t), 0, 0, 0, 0 }
 
 /** The library version as "MAJOR.MINOR.PATCH". Static storage; never free it. */
 const char *instar_version(void);

@@ -126,4 +126,4 @@ def test_vdsm_untrusted_info_runs_under_the_cpu_limit(tmp, monkeypatch):
         return real(**kw)
     monkeypatch.setattr(vdsm, "limits", spy)
     assert vdsm.info(p, trusted_image=False) == vdsm.info(p)
-    assert seen == [{"cpu": vdsm.UNTRUSTED_CPU_SECONDS}]
+    assert seen == [{"cpu": vdsm.UNTRUSTED_CPU_SECONDS, "memory": vdsm.UNTRUSTED_MEMORY_BYTES}]

@@ -127,15 +127,19 @@ opt_ms(pTHX_ HV *hv, const char *key)
     return sec * 1000.0 < 1.0 ? 1 : (int64_t)(sec * 1000.0);
 }
 
-/* The call's limits from `timeout` and `cpu_limit` (seconds), in *lim; NULL when neither is set. */
+/* The call's limits from `timeout` and `cpu_limit` (seconds) and `memory_limit` (bytes), in *lim; NULL when
+ * none is set. */
 static const instar_limits_t *
 opt_limits(pTHX_ HV *hv, instar_limits_t *lim)
 {
     instar_limits_t l = INSTAR_LIMITS_INIT;
     l.timeout_ms = opt_ms(aTHX_ hv, "timeout");
     l.cpu_ms = opt_ms(aTHX_ hv, "cpu_limit");
+    l.memory_bytes = opt_i64(aTHX_ hv, "memory_limit", 0);
+    if (l.memory_bytes < 0)
+        croak("Instar: option 'memory_limit' must be a positive number of bytes");
     *lim = l;
-    return l.timeout_ms > 0 || l.cpu_ms > 0 ? lim : NULL;
+    return l.timeout_ms > 0 || l.cpu_ms > 0 || l.memory_bytes > 0 ? lim : NULL;
 }
 
 static const flag_name_t open_flag_names[] = {

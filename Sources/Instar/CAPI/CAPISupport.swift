@@ -110,9 +110,10 @@ func readOptions<T: CallLimitedOptions>(_ ptr: UnsafePointer<T>?, defaults: T) t
     let o = try readDeclared(ptr, defaults: defaults)
     if let lp = o.limits {
         let none = instar_limits_t(struct_size: UInt32(MemoryLayout<instar_limits_t>.size), flags: 0, timeout_ms: 0,
-                                   cpu_ms: 0)
+                                   cpu_ms: 0, memory_bytes: 0)
         let l = try readDeclared(lp, defaults: none)
-        CallBudget.installForCall(CallBudget.make(timeoutMs: l.timeout_ms, cpuMs: l.cpu_ms))
+        CallBudget.installForCall(CallBudget.make(timeoutMs: l.timeout_ms, cpuMs: l.cpu_ms,
+                                                  memoryBytes: l.memory_bytes))
     }
     return o
 }

@@ -241,9 +241,12 @@ enum Luks {
                                                iterations: UInt64(slot.iterations), length: keyBytes)
         let stripes = Int(slot.stripes)   // checked to be 4000 by the header check
         let length = keyBytes * stripes
-        var material = try readKeyMaterial(UInt64(slot.keyOffsetSector) * LuksHeader.sectorSize, length)
-        try settings.sectorCipher(key: slotKey).process(&material, firstSector: 0, encrypt: false)
-        let candidate = try LuksAntiForensic.merge(material, keyBytes: keyBytes, stripes: stripes, hash: settings.hash)
+        // The key material and the anti-forensic merge's buffer, held while the slot is tried.
+        let candidate = try CallBudget.withReserved(2 * length, what: "the LUKS key material of key slot \(index)") {
+            var material = try readKeyMaterial(UInt64(slot.keyOffsetSector) * LuksHeader.sectorSize, length)
+            try settings.sectorCipher(key: slotKey).process(&material, firstSector: 0, encrypt: false)
+            return try LuksAntiForensic.merge(material, keyBytes: keyBytes, stripes: stripes, hash: settings.hash)
+        }
         let digest = try settings.hash.pbkdf2(password: candidate, salt: header.masterKeySalt,
                                               iterations: UInt64(header.masterKeyIterations),
                                               length: LuksHeader.digestBytes)

@@ -205,6 +205,13 @@ public final class HostFile {
         return out
     }
 
+    /// `readBytes` of metadata the image keeps (a table, a directory, a descriptor): reserves `count` bytes of the
+    /// call's memory budget for `what` first (see `CallBudget.reserve`).
+    public func readMetadata(at offset: UInt64, count: Int, what: @autoclosure () -> String) throws -> [UInt8] {
+        try CallBudget.reserve(count, what: what())
+        return try readBytes(at: offset, count: count)
+    }
+
     /// Reads `count` bytes at `offset`; fails with `.corrupt("<what> is truncated")` if the file ends first.
     public func readExactly(at offset: UInt64, count: Int, what: String) throws -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)

@@ -1,7 +1,7 @@
 import Glibc
 
-/// Per-call limits on time: a wall-clock deadline for the whole call and a CPU-time allowance for each thread
-/// working for it. A call of the C API installs one on its thread for its duration (the options struct's
+/// Per-call limits on time and memory: a wall-clock deadline for the whole call, a CPU-time allowance for each
+/// thread working for it, and a memory budget for the metadata the call's images hold (see `reserve`). A call of the C API installs one on its thread for its duration (the options struct's
 /// `limits`); the I/O layer and the operations' loops call `CallBudget.checkpoint()`, which throws `.limit` once
 /// a limit is passed. Checkpoints sit where stopping leaves an image as a crash at that point would (before a
 /// read, between the steps of an operation), never inside a metadata update.
@@ -12,16 +12,29 @@ public final class CallBudget: @unchecked Sendable {
     /// CPU nanoseconds each thread may use, or nil.
     let cpuAllowance: UInt64?
     let cpuMs: Int64
+    /// Bytes of metadata the call may hold at once, or nil.
+    let memoryLimit: UInt64?
+    /// Bytes reserved now (see `reserve`), under `memoryLock`: worker threads of one call share the budget.
+    private var memoryReserved: UInt64 = 0
+    private let memoryLock: UnsafeMutablePointer<pthread_mutex_t>
 
-    /// `timeoutMs` and `cpuMs` at or below 0 mean no limit. Nil when neither limits anything.
-    public static func make(timeoutMs: Int64, cpuMs: Int64) -> CallBudget? {
-        if timeoutMs <= 0 && cpuMs <= 0 { return nil }
-        return CallBudget(timeoutMs: timeoutMs, cpuMs: cpuMs)
+    /// `timeoutMs`, `cpuMs` and `memoryBytes` at or below 0 mean no limit. Nil when none limits anything.
+    public static func make(timeoutMs: Int64, cpuMs: Int64, memoryBytes: Int64 = 0) -> CallBudget? {
+        if timeoutMs <= 0 && cpuMs <= 0 && memoryBytes <= 0 { return nil }
+        return CallBudget(timeoutMs: timeoutMs, cpuMs: cpuMs, memoryBytes: memoryBytes)
     }
 
-    private init(timeoutMs: Int64, cpuMs: Int64) {
+    deinit {
+        pthread_mutex_destroy(memoryLock)
+        memoryLock.deallocate()
+    }
+
+    private init(timeoutMs: Int64, cpuMs: Int64, memoryBytes: Int64) {
         self.timeoutMs = timeoutMs
         self.cpuMs = cpuMs
+        memoryLimit = memoryBytes > 0 ? UInt64(memoryBytes) : nil
+        memoryLock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        pthread_mutex_init(memoryLock, nil)
         let ms: UInt64 = 1_000_000
         if timeoutMs > 0 {
             let span = UInt64(timeoutMs).multipliedReportingOverflow(by: ms)
@@ -134,5 +147,60 @@ public final class CallBudget: @unchecked Sendable {
         if let cpuAllowance, CallBudget.now(CLOCK_THREAD_CPUTIME_ID) &- cpuStart >= cpuAllowance {
             throw InstarError(.limit, "Operation stopped: its CPU time limit of \(cpuMs) ms is reached")
         }
+    }
+
+    // ---- Memory ----------------------------------------------------------------------------------------------
+
+    /// Reserves `bytes` of the current call's memory budget before allocating them: metadata an image holds
+    /// (tables, caches, descriptors, bitmaps) or a buffer whose size comes from the image (decompression). Throws
+    /// `.limit` naming `what` when the reservations held by the call would pass its limit; free when the call has
+    /// no memory limit. A reservation counts until `release` gives it back, or else until the end of the call:
+    /// the budget bounds the peak of what the call holds at once, counting metadata of images it opened and keeps
+    /// open as held for the rest of the call.
+    public static func reserve(_ bytes: Int, what: @autoclosure () -> String) throws {
+        guard let p = pthread_getspecific(key) else { return }
+        let budget = Unmanaged<Installation>.fromOpaque(p).takeUnretainedValue().budget
+        try budget.reserveMemory(UInt64(max(0, bytes)), what: what)
+    }
+
+    /// `reserve` for a size computed from image values in UInt64 (a count times an entry size that may not fit).
+    public static func reserve(count: UInt64, of size: Int, what: @autoclosure () -> String) throws {
+        guard let p = pthread_getspecific(key) else { return }
+        let budget = Unmanaged<Installation>.fromOpaque(p).takeUnretainedValue().budget
+        let total = count.multipliedReportingOverflow(by: UInt64(max(0, size)))
+        try budget.reserveMemory(total.overflow ? UInt64.max : total.partialValue, what: what)
+    }
+
+    /// Gives back `bytes` reserved with `reserve` by the same call once they are freed.
+    public static func release(_ bytes: Int) {
+        guard let p = pthread_getspecific(key) else { return }
+        Unmanaged<Installation>.fromOpaque(p).takeUnretainedValue().budget.releaseMemory(UInt64(max(0, bytes)))
+    }
+
+    /// Runs `body` with `bytes` reserved for its duration (a transient buffer or table).
+    public static func withReserved<T>(_ bytes: Int, what: @autoclosure () -> String, _ body: () throws -> T) throws -> T {
+        try reserve(bytes, what: what())
+        defer { release(bytes) }
+        return try body()
+    }
+
+    func reserveMemory(_ bytes: UInt64, what: () -> String) throws {
+        guard let limit = memoryLimit else { return }
+        pthread_mutex_lock(memoryLock)
+        let total = memoryReserved.addingReportingOverflow(bytes)
+        let fits = !total.overflow && total.partialValue <= limit
+        if fits { memoryReserved = total.partialValue }
+        pthread_mutex_unlock(memoryLock)
+        if !fits {
+            throw InstarError(.limit, "Operation stopped: its memory limit of \(limit) bytes is reached "
+                                + "(allocating \(what()), \(bytes) bytes)")
+        }
+    }
+
+    func releaseMemory(_ bytes: UInt64) {
+        guard memoryLimit != nil else { return }
+        pthread_mutex_lock(memoryLock)
+        memoryReserved = memoryReserved >= bytes ? memoryReserved - bytes : 0
+        pthread_mutex_unlock(memoryLock)
     }
 }

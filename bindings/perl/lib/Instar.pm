@@ -190,6 +190,10 @@ it runs longer, or when a thread working for it used more CPU time, and dies wit
 stops before a read or between the steps of an operation, so an image being written is left as a crash at that
 point would leave it (C<qemu-img check> finds leaks at most).
 
+C<memory_limit> (bytes) bounds the metadata the call holds for its images (tables, caches, bitmaps, snapshot
+tables, key material, decompression buffers): an image whose headers ask for more makes the call die with
+C<Instar::E_LIMIT> and a message naming what it was allocating, before allocating it.
+
 =head2 Strings
 
 File names and option strings are passed as the bytes perl holds (a character string gives its UTF-8

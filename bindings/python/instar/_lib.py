@@ -148,9 +148,9 @@ class Error(ctypes.Structure):
 
 
 class Limits(ctypes.Structure):
-    """instar_limits_t: the time limits of one call."""
+    """instar_limits_t: the time and memory limits of one call."""
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("timeout_ms", ctypes.c_int64),
-                ("cpu_ms", ctypes.c_int64)]
+                ("cpu_ms", ctypes.c_int64), ("memory_bytes", ctypes.c_int64)]
 
 
 _limits: "contextvars.ContextVar[Optional[Limits]]" = contextvars.ContextVar("instar_limits", default=None)
@@ -176,12 +176,16 @@ def _ms(seconds: Optional[float], name: str) -> int:
 
 
 @contextlib.contextmanager
-def limits(timeout: Optional[float] = None, cpu: Optional[float] = None) -> Iterator[None]:
+def limits(timeout: Optional[float] = None, cpu: Optional[float] = None,
+           memory: Optional[int] = None) -> Iterator[None]:
     """Every instar call made in the block (on this thread or asyncio task) stops with :class:`LimitReached`
-    once it has run for ``timeout`` seconds, or once a thread working for it used ``cpu`` seconds of CPU time.
-    Each call's clock starts with the call. An image being written is left as a crash at that point would leave
-    it (``qemu-img check`` finds leaks at most)."""
-    token = _limits.set(Limits(ctypes.sizeof(Limits), 0, _ms(timeout, "timeout"), _ms(cpu, "cpu")))
+    once it has run for ``timeout`` seconds, once a thread working for it used ``cpu`` seconds of CPU time, or
+    before the metadata it holds for its images (tables, caches, bitmaps, decompression buffers) would pass
+    ``memory`` bytes. Each call's clock and memory count start with the call. An image being written is left as a
+    crash at that point would leave it (``qemu-img check`` finds leaks at most)."""
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
+        raise ValueError("memory must be a positive number of bytes")
+    token = _limits.set(Limits(ctypes.sizeof(Limits), 0, _ms(timeout, "timeout"), _ms(cpu, "cpu"), memory or 0))
     try:
         yield
     finally:
@@ -292,7 +296,7 @@ class OutOfRange(InstarError):
 
 
 class LimitReached(InstarError):
-    """INSTAR_E_LIMIT: the call reached a limit of its :func:`limits` block (time, CPU)."""
+    """INSTAR_E_LIMIT: the call reached a limit of its :func:`limits` block (time, CPU, memory)."""
     code_value = E_LIMIT
 
 

@@ -80,6 +80,7 @@ public final class BochsFormat: ImageFormat {
         guard catalogSize <= BochsFormat.maxCatalog else {
             throw InstarError(.range, "Catalog size is too large", errno: EFBIG)
         }
+        try CallBudget.reserve(count: UInt64(catalogSize), of: 4, what: "the catalog")
         var cat = [UInt32](repeating: 0, count: Int(catalogSize))
         try cat.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: UInt64(catalogOffset)) }
         for i in cat.indices { cat[i] = UInt32(littleEndian: cat[i]) }

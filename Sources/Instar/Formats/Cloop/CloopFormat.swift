@@ -83,6 +83,7 @@ public final class CloopFormat: ImageFormat {
         // Validate the whole table as qemu does at open, a chunk at a time.
         let entries = UInt64(n) + 1
         var keep: [UInt64]? = entries <= CloopFormat.maxEntriesInMemory ? [] : nil
+        if keep != nil { try CallBudget.reserve(count: entries, of: 8, what: "the offsets table") }
         keep?.reserveCapacity(Int(entries))
         let chunkEntries: UInt64 = 1 << 17
         var prev: UInt64 = 0
@@ -143,11 +144,14 @@ public final class CloopFormat: ImageFormat {
         guard start <= CloopFormat.maxRequestEnd, count <= CloopFormat.maxRequestEnd - start else {
             throw CloopFormat.ioError()
         }
+        try CallBudget.reserve(count: count, of: 1, what: "the compressed block buffer")
+        defer { CallBudget.release(Int(count)) }
         var input = [UInt8](repeating: 0, count: Int(count))
         try input.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: start) }
         if cached.count != Int(blockSize) {
             // Left unwritten: inflate fills it, and a block is used only when the stream filled all of it. A
             // zero-filled 64 MiB block would be resident at once, for a stream of a few bytes that fails.
+            try CallBudget.reserve(Int(blockSize), what: "the decompressed block buffer")
             cached = [UInt8](unsafeUninitializedCapacity: Int(blockSize)) { _, n in n = Int(blockSize) }
         }
         let ok = input.withUnsafeMutableBufferPointer { inp -> Bool in

@@ -41,6 +41,8 @@ struct DmgChunkTable {
         var done = 0
         while done < entries {
             let n = min(batch, entries - done)
+            // types, sectors, sector counts, offsets and lengths of each chunk.
+            try CallBudget.reserve(n * 36, what: "the chunk table")
             let bytes = try fetch(Dmg.mishChunksAt + done * Dmg.chunkEntrySize, n * Dmg.chunkEntrySize)
             let r = ByteReader(bytes)
             for k in 0..<n {
@@ -107,7 +109,7 @@ struct DmgChunkTable {
     /// base64 decoded as glib decodes it, in document order. The text ends at its first NUL byte, as a C string.
     mutating func readPlist(_ file: HostFile, begin: UInt64, length: UInt64, dataForkOffset: UInt64) throws {
         guard length != 0, length <= Dmg.plistMax else { throw Dmg.invalid() }
-        let text = try file.readBytes(at: begin, count: Int(length))
+        let text = try file.readMetadata(at: begin, count: Int(length), what: "the property list")
         let end = text.firstIndex(of: 0) ?? text.count
         let open = Array("<data>".utf8)
         let close = Array("</data>".utf8)

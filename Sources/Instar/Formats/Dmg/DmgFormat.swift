@@ -95,6 +95,9 @@ public final class DmgFormat: ImageFormat {
         if type == Dmg.typeZlib || type == Dmg.typeBzip2 {
             chunkBytes = []
             // Bounded at open: at most DMG_LENGTHS_MAX bytes in, DMG_SECTORCOUNTS_MAX sectors out.
+            let buffers = Int(table.lengths[c]) + Int(table.sectorCounts[c]) * 512
+            try CallBudget.reserve(buffers, what: "the decompression buffers of a chunk")
+            defer { CallBudget.release(buffers) }
             let input: [UInt8]
             do {
                 input = try file.readBytes(at: table.offsets[c], count: Int(table.lengths[c]))

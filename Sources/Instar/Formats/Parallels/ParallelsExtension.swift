@@ -23,6 +23,7 @@ extension ParallelsFormat {
         if extOff > ParallelsFormat.maxLength || clusterSize > ParallelsFormat.maxLength - extOff {
             throw InstarError(.io, "Failed to read Format Extension cluster: \(strerrorString(EIO))", errno: EIO)
         }
+        try CallBudget.reserve(count: clusterSize, of: 1, what: "the format extension cluster")
         var cluster = [UInt8](repeating: 0, count: Int(clusterSize))
         do {
             try cluster.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: extOff) }

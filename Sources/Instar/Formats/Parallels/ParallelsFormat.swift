@@ -119,6 +119,7 @@ public final class ParallelsFormat: ImageFormat {
             throw InstarError(.unsupported, "Parallels BAT of \(bat) entries is larger than instar supports",
                               errno: ENOTSUP)
         }
+        try CallBudget.reserve(Int(stored), what: "the header and BAT")
         var full = [UInt8](repeating: 0, count: Int(stored))
         try full.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: 0) }
         header = full

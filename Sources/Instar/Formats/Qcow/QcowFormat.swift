@@ -120,6 +120,7 @@ public final class QcowFormat: ImageFormat {
                 throw InstarError(.io, "Could not open '\(request.filename)': \(strerrorString(err))", errno: err)
             }
         }
+        try CallBudget.reserve(count: held, of: 8, what: "the L1 table")
         var table = [UInt64](repeating: 0, count: Int(held))
         try openRead {
             try QcowFormat.checkRequest(h.l1TableOffset, n * 8)
@@ -163,6 +164,9 @@ public final class QcowFormat: ImageFormat {
     func l2Table(at offset: UInt64) throws -> [UInt64] {
         if let t = cache[offset] { return t }
         try QcowFormat.checkRequest(offset, l2Entries * 8)
+        if cache.count < QcowFormat.l2CacheLimit {
+            try CallBudget.reserve(count: l2Entries, of: 8, what: "the L2 table cache")
+        }
         var t = [UInt64](repeating: 0, count: Int(l2Entries))
         try t.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: offset) }
         for i in t.indices { t[i] = UInt64(bigEndian: t[i]) }
@@ -259,6 +263,10 @@ public final class QcowFormat: ImageFormat {
         guard offset <= QcowFormat.maxRequestEnd, csize <= QcowFormat.maxRequestEnd - offset else {
             throw QcowFormat.ioError()
         }
+        let buffers = csize.addingReportingOverflow(cs)
+        try CallBudget.reserve(count: buffers.overflow ? UInt64.max : buffers.partialValue, of: 1,
+                               what: "the decompression buffers of a compressed cluster")
+        defer { CallBudget.release(Int(csize + cs)) }
         var input = [UInt8](repeating: 0, count: Int(csize))
         try input.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: offset) }
         var out = [UInt8](repeating: 0, count: Int(cs))

@@ -33,7 +33,8 @@ enum Qcow2Bitmaps {
     static func read(_ ext: Qcow2BitmapsExtension, header: Qcow2Header, file: HostFile) throws -> [Qcow2BitmapEntry] {
         guard ext.directorySize > 0 else { throw InstarError.invalid("Requested bitmap directory size is zero") }
         let size = try checkedInt(ext.directorySize)
-        let dir = ByteReader(try file.readBytes(at: ext.directoryOffset, count: size), what: "bitmap directory")
+        let dir = ByteReader(try file.readMetadata(at: ext.directoryOffset, count: size,
+                                                      what: "the bitmap directory"), what: "bitmap directory")
         var out: [Qcow2BitmapEntry] = []
         var pos = 0
         while pos < size {

@@ -16,12 +16,20 @@ final class Qcow2WriteCache<Table> {
     private var lastOffset = UInt64.max
     private var lastEntry: Entry?
     let capacity: Int
+    private let entryBytes: Int
+    private let what: String
 
-    init(capacity: Int) { self.capacity = max(4, capacity) }
+    /// Each entry loaded while the cache holds fewer than `capacity` reserves `entryBytes` of the call's memory
+    /// budget for `what` (past it, trimming gives the room back).
+    init(capacity: Int, entryBytes: Int = 0, what: String = "a table cache") {
+        self.capacity = max(4, capacity)
+        self.entryBytes = entryBytes
+        self.what = what
+    }
 
     /// The entry at `offset`, loaded with `load` on a miss. Entries are never evicted here: callers hold them
     /// across an operation, so eviction happens only in `trim`, between operations.
-    func entry(at offset: UInt64, load: () throws -> Table) rethrows -> Entry {
+    func entry(at offset: UInt64, load: () throws -> Table) throws -> Entry {
         clock &+= 1
         if offset == lastOffset, let hit = lastEntry {
             hit.stamp = clock
@@ -33,6 +41,7 @@ final class Qcow2WriteCache<Table> {
             lastEntry = hit
             return hit
         }
+        if entries.count < capacity { try CallBudget.reserve(entryBytes, what: what) }
         let e = Entry(table: try load())
         e.stamp = clock
         entries[offset] = e

@@ -93,7 +93,8 @@ final class Qcow2Checker {
         refblockBits = clusterBits + 3 - Int64(header.refcountOrder)
         l1 = try Qcow2Mapper.readL1(header: header, file: file)
         let reftableEntries = Int(header.refcountTableClusters) * Int(header.clusterSize / 8)
-        reftable = Qcow2Mapper.decodeBE64(try file.readBytes(at: header.refcountTableOffset, count: reftableEntries * 8),
+        reftable = Qcow2Mapper.decodeBE64(try file.readMetadata(at: header.refcountTableOffset,
+                                                                count: reftableEntries * 8, what: "the refcount table"),
                                           count: reftableEntries)
     }
 
@@ -461,6 +462,8 @@ final class Qcow2Checker {
         let bytes = Int64(l1Size) * 8
         try incRefcounts(&imrt, offset: Int64(bitPattern: l1Offset), size: bytes)
         let table: [UInt64]
+        try CallBudget.reserve(Int(bytes), what: "an L1 table")
+        defer { CallBudget.release(Int(bytes)) }
         do {
             table = Qcow2Mapper.decodeBE64(try file.readBytes(at: l1Offset, count: Int(bytes)), count: Int(l1Size))
         } catch {
@@ -555,7 +558,7 @@ final class Qcow2Checker {
                             }
                             nbClusters = newClusters
                             if cluster >= UInt64(nbClusters) { failure = EINVAL }
-                        } catch let e as InstarError {
+                        } catch let e as InstarError where e.code != .limit {
                             // error_report_err of the failed truncate comes first.
                             errorReport(e.message)
                             failure = e.errnoValue != 0 ? e.errnoValue : EIO

@@ -36,8 +36,10 @@ struct Qcow2RefcountArray {
             throw Qcow2CheckAbort(errno: 12 /* ENOMEM */)
         }
         if newBytes > bytes.count {
+            try CallBudget.reserve(newBytes - bytes.count, what: "the refcounts the check computes")
             bytes.append(contentsOf: repeatElement(0, count: newBytes - bytes.count))
         } else if newBytes < bytes.count {
+            CallBudget.release(bytes.count - newBytes)
             bytes.removeSubrange(newBytes...)
         }
         count = entries

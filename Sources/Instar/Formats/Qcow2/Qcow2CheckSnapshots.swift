@@ -85,6 +85,9 @@ enum Qcow2SnapshotTable {
                 r.extraDropped += 1
                 truncateUnknown = true
             }
+            let kept = UInt64(min(e.extraDataSize, UInt32(Qcow2.maxSnapshotExtraData)))
+            try CallBudget.reserve(MemoryLayout<Qcow2SnapshotEntry>.stride + Int(kept + idSize + nameSize),
+                                   what: "the snapshot table")
             let known = min(knownExtraBytes, e.extraDataSize)
             let extra = ByteReader(try readTable(file, at: offset, count: Int(known)),
                                    what: "snapshot table")

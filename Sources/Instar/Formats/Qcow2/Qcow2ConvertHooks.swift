@@ -47,7 +47,8 @@ extension Qcow2Format {
         guard sn.l1Offset <= UInt64(Int64.max) - bytes, sn.l1Offset % header.clusterSize == 0 else {
             throw InstarError.invalid("Snapshot L1 table offset invalid")
         }
-        let raw = sn.l1Size == 0 ? [] : try file.readBytes(at: sn.l1Offset, count: Int(bytes))
+        let raw = sn.l1Size == 0 ? [] : try file.readMetadata(at: sn.l1Offset, count: Int(bytes),
+                                                                what: "the L1 table of the snapshot")
         mapper.l1 = Qcow2Mapper.decodeBE64(raw, count: Int(sn.l1Size))
         forgetDecompressed()
     }

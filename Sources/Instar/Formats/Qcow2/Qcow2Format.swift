@@ -336,10 +336,14 @@ public final class Qcow2Format: ImageFormat {
             throw InstarError(.corrupt, "Compressed cluster at \(hex(d.hostOffset)) lies past the end of the image",
                               errno: EIO)
         }
-        let input = try file.readBytes(at: d.hostOffset, count: Int(d.length))
-        var out = [UInt8](repeating: 0, count: Int(header.clusterSize))
-        try input.withUnsafeBytes { src in
-            try out.withUnsafeMutableBytes { dst in try decompressor.decompress(src, into: dst) }
+        let buffers = Int(d.length) + Int(header.clusterSize)
+        let out = try CallBudget.withReserved(buffers, what: "the decompression buffers of a compressed cluster") {
+            let input = try file.readBytes(at: d.hostOffset, count: Int(d.length))
+            var out = [UInt8](repeating: 0, count: Int(header.clusterSize))
+            try input.withUnsafeBytes { src in
+                try out.withUnsafeMutableBytes { dst in try decompressor.decompress(src, into: dst) }
+            }
+            return out
         }
         decompressed = out
         decompressedEntry = entry

@@ -121,6 +121,7 @@ final class Qcow2LiveBitmap {
     /// takes).
     func allBytes() throws -> [UInt8] {
         var out: [UInt8] = []
+        try CallBudget.reserve(Int(serializedBytes), what: "the bitmap '\(name)'")
         out.reserveCapacity(Int(serializedBytes))
         for k in 0..<chunkCount {
             var c = try chunk(k)
@@ -225,6 +226,7 @@ final class Qcow2LiveBitmap {
             }
             let tableFailed = InstarError(.invalid, "Could not read bitmap_table table from image for bitmap "
                                           + "'\(e.name)': Invalid argument", errno: EINVAL)
+            try CallBudget.reserve(Int(e.tableSize) * 8, what: "the bitmap table of '\(e.name)'")
             var raw = [UInt8](repeating: 0, count: Int(e.tableSize) * 8)
             try raw.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: e.tableOffset) }
             let table = Qcow2Mapper.decodeBE64(raw, count: Int(e.tableSize))

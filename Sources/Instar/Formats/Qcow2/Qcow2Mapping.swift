@@ -3,21 +3,29 @@ import Glibc
 /// Guest-to-host mapping through the L1 and L2 tables (qcow2.txt "Cluster mapping"), with qemu's cluster and
 /// subcluster types (block/qcow2.h QCow2SubclusterType) and its run-length rules (qcow2_get_host_offset).
 
-/// A small least-recently-used cache of metadata tables keyed by their host offset.
+/// A small least-recently-used cache of metadata tables keyed by their host offset. Each new entry while the
+/// cache grows reserves `entryBytes` of the call's memory budget (a full cache reuses the room of its victim).
 final class Qcow2TableCache<Table> {
     private var entries: [UInt64: (table: Table, stamp: UInt64)] = [:]
     private var clock: UInt64 = 0
     let capacity: Int
+    private let entryBytes: Int
+    private let what: String
 
-    init(capacity: Int) { self.capacity = max(1, capacity) }
+    init(capacity: Int, entryBytes: Int = 0, what: String = "a table cache") {
+        self.capacity = max(1, capacity)
+        self.entryBytes = entryBytes
+        self.what = what
+    }
 
     /// The table at `offset`, loaded with `load` on a miss (evicting the least recently used one when full).
-    func table(at offset: UInt64, load: () throws -> Table) rethrows -> Table {
+    func table(at offset: UInt64, load: () throws -> Table) throws -> Table {
         clock &+= 1
         if let hit = entries[offset] {
             entries[offset] = (hit.table, clock)
             return hit.table
         }
+        if entries.count < capacity { try CallBudget.reserve(entryBytes, what: what) }
         let t = try load()
         if entries.count >= capacity, let victim = entries.min(by: { $0.value.stamp < $1.value.stamp })?.key {
             entries.removeValue(forKey: victim)
@@ -84,14 +92,15 @@ final class Qcow2Mapper {
         clusterSize = header.clusterSize
         l2Entries = 1 << header.l2Bits
         subclusterBits = clusterBits - UInt64(header.subclustersPerCluster.trailingZeroBitCount)
-        cache = Qcow2TableCache(capacity: Int(max(4, Qcow2Mapper.cacheBytes / header.clusterSize)))
+        cache = Qcow2TableCache(capacity: Int(max(4, Qcow2Mapper.cacheBytes / header.clusterSize)),
+                                entryBytes: Int(header.clusterSize), what: "the L2 table cache")
     }
 
     /// Reads the L1 table the header names (already validated: bounded and aligned).
     static func readL1(header: Qcow2Header, file: HostFile) throws -> [UInt64] {
         let count = Int(header.l1Size)
         if count == 0 { return [] }
-        let bytes = try file.readBytes(at: header.l1TableOffset, count: count * 8)
+        let bytes = try file.readMetadata(at: header.l1TableOffset, count: count * 8, what: "the L1 table")
         return decodeBE64(bytes, count: count)
     }
 

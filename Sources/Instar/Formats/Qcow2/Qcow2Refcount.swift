@@ -15,7 +15,8 @@ final class Qcow2RefcountReader {
         self.header = header
         self.file = file
         blockBits = UInt64(header.clusterBits) + 3 - UInt64(header.refcountOrder)
-        blocks = Qcow2TableCache(capacity: Int(max(4, (1 << 20) / header.clusterSize)))
+        blocks = Qcow2TableCache(capacity: Int(max(4, (1 << 20) / header.clusterSize)), entryBytes: Int(header.clusterSize),
+                                 what: "the refcount block cache")
     }
 
     /// Forgets what was read, after a writer changed the refcounts.
@@ -31,7 +32,7 @@ final class Qcow2RefcountReader {
     func refcountTable() throws -> [UInt64] {
         if let t = table { return t }
         let count = Int(header.refcountTableClusters) * Int(header.clusterSize / 8)
-        let bytes = try file.readBytes(at: header.refcountTableOffset, count: count * 8)
+        let bytes = try file.readMetadata(at: header.refcountTableOffset, count: count * 8, what: "the refcount table")
         let t = Qcow2Mapper.decodeBE64(bytes, count: count)
         table = t
         return t

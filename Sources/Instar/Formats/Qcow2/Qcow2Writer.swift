@@ -68,8 +68,9 @@ final class Qcow2Writer {
         reftable = try format.refcounts.refcountTable()
         bitmapsExtension = format.extensions.bitmaps
         let tables = Int(max(16, Qcow2Mapper.cacheBytes / clusterSize))
-        l2Cache = Qcow2WriteCache(capacity: tables)
-        rbCache = Qcow2WriteCache(capacity: Int(max(16, (1 << 20) / clusterSize)))
+        l2Cache = Qcow2WriteCache(capacity: tables, entryBytes: Int(clusterSize), what: "the L2 table cache")
+        rbCache = Qcow2WriteCache(capacity: Int(max(16, (1 << 20) / clusterSize)), entryBytes: Int(clusterSize),
+                                  what: "the refcount block cache")
         mapper.l2Provider = { [unowned self] offset in try self.l2Entry(at: offset).table }
     }
 

@@ -17,6 +17,8 @@ extension QedFormat: ImageCheckable {
         let nclusters = bytesToClustersAsQemu(fileSize)
         let words = (nclusters + 31) / 32
         guard words <= QedFormat.maxCheckBitmapWords else { throw CheckFailure(partial: result, errnoValue: ENOMEM) }
+        try CallBudget.reserve(count: words, of: 4, what: "the check's cluster bitmap")
+        defer { CallBudget.release(Int(words) * 4) }
         var used = [UInt32](repeating: 0, count: Int(words))
         result.totalClusters = Int64(clamping: header.imageSize.divCeil(cs))
 

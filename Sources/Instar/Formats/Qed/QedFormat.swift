@@ -112,6 +112,7 @@ public final class QedFormat: ImageFormat {
             }
             try? file.sync()
         }
+        try CallBudget.reserve(count: tableEntries, of: 8, what: "the L1 table")
         do {
             l1 = try readTable(at: h.l1TableOffset)
         } catch let e as InstarError {
@@ -167,6 +168,7 @@ public final class QedFormat: ImageFormat {
 
     func l2Table(at offset: UInt64) throws -> [UInt64] {
         if let t = cache[offset] { return t }
+        if cache.count < cacheLimit { try CallBudget.reserve(count: tableEntries, of: 8, what: "the L2 table cache") }
         let t = try readTable(at: offset)
         storeCached(offset, t)
         return t

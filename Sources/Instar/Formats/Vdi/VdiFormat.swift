@@ -114,6 +114,7 @@ public final class VdiFormat: ImageFormat {
         blocksAllocated = allocated
         // The map is read in whole sectors.
         let mapSectors = (UInt64(blocks) * 4 + 511) / 512
+        try CallBudget.reserve(count: mapSectors, of: 512, what: "the block map")
         var m = [UInt32](repeating: 0, count: Int(mapSectors * 128))
         try m.withUnsafeMutableBytes { try f.readZeroPadded(into: $0, at: UInt64(bmapOffset)) }
         for i in m.indices { m[i] = UInt32(littleEndian: m[i]) }

@@ -265,6 +265,7 @@ public final class VhdxFormat: ImageFormat {
         let inFile = batRegion.fileOffset >= fileSize ? 0 : (fileSize - batRegion.fileOffset) / 8
         let n = min(batEntries, inFile)
         guard n <= (1 << 27) else { throw openError(ENOMEM) }
+        try CallBudget.reserve(Int(n) * 8, what: "the BAT")
         let bytes = try file.readZeroPaddedBytes(at: batRegion.fileOffset, count: Int(n) * 8)
         let r = ByteReader(bytes)
         bat = try (0..<Int(n)).map { try r.u64le(at: $0 * 8) }

@@ -101,7 +101,9 @@ final class VmdkExtent {
             }
             // Only the part inside the file is read; the rest reads as zero entries.
             let inFile = offset >= fileSize ? 0 : min(bytes, fileSize - offset)
-            return try file.readBytes(at: offset, count: Int(inFile))
+            return try file.readMetadata(at: offset, count: Int(inFile),
+                                         what: offset == l1TableOffset ? "the grain directory of extent '\(file.path)'"
+                                            : "the backup grain directory of extent '\(file.path)'")
         }
         let raw = try load(l1TableOffset, what: "read l1 table")
         let r = ByteReader(raw)
@@ -208,6 +210,9 @@ final class VmdkExtent {
     private func grainTable(at sector: UInt64, bytes: Int) throws -> [UInt8] {
         if let t = l2Cache[sector] { return t }
         guard sector <= UInt64(Int64.max) >> 9 else { throw InstarError(.io, "Input/output error", errno: EIO) }
+        if l2Order.count < VmdkExtent.l2CacheSize {
+            try CallBudget.reserve(bytes, what: "the grain table cache of extent '\(file.path)'")
+        }
         let t = try file.readBytes(at: sector << 9, count: bytes)
         if l2Order.count >= VmdkExtent.l2CacheSize {
             let old = l2Order.removeFirst()
@@ -277,6 +282,8 @@ final class VmdkExtent {
             return
         }
         let cb = Int(clusterBytes)
+        try CallBudget.reserve(cb * 3, what: "the decompression buffers of a compressed grain")
+        defer { CallBudget.release(cb * 3) }
         let raw = try file.readBytes(at: clusterOffset, count: cb * 2)
         var dataStart = 0
         var dataLen = cb

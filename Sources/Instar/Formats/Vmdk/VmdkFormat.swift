@@ -39,13 +39,15 @@ public final class VmdkFormat: ImageFormat {
         // bdrv_getlength: whole sectors.
         let size = try (try file.size()).alignedUp(512)
         if size < 4 { throw InstarError(.invalid, "File is too small, not a valid image", errno: EINVAL) }
-        let head = try file.readBytes(at: 0, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))))
-        let magic = try ByteReader(head).u32be(at: 0)
+        let magic = try ByteReader(try file.readBytes(at: 0, count: 4)).u32be(at: 0)
         var parsedCreateType: String?
         if magic == VmdkExtent.magicVMDK3 || magic == VmdkExtent.magicVMDK4 {
             try openSparse(file: file, isImageFile: true, magic: magic, request: request, createType: &parsedCreateType)
             descOffset = 0x200
         } else {
+            // A descriptor file: its text, up to 1 MiB.
+            let head = try file.readMetadata(at: 0, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))),
+                                             what: "the descriptor")
             try openDescriptorFile(VmdkDescriptor(bytes: head), request: request, createType: &parsedCreateType)
             descOffset = 0
         }
@@ -155,7 +157,8 @@ public final class VmdkFormat: ImageFormat {
                 throw InstarError(.invalid, "Invalid VMDK descriptor nesting", errno: EINVAL)
             }
             let size = try file.size()
-            let buf = try file.readBytes(at: h.descOffset << 9, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))))
+            let buf = try file.readMetadata(at: h.descOffset << 9, count: Int(min(size, UInt64(VmdkDescriptor.maxBytes))),
+                                            what: "the embedded descriptor")
             try openDescriptorFile(VmdkDescriptor(bytes: buf), request: request, createType: &createType,
                                    nested: true)
             return

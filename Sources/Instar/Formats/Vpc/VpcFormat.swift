@@ -189,6 +189,7 @@ public final class VpcFormat: ImageFormat {
         guard needed <= Vpc.maxEntriesInMemory else {
             throw InstarError(.invalid, "Max Table Entries too large (\(entriesSigned))", errno: EINVAL)
         }
+        try CallBudget.reserve(count: needed, of: 4, what: "the block allocation table")
         var table: [UInt32] = []
         table.reserveCapacity(Int(needed))
         let chunkEntries: UInt64 = 1 << 18

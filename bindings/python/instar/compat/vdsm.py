@@ -20,9 +20,9 @@ The public names, arguments, return values and exceptions are VDSM's:
 ``trusted_image=False`` (``info``): VDSM runs qemu-img under prlimit (30 s of CPU, 1 GiB of address space) because
 qemu's parsers were not hardened. libinstar bounds every size and count it reads from an image before allocating
 and rejects hostile images with an error (never a crash of the host process), whatever ``trusted_image`` says;
-with ``trusted_image=False`` the call also runs under the library's CPU limit of 30 s (``instar.limits``), and
-fails as qemu-img killed by prlimit would (a ``cmdutils.Error``). The library has no caller-set memory budget yet
-(issue 14), so the 1 GiB part has no counterpart beyond those bounds.
+with ``trusted_image=False`` the call also runs under the library's CPU limit of 30 s and its memory budget of
+256 MiB for image metadata (``instar.limits``, the counterpart of the 1 GiB of address space: the metadata is what
+a hostile header can make grow), and fails as qemu-img killed by prlimit would (a ``cmdutils.Error``).
 
 Differences from running qemu-img: the operations do not change the process's working directory (VDSM runs some
 commands in the image's folder; this only matters for relative image paths, which VDSM does not use), and
@@ -49,6 +49,8 @@ _log = logging.getLogger("storage.qemuimg")
 _QEMU_IMG = "qemu-img"
 # The CPU time VDSM gives `qemu-img info` of an untrusted image (its prlimit --cpu=30).
 UNTRUSTED_CPU_SECONDS = 30
+# The memory budget for the metadata of an untrusted image (the counterpart of prlimit --as=1GiB).
+UNTRUSTED_MEMORY_BYTES = 256 << 20
 
 
 class FORMAT:
@@ -362,7 +364,9 @@ def info(image: str, format: Optional[str] = None, unsafe: bool = False, trusted
     if backing_chain:
         cmd.append("--backing-chain")
     cmd.append(image)
-    with contextlib.nullcontext() if trusted_image else limits(cpu=UNTRUSTED_CPU_SECONDS):
+    budget = contextlib.nullcontext() if trusted_image else limits(cpu=UNTRUSTED_CPU_SECONDS,
+                                                                    memory=UNTRUSTED_MEMORY_BYTES)
+    with budget:
         dicts: List[Dict[str, Any]] = _call(cmd, info_dicts, image, format=format or None, force_share=unsafe,
                                             backing_chain=backing_chain)
     for d in dicts:
