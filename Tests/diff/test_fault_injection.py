@@ -1,0 +1,362 @@
+"""Fault injection on the write path (issue 14): EIO, ENOSPC and short writes at each write-type call of every
+writable format's writes, resize, commit, check repair and qcow2's snapshot and bitmap steps.
+
+`Tests/fault/faultinject.c` is an LD_PRELOAD shim (built here with gcc) that counts the write-type calls
+(pwrite, write, pwritev, ftruncate, fallocate, fsync, fdatasync, copy_file_range, ...) on the image files and
+makes call number N fail: with EIO once (a transient error), with ENOSPC from then on (a full disk), or as a
+short write followed by ENOSPC (the disk filling up inside a write). A clean run counts the calls K of each
+operation; then the operation is run with the fault at N for a sample of 1..K (every N with FAULTINJ_FULL=1).
+
+After each faulted run:
+- instar exits nonzero with a one-line message (no signal, no Swift trap), or exits 0 and the result is exactly
+  the clean run's;
+- `qemu-img check` finds no corruption (leaks allowed) where the format has a check, and the image opens and
+  reads with qemu-img where it has none;
+- the guest contents are what the operation promises: every sector the old or the new contents (writes), the old
+  size and contents or the new ones (resize), the top's view unchanged and the base's sectors old or new (commit),
+  the guest view unchanged (check repair, snapshots, bitmaps).
+"""
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from compat_helpers import leak_one_cluster
+from conftest import INSTAR, ROOT, qimg, qemu_io, run
+
+MiB = 1 << 20
+SEC = ("--object", "secret,id=sec0,data=fault-pass")
+FULL = os.environ.get("FAULTINJ_FULL") == "1"
+SAMPLE = 12          # injection points per format and operation, spread over 1..K (all of them with FAULTINJ_FULL)
+MODES = ("eio", "enospc", "short")
+CHECKABLE = {"qcow2", "qed", "vmdk", "vhdx", "vdi", "parallels"}  # formats qemu-img check supports
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("faultshim"))
+    so = os.path.join(d, "faultinject.so")
+    r = run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-o", so,
+             os.path.join(ROOT, "Tests", "fault", "faultinject.c"), "-ldl"])
+    assert r.rc == 0, r
+    return so
+
+
+def spec(fmt, path):
+    """The --image-opts name of an image (luks with its secret)."""
+    s = f"driver={fmt},file.filename={path}"
+    return s + ",key-secret=sec0" if fmt == "luks" else s
+
+
+def create(fmt, path, size, *extra):
+    if fmt == "luks":
+        qimg("create", "-q", "-f", "luks", *SEC, "-o", "key-secret=sec0,iter-time=10", path, str(size))
+    else:
+        qimg("create", "-q", "-f", fmt, *extra, path, str(size))
+
+
+def io(fmt, path, *cmds):
+    args = [a for c in cmds for a in ("-c", c)]
+    qemu_io(*SEC, "--image-opts", spec(fmt, path), *args)
+
+
+def vsize(fmt, path):
+    r = run(["qemu-img", "info", "--output=json", *SEC, "--image-opts", spec(fmt, path)])
+    assert r.rc == 0, r
+    return json.loads(r.stdout)["virtual-size"]
+
+
+def guest(fmt, path, out, snapshot=None):
+    """The guest bytes of an image, read by qemu-img (None if qemu-img cannot read it)."""
+    if os.path.exists(out):
+        os.unlink(out)
+    extra = ["-l", snapshot] if snapshot else []
+    r = run(["qemu-img", "convert", "-U", *SEC, *extra, "--image-opts", spec(fmt, path), "-O", "raw", out])
+    if r.rc != 0:
+        return None, r.stderr
+    with open(out, "rb") as f:
+        data = f.read()
+    os.unlink(out)
+    return data, ""
+
+
+def qcheck(fmt, path):
+    """qemu-img check's verdict: None when there is no corruption (leaks allowed), else the reason."""
+    if fmt not in CHECKABLE:
+        r = run(["qemu-img", "info", "-U", *SEC, "--image-opts", spec(fmt, path)])
+        return None if r.rc == 0 else f"info fails: {r.stderr}"
+    r = run(["qemu-img", "check", "-U", "--output=json", "-f", fmt, path])
+    if fmt == "vhdx" and r.rc != 0 and "needs to be replayed" in r.stderr:
+        # A log left for replay is vhdx's crash state; replaying it must give a clean image.
+        rep = run(["qemu-img", "check", "-r", "all", "-f", fmt, path])
+        if rep.rc not in (0, 3):
+            return f"log replay fails: {rep}"
+        r = run(["qemu-img", "check", "-U", "--output=json", "-f", fmt, path])
+    if r.rc not in (0, 3):
+        return f"check rc {r.rc}: {r.stdout} {r.stderr}"
+    d = json.loads(r.stdout)
+    if d.get("corruptions", 0) or d.get("check-errors", 0):
+        return f"check finds corruption: {d}"
+    return None
+
+
+def sectors_old_or_new(got, old, new, torn_ok=False):
+    """None if every 512-byte sector of `got` holds bytes of `old` or `new` (byte by byte: a short write may cut
+    a sector); with `torn_ok` (encrypted payload) a sector that was being written may read as noise."""
+    if got is None:
+        return "unreadable"
+    if len(got) != len(old) or len(got) != len(new):
+        return f"size {len(got)}, old {len(old)}, new {len(new)}"
+    for off in range(0, len(got), 512):
+        g, o, n = got[off:off + 512], old[off:off + 512], new[off:off + 512]
+        if g == o or g == n:
+            continue
+        if all(a == b or a == c for a, b, c in zip(g, o, n)):
+            continue
+        if torn_ok and o != n:
+            continue
+        return f"sector at {off} is neither old nor new"
+    return None
+
+
+# ---- the operations -------------------------------------------------------------------------------------
+#
+# Each case: setup(dir) makes the pristine files in `dir` and returns a dict of facts; argv(dir) the instar
+# command; watch the substrings of the paths the shim watches; verify(dir, facts, clean) returns None when the
+# faulted result keeps the operation's promise (`clean` holds the facts of the clean run's result).
+
+WRITABLE = ["qcow2", "qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "parallels", "luks", "raw"]
+
+
+def old_writes(fmt, path):
+    io(fmt, path, "write -P 0x55 32k 168k", "write -P 0x66 3M 64k")
+
+
+class Write:
+    """`instar convert -n` of a raw source onto an existing image: new clusters, overwritten ones and zeroes."""
+    name = "write"
+    watch = "/img."
+
+    def __init__(self, fmt):
+        self.fmt = fmt
+
+    def setup(self, d):
+        img = os.path.join(d, f"img.{self.fmt}")
+        create(self.fmt, img, 4 * MiB)
+        old_writes(self.fmt, img)
+        src = os.path.join(d, "src.raw")
+        qimg("create", "-q", "-f", "raw", src, str(vsize(self.fmt, img)))
+        io("raw", src, "write -P 0x11 0 64k", "write -P 0x22 1021k 70k", "write -P 0x33 2M 300k")
+        return {"old": guest(self.fmt, img, os.path.join(d, "g.raw"))[0]}
+
+    def argv(self, d):
+        return ["convert", "-n", *SEC, "--image-opts", spec("raw", os.path.join(d, "src.raw")),
+                "--target-image-opts", spec(self.fmt, os.path.join(d, f"img.{self.fmt}"))]
+
+    def facts(self, d):
+        return {"guest": guest(self.fmt, os.path.join(d, f"img.{self.fmt}"), os.path.join(d, "g.raw"))[0]}
+
+    def verify(self, d, pristine, clean):
+        img = os.path.join(d, f"img.{self.fmt}")
+        return qcheck(self.fmt, img) or sectors_old_or_new(
+            guest(self.fmt, img, os.path.join(d, "g.raw"))[0], pristine["old"], clean["guest"],
+            torn_ok=self.fmt == "luks")
+
+
+class Resize(Write):
+    """`instar resize +1M`: the old size and contents, or the new size with zeroes after the old end."""
+    name = "resize"
+
+    def setup(self, d):
+        img = os.path.join(d, f"img.{self.fmt}")
+        create(self.fmt, img, 4 * MiB)
+        old_writes(self.fmt, img)
+        return {"old": guest(self.fmt, img, os.path.join(d, "g.raw"))[0]}
+
+    def argv(self, d):
+        return ["resize", *SEC, "--image-opts", spec(self.fmt, os.path.join(d, f"img.{self.fmt}")), "+1M"]
+
+    def verify(self, d, pristine, clean):
+        img = os.path.join(d, f"img.{self.fmt}")
+        bad = qcheck(self.fmt, img)
+        if bad:
+            return bad
+        got = guest(self.fmt, img, os.path.join(d, "g.raw"))[0]
+        if got not in (pristine["old"], clean["guest"]):
+            return "neither the old image nor the resized one" if got is not None else "unreadable"
+        return None
+
+
+class Commit(Write):
+    """`instar commit` of a qcow2 overlay into a base of this format: the top's view never changes."""
+    name = "commit"
+    watch = "/base.|/top."
+
+    def setup(self, d):
+        base, top = os.path.join(d, f"base.{self.fmt}"), os.path.join(d, "top.qcow2")
+        create(self.fmt, base, 4 * MiB)
+        old_writes(self.fmt, base)
+        qimg("create", "-q", "-f", "qcow2", "-b", os.path.basename(base), "-F", self.fmt, top,
+             str(vsize(self.fmt, base)))
+        io("qcow2", top, "write -P 0x11 0 64k", "write -P 0x22 1021k 70k", "write -z 3M 32k",
+           "write -P 0x33 2M 300k")
+        return {"top": guest("qcow2", top, os.path.join(d, "g.raw"))[0],
+                "base": guest(self.fmt, base, os.path.join(d, "g.raw"))[0]}
+
+    def argv(self, d):
+        return ["commit", "-f", "qcow2", os.path.join(d, "top.qcow2")]
+
+    def facts(self, d):
+        return {"base": guest(self.fmt, os.path.join(d, f"base.{self.fmt}"), os.path.join(d, "g.raw"))[0]}
+
+    def verify(self, d, pristine, clean):
+        base, top = os.path.join(d, f"base.{self.fmt}"), os.path.join(d, "top.qcow2")
+        bad = qcheck(self.fmt, base) or qcheck("qcow2", top)
+        if bad:
+            return bad
+        if guest("qcow2", top, os.path.join(d, "g.raw"))[0] != pristine["top"]:
+            return "the overlay's view changed"
+        return sectors_old_or_new(guest(self.fmt, base, os.path.join(d, "g.raw"))[0], pristine["base"],
+                                  clean["base"])
+
+
+class Repair(Write):
+    """`instar check -r all` of an image with leaked clusters: the guest view never changes."""
+    name = "check-repair"
+
+    def setup(self, d):
+        img = os.path.join(d, f"img.{self.fmt}")
+        create(self.fmt, img, 4 * MiB)
+        old_writes(self.fmt, img)
+        if self.fmt == "qcow2":
+            for _ in range(3):
+                leak_one_cluster(img)
+        else:
+            with open(img, "r+b") as f:
+                f.truncate(os.path.getsize(img) + 256 * 1024)
+        return {"old": guest(self.fmt, img, os.path.join(d, "g.raw"))[0]}
+
+    def argv(self, d):
+        return ["check", "-r", "all", "-f", self.fmt, os.path.join(d, f"img.{self.fmt}")]
+
+    def verify(self, d, pristine, clean):
+        img = os.path.join(d, f"img.{self.fmt}")
+        bad = qcheck(self.fmt, img)
+        if bad:
+            return bad
+        return None if guest(self.fmt, img, os.path.join(d, "g.raw"))[0] == pristine["old"] else "guest changed"
+
+
+class Qcow2Meta(Write):
+    """qcow2 snapshot create/delete and bitmap add: the active view never changes, snapshots read as taken."""
+
+    def __init__(self, name, argv_tail):
+        super().__init__("qcow2")
+        self.name, self.tail = name, argv_tail
+
+    def setup(self, d):
+        img = os.path.join(d, "img.qcow2")
+        create("qcow2", img, 4 * MiB)
+        old_writes("qcow2", img)
+        qimg("snapshot", "-c", "s1", img)
+        io("qcow2", img, "write -P 0x77 100k 200k", "write -P 0x78 3M 4k")
+        qimg("bitmap", "--add", img, "b1")
+        io("qcow2", img, "write -P 0x79 1M 64k")
+        g = os.path.join(d, "g.raw")
+        return {"old": guest("qcow2", img, g)[0], "s1": guest("qcow2", img, g, "s1")[0]}
+
+    def argv(self, d):
+        return [a.replace("{img}", os.path.join(d, "img.qcow2")) for a in self.tail]
+
+    def verify(self, d, pristine, clean):
+        img, g = os.path.join(d, "img.qcow2"), os.path.join(d, "g.raw")
+        bad = qcheck("qcow2", img)
+        if bad:
+            return bad
+        if guest("qcow2", img, g)[0] != pristine["old"]:
+            return "the active view changed"
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", img]).stdout)
+        snaps = [s["name"] for s in info.get("snapshots", [])]
+        for s in snaps:
+            want = pristine["s1"] if s == "s1" else pristine["old"]
+            if guest("qcow2", img, g, s)[0] != want:
+                return f"snapshot {s} reads wrong"
+        return None
+
+
+CASES = ([Write(f) for f in WRITABLE] +
+         [Resize(f) for f in ("qcow2", "qed", "luks", "raw")] +
+         [Commit(f) for f in WRITABLE if f != "luks"] +
+         [Repair(f) for f in ("qcow2", "qed", "parallels")] +
+         [Qcow2Meta("snapshot-create", ["snapshot", "-c", "s2", "{img}"]),
+          Qcow2Meta("snapshot-delete", ["snapshot", "-d", "s1", "{img}"]),
+          Qcow2Meta("bitmap-add", ["bitmap", "--add", "{img}", "b2"])])
+
+
+def faulted(shim, case, d, n, mode):
+    env = dict(os.environ, LD_PRELOAD=shim, FAULTINJ_PATH=case.watch, FAULTINJ_AT=str(n), FAULTINJ_MODE=mode,
+               FAULTINJ_COUNT=os.path.join(d, "count"))
+    return subprocess.run([INSTAR, *case.argv(d)], cwd=d, env=env, capture_output=True, text=True, timeout=300)
+
+
+def points(k):
+    if FULL or k <= SAMPLE:
+        return list(range(1, k + 1))
+    step = (k - 1) / (SAMPLE - 1)
+    return sorted({1 + round(i * step) for i in range(SAMPLE)})
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.name}-{c.fmt}" for c in CASES])
+def test_fault_injection(shim, case, tmp):
+    pristine_dir = os.path.join(tmp, "pristine")
+    os.makedirs(pristine_dir)
+    pristine = case.setup(pristine_dir)
+
+    def fresh(name):
+        d = os.path.join(tmp, name)
+        shutil.copytree(pristine_dir, d)
+        return d
+
+    # The clean run: it succeeds and counts the calls.
+    d = fresh("clean")
+    r = faulted(shim, case, d, 0, "eio")
+    assert r.returncode == 0, r
+    with open(os.path.join(d, "count")) as f:
+        k = int(f.read())
+    assert k > 0, "the shim saw no write-type call"
+    clean = case.facts(d)
+    assert case.verify(d, pristine, clean) is None
+    shutil.rmtree(d)
+
+    jobs = [(n, MODES[i % len(MODES)]) for i, n in enumerate(points(k))]
+    if FULL:
+        jobs = [(n, m) for n in range(1, k + 1) for m in MODES]
+
+    def one(job):
+        n, mode = job
+        d = fresh(f"n{n}-{mode}")
+        r = faulted(shim, case, d, n, mode)
+        problems = []
+        if r.returncode < 0 or r.returncode > 3 or "Fatal error" in r.stderr:
+            problems.append(f"crashed: rc {r.returncode}, {r.stderr.strip()[-300:]}")
+        elif r.returncode == 0:
+            # The fault was absorbed: then the result must be the clean one.
+            if case.facts(d) != clean:
+                problems.append("exit 0 but the result differs from the clean run")
+        elif not r.stderr.strip().startswith("instar:"):
+            problems.append(f"no message: {r.stderr!r}")
+        bad = case.verify(d, pristine, clean)
+        if bad:
+            problems.append(bad)
+        if not problems:
+            shutil.rmtree(d)
+        return (n, mode, r.returncode, r.stderr.strip()[:200], problems)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as ex:
+        results = list(ex.map(one, jobs))
+    failures = [x for x in results if x[4]]
+    print(f"{case.name}-{case.fmt}: K={k}, {len(jobs)} injections, {len(failures)} failures")
+    assert not failures, "\n".join(f"N={n} {m}: rc={rc} {err!r}: {p}" for n, m, rc, err, p in failures)
