@@ -122,17 +122,26 @@ extension Qcow2Format: ImageSnapshottable {
                            tableOffset: header.snapshotsOffset, tableSize: table.size)
         if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
         CrashPoint.hit("snapshot-create:l1-copied")
-        try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
-        CrashPoint.hit("snapshot-create:refcounts")
+        // Between the raised refcounts and the cleared copied flags no order is consistent: the image is marked
+        // dirty first, and stays dirty if a step fails (the next read/write open repairs it).
+        try w.markDirtyForUpdate()
         var entries = table.entries
-        entries.append(Qcow2SnapshotEntry(
-            l1TableOffset: l1Offset, l1Size: UInt32(l1.count), vmStateSize: 0, dateSec: dateSec, dateNsec: dateNsec,
-            vmClockNsec: 0, icount: 0, diskSize: virtualSize, extraDataSize: Qcow2SnapshotTable.knownExtraBytes,
-            unknownExtra: [], id: Array(id.utf8), name: nameBytes))
-        try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
-            try self.preventOverlap(offset: o, size: n, snapshots: entries, tableOffset: self.header.snapshotsOffset,
-                                    tableSize: table.size)
-        }, crashPrefix: "snapshot-create", syncFirst: false)
+        do {
+            try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
+            CrashPoint.hit("snapshot-create:refcounts")
+            entries.append(Qcow2SnapshotEntry(
+                l1TableOffset: l1Offset, l1Size: UInt32(l1.count), vmStateSize: 0, dateSec: dateSec,
+                dateNsec: dateNsec, vmClockNsec: 0, icount: 0, diskSize: virtualSize,
+                extraDataSize: Qcow2SnapshotTable.knownExtraBytes, unknownExtra: [], id: Array(id.utf8),
+                name: nameBytes))
+            try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
+                try self.preventOverlap(offset: o, size: n, snapshots: entries,
+                                        tableOffset: self.header.snapshotsOffset, tableSize: table.size)
+            }, crashPrefix: "snapshot-create", syncFirst: false)
+        } catch {
+            keepDirtyAfterFailure = true
+            throw error
+        }
         refreshSnapshots(entries)
     }
 
