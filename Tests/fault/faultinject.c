@@ -12,9 +12,11 @@
  *   FAULTINJ_AT     the 1-based number of the watched call to fail; 0 or unset: count only
  *   FAULTINJ_MODE   eio    the call fails with EIO, later calls succeed (a transient error)
  *                   enospc the call and every later watched call fail with ENOSPC (the disk is full)
- *                   short  a write writes the first half of its bytes and returns that count, and every later
- *                          watched call fails with ENOSPC (the disk filled up in the middle of a write); a
- *                          call that moves no bytes (fsync, ftruncate, ...) fails with ENOSPC
+ *                   short  a write stops at the last 4 KiB boundary of the file inside its range and returns
+ *                          the bytes written before it, and every later watched call fails with ENOSPC (the
+ *                          disk filled up in the middle of a write: a filesystem runs out of space a block at
+ *                          a time, so a write never stops inside a 4 KiB block); a write within one block, and
+ *                          a call that moves no bytes (fsync, ftruncate, ...), fails with ENOSPC
  *   FAULTINJ_COUNT  a file to which the number of watched calls is written at exit
  *   FAULTINJ_LOG    a file to which each watched call is appended ("N name fd offset length")
  */
@@ -106,6 +108,15 @@ static int decide(int fd, const char *name, long long off, long long len, int *e
     return mode == 2 ? 1 : -1;
 }
 
+/* How many bytes of a write of `count` bytes at file offset `off` land before the disk fills: up to the last
+ * 4 KiB boundary inside the range, 0 when there is none. */
+static size_t short_len(int fd, long long off, size_t count) {
+    if (off < 0) off = (long long)lseek(fd, 0, SEEK_CUR);
+    if (off < 0) return 0;
+    unsigned long long end = (unsigned long long)off + count, cut = end & ~4095ULL;
+    return cut > (unsigned long long)off ? (size_t)(cut - (unsigned long long)off) : 0;
+}
+
 #define REAL(ret, name, ...) \
     static ret (*real_##name)(__VA_ARGS__); \
     if (!real_##name) real_##name = dlsym(RTLD_NEXT, #name)
@@ -114,7 +125,7 @@ ssize_t write(int fd, const void *buf, size_t count) {
     REAL(ssize_t, write, int, const void *, size_t);
     int err = 0, d = decide(fd, "write", -1, (long long)count, &err);
     if (d < 0) { errno = err; return -1; }
-    if (d > 0) { if (count < 2) { errno = err; return -1; } return real_write(fd, buf, count / 2); }
+    if (d > 0) { size_t n = short_len(fd, -1, count); if (!n) { errno = err; return -1; } return real_write(fd, buf, n); }
     return real_write(fd, buf, count);
 }
 
@@ -122,7 +133,7 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) {
     REAL(ssize_t, pwrite, int, const void *, size_t, off_t);
     int err = 0, d = decide(fd, "pwrite", (long long)off, (long long)count, &err);
     if (d < 0) { errno = err; return -1; }
-    if (d > 0) { if (count < 2) { errno = err; return -1; } return real_pwrite(fd, buf, count / 2, off); }
+    if (d > 0) { size_t n = short_len(fd, off, count); if (!n) { errno = err; return -1; } return real_pwrite(fd, buf, n, off); }
     return real_pwrite(fd, buf, count, off);
 }
 
@@ -130,7 +141,7 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t off) {
     REAL(ssize_t, pwrite64, int, const void *, size_t, off64_t);
     int err = 0, d = decide(fd, "pwrite64", (long long)off, (long long)count, &err);
     if (d < 0) { errno = err; return -1; }
-    if (d > 0) { if (count < 2) { errno = err; return -1; } return real_pwrite64(fd, buf, count / 2, off); }
+    if (d > 0) { size_t n = short_len(fd, off, count); if (!n) { errno = err; return -1; } return real_pwrite64(fd, buf, n, off); }
     return real_pwrite64(fd, buf, count, off);
 }
 
@@ -140,11 +151,11 @@ static size_t iov_total(const struct iovec *iov, int n) {
     return t;
 }
 
-/* A short vectored write: the first half of the bytes, written with pwrite/write piecewise. */
+/* A short vectored write: the bytes up to the last 4 KiB boundary, written with pwrite/write piecewise. */
 static ssize_t short_iov(int fd, const struct iovec *iov, int n, long long off) {
     REAL(ssize_t, pwrite64, int, const void *, size_t, off64_t);
     REAL(ssize_t, write, int, const void *, size_t);
-    size_t want = iov_total(iov, n) / 2, done = 0;
+    size_t want = short_len(fd, off, iov_total(iov, n)), done = 0;
     if (!want) { errno = ENOSPC; return -1; }
     for (int i = 0; i < n && done < want; i++) {
         size_t len = iov[i].iov_len < want - done ? iov[i].iov_len : want - done;
@@ -257,8 +268,9 @@ ssize_t copy_file_range(int in, off64_t *in_off, int out, off64_t *out_off, size
     int err = 0, d = decide(out, "copy_file_range", out_off ? (long long)*out_off : -1, (long long)len, &err);
     if (d < 0) { errno = err; return -1; }
     if (d > 0) {
-        if (len < 2) { errno = err; return -1; }
-        return real_copy_file_range(in, in_off, out, out_off, len / 2, flags);
+        size_t n = short_len(out, out_off ? (long long)*out_off : -1, len);
+        if (!n) { errno = err; return -1; }
+        return real_copy_file_range(in, in_off, out, out_off, n, flags);
     }
     return real_copy_file_range(in, in_off, out, out_off, len, flags);
 }

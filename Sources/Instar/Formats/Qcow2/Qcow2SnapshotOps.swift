@@ -225,39 +225,51 @@ extension Qcow2Format: ImageSnapshottable {
         if let (msg, err) = validateSnapshotL1(sn) { throw InstarError(.invalid, msg, errno: err) }
         let w = try writeSide()
         try w.prepare()
+        // The refcounts are lowered before the copied flags are set again: an update cut short in between
+        // leaves flags missing on clusters now counted once. The image is marked dirty first and stays dirty
+        // if a step fails, so the next read/write open repairs it.
+        try w.markDirtyForUpdate()
         var entries = table.entries
         entries.remove(at: index)
         do {
-            try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
-                try self.preventOverlap(offset: o, size: n, snapshots: entries,
-                                        tableOffset: self.header.snapshotsOffset, tableSize: table.size)
-            }, crashPrefix: "snapshot-delete", syncFirst: false)
-        } catch let e as InstarError {
-            let err = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))", errno: err)
-        }
-        refreshSnapshots(entries)
-        CrashPoint.hit("snapshot-delete:table-written")
-        do {
-            try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: -1,
-                                         flush: false)
-        } catch let e as InstarError {
-            let err = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))", errno: err)
-        }
-        if sn.l1Size > 0 {
-            // qcow2_free_clusters: a failure leaks the table; qemu says so and goes on.
-            if let err = try w.releaseRefusal(sn.l1TableOffset, UInt64(sn.l1Size) * 8) {
-                plainReport("qcow2_free_clusters failed: \(strerrorString(err))")
-            } else {
-                try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true)
+            do {
+                try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
+                    try self.preventOverlap(offset: o, size: n, snapshots: entries,
+                                            tableOffset: self.header.snapshotsOffset, tableSize: table.size)
+                }, crashPrefix: "snapshot-delete", syncFirst: false)
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))",
+                                  errno: err)
             }
-        }
-        do {
-            try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: mapper.l1.count, addend: 0)
-        } catch let e as InstarError {
-            let err = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Failed to update snapshot status in disk: \(strerrorString(err))", errno: err)
+            refreshSnapshots(entries)
+            CrashPoint.hit("snapshot-delete:table-written")
+            do {
+                try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: -1,
+                                             flush: false)
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))",
+                                  errno: err)
+            }
+            if sn.l1Size > 0 {
+                // qcow2_free_clusters: a failure leaks the table; qemu says so and goes on.
+                if let err = try w.releaseRefusal(sn.l1TableOffset, UInt64(sn.l1Size) * 8) {
+                    plainReport("qcow2_free_clusters failed: \(strerrorString(err))")
+                } else {
+                    try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true)
+                }
+            }
+            do {
+                try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: mapper.l1.count, addend: 0)
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(e.code, "Failed to update snapshot status in disk: \(strerrorString(err))",
+                                  errno: err)
+            }
+        } catch {
+            keepDirtyAfterFailure = true
+            throw error
         }
         CrashPoint.hit("snapshot-delete:refcounts")
     }
