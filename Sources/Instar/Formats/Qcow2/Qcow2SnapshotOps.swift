@@ -104,6 +104,14 @@ extension Qcow2Format: ImageSnapshottable {
         }
     }
 
+    /// After a failed update that marked the image dirty: a failed host write may have left the refcounts and
+    /// the copied flags disagreeing, so the dirty bit stays for the repair of the next read/write open. A refusal
+    /// (a refcount that would overflow, as qemu checks before writing) leaves the image as qemu leaves it.
+    private func keepDirtyAfterWriteFailure(_ error: Error) {
+        if let e = error as? InstarError, e.code != .io { return }
+        keepDirtyAfterFailure = true
+    }
+
     public func createSnapshot(name: String, dateSec: UInt32, dateNsec: UInt32) throws {
         let table = try snapshotEntries()
         if UInt64(table.entries.count) >= Qcow2.maxSnapshots {
@@ -139,7 +147,7 @@ extension Qcow2Format: ImageSnapshottable {
                                         tableOffset: self.header.snapshotsOffset, tableSize: table.size)
             }, crashPrefix: "snapshot-create", syncFirst: false)
         } catch {
-            keepDirtyAfterFailure = true
+            keepDirtyAfterWriteFailure(error)
             throw error
         }
         refreshSnapshots(entries)
@@ -268,7 +276,7 @@ extension Qcow2Format: ImageSnapshottable {
                                   errno: err)
             }
         } catch {
-            keepDirtyAfterFailure = true
+            keepDirtyAfterWriteFailure(error)
             throw error
         }
         CrashPoint.hit("snapshot-delete:refcounts")
