@@ -37,7 +37,7 @@ extension Qcow2Format {
     /// (a repair that could not fix everything, a check of a dirty image), unless a corruption was signalled
     /// while it was open.
     func markCleanOnClose() throws {
-        guard writable, !corruptionSignalled, header.version >= 3 else { return }
+        guard writable, !corruptionSignalled, !keepDirtyAfterFailure, header.version >= 3 else { return }
         let r = ByteReader(try file.readBytes(at: 72, count: 8))   // qcow2.txt: bytes 72-79 incompatible_features
         let bits = try r.u64be(at: 0)
         guard bits & Qcow2.incompatDirty != 0 else { return }

@@ -54,6 +54,9 @@ public final class Qcow2Format: ImageFormat {
     /// A check marked the image corrupt while it was open (qemu then detaches the driver: nothing more is
     /// written, not even the clean mark of close).
     var corruptionSignalled = false
+    /// A metadata update that marked the image dirty failed part way: the refcounts and copied flags on disk
+    /// may disagree, so close leaves the dirty bit for the repair of the next read/write open.
+    var keepDirtyAfterFailure = false
     /// The bitmaps of the directory, as loaded at open (see `Qcow2LiveBitmap`), in directory order.
     /// Emptied once they are stored at close (qemu releases them then).
     var liveBitmaps: [Qcow2LiveBitmap]

@@ -38,34 +38,42 @@ extension Qcow2Format: ImageEmptiable {
             h.incompatibleFeatures |= Qcow2.incompatDirty
             header = h
         }
-        let l1Bytes = try l1Clusters.multiplied(by: cs)
-        try file.writeZeroes(at: h.l1TableOffset, length: l1Bytes)
-        try file.writeZeroes(at: cs, length: try (2 + l1Clusters).multiplied(by: cs))
-        // qcow2.txt: bytes 40-47 l1_table_offset, 48-55 refcount_table_offset, 56-59 refcount_table_clusters.
-        var fields = [UInt8](repeating: 0, count: 20)
-        func put(_ at: Int, _ v: UInt64, _ n: Int) {
-            for i in 0..<n { fields[at + i] = UInt8(truncatingIfNeeded: v >> UInt64(8 * (n - 1 - i))) }
+        // From here on the image is consistent only once everything below is written: a failed step leaves
+        // the dirty bit for the next read/write open to repair (qemu detaches the driver, so nothing marks the
+        // image clean either).
+        do {
+            let l1Bytes = try l1Clusters.multiplied(by: cs)
+            try file.writeZeroes(at: h.l1TableOffset, length: l1Bytes)
+            try file.writeZeroes(at: cs, length: try (2 + l1Clusters).multiplied(by: cs))
+            // qcow2.txt: bytes 40-47 l1_table_offset, 48-55 refcount_table_offset, 56-59 refcount_table_clusters.
+            var fields = [UInt8](repeating: 0, count: 20)
+            func put(_ at: Int, _ v: UInt64, _ n: Int) {
+                for i in 0..<n { fields[at + i] = UInt8(truncatingIfNeeded: v >> UInt64(8 * (n - 1 - i))) }
+            }
+            put(0, 3 * cs, 8)
+            put(8, cs, 8)
+            put(16, 1, 4)
+            try file.write(fields, at: 40)
+            try file.sync()
+            h.l1TableOffset = 3 * cs
+            h.refcountTableOffset = cs
+            h.refcountTableClusters = 1
+            header = h
+            // The first refcount table entry names the refcount block in cluster 2.
+            var entry = (2 * cs).bigEndian
+            try withUnsafeBytes(of: &entry) { try file.write($0, at: cs) }
+            try file.sync()
+            // qcow2_alloc_clusters of header, table, block and L1: each cluster counted once.
+            var block = [UInt8](repeating: 0, count: Int(cs))
+            for c in 0..<(3 + l1Clusters) {
+                Qcow2Writer.setEntry(&block, index: c, order: UInt64(h.refcountOrder), value: 1)
+            }
+            try file.write(block, at: 2 * cs)
+            try file.sync()
+        } catch {
+            keepDirtyAfterFailure = true
+            throw error
         }
-        put(0, 3 * cs, 8)
-        put(8, cs, 8)
-        put(16, 1, 4)
-        try file.write(fields, at: 40)
-        try file.sync()
-        h.l1TableOffset = 3 * cs
-        h.refcountTableOffset = cs
-        h.refcountTableClusters = 1
-        header = h
-        // The first refcount table entry names the refcount block in cluster 2.
-        var entry = (2 * cs).bigEndian
-        try withUnsafeBytes(of: &entry) { try file.write($0, at: cs) }
-        try file.sync()
-        // qcow2_alloc_clusters of header, table, block and L1: each cluster counted once.
-        var block = [UInt8](repeating: 0, count: Int(cs))
-        for c in 0..<(3 + l1Clusters) {
-            Qcow2Writer.setEntry(&block, index: c, order: UInt64(h.refcountOrder), value: 1)
-        }
-        try file.write(block, at: 2 * cs)
-        try file.sync()
         // qcow2_mark_clean: the header is written again whole.
         h.incompatibleFeatures &= ~Qcow2.incompatDirty
         try writeHeaderCluster(h, bitmaps: nil)

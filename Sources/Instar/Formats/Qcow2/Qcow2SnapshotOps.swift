@@ -104,6 +104,14 @@ extension Qcow2Format: ImageSnapshottable {
         }
     }
 
+    /// After a failed update that marked the image dirty: a failed host write may have left the refcounts and
+    /// the copied flags disagreeing, so the dirty bit stays for the repair of the next read/write open. A refusal
+    /// (a refcount that would overflow, as qemu checks before writing) leaves the image as qemu leaves it.
+    private func keepDirtyAfterWriteFailure(_ error: Error) {
+        if let e = error as? InstarError, e.code != .io { return }
+        keepDirtyAfterFailure = true
+    }
+
     public func createSnapshot(name: String, dateSec: UInt32, dateNsec: UInt32) throws {
         let table = try snapshotEntries()
         if UInt64(table.entries.count) >= Qcow2.maxSnapshots {
@@ -122,17 +130,26 @@ extension Qcow2Format: ImageSnapshottable {
                            tableOffset: header.snapshotsOffset, tableSize: table.size)
         if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
         CrashPoint.hit("snapshot-create:l1-copied")
-        try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
-        CrashPoint.hit("snapshot-create:refcounts")
+        // Between the raised refcounts and the cleared copied flags no order is consistent: the image is marked
+        // dirty first, and stays dirty if a step fails (the next read/write open repairs it).
+        try w.markDirtyForUpdate()
         var entries = table.entries
-        entries.append(Qcow2SnapshotEntry(
-            l1TableOffset: l1Offset, l1Size: UInt32(l1.count), vmStateSize: 0, dateSec: dateSec, dateNsec: dateNsec,
-            vmClockNsec: 0, icount: 0, diskSize: virtualSize, extraDataSize: Qcow2SnapshotTable.knownExtraBytes,
-            unknownExtra: [], id: Array(id.utf8), name: nameBytes))
-        try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
-            try self.preventOverlap(offset: o, size: n, snapshots: entries, tableOffset: self.header.snapshotsOffset,
-                                    tableSize: table.size)
-        }, crashPrefix: "snapshot-create", syncFirst: false)
+        do {
+            try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
+            CrashPoint.hit("snapshot-create:refcounts")
+            entries.append(Qcow2SnapshotEntry(
+                l1TableOffset: l1Offset, l1Size: UInt32(l1.count), vmStateSize: 0, dateSec: dateSec,
+                dateNsec: dateNsec, vmClockNsec: 0, icount: 0, diskSize: virtualSize,
+                extraDataSize: Qcow2SnapshotTable.knownExtraBytes, unknownExtra: [], id: Array(id.utf8),
+                name: nameBytes))
+            try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
+                try self.preventOverlap(offset: o, size: n, snapshots: entries,
+                                        tableOffset: self.header.snapshotsOffset, tableSize: table.size)
+            }, crashPrefix: "snapshot-create", syncFirst: false)
+        } catch {
+            keepDirtyAfterWriteFailure(error)
+            throw error
+        }
         refreshSnapshots(entries)
     }
 
@@ -216,39 +233,51 @@ extension Qcow2Format: ImageSnapshottable {
         if let (msg, err) = validateSnapshotL1(sn) { throw InstarError(.invalid, msg, errno: err) }
         let w = try writeSide()
         try w.prepare()
+        // The refcounts are lowered before the copied flags are set again: an update cut short in between
+        // leaves flags missing on clusters now counted once. The image is marked dirty first and stays dirty
+        // if a step fails, so the next read/write open repairs it.
+        try w.markDirtyForUpdate()
         var entries = table.entries
         entries.remove(at: index)
         do {
-            try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
-                try self.preventOverlap(offset: o, size: n, snapshots: entries,
-                                        tableOffset: self.header.snapshotsOffset, tableSize: table.size)
-            }, crashPrefix: "snapshot-delete", syncFirst: false)
-        } catch let e as InstarError {
-            let err = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))", errno: err)
-        }
-        refreshSnapshots(entries)
-        CrashPoint.hit("snapshot-delete:table-written")
-        do {
-            try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: -1,
-                                         flush: false)
-        } catch let e as InstarError {
-            let err = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))", errno: err)
-        }
-        if sn.l1Size > 0 {
-            // qcow2_free_clusters: a failure leaks the table; qemu says so and goes on.
-            if let err = try w.releaseRefusal(sn.l1TableOffset, UInt64(sn.l1Size) * 8) {
-                plainReport("qcow2_free_clusters failed: \(strerrorString(err))")
-            } else {
-                try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true)
+            do {
+                try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
+                    try self.preventOverlap(offset: o, size: n, snapshots: entries,
+                                            tableOffset: self.header.snapshotsOffset, tableSize: table.size)
+                }, crashPrefix: "snapshot-delete", syncFirst: false)
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))",
+                                  errno: err)
             }
-        }
-        do {
-            try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: mapper.l1.count, addend: 0)
-        } catch let e as InstarError {
-            let err = e.errnoValue != 0 ? e.errnoValue : EIO
-            throw InstarError(e.code, "Failed to update snapshot status in disk: \(strerrorString(err))", errno: err)
+            refreshSnapshots(entries)
+            CrashPoint.hit("snapshot-delete:table-written")
+            do {
+                try w.updateSnapshotRefcount(l1Offset: sn.l1TableOffset, l1Size: Int(sn.l1Size), addend: -1,
+                                             flush: false)
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))",
+                                  errno: err)
+            }
+            if sn.l1Size > 0 {
+                // qcow2_free_clusters: a failure leaks the table; qemu says so and goes on.
+                if let err = try w.releaseRefusal(sn.l1TableOffset, UInt64(sn.l1Size) * 8) {
+                    plainReport("qcow2_free_clusters failed: \(strerrorString(err))")
+                } else {
+                    try w.freeRange(sn.l1TableOffset, UInt64(sn.l1Size) * 8, discard: true)
+                }
+            }
+            do {
+                try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: mapper.l1.count, addend: 0)
+            } catch let e as InstarError {
+                let err = e.errnoValue != 0 ? e.errnoValue : EIO
+                throw InstarError(e.code, "Failed to update snapshot status in disk: \(strerrorString(err))",
+                                  errno: err)
+            }
+        } catch {
+            keepDirtyAfterWriteFailure(error)
+            throw error
         }
         CrashPoint.hit("snapshot-delete:refcounts")
     }

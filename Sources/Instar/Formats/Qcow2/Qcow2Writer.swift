@@ -185,6 +185,18 @@ final class Qcow2Writer {
         prepared = true
     }
 
+    /// qcow2_mark_dirty around an update whose steps each leave the refcounts and the copied flags disagreeing
+    /// (a snapshot's refcounts raised before the tables' copied flags are cleared): with the dirty bit on disk
+    /// first, an update cut short by an I/O error or a crash leaves an image the next read/write open repairs
+    /// (version 3 only; version 2 has no dirty bit). Close clears the bit once everything is written.
+    func markDirtyForUpdate() throws {
+        guard header.version >= 3, header.incompatibleFeatures & Qcow2.incompatDirty == 0 else { return }
+        header.incompatibleFeatures |= Qcow2.incompatDirty
+        try writeHeaderU64(header.incompatibleFeatures, at: 72)   // qcow2.txt: bytes 72-79
+        format.header.incompatibleFeatures = header.incompatibleFeatures
+        markedDirty = true
+    }
+
     func writeHeaderU64(_ v: UInt64, at offset: UInt64) throws {
         var be = v.bigEndian
         try withUnsafeBytes(of: &be) { try file.write($0, at: offset) }
@@ -205,7 +217,7 @@ final class Qcow2Writer {
 
     func close() throws {
         try flush()
-        if markedDirty {
+        if markedDirty && !format.keepDirtyAfterFailure {
             header.incompatibleFeatures &= ~Qcow2.incompatDirty
             try writeHeaderU64(header.incompatibleFeatures, at: 72)
             markedDirty = false

@@ -183,15 +183,17 @@ public final class VdiFormat: ImageFormat {
                 guard VdiFormat.isAllocated(new) else {
                     throw InstarError(.io, "VDI block count overflow", errno: EFBIG)
                 }
-                bmap[Int(index)] = new
-                blocksAllocated = new + 1
                 var block = [UInt8](repeating: 0, count: Int(blockSize))
                 block.withUnsafeMutableBytes { b in
                     UnsafeMutableRawBufferPointer(rebasing: b[Int(into)..<(Int(into) + n)]).copyMemory(from: part)
                 }
+                // The map in memory names the block only once its data is written: a failed write leaves the
+                // block unallocated for the requests that follow, and no map write refers to it.
+                try file.write(block, at: dataOffset(new))
+                bmap[Int(index)] = new
+                blocksAllocated = new + 1
                 if first == nil { first = index }
                 last = index
-                try file.write(block, at: dataOffset(new))
             }
             done += n
         }
