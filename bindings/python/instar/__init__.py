@@ -52,3 +52,8 @@ __all__ = [
     "compare_status",
     "inspect", "InspectPolicy", "InspectReport", "PolicyViolation", "Violation",
 ]
+
+# Isolated mode (docs/isolated.md): info/check/map take isolated=True.
+from ._lib import IsolationFailed  # noqa: E402,F401
+from .image import OPEN_ISOLATED  # noqa: E402,F401
+__all__ += ["IsolationFailed", "OPEN_ISOLATED"]

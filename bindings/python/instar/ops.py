@@ -5,7 +5,7 @@ import ctypes
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._lib import Error, Limits, Options, InstarError, check, encode, lib  # noqa: F401
-from .image import OPEN_FORCE_SHARE
+from .image import OPEN_FORCE_SHARE, OPEN_ISOLATED
 from .progress import PROGRESS_FN as PROGRESS_FN  # re-exported: the other modules take it from here
 from .progress import Cancel, ProgressCallable, make_progress
 from .results import CompareResult as CompareResultData
@@ -84,11 +84,13 @@ def _progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = N
 
 
 def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
-                force_share: bool = False, key_secret: Optional[str] = None) -> List[MapEntryData]:
+                force_share: bool = False, key_secret: Optional[str] = None,
+                isolated: bool = False) -> List[MapEntryData]:
     """The extents `qemu-img map` reports, as MapEntry dataclasses (with the C struct's fields, the data's file
     name included)."""
     L = _setup()
-    opts = MapOptions(ctypes.sizeof(MapOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format),
+    opts = MapOptions(ctypes.sizeof(MapOptions),
+                      (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0), encode(format),
                       start_offset, -1 if max_length is None else max_length, encode(key_secret))
     out = ctypes.POINTER(Map)()
     err = Error()
