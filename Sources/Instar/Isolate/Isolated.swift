@@ -15,6 +15,8 @@ enum IsolatedOp: UInt8 {
     case info = 1
     case check = 2
     case map = 3
+    case measure = 4
+    case compare = 5
 }
 
 /// Frame types on the helper's socket: a frame is u32 type, u64 length, then the payload.
@@ -23,6 +25,7 @@ enum IsolateFrame: UInt32 {
     case request = 2   // caller -> helper
     case result = 3    // helper -> caller: the operation's encoded result
     case failure = 4   // helper -> caller: an InstarError
+    case progress = 5  // helper -> caller: f64 percent (the caller's progress callback may cancel)
 }
 
 public enum IsolatedMode {
@@ -123,6 +126,75 @@ public enum IsolatedMode {
         return MapWalk(entries: entries, error: error)
     }
 
+    /// Measure.measure in a helper (only when it reads an image: a measure by size parses nothing and runs in
+    /// the caller).
+    public static func measure(_ p: Measure.Parameters) throws -> MeasureResult {
+        guard p.filename != nil else { return try Measure.measure(p) }
+        var w = WireWriter()
+        w.optStr(p.filename)
+        w.optStr(p.sourceFormat)
+        w.bool(p.imageOpts)
+        w.str(p.outputFormat)
+        w.optStr(p.options)
+        w.optU64(p.size)
+        w.bool(p.forceShare)
+        w.optStr(p.keySecret)
+        w.u64(UInt64(p.secrets.count))
+        for (k, v) in p.secrets.sorted(by: { $0.key < $1.key }) {
+            w.str(k)
+            w.str(v)
+        }
+        var r = try call(.measure, w.bytes)
+        try replayWarnings(&r, p.warn)
+        let required = try r.u64()
+        let full = try r.u64()
+        let bitmaps = try r.optU64()
+        try r.finish()
+        return MeasureResult(required: required, fullyAllocated: full, bitmaps: bitmaps)
+    }
+
+    /// How an isolated compare ended: its result, or qemu-img compare's exit status and stderr line for the
+    /// failure together with the error the call returns.
+    enum CompareOutcome {
+        case result(CompareResult)
+        case failure(status: Int32, line: String, error: InstarError)
+    }
+
+    /// Opens both images read-only and compares them (instar_compare) in a helper; its progress reports reach
+    /// `progress`, which may throw to cancel (the helper is then killed).
+    static func compare(_ names: (String, String), formats: (String?, String?), flags: UInt32,
+                        keys: (String?, String?), strict: Bool,
+                        progress: ((Double) throws -> Void)?) throws -> CompareOutcome {
+        var w = WireWriter()
+        w.str(names.0)
+        w.str(names.1)
+        w.optStr(formats.0)
+        w.optStr(formats.1)
+        w.u32(flags & ~UInt32(INSTAR_OPEN_ISOLATED))
+        w.optStr(keys.0)
+        w.optStr(keys.1)
+        w.bool(strict)
+        var r = try call(.compare, w.bytes, progress: progress)
+        switch try r.u8() {
+        case 0:
+            let identical = try r.bool()
+            let sizeMismatch = try r.bool()
+            let offset = try r.optU64()
+            let message = try r.str()
+            try r.finish()
+            return .result(CompareResult(identical: identical, sizeMismatch: sizeMismatch, mismatchOffset: offset,
+                                         message: message))
+        case 1:
+            let status = Int32(bitPattern: try r.u32())
+            let line = try r.str()
+            let e = try r.error()
+            try r.finish()
+            return .failure(status: status, line: line, error: e)
+        default:
+            throw WireReader.malformed()
+        }
+    }
+
     private static func replayWarnings(_ r: inout WireReader, _ warn: ((String) -> Void)?) throws {
         let n = try r.count(minSize: 8)
         for _ in 0..<n {
@@ -174,7 +246,8 @@ public enum IsolatedMode {
 
     /// Runs `op` in a new helper and returns its encoded result (or throws the helper's error, or an error
     /// saying how the helper ended).
-    static func call(_ op: IsolatedOp, _ payload: [UInt8]) throws -> WireReader {
+    static func call(_ op: IsolatedOp, _ payload: [UInt8],
+                     progress: ((Double) throws -> Void)? = nil) throws -> WireReader {
         let budget = CallBudget.current
         let timeoutMs = budget.map { $0.timeoutMs > 0 ? $0.timeoutMs : 0 } ?? 0
         let cpuMs = budget.map { $0.cpuMs > 0 ? $0.cpuMs : 0 } ?? 0
@@ -207,7 +280,7 @@ public enum IsolatedMode {
         let session = HelperSession(sock: fds[0], pid: pid, deadline: CallBudget.now(CLOCK_MONOTONIC)
                                         &+ UInt64(max(1, wallMs)) &* 1_000_000, wallMs: wallMs)
         defer { session.finish() }
-        return try session.run(request: w.bytes)
+        return try session.run(request: w.bytes, progress: progress)
     }
 
     // MARK: the helper process (helper side)
@@ -230,6 +303,8 @@ public enum IsolatedMode {
             let timeoutMs = try r.i64()
             let cpuMs = try r.i64()
             let test = try r.str()
+            // Libraries that read files on first use (libgcrypt's FIPS check) get that done before the lockdown.
+            Gcrypt.ensureReady()
             instar_broker_fd = sock
             let lrc = instar_isolate_lockdown(addressSpace, cpuSeconds)
             if lrc < 0 {
@@ -273,9 +348,14 @@ public enum IsolatedMode {
     }
 
     private static func runOp(_ op: IsolatedOp, _ r: inout WireReader, _ out: inout WireWriter) throws {
-        var warnings: [String] = []
-        let warn: (String) -> Void = { warnings.append($0) }
+        let collected = WarningBox()
+        let warn: (String) -> Void = { collected.items.append($0) }
+        var warnings: [String] { collected.items }
         switch op {
+        case .measure:
+            try runMeasure(&r, &out, warn) { collected.items }
+        case .compare:
+            try runCompare(&r, &out)
         case .info:
             let name = try r.str()
             var o = InfoOperation.Options()
@@ -366,6 +446,71 @@ public enum IsolatedMode {
         }
     }
 
+    private static func runMeasure(_ r: inout WireReader, _ out: inout WireWriter, _ warn: @escaping (String) -> Void,
+                                   _ warnings: () -> [String]) throws {
+        var p = Measure.Parameters()
+        p.filename = try r.optStr()
+        p.sourceFormat = try r.optStr()
+        p.imageOpts = try r.bool()
+        p.outputFormat = try r.str()
+        p.options = try r.optStr()
+        p.size = try r.optU64()
+        p.forceShare = try r.bool()
+        p.keySecret = try r.optStr()
+        let n = try r.count(minSize: 16)
+        for _ in 0..<n {
+            let k = try r.str()
+            p.secrets[k] = try r.str()
+        }
+        try r.finish()
+        p.warn = warn
+        let m = try Measure.measure(p)
+        writeWarnings(&out, warnings())
+        out.u64(m.required)
+        out.u64(m.fullyAllocated)
+        out.optU64(m.bitmaps)
+    }
+
+    private static func runCompare(_ r: inout WireReader, _ out: inout WireWriter) throws {
+        let names = (try r.str(), try r.str())
+        let formats = (try r.optStr(), try r.optStr())
+        let flags = try r.u32()
+        let keys = (try r.optStr(), try r.optStr())
+        let strict = try r.bool()
+        try r.finish()
+        var opening = true
+        do {
+            let a = try keys.0.withOptionalCString { k in
+                try openForOperation(names.0, format: formats.0, flags: flags, keySecret: k)
+            }
+            defer { try? a.close() }
+            let b = try keys.1.withOptionalCString { k in
+                try openForOperation(names.1, format: formats.1, flags: flags, keySecret: k)
+            }
+            defer { try? b.close() }
+            opening = false
+            let sock = Int32(INSTAR_ISOLATE_SOCK_FD)
+            let c = try CompareOperation.compare(a, b, strict: strict, progress: { percent in
+                var f = WireWriter()
+                f.u32(IsolateFrame.progress.rawValue)
+                f.u64(8)
+                f.u64(percent.bitPattern)
+                if !sendAll(sock, f.bytes) { throw InstarError(.cancelled, "Operation cancelled") }
+            })
+            out.u8(0)
+            out.bool(c.identical)
+            out.bool(c.sizeMismatch)
+            out.optU64(c.mismatchOffset)
+            out.str(c.message)
+        } catch {
+            let (status, line) = compareFailure(error, opening: opening, names: names)
+            out.u8(1)
+            out.u32(UInt32(bitPattern: status))
+            out.str(line)
+            out.error((error as? InstarError) ?? (error as? StepError)?.instarError ?? InstarError(.io, "\(error)"))
+        }
+    }
+
     private static func writeWarnings(_ out: inout WireWriter, _ warnings: [String]) {
         out.u64(UInt64(warnings.count))
         for s in warnings { out.str(s) }
@@ -415,6 +560,11 @@ public enum IsolatedMode {
     }
 }
 
+/// The warnings an operation in the helper gave, collected for the caller.
+final class WarningBox {
+    var items: [String] = []
+}
+
 /// One helper process seen from the caller: serves its open requests and collects its result before the
 /// deadline, then kills and reaps it whatever happened.
 final class HelperSession {
@@ -442,7 +592,7 @@ final class HelperSession {
         }
     }
 
-    func run(request: [UInt8]) throws -> WireReader {
+    func run(request: [UInt8], progress: ((Double) throws -> Void)?) throws -> WireReader {
         var head = WireWriter()
         head.u32(IsolateFrame.request.rawValue)
         head.u64(UInt64(request.count))
@@ -462,6 +612,11 @@ final class HelperSession {
                     throw InstarError(.isolation, "The isolated helper asked for too many files")
                 }
                 try serveOpen(body)
+            case .progress?:
+                var pr = WireReader(body)
+                let percent = Double(bitPattern: try pr.u64())
+                try pr.finish()
+                try progress?(percent)
             case .result?:
                 return WireReader(body)
             case .failure?:
@@ -594,5 +749,13 @@ final class HelperSession {
     private func signalName(_ sig: Int32) -> String {
         guard let p = strsignal(sig) else { return "unknown" }
         return String(cString: p)
+    }
+}
+
+extension Optional where Wrapped == String {
+    /// `body` with a C string of the value, or with nil.
+    func withOptionalCString<T>(_ body: (UnsafePointer<CChar>?) throws -> T) rethrows -> T {
+        guard let s = self else { return try body(nil) }
+        return try s.withCString { try body($0) }
     }
 }

@@ -109,10 +109,11 @@ def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, 
 
 
 def map(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
-        force_share: bool = False, key_secret: Optional[str] = None) -> List[Dict[str, Any]]:
+        force_share: bool = False, key_secret: Optional[str] = None, isolated: bool = False) -> List[Dict[str, Any]]:
     """The entries of `qemu-img map --output=json` as dicts with the same keys in the same order (see
     map_entries for dataclasses)."""
-    return [e.to_dict() for e in map_entries(path, format, start_offset, max_length, force_share, key_secret)]
+    return [e.to_dict() for e in map_entries(path, format, start_offset, max_length, force_share, key_secret,
+                                             isolated)]
 
 
 def compare_result(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
