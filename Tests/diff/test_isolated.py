@@ -85,6 +85,33 @@ def test_map_and_check_equal_in_process_and_qemu(images, name):
         assert q.rc == 3, q  # the check found the leak, through the helper too
 
 
+@pytest.mark.parametrize("name", ["top.qcow2", "split.vmdk", "disk.vhd"])
+def test_measure_and_compare_equal_in_process_and_qemu(images, name):
+    for argv in (["measure", "-O", "qcow2", name], ["measure", "--output=json", "-O", "vmdk", name],
+                 ["compare", name, name], ["compare", "-s", "top.qcow2", name], ["compare", "-p", name, "disk.vhd"],
+                 ["compare", name, "missing.qcow2"]):
+        q = qemu(*argv, cwd=images)
+        i = instar(*argv, cwd=images)
+        s = run([INSTAR, argv[0], "--isolated", *argv[1:]], cwd=images)
+        assert s == i, (argv, s, i)
+        assert s == q, (argv, s, q)
+
+
+def test_python_measure_and_compare(images):
+    top, vhd = os.path.join(images, "top.qcow2"), os.path.join(images, "disk.vhd")
+    assert lib.measure_result(top, "qcow2", isolated=True) == lib.measure_result(top, "qcow2")
+    assert lib.measure_result(size=1 << 30, out_fmt="qcow2", isolated=True) == \
+        lib.measure_result(size=1 << 30, out_fmt="qcow2")
+    seen = []
+    assert lib.compare_result(top, vhd, isolated=True, progress=seen.append) == lib.compare_result(top, vhd)
+    assert seen and seen[-1] == 100.0, seen  # the helper's progress reaches the caller's callback
+    a, ea = lib.compare_status(top, os.path.join(images, "missing.qcow2"))
+    b, eb = lib.compare_status(top, os.path.join(images, "missing.qcow2"), isolated=True)
+    assert a == b and (ea.code, ea.message) == (eb.code, eb.message)
+    with pytest.raises(lib.Cancelled):
+        lib.compare_result(top, top, isolated=True, progress=lambda p: True)  # the callback cancels
+
+
 def test_python_binding_same_structs(images):
     for name in ("top.qcow2", "split.vmdk", "enc.luks"):
         path = os.path.join(images, name)

@@ -155,16 +155,19 @@ public enum IsolatedMode {
 
     /// How an isolated compare ended: its result, or qemu-img compare's exit status and stderr line for the
     /// failure together with the error the call returns.
-    enum CompareOutcome {
+    public enum CompareOutcome {
         case result(CompareResult)
         case failure(status: Int32, line: String, error: InstarError)
     }
 
     /// Opens both images read-only and compares them (instar_compare) in a helper; its progress reports reach
     /// `progress`, which may throw to cancel (the helper is then killed).
-    static func compare(_ names: (String, String), formats: (String?, String?), flags: UInt32,
-                        keys: (String?, String?), strict: Bool,
-                        progress: ((Double) throws -> Void)?) throws -> CompareOutcome {
+    /// `commandLine` opens as the CLI does (--image-opts names, `open.secrets` from --object, O_DIRECT) instead
+    /// of as the C API does.
+    public static func compare(_ names: (String, String), formats: (String?, String?), flags: UInt32,
+                               keys: (String?, String?), strict: Bool, commandLine: Bool = false,
+                               imageOpts: Bool = false, open: ImageOpenOptions = ImageOpenOptions(),
+                               progress: ((Double) throws -> Void)?) throws -> CompareOutcome {
         var w = WireWriter()
         w.str(names.0)
         w.str(names.1)
@@ -174,6 +177,9 @@ public enum IsolatedMode {
         w.optStr(keys.0)
         w.optStr(keys.1)
         w.bool(strict)
+        w.bool(commandLine)
+        w.bool(imageOpts)
+        open.encodeIsolated(&w)
         var r = try call(.compare, w.bytes, progress: progress)
         switch try r.u8() {
         case 0:
@@ -477,16 +483,28 @@ public enum IsolatedMode {
         let flags = try r.u32()
         let keys = (try r.optStr(), try r.optStr())
         let strict = try r.bool()
+        let commandLine = try r.bool()
+        let imageOpts = try r.bool()
+        let cliOpen = try ImageOpenOptions.decodeIsolated(&r)
         try r.finish()
         var opening = true
+        func openOne(_ name: String, _ format: String?, _ key: String?) throws -> ImageLayer {
+            guard commandLine else {
+                return try key.withOptionalCString { k in
+                    try openForOperation(name, format: format, flags: flags, keySecret: k)
+                }
+            }
+            do {
+                let spec = try ImageOpener.commandLineSpec(name, format: format, imageOpts: imageOpts, warn: nil)
+                return try ImageOpener.open(spec, options: cliOpen, writable: false)
+            } catch let e as InstarError {
+                throw e.prepending("Could not open '\(name)': ")
+            }
+        }
         do {
-            let a = try keys.0.withOptionalCString { k in
-                try openForOperation(names.0, format: formats.0, flags: flags, keySecret: k)
-            }
+            let a = try openOne(names.0, formats.0, keys.0)
             defer { try? a.close() }
-            let b = try keys.1.withOptionalCString { k in
-                try openForOperation(names.1, format: formats.1, flags: flags, keySecret: k)
-            }
+            let b = try openOne(names.1, formats.1, keys.1)
             defer { try? b.close() }
             opening = false
             let sock = Int32(INSTAR_ISOLATE_SOCK_FD)
@@ -545,7 +563,9 @@ public enum IsolatedMode {
             var got = 0
             while got < n {
                 var fd: Int32 = -1
-                let k = buf.withUnsafeMutableBytes { b in instar_isolate_recv(sock, b.baseAddress! + got, n - got, &fd) }
+                let k = buf.withUnsafeMutableBytes { b in
+                    instar_isolate_recv(sock, b.baseAddress! + got, n - got, &fd)
+                }
                 if fd >= 0 { Glibc.close(fd) }
                 if k <= 0 { throw InstarError(.isolation, "The isolated helper's socket closed") }
                 got += k
@@ -743,7 +763,8 @@ final class HelperSession {
             }
             return InstarError(.isolation, "The isolated helper crashed (signal \(sig): \(signalName(sig)))")
         }
-        return InstarError(.isolation, "The isolated helper exited with status \((status >> 8) & 0xff) without a result")
+        return InstarError(.isolation,
+                           "The isolated helper exited with status \((status >> 8) & 0xff) without a result")
     }
 
     private func signalName(_ sig: Int32) -> String {
