@@ -102,9 +102,11 @@ def test_python_measure_and_compare(images):
     assert lib.measure_result(top, "qcow2", isolated=True) == lib.measure_result(top, "qcow2")
     assert lib.measure_result(size=1 << 30, out_fmt="qcow2", isolated=True) == \
         lib.measure_result(size=1 << 30, out_fmt="qcow2")
-    seen = []
-    assert lib.compare_result(top, vhd, isolated=True, progress=seen.append) == lib.compare_result(top, vhd)
-    assert seen and seen[-1] == 100.0, seen  # the helper's progress reaches the caller's callback
+    for other in (vhd, top):
+        seen, seen_in = [], []
+        assert lib.compare_result(top, other, isolated=True, progress=seen.append) == \
+            lib.compare_result(top, other, progress=seen_in.append)
+        assert seen and seen == seen_in, (seen, seen_in)  # the helper's progress reaches the caller's callback
     a, ea = lib.compare_status(top, os.path.join(images, "missing.qcow2"))
     b, eb = lib.compare_status(top, os.path.join(images, "missing.qcow2"), isolated=True)
     assert a == b and (ea.code, ea.message) == (eb.code, eb.message)
