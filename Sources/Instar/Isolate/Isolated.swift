@@ -72,7 +72,7 @@ public enum IsolatedMode {
         options.open.encodeIsolated(&w)
         var r = try call(.check, w.bytes)
         try replayWarnings(&r, options.warn)
-        let nm = try r.count(minSize: 10)
+        let nm = try r.count(minSize: 9)
         for _ in 0..<nm {
             let text = try r.str()
             messages(CheckMessage(text, errorReport: try r.bool()))
@@ -707,21 +707,24 @@ final class HelperSession {
         }
     }
 
+    /// `n` bytes, read in chunks so that a length the helper claims costs memory only as its bytes arrive.
     private func receive(_ n: Int) throws -> [UInt8] {
-        var buf = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
+        var out: [UInt8] = []
+        out.reserveCapacity(min(n, 1 << 20))
+        var chunk = [UInt8](repeating: 0, count: min(n, 1 << 16))
+        while out.count < n {
             var fd: Int32 = -1
-            let k = buf.withUnsafeMutableBytes { b in instar_isolate_recv(sock, b.baseAddress! + got, n - got, &fd) }
+            let want = min(chunk.count, n - out.count)
+            let k = chunk.withUnsafeMutableBytes { b in instar_isolate_recv(sock, b.baseAddress!, want, &fd) }
             if fd >= 0 { Glibc.close(fd) }
             if k == -Int(EAGAIN) {
                 try wait(Int16(POLLIN))
                 continue
             }
             if k <= 0 { throw ended() }
-            got += k
+            out.append(contentsOf: chunk[0..<k])
         }
-        return buf
+        return out
     }
 
     private func wait(_ events: Int16) throws {
