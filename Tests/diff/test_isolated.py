@@ -2,9 +2,7 @@
 parsed in the confined helper `instar-isolate` give what the in-process call and qemu-img give, on normal and
 hostile images; a helper that crashes, hangs or makes a forbidden system call is an error of the call and the
 calling process (this pytest process, through ctypes) lives on."""
-import json
 import os
-import shutil
 import time
 
 import pytest
@@ -264,3 +262,13 @@ def test_helper_is_confined(images):
     finally:
         p.kill()
         p.wait()
+
+
+def test_threads_spawn_helpers_together(images):
+    """A multi-threaded host: helpers spawned from several threads at once each answer their own caller."""
+    import concurrent.futures
+    names = ["top.qcow2", "split.vmdk", "disk.vhd", "leak.qcow2"] * 3
+    want = {n: lib.info_json(os.path.join(images, n)) for n in set(names)}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda n: lib.info_json(os.path.join(images, n), isolated=True), names))
+    assert got == [want[n] for n in names]
