@@ -19,6 +19,9 @@ build:
 	mkdir -p $(OUT)/bin $(OUT)/lib
 	cp .build/release/libinstar.so $(OUT)/lib/libinstar.so.new && mv -f $(OUT)/lib/libinstar.so.new $(OUT)/lib/libinstar.so
 	cp .build/release/instar-cli $(OUT)/bin/instar.new && mv -f $(OUT)/bin/instar.new $(OUT)/bin/instar
+	$(SWIFT) build $(RELEASE) --product instar-isolate
+	mkdir -p $(OUT)/libexec
+	cp .build/release/instar-isolate $(OUT)/libexec/instar-isolate.new && mv -f $(OUT)/libexec/instar-isolate.new $(OUT)/libexec/instar-isolate
 
 # Debug build into the same build/ folder, for quick iteration (not static; needs the Swift toolchain).
 dev:
@@ -27,6 +30,9 @@ dev:
 	mkdir -p $(OUT)/bin $(OUT)/lib
 	cp .build/debug/libinstar.so $(OUT)/lib/libinstar.so.new && mv -f $(OUT)/lib/libinstar.so.new $(OUT)/lib/libinstar.so
 	cp .build/debug/instar-cli $(OUT)/bin/instar.new && mv -f $(OUT)/bin/instar.new $(OUT)/bin/instar
+	$(SWIFT) build --product instar-isolate
+	mkdir -p $(OUT)/libexec
+	cp .build/debug/instar-isolate $(OUT)/libexec/instar-isolate.new && mv -f $(OUT)/libexec/instar-isolate.new $(OUT)/libexec/instar-isolate
 
 # Installs the system packages the build and the tests need, only when some are missing.
 deps:
@@ -62,6 +68,8 @@ install-only:
 	install -m 0755 $(OUT)/lib/libinstar.so $(DESTDIR)$(PREFIX)/lib/libinstar.so
 	install -m 0644 include/instar.h $(DESTDIR)$(PREFIX)/include/instar.h
 	install -m 0755 $(OUT)/bin/instar $(DESTDIR)$(PREFIX)/bin/instar
+	install -d $(DESTDIR)$(PREFIX)/libexec
+	install -m 0755 $(OUT)/libexec/instar-isolate $(DESTDIR)$(PREFIX)/libexec/instar-isolate
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e "s|@VERSION@|$$(sed -n 's/.*version = \"\(.*\)\".*/\1/p' Sources/Instar/Instar.swift)|g" \
 	  pkgconfig/instar.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/instar.pc
 

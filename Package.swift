@@ -8,11 +8,13 @@ let package = Package(
     products: [
         .library(name: "instar", type: .dynamic, targets: ["Instar"]),
         .executable(name: "instar-cli", targets: ["instar-cli"]),
+        .executable(name: "instar-isolate", targets: ["instar-isolate"]),
     ],
     targets: [
         .target(name: "CInstar"),
         .target(name: "Instar", dependencies: ["CInstar"]),
         .executableTarget(name: "instar-cli", dependencies: ["Instar", "CInstar"]),
+        .executableTarget(name: "instar-isolate", dependencies: ["Instar", "CInstar"]),
         .testTarget(name: "InstarTests", dependencies: ["Instar", "CInstar"]),
     ]
 )

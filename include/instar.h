@@ -59,7 +59,8 @@ enum {
     INSTAR_E_CHAIN = -11,       /**< the backing chain is broken, loops or is too deep */
     INSTAR_E_RANGE = -12,       /**< an offset or size is out of range */
     INSTAR_E_LIMIT = -13,       /**< a limit of instar_limits_t was reached (time, CPU, memory) */
-    INSTAR_E_POLICY = -14       /**< instar_inspect: the image violates the policy (the report says how) */
+    INSTAR_E_POLICY = -14,      /**< instar_inspect: the image violates the policy (the report says how) */
+    INSTAR_E_ISOLATION = -15    /**< INSTAR_OPEN_ISOLATED: the helper could not start, crashed or broke its confinement */
 };
 
 /** Details of a failure. `message` is what qemu-img would print after "qemu-img: ". */
@@ -113,7 +114,13 @@ enum {
     INSTAR_OPEN_READ_WRITE = 1u << 0,   /**< open for writing (takes QEMU-compatible write locks) */
     INSTAR_OPEN_FORCE_SHARE = 1u << 1,  /**< qemu-img -U: read even if another process holds a write lock */
     INSTAR_OPEN_NO_BACKING = 1u << 2,   /**< do not open the backing chain */
-    INSTAR_OPEN_NO_CACHE = 1u << 3      /**< O_DIRECT on the image files (qemu-img -t/-T none) */
+    INSTAR_OPEN_NO_CACHE = 1u << 3,     /**< O_DIRECT on the image files (qemu-img -t/-T none) */
+    /**
+     * Parse the image in a confined helper process (docs/isolated.md): honoured by instar_info*, instar_check*
+     * (without repair) and instar_map through their open_flags. A helper that crashes or is killed fails the call
+     * with INSTAR_E_ISOLATION (INSTAR_E_LIMIT when it overran its time or CPU limit); the caller lives on.
+     */
+    INSTAR_OPEN_ISOLATED = 1u << 4
 };
 
 typedef struct instar_open_options {

@@ -7,6 +7,7 @@
 #include <linux/falloc.h>
 
 int instar_shim_open(const char *path, int flags, unsigned int mode) {
+    if (instar_broker_fd >= 0) return instar_broker_open(path, flags);
     return open(path, flags | O_CLOEXEC, (mode_t)mode);
 }
 

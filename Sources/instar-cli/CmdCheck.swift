@@ -8,6 +8,7 @@ import Instar
 /// per-image objects) and exits with the worst status: 1 > 2 > 3 > 63 > 0.
 func checkCommand(_ args: [String]) -> Int32 {
     let optOutput: Int32 = 256, optObject: Int32 = 257, optImageOpts: Int32 = 258, optChain: Int32 = 259
+    let optIsolated: Int32 = 260
     let parsed = GetOpt(args, shortOpts: ":hf:r:T:qU", longOpts: [
         LongOption(name: "help", argument: .none, value: .opt("h")),
         LongOption(name: "format", argument: .required, value: .opt("f")),
@@ -17,7 +18,9 @@ func checkCommand(_ args: [String]) -> Int32 {
         LongOption(name: "image-opts", argument: .none, value: optImageOpts),
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
         LongOption(name: "chain", argument: .none, value: optChain),
+        LongOption(name: "isolated", argument: .none, value: optIsolated),
     ])
+    var isolated = false
     var options = CheckOperation.Options()
     options.warn = { CLI.error("warning: \($0)") }
     var output: String?
@@ -54,6 +57,8 @@ func checkCommand(_ args: [String]) -> Int32 {
             options.imageOpts = true
         case optChain:
             chain = true
+        case optIsolated:
+            isolated = true
         default:
             break
         }
@@ -72,7 +77,11 @@ func checkCommand(_ args: [String]) -> Int32 {
     }
 
     guard chain else {
-        return checkOne(filename, options: options, json: json, quiet: quiet, print: true).status
+        return checkOne(filename, options: options, json: json, quiet: quiet, print: true, isolated: isolated).status
+    }
+    if isolated {
+        CLI.error("--isolated does not support --chain")
+        return 1
     }
     let members: [CheckOperation.ChainMember]
     do {
@@ -102,12 +111,14 @@ func checkCommand(_ args: [String]) -> Int32 {
 }
 
 /// Checks one image as `qemu-img check` does: its messages, its report (printed when `print`) and its status.
-private func checkOne(_ filename: String, options: CheckOperation.Options, json: Bool, quiet: Bool, print: Bool)
+private func checkOne(_ filename: String, options: CheckOperation.Options, json: Bool, quiet: Bool, print: Bool,
+                      isolated: Bool = false)
     -> (status: Int32, report: ImageCheckReport?)
 {
     let outcome: CheckOperation.Outcome
+    let run = isolated ? IsolatedMode.runCheck : CheckOperation.run
     do {
-        outcome = try CheckOperation.run(filename, options: options) { message in
+        outcome = try run(filename, options) { message in
             if message.errorReport {
                 CLI.error(message.text)
             } else {

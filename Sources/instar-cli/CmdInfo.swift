@@ -5,6 +5,7 @@ import Instar
 /// with qemu-img 7.2's options, messages and exit codes.
 func infoCommand(_ args: [String]) -> Int32 {
     let optOutput: Int32 = 256, optBackingChain: Int32 = 257, optObject: Int32 = 258, optImageOpts: Int32 = 259
+    let optIsolated: Int32 = 260
     let parsed = GetOpt(args, shortOpts: ":f:hU", longOpts: [
         LongOption(name: "help", argument: .none, value: .opt("h")),
         LongOption(name: "format", argument: .required, value: .opt("f")),
@@ -13,7 +14,9 @@ func infoCommand(_ args: [String]) -> Int32 {
         LongOption(name: "object", argument: .required, value: optObject),
         LongOption(name: "image-opts", argument: .none, value: optImageOpts),
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
+        LongOption(name: "isolated", argument: .none, value: optIsolated),
     ])
+    var isolated = false
     var options = InfoOperation.Options()
     options.warn = { CLI.error("warning: \($0)") }
     var output: String?
@@ -36,6 +39,8 @@ func infoCommand(_ args: [String]) -> Int32 {
             if !cliAddObject(arg ?? "", to: &options.open.secrets) { return 1 }
         case optImageOpts:
             options.imageOpts = true
+        case optIsolated:
+            isolated = true
         default:
             break
         }
@@ -46,7 +51,8 @@ func infoCommand(_ args: [String]) -> Int32 {
     guard let json = CLI.outputIsJSON(output) else { return 1 }
     let list: [ImageInfo]
     do {
-        list = try InfoOperation.collect(filename, options: options)
+        list = isolated ? try IsolatedMode.collectInfo(filename, options: options)
+            : try InfoOperation.collect(filename, options: options)
     } catch {
         CLI.error("\(error)")
         return 1

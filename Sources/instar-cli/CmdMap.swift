@@ -87,6 +87,7 @@ func padRight(_ s: String, _ width: Int) -> String {
 private let optOutput: Int32 = 256
 private let optObject: Int32 = 257
 private let optImageOpts: Int32 = 258
+private let optIsolated: Int32 = 259
 
 /// `map [--object OBJ] [-f FMT] [--image-opts] [--output=OFMT] [--start-offset=OFF] [--max-length=LEN] [-U] FILE`
 func mapCommand(_ args: [String]) -> Int32 {
@@ -99,7 +100,9 @@ func mapCommand(_ args: [String]) -> Int32 {
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
         LongOption(name: "start-offset", argument: .required, value: .opt("s")),
         LongOption(name: "max-length", argument: .required, value: .opt("l")),
+        LongOption(name: "isolated", argument: .none, value: optIsolated),
     ])
+    var isolated = false
     var format: String?
     var output: String?
     var forceShare = false
@@ -121,6 +124,7 @@ func mapCommand(_ args: [String]) -> Int32 {
             maxLength = v
         case optImageOpts: imageOpts = true
         case optObject: if !cliAddObject(arg ?? "") { return 1 }
+        case optIsolated: isolated = true
         default: break
         }
     }
@@ -131,17 +135,31 @@ func mapCommand(_ args: [String]) -> Int32 {
         CLI.error("--image-opts and --format are mutually exclusive")
         return 1
     }
-    guard let image = cliOpenImage(filename, format: format, imageOpts: imageOpts, forceShare: forceShare) else {
-        return 1
+    // --isolated: the walk runs in the confined helper and its entries are replayed here.
+    var walk: IsolatedMode.MapWalk?
+    if isolated {
+        var open = ImageOpenOptions()
+        open.forceShare = forceShare
+        open.secrets = cliSecrets
+        do {
+            walk = try IsolatedMode.mapWalk(filename, format: format, imageOpts: imageOpts, open: open,
+                                            start: UInt64(start), maxLength: maxLength < 0 ? nil : UInt64(maxLength),
+                                            humanCoalescing: !json, warn: { CLI.error("warning: \($0)") })
+        } catch {
+            CLI.error((error as? InstarError)?.message ?? "\(error)")
+            return 1
+        }
     }
-    defer { try? image.close() }
+    let image = walk != nil ? nil : cliOpenImage(filename, format: format, imageOpts: imageOpts,
+                                                 forceShare: forceShare)
+    if walk == nil && image == nil { return 1 }
+    defer { try? image?.close() }
 
     if json { CLI.out.write("[") } else {
         CLI.out.write(padRight("Offset", 16) + padRight("Length", 16) + padRight("Mapped to", 16) + "File\n")
     }
     do {
-        try MapOperation.walk(image, start: UInt64(start), maxLength: maxLength < 0 ? nil : UInt64(maxLength),
-                              humanCoalescing: !json) { e, more in
+        let emit: (MapEntry, Bool) throws -> Void = { e, more in
             if json {
                 CLI.out.write(e.json)
                 if more { CLI.out.write(",\n") }
@@ -154,6 +172,15 @@ func mapCommand(_ args: [String]) -> Int32 {
                                   + padRight(cHex(e.offset ?? 0), 16) + (e.filename ?? "") + "\n")
                 }
             }
+        }
+        if let walk {
+            for (i, e) in walk.entries.enumerated() {
+                try emit(e, i + 1 < walk.entries.count || walk.error != nil)
+            }
+            if let e = walk.error { throw e }
+        } else if let image {
+            try MapOperation.walk(image, start: UInt64(start), maxLength: maxLength < 0 ? nil : UInt64(maxLength),
+                                  humanCoalescing: !json, emit: emit)
         }
     } catch {
         CLI.error((error as? InstarError)?.message ?? "\(error)")

@@ -9,7 +9,9 @@ func measureCommand(_ args: [String]) -> Int32 {
                               LongOption(name: "object", argument: .required, value: 256),
                               LongOption(name: "output", argument: .required, value: 258),
                               LongOption(name: "size", argument: .required, value: 259),
-                              LongOption(name: "force-share", argument: .none, value: .opt("U"))])
+                              LongOption(name: "force-share", argument: .none, value: .opt("U")),
+                              LongOption(name: "isolated", argument: .none, value: 260)])
+    var isolated = false
     var p = Measure.Parameters()
     p.warn = { CLI.error("warning: \($0)") }
     var json = false
@@ -32,6 +34,7 @@ func measureCommand(_ args: [String]) -> Int32 {
         case 256:
             if !cliAddObject(arg ?? "") { return 1 }
         case 257: p.imageOpts = true
+        case 260: isolated = true
         case 258:
             if arg == "json" { json = true } else if arg == "human" { json = false } else {
                 CLI.error("--output must be used with human or json as argument.")
@@ -54,7 +57,7 @@ func measureCommand(_ args: [String]) -> Int32 {
     p.filename = g.operands.first
     p.secrets = cliSecrets
     do {
-        let r = try Measure.measure(p)
+        let r = isolated ? try IsolatedMode.measure(p) : try Measure.measure(p)
         if json {
             var s = "{\n"
             if let b = r.bitmaps { s += "    \"bitmaps\": \(b),\n" }

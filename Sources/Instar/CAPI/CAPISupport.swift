@@ -151,6 +151,7 @@ private let errorNames: [Int32: UnsafePointer<CChar>] = {
         (-5, "not supported"), (-6, "image is locked"), (-7, "out of memory"), (-8, "cancelled"),
         (-9, "permission denied"), (-10, "encrypted image"), (-11, "bad backing chain"), (-12, "out of range"),
         (-13, "limit reached"), (-14, "policy violation"),
+        (-15, "isolated helper failed"),
     ]
     var d: [Int32: UnsafePointer<CChar>] = [:]
     for (c, n) in names { d[c] = UnsafePointer(strdup(n)!) }

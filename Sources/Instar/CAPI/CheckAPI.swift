@@ -38,15 +38,24 @@ func checkArguments(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<ins
     return (name, options)
 }
 
+/// open_flags of a check options struct (0 when the caller's struct is too short to hold them).
+private func readDeclaredFlags(_ opts: UnsafePointer<instar_check_options_t>) -> UInt32 {
+    let declared = Int(UnsafeRawPointer(opts).load(as: UInt32.self))
+    guard let at = MemoryLayout<instar_check_options_t>.offset(of: \.open_flags), declared >= at + 4 else { return 0 }
+    return UnsafeRawPointer(opts).load(fromByteOffset: at, as: UInt32.self)
+}
+
 /// Runs the check the options describe and returns its report (throws for open failures, missing check
 /// support and failed check passes).
 func runCheck(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar_check_options_t>?,
               messages: (CheckMessage) -> Void = { _ in }) throws -> ImageCheckReport
 {
     let (name, options) = try checkArguments(filename, opts)
+    let isolated = (opts.map { readDeclaredFlags($0) } ?? 0) & UInt32(INSTAR_OPEN_ISOLATED) != 0
     let outcome: CheckOperation.Outcome
     do {
-        outcome = try CheckOperation.run(name, options: options, messages: messages)
+        outcome = isolated ? try IsolatedMode.runCheck(name, options: options, messages: messages)
+            : try CheckOperation.run(name, options: options, messages: messages)
     } catch let e as CheckNotSupported {
         throw InstarError(.unsupported, e.description, errno: 95 /* ENOTSUP */)
     }

@@ -88,6 +88,29 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
             names.1 = try cString(filename2, "filename2")
             let defaults = compareOptionsDefaults()
             let o = try readOptions(opts, defaults: defaults)
+            if o.open_flags & UInt32(INSTAR_OPEN_ISOLATED) != 0 {
+                let outcome = try IsolatedMode.compare(
+                    names, formats: (optionalString(o.format1), optionalString(o.format2)), flags: o.open_flags,
+                    keys: (optionalString(o.key_secret1), optionalString(o.key_secret2)), strict: o.strict != 0,
+                    progress: progressCallback(o.progress, o.progress_data))
+                var full = instar_compare_result_t()
+                switch outcome {
+                case let .result(r):
+                    full.identical = r.identical ? 1 : 0
+                    full.size_mismatch = r.sizeMismatch ? 1 : 0
+                    full.mismatch_offset = r.mismatchOffset.map { Int64(clamping: $0) } ?? -1
+                    storeCString(r.message, into: &full.message)
+                    full.exit_status = r.identical ? 0 : 1
+                    writeCompareResult(full, result)
+                    return
+                case let .failure(status, line, error):
+                    full.mismatch_offset = -1
+                    full.exit_status = status
+                    storeCString(line, into: &full.error_message)
+                    writeCompareResult(full, result)
+                    throw IsolatedCompareFailure(error: error)
+                }
+            }
             let a = try openForOperation(names.0, format: optionalString(o.format1), flags: o.open_flags,
                                          keySecret: o.key_secret1)
             defer { try? a.close() }
@@ -104,6 +127,8 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
             storeCString(r.message, into: &full.message)
             full.exit_status = r.identical ? 0 : 1
             writeCompareResult(full, result)
+        } catch let f as IsolatedCompareFailure {
+            throw f.error  // the result struct is already filled
         } catch {
             // The failure's exit status and stderr line, as qemu-img compare reports them.
             let (status, line) = compareFailure(error, opening: opening, names: names)
@@ -115,4 +140,9 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
             throw error
         }
     }
+}
+
+/// An isolated compare's failure whose result struct is already filled.
+private struct IsolatedCompareFailure: Error {
+    var error: InstarError
 }

@@ -33,6 +33,9 @@ func collectInfo(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar
     options.format = optionalString(o.format)
     options.backingChain = o.backing_chain != 0
     options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret)
+    if o.open_flags & UInt32(INSTAR_OPEN_ISOLATED) != 0 {
+        return (try IsolatedMode.collectInfo(name, options: options), options.backingChain)
+    }
     return (try InfoOperation.collect(name, options: options), options.backingChain)
 }
 

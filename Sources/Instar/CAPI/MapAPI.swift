@@ -42,14 +42,29 @@ public func instar_map(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<
         let name = try cString(filename, "filename")
         let defaults = mapOptionsDefaults()
         let o = try readOptions(opts, defaults: defaults)
+        let entries: [MapEntry]
+        if o.open_flags & UInt32(INSTAR_OPEN_ISOLATED) != 0 {
+            guard o.start_offset <= UInt64(Int64.max) else {
+                throw InstarError(.range, "Invalid start offset specified. Must be between 0 and \(Int64.max).")
+            }
+            let walk = try IsolatedMode.mapWalk(name, format: optionalString(o.format), imageOpts: false,
+                                                open: openOptions(flags: o.open_flags, keySecret: o.key_secret),
+                                                start: o.start_offset,
+                                                maxLength: o.max_length < 0 ? nil : UInt64(o.max_length),
+                                                humanCoalescing: false,
+                                                openBacking: o.open_flags & UInt32(INSTAR_OPEN_NO_BACKING) == 0)
+            if let e = walk.error { throw e }
+            entries = walk.entries
+        } else {
         let image = try openForOperation(name, format: optionalString(o.format), flags: o.open_flags,
                                          keySecret: o.key_secret)
         defer { try? image.close() }
         guard o.start_offset <= UInt64(Int64.max) else {
             throw InstarError(.range, "Invalid start offset specified. Must be between 0 and \(Int64.max).")
         }
-        let entries = try MapOperation.entries(image, start: o.start_offset,
-                                               maxLength: o.max_length < 0 ? nil : UInt64(o.max_length))
+        entries = try MapOperation.entries(image, start: o.start_offset,
+                                           maxLength: o.max_length < 0 ? nil : UInt64(o.max_length))
+        }
         guard let map = calloc(1, MemoryLayout<instar_map_t>.size)?.assumingMemoryBound(to: instar_map_t.self),
               let array = calloc(max(1, entries.count), MemoryLayout<instar_map_entry_t>.size)?
                   .assumingMemoryBound(to: instar_map_entry_t.self) else {

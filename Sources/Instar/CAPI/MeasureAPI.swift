@@ -37,7 +37,7 @@ public func instar_measure(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoin
                                format: p.outputFormat)
         p.size = o.size >= 0 ? UInt64(o.size) : nil
         p.forceShare = o.open_flags & UInt32(INSTAR_OPEN_FORCE_SHARE) != 0
-        let r = try Measure.measure(p)
+        let r = o.open_flags & UInt32(INSTAR_OPEN_ISOLATED) != 0 ? try IsolatedMode.measure(p) : try Measure.measure(p)
         // Fill only what the caller's struct has room for.
         let declared = Int(result.pointee.struct_size)
         var out = instar_measure_result_t(struct_size: UInt32(MemoryLayout<instar_measure_result_t>.size),

@@ -71,6 +71,10 @@ public final class HostFile {
 
     /// Opens the protocol node `address` names; `name` is how messages call it.
     public static func open(address: ProtocolAddress, name: String, writable: Bool) throws -> HostFile {
+        if instar_broker_fd >= 0 {
+            // In the isolated helper (docs/isolated.md) there is no network: say so rather than die by seccomp.
+            throw InstarError.unsupported("Protocol '\(address.driver)' is not available in isolated mode")
+        }
         guard let d = ProtocolRegistry.descriptor(named: address.driver) else {
             throw InstarError.unsupported("Unknown protocol '\(address.driver)'")
         }

@@ -19,6 +19,7 @@ public struct InstarError: Error, CustomStringConvertible {
         case range = -12
         case limit = -13
         case policy = -14
+        case isolation = -15
     }
 
     public var code: Code

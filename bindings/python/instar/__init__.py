@@ -54,3 +54,8 @@ __all__ = [
     "inspect", "InspectPolicy", "InspectReport", "PolicyViolation", "Violation",
     "BlockStatus", "STATUS_ALLOCATED", "STATUS_DATA", "STATUS_ZERO", "STATUS_EOF",
 ]
+
+# Isolated mode (docs/isolated.md): info/check/map take isolated=True.
+from ._lib import IsolationFailed  # noqa: E402,F401
+from .image import OPEN_ISOLATED  # noqa: E402,F401
+__all__ += ["IsolationFailed", "OPEN_ISOLATED"]

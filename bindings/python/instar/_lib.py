@@ -207,6 +207,7 @@ E_ENCRYPTED = -10
 E_CHAIN = -11
 E_RANGE = -12
 E_LIMIT = -13
+E_ISOLATION = -15
 
 
 class InstarError(Exception):
@@ -300,9 +301,15 @@ class LimitReached(InstarError):
     code_value = E_LIMIT
 
 
+class IsolationFailed(InstarError):
+    """INSTAR_E_ISOLATION: the isolated helper could not start, crashed or broke its confinement."""
+    code_value = E_ISOLATION
+
+
 ERROR_CLASSES: Dict[int, Type[InstarError]] = {
     c.code_value: c for c in (Invalid, IO, NotFound, Corrupt, Unsupported, Locked, NoMemory, Cancelled, Permission,
-                              Encrypted, Chain, OutOfRange, LimitReached)}
+                              Encrypted, Chain, OutOfRange, LimitReached,
+                              IsolationFailed)}
 
 
 def check(rc: int, err: Error) -> None:

@@ -10,7 +10,7 @@ import json
 from typing import Any, Dict, Optional, Tuple
 
 from ._lib import Error, Limits, Options, check as _check_rc, encode, lib, take_string
-from .image import OPEN_FORCE_SHARE
+from .image import OPEN_FORCE_SHARE, OPEN_ISOLATED
 from .results import CheckResult
 
 REPAIR_LEAKS = 1 << 0
@@ -47,20 +47,21 @@ def _setup() -> ctypes.CDLL:
 
 
 def _options(repair: Optional[str], format: Optional[str], force_share: bool,
-             key_secret: Optional[str]) -> _CheckOptions:
+             key_secret: Optional[str], isolated: bool = False) -> _CheckOptions:
     modes = {None: 0, "leaks": REPAIR_LEAKS, "all": REPAIR_ALL}
     if repair not in modes:
         raise ValueError("repair must be None, 'leaks' or 'all'")
-    return _CheckOptions(ctypes.sizeof(_CheckOptions), OPEN_FORCE_SHARE if force_share else 0,
+    return _CheckOptions(ctypes.sizeof(_CheckOptions),
+                         (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0),
                          encode(format) if format else None, modes[repair], encode(key_secret))
 
 
 def check_result(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
-                 key_secret: Optional[str] = None) -> CheckResult:
+                 key_secret: Optional[str] = None, isolated: bool = False) -> CheckResult:
     """The counters of `qemu-img check` as a CheckResult (instar_check); an image with problems is no error, see
     `exit_code`."""
     L = _setup()
-    opts = _options(repair, format, force_share, key_secret)
+    opts = _options(repair, format, force_share, key_secret, isolated)
     r = _CheckResult()
     r.struct_size = ctypes.sizeof(_CheckResult)
     err = Error()
@@ -70,7 +71,7 @@ def check_result(path: str, repair: Optional[str] = None, format: Optional[str] 
 
 
 def check_report(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
-                 key_secret: Optional[str] = None) -> Tuple[CheckResult, str, str]:
+                 key_secret: Optional[str] = None, isolated: bool = False) -> Tuple[CheckResult, str, str]:
     """One check, everything `qemu-img check` reports (instar_check_report): the counters as a CheckResult, the
     text of `--output=json`, and the lines qemu-img prints on stderr while checking ("ERROR cluster 3
     refcount=0 reference=1", with "qemu-img: " where qemu-img prints it; "" when none)."""
@@ -80,7 +81,7 @@ def check_report(path: str, repair: Optional[str] = None, format: Optional[str] 
                                           ctypes.POINTER(_CheckResult), ctypes.POINTER(ctypes.c_void_p),
                                           ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Error)]
         setattr(L, "_check_report_ready", True)
-    opts = _options(repair, format, force_share, key_secret)
+    opts = _options(repair, format, force_share, key_secret, isolated)
     r = _CheckResult()
     r.struct_size = ctypes.sizeof(_CheckResult)
     json_text, messages = ctypes.c_void_p(), ctypes.c_void_p()
@@ -93,10 +94,10 @@ def check_report(path: str, repair: Optional[str] = None, format: Optional[str] 
 
 
 def check_json(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
-               key_secret: Optional[str] = None) -> str:
+               key_secret: Optional[str] = None, isolated: bool = False) -> str:
     """The exact text of `qemu-img check --output=json` (with the trailing newline)."""
     L = _setup()
-    opts = _options(repair, format, force_share, key_secret)
+    opts = _options(repair, format, force_share, key_secret, isolated)
     out = ctypes.c_void_p()
     err = Error()
     _check_rc(L.instar_check_json(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -104,10 +105,10 @@ def check_json(path: str, repair: Optional[str] = None, format: Optional[str] = 
 
 
 def check(path: str, repair: Optional[str] = None, format: Optional[str] = None, force_share: bool = False,
-          key_secret: Optional[str] = None) -> Dict[str, Any]:
+          key_secret: Optional[str] = None, isolated: bool = False) -> Dict[str, Any]:
     """The ImageCheck object `qemu-img check --output=json` prints, as a dict."""
     result: Dict[str, Any] = json.loads(check_json(path, repair=repair, format=format, force_share=force_share,
-                                                   key_secret=key_secret))
+                                                   key_secret=key_secret, isolated=isolated))
     return result
 
 

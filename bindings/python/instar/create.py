@@ -111,13 +111,13 @@ def create_formatting(path: str, fmt: str = "raw", size: Union[int, str, None] =
 
 
 def measure_result(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,
-                   source_format: Optional[str] = None, key_secret: Optional[str] = None,
+                   source_format: Optional[str] = None, key_secret: Optional[str] = None, isolated: bool = False,
                    **opts: object) -> MeasureResultData:
     """Like `qemu-img measure` (of `path`, or of a new image of `size` bytes); returns a MeasureResult.
     `key_secret` is the passphrase of an encrypted source, and of the output when the options ask for
-    encryption."""
+    encryption. `isolated` reads the source in a confined helper process (docs/isolated.md)."""
     L = _setup()
-    o = MeasureOptions(ctypes.sizeof(MeasureOptions), 0, encode(source_format), encode(out_fmt),
+    o = MeasureOptions(ctypes.sizeof(MeasureOptions), 1 << 4 if isolated else 0, encode(source_format), encode(out_fmt),
                        encode(_option_string(opts)), -1 if size is None else int(size), encode(key_secret))
     r = MeasureResult()
     r.struct_size = ctypes.sizeof(MeasureResult)
@@ -127,7 +127,8 @@ def measure_result(path: Optional[str] = None, out_fmt: str = "raw", size: Optio
 
 
 def measure(path: Optional[str] = None, out_fmt: str = "raw", size: Optional[int] = None,
-            source_format: Optional[str] = None, key_secret: Optional[str] = None, **opts: object) -> Dict[str, Any]:
+            source_format: Optional[str] = None, key_secret: Optional[str] = None, isolated: bool = False,
+            **opts: object) -> Dict[str, Any]:
     """Like `qemu-img measure`; returns {"required", "fully-allocated"[, "bitmaps"]} (see measure_result for the
     dataclass)."""
-    return measure_result(path, out_fmt, size, source_format, key_secret, **opts).to_dict()
+    return measure_result(path, out_fmt, size, source_format, key_secret, isolated, **opts).to_dict()

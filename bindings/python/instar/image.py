@@ -10,6 +10,8 @@ OPEN_READ_WRITE = 1 << 0
 OPEN_FORCE_SHARE = 1 << 1
 OPEN_NO_BACKING = 1 << 2
 OPEN_NO_CACHE = 1 << 3
+#: parse the image in a confined helper process (info, check, map; docs/isolated.md)
+OPEN_ISOLATED = 1 << 4
 
 ZERO_MAY_UNMAP = 1 << 0
 

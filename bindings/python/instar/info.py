@@ -11,7 +11,7 @@ import json
 from typing import Any, Dict, List, Optional, Union
 
 from ._lib import Error, Limits, Options, check, encode, lib, take_string
-from .image import OPEN_FORCE_SHARE
+from .image import OPEN_FORCE_SHARE, OPEN_ISOLATED
 
 UNSET = -1
 
@@ -200,18 +200,19 @@ def _convert(node: Any) -> ImageInfo:
 
 
 def _options(format: Optional[str], force_share: bool, backing_chain: bool,
-             key_secret: Optional[str] = None) -> _InfoOptions:
-    flags = OPEN_FORCE_SHARE if force_share else 0
+             key_secret: Optional[str] = None, isolated: bool = False) -> _InfoOptions:
+    flags = (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0)
     return _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0,
                         encode(key_secret))
 
 
 def info(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
-         key_secret: Optional[str] = None) -> Union[ImageInfo, List[ImageInfo]]:
+         key_secret: Optional[str] = None, isolated: bool = False) -> Union[ImageInfo, List[ImageInfo]]:
     """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first.
-    `key_secret` is the passphrase of an encrypted image (info itself reads only metadata)."""
+    `key_secret` is the passphrase of an encrypted image (info itself reads only metadata). With `isolated`
+    the image is parsed in a confined helper process (docs/isolated.md)."""
     L = _setup()
-    opts = _options(format, force_share, backing_chain, key_secret)
+    opts = _options(format, force_share, backing_chain, key_secret, isolated)
     err = Error()
     out = ctypes.POINTER(_Info)()
     check(L.instar_info(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -227,9 +228,9 @@ def info(path: str, format: Optional[str] = None, force_share: bool = False, bac
 
 
 def _text(fn: str, path: str, format: Optional[str], force_share: bool, backing_chain: bool,
-          key_secret: Optional[str] = None) -> str:
+          key_secret: Optional[str] = None, isolated: bool = False) -> str:
     L = _setup()
-    opts = _options(format, force_share, backing_chain, key_secret)
+    opts = _options(format, force_share, backing_chain, key_secret, isolated)
     err = Error()
     out = ctypes.c_void_p()
     check(getattr(L, fn)(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -237,12 +238,12 @@ def _text(fn: str, path: str, format: Optional[str], force_share: bool, backing_
 
 
 def info_json(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
-              key_secret: Optional[str] = None) -> str:
+              key_secret: Optional[str] = None, isolated: bool = False) -> str:
     """The exact text of `qemu-img info --output=json` (an array with backing_chain)."""
-    return _text("instar_info_json", path, format, force_share, backing_chain, key_secret)
+    return _text("instar_info_json", path, format, force_share, backing_chain, key_secret, isolated)
 
 
 def info_human(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
-               key_secret: Optional[str] = None) -> str:
+               key_secret: Optional[str] = None, isolated: bool = False) -> str:
     """The exact text of human `qemu-img info`."""
-    return _text("instar_info_human", path, format, force_share, backing_chain, key_secret)
+    return _text("instar_info_human", path, format, force_share, backing_chain, key_secret, isolated)

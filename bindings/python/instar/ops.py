@@ -5,7 +5,7 @@ import ctypes
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._lib import Error, Limits, Options, InstarError, check, encode, lib  # noqa: F401
-from .image import OPEN_FORCE_SHARE
+from .image import OPEN_FORCE_SHARE, OPEN_ISOLATED
 from .progress import PROGRESS_FN as PROGRESS_FN  # re-exported: the other modules take it from here
 from .progress import Cancel, ProgressCallable, make_progress
 from .results import CompareResult as CompareResultData
@@ -84,11 +84,13 @@ def _progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = N
 
 
 def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
-                force_share: bool = False, key_secret: Optional[str] = None) -> List[MapEntryData]:
+                force_share: bool = False, key_secret: Optional[str] = None,
+                isolated: bool = False) -> List[MapEntryData]:
     """The extents `qemu-img map` reports, as MapEntry dataclasses (with the C struct's fields, the data's file
     name included)."""
     L = _setup()
-    opts = MapOptions(ctypes.sizeof(MapOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format),
+    opts = MapOptions(ctypes.sizeof(MapOptions),
+                      (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0), encode(format),
                       start_offset, -1 if max_length is None else max_length, encode(key_secret))
     out = ctypes.POINTER(Map)()
     err = Error()
@@ -107,21 +109,22 @@ def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, 
 
 
 def map(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
-        force_share: bool = False, key_secret: Optional[str] = None) -> List[Dict[str, Any]]:
+        force_share: bool = False, key_secret: Optional[str] = None, isolated: bool = False) -> List[Dict[str, Any]]:
     """The entries of `qemu-img map --output=json` as dicts with the same keys in the same order (see
     map_entries for dataclasses)."""
-    return [e.to_dict() for e in map_entries(path, format, start_offset, max_length, force_share, key_secret)]
+    return [e.to_dict() for e in map_entries(path, format, start_offset, max_length, force_share, key_secret,
+                                             isolated)]
 
 
 def compare_result(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
                    strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
                    key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
-                   cancel: Optional[Cancel] = None) -> CompareResultData:
+                   cancel: Optional[Cancel] = None, isolated: bool = False) -> CompareResultData:
     """Compares like `qemu-img compare`; returns a CompareResult. Images that differ are no error.
     `key_secret1`/`key_secret2` are the passphrases of encrypted images; `progress(percent)` may return True to
     cancel, and so does `cancel.cancel()` from another thread."""
     result, error = compare_status(path1, path2, format1, format2, strict, force_share, progress, key_secret1,
-                                   key_secret2, cancel)
+                                   key_secret2, cancel, isolated)
     if error is not None:
         raise error
     return result
@@ -130,14 +133,16 @@ def compare_result(path1: str, path2: str, format1: Optional[str] = None, format
 def compare_status(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
                    strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
                    key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
-                   cancel: Optional[Cancel] = None) -> Tuple[CompareResultData, Optional[InstarError]]:
+                   cancel: Optional[Cancel] = None,
+                   isolated: bool = False) -> Tuple[CompareResultData, Optional[InstarError]]:
     """Like compare_result, but a failure is returned, not raised: (result, error). `result.exit_status` is
     qemu-img compare's exit status in every case (0 identical, 1 different, 2 an image could not be opened, 3 a
     block-status query failed or an image is corrupt, 4 a read failed) and, on failure, `result.error_message`
     the line qemu-img prints on stderr after "qemu-img: "; `error` is the InstarError (None on success)."""
     L = _setup()
     cb = _progress(progress, cancel)
-    opts = CompareOptions(ctypes.sizeof(CompareOptions), OPEN_FORCE_SHARE if force_share else 0, encode(format1),
+    flags = (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0)
+    opts = CompareOptions(ctypes.sizeof(CompareOptions), flags, encode(format1),
                           encode(format2), 1 if strict else 0, cb, None, encode(key_secret1), encode(key_secret2))
     res = CompareResult()
     res.struct_size = ctypes.sizeof(CompareResult)
@@ -156,11 +161,11 @@ def compare_status(path1: str, path2: str, format1: Optional[str] = None, format
 def compare(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
             strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
             key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
-            cancel: Optional[Cancel] = None) -> Dict[str, Any]:
+            cancel: Optional[Cancel] = None, isolated: bool = False) -> Dict[str, Any]:
     """Compares like `qemu-img compare`; returns a dict with identical, size_mismatch, mismatch_offset, message
     (see compare_result for the dataclass)."""
     return compare_result(path1, path2, format1, format2, strict, force_share, progress, key_secret1, key_secret2,
-                          cancel).to_dict()
+                          cancel, isolated).to_dict()
 
 
 def convert(src: str, dst: str, source_format: Optional[str] = None, target_format: Optional[str] = None,
