@@ -29,6 +29,24 @@ public protocol ProtocolBackend: AnyObject {
     func extent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent
     /// Releases the connection or image; called once, when the owning HostFile goes away.
     func close()
+    /// The storage's allocation unit where it has one (an RBD object), shown as `cluster_size` by info.
+    var clusterSize: UInt64? { get }
+    /// The storage's own snapshots (RBD), nil when the protocol has none.
+    var snapshots: ProtocolSnapshotting? { get }
+}
+
+extension ProtocolBackend {
+    public var clusterSize: UInt64? { nil }
+    public var snapshots: ProtocolSnapshotting? { nil }
+}
+
+/// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to
+/// its file). Errors carry the errno qemu's callers print.
+public protocol ProtocolSnapshotting: AnyObject {
+    func listSnapshots() throws -> [SnapshotInfo]
+    func createSnapshot(name: String) throws
+    func deleteSnapshot(id: String, name: String) throws
+    func revertSnapshot(name: String) throws
 }
 
 /// One extent of a protocol backend's block status.
@@ -60,6 +78,9 @@ public struct ProtocolDescriptor {
     /// Creates the device for `qemu-img create` with `size` bytes, where the protocol can (rbd); nil means
     /// creation opens the existing device and checks it is large enough, as qemu's generic protocol create does.
     public var create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)?
+    /// The plain name qemu gives an open node of this driver (bdrv_refresh_filename's exact_filename), nil
+    /// when it has none and names the node by a json: of its options (rbd).
+    public var exactFilename: (([(String, QObject)]) -> String)?
     /// Whether qemu's image locks apply (never for network protocols: the server arbitrates).
     public var takesLocks: Bool = false
 
@@ -108,5 +129,8 @@ public struct ProtocolAddress {
 
     /// The node as qemu prints it in a json: name: {"driver": ..., options...} (qemu puts the driver last for
     /// nodes it rebuilt from a parsed name; the driver's own parse order is kept otherwise).
-    public var node: QObject { .dict(options + [("driver", .string(driver))]) }
+    public var node: QObject {
+        // Keys starting with "=" are a driver's internal options (rbd's "=keyvalue-pairs"): qemu never prints them.
+        .dict(options.filter { !$0.0.hasPrefix("=") } + [("driver", .string(driver))])
+    }
 }
