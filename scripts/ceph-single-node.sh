@@ -4,6 +4,9 @@
 #
 #   scripts/ceph-single-node.sh start DIR   # makes DIR, starts the daemons, writes DIR/ceph.conf
 #   scripts/ceph-single-node.sh stop DIR    # stops them (OSD, then monitor) and removes DIR
+#   scripts/ceph-single-node.sh run CMD...  # starts a cluster in a temporary DIR in the background, runs CMD
+#                                           # with INSTAR_CEPH_CONF=DIR/ceph.conf (the file appears once the
+#                                           # cluster serves; DIR/start-failed if it never will), then stops it
 #
 # Then: CEPH_CONF=DIR/ceph.conf qemu-img info rbd:rbd/IMAGE, or rbd:rbd/IMAGE:conf=DIR/ceph.conf.
 # The monitor listens on two free ports of 127.0.0.1 picked at start (so clusters of several users can coexist).
@@ -141,7 +144,31 @@ stop() {
     rm -rf "$d"
 }
 
+# Runs "$@" beside a cluster that starts in the background; the command's exit code is kept.
+run_with() {
+    local d pid rc=0
+    d=$(mktemp -d /tmp/ceph-sn.XXXXXX)
+    if command -v ceph-mon >/dev/null && command -v ceph-osd >/dev/null && command -v rbd >/dev/null; then
+        bash "$0" start "$d" >"$d.log" 2>&1 || touch "$d/start-failed" &
+        pid=$!
+        # shellcheck disable=SC2064
+        trap "wait $pid; bash '$0' stop '$d' || true; rm -f '$d.log'" EXIT
+    else
+        touch "$d/no-ceph"
+        # shellcheck disable=SC2064
+        trap "rm -rf '$d' '$d.log'" EXIT
+    fi
+    export INSTAR_CEPH_CONF="$d/ceph.conf"
+    "$@" || rc=$?
+    if [ -e "$d/start-failed" ]; then
+        echo "ceph-single-node: the cluster did not start:" >&2
+        cat "$d.log" >&2 || true
+    fi
+    return $rc
+}
+
 case "${1:-}" in
+    run) shift; [ $# -ge 1 ] || die "usage: $0 run CMD..."; run_with "$@"; exit $? ;;
     start) [ $# -eq 2 ] || die "usage: $0 start DIR"; start "$2" ;;
     stop) [ $# -eq 2 ] || die "usage: $0 stop DIR"; stop "$2" ;;
     *) die "usage: $0 start DIR | stop DIR" ;;

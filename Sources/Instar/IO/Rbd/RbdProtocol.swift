@@ -98,9 +98,9 @@ public enum RbdProtocol {
 
     // MARK: create
 
-    /// qemu_rbd_do_create: rbd_create with the size and librbd's default object size.
+    /// qemu_rbd_co_create_opts: rbd_create with the size and librbd's default object size; a snapshot in the
+    /// name is ignored (qemu builds the location without it).
     static func create(_ loc: RbdLocation, size: UInt64) throws {
-        if loc.snapshot != nil { throw InstarError.invalid("Can't use snapshot name for image creation") }
         let conn = try RbdConnection(loc)
         defer { conn.close() }
         var order: Int32 = 0
