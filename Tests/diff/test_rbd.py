@@ -134,6 +134,14 @@ def test_create_resize_and_errors(conf, tmp):
     assert_same("create", "-f", "raw", f"rbd:nopool/x:conf={conf}", "1M")
     assert_same_renamed(conf, lambda n: ("create", "-f", "raw", f"rbd:rbd/{n}@s:conf={conf}", "1M"), pair("cs", conf))
     assert export(conf, imgs[0], tmp) == export(conf, imgs[1], tmp)
+    # The protocol's create options (qemu_rbd_create_opts) beside raw's: object size, and qemu's refusals.
+    assert_same("create", "-f", "raw", "-o", "help", name(conf, "any"))
+    obj = pair("co", conf)
+    assert_same_renamed(conf, lambda n: ("create", "-f", "raw", "-o", "cluster_size=1M", name(conf, n), "8M"), obj)
+    orders = [json.loads(rbd(conf, "info", "--format", "json", f"rbd/{n}").out)["order"] for n in obj]
+    assert orders == [20, 20]
+    for o in ("cluster_size=1000", "cluster_size=2k", "preallocation=full"):
+        assert_same("create", "-f", "raw", "-o", o, name(conf, img("bad")), "8M")
 
 
 def test_convert_to_rbd_sparse(conf, tmp):

@@ -86,6 +86,7 @@ public enum FormatRegistry {
     /// The names `--help` lists after "Supported formats:", as qemu's bdrv_iterate_format lists its drivers:
     /// every one instar can open, sorted, each once.
     public static var supportedFormatNames: [String] {
-        Array(Set(all.map(\.name))).sorted()
+        // Protocol drivers (rbd, nbd) are listed beside the formats, as qemu lists its block drivers.
+        Array(Set(all.map(\.name) + ProtocolRegistry.all.map(\.name))).sorted()
     }
 }

@@ -77,7 +77,12 @@ public struct ProtocolDescriptor {
     public var open: (_ options: [(String, QObject)], _ writable: Bool) throws -> ProtocolBackend
     /// Creates the device for `qemu-img create` with `size` bytes, where the protocol can (rbd); nil means
     /// creation opens the existing device and checks it is large enough, as qemu's generic protocol create does.
-    public var create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)?
+    /// `createOptions` are the -o values of the create (the protocol reads its own, e.g. rbd's cluster_size).
+    public var create: ((_ options: [(String, QObject)], _ size: UInt64, _ createOptions: CreateOptionValues?) throws
+                        -> Void)?
+    /// The protocol's create options, merged into a format's option table for names it claims (in place of
+    /// the file layer's preallocation, nocow...), as qemu's bdrv_img_create appends the protocol's create_opts.
+    public var createOptions: [CreateOptionSpec] = []
     /// The plain name qemu gives an open node of this driver (bdrv_refresh_filename's exact_filename), nil
     /// when it has none and names the node by a json: of its options (rbd).
     public var exactFilename: (([(String, QObject)]) -> String)?
@@ -87,7 +92,8 @@ public struct ProtocolDescriptor {
     public init(name: String, prefixes: [String],
                 parseName: @escaping (String) throws -> [(String, QObject)],
                 open: @escaping (_ options: [(String, QObject)], _ writable: Bool) throws -> ProtocolBackend,
-                create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)? = nil) {
+                create: ((_ options: [(String, QObject)], _ size: UInt64, _ createOptions: CreateOptionValues?) throws
+                         -> Void)? = nil) {
         self.name = name
         self.prefixes = prefixes
         self.parseName = parseName

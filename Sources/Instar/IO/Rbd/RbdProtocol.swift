@@ -6,10 +6,29 @@ import Glibc
 /// and every other key is set on the cluster handle (rados_conf_set: keyring, mon_host, auth_supported...);
 /// a backslash escapes the next character. json:/--image-opts give pool, image, namespace, snapshot, conf, user.
 public enum RbdProtocol {
-    public static let descriptor = ProtocolDescriptor(
-        name: "rbd", prefixes: ["rbd:"], parseName: parseName,
-        open: { options, writable in try RbdImage(options: RbdLocation(options: options), writable: writable) },
-        create: { options, size in try create(RbdLocation(options: options), size: size) })
+    public static let descriptor: ProtocolDescriptor = {
+        var d = ProtocolDescriptor(
+            name: "rbd", prefixes: ["rbd:"], parseName: parseName,
+            open: { options, writable in try RbdImage(options: RbdLocation(options: options), writable: writable) },
+            create: { options, size, values in
+                for k in ["encrypt.format", "encrypt.cipher-alg", "encrypt.key-secret", "password-secret"]
+                where values?.isSet(k) == true {
+                    throw InstarError.unsupported("instar does not support the rbd create option '\(k)'")
+                }
+                try create(RbdLocation(options: options), size: size, objectSize: values?.size("cluster_size"))
+            })
+        // qemu_rbd_create_opts; encryption at create is not done here (luks images go through instar's luks).
+        d.createOptions = [
+            CreateOptionSpec("size", .size, "Virtual disk size"),
+            CreateOptionSpec("cluster_size", .size, "RBD object size"),
+            CreateOptionSpec("encrypt.cipher-alg", .string,
+                             "Name of encryption cipher algorithm (allowed values: aes-128, aes-256)"),
+            CreateOptionSpec("encrypt.format", .string, "Encrypt the image, format choices: 'luks', 'luks2'"),
+            CreateOptionSpec("encrypt.key-secret", .string, "ID of secret providing LUKS passphrase"),
+            CreateOptionSpec("password-secret", .string, "ID of secret providing the password"),
+        ]
+        return d
+    }()
 
     /// The key under which a plain name's extra key=value pairs travel (never printed in a json: name).
     static let keyvaluePairs = "=keyvalue-pairs"
@@ -100,10 +119,15 @@ public enum RbdProtocol {
 
     /// qemu_rbd_co_create_opts: rbd_create with the size and librbd's default object size; a snapshot in the
     /// name is ignored (qemu builds the location without it).
-    static func create(_ loc: RbdLocation, size: UInt64) throws {
+    static func create(_ loc: RbdLocation, size: UInt64, objectSize: UInt64? = nil) throws {
+        var order: Int32 = 0
+        if let objsize = objectSize {
+            if objsize & (objsize &- 1) != 0 { throw InstarError(.invalid, "obj size needs to be power of 2", errno: EINVAL) }
+            if objsize < 4096 { throw InstarError(.invalid, "obj size too small", errno: EINVAL) }
+            order = Int32(objsize.trailingZeroBitCount)
+        }
         let conn = try RbdConnection(loc)
         defer { conn.close() }
-        var order: Int32 = 0
         let r = rbd_create(conn.ioctx, loc.image, size, &order)
         if r < 0 { throw InstarError.system(-r, "error rbd create") }
     }
@@ -301,14 +325,15 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     }
 
     func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws {
-        // qemu_rbd_co_pwrite_zeroes: RBD_WRITE_ZEROES_FLAG_THICK_PROVISION unless the range may be unmapped;
-        // librbd 16 deallocates whole objects and zeroes the ends either way.
+        // qemu_rbd_co_pwrite_zeroes: thick provisioning (zeroes written, objects kept) unless the range may be
+        // unmapped.
+        let flags: Int32 = mayUnmap ? 0 : Int32(RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
         var pos = offset
         let end = try offset.adding(length)
         try growForWrite(to: end)
         while pos < end {
             let n = min(end - pos, 1 << 30)
-            let r = rbd_write_zeroes(image, pos, Int(n), 0, 0)
+            let r = rbd_write_zeroes(image, pos, Int(n), flags, 0)
             if r < 0 { throw InstarError.system(Int32(-r), "error writing zeroes to \(name)") }
             pos += n
         }
