@@ -118,9 +118,12 @@ def test_info_names_and_errors(conf, tmp):
     for n in (name(conf, info1), f"rbd:rbd/{info1}@s1:conf={conf}",
               f"rbd:rbd/{info1}:id=admin:keyring={keyring}:mon_host={mon_host}",
               'json:{"driver":"raw","file":{"driver":"rbd","pool":"rbd","image":"%s","conf":"%s"}}' % (info1, conf),
+              'json:{"driver":"rbd","pool":"rbd","image":"%s","conf":"%s"}' % (info1, conf),
               name(conf, "missing"), f"rbd:rbd/{info1}:conf=/nonexistent.conf", f"rbd:{info1}", f"rbd:rbd/{info1}:conf"):
         assert_same("info", n)
         assert_same("info", "--output=json", n)
+    assert_same("info", "--image-opts", f"driver=rbd,pool=rbd,image={info1},conf={conf}")
+    assert_same("map", "--output=json", "--image-opts", f"driver=rbd,pool=rbd,image={info1},conf={conf}")
     env = dict(os.environ, CEPH_CONF=conf)
     assert_same("info", "-f", "raw", f"rbd:rbd/{info1}", env=env)
 

@@ -154,6 +154,8 @@ public struct ImageSpec {
         let strong = driverOptionOrder.filter { ImageSpec.strongOptions.contains($0) && driverOptions[$0] != nil }
         let protocolNamed = protocolAddress.map { ProtocolRegistry.descriptor(named: $0.driver)?.exactFilename == nil }
         if strong.isEmpty && windows.isEmpty && protocolNamed != true { return displayName }
+        // The protocol opened as the top node is shown by its own name.
+        if protocolAddress?.driver == formatName && windows.isEmpty { return displayName }
         var members: [(String, QObject)] = [("driver", .string(formatName))]
         for k in strong { if let v = driverOptions[k] { members.append((k, v)) } }
         members.append(("file", fileNode().options))
@@ -301,6 +303,18 @@ public enum ImageOpener {
             if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
             spec.filename = f
             spec.displayName = f
+            return spec
+        }
+        if fileKeys.isEmpty, let f = spec.format, ProtocolRegistry.descriptor(named: f) != nil {
+            // A protocol driver as the top node (driver=rbd): its options name the device; qemu shows the node
+            // by them and the protocol as the format.
+            let options = spec.driverOptionOrder.compactMap { k in spec.driverOptions[k].map { (k, $0) } }
+            spec.driverOptions = [:]
+            spec.driverOptionOrder = []
+            let address = ProtocolAddress(driver: f, options: options)
+            spec.protocolAddress = address
+            spec.filename = "json:" + QJSON.compact(address.node)
+            spec.displayName = spec.filename
             return spec
         }
         if fileKeys.isEmpty, let f = spec.format, FormatRegistry.descriptor(named: f)?.filelessProtocol != nil {

@@ -33,11 +33,14 @@ public protocol ProtocolBackend: AnyObject {
     var clusterSize: UInt64? { get }
     /// The storage's own snapshots (RBD), nil when the protocol has none.
     var snapshots: ProtocolSnapshotting? { get }
+    /// info's "format-specific" when the protocol is opened as the top node (`{"type": "rbd", "data": {}}`).
+    func formatSpecific() throws -> QObject?
 }
 
 extension ProtocolBackend {
     public var clusterSize: UInt64? { nil }
     public var snapshots: ProtocolSnapshotting? { nil }
+    public func formatSpecific() throws -> QObject? { nil }
 }
 
 /// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to

@@ -295,6 +295,18 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     func allocatedSize() throws -> UInt64? { nil }
 
     var clusterSize: UInt64? { objectSize }
+
+    /// qemu_rbd_get_specific_info: "encryption-format" when the image starts with a LUKS header librbd wrote.
+    func formatSpecific() throws -> QObject? {
+        var head = [UInt8](repeating: 0, count: 8)
+        if try size() >= 8 {
+            _ = try head.withUnsafeMutableBytes { try read(into: $0, at: 0) }
+        }
+        var data: [(String, QObject)] = []
+        if head == [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe, 0x00, 0x01] { data.append(("encryption-format", .string("luks"))) }
+        if head == [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe, 0x00, 0x02] { data.append(("encryption-format", .string("luks2"))) }
+        return .dict([("type", .string("rbd")), ("data", .dict(data))])
+    }
     var snapshots: ProtocolSnapshotting? { self }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
