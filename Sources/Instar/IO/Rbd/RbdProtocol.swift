@@ -316,7 +316,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         var done = 0
         while done < want {
             let n = rbd_read(image, offset + UInt64(done), want - done, (base + done).assumingMemoryBound(to: CChar.self))
-            if n < 0 { throw InstarError.system(Int32(-n), "error reading \(name)") }
+            if n < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -n), "error reading \(name)") }
             if n == 0 { break }
             done += n
         }
@@ -330,7 +330,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         while done < buffer.count {
             let n = rbd_write(image, offset + UInt64(done), buffer.count - done,
                               (base + done).assumingMemoryBound(to: CChar.self))
-            if n < 0 { throw InstarError.system(Int32(-n), "error writing \(name)") }
+            if n < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -n), "error writing \(name)") }
             if n == 0 { throw InstarError.system(EIO, "error writing \(name)") }
             done += n
         }
@@ -346,7 +346,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         while pos < end {
             let n = min(end - pos, 1 << 30)
             let r = rbd_write_zeroes(image, pos, Int(n), flags, 0)
-            if r < 0 { throw InstarError.system(Int32(-r), "error writing zeroes to \(name)") }
+            if r < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -r), "error writing zeroes to \(name)") }
             pos += n
         }
     }
@@ -383,7 +383,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         guard objectSize > 0, objectSize & (objectSize - 1) == 0 else { return all }
         let head = offset & (objectSize - 1)
         var req = DiffRequest(offs: offset - head, bytes: 0, exists: false)
-        let bytes = length + head
+        let bytes = length > UInt64.max - head ? UInt64.max : length + head
         let r = withUnsafeMutablePointer(to: &req) { p in
             rbd_diff_iterate2(image, nil, p.pointee.offs, bytes, 1, 1, { offs, len, exists, opaque in
                 guard let req = opaque?.assumingMemoryBound(to: DiffRequest.self) else { return -1 }
@@ -441,10 +441,13 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
 
     func listSnapshots() throws -> [SnapshotInfo] {
         var max: Int32 = 16
-        while max <= 1 << 20 {
-            var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max))
+        // librbd says how many it needs when the array is too small: a few rounds at most, bounded.
+        for _ in 0..<8 {
+            guard max > 0, max <= 1 << 20 else { break }
+            var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max) + 1)
             let n = rbd_snap_list(image, &snaps, &max)
             if n == -ERANGE { continue }
+            guard n <= Int32(snaps.count) else { return [] }
             if n <= 0 { return [] }
             var out: [SnapshotInfo] = []
             for s in snaps.prefix(Int(n)) {
