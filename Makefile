@@ -8,6 +8,8 @@ RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
 APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel mypy
 APT_PKGS += libbz2-dev
+# RBD (issue 15): librbd to link and qemu-img's rbd driver; the cluster packages come from ceph-deps below.
+APT_PKGS += librbd-dev librados-dev qemu-block-extra
 
 .PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel wheel-only
 
@@ -49,7 +51,7 @@ unit-test:
 	$(SWIFT) test
 
 diff-test:
-	INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile Tests/diff
+	scripts/ceph-single-node.sh run env INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile Tests/diff
 
 demo: deps build
 	bash bench/demo.sh $(OUT)/bin/instar
@@ -180,3 +182,16 @@ install-nbdkit-plugin:
 	@if [ -f $(OUT)/lib/nbdkit-instar-plugin.so ]; then \
 	  install -d $(DESTDIR)$(NBDKIT_PLUGINDIR) && \
 	  install -m 0755 $(OUT)/lib/nbdkit-instar-plugin.so $(DESTDIR)$(NBDKIT_PLUGINDIR)/nbdkit-instar-plugin.so; fi
+
+# RBD suite (issue 15): the daemons of scripts/ceph-single-node.sh, which diff-test starts beside pytest. Where
+# they cannot be installed, Tests/diff/test_rbd.py skips and says why.
+CEPH_APT_PKGS := ceph-mon ceph-osd ceph-common uuid-runtime
+.PHONY: ceph-deps
+deps: ceph-deps
+ceph-deps:
+	@missing=""; for p in $(CEPH_APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	    || echo "warning: could not install$$missing: the RBD suite will be skipped"; \
+	fi

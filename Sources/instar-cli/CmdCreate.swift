@@ -33,9 +33,9 @@ func printOptionHelp(filename: String?, format: String) -> Int32 {
         CLI.error("Format driver '\(format)' does not support image creation")
         return 1
     }
-    if filename != nil {
+    if let filename {
         CLI.out.write("Supported options:\n")
-        for l in CreateOptionValues.helpLines(Create.optionTable(for: c)) { CLI.out.write(l + "\n") }
+        for l in CreateOptionValues.helpLines(Create.optionTable(for: c, filename: filename)) { CLI.out.write(l + "\n") }
     } else {
         CLI.out.write("Supported \(format) options:\n")
         for l in CreateOptionValues.helpLines(c.options) { CLI.out.write(l + "\n") }

@@ -129,6 +129,10 @@ public struct ImageSpec {
     func fileNode() -> (options: QObject, windowNames: [String]) {
         var node: QObject = .dict([("driver", .string("file")), ("filename", .string(filename))])
         var plain = true
+        if let a = protocolAddress {
+            node = a.node
+            plain = ProtocolRegistry.descriptor(named: a.driver)?.exactFilename != nil
+        }
         var names: [String] = []
         for w in windows.reversed() {
             var members: [(String, QObject)] = [("driver", .string("raw"))]
@@ -148,7 +152,10 @@ public struct ImageSpec {
     /// the driver, those options and the file node, in its QDict order.
     public func displayName(formatName: String) -> String {
         let strong = driverOptionOrder.filter { ImageSpec.strongOptions.contains($0) && driverOptions[$0] != nil }
-        if strong.isEmpty && windows.isEmpty { return displayName }
+        let protocolNamed = protocolAddress.map { ProtocolRegistry.descriptor(named: $0.driver)?.exactFilename == nil }
+        if strong.isEmpty && windows.isEmpty && protocolNamed != true { return displayName }
+        // The protocol opened as the top node is shown by its own name.
+        if protocolAddress?.driver == formatName && windows.isEmpty { return displayName }
         var members: [(String, QObject)] = [("driver", .string(formatName))]
         for k in strong { if let v = driverOptions[k] { members.append((k, v)) } }
         members.append(("file", fileNode().options))
@@ -177,7 +184,14 @@ public enum ImageOpener {
             if name.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
             let file = try fileName(fromPlainName: name)
             if file.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
-            return ImageSpec(filename: file, format: format)
+            var spec = ImageSpec(filename: file, format: format)
+            if let d = ProtocolRegistry.descriptor(forPlainName: file), d.exactFilename == nil {
+                // A protocol node without a plain name of its own (rbd): qemu names it by its options.
+                let address = ProtocolAddress(driver: d.name, options: try d.parseName(file))
+                spec.protocolAddress = address
+                spec.displayName = "json:" + QJSON.compact(address.node)
+            }
+            return spec
         }
         let parsed: QObject
         do {
@@ -289,6 +303,18 @@ public enum ImageOpener {
             if f.isEmpty { throw InstarError.invalid("The 'file' block driver requires a file name") }
             spec.filename = f
             spec.displayName = f
+            return spec
+        }
+        if fileKeys.isEmpty, let f = spec.format, ProtocolRegistry.descriptor(named: f) != nil {
+            // A protocol driver as the top node (driver=rbd): its options name the device; qemu shows the node
+            // by them and the protocol as the format.
+            let options = spec.driverOptionOrder.compactMap { k in spec.driverOptions[k].map { (k, $0) } }
+            spec.driverOptions = [:]
+            spec.driverOptionOrder = []
+            let address = ProtocolAddress(driver: f, options: options)
+            spec.protocolAddress = address
+            spec.filename = "json:" + QJSON.compact(address.node)
+            spec.displayName = spec.filename
             return spec
         }
         if fileKeys.isEmpty, let f = spec.format, FormatRegistry.descriptor(named: f)?.filelessProtocol != nil {

@@ -16,7 +16,7 @@ public enum FormatRegistry {
         DmgFormat.descriptor,
         ParallelsFormat.descriptor,
         QcowFormat.descriptor,
-    ].map(attachingCreator) + NullFormat.descriptors
+    ].map(attachingCreator) + NullFormat.descriptors + ProtocolRegistry.all.map(ProtocolFormat.descriptor(for:))
 
     /// Formats instar would recognise but not open (they would take part in probing and in `-f NAME` only, so
     /// that their images fail clearly instead of being read as raw). Every image format of qemu-img 7.2 now has
@@ -86,6 +86,7 @@ public enum FormatRegistry {
     /// The names `--help` lists after "Supported formats:", as qemu's bdrv_iterate_format lists its drivers:
     /// every one instar can open, sorted, each once.
     public static var supportedFormatNames: [String] {
-        Array(Set(all.map(\.name))).sorted()
+        // Protocol drivers (rbd, nbd) are listed beside the formats, as qemu lists its block drivers.
+        Array(Set(all.map(\.name) + ProtocolRegistry.all.map(\.name))).sorted()
     }
 }

@@ -79,7 +79,9 @@ public final class HostFile {
             throw InstarError.unsupported("Unknown protocol '\(address.driver)'")
         }
         let backend = try d.open(address.options, writable)
-        return HostFile(remote: backend, address: address, name: name, writable: writable)
+        // The node's own name as qemu's bdrv_refresh_filename gives it (map's File column, messages about it).
+        let nodeName = d.exactFilename?(address.options) ?? "json:" + QJSON.compact(address.node)
+        return HostFile(remote: backend, address: address, name: nodeName, writable: writable)
     }
 
     /// A window of `base` (qemu's raw protocol-level node): `offset` and, if given, `size` checked as qemu's

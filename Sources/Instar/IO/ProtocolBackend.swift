@@ -29,6 +29,27 @@ public protocol ProtocolBackend: AnyObject {
     func extent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent
     /// Releases the connection or image; called once, when the owning HostFile goes away.
     func close()
+    /// The storage's allocation unit where it has one (an RBD object), shown as `cluster_size` by info.
+    var clusterSize: UInt64? { get }
+    /// The storage's own snapshots (RBD), nil when the protocol has none.
+    var snapshots: ProtocolSnapshotting? { get }
+    /// info's "format-specific" when the protocol is opened as the top node (`{"type": "rbd", "data": {}}`).
+    func formatSpecific() throws -> QObject?
+}
+
+extension ProtocolBackend {
+    public var clusterSize: UInt64? { nil }
+    public var snapshots: ProtocolSnapshotting? { nil }
+    public func formatSpecific() throws -> QObject? { nil }
+}
+
+/// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to
+/// its file). Errors carry the errno qemu's callers print.
+public protocol ProtocolSnapshotting: AnyObject {
+    func listSnapshots() throws -> [SnapshotInfo]
+    func createSnapshot(name: String) throws
+    func deleteSnapshot(id: String, name: String) throws
+    func revertSnapshot(name: String) throws
 }
 
 /// One extent of a protocol backend's block status.
@@ -59,14 +80,23 @@ public struct ProtocolDescriptor {
     public var open: (_ options: [(String, QObject)], _ writable: Bool) throws -> ProtocolBackend
     /// Creates the device for `qemu-img create` with `size` bytes, where the protocol can (rbd); nil means
     /// creation opens the existing device and checks it is large enough, as qemu's generic protocol create does.
-    public var create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)?
+    /// `createOptions` are the -o values of the create (the protocol reads its own, e.g. rbd's cluster_size).
+    public var create: ((_ options: [(String, QObject)], _ size: UInt64, _ createOptions: CreateOptionValues?) throws
+                        -> Void)?
+    /// The protocol's create options, merged into a format's option table for names it claims (in place of
+    /// the file layer's preallocation, nocow...), as qemu's bdrv_img_create appends the protocol's create_opts.
+    public var createOptions: [CreateOptionSpec] = []
+    /// The plain name qemu gives an open node of this driver (bdrv_refresh_filename's exact_filename), nil
+    /// when it has none and names the node by a json: of its options (rbd).
+    public var exactFilename: (([(String, QObject)]) -> String)?
     /// Whether qemu's image locks apply (never for network protocols: the server arbitrates).
     public var takesLocks: Bool = false
 
     public init(name: String, prefixes: [String],
                 parseName: @escaping (String) throws -> [(String, QObject)],
                 open: @escaping (_ options: [(String, QObject)], _ writable: Bool) throws -> ProtocolBackend,
-                create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)? = nil) {
+                create: ((_ options: [(String, QObject)], _ size: UInt64, _ createOptions: CreateOptionValues?) throws
+                         -> Void)? = nil) {
         self.name = name
         self.prefixes = prefixes
         self.parseName = parseName
@@ -108,5 +138,8 @@ public struct ProtocolAddress {
 
     /// The node as qemu prints it in a json: name: {"driver": ..., options...} (qemu puts the driver last for
     /// nodes it rebuilt from a parsed name; the driver's own parse order is kept otherwise).
-    public var node: QObject { .dict(options + [("driver", .string(driver))]) }
+    public var node: QObject {
+        // Keys starting with "=" are a driver's internal options (rbd's "=keyvalue-pairs"): qemu never prints them.
+        .dict(options.filter { !$0.0.hasPrefix("=") } + [("driver", .string(driver))])
+    }
 }

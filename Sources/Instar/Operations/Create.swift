@@ -40,6 +40,15 @@ public enum Create {
         return specs
     }
 
+    /// The table for creating `filename`: a name a protocol driver claims (rbd:) merges that protocol's
+    /// create options instead of the file layer's.
+    public static func optionTable(for creator: FormatCreator, filename: String) -> [CreateOptionSpec] {
+        guard let d = ProtocolRegistry.descriptor(forPlainName: filename) else { return optionTable(for: creator) }
+        var specs = creator.options
+        for s in d.createOptions where !specs.contains(where: { $0.name == s.name }) { specs.append(s) }
+        return specs
+    }
+
     /// Looks up the format's creator with qemu's messages.
     public static func creator(for format: String) throws -> FormatCreator {
         guard let d = FormatRegistry.descriptor(named: format) else {
@@ -72,7 +81,7 @@ public enum Create {
         let creator = try creator(for: p.format)
         try refuseUncreatableProtocol(p.filename)
         _ = try ImageOpener.fileName(fromPlainName: p.filename)
-        var values = CreateOptionValues(specs: optionTable(for: creator))
+        var values = CreateOptionValues(specs: optionTable(for: creator, filename: p.filename))
         if let list = p.options { try values.parse(list) }
         if !values.isSet("size") {
             if let s = p.size { try values.set("size", String(s)) }

@@ -192,13 +192,30 @@ public enum HostFileCreate {
 
     /// Creates (or truncates) `path` and gives it `size` bytes the way file-posix does: ftruncate for off,
     /// posix_fallocate for falloc, written zeroes for full.
-    public static func create(_ path: String, size: UInt64, preallocation: Preallocation) throws {
+    public static func create(_ path: String, size: UInt64, preallocation: Preallocation,
+                              options: CreateOptionValues? = nil) throws {
+        if let address = try ProtocolAddress.fromPlainName(path),
+           let create = ProtocolRegistry.descriptor(named: address.driver)?.create {
+            // The protocol's own create makes the whole node (qemu does not open it afterwards).
+            return try create(address.options, size, options)
+        }
         try grow(try createEmpty(path), to: size, preallocation: preallocation)
+    }
+
+    /// A name a protocol driver claims (rbd:) is created by that driver with `size` bytes and opened, as
+    /// qemu's bdrv_create_file hands the options to the protocol's create; nil for host files. A driver
+    /// without a create hook opens the existing device (qemu's create fallback).
+    static func createProtocolNode(_ path: String, size: UInt64, options: CreateOptionValues? = nil) throws -> HostFile? {
+        guard let address = try ProtocolAddress.fromPlainName(path),
+              let d = ProtocolRegistry.descriptor(named: address.driver) else { return nil }
+        if let create = d.create { try create(address.options, size, options) }
+        return try HostFile.open(address: address, name: path, writable: true)
     }
 
     /// Creates (or truncates) `path` to an empty file with file-posix's messages, as a format's create does
     /// through the protocol layer before writing its header.
-    public static func createEmpty(_ path: String) throws -> HostFile {
+    public static func createEmpty(_ path: String, options: CreateOptionValues? = nil) throws -> HostFile {
+        if let node = try createProtocolNode(path, size: 0, options: options) { return node }
         let file: HostFile
         do {
             file = try HostFile.open(path, writable: true, create: true)

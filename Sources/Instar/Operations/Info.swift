@@ -32,6 +32,10 @@ public struct ImageInfo {
         encrypted = details.encrypted == true ? true : nil
         formatSpecific = details.formatSpecific
         snapshots = details.snapshots
+        if !(driver is ImageSnapshottable), let remote = driver.hostFiles.first?.remote?.snapshots {
+            // bdrv_snapshot_list falls through a format without snapshots to its file (RBD snapshots).
+            snapshots = try remote.listSnapshots()
+        }
         if let ref = driver.backingReference, !ref.filename.isEmpty {
             backingFilename = ref.filename
             fullBackingFilename = layer.fullBackingFilename

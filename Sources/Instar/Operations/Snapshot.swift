@@ -39,6 +39,7 @@ public enum SnapshotOperation {
     public static func list(_ name: String, options: Options) throws -> [SnapshotInfo] {
         let layer = try open(name, writable: false, options: options)
         defer { try? layer.close() }
+        if let remote = protocolSnapshots(layer) { return try remote.listSnapshots() }
         guard let s = layer.format as? ImageSnapshottable else { return [] }
         return try s.listSnapshots()
     }
@@ -69,6 +70,15 @@ public enum SnapshotOperation {
                 InstarError(err == ENOTSUP ? .unsupported : .invalid,
                             "Could not create snapshot '\(snapshot)': -\(err) (\(strerrorString(err)))", errno: err)
             }
+            if let remote = protocolSnapshots(layer) {
+                do {
+                    return try remote.createSnapshot(name: snapshot)
+                } catch let e as InstarError {
+                    var f = fail(e.errnoValue != 0 ? e.errnoValue : EIO)
+                    f.code = e.code
+                    throw f
+                }
+            }
             guard let s = layer.format as? ImageSnapshottable else { throw fail(ENOTSUP) }
             let now = options.clock?() ?? wallClock()
             do {
@@ -91,6 +101,16 @@ public enum SnapshotOperation {
             options.warn?(msg)
         }
         try withWritable(name, options: opts) { layer in
+            if let remote = protocolSnapshots(layer) {
+                // bdrv_snapshot_goto closes the format, reverts the file and opens the format again: a probed
+                // raw image warns a second time.
+                if let w = openWarning { options.warn?(w) }
+                do {
+                    return try remote.revertSnapshot(name: snapshot)
+                } catch let e as InstarError {
+                    throw e.prepending("Could not apply snapshot '\(snapshot)': ")
+                }
+            }
             guard let s = layer.format as? ImageSnapshottable else {
                 // qemu reverts through the protocol layer below: the format driver is closed and opened again
                 // around it, and a probed raw image warns a second time.
@@ -112,6 +132,16 @@ public enum SnapshotOperation {
         try withWritable(name, options: options) { layer in
             let notFound = InstarError(.notFound, "Could not delete snapshot '\(snapshot)': snapshot not found",
                                        errno: ENOENT)
+            if let remote = protocolSnapshots(layer) {
+                guard let found = try remote.listSnapshots().first(where: { $0.nameBytes == Array(snapshot.utf8) }) else {
+                    throw notFound
+                }
+                do {
+                    return try remote.deleteSnapshot(id: found.id, name: found.name)
+                } catch let e as InstarError {
+                    throw e.prepending("Could not delete snapshot '\(snapshot)': ")
+                }
+            }
             guard let s = layer.format as? ImageSnapshottable else { throw notFound }
             guard let found = try s.listSnapshots().first(where: { $0.nameBytes == Array(snapshot.utf8) }) else {
                 throw notFound
@@ -122,6 +152,13 @@ public enum SnapshotOperation {
                 throw e.prepending("Could not delete snapshot '\(snapshot)': ")
             }
         }
+    }
+
+    /// The storage's snapshots under a format that has none of its own (qemu's bdrv_snapshot_* fall through to
+    /// the file child: RBD snapshots under raw).
+    static func protocolSnapshots(_ layer: ImageLayer) -> ProtocolSnapshotting? {
+        if layer.format is ImageSnapshottable { return nil }
+        return layer.format.hostFiles.first?.remote?.snapshots
     }
 
     /// g_get_real_time split as qemu-img does: seconds, and the microseconds as nanoseconds.

@@ -180,8 +180,10 @@ public final class LuksFormat: ImageFormat {
         BlockStatus(length: length, allocated: true, data: true, zero: false)
     }
 
+    /// block_crypto_get_info_luks takes the cluster size from the file's info: only a protocol with one (an RBD
+    /// object) has it; a host file has no info, so none is shown.
     public func formatInfo() throws -> FormatInfo {
-        FormatInfo(clusterSize: nil, dirty: false, encrypted: true,
+        FormatInfo(clusterSize: file.remote?.clusterSize, dirty: false, encrypted: true,
                    formatSpecific: .dict([("type", .string("luks")), ("data", info.qobject(withFormat: false))]))
     }
 

@@ -160,7 +160,7 @@ public enum Qcow2Create {
     static func create(_ r: CreateRequest) throws {
         let o = r.options
         // The protocol file is created (empty) before the qcow2 options are checked, as in qemu.
-        let file = try HostFileCreate.createEmpty(r.filename)
+        let file = try HostFileCreate.createEmpty(r.filename, options: r.options)
         // qemu creates the external data file through the protocol layer with the image's size and mode.
         if let df = o.text("data_file") {
             let mode: HostFileCreate.Preallocation

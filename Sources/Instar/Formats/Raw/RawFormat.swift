@@ -110,7 +110,8 @@ public final class RawFormat: ImageFormat {
                            hostFile: file.path)
     }
 
-    public func formatInfo() throws -> FormatInfo { FormatInfo(dirty: false) }
+    /// raw_get_info forwards to the file: a protocol's allocation unit (an RBD object) is the cluster size.
+    public func formatInfo() throws -> FormatInfo { FormatInfo(clusterSize: file.remote?.clusterSize, dirty: false) }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         try file.write(buffer, at: try windowOffset.adding(offset))

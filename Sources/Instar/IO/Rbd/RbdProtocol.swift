@@ -1,0 +1,486 @@
+import CRbd
+import Glibc
+
+/// The rbd protocol driver (qemu's block/rbd.c): an image of a Ceph pool through librados/librbd.
+/// Names: `rbd:pool[/namespace]/image[@snapshot][:key=value...]`, where `conf` and `id` are options of the node
+/// and every other key is set on the cluster handle (rados_conf_set: keyring, mon_host, auth_supported...);
+/// a backslash escapes the next character. json:/--image-opts give pool, image, namespace, snapshot, conf, user.
+public enum RbdProtocol {
+    public static let descriptor: ProtocolDescriptor = {
+        var d = ProtocolDescriptor(
+            name: "rbd", prefixes: ["rbd:"], parseName: parseName,
+            open: { options, writable in try RbdImage(options: RbdLocation(options: options), writable: writable) },
+            create: { options, size, values in
+                for k in ["encrypt.format", "encrypt.cipher-alg", "encrypt.key-secret", "password-secret"]
+                where values?.isSet(k) == true {
+                    throw InstarError.unsupported("instar does not support the rbd create option '\(k)'")
+                }
+                try create(RbdLocation(options: options), size: size, objectSize: values?.size("cluster_size"))
+            })
+        // qemu_rbd_create_opts; encryption at create is not done here (luks images go through instar's luks).
+        d.createOptions = [
+            CreateOptionSpec("size", .size, "Virtual disk size"),
+            CreateOptionSpec("cluster_size", .size, "RBD object size"),
+            CreateOptionSpec("encrypt.cipher-alg", .string,
+                             "Name of encryption cipher algorithm (allowed values: aes-128, aes-256)"),
+            CreateOptionSpec("encrypt.format", .string, "Encrypt the image, format choices: 'luks', 'luks2'"),
+            CreateOptionSpec("encrypt.key-secret", .string, "ID of secret providing LUKS passphrase"),
+            CreateOptionSpec("password-secret", .string, "ID of secret providing the password"),
+        ]
+        return d
+    }()
+
+    /// The key under which a plain name's extra key=value pairs travel (never printed in a json: name).
+    static let keyvaluePairs = "=keyvalue-pairs"
+
+    // MARK: names
+
+    /// The next token of `s` up to the unescaped `delim`: (token, rest after the delimiter or nil).
+    static func nextToken(_ s: Substring, _ delim: Character) -> (Substring, Substring?) {
+        var i = s.startIndex
+        while i < s.endIndex {
+            let c = s[i]
+            if c == delim { return (s[s.startIndex..<i], s[s.index(after: i)...]) }
+            if c == "\\" {
+                let n = s.index(after: i)
+                if n < s.endIndex { i = n }
+            }
+            i = s.index(after: i)
+        }
+        return (s, nil)
+    }
+
+    /// Drops each backslash that escapes a following character.
+    static func unescape(_ s: Substring) -> String {
+        var out = ""
+        var i = s.startIndex
+        while i < s.endIndex {
+            var c = s[i]
+            if c == "\\" {
+                let n = s.index(after: i)
+                if n < s.endIndex { i = n; c = s[i] }
+            }
+            out.append(c)
+            i = s.index(after: i)
+        }
+        return out
+    }
+
+    /// qemu_rbd_parse_filename: the options a plain name stands for, in its order.
+    static func parseName(_ name: String) throws -> [(String, QObject)] {
+        guard name.hasPrefix("rbd:") else { throw InstarError.invalid("File name must start with 'rbd:'") }
+        var out: [(String, QObject)] = []
+        let (pool, afterPool) = nextToken(name.dropFirst(4), "/")
+        guard var p = afterPool else { throw InstarError.invalid("Pool name is required") }
+        out.append(("pool", .string(unescape(pool))))
+        var imageName: Substring
+        var rest: Substring?
+        var snapshot: String?
+        if nextToken(p, "@").1 != nil {
+            let (img, r) = nextToken(p, "@")
+            imageName = img
+            let (snap, r2) = nextToken(r ?? "", ":")
+            snapshot = unescape(snap)
+            rest = r2
+        } else {
+            (imageName, rest) = nextToken(p, ":")
+        }
+        if let s = snapshot { out.append(("snapshot", .string(s))) }
+        let (ns, afterNs) = nextToken(imageName, "/")
+        if let img = afterNs {
+            out.append(("namespace", .string(unescape(ns))))
+            imageName = img
+        } else {
+            out.append(("namespace", .string("")))
+        }
+        out.append(("image", .string(unescape(imageName))))
+        var pairs: [String] = []
+        while let r = rest {
+            p = r
+            let (key, afterKey) = nextToken(p, "=")
+            guard let v = afterKey else { throw InstarError.invalid("conf option \(key) has no value") }
+            let k = unescape(key)
+            let (value, afterValue) = nextToken(v, ":")
+            rest = afterValue
+            let val = unescape(value)
+            switch k {
+            case "conf": out.append(("conf", .string(val)))
+            case "id": out.append(("user", .string(val)))
+            default: pairs += [k, val]
+            }
+        }
+        if !pairs.isEmpty {
+            out.append((keyvaluePairs, .string(QJSON.compact(.list(pairs.map { .string($0) })))))
+        }
+        return out
+    }
+
+    // MARK: create
+
+    /// qemu_rbd_co_create_opts: rbd_create with the size and librbd's default object size; a snapshot in the
+    /// name is ignored (qemu builds the location without it).
+    static func create(_ loc: RbdLocation, size: UInt64, objectSize: UInt64? = nil) throws {
+        var order: Int32 = 0
+        if let objsize = objectSize {
+            if objsize & (objsize &- 1) != 0 { throw InstarError(.invalid, "obj size needs to be power of 2", errno: EINVAL) }
+            if objsize < 4096 { throw InstarError(.invalid, "obj size too small", errno: EINVAL) }
+            order = Int32(objsize.trailingZeroBitCount)
+        }
+        let conn = try RbdConnection(loc)
+        defer { conn.close() }
+        let r = rbd_create(conn.ioctx, loc.image, size, &order)
+        if r < 0 { throw InstarError.system(-r, "error rbd create") }
+    }
+}
+
+/// Where an RBD image is and how to reach its cluster (qemu's BlockdevOptionsRbd).
+struct RbdLocation {
+    var pool = ""
+    var namespace = ""
+    var image = ""
+    var snapshot: String?
+    var conf: String?
+    var user: String?
+    /// Cluster settings from a plain name (key, value), set in order.
+    var pairs: [(String, String)] = []
+
+    init(options: [(String, QObject)]) throws {
+        var havePool = false, haveImage = false
+        for (k, v) in options {
+            func text() throws -> String {
+                switch v {
+                case let .string(s): return s
+                case let .int(n): return String(n)
+                case let .uint(n): return String(n)
+                case let .bool(b): return b ? "on" : "off"
+                default: throw InstarError.invalid("Invalid parameter type for '\(k)', expected: string")
+                }
+            }
+            switch k {
+            case "pool": pool = try text(); havePool = true
+            case "image": image = try text(); haveImage = true
+            case "namespace": namespace = try text()
+            case "snapshot": snapshot = try text()
+            case "conf": conf = try text()
+            case "user": user = try text()
+            case RbdProtocol.keyvaluePairs:
+                guard case let .list(items) = try JSONParser.parse(try text()), items.count % 2 == 0 else {
+                    throw InstarError.invalid("Invalid key-value pairs")
+                }
+                let strings = items.compactMap { $0.stringValue }
+                guard strings.count == items.count else { throw InstarError.invalid("Invalid key-value pairs") }
+                var i = 0
+                while i + 1 < strings.count {
+                    pairs.append((strings[i], strings[i + 1]))
+                    i += 2
+                }
+            default:
+                throw InstarError.invalid("Invalid parameter '\(k)'")
+            }
+        }
+        if !havePool { throw InstarError.invalid("Parameter 'pool' is missing") }
+        if !haveImage { throw InstarError.invalid("Parameter 'image' is missing") }
+    }
+}
+
+/// A connected cluster handle and an I/O context on the pool (qemu_rbd_connect).
+final class RbdConnection {
+    var cluster: rados_t?
+    var ioctx: rados_ioctx_t?
+
+    init(_ loc: RbdLocation) throws {
+        var c: rados_t?
+        var r = rados_create(&c, loc.user)
+        if r < 0 { throw InstarError.system(-r, "error initializing") }
+        cluster = c
+        do {
+            // With no conf the default places are tried and failure is ignored, as qemu does.
+            r = rados_conf_read_file(c, loc.conf)
+            if let conf = loc.conf, r < 0 { throw InstarError.system(-r, "error reading conf file \(conf)") }
+            for (k, v) in loc.pairs {
+                r = rados_conf_set(c, k, v)
+                if r < 0 { throw InstarError(.invalid, "invalid conf option \(k)", errno: -r) }
+            }
+            rados_conf_set(c, "rbd_cache", "true")
+            r = rados_connect(c)
+            if r < 0 { throw InstarError.system(-r, "error connecting") }
+            var io: rados_ioctx_t?
+            r = rados_ioctx_create(c, loc.pool, &io)
+            if r < 0 { throw InstarError.system(-r, "error opening pool \(loc.pool)") }
+            ioctx = io
+            if !loc.namespace.isEmpty {
+                var exists = false
+                r = rbd_namespace_exists(io, loc.namespace, &exists)
+                if r < 0 { throw InstarError.system(-r, "error checking namespace") }
+                if !exists { throw InstarError(.notFound, "namespace '\(loc.namespace)' does not exist", errno: ENOENT) }
+            }
+            rados_ioctx_set_namespace(io, loc.namespace)
+        } catch {
+            close()
+            throw error
+        }
+    }
+
+    func close() {
+        if let io = ioctx { rados_ioctx_destroy(io) }
+        ioctx = nil
+        if let c = cluster { rados_shutdown(c) }
+        cluster = nil
+    }
+}
+
+/// An open RBD image (qemu_rbd_open): librbd serves concurrent requests on one handle.
+final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
+    let conn: RbdConnection
+    var image: rbd_image_t?
+    let name: String
+    let snapshotName: String?
+    let objectSize: UInt64
+    /// The size as last seen (qemu's image_size), guarded by `lock`: writes past it grow the image first.
+    private var cachedSize: UInt64
+    private let lock: UnsafeMutablePointer<pthread_mutex_t>
+
+    init(options loc: RbdLocation, writable: Bool) throws {
+        lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+        lock.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(lock, nil)
+        conn = try RbdConnection(loc)
+        name = loc.image
+        snapshotName = loc.snapshot
+        var img: rbd_image_t?
+        let r = rbd_open(conn.ioctx, loc.image, &img, loc.snapshot)
+        if r < 0 {
+            conn.close()
+            throw InstarError.system(-r, "error reading header from \(loc.image)")
+        }
+        image = img
+        var info = rbd_image_info_t()
+        let s = rbd_stat(img, &info, MemoryLayout<rbd_image_info_t>.size)
+        if s < 0 {
+            rbd_close(img)
+            conn.close()
+            throw InstarError.system(-s, "error getting image info from \(loc.image)")
+        }
+        cachedSize = info.size
+        objectSize = info.obj_size
+        if loc.snapshot != nil && writable {
+            rbd_close(img)
+            conn.close()
+            throw InstarError(.permission, "rbd snapshots are read-only", errno: EROFS)
+        }
+    }
+
+    deinit {
+        pthread_mutex_destroy(lock)
+        lock.deallocate()
+    }
+
+    /// qemu_rbd_start_co: librbd refuses writes past the end, so a write that reaches further resizes first.
+    private func growForWrite(to end: UInt64) throws {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        if end <= cachedSize { return }
+        let r = rbd_resize(image, end)
+        if r < 0 { throw InstarError.system(-r, "error growing \(name)") }
+        cachedSize = end
+    }
+
+    func size() throws -> UInt64 {
+        var n: UInt64 = 0
+        let r = rbd_get_size(image, &n)
+        if r < 0 { throw InstarError.system(-r, "error getting size of \(name)") }
+        return n
+    }
+
+    func allocatedSize() throws -> UInt64? { nil }
+
+    var clusterSize: UInt64? { objectSize }
+
+    /// qemu_rbd_get_specific_info: "encryption-format" when the image starts with a LUKS header librbd wrote.
+    func formatSpecific() throws -> QObject? {
+        var head = [UInt8](repeating: 0, count: 8)
+        if try size() >= 8 {
+            _ = try head.withUnsafeMutableBytes { try read(into: $0, at: 0) }
+        }
+        var data: [(String, QObject)] = []
+        if head == [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe, 0x00, 0x01] { data.append(("encryption-format", .string("luks"))) }
+        if head == [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe, 0x00, 0x02] { data.append(("encryption-format", .string("luks2"))) }
+        return .dict([("type", .string("rbd")), ("data", .dict(data))])
+    }
+    var snapshots: ProtocolSnapshotting? { self }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws -> Int {
+        let end = try size()
+        guard offset < end, let base = buffer.baseAddress else { return 0 }
+        let want = Int(min(UInt64(buffer.count), end - offset))
+        var done = 0
+        while done < want {
+            let n = rbd_read(image, offset + UInt64(done), want - done, (base + done).assumingMemoryBound(to: CChar.self))
+            if n < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -n), "error reading \(name)") }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard let base = buffer.baseAddress else { return }
+        try growForWrite(to: try offset.adding(UInt64(buffer.count)))
+        var done = 0
+        while done < buffer.count {
+            let n = rbd_write(image, offset + UInt64(done), buffer.count - done,
+                              (base + done).assumingMemoryBound(to: CChar.self))
+            if n < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -n), "error writing \(name)") }
+            if n == 0 { throw InstarError.system(EIO, "error writing \(name)") }
+            done += n
+        }
+    }
+
+    func writeZeroes(at offset: UInt64, length: UInt64, mayUnmap: Bool) throws {
+        // qemu_rbd_co_pwrite_zeroes: thick provisioning (zeroes written, objects kept) unless the range may be
+        // unmapped.
+        let flags: Int32 = mayUnmap ? 0 : Int32(RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
+        var pos = offset
+        let end = try offset.adding(length)
+        try growForWrite(to: end)
+        while pos < end {
+            let n = min(end - pos, 1 << 30)
+            let r = rbd_write_zeroes(image, pos, Int(n), flags, 0)
+            if r < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -r), "error writing zeroes to \(name)") }
+            pos += n
+        }
+    }
+
+    func discard(at offset: UInt64, length: UInt64) throws {
+        let r = rbd_discard(image, offset, length)
+        if r < 0 { throw InstarError.system(-r, "error discarding in \(name)") }
+    }
+
+    func flush() throws {
+        let r = rbd_flush(image)
+        if r < 0 { throw InstarError.system(-r, "error flushing \(name)") }
+    }
+
+    func truncate(to length: UInt64) throws {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        let r = rbd_resize(image, length)
+        if r < 0 { throw InstarError.system(-r, "Failed to resize file") }
+        cachedSize = length
+    }
+
+    /// qemu_rbd_co_block_status: allocation from rbd_diff_iterate2 over whole objects when fast-diff is
+    /// enabled and valid; otherwise everything is data. librbd before 1.17 gets the offset rounded down to an
+    /// object boundary (and no answer for striped or cloned images), as qemu works around its bug.
+    func extent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent {
+        let all = ProtocolExtent(length: length, data: true, zero: false)
+        var features: UInt64 = 0
+        if rbd_get_features(image, &features) < 0 || features & UInt64(RBD_FEATURE_FAST_DIFF) == 0 { return all }
+        var flags: UInt64 = 0
+        if rbd_get_flags(image, &flags) < 0 || flags & UInt64(RBD_FLAG_FAST_DIFF_INVALID) != 0 { return all }
+        if features & UInt64(RBD_FEATURE_STRIPINGV2) != 0 { return all }
+        if RbdImage.hasParent(image) { return all }
+        guard objectSize > 0, objectSize & (objectSize - 1) == 0 else { return all }
+        let head = offset & (objectSize - 1)
+        var req = DiffRequest(offs: offset - head, bytes: 0, exists: false)
+        let bytes = length > UInt64.max - head ? UInt64.max : length + head
+        let r = withUnsafeMutablePointer(to: &req) { p in
+            rbd_diff_iterate2(image, nil, p.pointee.offs, bytes, 1, 1, { offs, len, exists, opaque in
+                guard let req = opaque?.assumingMemoryBound(to: DiffRequest.self) else { return -1 }
+                if exists == 0 { return 0 }
+                if !req.pointee.exists && offs > req.pointee.offs {
+                    req.pointee.bytes = offs - req.pointee.offs
+                    return RbdImage.stopIteration
+                }
+                if req.pointee.exists && offs > req.pointee.offs &+ req.pointee.bytes { return RbdImage.stopIteration }
+                req.pointee.bytes &+= UInt64(len)
+                req.pointee.exists = true
+                return 0
+            }, p)
+        }
+        if r < 0 && r != RbdImage.stopIteration { return all }
+        var status = ProtocolExtent(length: 0, data: true, zero: false)
+        if !req.exists {
+            if r == 0 { req.bytes = bytes }
+            status.data = false
+            status.zero = true
+        }
+        // The callback counts whole objects: keep inside what was asked, and past the rounded-down head.
+        let got = min(req.bytes, bytes)
+        guard got > head else { return all }
+        status.length = got - head
+        return status
+    }
+
+    static let stopIteration: Int32 = -9000
+
+    struct DiffRequest {
+        var offs: UInt64
+        var bytes: UInt64
+        var exists: Bool
+    }
+
+    static func hasParent(_ image: rbd_image_t?) -> Bool {
+        var parent = rbd_linked_image_spec_t()
+        var snap = rbd_snap_spec_t()
+        let r = rbd_get_parent(image, &parent, &snap)
+        if r == 0 {
+            rbd_linked_image_spec_cleanup(&parent)
+            rbd_snap_spec_cleanup(&snap)
+        }
+        return r != -ENOENT
+    }
+
+    func close() {
+        if let img = image { rbd_close(img) }
+        image = nil
+        conn.close()
+    }
+
+    // MARK: snapshots (qemu_rbd_snap_*): the name is also the id; dates and clocks are zero.
+
+    func listSnapshots() throws -> [SnapshotInfo] {
+        var max: Int32 = 16
+        // librbd says how many it needs when the array is too small: a few rounds at most, bounded.
+        for _ in 0..<8 {
+            guard max > 0, max <= 1 << 20 else { break }
+            var snaps = [rbd_snap_info_t](repeating: rbd_snap_info_t(), count: Int(max) + 1)
+            let n = rbd_snap_list(image, &snaps, &max)
+            if n == -ERANGE { continue }
+            guard n <= Int32(snaps.count) else { return [] }
+            if n <= 0 { return [] }
+            var out: [SnapshotInfo] = []
+            for s in snaps.prefix(Int(n)) {
+                let name = s.name.map { String(cString: $0) } ?? ""
+                // qemu copies the name into 128-byte fields (pstrcpy).
+                let clipped = String(decoding: Array(name.utf8.prefix(127)), as: UTF8.self)
+                out.append(SnapshotInfo(id: clipped, name: clipped, vmStateSize: s.size, dateSec: 0, dateNsec: 0,
+                                        vmClockNsec: 0, icount: 0))
+            }
+            rbd_snap_list_end(&snaps)
+            return out
+        }
+        return []
+    }
+
+    func createSnapshot(name: String) throws {
+        if name.isEmpty { throw InstarError(.invalid, "snapshot name required", errno: EINVAL) }
+        if name.utf8.count >= 128 { throw InstarError(.range, "snapshot name too long", errno: ERANGE) }
+        let r = rbd_snap_create(image, name)
+        if r < 0 { throw InstarError.system(-r, "failed to create snap") }
+    }
+
+    func deleteSnapshot(id: String, name: String) throws {
+        if id != name {
+            throw InstarError(.invalid, "rbd do not support snapshot id, it should be NULL or equal to snapshot name",
+                              errno: EINVAL)
+        }
+        let r = rbd_snap_remove(image, name)
+        if r < 0 { throw InstarError.system(-r, "Failed to remove the snapshot") }
+    }
+
+    func revertSnapshot(name: String) throws {
+        let r = rbd_snap_rollback(image, name)
+        if r < 0 { throw InstarError(.io, strerrorString(-r), errno: -r) }
+    }
+}
