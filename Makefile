@@ -8,6 +8,7 @@ RELEASE := -c release -Xswiftc -static-stdlib
 APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
 APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel mypy
 APT_PKGS += libbz2-dev
+APT_PKGS += libnbd-dev libnbd-bin nbdkit
 
 .PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel wheel-only
 

@@ -16,7 +16,7 @@ public enum FormatRegistry {
         DmgFormat.descriptor,
         ParallelsFormat.descriptor,
         QcowFormat.descriptor,
-    ].map(attachingCreator) + NullFormat.descriptors
+    ].map(attachingCreator) + NullFormat.descriptors + [NbdFormat.descriptor]
 
     /// Formats instar would recognise but not open (they would take part in probing and in `-f NAME` only, so
     /// that their images fail clearly instead of being read as raw). Every image format of qemu-img 7.2 now has

@@ -75,7 +75,9 @@ public final class HostFile {
             throw InstarError.unsupported("Unknown protocol '\(address.driver)'")
         }
         let backend = try d.open(address.options, writable)
-        return HostFile(remote: backend, address: address, name: name, writable: writable)
+        // The node is named as its driver names it (qemu's refresh_filename), e.g. in map's "File" column.
+        let shown = d.exactFilename?(address.options) ?? name
+        return HostFile(remote: backend, address: address, name: shown, writable: writable)
     }
 
     /// A window of `base` (qemu's raw protocol-level node): `offset` and, if given, `size` checked as qemu's

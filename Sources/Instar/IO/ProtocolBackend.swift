@@ -62,6 +62,9 @@ public struct ProtocolDescriptor {
     public var create: ((_ options: [(String, QObject)], _ size: UInt64) throws -> Void)?
     /// Whether qemu's image locks apply (never for network protocols: the server arbitrates).
     public var takesLocks: Bool = false
+    /// The plain name qemu shows for the node (its bdrv_refresh_filename, e.g. nbd+unix:///exp?socket=PATH),
+    /// whatever name or options opened it; nil keeps the name given.
+    public var exactFilename: ((_ options: [(String, QObject)]) -> String?)?
 
     public init(name: String, prefixes: [String],
                 parseName: @escaping (String) throws -> [(String, QObject)],

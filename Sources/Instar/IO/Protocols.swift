@@ -2,5 +2,6 @@
 func protocolDescriptors() -> [ProtocolDescriptor] {
     var all: [ProtocolDescriptor] = []
     all.reserveCapacity(2)
+    all.append(NbdProtocol.descriptor)
     return all
 }

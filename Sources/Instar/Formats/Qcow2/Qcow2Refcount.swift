@@ -75,7 +75,9 @@ final class Qcow2RefcountReader {
     /// (with a margin), so L2 entries point at clusters that were never written.
     func looksMetadataPreallocated() throws -> Bool {
         let fileLength = try file.size()
-        let realClusters = try file.allocatedSize() / header.clusterSize
+        // A node that cannot report its allocation (nbd) counts as not preallocated, as qemu takes the error.
+        guard let allocated = try? file.allocatedSize() else { return false }
+        let realClusters = allocated / header.clusterSize
         let threshold = max(realClusters * 10 / 9, realClusters + 2)
         let endCluster = fileLength.divCeil(header.clusterSize)
         var used: UInt64 = 0

@@ -110,7 +110,10 @@ public final class RawFormat: ImageFormat {
                            hostFile: file.path)
     }
 
-    public func formatInfo() throws -> FormatInfo { FormatInfo(dirty: false) }
+    public func formatInfo() throws -> FormatInfo {
+        // qemu's raw_get_info asks the node below: a protocol node without get_info (nbd) leaves the flag out.
+        FormatInfo(dirty: file.isHostFile ? false : nil)
+    }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         try file.write(buffer, at: try windowOffset.adding(offset))
