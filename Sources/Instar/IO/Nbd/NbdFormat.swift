@@ -19,14 +19,17 @@ public final class NbdFormat: ImageFormat {
 
     /// The node's options: those given, or those a plain name (`-f nbd nbd:...`) stands for.
     static func options(filename: String, driverOptions: [String: QObject]) -> [(String, QObject)]? {
-        if !driverOptions.isEmpty { return driverOptions.sorted { $0.key < $1.key }.map { ($0.key, $0.value) } }
+        if !driverOptions.isEmpty || filename.isEmpty {
+            return driverOptions.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+        }
         return try? NbdName.parse(filename)
     }
 
     init(request: OpenRequest) throws {
         let options: [(String, QObject)]
-        if !request.options.driverOptions.isEmpty {
-            options = request.options.driverOptions.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+        let given = request.options.driverOptions
+        if !given.isEmpty || request.filename.isEmpty {
+            options = given.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
         } else {
             options = try NbdName.parse(request.filename)
         }
