@@ -89,8 +89,10 @@ public final class RawFormat: ImageFormat {
         let limit = min(try hostStart.adding(length), fileSize)
         if let e = try file.protocolExtent(at: hostStart, length: limit - hostStart) {
             // A protocol's own block status (NBD base:allocation, RBD diff): data and zero as it reports them.
-            return BlockStatus(length: max(1, min(e.length, limit - hostStart)), allocated: true, data: e.data,
-                               zero: e.zero, hostOffset: hostStart, hostFile: file.path)
+            // Neither data nor zeroes (an x-dirty-bitmap's dirty extent) is not allocated, as in qemu's block layer.
+            let allocated = e.data || e.zero
+            return BlockStatus(length: max(1, min(e.length, limit - hostStart)), allocated: allocated, data: e.data,
+                               zero: e.zero, hostOffset: allocated ? hostStart : nil, hostFile: file.path)
         }
         guard let data = file.nextData(from: hostStart) else {
             return BlockStatus(length: length, allocated: true, data: false, zero: true, hostOffset: hostStart, hostFile: file.path)
@@ -109,6 +111,9 @@ public final class RawFormat: ImageFormat {
         return BlockStatus(length: end - hostStart, allocated: true, data: true, zero: false, hostOffset: hostStart,
                            hostFile: file.path)
     }
+
+    /// qemu's raw driver has no backing file: a range it reports neither data nor zero does not read as zero.
+    public var supportsBacking: Bool { false }
 
     public func formatInfo() throws -> FormatInfo {
         // qemu's raw_get_info asks the node below: a protocol node without get_info (nbd) leaves the flag out.

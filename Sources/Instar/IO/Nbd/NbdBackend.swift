@@ -13,6 +13,8 @@ final class NbdBackend: ProtocolBackend {
     static let maxBuffer: UInt64 = 32 << 20
     /// qemu's block layer never asks more than about INT_MAX bytes of a zero or trim request.
     static let maxRange: UInt64 = 1 << 30
+    /// Large reads and writes go out as requests of this size, all in flight at once on one connection.
+    static let piece: UInt64 = 512 << 10
 
     let address: NbdAddress
     let exportSize: UInt64
@@ -55,7 +57,8 @@ final class NbdBackend: ProtocolBackend {
             context = wanted
         } else if address.dirtyBitmap != nil {
             nbd_close(h)
-            throw InstarError.invalid("requested x-dirty-bitmap \(wanted) not found")
+            // qemu sets "requested x-dirty-bitmap ... not found" but its open reports only the errno.
+            throw InstarError.system(EINVAL, "Could not open image")
         } else {
             context = nil
         }
@@ -170,12 +173,7 @@ final class NbdBackend: ProtocolBackend {
         guard offset < exportSize, let base = buffer.baseAddress else { return 0 }
         let total = Int(min(UInt64(buffer.count), exportSize - offset))
         try withHandle { h in
-            var done = 0
-            while done < total {
-                let n = Int(min(UInt64(total - done), maxRequest))
-                try check(nbd_pread(h, base + done, n, offset + UInt64(done), 0))
-                done += n
-            }
+            try check(instar_nbd_rw_pipelined(h, base, total, offset, Int(min(maxRequest, NbdBackend.piece)), 0))
         }
         return total
     }
@@ -185,12 +183,8 @@ final class NbdBackend: ProtocolBackend {
         let (end, overflow) = offset.addingReportingOverflow(UInt64(buffer.count))
         guard !overflow, end <= exportSize else { throw InstarError.system(EIO, "Could not write past the end of the NBD export") }
         try withHandle { h in
-            var done = 0
-            while done < buffer.count {
-                let n = Int(min(UInt64(buffer.count - done), maxRequest))
-                try check(nbd_pwrite(h, base + done, n, offset + UInt64(done), 0))
-                done += n
-            }
+            try check(instar_nbd_rw_pipelined(h, UnsafeMutableRawPointer(mutating: base), buffer.count, offset,
+                                              Int(min(maxRequest, NbdBackend.piece)), 1))
         }
     }
 
@@ -266,11 +260,8 @@ final class NbdBackend: ProtocolBackend {
         }
         let len = min(pairs[0], want)
         let flags = pairs[1]
-        if address.dirtyBitmap != nil {
-            // qemu's x-dirty-bitmap: a dirty extent reads as data, a clean one as a hole (never zero).
-            let dirty = flags & 1 != 0
-            return ProtocolExtent(length: len, data: dirty, zero: false)
-        }
+        // With x-dirty-bitmap the bitmap's flags are read as base:allocation's, as qemu reads them: a dirty
+        // extent (bit 0) shows as a hole, a clean one as data.
         let hole = flags & UInt64(LIBNBD_STATE_HOLE) != 0
         let zero = flags & UInt64(LIBNBD_STATE_ZERO) != 0
         return ProtocolExtent(length: len, data: !hole, zero: zero)

@@ -43,6 +43,7 @@ public final class NbdFormat: ImageFormat {
 
     public var virtualSize: UInt64 { raw.virtualSize }
     public var backingReference: BackingReference? { nil }
+    public var supportsBacking: Bool { false }
     public var hostFiles: [HostFile] { raw.hostFiles }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
