@@ -359,6 +359,21 @@ def test_server_dies_mid_copy(tmp, servers):
     assert "100.00/100%" not in out
 
 
+def test_dirty_bitmap_map(tmp, servers):
+    """qemu-img's --image-opts ...,x-dirty-bitmap=qemu:dirty-bitmap:NAME map over qemu-nbd -B (oVirt's incremental
+    backup read): the bitmap's extents in place of base:allocation."""
+    p = os.path.join(tmp, "bm.qcow2")
+    qimg("create", "-f", "qcow2", p, "16M")
+    qemu_io("-f", "qcow2", "-c", "write -P 1 0 4M", p)
+    qimg("bitmap", "--add", p, "b0")
+    qemu_io("-f", "qcow2", "-c", "write -P 2 1M 64k", "-c", "write -P 3 8M 1M", p)
+    s = qemu_nbd(servers, tmp, p, fmt="qcow2", export="e", extra=["-r", "-B", "b0"])
+    for bitmap in ("b0", "nope"):
+        opts = "driver=raw," + s.image_opts() + f",file.x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
+        assert_same("map", "--output=json", "--image-opts", opts)
+        assert_same("map", "--image-opts", opts)
+
+
 def test_python_info_over_nbd_unix(tmp, servers):
     import instar
     src = make_source(tmp)
