@@ -215,7 +215,12 @@ public enum HostFileCreate {
         if !file.isHostFile {
             // A protocol that creates by opening the existing device (qemu's bdrv_co_create_opts_simple): its
             // length stays (a truncate that is not exact may not shrink it) and the first sector is zeroed.
-            try file.punchHole(at: 0, length: min(try file.size(), 512))
+            do {
+                try file.punchHole(at: 0, length: min(try file.size(), 512))
+            } catch let e as InstarError {
+                throw InstarError(e.code, "Failed to clear the new image's first sector: \(strerrorString(e.errnoValue))",
+                                  errno: e.errnoValue)
+            }
             return file
         }
         // file-posix's create locks before it truncates: it writes and resizes, and shares everything but

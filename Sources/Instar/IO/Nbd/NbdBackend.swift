@@ -110,6 +110,8 @@ final class NbdBackend: ProtocolBackend {
         if let r = NbdName.find(": ", in: text), text[..<r.lowerBound].hasPrefix("nbd_") {
             text = String(text[r.upperBound...])
         }
+        // A request the server failed: qemu reports only the errno.
+        if NbdName.find("command failed", in: text) != nil { text = strerrorString(code) }
         return InstarError(code == ENOENT ? .notFound : .io, text, errno: code)
     }
 
