@@ -324,6 +324,22 @@ def test_create_over_nbd(tmp, servers):
     assert open(os.path.join(tmp, "c_q.raw"), "rb").read() == open(os.path.join(tmp, "c_i.raw"), "rb").read()
 
 
+def test_convert_to_qcow2_over_nbd(tmp, servers):
+    """convert -O qcow2 into an export (created in place as qemu does): same bytes on the server's file."""
+    src = make_source(tmp)
+    for tool in ("q", "i"):
+        path = os.path.join(tmp, f"cq_{tool}.raw")
+        with open(path, "wb") as f:
+            f.truncate(64 << 20)
+        s = qemu_nbd(servers, tmp, path)
+        argv = ["convert", "-O", "qcow2", src, s.legacy]
+        r = qemu(*argv) if tool == "q" else run([INSTAR, *argv])
+        assert (r.rc, r.out, r.err) == (0, "", ""), r
+        assert qemu("compare", src, s.url).rc == 0
+        s.stop()
+    assert open(os.path.join(tmp, "cq_q.raw"), "rb").read() == open(os.path.join(tmp, "cq_i.raw"), "rb").read()
+
+
 def test_server_write_errors(tmp, servers):
     """A server that fails every write: a clear error and exit 1, as qemu-img."""
     src = make_source(tmp)
