@@ -10,6 +10,7 @@ APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel mypy
 APT_PKGS += libbz2-dev
 # RBD (issue 15): librbd to link and qemu-img's rbd driver; the cluster packages come from ceph-deps below.
 APT_PKGS += librbd-dev librados-dev qemu-block-extra
+APT_PKGS += libnbd-dev libnbd-bin nbdkit
 
 .PHONY: all deps build dev test unit-test diff-test demo fuzz bench install install-only clean wheel wheel-only
 

@@ -415,14 +415,20 @@ public enum ImageOpener {
         return out
     }
 
-    static func openLayer(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
+    static func openLayer(_ givenSpec: ImageSpec, options: ImageOpenOptions, writable: Bool, openBacking: Bool,
                           depth: Int, seen: inout [String]) throws -> ImageLayer {
-        if let layer = try openFileless(spec, options: options, writable: writable) { return layer }
+        if let layer = try openFileless(givenSpec, options: options, writable: writable) { return layer }
+        var spec = givenSpec
         let hostFile: HostFile
         if let address = spec.protocolAddress {
             hostFile = try HostFile.open(address: address, name: spec.filename, writable: writable)
         } else {
             hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
+        }
+        if let address = hostFile.address, spec.windows.isEmpty,
+           let exact = ProtocolRegistry.descriptor(named: address.driver)?.exactFilename?(address.options) {
+            // A protocol node shows the name its driver rebuilds from its options (qemu's bdrv_refresh_filename).
+            spec.displayName = exact
         }
         if spec.deviceOnly {
             // file-posix's host_device: the opened file must be a device (checked after the open, as qemu does)

@@ -16,7 +16,9 @@ public enum FormatRegistry {
         DmgFormat.descriptor,
         ParallelsFormat.descriptor,
         QcowFormat.descriptor,
-    ].map(attachingCreator) + NullFormat.descriptors + ProtocolRegistry.all.map(ProtocolFormat.descriptor(for:))
+    ].map(attachingCreator) + NullFormat.descriptors
+        // A protocol opened as the top node shows its name as the format; nbd has its own (-f nbd over a name).
+        + ProtocolRegistry.all.filter { $0.name != "nbd" }.map(ProtocolFormat.descriptor(for:)) + [NbdFormat.descriptor]
 
     /// Formats instar would recognise but not open (they would take part in probing and in `-f NAME` only, so
     /// that their images fail clearly instead of being read as raw). Every image format of qemu-img 7.2 now has

@@ -86,11 +86,12 @@ public struct ProtocolDescriptor {
     /// The protocol's create options, merged into a format's option table for names it claims (in place of
     /// the file layer's preallocation, nocow...), as qemu's bdrv_img_create appends the protocol's create_opts.
     public var createOptions: [CreateOptionSpec] = []
-    /// The plain name qemu gives an open node of this driver (bdrv_refresh_filename's exact_filename), nil
-    /// when it has none and names the node by a json: of its options (rbd).
-    public var exactFilename: (([(String, QObject)]) -> String)?
     /// Whether qemu's image locks apply (never for network protocols: the server arbitrates).
     public var takesLocks: Bool = false
+    /// The plain name qemu shows for the node (its bdrv_refresh_filename, e.g. nbd+unix:///exp?socket=PATH),
+    /// whatever name or options opened it; nil (no closure, or nil from it) when the driver has none and qemu
+    /// names the node by a json: of its options (rbd).
+    public var exactFilename: ((_ options: [(String, QObject)]) -> String?)?
 
     public init(name: String, prefixes: [String],
                 parseName: @escaping (String) throws -> [(String, QObject)],

@@ -3,5 +3,6 @@ func protocolDescriptors() -> [ProtocolDescriptor] {
     var all: [ProtocolDescriptor] = []
     all.reserveCapacity(2)
     all.append(RbdProtocol.descriptor)
+    all.append(NbdProtocol.descriptor)
     return all
 }

@@ -66,7 +66,7 @@ public enum BenchOperation {
             let spec = try ImageOpener.commandLineSpec(name, format: o.format, imageOpts: o.imageOpts, warn: o.warn)
             let layer = try ImageOpener.open(spec, options: open, writable: o.write)
             if o.write && spec.format == nil && layer.format.formatName == "raw" {
-                o.warn?(ResizeOperation.probedRawWarning(spec.displayName))
+                o.warn?(ResizeOperation.probedRawWarning(ResizeOperation.probedFileName(spec, layer)))
             }
             return layer
         } catch let e as InstarError {

@@ -74,7 +74,7 @@ public enum BitmapOperation {
                                                        warn: options.warn)
             layer = try ImageOpener.open(spec, options: options.open, writable: true, openBacking: false)
             if spec.format == nil && layer.format.formatName == "raw" {
-                options.warn?(ResizeOperation.probedRawWarning(spec.displayName))
+                options.warn?(ResizeOperation.probedRawWarning(ResizeOperation.probedFileName(spec, layer)))
             }
         } catch let e as InstarError {
             throw e.prepending("Could not open '\(filename)': ")

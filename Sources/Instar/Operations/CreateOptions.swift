@@ -224,7 +224,21 @@ public enum HostFileCreate {
             var m = e.message
             let prefix = "Could not open '\(path)'"
             if m.hasPrefix(prefix) { m = "Could not create '\(path)'" + m.dropFirst(prefix.count) }
+            if let d = ProtocolRegistry.descriptor(forPlainName: path) {
+                m = "Protocol driver '\(d.name)' does not support image creation, and opening the image failed: " + m
+            }
             throw InstarError(e.code, m, errno: e.errnoValue)
+        }
+        if !file.isHostFile {
+            // A protocol that creates by opening the existing device (qemu's bdrv_co_create_opts_simple): its
+            // length stays (a truncate that is not exact may not shrink it) and the first sector is zeroed.
+            do {
+                try file.punchHole(at: 0, length: min(try file.size(), 512))
+            } catch let e as InstarError {
+                throw InstarError(e.code, "Failed to clear the new image's first sector: \(strerrorString(e.errnoValue))",
+                                  errno: e.errnoValue)
+            }
+            return file
         }
         // file-posix's create locks before it truncates: it writes and resizes, and shares everything but
         // resizing, so an image another process uses is refused, not emptied.
@@ -266,7 +280,7 @@ public enum HostFileCreate {
     static func resize(_ file: HostFile, _ size: UInt64) throws {
         do {
             try file.truncate(to: size)
-        } catch let e as InstarError {
+        } catch let e as InstarError where file.isHostFile {
             throw InstarError(e.errnoValue == 27 ? .range : e.code, "Could not resize file: \(strerrorString(e.errnoValue))", errno: e.errnoValue)
         }
     }

@@ -94,7 +94,7 @@ public enum RebaseOperation {
                                                        warn: options.warn)
             let layer = try ImageOpener.open(spec, options: open, writable: true, openBacking: !options.unsafe)
             if spec.format == nil && layer.format.formatName == "raw" {
-                options.warn?(ResizeOperation.probedRawWarning(spec.displayName))
+                options.warn?(ResizeOperation.probedRawWarning(ResizeOperation.probedFileName(spec, layer)))
             }
             return layer
         } catch let e as InstarError {

@@ -27,6 +27,13 @@ public enum ResizeOperation {
             + "         Specify the 'raw' format explicitly to remove the restrictions."
     }
 
+    /// The name the probed-raw warning gives: the file node's, which a protocol driver rebuilds from its options
+    /// (raw's open refreshes its child's filename first).
+    public static func probedFileName(_ spec: ImageSpec, _ layer: ImageLayer) -> String {
+        if let f = layer.format.hostFiles.first, !f.isHostFile { return f.path }
+        return spec.displayName
+    }
+
     /// Opens `name` read/write for a change of its metadata (resize, amend): the image and its backing chain,
     /// with qemu's "Could not open" prefix on failure and the probed-raw warning.
     public static func openForWrite(_ name: String, format: String?, imageOpts: Bool, open: ImageOpenOptions,
@@ -38,7 +45,7 @@ public enum ResizeOperation {
             let spec = try ImageOpener.commandLineSpec(name, format: format, imageOpts: imageOpts, warn: warn)
             let layer = try ImageOpener.open(spec, options: open, writable: true, openBacking: true)
             if spec.format == nil && layer.format.formatName == "raw" {
-                warn?(probedRawWarning(spec.displayName))
+                warn?(probedRawWarning(probedFileName(spec, layer)))
             }
             return layer
         } catch let e as InstarError {

@@ -76,7 +76,7 @@ final class Qcow2RefcountReader {
     /// (with a margin), so L2 entries point at clusters that were never written.
     func looksMetadataPreallocated() throws -> Bool {
         let fileLength = try file.size()
-        // A protocol that cannot report its allocation (rbd) reads as not preallocated, as qemu ignores the error.
+        // A node that cannot report its allocation (rbd, nbd) counts as not preallocated, as qemu takes the error.
         guard let allocated = try? file.allocatedSize() else { return false }
         let realClusters = allocated / header.clusterSize
         let threshold = max(realClusters * 10 / 9, realClusters + 2)

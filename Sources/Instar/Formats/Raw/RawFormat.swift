@@ -89,8 +89,10 @@ public final class RawFormat: ImageFormat {
         let limit = min(try hostStart.adding(length), fileSize)
         if let e = try file.protocolExtent(at: hostStart, length: limit - hostStart) {
             // A protocol's own block status (NBD base:allocation, RBD diff): data and zero as it reports them.
-            return BlockStatus(length: max(1, min(e.length, limit - hostStart)), allocated: true, data: e.data,
-                               zero: e.zero, hostOffset: hostStart, hostFile: file.path)
+            // Neither data nor zeroes (an x-dirty-bitmap's dirty extent) is not allocated, as in qemu's block layer.
+            let allocated = e.data || e.zero
+            return BlockStatus(length: max(1, min(e.length, limit - hostStart)), allocated: allocated, data: e.data,
+                               zero: e.zero, hostOffset: allocated ? hostStart : nil, hostFile: file.path)
         }
         guard let data = file.nextData(from: hostStart) else {
             return BlockStatus(length: length, allocated: true, data: false, zero: true, hostOffset: hostStart, hostFile: file.path)
@@ -110,8 +112,15 @@ public final class RawFormat: ImageFormat {
                            hostFile: file.path)
     }
 
-    /// raw_get_info forwards to the file: a protocol's allocation unit (an RBD object) is the cluster size.
-    public func formatInfo() throws -> FormatInfo { FormatInfo(clusterSize: file.remote?.clusterSize, dirty: false) }
+    /// qemu's raw driver has no backing file: a range it reports neither data nor zero does not read as zero.
+    public var supportsBacking: Bool { false }
+
+    /// raw_get_info forwards to the node below: a protocol's allocation unit (an RBD object) is the cluster size,
+    /// and a protocol node without get_info (nbd) leaves the dirty flag out.
+    public func formatInfo() throws -> FormatInfo {
+        let clusterSize = file.remote?.clusterSize
+        return FormatInfo(clusterSize: clusterSize, dirty: file.isHostFile || clusterSize != nil ? false : nil)
+    }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         try file.write(buffer, at: try windowOffset.adding(offset))

@@ -33,7 +33,7 @@ extension HostFileCreate {
         } else if target < current {
             do {
                 try file.truncate(to: target)
-            } catch let e as InstarError {
+            } catch let e as InstarError where file.isHostFile {
                 throw InstarError(e.code, "Failed to resize the file: \(strerrorString(e.errnoValue))", errno: e.errnoValue)
             }
         }
