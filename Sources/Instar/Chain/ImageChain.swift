@@ -305,9 +305,10 @@ public enum ImageOpener {
             spec.displayName = f
             return spec
         }
-        if fileKeys.isEmpty, let f = spec.format, ProtocolRegistry.descriptor(named: f) != nil {
+        if fileKeys.isEmpty, let f = spec.format, ProtocolRegistry.descriptor(named: f) != nil,
+           FormatRegistry.descriptor(named: f)?.filelessProtocol == nil {
             // A protocol driver as the top node (driver=rbd): its options name the device; qemu shows the node
-            // by them and the protocol as the format.
+            // by them and the protocol as the format. (A protocol with a format entry of its own, nbd, opens there.)
             let options = spec.driverOptionOrder.compactMap { k in spec.driverOptions[k].map { (k, $0) } }
             spec.driverOptions = [:]
             spec.driverOptionOrder = []

@@ -203,12 +203,12 @@ public enum HostFileCreate {
     }
 
     /// A name a protocol driver claims (rbd:) is created by that driver with `size` bytes and opened, as
-    /// qemu's bdrv_create_file hands the options to the protocol's create; nil for host files. A driver
-    /// without a create hook opens the existing device (qemu's create fallback).
+    /// qemu's bdrv_create_file hands the options to the protocol's create; nil for host files and for a driver
+    /// without a create hook, which `createEmpty` opens as the existing device (qemu's create fallback).
     static func createProtocolNode(_ path: String, size: UInt64, options: CreateOptionValues? = nil) throws -> HostFile? {
         guard let address = try ProtocolAddress.fromPlainName(path),
-              let d = ProtocolRegistry.descriptor(named: address.driver) else { return nil }
-        if let create = d.create { try create(address.options, size, options) }
+              let create = ProtocolRegistry.descriptor(named: address.driver)?.create else { return nil }
+        try create(address.options, size, options)
         return try HostFile.open(address: address, name: path, writable: true)
     }
 
