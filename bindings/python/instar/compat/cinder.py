@@ -21,8 +21,7 @@ format=raw) and the ``cipher_spec`` dict (``cipher_alg``, ``cipher_mode``, ``ivg
 (the format probed) and the target is always LUKS, and without ``passphrase_file`` it raises Cinder's
 NotSupportedOperation. ``out_format="vhd"`` means vpc, ``compress`` applies to qcow2 only (Cinder's
 ``image_compress_on_upload``, on by default, is ``IMAGE_COMPRESS_ON_UPLOAD`` here) and ``disable_sparse`` is -S 0.
-Cinder has no create helper of its own (its drivers call
-``qemu-img create`` directly): use ``instar.create``.
+Cinder has no create helper of its own (its drivers call ``qemu-img create`` directly): use ``instar.create``.
 """
 from __future__ import annotations
 

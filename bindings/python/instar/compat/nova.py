@@ -15,13 +15,14 @@ what qemu-img would have given. Nova's own exception classes are used when ``nov
 otherwise lookalikes with the same names, keyword arguments and messages.
 
 ``convert_image`` takes Nova's ``src_encryption`` / ``dest_encryption`` dicts (``secret``: the passphrase;
-``format``: the encryption format of a qcow2 target): the source is opened as Nova's ``--image-opts`` with
-``[encrypt.]key-secret`` names it, and the target gets Nova's LUKS settings (``LUKS_OPTIONS``: aes-256 xts plain64,
-sha256, iter-time 2000 ms), the passphrases handed to the library directly instead of through secret files.
+``format``: the encryption format of a qcow2 target): the source is opened as the node Nova's ``--image-opts``
+names (``[encrypt.]key-secret``), the target gets Nova's LUKS settings (``LUKS_OPTIONS``: aes-256 xts plain64,
+sha256, iter-time 2000 ms), and the passphrases go to the library directly instead of through secret files.
 A ``backing_secret`` of the source (a backing file with a passphrase of its own) is refused with
-ImageUnacceptable: the library unlocks the top image only. ``convert_image`` picks cache=none when the target's folder takes O_DIRECT (Nova tests
-``CONF.instances_path``, the same folder in practice) and cache=writeback otherwise, as Nova does. Nova runs
-qemu-img info under prlimit; libinstar bounds what it reads from an image by itself (see instar.compat.vdsm).
+ImageUnacceptable: the library unlocks the top image only. ``convert_image`` picks cache=none when the target's
+folder takes O_DIRECT (Nova tests ``CONF.instances_path``, the same folder in practice) and cache=writeback
+otherwise, as Nova does. Nova runs qemu-img info under prlimit; libinstar bounds what it reads from an image by
+itself (see instar.compat.vdsm).
 """
 from __future__ import annotations
 
