@@ -314,21 +314,18 @@ extension Qcow2Writer {
                                 + "(L2 offset: \(hex(l2Offset)), L2 index: \(hex(j)))")
                         }
                         let c = offset >> clusterBits
-                        if addend <= 0 {
-                            if c >> refBlockBits != blockIndex {
-                                blockIndex = c >> refBlockBits
-                                block = try blockOffset(tableIndex: blockIndex).map { try refBlock(at: $0) }
-                            }
-                            if addend < 0 {
-                                count = try dropReference(ofCluster: c, block: block)
-                            } else {
-                                count = block.map {
-                                    Qcow2RefcountReader.entry($0.table, index: c & refIndexMask, order: refOrder)
-                                } ?? 0
-                            }
+                        if c >> refBlockBits != blockIndex {
+                            blockIndex = c >> refBlockBits
+                            block = try blockOffset(tableIndex: blockIndex).map { try refBlock(at: $0) }
+                        }
+                        if addend < 0 {
+                            count = try dropReference(ofCluster: c, block: block)
+                        } else if addend > 0 {
+                            count = try addReference(ofCluster: c, block: block)
                         } else {
-                            try changeRange(offset, clusterSize, addend: addend)
-                            count = try refcount(ofCluster: c)
+                            count = block.map {
+                                Qcow2RefcountReader.entry($0.table, index: c & refIndexMask, order: refOrder)
+                            } ?? 0
                         }
                     }
                     if count == 1 { entry |= Qcow2.l2Copied }
@@ -424,6 +421,22 @@ extension Qcow2Writer {
             queueDiscard(c << clusterBits, clusterSize)
         }
         return new
+    }
+
+    /// changeRange(cluster, clusterSize, +1) followed by refcount(ofCluster:) for one whole data cluster whose
+    /// refcount block (nil: none) the caller looked up (the step a snapshot creation repeats for every data
+    /// cluster): the same errors and cache changes. Returns the new refcount.
+    private func addReference(ofCluster c: UInt64, block: Qcow2WriteCache<[UInt8]>.Entry?) throws -> UInt64 {
+        guard let e = block else {
+            throw InstarError(.io, "Internal error: no refcount block for cluster \(c)", errno: EIO)
+        }
+        let index = c & refIndexMask
+        let old = Qcow2RefcountReader.entry(e.table, index: index, order: refOrder)
+        // update_refcount fails an overflow with EINVAL
+        guard old < refMax else { throw InstarError(.range, "Reference count overflow", errno: EINVAL) }
+        Qcow2Writer.setEntry(&e.table, index: index, order: refOrder, value: old + 1)
+        rbCache.markDirty(e)
+        return old + 1
     }
 
     /// qcow2_signal_corruption on a writable image: the corrupt bit goes to the header and the request fails
