@@ -5,7 +5,7 @@ pristine base and overlay are copied into place and the page cache is written ba
 Bases: an empty 2 GiB qcow2 (every cluster allocated by the commit) and a 2 GiB raw file.
 Prints wall seconds, CPU seconds (user + system of the child) and the ratio qemu/instar (> 1: instar is faster).
 
-    python3 bench/commit_bench.py [--instar build/bin/instar] [--runs 3] [--only qcow2|raw]
+    python3 bench/commit_bench.py [--instar build/bin/instar] [--runs 3] [--only qcow2|raw] [--cache DIR]
 """
 import argparse
 import os
@@ -95,11 +95,14 @@ def bench(base_fmt, instar, runs):
 
 
 def main():
+    global CACHE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instar", default=os.path.join(ROOT, "build", "bin", "instar"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=["qcow2", "raw"])
+    ap.add_argument("--cache", default="/tmp/instar-bench", help="folder of the images (default %(default)s)")
     a = ap.parse_args()
+    CACHE = a.cache
     for fmt in ("qcow2", "raw"):
         if a.only and a.only != fmt:
             continue

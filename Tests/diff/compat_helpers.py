@@ -3,6 +3,7 @@ one folder's paths read as the other's, and oslo.utils / oslo.concurrency for th
 import fcntl
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -138,3 +139,56 @@ def zero_l1_refcount(path):
         refblock = struct.unpack(">Q", f.read(8))[0]
         f.seek(refblock + (l1 // cs) * 2)
         f.write(struct.pack(">H", 0))
+
+
+def masked_luks_info(d):
+    """info JSON without what LUKS creation draws at random or times (uuid, PBKDF iteration counts)."""
+    data = d.get("format-specific", {}).get("data", {})
+    for spec in (data, data.get("encrypt", {})):
+        for k in ("uuid", "master-key-iters"):
+            if k in spec:
+                spec[k] = "*"
+        for s in spec.get("slots", []):
+            if "iters" in s:
+                s["iters"] = "*"
+    return d
+
+
+def assert_alike_encrypted(pair, name, secret):
+    """Pair.assert_alike for encrypted images (qcow2 with LUKS, luks): the same info but for LUKS's random fields,
+    identical guest contents by `qemu-img compare --object secret`, and a clean check."""
+    qp, ip = os.path.join(pair.q, name), os.path.join(pair.i, name)
+    assert os.path.exists(qp) == os.path.exists(ip)
+    if not os.path.exists(qp):
+        return
+    qi, ii = masked_luks_info(info_json(qp)), masked_luks_info(info_json(ip))
+    assert ii == qi
+    fmt = qi["format"]
+    key = "encrypt.key-secret" if fmt == "qcow2" else "key-secret"
+    obj = ["--object", "secret,id=s0,data=%s" % secret]
+    r = qemu("compare", *obj, "--image-opts", "driver=%s,file.filename=%s,%s=s0" % (fmt, qp, key),
+             "driver=%s,file.filename=%s,%s=s0" % (fmt, ip, key))
+    assert r.rc == 0 and r.out == "Images are identical.\n", r
+    if fmt == "qcow2":
+        r = qemu("check", *obj, "--image-opts", "driver=qcow2,file.filename=%s,encrypt.key-secret=s0" % ip)
+        assert r.rc == 0, r
+
+
+def make_encrypted_sources(d, passphrase):
+    """e.luks and e.qcow2 (LUKS, `passphrase`, a 10 ms PBKDF) holding the same guest data, written all over (what
+    a LUKS container never had written reads as its own key's noise). Made once per test file and copied into
+    each folder (`copy_encrypted_sources`): creating LUKS costs qemu's PBKDF benchmark every time."""
+    obj = "secret,id=s0,data=" + passphrase
+    for name, fmt, opts, key in (("e.luks", "luks", "key-secret=s0,iter-time=10", "key-secret"),
+                                 ("e.qcow2", "qcow2", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                                  "encrypt.key-secret")):
+        p = os.path.join(d, name)
+        qimg("create", "-q", "--object", obj, "-f", fmt, "-o", opts, p, "3M")
+        qemu_io("--object", obj, "--image-opts", "driver=%s,file.filename=%s,%s=s0" % (fmt, p, key),
+                "-c", "write -P 0x33 0 3M", "-c", "write -P 0x11 1000 70000", "-c", "write -z 2M 512k")
+    return d
+
+
+def copy_encrypted_sources(src, d):
+    for name in ("e.luks", "e.qcow2"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(d, name))

@@ -9,11 +9,15 @@ nova/privsep/qemu.py and nova/virt/libvirt/utils.py's contract (command lines, e
 oslo pieces they use.
 """
 import os
+import re
+import tempfile
+import time
 
 import pytest
 
-from compat_helpers import Pair, ensure_oslo, mk_qcow2, mk_raw
-from conftest import qimg
+from compat_helpers import (Pair, assert_alike_encrypted, copy_encrypted_sources, ensure_oslo, make_encrypted_sources,
+                            mk_qcow2, mk_raw)
+from conftest import QEMU_CPU_RACE, QEMU_RETRY_SECONDS, qimg
 
 ensure_oslo()
 from oslo_concurrency import processutils  # noqa: E402
@@ -55,6 +59,51 @@ class Ref:
         except processutils.ProcessExecutionError as exp:
             raise nova.ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: %(exp)s"
                                          % {"format": out_format, "exp": exp})
+
+    # nova/privsep/qemu.py's LUKS settings of an encrypted target
+    LUKS = {"cipher-alg": "aes-256", "cipher-mode": "xts", "hash-alg": "sha256", "iter-time": 2000,
+            "ivgen-alg": "plain64", "ivgen-hash-alg": "sha256"}
+
+    @staticmethod
+    def convert_encrypted(source, dest, in_format, out_format, compress=False, src_encryption=None,
+                          dest_encryption=None):
+        """Nova's convert_image with src_encryption / dest_encryption: the passphrases in secret files named by
+        --object, an encrypted source given by --image-opts, the LUKS settings as -o options."""
+        cache = "none" if _openstack.supports_direct_io(os.path.dirname(dest)) else "writeback"
+        cmd = ["qemu-img", "convert", "-t", cache, "-O", out_format]
+        if not src_encryption:
+            cmd += ["-f", in_format]
+        cmd += ["-c"] if compress else []
+        with tempfile.TemporaryDirectory() as secrets:
+            def secret_file(name, text):
+                path = os.path.join(secrets, name)
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text)
+                return path
+            if src_encryption:
+                key = "encrypt.key-secret" if in_format == "qcow2" else "key-secret"
+                cmd += ["--object", "secret,id=sec0,file=" + secret_file("src", src_encryption["secret"]),
+                        "--image-opts",
+                        "driver=%s,file.driver=file,file.filename=%s,%s=sec0" % (in_format, source, key)]
+            if dest_encryption:
+                prefix = "encrypt." if out_format == "qcow2" else ""
+                cmd += ["--object", "secret,id=sec1,file=" + secret_file("dest", dest_encryption["secret"]),
+                        "-o", prefix + "key-secret=sec1"]
+                if prefix:
+                    cmd += ["-o", "encrypt.format=" + dest_encryption["format"]]
+                for k, v in Ref.LUKS.items():
+                    cmd += ["-o", "%s%s=%s" % (prefix, k, v)]
+            cmd += ([] if src_encryption else [source]) + [dest]
+            deadline = time.monotonic() + QEMU_RETRY_SECONDS
+            while True:
+                try:
+                    processutils.execute(*cmd)
+                    return
+                except processutils.ProcessExecutionError as exp:
+                    if QEMU_CPU_RACE in (exp.stderr or "") and time.monotonic() < deadline:
+                        continue
+                    raise nova.ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: "
+                                                 "%(exp)s" % {"format": out_format, "exp": exp})
 
     @staticmethod
     def create_image(disk_format, path, size):
@@ -153,6 +202,53 @@ def test_convert_image(tmp, src, in_fmt, out_fmt, compress):
     pair.run(Ref.convert_image, nova.convert_image, src, "out.img", in_format=in_fmt, out_format=out_fmt,
              compress=compress)
     pair.assert_alike("out.img", byte_equal=out_fmt == "qcow2" and not compress)
+
+
+SRC_PASS, DEST_PASS = "src-pass", "dest-pass"
+
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory):
+    return make_encrypted_sources(str(tmp_path_factory.mktemp("nova-enc")), SRC_PASS)
+
+
+def unsecret(v):
+    """An outcome with the secret files' names (temporary in Nova's way) left out."""
+    return re.sub(r"(secret,id=sec\d),file=[^ ',]+", r"\1,file=*", repr(v))
+
+
+DEST = {"secret": DEST_PASS, "format": "luks"}
+SRC = {"secret": SRC_PASS}
+ENCRYPTED_CASES = [("r.raw", "raw", "qcow2", None, DEST), ("q.qcow2", "qcow2", "luks", None, DEST),
+                   ("e.luks", "luks", "raw", SRC, None), ("e.qcow2", "qcow2", "qcow2", SRC, DEST),
+                   ("e.qcow2", "qcow2", "raw", {"secret": "wrong"}, None), ("e.luks", "raw", "raw", SRC, None),
+                   ("missing.luks", "luks", "raw", SRC, None)]
+
+
+@pytest.mark.parametrize("src,in_fmt,out_fmt,src_enc,dest_enc", ENCRYPTED_CASES)
+def test_convert_image_encrypted(tmp, encrypted, monkeypatch, src, in_fmt, out_fmt, src_enc, dest_enc):
+    # Nova's LUKS settings, with a short PBKDF time on both sides so the test stays quick
+    assert nova.LUKS_OPTIONS == Ref.LUKS
+    monkeypatch.setitem(Ref.LUKS, "iter-time", 10)
+    monkeypatch.setitem(nova.LUKS_OPTIONS, "iter-time", 10)
+    def setup(d):
+        setup_images(d)
+        copy_encrypted_sources(encrypted, d)
+    pair = Pair(tmp, outcome=lambda *a, **kw: unsecret(outcome(*a, **kw)), setup=setup)
+    pair.run(Ref.convert_encrypted, nova.convert_image, src, "out.img", in_format=in_fmt, out_format=out_fmt,
+             src_encryption=src_enc, dest_encryption=dest_enc)
+    if dest_enc:
+        assert_alike_encrypted(pair, "out.img", DEST_PASS)
+    else:
+        pair.assert_alike("out.img")
+
+
+def test_convert_image_backing_secret(tmp, encrypted):
+    copy_encrypted_sources(encrypted, tmp)
+    with pytest.raises(nova.ImageUnacceptable):
+        nova.convert_image(os.path.join(tmp, "e.qcow2"), os.path.join(tmp, "o.raw"), "qcow2", "raw",
+                           src_encryption={"secret": SRC_PASS, "backing_secret": "other"})
+    assert not os.path.exists(os.path.join(tmp, "o.raw"))
 
 
 @pytest.mark.parametrize("fmt,size", [("raw", 4 * MiB), ("qcow2", 4 * MiB), ("qcow2", "10G"), ("raw", "1M"),

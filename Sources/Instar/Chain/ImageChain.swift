@@ -498,9 +498,14 @@ public enum ImageOpener {
             // Only the top image: qemu passes encrypt.key-secret to the node it was given for. A json: name may
             // name the id itself; the direct passphrase then fills that id. The spec (and so the name qemu-img
             // shows) is left alone: the passphrase is not an option the user wrote.
-            let id = spec.driverOptions["encrypt.key-secret"]?.stringValue ?? ImageOpenOptions.keySecretID
-            opts.driverOptions["encrypt.key-secret"] = .string(id)
-            if opts.secrets[id] == nil { opts.secrets[id] = key }
+            if spec.driverOptions["encrypt.key-secret"] == nil, let id = spec.driverOptions["key-secret"]?.stringValue {
+                // luks's own option names the id (a driver without that option refuses it, as qemu's does)
+                if opts.secrets[id] == nil { opts.secrets[id] = key }
+            } else {
+                let id = spec.driverOptions["encrypt.key-secret"]?.stringValue ?? ImageOpenOptions.keySecretID
+                opts.driverOptions["encrypt.key-secret"] = .string(id)
+                if opts.secrets[id] == nil { opts.secrets[id] = key }
+            }
         }
         // A commit base of a driver qemu cannot reopen stays read-only: the commit refuses it (see `reopenable`).
         let request = OpenRequest(file: file, filename: spec.filename, baseDirectory: directoryName(spec.filename),

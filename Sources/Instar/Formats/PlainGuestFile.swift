@@ -10,6 +10,15 @@ public protocol PlainGuestFile: ImageFormat {
     func plainHostRange(at offset: UInt64, length: UInt64) -> (file: HostFile, offset: UInt64)?
 }
 
+/// A format that can store guest bytes copied straight from a host file where a buffered write would store them
+/// unchanged (the same clusters and metadata, in the same order), the kernel copying the data (copy_file_range).
+public protocol HostCopyWritable: ImageFormat {
+    /// Writes guest bytes [offset, offset + length) with the bytes of `source` at `sourceOffset`. Returns false,
+    /// having written nothing, when the request cannot be copied so (the caller writes through a buffer).
+    func writeCopying(from source: HostFile, at sourceOffset: UInt64, length: UInt64, to offset: UInt64,
+                      backing: GuestReader?) throws -> Bool
+}
+
 extension RawFormat: PlainGuestFile {
     public func plainHostRange(at offset: UInt64, length: UInt64) -> (file: HostFile, offset: UInt64)? {
         guard let end = try? offset.adding(length), end <= virtualSize,

@@ -287,11 +287,21 @@ struct CommitJob {
     /// Returns false when the range does not qualify (or the kernel copied nothing).
     func copyInKernel(_ status: ChainBlockStatus, at offset: UInt64, bytes: UInt64) throws -> Bool {
         guard status.data, !status.zero, bytes <= status.length, let host = status.hostOffset,
-              let name = status.hostFile, let target = base.format as? PlainGuestFile,
-              let (dst, dstOffset) = target.plainHostRange(at: offset, length: bytes) else { return false }
+              let name = status.hostFile else { return false }
         let chain = top.chain
         guard status.depth < chain.count,
               let src = chain[status.depth].format.hostFiles.first(where: { $0.path == name }) else { return false }
+        guard let target = base.format as? PlainGuestFile,
+              let (dst, dstOffset) = target.plainHostRange(at: offset, length: bytes) else {
+            // A base with metadata of its own (qcow2) places the clusters as a write would and lets the kernel
+            // copy the data into them.
+            guard let copying = base.format as? HostCopyWritable,
+                  try copying.writeCopying(from: src, at: host, length: bytes, to: offset, backing: base.backing) else {
+                return false
+            }
+            if cache.writethrough { try base.format.flush() }
+            return true
+        }
         let copied = dst.copyIn(from: src, at: host, length: bytes, to: dstOffset)
         if copied == 0 { return false }
         if copied < bytes {

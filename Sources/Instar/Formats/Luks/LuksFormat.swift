@@ -40,9 +40,11 @@ public final class LuksFormat: ImageFormat {
         let opts = request.options
         var password: [UInt8]?
         if !opts.metadataOnly {
-            // The C API's direct passphrase arrives as encrypt.key-secret (the command line cannot give that
-            // name to a luks image: the option check refuses it).
-            let apiID = opts.keySecret != nil ? opts.driverOptions["encrypt.key-secret"]?.stringValue : nil
+            // The C API's direct passphrase arrives as encrypt.key-secret under the reserved id (the command
+            // line cannot give that name to a luks image: the option check refuses it). An encrypt.key-secret a
+            // json: name gave a luks image is not luks's option: qemu asks for key-secret then.
+            let named = opts.driverOptions["encrypt.key-secret"]?.stringValue
+            let apiID = opts.keySecret != nil && named == ImageOpenOptions.keySecretID ? named : nil
             guard let id = opts.driverOptions["key-secret"]?.stringValue ?? apiID else {
                 throw InstarError(.encrypted, "Parameter 'key-secret' is required for cipher", errno: EINVAL)
             }

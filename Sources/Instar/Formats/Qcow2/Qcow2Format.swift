@@ -422,3 +422,17 @@ public final class Qcow2Format: ImageFormat {
                           formatSpecific: .dict([("type", .string("qcow2")), ("data", .dict(data))]))
     }
 }
+
+extension Qcow2Format: HostCopyWritable {
+    public func writeCopying(from source: HostFile, at sourceOffset: UInt64, length: UInt64, to offset: UInt64,
+                             backing: GuestReader?) throws -> Bool {
+        // Encrypted clusters are not the guest bytes; a window or a remote file has no descriptor of its own to
+        // copy into or from.
+        guard !encrypted, length > 0, source.fd >= 0, dataFile.fd >= 0, dataFile.hostLocation(0).file === dataFile,
+              source.hostLocation(0).file === source else { return false }
+        try checkRange(offset, length)
+        try writeSide().write(.host(source, sourceOffset), count: length, at: offset, backing: backing)
+        try markBitmapsDirty(offset: offset, length: length)
+        return true
+    }
+}

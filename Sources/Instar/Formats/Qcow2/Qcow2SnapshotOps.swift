@@ -319,6 +319,10 @@ extension Qcow2Writer {
                         "L2 table offset \(hex(l2Offset)) unaligned (L1 index: \(hex(UInt64(i))))")
                 }
                 let l2 = try l2Entry(at: l2Offset)
+                // The refcount block of the last data cluster seen: nothing evicts cache entries while one table
+                // is walked (trimCaches runs between tables), so it stays the cached block.
+                var blockIndex = UInt64.max
+                var block: Qcow2WriteCache<[UInt8]>.Entry?
                 for j in 0..<l2Entries {
                     let (oldEntry, bitmap) = entryPair(l2.table, j)
                     var entry = oldEntry & ~Qcow2.l2Copied
@@ -338,8 +342,20 @@ extension Qcow2Writer {
                             throw signalSnapshotCorruption("Cluster allocation offset \(hex(offset)) unaligned "
                                 + "(L2 offset: \(hex(l2Offset)), L2 index: \(hex(j)))")
                         }
-                        if addend != 0 { try changeRange(offset, clusterSize, addend: addend) }
-                        count = try refcount(ofCluster: offset >> clusterBits)
+                        let c = offset >> clusterBits
+                        if c >> refBlockBits != blockIndex {
+                            blockIndex = c >> refBlockBits
+                            block = try blockOffset(tableIndex: blockIndex).map { try refBlock(at: $0) }
+                        }
+                        if addend < 0 {
+                            count = try dropReference(ofCluster: c, block: block)
+                        } else if addend > 0 {
+                            count = try addReference(ofCluster: c, block: block)
+                        } else {
+                            count = block.map {
+                                Qcow2RefcountReader.entry($0.table, index: c & refIndexMask, order: refOrder)
+                            } ?? 0
+                        }
                     }
                     if count == 1 { entry |= Qcow2.l2Copied }
                     if entry != oldEntry {
@@ -410,6 +426,46 @@ extension Qcow2Writer {
             }
             try changeRefcount(ofCluster: c, by: 1)
         }
+    }
+
+    /// changeRange(cluster, clusterSize, -1) followed by refcount(ofCluster:) for one whole data cluster whose
+    /// refcount block (nil: none) the caller looked up (the step a snapshot deletion repeats for every data
+    /// cluster): the same refusals, the same cache changes and discard queue. Returns the refcount left.
+    private func dropReference(ofCluster c: UInt64, block: Qcow2WriteCache<[UInt8]>.Entry?) throws -> UInt64 {
+        guard let e = block else {
+            let err = c >> refBlockBits >= Qcow2.maxRefcountTableBytes / 8 ? EFBIG : EINVAL
+            throw InstarError(.corrupt, strerrorString(err), errno: err)
+        }
+        let index = c & refIndexMask
+        let old = Qcow2RefcountReader.entry(e.table, index: index, order: refOrder)
+        if old == 0 { throw InstarError(.corrupt, strerrorString(EINVAL), errno: EINVAL) }
+        // (a write-back this may cause leaves the entry in the cache)
+        try setRefcountDependsOnL2()
+        let new = old - 1
+        Qcow2Writer.setEntry(&e.table, index: index, order: refOrder, value: new)
+        rbCache.markDirty(e)
+        if new == 0 {
+            pendingFree.insert(c)
+            freeHint = min(freeHint, c)
+            queueDiscard(c << clusterBits, clusterSize)
+        }
+        return new
+    }
+
+    /// changeRange(cluster, clusterSize, +1) followed by refcount(ofCluster:) for one whole data cluster whose
+    /// refcount block (nil: none) the caller looked up (the step a snapshot creation repeats for every data
+    /// cluster): the same errors and cache changes. Returns the new refcount.
+    private func addReference(ofCluster c: UInt64, block: Qcow2WriteCache<[UInt8]>.Entry?) throws -> UInt64 {
+        guard let e = block else {
+            throw InstarError(.io, "Internal error: no refcount block for cluster \(c)", errno: EIO)
+        }
+        let index = c & refIndexMask
+        let old = Qcow2RefcountReader.entry(e.table, index: index, order: refOrder)
+        // update_refcount fails an overflow with EINVAL
+        guard old < refMax else { throw InstarError(.range, "Reference count overflow", errno: EINVAL) }
+        Qcow2Writer.setEntry(&e.table, index: index, order: refOrder, value: old + 1)
+        rbCache.markDirty(e)
+        return old + 1
     }
 
     /// qcow2_signal_corruption on a writable image: the corrupt bit goes to the header and the request fails

@@ -125,23 +125,35 @@ extension Qcow2Writer {
 
     // MARK: Data writes
 
+    /// Where the bytes of a write come from: a buffer, or a host file whose bytes the kernel copies
+    /// (copy_file_range); byte k of the request is buffer[k] or the file's byte at offset + k.
+    enum WriteSource {
+        case bytes(UnsafeRawBufferPointer)
+        case host(HostFile, UInt64)
+    }
+
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
-        if buffer.isEmpty { return }
+        try write(.bytes(buffer), count: UInt64(buffer.count), at: offset, backing: backing)
+    }
+
+    /// Writes `count` guest bytes at `offset` taken from `source`: the same clusters, mapping and metadata
+    /// order as a buffered write of those bytes.
+    func write(_ source: WriteSource, count total: UInt64, at offset: UInt64, backing: GuestReader?) throws {
+        if total == 0 { return }
         try prepare()
         var done: UInt64 = 0
-        let total = UInt64(buffer.count)
         while done < total {
             let guest = try offset.adding(done)
             let inTable = ((l2Entries - ((guest >> clusterBits) & (l2Entries - 1))) << clusterBits)
                 - (guest & (clusterSize - 1))
             let n = min(total - done, inTable)
-            try writeInTable(buffer, from: Int(done), count: n, at: guest, backing: backing)
+            try writeInTable(source, total: total, from: Int(done), count: n, at: guest, backing: backing)
             done += n
         }
     }
 
     /// A write that stays within one L2 table.
-    private func writeInTable(_ buffer: UnsafeRawBufferPointer, from: Int, count: UInt64, at guest: UInt64,
+    private func writeInTable(_ buffer: WriteSource, total: UInt64, from: Int, count: UInt64, at guest: UInt64,
                               backing: GuestReader?) throws {
         let l1Index = guest >> (clusterBits + UInt64(header.l2Bits))
         let (_, l2) = try writableL2(l1Index: l1Index)
@@ -183,8 +195,8 @@ extension Qcow2Writer {
                     try setL2DependsOnRefcount()
                 }
             }
-            let base = try writeRun(Array(plans[i..<j]), l2: l2, buffer: buffer, bufferStart: guest, bufferFrom: from,
-                                    backing: backing, host: placed)
+            let base = try writeRun(Array(plans[i..<j]), l2: l2, buffer: buffer, total: total, bufferStart: guest,
+                                    bufferFrom: from, backing: backing, host: placed)
             cursor = base.map { $0 + UInt64(j - i) * clusterSize }
             i = j
         }
@@ -203,26 +215,57 @@ extension Qcow2Writer {
         try format.dataFile.write(UnsafeRawBufferPointer(sealed), at: host)
     }
 
+    /// Copies `length` guest bytes from `source` at `sourceOffset` to host offset `host` of the file that holds
+    /// guest data, in the kernel where it can; what it does not copy is read and written through a buffer.
+    func copyGuestData(from source: HostFile, at sourceOffset: UInt64, length: UInt64, host: UInt64,
+                       guest: UInt64) throws {
+        var copied: UInt64 = 0
+        if format.crypt == nil {
+            let (dst, dstOffset) = format.dataFile.hostLocation(host)
+            copied = dst.copyIn(from: source, at: sourceOffset, length: length, to: dstOffset)
+        }
+        var left = length - copied
+        let chunk = Int(min(left, Qcow2Writer.maxRunBytes))
+        guard chunk > 0 else { return }
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { b.deallocate() }
+        while left > 0 {
+            let n = Int(min(left, UInt64(chunk)))
+            let part = UnsafeMutableRawBufferPointer(rebasing: b[0..<n])
+            let at = length - left
+            try source.readZeroPadded(into: part, at: sourceOffset + at)
+            try writeGuestData(UnsafeRawBufferPointer(part), host: host + at, guest: guest + at)
+            left -= UInt64(n)
+        }
+    }
+
     /// Writes one run and points its L2 entries at it; returns its first host cluster (nil with an external
     /// data file). `host` is where new clusters were already allocated, if they were.
     @discardableResult
-    private func writeRun(_ run: [ClusterPlan], l2: Qcow2WriteCache<[UInt64]>.Entry, buffer: UnsafeRawBufferPointer,
-                          bufferStart: UInt64, bufferFrom: Int, backing: GuestReader?,
+    private func writeRun(_ run: [ClusterPlan], l2: Qcow2WriteCache<[UInt64]>.Entry, buffer source: WriteSource,
+                          total: UInt64, bufferStart: UInt64, bufferFrom: Int, backing: GuestReader?,
                           host placed: UInt64? = nil) throws -> UInt64? {
         guard let first = run.first, let last = run.last else { return nil }
         let wStart = first.writeStart
         let wEnd = last.writeEnd
         // Request bytes inside the run.
         let reqStart = max(wStart, bufferStart)
-        let reqEnd = min(wEnd, bufferStart + UInt64(buffer.count - bufferFrom))
+        let reqEnd = min(wEnd, bufferStart + (total - UInt64(bufferFrom)))
         let dataFrom = bufferFrom + Int(reqStart - bufferStart)
         let len = Int(wEnd - wStart)
         // Old contents for the copy-on-write padding are read before any mapping changes.
         var bounce: UnsafeMutableRawBufferPointer?
         defer { bounce?.deallocate() }
-        let data: UnsafeRawBufferPointer
+        var data = UnsafeRawBufferPointer(start: nil, count: 0)
+        // The whole run comes from a host file: the kernel copies it once the clusters are placed.
+        var copyFrom: (file: HostFile, offset: UInt64)?
         if reqStart == wStart && reqEnd == wEnd {
-            data = UnsafeRawBufferPointer(rebasing: buffer[dataFrom..<(dataFrom + len)])
+            switch source {
+            case let .bytes(buffer):
+                data = UnsafeRawBufferPointer(rebasing: buffer[dataFrom..<(dataFrom + len)])
+            case let .host(file, offset):
+                copyFrom = (file, offset + UInt64(dataFrom))
+            }
         } else {
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: len, alignment: 4096)
             bounce = b
@@ -235,8 +278,17 @@ extension Qcow2Writer {
                                 at: reqEnd, backing: backing)
             }
             let n = Int(reqEnd - reqStart)
-            if n > 0, let d = b.baseAddress, let s = buffer.baseAddress {
-                memcpy(d + Int(reqStart - wStart), s + dataFrom, n)
+            switch source {
+            case let .bytes(buffer):
+                if n > 0, let d = b.baseAddress, let s = buffer.baseAddress {
+                    memcpy(d + Int(reqStart - wStart), s + dataFrom, n)
+                }
+            case let .host(file, offset):
+                if n > 0 {
+                    let at = Int(reqStart - wStart)
+                    try file.readZeroPadded(into: UnsafeMutableRawBufferPointer(rebasing: b[at..<(at + n)]),
+                                            at: offset + UInt64(dataFrom))
+                }
             }
             data = UnsafeRawBufferPointer(b)
         }
@@ -252,7 +304,12 @@ extension Qcow2Writer {
             hostBase = try allocateClusters(UInt64(run.count))
             try setL2DependsOnRefcount()
         }
-        try writeGuestData(data, host: hostBase + (wStart - first.guestCluster), guest: wStart)
+        if let c = copyFrom {
+            try copyGuestData(from: c.file, at: c.offset, length: UInt64(len),
+                              host: hostBase + (wStart - first.guestCluster), guest: wStart)
+        } else {
+            try writeGuestData(data, host: hostBase + (wStart - first.guestCluster), guest: wStart)
+        }
         // The data must be stable before an L2 entry points at it.
         for (k, p) in run.enumerated() {
             let host = hostBase + UInt64(k) * clusterSize

@@ -93,9 +93,22 @@ def stderr_of(e: instar.InstarError) -> str:
                    for k, line in enumerate(lines))
 
 
+_mask_password = optional("oslo_utils.strutils", "mask_password")
+
+
+def failed_run(cmd: Sequence[str], stderr: str, exit_code: int = 1) -> Any:
+    """The ProcessExecutionError `processutils.execute(*cmd)` raises when qemu-img prints `stderr` and exits
+    with `exit_code`: like execute, the command line and the output have their secrets masked
+    (oslo_utils.strutils.mask_password, where it is importable: "key-secret=sec0" reads "key-secret=***")."""
+    line = " ".join(cmd)
+    if _mask_password is not None:
+        line, stderr = _mask_password(line), _mask_password(stderr)
+    return ProcessExecutionError(stdout="", stderr=stderr, exit_code=exit_code, cmd=line)
+
+
 def execution_error(cmd: Sequence[str], e: instar.InstarError, exit_code: int = 1) -> Any:
     """The ProcessExecutionError `processutils.execute(*cmd)` raises when qemu-img fails as `e` says."""
-    return ProcessExecutionError(stdout="", stderr=stderr_of(e), exit_code=exit_code, cmd=" ".join(cmd))
+    return failed_run(cmd, stderr_of(e), exit_code)
 
 
 def supports_direct_io(dirpath: str) -> bool:

@@ -14,20 +14,26 @@ helpers raise ``oslo_concurrency.processutils.ProcessExecutionError``, whose ``s
 what qemu-img would have given. Nova's own exception classes are used when ``nova.exception`` is importable;
 otherwise lookalikes with the same names, keyword arguments and messages.
 
-Not done: ``src_encryption`` / ``dest_encryption`` of convert_image (LUKS conversions) raise
-NotImplementedError. ``convert_image`` picks cache=none when the target's folder takes O_DIRECT (Nova tests
-``CONF.instances_path``, the same folder in practice) and cache=writeback otherwise, as Nova does. Nova runs
-qemu-img info under prlimit; libinstar bounds what it reads from an image by itself (see instar.compat.vdsm).
+``convert_image`` takes Nova's ``src_encryption`` / ``dest_encryption`` dicts (``secret``: the passphrase;
+``format``: the encryption format of a qcow2 target): the source is opened as the node Nova's ``--image-opts``
+names (``[encrypt.]key-secret``), the target gets Nova's LUKS settings (``LUKS_OPTIONS``: aes-256 xts plain64,
+sha256, iter-time 2000 ms), and the passphrases go to the library directly instead of through secret files.
+A ``backing_secret`` of the source (a backing file with a passphrase of its own) is refused with
+ImageUnacceptable: the library unlocks the top image only. ``convert_image`` picks cache=none when the target's
+folder takes O_DIRECT (Nova tests ``CONF.instances_path``, the same folder in practice) and cache=writeback
+otherwise, as Nova does. Nova runs qemu-img info under prlimit; libinstar bounds what it reads from an image by
+itself (see instar.compat.vdsm).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, Optional, Union
 
 import instar
 from instar.compat._info import info_dicts
-from instar.compat._openstack import (ProcessExecutionError, QemuImgInfo, execution_error, optional,
-                                      qemu_img_info_from, supports_direct_io)
+from instar.compat._openstack import (ProcessExecutionError, QemuImgInfo, execution_error, failed_run, optional,
+                                      qemu_img_info_from, stderr_of, supports_direct_io)
 
 
 class NovaException(Exception):
@@ -100,25 +106,69 @@ def convert_image_unsafe(source: str, dest: str, out_format: str, run_as_root: b
     _convert_image(source, dest, None, out_format)
 
 
+# Nova's LUKS settings for an encrypted target (nova/privsep/qemu.py writes them as -o [encrypt.]NAME=VALUE,
+# in this order), qemu's defaults but for iter-time.
+LUKS_OPTIONS: Dict[str, Any] = {"cipher-alg": "aes-256", "cipher-mode": "xts", "hash-alg": "sha256",
+                                "iter-time": 2000, "ivgen-alg": "plain64", "ivgen-hash-alg": "sha256"}
+
+
 def _convert_image(source: str, dest: str, in_format: Optional[str], out_format: str, compress: bool = False,
                    src_encryption: Optional[Dict[str, Any]] = None,
                    dest_encryption: Optional[Dict[str, Any]] = None) -> None:
-    if src_encryption or dest_encryption:
-        raise NotImplementedError("instar.compat.nova: encrypted conversions (src_encryption/dest_encryption) "
-                                  "are not supported yet")
     cache = "none" if supports_direct_io(os.path.dirname(os.path.abspath(dest))) else "writeback"
     cmd = ["qemu-img", "convert", "-t", cache, "-O", out_format]
-    if in_format is not None:
+    if in_format is not None and not src_encryption:
         cmd += ["-f", in_format]
     if compress:
         cmd.append("-c")
-    cmd += [source, dest]
+    key: Optional[str] = None
+    name = opened_as = source
+    if src_encryption:
+        # Nova: --object secret,id=sec0 --image-opts driver=IN,file.driver=file|rbd,file.filename=SRC,
+        # [encrypt.]key-secret=sec0; the library opens the same node from its json: name, the passphrase
+        # filling secret sec0.
+        key = src_encryption["secret"]
+        prefix = "encrypt." if in_format == "qcow2" else ""
+        node: Dict[str, Any] = {} if in_format is None else {"driver": in_format}
+        node["file"] = {"driver": "rbd" if source.startswith("rbd:") else "file", "filename": source}
+        node[prefix + "key-secret"] = "sec0"
+        name = "json:" + json.dumps(node)
+        opened_as = ",".join((["driver=%s" % in_format] if in_format is not None else [])
+                             + ["file.driver=%s" % node["file"]["driver"], "file.filename=%s" % source,
+                                "%skey-secret=sec0" % prefix])
+        cmd += ["--object", "secret,id=sec0,file=<key>", "--image-opts", opened_as]
+        if "backing_secret" in src_encryption:
+            raise ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: a backing "
+                                    "file with its own passphrase (backing_secret) is not supported by instar"
+                                    % {"format": out_format})
+    options: Optional[str] = None
+    target_key: Optional[str] = None
+    if dest_encryption:
+        target_key = dest_encryption["secret"]
+        prefix = "encrypt." if out_format == "qcow2" else ""
+        opts = ["%skey-secret=sec1" % prefix]
+        if prefix:
+            opts.append("%sformat=%s" % (prefix, dest_encryption["format"]))
+        opts += ["%s%s=%s" % (prefix, k, v) for k, v in LUKS_OPTIONS.items()]
+        options = ",".join(opts)
+        cmd += ["--object", "secret,id=sec1,file=<key>"] + [a for o in opts for a in ("-o", o)]
+    if not src_encryption:
+        cmd.append(source)
+    cmd.append(dest)
     try:
-        instar.convert(source, dest, source_format=in_format, fmt=out_format, target_cache=cache, compress=compress)
+        instar.convert(name, dest, source_format=None if src_encryption else in_format, fmt=out_format,
+                       target_cache=cache, compress=compress, options=options, key_secret=key,
+                       target_key_secret=target_key)
     except instar.InstarError as e:
-        exp = execution_error(cmd, e)
+        # qemu names a source given by options by its option string
+        exp = failed_run(cmd, _renamed(stderr_of(e), name, opened_as))
         raise ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: %(exp)s"
                                 % {"format": out_format, "exp": exp}) from e
+
+
+def _renamed(stderr: str, path: str, name: str) -> str:
+    """qemu-img's first "Could not open 'PATH'" with the name qemu gives the node (its option string) instead."""
+    return stderr.replace("Could not open '%s'" % path, "Could not open '%s'" % name, 1)
 
 
 def _size_bytes(size: Union[int, str], cmd: Any) -> int:
