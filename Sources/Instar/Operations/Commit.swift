@@ -286,6 +286,8 @@ struct CommitJob {
     /// copied by the kernel (copy_file_range): the base ends up with the same bytes as through a buffer.
     /// Returns false when the range does not qualify (or the kernel copied nothing).
     func copyInKernel(_ status: ChainBlockStatus, at offset: UInt64, bytes: UInt64) throws -> Bool {
+        // A kernel copy reads without HostFile.read: the call's limits are checked here instead.
+        try CallBudget.checkpoint()
         guard status.data, !status.zero, bytes <= status.length, let host = status.hostOffset,
               let name = status.hostFile else { return false }
         let chain = top.chain
