@@ -46,6 +46,17 @@ func compareFailure(_ error: Error, opening: Bool, names: (String, String)) -> (
 }
 
 /// Copies `full` into the caller's result struct, only the part its struct_size declares (0: the whole).
+/// The C struct of a finished comparison (in process or isolated alike).
+private func compareResultStruct(_ r: CompareResult) -> instar_compare_result_t {
+    var full = instar_compare_result_t()
+    full.identical = r.identical ? 1 : 0
+    full.size_mismatch = r.sizeMismatch ? 1 : 0
+    full.mismatch_offset = r.mismatchOffset.map { Int64(clamping: $0) } ?? -1
+    storeCString(r.message, into: &full.message)
+    full.exit_status = r.identical ? 0 : 1
+    return full
+}
+
 private func writeCompareResult(_ full: instar_compare_result_t,
                                 _ result: UnsafeMutablePointer<instar_compare_result_t>) {
     var full = full
@@ -96,12 +107,7 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
                 var full = instar_compare_result_t()
                 switch outcome {
                 case let .result(r):
-                    full.identical = r.identical ? 1 : 0
-                    full.size_mismatch = r.sizeMismatch ? 1 : 0
-                    full.mismatch_offset = r.mismatchOffset.map { Int64(clamping: $0) } ?? -1
-                    storeCString(r.message, into: &full.message)
-                    full.exit_status = r.identical ? 0 : 1
-                    writeCompareResult(full, result)
+                    writeCompareResult(compareResultStruct(r), result)
                     return
                 case let .failure(status, line, error):
                     full.mismatch_offset = -1
@@ -120,13 +126,7 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
             opening = false
             let r = try CompareOperation.compare(a, b, strict: o.strict != 0,
                                                  progress: progressCallback(o.progress, o.progress_data))
-            var full = instar_compare_result_t()
-            full.identical = r.identical ? 1 : 0
-            full.size_mismatch = r.sizeMismatch ? 1 : 0
-            full.mismatch_offset = r.mismatchOffset.map { Int64(clamping: $0) } ?? -1
-            storeCString(r.message, into: &full.message)
-            full.exit_status = r.identical ? 0 : 1
-            writeCompareResult(full, result)
+            writeCompareResult(compareResultStruct(r), result)
         } catch let f as IsolatedCompareFailure {
             throw f.error  // the result struct is already filled
         } catch {
