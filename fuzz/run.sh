@@ -65,8 +65,14 @@ BIN=$WORK/instar-fuzz$OPT-${SANITIZE//,/-}
 if [ "${FUZZ_BUILD:-}" = 1 ] || { [ "${FUZZ_BUILD:-}" != 0 ] && { [ ! -x "$BIN" ] ||
      [ -n "$(find Sources/Instar Sources/CInstar fuzz/FuzzImage.swift -newer "$BIN" -print -quit)" ]; }; }; then
   start=$(date +%s)
-  # The C shims the engine calls, compiled like SwiftPM does (plain C, with the fuzzer's coverage).
-  "$CLANG" -c -O1 -g -fsanitize=fuzzer-no-link -I Sources/CInstar/include Sources/CInstar/shims.c -o "$WORK/obj/shims.o"
+  # The C files the engine calls (shims, isolation, lazy library loading), compiled like SwiftPM does (plain C,
+  # with the fuzzer's coverage).
+  C_OBJECTS=()
+  for c in Sources/CInstar/*.c; do
+    o="$WORK/obj/$(basename "$c" .c).o"
+    "$CLANG" -c -O1 -g -fsanitize=fuzzer-no-link -I Sources/CInstar/include "$c" -o "$o"
+    C_OBJECTS+=("$o")
+  done
   mapfile -t SOURCES < <(find "$ROOT/Sources/Instar" -name '*.swift' | sort)
   echo "fuzz: compiling ${#SOURCES[@]} engine sources + fuzz/FuzzImage.swift ($OPT, -sanitize=$SANITIZE)"
   # INSTAR_FUZZ: engine limits that only bound the fuzzer's work per input (LUKS PBKDF2 iteration counts).
@@ -75,7 +81,7 @@ if [ "${FUZZ_BUILD:-}" = 1 ] || { [ "${FUZZ_BUILD:-}" != 0 ] && { [ ! -x "$BIN" 
   (cd "$WORK/obj" && "$SWIFTC" -sanitize="$SANITIZE" -parse-as-library $OPT -wmo -num-threads 2 -g \
     -module-name InstarFuzz -D INSTAR_FUZZ \
     -I "$ROOT/Sources/CInstar/include" -Xcc -fmodule-map-file="$ROOT/Sources/CInstar/include/module.modulemap" \
-    "${SOURCES[@]}" "$ROOT/fuzz/FuzzImage.swift" "$WORK/obj/shims.o" \
+    "${SOURCES[@]}" "$ROOT/fuzz/FuzzImage.swift" "${C_OBJECTS[@]}" \
     -lz -lzstd -lgcrypt -lbz2 -o "$BIN.new")
   mv -f "$BIN.new" "$BIN"
   echo "fuzz: compiled in $(( $(date +%s) - start ))s"
