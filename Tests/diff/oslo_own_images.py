@@ -6,9 +6,10 @@ and mkisofs make are made by that module's own builders (TestFormatInspectors._c
 _create_allocated_vmdk, _generate_bad_iso; _build_luks_header for the hand-made LUKS headers). The cases its tests
 build in memory and feed to one inspector (vmdk descriptor lines, vmdk footers, GPT protective MBR entries, qcow2
 feature bits, vmdk signature/version/descriptor location, LUKS headers) are written as files here, each step of the
-test a file, so detect_file_format() and instar inspect both see them. Only LUKS images are made with
-`iter-time=10` rather than qemu's default 2 s of PBKDF2 per key slot: the iteration counts are the only
-difference, and neither inspector reads them.
+test a file, so detect_file_format() and instar inspect both see them. Only the LUKS images are made otherwise:
+one `qemu-img create -f luks` with `iter-time=10` (rather than qemu's default 2 s of PBKDF2 per key slot) per run,
+each size a copy with its payload cut or extended (_luks): iteration counts, keys and the passphrase differ from
+what oslo.utils' tests make, and neither inspector reads them.
 
 builders() -> [(name, declared format, fn(dir) -> path)], in a stable order; `full=False` drops the 128 and 129 MiB
 sizes of test_format/test_subformat (the 7 MiB one stays), for a quick run.
@@ -62,14 +63,20 @@ def _oslo(d, method, *args, **kw):
 _LUKS_BASE = {}
 
 
+def use_luks_base(path):
+    """Takes `path`, a LUKS image qemu-img made (`create -f luks`, iter-time=10), as the image the LUKS sizes are
+    copied from, instead of making one (qemu-img spends 2-3 s of CPU benchmarking PBKDF2 for each)."""
+    _LUKS_BASE["given"] = path
+
+
 def _luks(d, size):
     """TestFormatInspectors._create_luks / TestLUKSInspector._create_luks: `qemu-img create -f luks` of `size`
-    bytes. qemu-img makes one such image per run (iter-time=10: see the module doc); each size is a copy of it
-    whose payload is cut or extended to `size` (the header is the same for every size; qemu leaves the payload a
-    hole)."""
+    bytes. qemu-img makes one such image per run (iter-time=10: see the module doc), or use_luks_base() names
+    one; each size is a copy of it whose payload is cut or extended to `size` (the header is the same for every
+    size, and the passphrase plays no part in either inspector; qemu leaves the payload a hole)."""
     from conftest import qimg
     with _LOCK:
-        base = _LUKS_BASE.get("path")
+        base = _LUKS_BASE.get("given") or _LUKS_BASE.get("path")
         if base is None or not os.path.exists(base):
             base = os.path.join(tempfile.mkdtemp(prefix="oslo-luks-"), "base.luks")
             qimg("create", "-q", "-f", "luks", "--object", "secret,id=sec0,data=secret-passphrase",
@@ -87,6 +94,7 @@ def _luks(d, size):
 
 def cleanup():
     """Removes what the builders keep between images (the LUKS image sizes are copied from)."""
+    _LUKS_BASE.pop("given", None)
     base = _LUKS_BASE.pop("path", None)
     if base:
         shutil.rmtree(os.path.dirname(base), ignore_errors=True)
