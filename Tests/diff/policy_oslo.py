@@ -120,19 +120,15 @@ def cases(root, full=True, only=None):
 
 
 def _qcow2_luks_builders(root):
-    """hostile_budget's qcow2-luks images (test_luks.CORRUPT_HEADERS, in its order): each a corruption of a fresh
-    LUKS-encrypted qcow2. qemu-img makes one here and each image is a copy of it: the keys and salts differ from a
-    fresh image's, which neither inspector reads."""
+    """hostile_budget's qcow2-luks images (test_luks.CORRUPT_HEADERS, in its order): each a corruption of the LUKS
+    header inside a LUKS-encrypted qcow2 that qemu-img made. Each image here is a copy of test_inspect.py's
+    (the inspect group's `qcow2-luks`, 8 MiB where test_luks makes 1 MiB ones), corrupted as test_luks.corrupt()
+    does: the size, keys and salts differ from a fresh image's, and neither inspector reads them (qemu-img spends
+    2-3 s of CPU on the PBKDF2 benchmark of every LUKS image it makes)."""
     import test_luks
-    lock = threading.Lock()
-    base = os.path.join(root, "_qcow2-luks-base", "c.qcow2")
 
     def make(d, rel, data):
-        with lock:
-            if not os.path.exists(base):
-                os.makedirs(os.path.dirname(base), exist_ok=True)
-                test_luks.qemu_create(base + ".part")
-                os.rename(base + ".part", base)
+        base = _inspect_image(d, "qcow2-luks")
         p = os.path.join(d, "c.qcow2")
         shutil.copyfile(base, p)
         test_luks.corrupt(p, rel, data)
