@@ -337,6 +337,13 @@ def test_declared_format(images):
     assert not instar.inspect(images["vpc"], declared_format="vpc").fatal
     assert not instar.inspect(images["gpt"], declared_format="raw").fatal
     assert instar.inspect(images["raw"], declared_format="qcow2").fatal
+    # A polyglot declared as one of its formats: refused for matching several, not for the declared format.
+    r = instar.inspect(images["iso+qcow2"], declared_format="iso")
+    assert codes(r, fatal_only=True) == ["multiple-formats"]
+    r = instar.inspect(images["mbr+qcow2"], declared_format="raw")
+    assert codes(r, fatal_only=True) == ["multiple-formats"]
+    r = instar.inspect(images["iso+qcow2"], declared_format="vmdk")
+    assert codes(r, fatal_only=True) == ["format-mismatch", "multiple-formats"]
 
 
 def test_limits_and_presets(images):

@@ -184,12 +184,13 @@ public enum Inspect {
     }
 
     /// Whether the declared format names what the content is: qemu's "vpc" is oslo's "vhd", and a partitioned
-    /// disk (gpt/mbr) is declared "raw".
+    /// disk (gpt/mbr) is declared "raw". Content that matches several formats (a polyglot) matches a declared format
+    /// that is one of them: the multiple-formats violation is what refuses it, as oslo.utils' detect_file_format()
+    /// refuses it before Glance or Nova compare the declared format.
     static func declaredMatches(_ declared: String, _ format: String, _ matches: [StreamInspector]) -> Bool {
         let d = declared == "vpc" ? "vhd" : declared
-        if d == format { return true }
-        if d == "raw" && format == "gpt" && matches.count == 1 { return true }
-        return false
+        let names = matches.isEmpty ? [format] : matches.map { $0.name }
+        return names.contains(d) || (d == "raw" && names.contains("gpt"))
     }
 
     // MARK: checks oslo.utils does not make
