@@ -371,6 +371,28 @@ def test_backing_secret_info_and_library(chained, tmp):
             instar.Image(p, key_secret=TOP_PASS, backing_key_secret="wrong")
 
 
+def test_backing_secret_commit(tmp, chained):
+    """instar.commit with backing_key_secret writes into an encrypted base as qemu-img commit does given the
+    base's passphrase on the overlay's node (backing.encrypt.key-secret)."""
+    def setup(d):
+        copy_chained(chained, d)
+    pair = Pair(tmp, outcome=outcome, setup=setup)
+    objs = ["--object", "secret,id=t,data=" + TOP_PASS, "--object", "secret,id=s,data=" + SRC_PASS]
+    qimg("commit", *objs, "--image-opts", chain_node(os.path.join(pair.q, "ov.qcow2")))
+    instar.commit(os.path.join(pair.i, "ov.qcow2"), key_secret=TOP_PASS, backing_key_secret=SRC_PASS)
+    node = "driver=qcow2,file.filename=%s,encrypt.key-secret=s"
+    r = qemu("compare", *objs, "--image-opts", node % os.path.join(pair.q, "e.qcow2"),
+             node % os.path.join(pair.i, "e.qcow2"))
+    assert r.rc == 0 and r.out == "Images are identical.\n", r
+    for name in ("ov.qcow2", "e.qcow2"):
+        assert json.dumps(info_json(os.path.join(pair.i, name))).replace(pair.i, pair.q) \
+            == json.dumps(info_json(os.path.join(pair.q, name)))
+    r = qemu("check", *objs, "--image-opts", node % os.path.join(pair.i, "e.qcow2"))
+    assert r.rc == 0, r
+    with pytest.raises(instar.InstarError, match="Invalid password"):
+        instar.commit(os.path.join(pair.i, "ov.qcow2"), key_secret=TOP_PASS, backing_key_secret="wrong")
+
+
 @pytest.mark.parametrize("base", ["e.luks"])
 def test_create_cow_image_encrypted_on_encrypted_backing(tmp, chained, monkeypatch, base):
     """An encrypted overlay created on a backing file with a passphrase of its own (qemu-img create reads only
