@@ -155,7 +155,8 @@ void instar_open_options_init(instar_open_options_t *opts);
  * Opens an image (and its backing chain unless INSTAR_OPEN_NO_BACKING). `filename` may be a path or a
  * qemu-style "json:{...}" string. On success *out is a handle the caller owns and releases with instar_close;
  * on failure *out is NULL. An encrypted image needs opts->key_secret (a json: name that sets encrypt.key-secret
- * to an id gets the passphrase under that id). opts may be NULL for the defaults.
+ * to an id gets the passphrase under that id), encrypted images below it opts->backing_key_secret. opts may be
+ * NULL for the defaults.
  * Opened with INSTAR_OPEN_READ_WRITE, a qcow2 image is treated as qemu treats it: a dirty image (lazy refcounts,
  * writer killed) is repaired first, and its persistent bitmaps are marked in use until instar_close stores
  * them again with the writes recorded (a handle never closed leaves them in use, as a killed QEMU does).
