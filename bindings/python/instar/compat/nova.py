@@ -183,9 +183,10 @@ def _backing_format(source: str, in_format: Optional[str]) -> Optional[str]:
     """The format of `source`'s backing file as its header records it (None when it names none or cannot be
     read: the open then reports the problem)."""
     try:
-        return instar.info(source, format=in_format, force_share=True).backing_filename_format
+        top = instar.info(source, format=in_format, force_share=True)
     except instar.InstarError:
         return None
+    return None if isinstance(top, list) else top.backing_filename_format
 
 
 def _renamed(stderr: str, path: str, name: str) -> str:
