@@ -26,6 +26,13 @@
  *    calls on the same handle.
  *  - Encrypted images (LUKS qcow2) are unlocked with the key_secret option fields: the passphrase itself, which
  *    the library hands to the image as qemu's encrypt.key-secret.
+ *  - A backing chain whose lower images have a passphrase of their own takes it in the backing_key_secret fields
+ *    (open, info, map, compare, convert, commit): the library hands it to every encrypted image below the top one
+ *    as its encrypt.key-secret (luks: key-secret), what qemu-img's `--object secret,id=S` with
+ *    `backing.encrypt.key-secret=S` on an --image-opts node gives. Where a json: name's backing node names its
+ *    own encrypt.key-secret id, that id gets it. One passphrase serves all the images below the top; a chain
+ *    whose lower images differ among themselves is not reachable through these fields. Creating an overlay on
+ *    an encrypted backing file needs no backing passphrase (the backing file's size is read without it).
  *  - Any call may also fail with INSTAR_E_INVALID for a NULL required argument or a struct_size smaller than
  *    4, and with INSTAR_E_NOMEM.
  */
@@ -129,9 +136,11 @@ typedef struct instar_open_options {
     const char *format;          /**< "qcow2", "raw", ...; NULL to probe (like omitting qemu-img -f) */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
+    const char *backing_key_secret; /**< the passphrase of the encrypted images below the top one (its backing file and
+                                      *   theirs), each one's encrypt.key-secret (luks: key-secret), NULL for none */
 } instar_open_options_t;
 
-#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL, NULL }
+#define INSTAR_OPEN_OPTIONS_INIT { sizeof(instar_open_options_t), 0, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_OPEN_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -146,7 +155,8 @@ void instar_open_options_init(instar_open_options_t *opts);
  * Opens an image (and its backing chain unless INSTAR_OPEN_NO_BACKING). `filename` may be a path or a
  * qemu-style "json:{...}" string. On success *out is a handle the caller owns and releases with instar_close;
  * on failure *out is NULL. An encrypted image needs opts->key_secret (a json: name that sets encrypt.key-secret
- * to an id gets the passphrase under that id). opts may be NULL for the defaults.
+ * to an id gets the passphrase under that id), encrypted images below it opts->backing_key_secret. opts may be
+ * NULL for the defaults.
  * Opened with INSTAR_OPEN_READ_WRITE, a qcow2 image is treated as qemu treats it: a dirty image (lazy refcounts,
  * writer killed) is repaired first, and its persistent bitmaps are marked in use until instar_close stores
  * them again with the writes recorded (a handle never closed leaves them in use, as a killed QEMU does).
@@ -279,9 +289,11 @@ typedef struct instar_info_options {
     int32_t backing_chain;           /**< nonzero: fill ->backing for the whole chain */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
+    const char *backing_key_secret; /**< the passphrase of the encrypted images below the top one (its backing file and
+                                      *   theirs), each one's encrypt.key-secret (luks: key-secret), NULL for none */
 } instar_info_options_t;
 
-#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL, NULL }
+#define INSTAR_INFO_OPTIONS_INIT { sizeof(instar_info_options_t), 0, NULL, 0, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_INFO_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -338,9 +350,11 @@ typedef struct instar_map_options {
     int64_t max_length;          /**< --max-length, -1 for to the end */
     const char *key_secret;      /**< the passphrase of the image's encryption (qemu's encrypt.key-secret), NULL for none */
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
+    const char *backing_key_secret; /**< the passphrase of the encrypted images below the top one (its backing file and
+                                      *   theirs), each one's encrypt.key-secret (luks: key-secret), NULL for none */
 } instar_map_options_t;
 
-#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL, NULL }
+#define INSTAR_MAP_OPTIONS_INIT { sizeof(instar_map_options_t), 0, NULL, 0, -1, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_MAP_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -388,9 +402,12 @@ typedef struct instar_compare_options {
     const char *key_secret1;     /**< the passphrase of the first image's encryption (encrypt.key-secret), or NULL */
     const char *key_secret2;     /**< the passphrase of the second image's encryption, or NULL */
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
+    const char *backing_key_secret1; /**< the passphrase of the encrypted images below the first image, or NULL */
+    const char *backing_key_secret2; /**< the passphrase of the encrypted images below the second image, or NULL */
 } instar_compare_options_t;
 
-#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL }
+#define INSTAR_COMPARE_OPTIONS_INIT { sizeof(instar_compare_options_t), 0, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL, \
+                                      NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_COMPARE_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -468,10 +485,12 @@ typedef struct instar_convert_options {
      *  encrypt.format=luks (it is used as encrypt.key-secret). NULL for none. */
     const char *target_key_secret;
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
+    const char *backing_key_secret; /**< the passphrase of the encrypted images below the source (its backing file
+                                      *   and theirs), each one's encrypt.key-secret, NULL for none */
 } instar_convert_options_t;
 
 #define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL, \
-                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL, NULL }
+                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_CONVERT_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.
@@ -828,9 +847,11 @@ typedef struct instar_commit_options {
     void *progress_data;
     const char *key_secret;      /**< the passphrase of the top image's encryption (encrypt.key-secret), or NULL */
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
+    const char *backing_key_secret; /**< the passphrase of the encrypted images below the top (the base written to
+                                      *   among them), each one's encrypt.key-secret, NULL for none */
 } instar_commit_options_t;
 
-#define INSTAR_COMMIT_OPTIONS_INIT { sizeof(instar_commit_options_t), 0, NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL }
+#define INSTAR_COMMIT_OPTIONS_INIT { sizeof(instar_commit_options_t), 0, NULL, NULL, NULL, 0, NULL, NULL, NULL, NULL, NULL }
 /**
  * Fills *opts with the defaults (the values of INSTAR_COMMIT_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.

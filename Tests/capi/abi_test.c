@@ -95,35 +95,35 @@ int main(int argc, char **argv) {
         memset(&o, 0xff, sizeof o);
         instar_open_options_init(&o);
         CHECK(o.struct_size == m.struct_size && o.struct_size == sizeof o && o.flags == 0 && o.format == NULL
-              && o.key_secret == NULL);
+              && o.key_secret == NULL && o.backing_key_secret == NULL);
     }
     {
         instar_info_options_t m = INSTAR_INFO_OPTIONS_INIT, o;
         memset(&o, 0xff, sizeof o);
         instar_info_options_init(&o);
         CHECK(o.struct_size == m.struct_size && o.open_flags == 0 && o.format == NULL && o.backing_chain == 0
-              && o.key_secret == NULL);
+              && o.key_secret == NULL && o.backing_key_secret == NULL);
     }
     {
         instar_map_options_t m = INSTAR_MAP_OPTIONS_INIT, o;
         memset(&o, 0xff, sizeof o);
         instar_map_options_init(&o);
         CHECK(o.struct_size == m.struct_size && o.start_offset == 0 && o.max_length == m.max_length
-              && o.max_length == -1 && o.key_secret == NULL);
+              && o.max_length == -1 && o.key_secret == NULL && o.backing_key_secret == NULL);
     }
     {
         instar_compare_options_t m = INSTAR_COMPARE_OPTIONS_INIT, o;
         memset(&o, 0xff, sizeof o);
         instar_compare_options_init(&o);
         CHECK(o.struct_size == m.struct_size && o.strict == 0 && o.progress == NULL && o.key_secret1 == NULL
-              && o.key_secret2 == NULL);
+              && o.key_secret2 == NULL && o.backing_key_secret1 == NULL && o.backing_key_secret2 == NULL);
     }
     {
         instar_convert_options_t m = INSTAR_CONVERT_OPTIONS_INIT, o;
         memset(&o, 0xff, sizeof o);
         instar_convert_options_init(&o);
         CHECK(o.struct_size == m.struct_size && o.flags == 0 && o.sparse_size == m.sparse_size
-              && o.target_format == NULL && o.progress == NULL);
+              && o.target_format == NULL && o.progress == NULL && o.backing_key_secret == NULL);
     }
     {
         instar_create_options_t m = INSTAR_CREATE_OPTIONS_INIT, o;

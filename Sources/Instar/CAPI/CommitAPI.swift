@@ -5,7 +5,8 @@ import Glibc
 func commitOptionsDefaults() -> instar_commit_options_t {
     instar_commit_options_t(struct_size: UInt32(MemoryLayout<instar_commit_options_t>.size),
                             flags: 0, format: nil, base: nil, cache: nil, rate_limit: 0,
-                            progress: nil, progress_data: nil, key_secret: nil, limits: nil)
+                            progress: nil, progress_data: nil, key_secret: nil, limits: nil,
+                            backing_key_secret: nil)
 }
 
 @_cdecl("instar_commit_options_init")
@@ -41,6 +42,7 @@ public func instar_commit(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePoint
         }
         options.rateLimit = UInt64(o.rate_limit)
         options.open.keySecret = optionalString(o.key_secret)
+        options.open.backingKeySecret = optionalString(o.backing_key_secret)
         options.progress = progressCallback(o.progress, o.progress_data)
         try CommitOperation.run(name, options: options)
     }

@@ -5,7 +5,8 @@ import Glibc
 func compareOptionsDefaults() -> instar_compare_options_t {
     instar_compare_options_t(struct_size: UInt32(MemoryLayout<instar_compare_options_t>.size),
                              open_flags: 0, format1: nil, format2: nil, strict: 0, progress: nil,
-                             progress_data: nil, key_secret1: nil, key_secret2: nil, limits: nil)
+                             progress_data: nil, key_secret1: nil, key_secret2: nil, limits: nil,
+                             backing_key_secret1: nil, backing_key_secret2: nil)
 }
 
 @_cdecl("instar_compare_options_init")
@@ -103,6 +104,7 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
                 let outcome = try IsolatedMode.compare(
                     names, formats: (optionalString(o.format1), optionalString(o.format2)), flags: o.open_flags,
                     keys: (optionalString(o.key_secret1), optionalString(o.key_secret2)), strict: o.strict != 0,
+                    backingKeys: (optionalString(o.backing_key_secret1), optionalString(o.backing_key_secret2)),
                     progress: progressCallback(o.progress, o.progress_data))
                 var full = instar_compare_result_t()
                 switch outcome {
@@ -118,10 +120,10 @@ public func instar_compare(_ filename1: UnsafePointer<CChar>?, _ filename2: Unsa
                 }
             }
             let a = try openForOperation(names.0, format: optionalString(o.format1), flags: o.open_flags,
-                                         keySecret: o.key_secret1)
+                                         keySecret: o.key_secret1, backingKeySecret: o.backing_key_secret1)
             defer { try? a.close() }
             let b = try openForOperation(names.1, format: optionalString(o.format2), flags: o.open_flags,
-                                         keySecret: o.key_secret2)
+                                         keySecret: o.key_secret2, backingKeySecret: o.backing_key_secret2)
             defer { try? b.close() }
             opening = false
             let r = try CompareOperation.compare(a, b, strict: o.strict != 0,

@@ -7,7 +7,8 @@ func convertOptionsDefaults() -> instar_convert_options_t {
                              flags: 0, source_format: nil, target_format: nil, source_cache: nil,
                              target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
                              options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
-                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil, limits: nil)
+                             coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil, limits: nil,
+                             backing_key_secret: nil)
 }
 
 @_cdecl("instar_convert_options_init")
@@ -86,7 +87,7 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
         var flags: UInt32 = sourceCache.direct ? UInt32(INSTAR_OPEN_NO_CACHE) : 0
         if o.flags & UInt32(INSTAR_CONVERT_FORCE_SHARE) != 0 { flags |= UInt32(INSTAR_OPEN_FORCE_SHARE) }
         let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true,
-                                         keySecret: o.key_secret)
+                                         keySecret: o.key_secret, backingKeySecret: o.backing_key_secret)
         defer { try? image.close() }
         if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: [image]) }
         do {

@@ -20,12 +20,14 @@ final class ImageHandle {
     }
 }
 
-/// Translates INSTAR_OPEN_* flags and a key_secret field into engine options.
-func openOptions(flags: UInt32, keySecret: UnsafePointer<CChar>? = nil) -> ImageOpenOptions {
+/// Translates INSTAR_OPEN_* flags and the key_secret / backing_key_secret fields into engine options.
+func openOptions(flags: UInt32, keySecret: UnsafePointer<CChar>? = nil,
+                 backingKeySecret: UnsafePointer<CChar>? = nil) -> ImageOpenOptions {
     var o = ImageOpenOptions()
     o.forceShare = flags & UInt32(INSTAR_OPEN_FORCE_SHARE) != 0
     o.direct = flags & UInt32(INSTAR_OPEN_NO_CACHE) != 0
     o.keySecret = optionalString(keySecret)
+    o.backingKeySecret = optionalString(backingKeySecret)
     return o
 }
 
@@ -60,7 +62,7 @@ func optionList(_ list: String?, keySecret: String?, secrets: inout [String: Str
 /// The defaults of instar_open_options_t, the values of INSTAR_OPEN_OPTIONS_INIT.
 func openOptionsDefaults() -> instar_open_options_t {
     instar_open_options_t(struct_size: UInt32(MemoryLayout<instar_open_options_t>.size), flags: 0, format: nil,
-                                 key_secret: nil, limits: nil)
+                                 key_secret: nil, limits: nil, backing_key_secret: nil)
 }
 
 @_cdecl("instar_open_options_init")
@@ -87,7 +89,8 @@ public func instar_open(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer
         let spec = try ImageOpener.parseSpec(name, format: optionalString(o.format))
         let layer: ImageLayer
         do {
-            layer = try ImageOpener.open(spec, options: openOptions(flags: o.flags, keySecret: o.key_secret), writable: writable,
+            layer = try ImageOpener.open(spec, options: openOptions(flags: o.flags, keySecret: o.key_secret,
+                                                                      backingKeySecret: o.backing_key_secret), writable: writable,
                                          openBacking: o.flags & UInt32(INSTAR_OPEN_NO_BACKING) == 0)
         } catch let e as InstarError {
             throw e.prepending("Could not open '\(name)': ")

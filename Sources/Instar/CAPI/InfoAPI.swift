@@ -8,7 +8,8 @@ import Glibc
 /// The defaults of instar_info_options_t, the values of INSTAR_INFO_OPTIONS_INIT.
 func infoOptionsDefaults() -> instar_info_options_t {
     instar_info_options_t(struct_size: UInt32(MemoryLayout<instar_info_options_t>.size), open_flags: 0,
-                          format: nil, backing_chain: 0, key_secret: nil, limits: nil)
+                          format: nil, backing_chain: 0, key_secret: nil, limits: nil,
+                          backing_key_secret: nil)
 }
 
 @_cdecl("instar_info_options_init")
@@ -32,7 +33,7 @@ func collectInfo(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<instar
     var options = InfoOperation.Options()
     options.format = optionalString(o.format)
     options.backingChain = o.backing_chain != 0
-    options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret)
+    options.open = openOptions(flags: o.open_flags, keySecret: o.key_secret, backingKeySecret: o.backing_key_secret)
     if o.open_flags & UInt32(INSTAR_OPEN_ISOLATED) != 0 {
         return (try IsolatedMode.collectInfo(name, options: options), options.backingChain)
     }

@@ -4,7 +4,8 @@ import Glibc
 /// The defaults of instar_map_options_t, the values of INSTAR_MAP_OPTIONS_INIT.
 func mapOptionsDefaults() -> instar_map_options_t {
     instar_map_options_t(struct_size: UInt32(MemoryLayout<instar_map_options_t>.size), open_flags: 0,
-                         format: nil, start_offset: 0, max_length: -1, key_secret: nil, limits: nil)
+                         format: nil, start_offset: 0, max_length: -1, key_secret: nil, limits: nil,
+                         backing_key_secret: nil)
 }
 
 @_cdecl("instar_map_options_init")
@@ -20,9 +21,10 @@ public func instar_map_options_init_sized(_ opts: UnsafeMutablePointer<instar_ma
 
 /// Opens `name` read-only for an operation, with qemu-img's "Could not open 'NAME': " prefix on failure.
 func openForOperation(_ name: String, format: String?, flags: UInt32, noShareWrite: Bool = false,
-                      keySecret: UnsafePointer<CChar>? = nil) throws -> ImageLayer {
+                      keySecret: UnsafePointer<CChar>? = nil,
+                      backingKeySecret: UnsafePointer<CChar>? = nil) throws -> ImageLayer {
     let spec = try ImageOpener.parseSpec(name, format: format)
-    var options = openOptions(flags: flags, keySecret: keySecret)
+    var options = openOptions(flags: flags, keySecret: keySecret, backingKeySecret: backingKeySecret)
     options.noShareWrite = noShareWrite
     do {
         return try ImageOpener.open(spec, options: options, writable: false,
@@ -48,7 +50,8 @@ public func instar_map(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<
                 throw InstarError(.range, "Invalid start offset specified. Must be between 0 and \(Int64.max).")
             }
             let walk = try IsolatedMode.mapWalk(name, format: optionalString(o.format), imageOpts: false,
-                                                open: openOptions(flags: o.open_flags, keySecret: o.key_secret),
+                                                open: openOptions(flags: o.open_flags, keySecret: o.key_secret,
+                                                                  backingKeySecret: o.backing_key_secret),
                                                 start: o.start_offset,
                                                 maxLength: o.max_length < 0 ? nil : UInt64(o.max_length),
                                                 humanCoalescing: false,
@@ -57,7 +60,7 @@ public func instar_map(_ filename: UnsafePointer<CChar>?, _ opts: UnsafePointer<
             entries = walk.entries
         } else {
         let image = try openForOperation(name, format: optionalString(o.format), flags: o.open_flags,
-                                         keySecret: o.key_secret)
+                                         keySecret: o.key_secret, backingKeySecret: o.backing_key_secret)
         defer { try? image.close() }
         guard o.start_offset <= UInt64(Int64.max) else {
             throw InstarError(.range, "Invalid start offset specified. Must be between 0 and \(Int64.max).")

@@ -494,15 +494,19 @@ public enum ImageOpener {
                                          resize: writable && (opts.resize || !descriptor.sharesWrites))
         }
         opts.driverOptions = spec.driverOptions
-        if depth == 0, let key = options.keySecret {
-            // Only the top image: qemu passes encrypt.key-secret to the node it was given for. A json: name may
-            // name the id itself; the direct passphrase then fills that id. The spec (and so the name qemu-img
-            // shows) is left alone: the passphrase is not an option the user wrote.
+        // The direct passphrases: key_secret for the top image only (qemu passes encrypt.key-secret to the node it
+        // was given for), backing_key_secret for every image below it, each under its own reserved id.
+        let direct = depth == 0 ? options.keySecret.map { ($0, ImageOpenOptions.keySecretID) }
+            : options.backingKeySecret.map { ($0, ImageOpenOptions.backingKeySecretID) }
+        if let (key, reservedID) = direct {
+            // A json: name (or a backing node of one) may name the id itself; the direct passphrase then fills
+            // that id. The spec (and so the name qemu-img shows) is left alone: the passphrase is not an option
+            // the user wrote.
             if spec.driverOptions["encrypt.key-secret"] == nil, let id = spec.driverOptions["key-secret"]?.stringValue {
                 // luks's own option names the id (a driver without that option refuses it, as qemu's does)
                 if opts.secrets[id] == nil { opts.secrets[id] = key }
             } else {
-                let id = spec.driverOptions["encrypt.key-secret"]?.stringValue ?? ImageOpenOptions.keySecretID
+                let id = spec.driverOptions["encrypt.key-secret"]?.stringValue ?? reservedID
                 opts.driverOptions["encrypt.key-secret"] = .string(id)
                 if opts.secrets[id] == nil { opts.secrets[id] = key }
             }

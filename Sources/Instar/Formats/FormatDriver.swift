@@ -283,6 +283,13 @@ public struct ImageOpenOptions {
     public var keySecret: String?
     /// The secret id under which `keySecret` reaches the driver when the image's options name none.
     public static let keySecretID = "instar-key-secret"
+    /// The passphrase of the encrypted images below the top of the chain (the backing file and its own backing
+    /// files), given directly (the C API's backing_key_secret): the opener hands it to each backing image's driver
+    /// as its `encrypt.key-secret` (a luks image's `key-secret`), under the id a json: backing node names or
+    /// under `backingKeySecretID`.
+    public var backingKeySecret: String?
+    /// The secret id under which `backingKeySecret` reaches a backing image's driver when its options name none.
+    public static let backingKeySecretID = "instar-backing-key-secret"
     /// Decides whether a backing file is opened read/write (commit's base): asked once per backing link with
     /// the overlay's name, the backing name stored in it and that name resolved against the overlay.
     public var writableBacking: ((_ overlay: String, _ storedName: String, _ fullName: String) -> Bool)?

@@ -290,6 +290,7 @@ extension ImageOpenOptions {
             w.str(k)
             w.str(v)
         }
+        w.optStr(backingKeySecret)
     }
 
     static func decodeIsolated(_ r: inout WireReader) throws -> ImageOpenOptions {
@@ -302,6 +303,7 @@ extension ImageOpenOptions {
             let k = try r.str()
             o.secrets[k] = try r.str()
         }
+        o.backingKeySecret = try r.optStr()
         return o
     }
 }

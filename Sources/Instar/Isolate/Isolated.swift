@@ -167,6 +167,7 @@ public enum IsolatedMode {
     public static func compare(_ names: (String, String), formats: (String?, String?), flags: UInt32,
                                keys: (String?, String?), strict: Bool, commandLine: Bool = false,
                                imageOpts: Bool = false, open: ImageOpenOptions = ImageOpenOptions(),
+                               backingKeys: (String?, String?) = (nil, nil),
                                progress: ((Double) throws -> Void)?) throws -> CompareOutcome {
         var w = WireWriter()
         w.str(names.0)
@@ -180,6 +181,8 @@ public enum IsolatedMode {
         w.bool(commandLine)
         w.bool(imageOpts)
         open.encodeIsolated(&w)
+        w.optStr(backingKeys.0)
+        w.optStr(backingKeys.1)
         var r = try call(.compare, w.bytes, progress: progress)
         switch try r.u8() {
         case 0:
@@ -486,12 +489,15 @@ public enum IsolatedMode {
         let commandLine = try r.bool()
         let imageOpts = try r.bool()
         let cliOpen = try ImageOpenOptions.decodeIsolated(&r)
+        let backingKeys = (try r.optStr(), try r.optStr())
         try r.finish()
         var opening = true
-        func openOne(_ name: String, _ format: String?, _ key: String?) throws -> ImageLayer {
+        func openOne(_ name: String, _ format: String?, _ key: String?, _ backingKey: String?) throws -> ImageLayer {
             guard commandLine else {
                 return try key.withOptionalCString { k in
-                    try openForOperation(name, format: format, flags: flags, keySecret: k)
+                    try backingKey.withOptionalCString { b in
+                        try openForOperation(name, format: format, flags: flags, keySecret: k, backingKeySecret: b)
+                    }
                 }
             }
             do {
@@ -502,9 +508,9 @@ public enum IsolatedMode {
             }
         }
         do {
-            let a = try openOne(names.0, formats.0, keys.0)
+            let a = try openOne(names.0, formats.0, keys.0, backingKeys.0)
             defer { try? a.close() }
-            let b = try openOne(names.1, formats.1, keys.1)
+            let b = try openOne(names.1, formats.1, keys.1, backingKeys.1)
             defer { try? b.close() }
             opening = false
             let sock = Int32(INSTAR_ISOLATE_SOCK_FD)

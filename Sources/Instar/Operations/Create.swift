@@ -113,6 +113,9 @@ public enum Create {
             let full = ImageOpener.resolveBackingName(b, relativeTo: p.filename)
             var opts = ImageOpenOptions()
             opts.forceShare = true
+            // qemu opens it without I/O (BDRV_O_NO_IO): only its size and format are wanted, so an encrypted
+            // backing file needs no passphrase.
+            opts.metadataOnly = true
             let layer: ImageLayer
             do {
                 let spec = try ImageOpener.parseSpec(full, format: backingFormat)

@@ -157,7 +157,7 @@ _limits: "contextvars.ContextVar[Optional[Limits]]" = contextvars.ContextVar("in
 
 
 class Options(ctypes.Structure):
-    """Base of the option structs, whose last member is ``limits``: a struct made inside a :func:`limits` block
+    """Base of the option structs, which have a ``limits`` member: a struct made inside a :func:`limits` block
     points at that block's limits."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,8 @@ STATUS_EOF = 1 << 3
 
 class OpenOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
+                ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits)),
+                ("backing_key_secret", ctypes.c_char_p)]
 
 
 class _BlockStatus(ctypes.Structure):
@@ -83,13 +84,15 @@ def _setup() -> ctypes.CDLL:
 class Image:
     """An open image chain (instar_open). Use as a context manager (``with Image(path) as img:``) or call close().
     `format` forces the format (probed when None), `flags` are OPEN_* bits (OPEN_READ_WRITE to write),
-    `key_secret` is the passphrase of an encrypted image (what qemu's encrypt.key-secret names)."""
+    `key_secret` is the passphrase of an encrypted image (what qemu's encrypt.key-secret names),
+    `backing_key_secret` that of the encrypted images below it (its backing file and theirs)."""
 
     def __init__(self, path: str, format: Optional[str] = None, flags: int = 0,
-                 key_secret: Optional[str] = None) -> None:
+                 key_secret: Optional[str] = None, backing_key_secret: Optional[str] = None) -> None:
         self._h = None
         L = _setup()
         opts = OpenOptions(ctypes.sizeof(OpenOptions), flags, encode(format), encode(key_secret))
+        opts.backing_key_secret = encode(backing_key_secret)
         err = Error()
         h = ctypes.c_void_p()
         check(L.instar_open(encode(path), ctypes.byref(opts), ctypes.byref(h), ctypes.byref(err)), err)

@@ -64,7 +64,8 @@ _Info._fields_ = [
 
 class _InfoOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
-                ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
+                ("backing_chain", ctypes.c_int32), ("key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits)),
+                ("backing_key_secret", ctypes.c_char_p)]
 
 
 def _setup() -> ctypes.CDLL:
@@ -200,19 +201,24 @@ def _convert(node: Any) -> ImageInfo:
 
 
 def _options(format: Optional[str], force_share: bool, backing_chain: bool,
-             key_secret: Optional[str] = None, isolated: bool = False) -> _InfoOptions:
+             key_secret: Optional[str] = None, isolated: bool = False,
+             backing_key_secret: Optional[str] = None) -> _InfoOptions:
     flags = (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0)
-    return _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0,
-                        encode(key_secret))
+    o = _InfoOptions(ctypes.sizeof(_InfoOptions), flags, encode(format), 1 if backing_chain else 0,
+                     encode(key_secret))
+    o.backing_key_secret = encode(backing_key_secret)
+    return o
 
 
 def info(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
-         key_secret: Optional[str] = None, isolated: bool = False) -> Union[ImageInfo, List[ImageInfo]]:
+         key_secret: Optional[str] = None, isolated: bool = False,
+         backing_key_secret: Optional[str] = None) -> Union[ImageInfo, List[ImageInfo]]:
     """What `qemu-img info` reports: an ImageInfo, or with backing_chain a list of them, top image first.
-    `key_secret` is the passphrase of an encrypted image (info itself reads only metadata). With `isolated`
-    the image is parsed in a confined helper process (docs/isolated.md)."""
+    `key_secret` is the passphrase of an encrypted image (info itself reads only metadata),
+    `backing_key_secret` that of the encrypted images below it. With `isolated` the image is parsed in a
+    confined helper process (docs/isolated.md)."""
     L = _setup()
-    opts = _options(format, force_share, backing_chain, key_secret, isolated)
+    opts = _options(format, force_share, backing_chain, key_secret, isolated, backing_key_secret)
     err = Error()
     out = ctypes.POINTER(_Info)()
     check(L.instar_info(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -228,9 +234,9 @@ def info(path: str, format: Optional[str] = None, force_share: bool = False, bac
 
 
 def _text(fn: str, path: str, format: Optional[str], force_share: bool, backing_chain: bool,
-          key_secret: Optional[str] = None, isolated: bool = False) -> str:
+          key_secret: Optional[str] = None, isolated: bool = False, backing_key_secret: Optional[str] = None) -> str:
     L = _setup()
-    opts = _options(format, force_share, backing_chain, key_secret, isolated)
+    opts = _options(format, force_share, backing_chain, key_secret, isolated, backing_key_secret)
     err = Error()
     out = ctypes.c_void_p()
     check(getattr(L, fn)(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -238,12 +244,15 @@ def _text(fn: str, path: str, format: Optional[str], force_share: bool, backing_
 
 
 def info_json(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
-              key_secret: Optional[str] = None, isolated: bool = False) -> str:
+              key_secret: Optional[str] = None, isolated: bool = False, backing_key_secret: Optional[str] = None) -> str:
     """The exact text of `qemu-img info --output=json` (an array with backing_chain)."""
-    return _text("instar_info_json", path, format, force_share, backing_chain, key_secret, isolated)
+    return _text("instar_info_json", path, format, force_share, backing_chain, key_secret, isolated,
+                 backing_key_secret)
 
 
 def info_human(path: str, format: Optional[str] = None, force_share: bool = False, backing_chain: bool = False,
-               key_secret: Optional[str] = None, isolated: bool = False) -> str:
+               key_secret: Optional[str] = None, isolated: bool = False,
+               backing_key_secret: Optional[str] = None) -> str:
     """The exact text of human `qemu-img info`."""
-    return _text("instar_info_human", path, format, force_share, backing_chain, key_secret, isolated)
+    return _text("instar_info_human", path, format, force_share, backing_chain, key_secret, isolated,
+                 backing_key_secret)

@@ -35,14 +35,15 @@ class Map(ctypes.Structure):
 class MapOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format", ctypes.c_char_p),
                 ("start_offset", ctypes.c_uint64), ("max_length", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
-                ("limits", ctypes.POINTER(Limits))]
+                ("limits", ctypes.POINTER(Limits)), ("backing_key_secret", ctypes.c_char_p)]
 
 
 class CompareOptions(Options):
     _fields_ = [("struct_size", ctypes.c_uint32), ("open_flags", ctypes.c_uint32), ("format1", ctypes.c_char_p),
                 ("format2", ctypes.c_char_p), ("strict", ctypes.c_int32), ("progress", PROGRESS_FN),
                 ("progress_data", ctypes.c_void_p), ("key_secret1", ctypes.c_char_p),
-                ("key_secret2", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
+                ("key_secret2", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits)),
+                ("backing_key_secret1", ctypes.c_char_p), ("backing_key_secret2", ctypes.c_char_p)]
 
 
 class CompareResult(ctypes.Structure):
@@ -58,7 +59,8 @@ class ConvertOptions(Options):
                 ("progress_data", ctypes.c_void_p), ("options", ctypes.c_char_p), ("backing_file", ctypes.c_char_p),
                 ("backing_format", ctypes.c_char_p), ("snapshot", ctypes.c_char_p), ("coroutines", ctypes.c_int32),
                 ("rate_limit", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
-                ("target_key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits))]
+                ("target_key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits)),
+                ("backing_key_secret", ctypes.c_char_p)]
 
 
 def _setup() -> ctypes.CDLL:
@@ -85,13 +87,14 @@ def _progress(callback: Optional[ProgressCallable], cancel: Optional[Cancel] = N
 
 def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
                 force_share: bool = False, key_secret: Optional[str] = None,
-                isolated: bool = False) -> List[MapEntryData]:
+                isolated: bool = False, backing_key_secret: Optional[str] = None) -> List[MapEntryData]:
     """The extents `qemu-img map` reports, as MapEntry dataclasses (with the C struct's fields, the data's file
     name included)."""
     L = _setup()
     opts = MapOptions(ctypes.sizeof(MapOptions),
                       (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0), encode(format),
                       start_offset, -1 if max_length is None else max_length, encode(key_secret))
+    opts.backing_key_secret = encode(backing_key_secret)
     out = ctypes.POINTER(Map)()
     err = Error()
     check(L.instar_map(encode(path), ctypes.byref(opts), ctypes.byref(out), ctypes.byref(err)), err)
@@ -109,22 +112,26 @@ def map_entries(path: str, format: Optional[str] = None, start_offset: int = 0, 
 
 
 def map(path: str, format: Optional[str] = None, start_offset: int = 0, max_length: Optional[int] = None,
-        force_share: bool = False, key_secret: Optional[str] = None, isolated: bool = False) -> List[Dict[str, Any]]:
+        force_share: bool = False, key_secret: Optional[str] = None, isolated: bool = False,
+        backing_key_secret: Optional[str] = None) -> List[Dict[str, Any]]:
     """The entries of `qemu-img map --output=json` as dicts with the same keys in the same order (see
     map_entries for dataclasses)."""
     return [e.to_dict() for e in map_entries(path, format, start_offset, max_length, force_share, key_secret,
-                                             isolated)]
+                                             isolated, backing_key_secret)]
 
 
 def compare_result(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
                    strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
                    key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
-                   cancel: Optional[Cancel] = None, isolated: bool = False) -> CompareResultData:
+                   cancel: Optional[Cancel] = None, isolated: bool = False,
+                   backing_key_secret1: Optional[str] = None,
+                   backing_key_secret2: Optional[str] = None) -> CompareResultData:
     """Compares like `qemu-img compare`; returns a CompareResult. Images that differ are no error.
-    `key_secret1`/`key_secret2` are the passphrases of encrypted images; `progress(percent)` may return True to
-    cancel, and so does `cancel.cancel()` from another thread."""
+    `key_secret1`/`key_secret2` are the passphrases of encrypted images, `backing_key_secret1`/`2` those of the
+    encrypted images below them; `progress(percent)` may return True to cancel, and so does `cancel.cancel()`
+    from another thread."""
     result, error = compare_status(path1, path2, format1, format2, strict, force_share, progress, key_secret1,
-                                   key_secret2, cancel, isolated)
+                                   key_secret2, cancel, isolated, backing_key_secret1, backing_key_secret2)
     if error is not None:
         raise error
     return result
@@ -134,7 +141,8 @@ def compare_status(path1: str, path2: str, format1: Optional[str] = None, format
                    strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
                    key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
                    cancel: Optional[Cancel] = None,
-                   isolated: bool = False) -> Tuple[CompareResultData, Optional[InstarError]]:
+                   isolated: bool = False, backing_key_secret1: Optional[str] = None,
+                   backing_key_secret2: Optional[str] = None) -> Tuple[CompareResultData, Optional[InstarError]]:
     """Like compare_result, but a failure is returned, not raised: (result, error). `result.exit_status` is
     qemu-img compare's exit status in every case (0 identical, 1 different, 2 an image could not be opened, 3 a
     block-status query failed or an image is corrupt, 4 a read failed) and, on failure, `result.error_message`
@@ -144,6 +152,8 @@ def compare_status(path1: str, path2: str, format1: Optional[str] = None, format
     flags = (OPEN_FORCE_SHARE if force_share else 0) | (OPEN_ISOLATED if isolated else 0)
     opts = CompareOptions(ctypes.sizeof(CompareOptions), flags, encode(format1),
                           encode(format2), 1 if strict else 0, cb, None, encode(key_secret1), encode(key_secret2))
+    opts.backing_key_secret1 = encode(backing_key_secret1)
+    opts.backing_key_secret2 = encode(backing_key_secret2)
     res = CompareResult()
     res.struct_size = ctypes.sizeof(CompareResult)
     err = Error()
@@ -161,11 +171,12 @@ def compare_status(path1: str, path2: str, format1: Optional[str] = None, format
 def compare(path1: str, path2: str, format1: Optional[str] = None, format2: Optional[str] = None,
             strict: bool = False, force_share: bool = False, progress: Optional[ProgressCallable] = None,
             key_secret1: Optional[str] = None, key_secret2: Optional[str] = None,
-            cancel: Optional[Cancel] = None, isolated: bool = False) -> Dict[str, Any]:
+            cancel: Optional[Cancel] = None, isolated: bool = False, backing_key_secret1: Optional[str] = None,
+            backing_key_secret2: Optional[str] = None) -> Dict[str, Any]:
     """Compares like `qemu-img compare`; returns a dict with identical, size_mismatch, mismatch_offset, message
     (see compare_result for the dataclass)."""
     return compare_result(path1, path2, format1, format2, strict, force_share, progress, key_secret1, key_secret2,
-                          cancel, isolated).to_dict()
+                          cancel, isolated, backing_key_secret1, backing_key_secret2).to_dict()
 
 
 def convert(src: str, dst: str, source_format: Optional[str] = None, target_format: Optional[str] = None,
@@ -176,10 +187,11 @@ def convert(src: str, dst: str, source_format: Optional[str] = None, target_form
             snapshot: Optional[str] = None, coroutines: int = 8, rate_limit: int = 0, unordered_writes: bool = False,
             bitmaps: bool = False, skip_broken_bitmaps: bool = False, key_secret: Optional[str] = None,
             target_key_secret: Optional[str] = None, cancel: Optional[Cancel] = None, copy_range: bool = False,
-            salvage: bool = False) -> None:
+            salvage: bool = False, backing_key_secret: Optional[str] = None) -> None:
     """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
     -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
-    `key_secret` unlocks an encrypted source, `target_key_secret` an encrypted target (existing with
+    `key_secret` unlocks an encrypted source, `backing_key_secret` the encrypted images below it (its backing
+    file and theirs), `target_key_secret` an encrypted target (existing with
     no_create, or new with options asking for encrypt.format=luks or aes). `copy_range` is -C (copy
     offloading), `salvage` --salvage (unreadable sectors become zeroes).
     `progress(percent)` gets qemu's progress values; a true return cancels, and so does `cancel.cancel()` from
@@ -195,5 +207,6 @@ def convert(src: str, dst: str, source_format: Optional[str] = None, target_form
                           encode(source_cache), encode(target_cache), -1 if sparse_size is None else sparse_size,
                           cb, None, encode(options), encode(backing_file), encode(backing_format), encode(snapshot),
                           coroutines, rate_limit, encode(key_secret), encode(target_key_secret))
+    opts.backing_key_secret = encode(backing_key_secret)
     err = Error()
     check(L.instar_convert(encode(src), encode(dst), ctypes.byref(opts), ctypes.byref(err)), err)

@@ -44,7 +44,8 @@ public final class LuksFormat: ImageFormat {
             // line cannot give that name to a luks image: the option check refuses it). An encrypt.key-secret a
             // json: name gave a luks image is not luks's option: qemu asks for key-secret then.
             let named = opts.driverOptions["encrypt.key-secret"]?.stringValue
-            let apiID = opts.keySecret != nil && named == ImageOpenOptions.keySecretID ? named : nil
+            let apiID = (opts.keySecret != nil && named == ImageOpenOptions.keySecretID)
+                || (opts.backingKeySecret != nil && named == ImageOpenOptions.backingKeySecretID) ? named : nil
             guard let id = opts.driverOptions["key-secret"]?.stringValue ?? apiID else {
                 throw InstarError(.encrypted, "Parameter 'key-secret' is required for cipher", errno: EINVAL)
             }

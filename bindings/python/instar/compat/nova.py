@@ -18,8 +18,14 @@ otherwise lookalikes with the same names, keyword arguments and messages.
 ``format``: the encryption format of a qcow2 target): the source is opened as the node Nova's ``--image-opts``
 names (``[encrypt.]key-secret``), the target gets Nova's LUKS settings (``LUKS_OPTIONS``: aes-256 xts plain64,
 sha256, iter-time 2000 ms), and the passphrases go to the library directly instead of through secret files.
-A ``backing_secret`` of the source (a backing file with a passphrase of its own) is refused with
-ImageUnacceptable: the library unlocks the top image only. ``convert_image`` picks cache=none when the target's
+A source whose backing file has a passphrase of its own takes it as ``src_encryption["backing_secret"]``
+(an instar extension: Nova's ``EncryptionOptions`` has only ``secret`` and ``format`` today, and its ephemeral
+encryption spec plans a ``backing_encryption_secret_uuid`` per disk): the command line names it as Nova's
+would, ``--object secret,id=sec2`` and ``backing.[encrypt.]key-secret=sec2`` on the ``--image-opts`` node,
+and the library gets it as the call's ``backing_key_secret`` (every encrypted image below the source).
+``create_cow_image`` takes an ``encryption`` dict too (``secret``, ``format``): the new overlay is encrypted
+with Nova's LUKS settings (``-o encrypt.key-secret=sec,encrypt.format=...``); an encrypted backing file needs
+no passphrase there (qemu-img create reads only its size). ``convert_image`` picks cache=none when the target's
 folder takes O_DIRECT (Nova tests ``CONF.instances_path``, the same folder in practice) and cache=writeback
 otherwise, as Nova does. Nova runs qemu-img info under prlimit; libinstar bounds what it reads from an image by
 itself (see instar.compat.vdsm).
@@ -122,25 +128,32 @@ def _convert_image(source: str, dest: str, in_format: Optional[str], out_format:
     if compress:
         cmd.append("-c")
     key: Optional[str] = None
+    backing_key: Optional[str] = None
     name = opened_as = source
     if src_encryption:
         # Nova: --object secret,id=sec0 --image-opts driver=IN,file.driver=file|rbd,file.filename=SRC,
         # [encrypt.]key-secret=sec0; the library opens the same node from its json: name, the passphrase
         # filling secret sec0.
-        key = src_encryption["secret"]
+        key = src_encryption.get("secret")
+        backing_key = src_encryption.get("backing_secret")
         prefix = "encrypt." if in_format == "qcow2" else ""
         node: Dict[str, Any] = {} if in_format is None else {"driver": in_format}
         node["file"] = {"driver": "rbd" if source.startswith("rbd:") else "file", "filename": source}
-        node[prefix + "key-secret"] = "sec0"
+        opts_text = (["driver=%s" % in_format] if in_format is not None else []) \
+            + ["file.driver=%s" % node["file"]["driver"], "file.filename=%s" % source]
+        if key is not None:
+            node[prefix + "key-secret"] = "sec0"
+            opts_text.append("%skey-secret=sec0" % prefix)
+            cmd += ["--object", "secret,id=sec0,file=<key>"]
+        if backing_key is not None:
+            # the backing node's option: key-secret for a luks backing file, encrypt.key-secret otherwise
+            # (the library hands backing_key_secret to whichever the backing file is)
+            opts_text.append("backing.%skey-secret=sec2" % ("" if _backing_format(source, in_format) == "luks"
+                                                             else "encrypt."))
+            cmd += ["--object", "secret,id=sec2,file=<key>"]
         name = "json:" + json.dumps(node)
-        opened_as = ",".join((["driver=%s" % in_format] if in_format is not None else [])
-                             + ["file.driver=%s" % node["file"]["driver"], "file.filename=%s" % source,
-                                "%skey-secret=sec0" % prefix])
-        cmd += ["--object", "secret,id=sec0,file=<key>", "--image-opts", opened_as]
-        if "backing_secret" in src_encryption:
-            raise ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: a backing "
-                                    "file with its own passphrase (backing_secret) is not supported by instar"
-                                    % {"format": out_format})
+        opened_as = ",".join(opts_text)
+        cmd += ["--image-opts", opened_as]
     options: Optional[str] = None
     target_key: Optional[str] = None
     if dest_encryption:
@@ -158,12 +171,22 @@ def _convert_image(source: str, dest: str, in_format: Optional[str], out_format:
     try:
         instar.convert(name, dest, source_format=None if src_encryption else in_format, fmt=out_format,
                        target_cache=cache, compress=compress, options=options, key_secret=key,
-                       target_key_secret=target_key)
+                       target_key_secret=target_key, backing_key_secret=backing_key)
     except instar.InstarError as e:
         # qemu names a source given by options by its option string
         exp = failed_run(cmd, _renamed(stderr_of(e), name, opened_as))
         raise ImageUnacceptable(image_id=source, reason="Unable to convert image to %(format)s: %(exp)s"
                                 % {"format": out_format, "exp": exp}) from e
+
+
+def _backing_format(source: str, in_format: Optional[str]) -> Optional[str]:
+    """The format of `source`'s backing file as its header records it (None when it names none or cannot be
+    read: the open then reports the problem)."""
+    try:
+        top = instar.info(source, format=in_format, force_share=True)
+    except instar.InstarError:
+        return None
+    return None if isinstance(top, list) else top.backing_filename_format
 
 
 def _renamed(stderr: str, path: str, name: str) -> str:
@@ -201,9 +224,12 @@ def create_image(disk_format: str, path: str, size: Union[int, str]) -> None:
         raise execution_error(cmd, e) from e
 
 
-def create_cow_image(backing_file: Optional[str], path: str, size: Optional[int] = None) -> None:
+def create_cow_image(backing_file: Optional[str], path: str, size: Optional[int] = None,
+                     encryption: Optional[Dict[str, Any]] = None) -> None:
     """Creates a qcow2 overlay `path` on `backing_file` (its format and cluster size inherited, as Nova does),
-    like ``qemu-img create -f qcow2 -o backing_file=B,backing_fmt=F,cluster_size=C[,size=S] PATH``."""
+    like ``qemu-img create -f qcow2 -o backing_file=B,backing_fmt=F,cluster_size=C[,size=S] PATH``; with
+    `encryption` (``secret``, ``format``) the overlay is encrypted with Nova's LUKS settings, like
+    ``--object secret,id=sec,file=K -o encrypt.key-secret=sec -o encrypt.format=F -o encrypt.OPT=V...``."""
     opts = []
     backing_fmt: Optional[str] = None
     cluster: Optional[int] = None
@@ -215,14 +241,20 @@ def create_cow_image(backing_file: Optional[str], path: str, size: Optional[int]
             opts.append("cluster_size=%s" % cluster)
     if size is not None:
         opts.append("size=%s" % size)
-    cmd = ["qemu-img", "create", "-f", "qcow2"] + (["-o", ",".join(opts)] if opts else []) + [path]
+    cmd = ["qemu-img", "create", "-f", "qcow2"] + (["-o", ",".join(opts)] if opts else [])
+    extra: Dict[str, Any] = {} if cluster is None else {"cluster_size": cluster}
+    key: Optional[str] = None
+    if encryption:
+        key = encryption["secret"]
+        enc = [("encrypt.key-secret", "sec"), ("encrypt.format", encryption["format"])] \
+            + [("encrypt." + k, v) for k, v in LUKS_OPTIONS.items()]
+        cmd += ["--object", "secret,id=sec,file=<key>"] + [a for k, v in enc for a in ("-o", "%s=%s" % (k, v))]
+        extra.update(enc)
+    cmd.append(path)
     try:
         # backing_file/backing_format are -o backing_file/backing_fmt, and `size` the size option, to qemu-img
-        if cluster is None:
-            instar.create(path, "qcow2", size, backing_file=backing_file or None, backing_format=backing_fmt)
-        else:
-            instar.create(path, "qcow2", size, backing_file=backing_file or None, backing_format=backing_fmt,
-                          cluster_size=cluster)
+        instar.create(path, "qcow2", size, backing_file=backing_file or None, backing_format=backing_fmt,
+                      key_secret=key, **extra)
     except instar.InstarError as e:
         raise execution_error(cmd, e) from e
 
