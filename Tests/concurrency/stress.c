@@ -5,7 +5,8 @@
  *    compare, convert (with -c and -W for some: the engine's own worker threads; then compare of the output
  *    with its source), create + write + resize + read back + check, snapshot list, bench (reads and writes of raw
  *    files, which the engine serves from several threads), on the images of DIR (qcow2 with a backing chain,
- *    compressed qcow2, vmdk, vhdx, luks);
+ *    compressed qcow2, vmdk, vhdx, luks); and a chain of their own written through create, write, snapshot
+ *    create/list/delete, bitmap add, commit, rebase, amend, dd and inspect;
  *  - on ONE shared read-only handle (top.qcow2): reads, block status and size of the same open image;
  *  - on ONE shared writable handle (shared-rw.qcow2; instar.h: "Calls on one instar_image_t are serialised by the
  *    library, so threads may share a handle"): each thread writes its own chunks and reads them back;
@@ -488,6 +489,117 @@ out:
     free(own);
 }
 
+static int write_pattern(const char *path, int byte, uint64_t off, uint64_t n, instar_error_t *err) {
+    instar_image_t *img = NULL;
+    int rc = open_image(path, "qcow2", NULL, INSTAR_OPEN_READ_WRITE, &img, err);
+    if (rc) return rc;
+    unsigned char *buf = malloc(n);
+    memset(buf, byte, n);
+    count();
+    rc = instar_write(img, buf, n, off, err);
+    free(buf);
+    instar_close(img);
+    count();
+    return rc;
+}
+
+/* The write-path operations on a chain of this thread's own: create base + top, write both, snapshot create /
+ * list / delete, bitmap add, commit, rebase, amend, dd, inspect; then the bytes dd copied out are checked. */
+static void op_own_chain(int tid) {
+    char *base = NULL, *top = NULL, *dd = NULL;
+    if (asprintf(&base, "%s/out/t%d-base.qcow2", dir, tid) < 0 || asprintf(&top, "%s/out/t%d-top.qcow2", dir, tid) < 0 ||
+        asprintf(&dd, "%s/out/t%d-dd.raw", dir, tid) < 0)
+        abort();
+    instar_error_t err;
+    int rc;
+    instar_create_options_t co;
+    instar_create_options_init(&co);
+    co.format = "qcow2";
+    co.size = 1 << 20;
+    co.options = "cluster_size=4096";
+    count();
+    if ((rc = instar_create(base, &co, &err))) { fail(tid, "create base: %d %s", rc, err.message); goto out; }
+    if ((rc = write_pattern(base, 0xa0 + tid, 0, 65536, &err))) { fail(tid, "write base: %d %s", rc, err.message); goto out; }
+    co.size = -1;
+    co.backing_file = base;
+    co.backing_format = "qcow2";
+    count();
+    if ((rc = instar_create(top, &co, &err))) { fail(tid, "create top: %d %s", rc, err.message); goto out; }
+    if ((rc = write_pattern(top, 0xc0 + tid, 131072, 65536, &err))) { fail(tid, "write top: %d %s", rc, err.message); goto out; }
+
+    instar_snapshot_options_t so;
+    instar_snapshot_options_init(&so);
+    instar_snapshot_list_t *l = NULL;
+    count();
+    if ((rc = instar_snapshot_create(top, "s", &so, &err))) fail(tid, "snapshot create: %d %s", rc, err.message);
+    count();
+    if ((rc = instar_snapshot_list(top, &so, &l, &err)) || l->count != 1 || strcmp(l->snapshots[0].name, "s"))
+        fail(tid, "snapshot list of the new snapshot: %d %s", rc, err.message);
+    instar_snapshot_list_free(l);
+    count();
+    if ((rc = instar_snapshot_delete(top, "s", &so, &err))) fail(tid, "snapshot delete: %d %s", rc, err.message);
+
+    instar_bitmap_options_t bo;
+    instar_bitmap_options_init(&bo);
+    bo.format = "qcow2";
+    instar_bitmap_action_t add = { INSTAR_BITMAP_ADD, 0, NULL };
+    count();
+    if ((rc = instar_bitmap(top, "b0", &add, 1, &bo, &err))) fail(tid, "bitmap add: %d %s", rc, err.message);
+
+    instar_commit_options_t cm;
+    instar_commit_options_init(&cm);
+    cm.format = "qcow2";
+    count();
+    if ((rc = instar_commit(top, &cm, &err))) fail(tid, "commit: %d %s", rc, err.message);
+
+    instar_rebase_options_t rb;
+    instar_rebase_options_init(&rb);
+    rb.format = "qcow2";
+    rb.backing_file = "";
+    count();
+    if ((rc = instar_rebase(top, &rb, &err))) fail(tid, "rebase: %d %s", rc, err.message);
+
+    instar_amend_options_t am;
+    instar_amend_options_init(&am);
+    am.format = "qcow2";
+    am.options = "lazy_refcounts=on";
+    count();
+    if ((rc = instar_amend(base, &am, &err))) fail(tid, "amend: %d %s", rc, err.message);
+
+    instar_dd_options_t dop;
+    instar_dd_options_init(&dop);
+    dop.input_format = "qcow2";
+    dop.block_size = 65536;
+    count();
+    if ((rc = instar_dd(base, dd, &dop, &err))) { fail(tid, "dd: %d %s", rc, err.message); goto out; }
+    size_t n;
+    unsigned char *bytes = slurp(dd, &n);
+    if (n != 1 << 20) fail(tid, "dd wrote %zu bytes", n);
+    else
+        for (size_t i = 0; i < n; i++) {
+            int want = i < 65536 ? 0xa0 + tid : i >= 131072 && i < 196608 ? 0xc0 + tid : 0;
+            if (bytes[i] != (unsigned char)want) { fail(tid, "committed byte %zu is %d, not %d", i, bytes[i], want); break; }
+        }
+    free(bytes);
+
+    instar_inspect_policy_t pol;
+    instar_inspect_policy_init(&pol);
+    instar_inspect_report_t *rep = NULL;
+    count();
+    rc = instar_inspect(base, &pol, &rep, &err);
+    if (rc || strcmp(rep->format, "qcow2") || rep->count != 0) fail(tid, "inspect base: %d %s", rc, err.message);
+    instar_inspect_report_free(rep);
+    rep = NULL;
+    count();
+    rc = instar_inspect(top, &pol, &rep, &err);  /* rebased onto nothing: no backing file to report */
+    if (rc || rep->count != 0) fail(tid, "inspect top: %d %s", rc, err.message);
+    instar_inspect_report_free(rep);
+out:
+    free(base);
+    free(top);
+    free(dd);
+}
+
 static void op_snapshots(int tid) {
     instar_snapshot_options_t so;
     instar_snapshot_options_init(&so);
@@ -631,7 +743,7 @@ static void *worker(void *arg) {
         case 1: op_info(tid, im); break;
         case 2: op_map_check_measure(tid, im); break;
         case 3: op_compare_convert(tid, im); break;
-        case 4: op_create_resize(tid, it); break;
+        case 4: if (it % 2 == 0) op_create_resize(tid, it); else op_own_chain(tid); break;
         case 5: op_snapshots(tid); op_errors(tid); break;
         case 6: op_shared_ro(tid, &rng); op_bench(tid, im); break;
         case 7: if (it % 2 == 0) op_cancel(tid); else op_shared_ro(tid, &rng); break;

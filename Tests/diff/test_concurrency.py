@@ -80,7 +80,8 @@ def test_threads_mixed_calls(tmp):
     left = sorted(os.listdir(out))
     # Converted outputs equal their sources by qemu-img compare; new images are clean and 2 MiB; cancelled
     # converts left nothing.
-    converted = [n for n in left if not n.endswith(("-new.qcow2", "-bench.raw"))]
+    own = ("-new.qcow2", "-bench.raw", "-base.qcow2", "-top.qcow2", "-dd.raw")
+    converted = [n for n in left if not n.endswith(own)]
     assert converted and not [n for n in left if "cancelled" in n], left
     for n in converted:
         src = n.split("-", 1)[1].rsplit(".", 1)[0]
@@ -97,6 +98,18 @@ def test_threads_mixed_calls(tmp):
         assert c.rc == 0, (n, c)
         i = run(["qemu-img", "info", "--output=json", os.path.join(out, n)])
         assert '"virtual-size": 2097152' in i.out, i
+    # Each thread's own chain after commit, rebase and amend: clean, standalone, the dd copy equals the base.
+    for n in [n for n in left if n.endswith("-base.qcow2")]:
+        base, top = os.path.join(out, n), os.path.join(out, n.replace("-base", "-top"))
+        for img in (base, top):
+            c = run(["qemu-img", "check", img])
+            assert c.rc == 0, (img, c)
+        assert '"backing-filename"' not in run(["qemu-img", "info", "--output=json", top]).out
+        assert '"lazy-refcounts": true' in run(["qemu-img", "info", "--output=json", base]).out
+        c = run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", base, base.replace("-base.qcow2", "-dd.raw")])
+        assert c.rc == 0, c
+        c = run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", base, top])
+        assert c.rc == 0, c
     # The shared writable image: clean, and every thread's chunks hold its patterns (what the last write left).
     shared = os.path.join(d, "shared-rw.qcow2")
     c = run(["qemu-img", "check", shared])
