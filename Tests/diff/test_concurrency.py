@@ -71,7 +71,10 @@ def test_threads_mixed_calls(tmp):
     d = os.path.join(tmp, "imgs")
     os.mkdir(d)
     make_images(d)
-    r = run([driver(tmp), d, str(THREADS), str(ITERS)], timeout=3600)
+    # The isolated mode's helper: the release build's (beside libinstar.so; the TSan driver is elsewhere).
+    env = dict(os.environ, INSTAR_HELPER=os.path.join(os.path.dirname(os.path.dirname(LIBINSTAR)), "libexec",
+                                                      "instar-isolate"))
+    r = run([driver(tmp), d, str(THREADS), str(ITERS)], timeout=3600, env=env)
     print(r.out.splitlines()[-1] if r.out else "", r.err[-4000:])
     assert "WARNING: ThreadSanitizer" not in r.err and "ERROR: ThreadSanitizer" not in r.err, r.err[-20000:]
     assert r.rc == 0 and r.out.splitlines()[-1].endswith(", 0 failed"), r
@@ -85,11 +88,13 @@ def test_threads_mixed_calls(tmp):
     assert converted and not [n for n in left if "cancelled" in n], left
     for n in converted:
         src = n.split("-", 1)[1].rsplit(".", 1)[0]
-        if src == "d.luks":
-            src_args = ["--object", OBJ, "--image-opts", f"driver=luks,key-secret=sec0,file.filename={d}/d.luks"]
+        if src == "d.luks":  # --image-opts makes both names option strings
+            fmt = n.rsplit(".", 1)[1]
+            args = ["--object", OBJ, "--image-opts", f"driver=luks,key-secret=sec0,file.filename={d}/d.luks",
+                    f"driver={fmt},file.filename={os.path.join(out, n)}"]
         else:
-            src_args = [os.path.join(d, src)]
-        c = run(["qemu-img", "compare", *src_args, os.path.join(out, n)])
+            args = [os.path.join(d, src), os.path.join(out, n)]
+        c = run(["qemu-img", "compare", *args])
         assert c.rc == 0, (n, c)
     new = [n for n in left if n.endswith("-new.qcow2")]
     assert new
