@@ -5,7 +5,7 @@
  *    compare, convert (with -c and -W for some: the engine's own worker threads; then compare of the output
  *    with its source), create + write + resize + read back + check, snapshot list, bench (reads and writes of raw
  *    files, which the engine serves from several threads), on the images of DIR (qcow2 with a backing chain,
- *    compressed qcow2, vmdk, vhdx, luks); and a chain of their own written through create, write, snapshot
+ *    compressed qcow2, vmdk, vhdx, luks, qed, vdi, vpc, parallels); and a chain of their own written through create, write, snapshot
  *    create/list/delete, bitmap add, commit, rebase, amend, dd and inspect; info and map in isolated mode (the
  *    helper processes spawned from several threads at once; $INSTAR_HELPER names the helper);
  *  - on ONE shared read-only handle (top.qcow2): reads, block status and size of the same open image;
@@ -115,6 +115,10 @@ static image_t images[] = {
     { .name = "d.vmdk", .format = "vmdk", .key = NULL, .convert_to = "qcow2" },
     { .name = "d.vhdx", .format = "vhdx", .key = NULL, .convert_to = "raw" },
     { .name = "d.luks", .format = "luks", .key = SECRET, .convert_to = "raw" },
+    { .name = "d.qed", .format = "qed", .key = NULL, .convert_to = "raw" },
+    { .name = "d.vdi", .format = "vdi", .key = NULL, .convert_to = "qcow2" },
+    { .name = "d.vpc", .format = "vpc", .key = NULL, .convert_to = "raw" },
+    { .name = "d.parallels", .format = "parallels", .key = NULL, .convert_to = "raw" },
 };
 #define NIMAGES (sizeof images / sizeof images[0])
 
@@ -774,8 +778,8 @@ static void *worker(void *arg) {
     uint64_t rng = 0x9e3779b97f4a7c15ull * (uint64_t)(tid + 1);
     pthread_barrier_wait(&start_line);
     for (int it = 0; it < niters; it++) {
-        /* not (tid + it): every kind of call meets every image (all 45 pairs with 8 threads of 18 iterations) */
-        image_t *im = &images[(size_t)(tid * 2 + it) % NIMAGES];
+        /* not (tid + it): every kind of call meets every image (all 81 pairs with 8 threads of 18 iterations) */
+        image_t *im = &images[(size_t)(tid * 2 + it + it / 9) % NIMAGES];
         /* Every thread writes the shared handle each iteration (so its chunks hold their patterns at the end),
          * and reads the shared read-only one; the rest rotates, offset per thread, so all kinds overlap. */
         op_shared_rw(tid, it);

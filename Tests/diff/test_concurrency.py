@@ -34,7 +34,9 @@ def make_images(d):
     qimg("create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", p("d.luks"), "1M")
     luks = ["--object", OBJ, "--image-opts", f"driver=luks,key-secret=sec0,file.filename={p('d.luks')}"]
     qemu_io(*luks, "-c", "write -P 0x55 64k 256k")
-    for n in ("top.qcow2", "comp.qcow2", "d.vmdk", "d.vhdx"):
+    for fmt in ("qed", "vdi", "vpc", "parallels"):
+        qimg("convert", "-O", fmt, p("top.qcow2"), p("d." + fmt))
+    for n in ("top.qcow2", "comp.qcow2", "d.vmdk", "d.vhdx", "d.qed", "d.vdi", "d.vpc", "d.parallels"):
         qimg("convert", "-O", "raw", p(n), p(n + ".raw"))
     qimg("convert", "-O", "raw", *luks, p("d.luks.raw"))
     qimg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p("snap.qcow2"), "1M")
