@@ -128,3 +128,32 @@ def test_threads_mixed_calls(tmp):
     cmds += ["-c", f"read -P 0 {THREADS * SLOTS * CHUNK} {16 * 2**20 - THREADS * SLOTS * CHUNK}"]
     r = run(["qemu-io", "-f", "qcow2", *cmds, shared])
     assert r.rc == 0 and "Pattern verification failed" not in r.out and "failed" not in r.err, r
+
+
+def test_close_drops_locks_a_child_inherited(tmp):
+    """A child forked while an image is open holds a copy of its descriptor (until it execs, for a spawned
+    program: another thread's posix_spawn of the isolated helper, or a host's subprocess); closing the image must
+    still release its locks, so the image can be opened for writing again at once, here and by qemu-img. The
+    driver above found this: a thread reopening its own image failed with 'Failed to get "write" lock'."""
+    import instar
+    p = os.path.join(tmp, "a.qcow2")
+    qimg("create", "-q", "-f", "qcow2", p, "1M")
+    img = instar.Image(p, format="qcow2", flags=instar.OPEN_READ_WRITE)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: holds every descriptor of the parent until the parent lets it go
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    try:
+        os.close(r)
+        img.close()
+        with instar.Image(p, format="qcow2", flags=instar.OPEN_READ_WRITE) as again:
+            again.write(0, b"\x5a" * 512)
+        q = run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xa5 4096 512", p])
+        assert q.rc == 0 and "lock" not in q.err, q
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+    q = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 0 512", "-c", "read -P 0xa5 4096 512", p])
+    assert q.rc == 0 and "verification failed" not in q.out, q
