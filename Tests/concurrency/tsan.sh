@@ -35,8 +35,8 @@ if [ "${TSAN_BUILD:-}" = 1 ] || { [ "${TSAN_BUILD:-}" != 0 ] && { [ ! -f "$ENGIN
   echo "tsan: engine compiled in $(( $(date +%s) - start ))s"
 fi
 # The C shims and the driver, linked with the engine: seconds.
-if [ "${TSAN_BUILD:-}" = 1 ] || [ ! -x "$BIN" ] ||
-   [ -n "$(find "$ENGINE" Sources/CInstar Tests/concurrency/stress.c include/instar.h -newer "$BIN" -print -quit)" ]; then
+if [ "${TSAN_BUILD:-}" = 1 ] || [ ! -x "$BIN" ] || { [ "${TSAN_BUILD:-}" != 0 ] &&
+   [ -n "$(find "$ENGINE" Sources/CInstar Tests/concurrency/stress.c include/instar.h -newer "$BIN" -print -quit)" ]; }; then
   objs=()
   for c in Sources/CInstar/*.c; do
     o=$WORK/obj/$(basename "$c" .c).o
