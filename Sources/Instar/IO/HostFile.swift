@@ -63,7 +63,17 @@ public final class HostFile {
 
     deinit {
         if base != nil { return }
-        if let remote { remote.close() } else { Glibc.close(fd) }
+        if let remote {
+            remote.close()
+        } else {
+            // Drop the image locks (OFD locks belong to the open file description) before closing: a child that
+            // another thread of the host is forking or spawning (our isolated helper, a host's subprocess) holds
+            // a copy of every descriptor until it execs, and would keep the description, and with it the
+            // locks, alive after this close, so a reopen of the image at once failed with "Failed to get "write"
+            // lock" (found by Tests/concurrency/stress.c).
+            if fd >= 0 { _ = instar_shim_ofd_lock(fd, 0, 0, 0) }
+            Glibc.close(fd)
+        }
     }
 
     /// Whether this node is a host file (with a descriptor, locks, SEEK_DATA) rather than a protocol backend.
