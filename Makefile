@@ -196,3 +196,6 @@ ceph-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
 	    || echo "warning: could not install$$missing: the RBD suite will be skipped"; \
 	fi
+
+# NBD over TLS tests (Tests/diff/test_nbd_tls.py) make their certificates and DH parameters with openssl.
+APT_PKGS += openssl
