@@ -48,10 +48,6 @@ for my $case (['t.qcow2', 'qcow2'], ['b.qcow2', 'qcow2'], ['r.raw', 'raw']) {
     } @$q;
     my $img = Instar::Image->open("$d/$name", format => $fmt);
     my $got = walk($img);
-    # map reports the depth of an unallocated range as the chain's length; block_status leaves it to the caller
-    for my $i (0 .. $#want) {
-        $got->[$i]{depth} = $want[$i]{depth} if $got->[$i] && !$want[$i]{present} && !$got->[$i]{present};
-    }
     is_deeply($got, \@want, "block_status over $name = qemu-img map --output=json");
     $img->close;
 }
