@@ -344,8 +344,8 @@ def test_encrypted_image_password_forms(plugin, tmp, fmt):
         assert got[2] == want[2], f"{param}: nbdcopy bytes differ"
     os.close(r_fd)
     # A wrong passphrase: nbdkit does not start, and says why (qemu's words for the image).
-    q = run(["qemu-img", "info", "--object", "secret,id=sec0,data=wrong", "--image-opts", opts])
-    assert q.rc == 1, q
+    q = run(["qemu-io", "--object", "secret,id=sec0,data=wrong", "--image-opts", "-c", "read 0 512", opts])
+    assert q.rc == 1 and q.err.startswith("qemu-io: can't open: "), q
     reason = q.err.strip().split(": ")[-1]
     p = subprocess.run(["nbdkit", "--exit-with-parent", "-U", os.path.join(tmp, "bad.sock"), plugin, img,
                         f"format={fmt}", "password=wrong"], capture_output=True, text=True, timeout=START_SECONDS)
