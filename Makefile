@@ -197,5 +197,6 @@ ceph-deps:
 	    || echo "warning: could not install$$missing: the RBD suite will be skipped"; \
 	fi
 
-# NBD over TLS tests (Tests/diff/test_nbd_tls.py) make their certificates and DH parameters with openssl.
-APT_PKGS += openssl
+# NBD over TLS: Sources/CInstar/nbd_tls.c reads gnutls' header (the library itself is libnbd's, opened at run
+# time); Tests/diff/test_nbd_tls.py makes its certificates and DH parameters with openssl.
+APT_PKGS += libgnutls28-dev openssl

@@ -92,3 +92,7 @@ static inline int instar_nbd_has_tls_hostname(void) {
     dlclose(lib);
     return found;
 }
+
+/* Sources/CInstar/nbd_tls.c: after libnbd refused a server's x509 certificate, the reason in qemu's words, learnt
+ * over `fd` (a new connection to the server, closed by the call). 0 with the reason in `reason`, or -1. */
+int instar_nbd_tls_diagnose(int fd, const char *cadir, const char *hostname, char *reason, size_t len);

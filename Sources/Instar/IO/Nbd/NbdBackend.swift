@@ -107,8 +107,11 @@ final class NbdBackend: ProtocolBackend {
         case let .libnbdTcp(host, port): rc = nbd_connect_tcp(h, host, port)
         }
         if rc != 0 {
-            let e = handshakeError(export: export, tls: creds != nil)
+            var e = handshakeError(export: export, tls: creds != nil)
             nbd_close(h)
+            if let creds, NbdTls.isCertificateRejection(e) {
+                e = NbdTls.rejectionReason(address, creds, like: e) ?? e
+            }
             throw e
         }
         return h

@@ -64,6 +64,25 @@ enum NbdTls {
         }
     }
 
+    /// Whether libnbd's handshake failed because gnutls refused the server's certificate (its only words for it).
+    static func isCertificateRejection(_ e: InstarError) -> Bool {
+        NbdName.find("Error in the certificate verification", in: e.message) != nil
+    }
+
+    /// The reason qemu gives for the certificate libnbd refused (qcrypto_tls_session_check_certificate's: an
+    /// unknown issuer, a name that does not match, an expired certificate...), learnt by a TLS handshake of our
+    /// own on a new connection; nil when it cannot be learnt (libnbd's message stands then).
+    static func rejectionReason(_ address: NbdAddress, _ creds: TlsCredentials, like e: InstarError) -> InstarError? {
+        guard creds.kind == .x509, let fd = try? NbdSocket.connect(address.server) else { return nil }
+        var buf = [CChar](repeating: 0, count: 512)
+        let rc = buf.withUnsafeMutableBufferPointer { b in
+            instar_nbd_tls_diagnose(fd, creds.dir, address.tlsHostname, b.baseAddress, b.count)
+        }
+        guard rc == 0 else { return nil }
+        let reason = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return InstarError(e.code, reason, errno: e.errnoValue)
+    }
+
     /// qemu's words for a handshake libnbd failed, where they differ; nil keeps libnbd's.
     static func qemuMessage(for e: InstarError, tls: Bool) -> InstarError? {
         let m = e.message
@@ -75,10 +94,6 @@ enum NbdTls {
                          + "server reported: Option 0x7 not permitted before TLS")
         }
         guard tls else { return nil }
-        if NbdName.find("Error in the certificate verification", in: m) != nil {
-            // gnutls refused the server's certificate: qemu names the reason gnutls gives, most often this one.
-            return error("The certificate hasn't got a known issuer")
-        }
         if m.hasPrefix("gnutls_handshake: ") {
             var reason = String(m.dropFirst("gnutls_handshake: ".count))
             // libnbd appends the handshake's last message types, "(in/out)".
