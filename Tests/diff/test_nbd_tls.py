@@ -189,7 +189,7 @@ def test_tls_errors_like_qemu(tmp, servers, pki):
 
 def test_credential_objects_checked_when_created(tmp, pki):
     """The --object definitions themselves: missing directory or files, a PSK user not in the file, bad
-    property values; qemu-img refuses them before opening anything."""
+    property values, an id already taken; qemu-img refuses them before opening anything."""
     img = os.path.join(tmp, "a.raw")
     qimg("create", "-q", "-f", "raw", img, "1M")
     for obj in [
@@ -206,5 +206,10 @@ def test_credential_objects_checked_when_created(tmp, pki):
     ]:
         r = assert_same("info", "--object", obj, img)
         assert r.rc == 1, (obj, r)
-    r = assert_same("info", "--object", f"tls-creds-psk,id=t,dir={pki['psk']}", "-f", "raw", img)
+    psk = f"tls-creds-psk,id=t,dir={pki['psk']}"
+    for objs in (["secret,id=t,data=x", f"tls-creds-psk,id=t,dir={tmp}/nowhere"], [psk, "secret,id=t,data=x"],
+                 [psk, f"tls-creds-x509,id=t,dir={pki['client']}"]):
+        r = assert_same("info", *[a for o in objs for a in ("--object", o)], img)
+        assert r.rc == 1 and "duplicate" in r.err, (objs, r)
+    r = assert_same("info", "--object", psk, "-f", "raw", img)
     assert r.rc == 0, r

@@ -128,6 +128,7 @@ public enum SecretObjects {
             data = String(decoding: decoded, as: UTF8.self)
         case let f: throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
         }
+        if TlsCredentials.hasCredentials(id: id) { throw TlsCredentials.duplicate(id) }
         secrets[id] = data
         TlsCredentials.noteOtherObject(id: id)
     }

@@ -53,10 +53,23 @@ public struct TlsCredentials: Equatable {
         pthread_mutex_unlock(lock)
     }
 
-    static func register(_ c: TlsCredentials) {
+    static func register(_ c: TlsCredentials) throws {
         pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        if objects[c.id] != nil || otherIds.contains(c.id) { throw duplicate(c.id) }
         objects[c.id] = c
-        pthread_mutex_unlock(lock)
+    }
+
+    /// Whether TLS credentials already have this id (another object may not take it).
+    public static func hasCredentials(id: String) -> Bool {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        return objects[id] != nil
+    }
+
+    /// qemu's error for a second object with an id already taken.
+    static func duplicate(_ id: String) -> InstarError {
+        InstarError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')")
     }
 
     // MARK: creation
@@ -101,6 +114,8 @@ public struct TlsCredentials: Equatable {
         if fields["passwordid"] != nil {
             throw InstarError.unsupported("TLS credentials with a passworded key (passwordid) are not supported")
         }
+        // user_creatable_add_type: the id is taken before the object completes (loads its files).
+        if case .missing = lookup(id) {} else { throw duplicate(id) }
         let username = fields["username"]
         if kind == .psk, !isClient, username != nil {
             throw InstarError.invalid("username should not be set when endpoint=server")
@@ -135,7 +150,7 @@ public struct TlsCredentials: Equatable {
             try need("keys.psk", required: true)
             try checkPskUser(file: dir + "/keys.psk", username: name)
         }
-        register(TlsCredentials(kind: kind, id: id, dir: dir, isClient: isClient, verifyPeer: verifyPeer,
+        try register(TlsCredentials(kind: kind, id: id, dir: dir, isClient: isClient, verifyPeer: verifyPeer,
                                 username: name))
     }
 
