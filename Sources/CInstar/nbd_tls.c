@@ -178,8 +178,8 @@ HIDDEN int instar_nbd_tls_diagnose(int fd, const char *cadir, const char *hostna
     }
     if (read_all(fd, reply, sizeof reply) < 0 || be64(reply) != 0x3e889045565a9ULL) goto out;
     /* NBD_REP_ACK with no payload */
-    if ((reply[12] | reply[13] | reply[14]) != 0 || reply[15] != 1 || (reply[16] | reply[17] | reply[18] | reply[19]) != 0)
-        goto out;
+    if ((reply[12] | reply[13] | reply[14]) != 0 || reply[15] != 1) goto out;
+    if ((reply[16] | reply[17] | reply[18] | reply[19]) != 0) goto out;
     if (g.cred_alloc(&cred) < 0) goto out;
     snprintf(path, sizeof path, "%s/ca-cert.pem", cadir);
     if (g.trust_file(cred, path, GNUTLS_X509_FMT_PEM) < 0) goto out;

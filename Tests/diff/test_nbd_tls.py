@@ -155,8 +155,9 @@ def test_info_map_convert_over_tls(tmp, servers, pki, kind):
 
 def test_tls_errors_like_qemu(tmp, servers, pki):
     """What fails at open, with qemu's message and exit code: no TLS against a server that requires it, a wrong
-    CA, a certificate for another name than the host's, a wrong PSK, tls-creds naming no object, a server's credentials or a secret, and an x509 connection on a
-    Unix socket without tls-hostname; with verify-peer=off that connection works."""
+    CA, a certificate for another name than the host's, a wrong PSK, tls-creds naming no object, a server's
+    credentials or a secret, and an x509 connection on a Unix socket without tls-hostname; with verify-peer=off
+    that connection works."""
     disk = sparse_raw(tmp)
     x = x509_server(servers, tmp, pki, disk)
     p = psk_server(servers, tmp, pki, sparse_raw(tmp, "p.raw"))

@@ -70,7 +70,7 @@ static inline int instar_nbd_rw_pipelined(struct nbd_handle *h, void *buf, size_
     return failed ? -1 : 0;
 }
 
-/* nbd_set_tls_hostname (libnbd >= 1.22): the name a server's certificate is checked against when libnbd did not
+/* nbd_set_tls_hostname (newer libnbd than 1.14): the name a server's certificate is checked against when libnbd did not
  * make the TCP connection itself. Looked up at run time, since older libnbd (Debian 12 has 1.14) lacks it: returns
  * 0 when set, -1 with libnbd's error when the call failed, and -2 when this libnbd has no such call. */
 #include <dlfcn.h>

@@ -88,7 +88,8 @@ final class NbdBackend: ProtocolBackend {
         var fd: Int32 = -1
         let plan: NbdTls.Plan
         do {
-            if nbd_set_export_name(h, export) != 0 || nbd_add_meta_context(h, address.dirtyBitmap ?? "base:allocation") != 0 {
+            if nbd_set_export_name(h, export) != 0
+                || nbd_add_meta_context(h, address.dirtyBitmap ?? "base:allocation") != 0 {
                 throw lastError()
             }
             plan = try NbdTls.plan(address, creds, handle: h)

@@ -5,7 +5,7 @@ import Glibc
 /// certificates from the credentials' directory or a PSK file, TLS required once credentials are named.
 enum NbdTls {
     /// How the connection is made. libnbd checks a server certificate's name only against a host it was told:
-    /// the host of its own TCP connection, or (libnbd >= 1.22) nbd_set_tls_hostname's. Where the second is
+    /// the host of its own TCP connection, or nbd_set_tls_hostname's (newer libnbd). Where the second is
     /// missing (Debian 12's libnbd 1.14), a verified x509 connection is a TCP connection libnbd makes itself.
     enum Plan: Equatable {
         /// instar connects the socket (qemu's connect errors) and hands it to libnbd.
@@ -40,7 +40,8 @@ enum NbdTls {
         }
         throw InstarError.unsupported(
             "This libnbd cannot check the server's certificate against tls-hostname '\(address.tlsHostname ?? "")' "
-            + "(nbd_set_tls_hostname needs libnbd 1.22); connect over TCP to that host name, or set verify-peer=off")
+            + "(this needs a libnbd with nbd_set_tls_hostname); connect over TCP to that host name, "
+            + "or set verify-peer=off")
     }
 
     /// Asks libnbd for TLS with `creds` (before the connection is made).
