@@ -206,3 +206,7 @@ ceph-deps:
 .PHONY: tsan
 tsan: deps build
 	bash Tests/concurrency/tsan.sh
+
+# NBD over TLS: Sources/CInstar/nbd_tls.c reads gnutls' header (the library itself is libnbd's, opened at run
+# time); Tests/diff/test_nbd_tls.py makes its certificates and DH parameters with openssl.
+APT_PKGS += libgnutls28-dev openssl

@@ -522,6 +522,17 @@ int nbd_connect_socket(struct nbd_handle *h, int sock) {
     return real(h, sock);
 }
 
+int nbd_connect_tcp(struct nbd_handle *h, const char *hostname, const char *port) {
+    static int (*cached)(struct nbd_handle *h, const char *hostname, const char *port);
+    int (*real)(struct nbd_handle *h, const char *hostname, const char *port) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h, const char *hostname, const char *port))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_connect_tcp");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h, hostname, port);
+}
+
 struct nbd_handle * nbd_create(void) {
     static struct nbd_handle * (*cached)(void);
     struct nbd_handle * (*real)(void) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
@@ -619,6 +630,61 @@ int nbd_set_export_name(struct nbd_handle *h, const char *export_name) {
     }
     if (!real) { errno = ENOSYS; return (int)-1; }
     return real(h, export_name);
+}
+
+int nbd_set_tls(struct nbd_handle *h, int tls) {
+    static int (*cached)(struct nbd_handle *h, int tls);
+    int (*real)(struct nbd_handle *h, int tls) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h, int tls))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_set_tls");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h, tls);
+}
+
+int nbd_set_tls_certificates(struct nbd_handle *h, const char *dir) {
+    static int (*cached)(struct nbd_handle *h, const char *dir);
+    int (*real)(struct nbd_handle *h, const char *dir) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h, const char *dir))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_set_tls_certificates");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h, dir);
+}
+
+int nbd_set_tls_psk_file(struct nbd_handle *h, const char *filename) {
+    static int (*cached)(struct nbd_handle *h, const char *filename);
+    int (*real)(struct nbd_handle *h, const char *filename) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h, const char *filename))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_set_tls_psk_file");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h, filename);
+}
+
+int nbd_set_tls_username(struct nbd_handle *h, const char *username) {
+    static int (*cached)(struct nbd_handle *h, const char *username);
+    int (*real)(struct nbd_handle *h, const char *username) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h, const char *username))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_set_tls_username");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h, username);
+}
+
+int nbd_set_tls_verify_peer(struct nbd_handle *h, _Bool verify) {
+    static int (*cached)(struct nbd_handle *h, _Bool verify);
+    int (*real)(struct nbd_handle *h, _Bool verify) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h, _Bool verify))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_set_tls_verify_peer");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h, verify);
 }
 
 int nbd_shutdown(struct nbd_handle *h, uint32_t flags) {

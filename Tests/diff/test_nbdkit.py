@@ -40,7 +40,7 @@ class Nbdkit:
     """nbdkit with the plugin on a unix socket, in the foreground (--exit-with-parent). nbdkit writes its pid file
     once it listens, so start waits for that file on a deadline; stop ends it and waits for it to exit."""
 
-    def __init__(self, plugin, image, *params, readonly=True, cwd=None):
+    def __init__(self, plugin, image, *params, readonly=True, cwd=None, pass_fds=()):
         d = os.path.dirname(os.path.abspath(image))
         n = 0
         while os.path.exists(os.path.join(d, f"kit{n}.sock")):
@@ -49,7 +49,8 @@ class Nbdkit:
         pidfile = os.path.join(d, f"kit{n}.pid")
         argv = ["nbdkit", "--exit-with-parent", "-U", self.sock, "-P", pidfile, *(["-r"] if readonly else []),
                 plugin, image, *params]
-        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     pass_fds=pass_fds)
         end = time.monotonic() + START_SECONDS
         while not (os.path.exists(pidfile) and os.path.getsize(pidfile) > 0):
             if self.proc.poll() is not None:
@@ -279,3 +280,82 @@ def test_read_only_format_served_read_only(plugin, tmp):
         r = run(["nbdinfo", "--can", "write", uri(k.sock)])
         assert r.rc == 2, r
     assert got == want
+
+
+PASSPHRASE = "instar-nbdkit-pw"
+
+
+def _encrypted(tmp, fmt):
+    """A 4 MiB LUKS image or LUKS-encrypted qcow2 (small iter-time: fast to open) with data, explicit zeroes and a
+    hole, and the --image-opts string that opens it with the secret `sec0`."""
+    img = os.path.join(tmp, f"enc.{fmt}")
+    secret = ("--object", f"secret,id=sec0,data={PASSPHRASE}")
+    if fmt == "luks":
+        qimg("create", "-q", *secret, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", img, "4M")
+        opts = f"driver=luks,key-secret=sec0,file.filename={img}"
+    else:
+        qimg("create", "-q", *secret, "-f", "qcow2", "-o",
+             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", img, "4M")
+        opts = f"driver=qcow2,encrypt.key-secret=sec0,file.filename={img}"
+    qemu_io(*secret, "--image-opts", "-c", "write -P 0x5a 64k 200k", "-c", "write -z 1M 64k",
+            "-c", "write -P 0xa5 3M 4k", opts)
+    return img, opts, secret
+
+
+class QemuNbdImageOpts(QemuNbd):
+    """qemu-nbd serving --image-opts OPTS with --object definitions (read-only, like assert_served_alike's)."""
+
+    def __init__(self, opts, objects, cwd):
+        n = 0
+        while os.path.exists(os.path.join(cwd, f"nbd{n}.sock")):
+            n += 1
+        self.sock = os.path.join(cwd, f"nbd{n}.sock")
+        pidfile = os.path.join(cwd, f"nbd{n}.pid")
+        r = run(["qemu-nbd", "--fork", "--pid-file", pidfile, "-k", self.sock, "-r", "-t", "-e", "8", *objects,
+                 "--image-opts", opts], cwd=cwd)
+        assert r.rc == 0, r
+        with open(pidfile) as f:
+            self.pid = int(f.read().strip())
+
+
+def test_encrypted_image_password_forms(plugin, tmp):
+    """password= unlocks a LUKS image and a LUKS-encrypted qcow2: served with the size, extents and bytes of
+    qemu-nbd --object secret,... --image-opts on the same image, for nbdkit's password forms (the passphrase
+    itself, +FILE, -FD); a wrong passphrase stops nbdkit at start-up with the library's message. qemu-img's
+    LUKS creation benchmarks PBKDF2 for a fixed CPU time whatever iter-time says: both images are made at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda fmt: (fmt, *_encrypted(tmp, fmt)), ["luks", "qcow2"]))
+    for fmt, img, opts, secret in made:
+        _check_password_forms(plugin, tmp, fmt, img, opts, secret)
+
+
+def _check_password_forms(plugin, tmp, fmt, img, opts, secret):
+    """One encrypted image through qemu-nbd and through the plugin with each password form, then a wrong one."""
+    with QemuNbdImageOpts(opts, secret, tmp) as q:
+        want = nbd_view(q.sock, tmp, "q.out")
+    assert want[2][64 << 10:(64 << 10) + 4] == b"\x5a" * 4
+    pwfile = os.path.join(tmp, "pw.txt")
+    with open(pwfile, "w") as f:
+        f.write(PASSPHRASE + "\n")  # nbdkit drops the trailing newline of a +FILE password
+    forms = [(f"password={PASSPHRASE}", None), (f"password=+{pwfile}", None)]
+    r_fd, w_fd = os.pipe()
+    os.write(w_fd, PASSPHRASE.encode())
+    os.close(w_fd)
+    forms.append((f"password=-{r_fd}", r_fd))
+    for param, fd in forms:
+        k = Nbdkit(plugin, img, f"format={fmt}", param, cwd=tmp, pass_fds=(fd,) if fd is not None else ())
+        with k:
+            got = nbd_view(k.sock, tmp, "k.out")
+        assert got[0] == want[0], (param, got[0], want[0])
+        assert got[1] == want[1], f"{param}: nbdinfo --map\n qemu-nbd:\n{want[1]}\n nbdkit:\n{got[1]}"
+        assert got[2] == want[2], f"{param}: nbdcopy bytes differ"
+    os.close(r_fd)
+    # A wrong passphrase: nbdkit does not start, and says why (qemu's words for the image).
+    q = run(["qemu-io", "--object", "secret,id=sec0,data=wrong", "--image-opts", "-c", "read 0 512", opts])
+    assert q.rc == 1 and q.err.startswith("qemu-io: can't open: "), q
+    reason = q.err.strip().split(": ")[-1]
+    p = subprocess.run(["nbdkit", "--exit-with-parent", "-U", os.path.join(tmp, "bad.sock"), plugin, img,
+                        f"format={fmt}", "password=wrong"], capture_output=True, text=True, timeout=START_SECONDS)
+    assert p.returncode != 0 and reason in p.stderr, (reason, p)
+    assert not os.path.exists(os.path.join(tmp, "bad.sock"))

@@ -1372,3 +1372,28 @@ _flush(handle)
   CODE:
     rc = instar_flush(INT2PTR(instar_image_t *, handle), &err);
     CHECK(rc, err);
+
+SV *
+_block_status(handle, offset, count)
+    UV handle
+    UV offset
+    UV count
+  PREINIT:
+    instar_block_status_t st = INSTAR_BLOCK_STATUS_INIT;
+    instar_error_t err;
+    int rc;
+    HV *hv;
+  CODE:
+    rc = instar_block_status(INT2PTR(instar_image_t *, handle), offset, count, &st, &err);
+    CHECK(rc, err);
+    hv = newHV();
+    PUT(hv, "length", u64sv(aTHX_ st.length));
+    PUT(hv, "flags", newSVuv((UV)st.flags));
+    PUT(hv, "depth", newSViv((IV)st.depth));
+    PUT(hv, "allocated", boolsv(aTHX_ (st.flags & INSTAR_STATUS_ALLOCATED) != 0));
+    PUT(hv, "data", boolsv(aTHX_ (st.flags & INSTAR_STATUS_DATA) != 0));
+    PUT(hv, "zero", boolsv(aTHX_ (st.flags & INSTAR_STATUS_ZERO) != 0));
+    PUT(hv, "eof", boolsv(aTHX_ (st.flags & INSTAR_STATUS_EOF) != 0));
+    RETVAL = newRV_noinc((SV *)hv);
+  OUTPUT:
+    RETVAL

@@ -69,3 +69,30 @@ static inline int instar_nbd_rw_pipelined(struct nbd_handle *h, void *buf, size_
     }
     return failed ? -1 : 0;
 }
+
+/* nbd_set_tls_hostname (newer libnbd than 1.14): the name a server's certificate is checked against when libnbd did not
+ * make the TCP connection itself. Looked up at run time, since older libnbd (Debian 12 has 1.14) lacks it: returns
+ * 0 when set, -1 with libnbd's error when the call failed, and -2 when this libnbd has no such call. */
+#include <dlfcn.h>
+static inline int instar_nbd_set_tls_hostname(struct nbd_handle *h, const char *hostname) {
+    void *lib = dlopen("libnbd.so.0", RTLD_NOW | RTLD_NOLOAD);
+    if (!lib) return -2;
+    int (*fn)(struct nbd_handle *, const char *) =
+        (int (*)(struct nbd_handle *, const char *))dlsym(lib, "nbd_set_tls_hostname");
+    dlclose(lib);
+    if (!fn) return -2;
+    return fn(h, hostname);
+}
+
+/* Whether the loaded libnbd has nbd_set_tls_hostname (call after libnbd is loaded, e.g. after nbd_create). */
+static inline int instar_nbd_has_tls_hostname(void) {
+    void *lib = dlopen("libnbd.so.0", RTLD_NOW | RTLD_NOLOAD);
+    if (!lib) return 0;
+    int found = dlsym(lib, "nbd_set_tls_hostname") != NULL;
+    dlclose(lib);
+    return found;
+}
+
+/* Sources/CInstar/nbd_tls.c: after libnbd refused a server's x509 certificate, the reason in qemu's words, learnt
+ * over `fd` (a new connection to the server, closed by the call). 0 with the reason in `reason`, or -1. */
+int instar_nbd_tls_diagnose(int fd, const char *cadir, const char *hostname, char *reason, size_t len);

@@ -86,6 +86,11 @@ public enum SecretObjects {
         var fields: [String: String] = [:]
         for (k, v) in pairs { fields[k] = v }
         guard let type = fields["qom-type"] else { throw InstarError.invalid("Parameter 'qom-type' is missing") }
+        if let kind = TlsCredentials.Kind(rawValue: type) {
+            // TLS credentials for nbd nodes' tls-creds: kept in the process's object table, not with the secrets.
+            try TlsCredentials.add(kind: kind, pairs: pairs)
+            return
+        }
         guard type == "secret" else { throw InstarError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }
         guard let id = fields["id"] else { throw InstarError.invalid("Parameter 'id' is missing") }
         guard isIdentifier(id) else {
@@ -123,7 +128,9 @@ public enum SecretObjects {
             data = String(decoding: decoded, as: UTF8.self)
         case let f: throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
         }
+        if TlsCredentials.hasCredentials(id: id) { throw TlsCredentials.duplicate(id) }
         secrets[id] = data
+        TlsCredentials.noteOtherObject(id: id)
     }
 
     /// The properties a secret object takes (besides its type).

@@ -23,6 +23,7 @@ use constant {
     OPEN_READ_WRITE => 1, OPEN_FORCE_SHARE => 2, OPEN_NO_BACKING => 4, OPEN_NO_CACHE => 8, OPEN_ISOLATED => 16,
     CHECK_REPAIR_LEAKS => 1, CHECK_REPAIR_ERRORS => 2, CHECK_REPAIR_ALL => 3,
     ZERO_MAY_UNMAP => 1,
+    STATUS_ALLOCATED => 1, STATUS_DATA => 2, STATUS_ZERO => 4, STATUS_EOF => 8,
     BITMAP_ADD => 1, BITMAP_REMOVE => 2, BITMAP_CLEAR => 3, BITMAP_ENABLE => 4, BITMAP_DISABLE => 5,
     BITMAP_MERGE => 6,
 };
@@ -118,6 +119,7 @@ sub write    { my ($s, $data, $offset) = @_; _write($s->_h, $data, $offset // 0)
 sub write_zeroes { my ($s, $count, $offset, $flags) = @_; _write_zeroes($s->_h, $count, $offset // 0, $flags // 0) }
 sub discard  { my ($s, $count, $offset) = @_; _discard($s->_h, $count, $offset // 0) }
 sub flush    { _flush($_[0]->_h) }
+sub block_status { my ($s, $offset, $count) = @_; _block_status($s->_h, $offset // 0, $count) }
 
 sub _path_opts {
     my ($self, %extra) = @_;
@@ -339,8 +341,22 @@ C<< { requests, bytes, seconds } >>. Options as in C<instar_bench_options_t>.
 
 C<< Instar::Image->open($path, %opts) >> (C<format>, C<key_secret>, C<flags> or C<read_write>, C<force_share>,
 C<no_backing>, C<no_cache>) returns a handle with C<size>, C<read($count, $offset)>, C<write($data, $offset)>,
-C<write_zeroes($count, $offset, $flags)>, C<discard($count, $offset)>, C<flush>, C<info>, C<map> and C<close>
-(also called by C<DESTROY>).
+C<write_zeroes($count, $offset, $flags)>, C<discard($count, $offset)>, C<flush>, C<block_status($offset, $count)>,
+C<info>, C<map> and C<close> (also called by C<DESTROY>).
+
+C<block_status($offset, $count)> is C<instar_block_status>: the status of the guest range at C<$offset> (at most
+C<$count> bytes, which must lie inside the image) across the backing chain, as qemu-nbd serves base:allocation.
+It returns C<< { length, flags, depth, allocated, data, zero, eof } >>: C<length> bytes from C<$offset> share
+C<flags> (C<Instar::STATUS_ALLOCATED>, C<STATUS_DATA>, C<STATUS_ZERO>, C<STATUS_EOF>), whose bits are also given
+as the booleans C<allocated> (qemu-img map's "present"), C<data>, C<zero> and C<eof>; C<depth> is the backing
+link of the layer that decides the range (0: the top). Call it again from C<$offset + length> for the rest:
+
+    my ($off, $size) = (0, $img->size);
+    while ($off < $size) {
+        my $st = $img->block_status($off, $size - $off);
+        printf "%d+%d %s\n", $off, $st->{length}, $st->{data} ? 'data' : 'hole';
+        $off += $st->{length};
+    }
 
 =head1 SEE ALSO
 

@@ -15,6 +15,10 @@ struct NbdAddress: Equatable {
     var dirtyBitmap: String?
     /// Inet options beyond host and port (ipv4, ipv6, to...): qemu then has no plain name for the node.
     var inetExtras = false
+    /// tls-creds: the id of the --object tls-creds-x509/tls-creds-psk the connection uses, nil for plain NBD.
+    var tlsCreds: String?
+    /// tls-hostname: the name the server's certificate must carry (qemu's default: the inet host).
+    var tlsHostname: String?
 
     /// NBD_DEFAULT_PORT.
     static let defaultPort = "10809"
@@ -33,6 +37,8 @@ struct NbdAddress: Equatable {
         var server: [(String, String)] = []
         var export: String?
         var bitmap: String?
+        var tlsCreds: String?
+        var tlsHostname: String?
         for (k, v) in options {
             let text: String
             switch v {
@@ -53,7 +59,8 @@ struct NbdAddress: Equatable {
             case "host", "port", "path": legacy[k] = text
             case "export": export = text
             case "x-dirty-bitmap": bitmap = text
-            case "tls-creds": throw InstarError.invalid("No TLS credentials with id '\(text)'")
+            case "tls-creds": tlsCreds = text
+            case "tls-hostname": tlsHostname = text
             default: break
             }
         }
@@ -102,6 +109,12 @@ struct NbdAddress: Equatable {
         }
         self.export = export
         self.dirtyBitmap = bitmap
+        // nbd_process_options: without tls-creds the host name is unused; with them an inet host stands for it.
+        if let creds = tlsCreds {
+            self.tlsCreds = creds
+            if tlsHostname == nil, case let .inet(host, _) = self.server { tlsHostname = host }
+            self.tlsHostname = tlsHostname
+        }
     }
 
     /// nbd_refresh_filename: the URL qemu shows for the node, or nil when it has none.

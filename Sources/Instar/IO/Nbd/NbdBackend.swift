@@ -81,22 +81,38 @@ final class NbdBackend: ProtocolBackend {
 
     /// A new connection to the export, handshake done, base:allocation (or the bitmap) asked for.
     static func connect(_ address: NbdAddress) throws -> OpaquePointer {
-        let fd = try NbdSocket.connect(address.server)
-        guard let h = nbd_create() else {
-            Glibc.close(fd)
-            throw lastError()
-        }
+        // nbd_process_options resolves tls-creds before connecting.
+        let creds = try NbdTls.credentials(address)
+        guard let h = nbd_create() else { throw lastError() }
         let export = address.export ?? ""
-        if nbd_set_export_name(h, export) != 0 || nbd_add_meta_context(h, address.dirtyBitmap ?? "base:allocation") != 0 {
-            let e = lastError()
+        var fd: Int32 = -1
+        let plan: NbdTls.Plan
+        do {
+            if nbd_set_export_name(h, export) != 0
+                || nbd_add_meta_context(h, address.dirtyBitmap ?? "base:allocation") != 0 {
+                throw lastError()
+            }
+            plan = try NbdTls.plan(address, creds, handle: h)
+            if plan == .ownSocket { fd = try NbdSocket.connect(address.server) }
+            if let creds { try NbdTls.setUp(h, creds, address: address, plan: plan) }
+        } catch {
             nbd_close(h)
-            Glibc.close(fd)
-            throw e
+            if fd >= 0 { Glibc.close(fd) }
+            throw error
         }
+        let rc: Int32
+        switch plan {
         // libnbd owns the socket from here, failed handshake or not.
-        if nbd_connect_socket(h, fd) != 0 {
-            let e = handshakeError(export: export)
+        case .ownSocket: rc = nbd_connect_socket(h, fd)
+        // libnbd 1.14 checks a certificate's name only against the host it connects to itself (NbdTls.Plan).
+        case let .libnbdTcp(host, port): rc = nbd_connect_tcp(h, host, port)
+        }
+        if rc != 0 {
+            var e = handshakeError(export: export, tls: creds != nil)
             nbd_close(h)
+            if let creds, NbdTls.isCertificateRejection(e) {
+                e = NbdTls.rejectionReason(address, creds, like: e) ?? e
+            }
             throw e
         }
         return h
@@ -116,13 +132,13 @@ final class NbdBackend: ProtocolBackend {
     }
 
     /// The handshake's failure in qemu's words where qemu's client has its own (an export the server lacks).
-    static func handshakeError(export: String) -> InstarError {
+    static func handshakeError(export: String, tls: Bool = false) -> InstarError {
         let e = lastError()
         if NbdName.find("server has no export named", in: e.message) != nil {
             return InstarError(.notFound, "Requested export not available\nserver reported: export '\(export)' not present",
                                errno: ENOENT)
         }
-        return e
+        return NbdTls.qemuMessage(for: e, tls: tls) ?? e
     }
 
     // MARK: the connection pool
