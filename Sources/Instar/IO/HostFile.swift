@@ -258,9 +258,19 @@ public final class HostFile {
     /// fdatasync(2), as qemu's flush on a file with a writeback cache.
     public func sync() throws {
         if let base { return try base.sync() }
-        if noFlush { return }
+        if noFlush {
+            try remote?.settle()
+            return
+        }
         if let remote { return try remote.flush() }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
+    }
+
+    /// Waits for writes a protocol backend still has in flight and throws the first that failed (a host file
+    /// writes synchronously: nothing to wait for).
+    public func settle() throws {
+        if let base { return try base.settle() }
+        try remote?.settle()
     }
 
     /// The start of the next data extent at or after `offset`, or nil when only a hole follows (SEEK_DATA).

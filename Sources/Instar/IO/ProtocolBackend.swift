@@ -22,6 +22,8 @@ public protocol ProtocolBackend: AnyObject {
     func discard(at offset: UInt64, length: UInt64) throws
     /// Makes written data durable.
     func flush() throws
+    /// Waits for writes a backend still has in flight (write-behind) and throws the first that failed.
+    func settle() throws
     /// Changes the device's length, where the protocol can.
     func truncate(to length: UInt64) throws
     /// The status of the extent starting at `offset`, at most `length` bytes long (at least one byte when
@@ -41,6 +43,7 @@ extension ProtocolBackend {
     public var clusterSize: UInt64? { nil }
     public var snapshots: ProtocolSnapshotting? { nil }
     public func formatSpecific() throws -> QObject? { nil }
+    public func settle() throws {}
 }
 
 /// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to

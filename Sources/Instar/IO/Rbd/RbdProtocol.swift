@@ -239,8 +239,11 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     /// The size as last seen (qemu's image_size), guarded by `lock`: writes past it grow the image first.
     private var cachedSize: UInt64
     private let lock: UnsafeMutablePointer<pthread_mutex_t>
+    /// Writes, zero writes and discards in flight (RbdWriteBehind).
+    private let pending: RbdWriteBehind
 
     init(options loc: RbdLocation, writable: Bool) throws {
+        pending = RbdWriteBehind(name: loc.image)
         lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         lock.initialize(to: pthread_mutex_t())
         pthread_mutex_init(lock, nil)
@@ -280,6 +283,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         pthread_mutex_lock(lock)
         defer { pthread_mutex_unlock(lock) }
         if end <= cachedSize { return }
+        try pending.wait()
         let r = rbd_resize(image, end)
         if r < 0 { throw InstarError.system(-r, "error growing \(name)") }
         cachedSize = end
@@ -313,6 +317,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         let end = try size()
         guard offset < end, let base = buffer.baseAddress else { return 0 }
         let want = Int(min(UInt64(buffer.count), end - offset))
+        try pending.wait(from: offset, to: offset + UInt64(want))
         var done = 0
         while done < want {
             let n = rbd_read(image, offset + UInt64(done), want - done, (base + done).assumingMemoryBound(to: CChar.self))
@@ -325,14 +330,12 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard let base = buffer.baseAddress else { return }
+        try pending.check()
         try growForWrite(to: try offset.adding(UInt64(buffer.count)))
-        var done = 0
-        while done < buffer.count {
-            let n = rbd_write(image, offset + UInt64(done), buffer.count - done,
-                              (base + done).assumingMemoryBound(to: CChar.self))
-            if n < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -n), "error writing \(name)") }
-            if n == 0 { throw InstarError.system(EIO, "error writing \(name)") }
-            done += n
+        let img = image
+        try pending.queue(offset: offset, length: UInt64(buffer.count), data: UnsafeRawBufferPointer(start: base, count: buffer.count),
+                          what: "writing") { c, data in
+            rbd_aio_write(img, offset, buffer.count, data, c)
         }
     }
 
@@ -342,21 +345,32 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         let flags: Int32 = mayUnmap ? 0 : Int32(RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
         var pos = offset
         let end = try offset.adding(length)
+        try pending.check()
         try growForWrite(to: end)
+        let img = image
         while pos < end {
             let n = min(end - pos, 1 << 30)
-            let r = rbd_write_zeroes(image, pos, Int(n), flags, 0)
-            if r < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -r), "error writing zeroes to \(name)") }
+            let at = pos
+            try pending.queue(offset: at, length: n, data: nil, what: "writing zeroes to") { c, _ in
+                rbd_aio_write_zeroes(img, at, Int(n), c, flags, 0)
+            }
             pos += n
         }
     }
 
     func discard(at offset: UInt64, length: UInt64) throws {
-        let r = rbd_discard(image, offset, length)
-        if r < 0 { throw InstarError.system(-r, "error discarding in \(name)") }
+        let img = image
+        try pending.queue(offset: offset, length: length, data: nil, what: "discarding in") { c, _ in
+            rbd_aio_discard(img, offset, length, c)
+        }
+    }
+
+    func settle() throws {
+        try pending.wait()
     }
 
     func flush() throws {
+        try pending.wait()
         let r = rbd_flush(image)
         if r < 0 { throw InstarError.system(-r, "error flushing \(name)") }
     }
@@ -364,6 +378,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     func truncate(to length: UInt64) throws {
         pthread_mutex_lock(lock)
         defer { pthread_mutex_unlock(lock) }
+        try pending.wait()
         let r = rbd_resize(image, length)
         if r < 0 { throw InstarError.system(-r, "Failed to resize file") }
         cachedSize = length
@@ -374,6 +389,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     /// object boundary (and no answer for striped or cloned images), as qemu works around its bug.
     func extent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent {
         let all = ProtocolExtent(length: length, data: true, zero: false)
+        try pending.wait()
         var features: UInt64 = 0
         if rbd_get_features(image, &features) < 0 || features & UInt64(RBD_FEATURE_FAST_DIFF) == 0 { return all }
         var flags: UInt64 = 0
@@ -432,6 +448,8 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     }
 
     func close() {
+        // Whatever failed was thrown by settle/flush already, or is lost with the handle as in any close.
+        try? pending.wait()
         if let img = image { rbd_close(img) }
         image = nil
         conn.close()
