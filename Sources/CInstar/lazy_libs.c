@@ -135,6 +135,28 @@ int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs,
     return real(image, fromsnapname, ofs, len, include_parent, whole_object, cb, arg);
 }
 
+int rbd_encryption_format(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) {
+    static int (*cached)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size);
+    int (*real)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_encryption_format");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(image, format, opts, opts_size);
+}
+
+int rbd_encryption_load(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) {
+    static int (*cached)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size);
+    int (*real)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_encryption_load");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(image, format, opts, opts_size);
+}
+
 int rbd_flush(rbd_image_t image) {
     static int (*cached)(rbd_image_t image);
     int (*real)(rbd_image_t image) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
@@ -231,6 +253,17 @@ ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf) {
     }
     if (!real) { errno = ENOSYS; return (ssize_t)-ENOSYS; }
     return real(image, ofs, len, buf);
+}
+
+int rbd_remove(rados_ioctx_t io, const char *name) {
+    static int (*cached)(rados_ioctx_t io, const char *name);
+    int (*real)(rados_ioctx_t io, const char *name) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rados_ioctx_t io, const char *name))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_remove");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(io, name);
 }
 
 int rbd_resize(rbd_image_t image, uint64_t size) {

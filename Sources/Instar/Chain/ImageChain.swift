@@ -426,7 +426,8 @@ public enum ImageOpener {
         var spec = givenSpec
         let hostFile: HostFile
         if let address = spec.protocolAddress {
-            hostFile = try HostFile.open(address: address, name: spec.filename, writable: writable)
+            hostFile = try HostFile.open(address: address, name: spec.filename, writable: writable,
+                                         secrets: options.secrets)
         } else {
             hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
         }

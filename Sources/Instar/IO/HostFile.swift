@@ -70,7 +70,8 @@ public final class HostFile {
     public var isHostFile: Bool { hostLocation(0).file.remote == nil }
 
     /// Opens the protocol node `address` names; `name` is how messages call it.
-    public static func open(address: ProtocolAddress, name: String, writable: Bool) throws -> HostFile {
+    public static func open(address: ProtocolAddress, name: String, writable: Bool,
+                            secrets: [String: String] = [:]) throws -> HostFile {
         if instar_broker_fd >= 0 {
             // In the isolated helper (docs/isolated.md) there is no network: say so rather than die by seccomp.
             throw InstarError.unsupported("Protocol '\(address.driver)' is not available in isolated mode")
@@ -78,7 +79,7 @@ public final class HostFile {
         guard let d = ProtocolRegistry.descriptor(named: address.driver) else {
             throw InstarError.unsupported("Unknown protocol '\(address.driver)'")
         }
-        let backend = try d.open(address.options, writable)
+        let backend = try d.open(address.options(secrets: secrets), writable)
         // The node's own name as qemu's bdrv_refresh_filename gives it (map's File column, messages about it).
         let nodeName = d.exactFilename?(address.options) ?? "json:" + QJSON.compact(address.node)
         return HostFile(remote: backend, address: address, name: nodeName, writable: writable)

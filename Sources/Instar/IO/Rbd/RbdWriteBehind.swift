@@ -38,6 +38,11 @@ final class RbdWriteBehind {
     private var bytesInFlight = 0
     private var nextID = 0
     private var failure: InstarError?
+    /// Data buffers of finished requests (pointer, capacity), kept for the next requests: a fresh multi-MiB
+    /// malloc per request costs page faults (and an arena trim when librbd's thread frees it). At most
+    /// `maxRequests` buffers and `maxBytes` bytes are kept.
+    private var spare: [(UnsafeMutableRawPointer, Int)] = []
+    private var spareBytes = 0
 
     init(name: String) {
         self.name = name
@@ -50,6 +55,7 @@ final class RbdWriteBehind {
     }
 
     deinit {
+        for (p, _) in spare { free(p) }
         pthread_cond_destroy(changed)
         changed.deallocate()
         pthread_mutex_destroy(mutex)
@@ -100,8 +106,15 @@ final class RbdWriteBehind {
 
     /// A request is over (librbd's callback thread, or a submission that failed): records the first failure.
     fileprivate func finish(_ req: Request, result: Int) {
-        if let d = req.data { free(d) }
         pthread_mutex_lock(mutex)
+        if let d = req.data {
+            if spare.count < RbdWriteBehind.maxRequests && spareBytes + req.bytes <= RbdWriteBehind.maxBytes {
+                spare.append((d, req.bytes))
+                spareBytes += req.bytes
+            } else {
+                free(d)
+            }
+        }
         ranges[req.id] = nil
         bytesInFlight -= req.bytes
         if result < 0 && failure == nil {
@@ -109,6 +122,20 @@ final class RbdWriteBehind {
         }
         pthread_cond_broadcast(changed)
         pthread_mutex_unlock(mutex)
+    }
+
+    /// A buffer of exactly `bytes` (a request's `bytes` is what `finish` keeps it as): a spare one of that size,
+    /// else a new one.
+    private func takeBuffer(_ bytes: Int) -> UnsafeMutableRawPointer? {
+        pthread_mutex_lock(mutex)
+        if let i = spare.firstIndex(where: { $0.1 == bytes }) {
+            let p = spare.remove(at: i).0
+            spareBytes -= bytes
+            pthread_mutex_unlock(mutex)
+            return p
+        }
+        pthread_mutex_unlock(mutex)
+        return malloc(bytes)
     }
 
     /// Queues one request on [offset, offset + length): `data` (copied here) for a write, none for zeroes and
@@ -120,7 +147,7 @@ final class RbdWriteBehind {
         let id = try admit(offset, end, bytes: bytes)
         var copy: UnsafeMutableRawPointer?
         if let data, let src = data.baseAddress, bytes > 0 {
-            guard let p = malloc(bytes) else {
+            guard let p = takeBuffer(bytes) else {
                 finish(Request(queue: self, id: id, data: nil, bytes: bytes, what: what), result: Int(-ENOMEM))
                 try check()
                 return
