@@ -290,13 +290,15 @@ def test_server_key_secret_and_auth(conf, tmp):
     for extra in ('"key-secret":"k0"', '"key-secret":"nokey"', '"password-secret":"k0","key-secret":"k0"',
                   '"password-secret":"k0"', '"auth-client-required":["bogus"]', '"auth-client-required":"cephx"',
                   '"server":[{"host":"127.0.0.1"}]', '"server":{"host":"127.0.0.1","port":"1"}', '"server":[]',
+                  '"server":[{"host":"h","port":"1","x":1}]',
                   '"encrypt":"luks"', '"encrypt":{"format":"luks"}', '"encrypt":{"key-secret":"k0"}',
                   '"encrypt":{"format":"luks-any","key-secret":"k0"}', '"encrypt":{"format":"luks2","key-secret":"s9"}',
                   '"encrypt":{"format":"luks","key-secret":"k0","cipher-alg":"aes-128"}'):
         assert_same("info", "--object", f"secret,id=k0,data={_admin_key(conf)}",
                     'json:{%s,"conf":"%s",%s}' % (base, conf, extra))
-    assert_same("info", "--object", key, "--image-opts",
-                f"driver=rbd,pool=rbd,image={image},conf={conf},encrypt.format=luks2,encrypt.key-secret=s9")
+    for extra in ("encrypt.format=luks2,encrypt.key-secret=s9", "server.0.host=h,server.0.port=1,server.0.x=1",
+                  "server.1.host=h,server.1.port=1", "auth-client-required.1=none"):
+        assert_same("info", "--object", key, "--image-opts", f"driver=rbd,pool=rbd,image={image},conf={conf},{extra}")
 
 
 def test_encrypt_create_errors(conf, tmp):

@@ -18,15 +18,15 @@ public enum RbdProtocol {
             })
         d.nameOptions = RbdLocation.nameOptions
         d.takesSecrets = true
-        // qemu_rbd_create_opts; encryption at create is not done here (luks images go through instar's luks).
+        // qemu_rbd_create_opts, in its order (the order of create's "Formatting" line).
         d.createOptions = [
             CreateOptionSpec("size", .size, "Virtual disk size"),
             CreateOptionSpec("cluster_size", .size, "RBD object size"),
+            CreateOptionSpec("password-secret", .string, "ID of secret providing the password"),
+            CreateOptionSpec("encrypt.format", .string, "Encrypt the image, format choices: 'luks', 'luks2'"),
             CreateOptionSpec("encrypt.cipher-alg", .string,
                              "Name of encryption cipher algorithm (allowed values: aes-128, aes-256)"),
-            CreateOptionSpec("encrypt.format", .string, "Encrypt the image, format choices: 'luks', 'luks2'"),
             CreateOptionSpec("encrypt.key-secret", .string, "ID of secret providing LUKS passphrase"),
-            CreateOptionSpec("password-secret", .string, "ID of secret providing the password"),
         ]
         return d
     }()
@@ -323,9 +323,7 @@ struct RbdLocation {
                     if Int(parts[1]) == nil {
                         throw InstarError.invalid("Invalid parameter type for 'server', expected: array")
                     }
-                    guard parts.count == 3, parts[2] == "host" || parts[2] == "port" else {
-                        throw InstarError.invalid("Invalid parameter '\(k)'")
-                    }
+                    guard parts.count == 3 else { throw InstarError.invalid("Invalid parameter '\(k)'") }
                     serverFields[try index(parts[1]), default: [:]][String(parts[2])] = try text(k, v)
                 } else if k.hasPrefix("auth-client-required.") {
                     authFields[try index(k.dropFirst(21))] = try text(k, v)
@@ -349,6 +347,14 @@ struct RbdLocation {
             encryptFormat = f
             encryptKeySecret = ks
         }
+        /// qdict_crumple's check of a flattened list's indices.
+        func contiguous(_ indices: [Int]) throws {
+            if let top = indices.max(), top >= indices.count {
+                throw InstarError.invalid("List indices are not contiguous, saw \(indices.count) elements but \(top) largest index")
+            }
+        }
+        try contiguous(Array(serverFields.keys))
+        try contiguous(Array(authFields.keys))
         if authList == nil && !authFields.isEmpty {
             authList = try (0..<authFields.count).map { i in
                 guard let a = authFields[i] else { throw InstarError.invalid("Parameter 'auth-client-required.\(i)' is missing") }
@@ -367,6 +373,9 @@ struct RbdLocation {
                 guard let fields = serverFields[i] else { throw InstarError.invalid("Parameter 'server.\(i)' is missing") }
                 guard let host = fields["host"] else { throw InstarError.invalid("Parameter 'server.\(i).host' is missing") }
                 guard let port = fields["port"] else { throw InstarError.invalid("Parameter 'server.\(i).port' is missing") }
+                if let extra = fields.keys.sorted().first(where: { $0 != "host" && $0 != "port" }) {
+                    throw InstarError.invalid("Parameter 'server.\(i).\(extra)' is unexpected")
+                }
                 list.append((host, port))
             }
             servers = list
