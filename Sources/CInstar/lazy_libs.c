@@ -37,6 +37,71 @@ static void *librbd_handle;
 static pthread_once_t librbd_once = PTHREAD_ONCE_INIT;
 static void librbd_init(void) { librbd_handle = dlopen("librbd.so.1", RTLD_NOW | RTLD_LOCAL); }
 
+int rbd_aio_create_completion(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c) {
+    static int (*cached)(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c);
+    int (*real)(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(void *cb_arg, rbd_callback_t complete_cb, rbd_completion_t *c))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_aio_create_completion");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(cb_arg, complete_cb, c);
+}
+
+int rbd_aio_discard(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c) {
+    static int (*cached)(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c);
+    int (*real)(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rbd_image_t image, uint64_t off, uint64_t len, rbd_completion_t c))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_aio_discard");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(image, off, len, c);
+}
+
+ssize_t rbd_aio_get_return_value(rbd_completion_t c) {
+    static ssize_t (*cached)(rbd_completion_t c);
+    ssize_t (*real)(rbd_completion_t c) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (ssize_t (*)(rbd_completion_t c))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_aio_get_return_value");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (ssize_t)-ENOSYS; }
+    return real(c);
+}
+
+void rbd_aio_release(rbd_completion_t c) {
+    static void (*cached)(rbd_completion_t c);
+    void (*real)(rbd_completion_t c) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (void (*)(rbd_completion_t c))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_aio_release");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (real) real(c);
+}
+
+int rbd_aio_write(rbd_image_t image, uint64_t off, size_t len, const char *buf, rbd_completion_t c) {
+    static int (*cached)(rbd_image_t image, uint64_t off, size_t len, const char *buf, rbd_completion_t c);
+    int (*real)(rbd_image_t image, uint64_t off, size_t len, const char *buf, rbd_completion_t c) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rbd_image_t image, uint64_t off, size_t len, const char *buf, rbd_completion_t c))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_aio_write");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(image, off, len, buf, c);
+}
+
+int rbd_aio_write_zeroes(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c, int zero_flags, int op_flags) {
+    static int (*cached)(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c, int zero_flags, int op_flags);
+    int (*real)(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c, int zero_flags, int op_flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rbd_image_t image, uint64_t off, size_t len, rbd_completion_t c, int zero_flags, int op_flags))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_aio_write_zeroes");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(image, off, len, c, zero_flags, op_flags);
+}
+
 int rbd_close(rbd_image_t image) {
     static int (*cached)(rbd_image_t image);
     int (*real)(rbd_image_t image) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
@@ -70,15 +135,26 @@ int rbd_diff_iterate2(rbd_image_t image, const char *fromsnapname, uint64_t ofs,
     return real(image, fromsnapname, ofs, len, include_parent, whole_object, cb, arg);
 }
 
-int rbd_discard(rbd_image_t image, uint64_t ofs, uint64_t len) {
-    static int (*cached)(rbd_image_t image, uint64_t ofs, uint64_t len);
-    int (*real)(rbd_image_t image, uint64_t ofs, uint64_t len) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+int rbd_encryption_format(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) {
+    static int (*cached)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size);
+    int (*real)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
     if (!real) {
-        real = (int (*)(rbd_image_t image, uint64_t ofs, uint64_t len))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_discard");
+        real = (int (*)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_encryption_format");
         __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
     }
     if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
-    return real(image, ofs, len);
+    return real(image, format, opts, opts_size);
+}
+
+int rbd_encryption_load(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) {
+    static int (*cached)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size);
+    int (*real)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rbd_image_t image, rbd_encryption_format_t format, rbd_encryption_options_t opts, size_t opts_size))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_encryption_load");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(image, format, opts, opts_size);
 }
 
 int rbd_flush(rbd_image_t image) {
@@ -179,6 +255,17 @@ ssize_t rbd_read(rbd_image_t image, uint64_t ofs, size_t len, char *buf) {
     return real(image, ofs, len, buf);
 }
 
+int rbd_remove(rados_ioctx_t io, const char *name) {
+    static int (*cached)(rados_ioctx_t io, const char *name);
+    int (*real)(rados_ioctx_t io, const char *name) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(rados_ioctx_t io, const char *name))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_remove");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
+    return real(io, name);
+}
+
 int rbd_resize(rbd_image_t image, uint64_t size) {
     static int (*cached)(rbd_image_t image, uint64_t size);
     int (*real)(rbd_image_t image, uint64_t size) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
@@ -263,28 +350,6 @@ int rbd_stat(rbd_image_t image, rbd_image_info_t *info, size_t infosize) {
     }
     if (!real) { errno = ENOSYS; return (int)-ENOSYS; }
     return real(image, info, infosize);
-}
-
-ssize_t rbd_write(rbd_image_t image, uint64_t ofs, size_t len, const char *buf) {
-    static ssize_t (*cached)(rbd_image_t image, uint64_t ofs, size_t len, const char *buf);
-    ssize_t (*real)(rbd_image_t image, uint64_t ofs, size_t len, const char *buf) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
-    if (!real) {
-        real = (ssize_t (*)(rbd_image_t image, uint64_t ofs, size_t len, const char *buf))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_write");
-        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
-    }
-    if (!real) { errno = ENOSYS; return (ssize_t)-ENOSYS; }
-    return real(image, ofs, len, buf);
-}
-
-ssize_t rbd_write_zeroes(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags, int op_flags) {
-    static ssize_t (*cached)(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags, int op_flags);
-    ssize_t (*real)(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags, int op_flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
-    if (!real) {
-        real = (ssize_t (*)(rbd_image_t image, uint64_t ofs, size_t len, int zero_flags, int op_flags))lazy_sym(lazy_open(&librbd_handle, &librbd_once, librbd_init), "rbd_write_zeroes");
-        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
-    }
-    if (!real) { errno = ENOSYS; return (ssize_t)-ENOSYS; }
-    return real(image, ofs, len, zero_flags, op_flags);
 }
 
 static void *librados_handle;

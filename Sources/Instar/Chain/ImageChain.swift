@@ -48,6 +48,10 @@ public final class ImageLayer: GuestReader {
         var firstError: Error?
         for layer in chain {
             do { try layer.format.close() } catch { if firstError == nil { firstError = error } }
+            // Protocol backends with write-behind (rbd): a write that failed after its call returned fails here.
+            for f in layer.format.hostFiles {
+                do { try f.settle() } catch { if firstError == nil { firstError = error } }
+            }
         }
         if let e = firstError { throw e }
     }
@@ -422,7 +426,8 @@ public enum ImageOpener {
         var spec = givenSpec
         let hostFile: HostFile
         if let address = spec.protocolAddress {
-            hostFile = try HostFile.open(address: address, name: spec.filename, writable: writable)
+            hostFile = try HostFile.open(address: address, name: spec.filename, writable: writable,
+                                         secrets: options.secrets)
         } else {
             hostFile = try HostFile.open(spec.filename, writable: writable, direct: spec.direct ?? options.direct)
         }

@@ -80,7 +80,8 @@ public final class HostFile {
     public var isHostFile: Bool { hostLocation(0).file.remote == nil }
 
     /// Opens the protocol node `address` names; `name` is how messages call it.
-    public static func open(address: ProtocolAddress, name: String, writable: Bool) throws -> HostFile {
+    public static func open(address: ProtocolAddress, name: String, writable: Bool,
+                            secrets: [String: String] = [:]) throws -> HostFile {
         if instar_broker_fd >= 0 {
             // In the isolated helper (docs/isolated.md) there is no network: say so rather than die by seccomp.
             throw InstarError.unsupported("Protocol '\(address.driver)' is not available in isolated mode")
@@ -88,7 +89,7 @@ public final class HostFile {
         guard let d = ProtocolRegistry.descriptor(named: address.driver) else {
             throw InstarError.unsupported("Unknown protocol '\(address.driver)'")
         }
-        let backend = try d.open(address.options, writable)
+        let backend = try d.open(address.options(secrets: secrets), writable)
         // The node's own name as qemu's bdrv_refresh_filename gives it (map's File column, messages about it).
         let nodeName = d.exactFilename?(address.options) ?? "json:" + QJSON.compact(address.node)
         return HostFile(remote: backend, address: address, name: nodeName, writable: writable)
@@ -268,9 +269,19 @@ public final class HostFile {
     /// fdatasync(2), as qemu's flush on a file with a writeback cache.
     public func sync() throws {
         if let base { return try base.sync() }
-        if noFlush { return }
+        if noFlush {
+            try remote?.settle()
+            return
+        }
         if let remote { return try remote.flush() }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
+    }
+
+    /// Waits for writes a protocol backend still has in flight and throws the first that failed (a host file
+    /// writes synchronously: nothing to wait for).
+    public func settle() throws {
+        if let base { return try base.settle() }
+        try remote?.settle()
     }
 
     /// The start of the next data extent at or after `offset`, or nil when only a hole follows (SEEK_DATA).

@@ -22,6 +22,8 @@ public protocol ProtocolBackend: AnyObject {
     func discard(at offset: UInt64, length: UInt64) throws
     /// Makes written data durable.
     func flush() throws
+    /// Waits for writes a backend still has in flight (write-behind) and throws the first that failed.
+    func settle() throws
     /// Changes the device's length, where the protocol can.
     func truncate(to length: UInt64) throws
     /// The status of the extent starting at `offset`, at most `length` bytes long (at least one byte when
@@ -41,6 +43,7 @@ extension ProtocolBackend {
     public var clusterSize: UInt64? { nil }
     public var snapshots: ProtocolSnapshotting? { nil }
     public func formatSpecific() throws -> QObject? { nil }
+    public func settle() throws {}
 }
 
 /// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to
@@ -92,6 +95,12 @@ public struct ProtocolDescriptor {
     /// whatever name or options opened it; nil (no closure, or nil from it) when the driver has none and qemu
     /// names the node by a json: of its options (rbd).
     public var exactFilename: ((_ options: [(String, QObject)]) -> String?)?
+    /// The options a json: name of the node shows (qemu's strong_runtime_opts, flattened as qemu flattens
+    /// them); nil shows every option.
+    public var nameOptions: ((_ options: [(String, QObject)]) -> [(String, QObject)])?
+    /// Whether the driver reads `--object secret` values (rbd's key-secret, encrypt.key-secret): they reach its
+    /// open and create as the internal option "=secrets", a dict of id → secret.
+    public var takesSecrets: Bool = false
 
     public init(name: String, prefixes: [String],
                 parseName: @escaping (String) throws -> [(String, QObject)],
@@ -132,6 +141,12 @@ public struct ProtocolAddress {
     }
 
     /// The address a plain name stands for, when a protocol driver claims the name.
+    /// The options with `secrets` added as "=secrets" where the driver takes secrets.
+    public func options(secrets: [String: String]) -> [(String, QObject)] {
+        guard !secrets.isEmpty, ProtocolRegistry.descriptor(named: driver)?.takesSecrets == true else { return options }
+        return options + [("=secrets", .dict(secrets.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }))]
+    }
+
     public static func fromPlainName(_ name: String) throws -> ProtocolAddress? {
         guard let d = ProtocolRegistry.descriptor(forPlainName: name) else { return nil }
         return ProtocolAddress(driver: d.name, options: try d.parseName(name))
@@ -141,6 +156,7 @@ public struct ProtocolAddress {
     /// nodes it rebuilt from a parsed name; the driver's own parse order is kept otherwise).
     public var node: QObject {
         // Keys starting with "=" are a driver's internal options (rbd's "=keyvalue-pairs"): qemu never prints them.
-        .dict(options.filter { !$0.0.hasPrefix("=") } + [("driver", .string(driver))])
+        let shown = ProtocolRegistry.descriptor(named: driver)?.nameOptions?(options) ?? options
+        return .dict(shown.filter { !$0.0.hasPrefix("=") } + [("driver", .string(driver))])
     }
 }

@@ -193,11 +193,11 @@ public enum HostFileCreate {
     /// Creates (or truncates) `path` and gives it `size` bytes the way file-posix does: ftruncate for off,
     /// posix_fallocate for falloc, written zeroes for full.
     public static func create(_ path: String, size: UInt64, preallocation: Preallocation,
-                              options: CreateOptionValues? = nil) throws {
+                              options: CreateOptionValues? = nil, secrets: [String: String] = [:]) throws {
         if let address = try ProtocolAddress.fromPlainName(path),
            let create = ProtocolRegistry.descriptor(named: address.driver)?.create {
             // The protocol's own create makes the whole node (qemu does not open it afterwards).
-            return try create(address.options, size, options)
+            return try create(address.options(secrets: secrets), size, options)
         }
         try grow(try createEmpty(path), to: size, preallocation: preallocation)
     }

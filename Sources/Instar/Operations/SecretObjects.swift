@@ -121,16 +121,21 @@ public enum SecretObjects {
         } else {
             throw InstarError.invalid("Either 'file' or 'data' must be provided")
         }
+        var bytes = Array(data.utf8)
         switch fields["format"] ?? "raw" {
         case "raw": break
         case "base64":
             guard let decoded = base64Decode(data) else { throw InstarError.invalid("Invalid base64 data") }
             data = String(decoding: decoded, as: UTF8.self)
+            bytes = decoded
         case let f: throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
         }
         if TlsCredentials.hasCredentials(id: id) { throw TlsCredentials.duplicate(id) }
         secrets[id] = data
         TlsCredentials.noteOtherObject(id: id)
+        // The exact bytes, base64-encoded, for users of binary secrets (an rbd cephx key): the text above is
+        // decoded as UTF-8 and may not keep them. "=" never starts an id, so no secret is shadowed.
+        secrets[base64Key(id)] = base64Encode(bytes)
     }
 
     /// The properties a secret object takes (besides its type).
@@ -147,6 +152,29 @@ public enum SecretObjects {
             return (l >= UInt8(ascii: "a") && l <= UInt8(ascii: "z")) || (c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9"))
                 || c == UInt8(ascii: "-") || c == UInt8(ascii: ".") || c == UInt8(ascii: "_")
         }
+    }
+
+    /// Where `add` keeps secret `id`'s exact bytes in base64 (qcrypto_secret_lookup_as_base64's answer).
+    public static func base64Key(_ id: String) -> String { "=base64:" + id }
+
+    /// Standard base64 with padding.
+    public static func base64Encode(_ bytes: [UInt8]) -> String {
+        let table = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity((bytes.count + 2) / 3 * 4)
+        var i = 0
+        while i < bytes.count {
+            let b0 = UInt32(bytes[i])
+            let b1 = i + 1 < bytes.count ? UInt32(bytes[i + 1]) : 0
+            let b2 = i + 2 < bytes.count ? UInt32(bytes[i + 2]) : 0
+            let v = (b0 << 16) | (b1 << 8) | b2
+            out.append(table[Int((v >> 18) & 63)])
+            out.append(table[Int((v >> 12) & 63)])
+            out.append(i + 1 < bytes.count ? table[Int((v >> 6) & 63)] : UInt8(ascii: "="))
+            out.append(i + 2 < bytes.count ? table[Int(v & 63)] : UInt8(ascii: "="))
+            i += 3
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
     static func base64Decode(_ s: String) -> [UInt8]? {

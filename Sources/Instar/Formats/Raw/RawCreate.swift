@@ -14,7 +14,7 @@ public enum RawCreate {
             try HostFileCreate.create(r.filename, size: 0, preallocation: .off)
         }
         let mode = try preallocation(r.options.text("preallocation"))
-        try HostFileCreate.create(r.filename, size: size, preallocation: mode, options: r.options)
+        try HostFileCreate.create(r.filename, size: size, preallocation: mode, options: r.options, secrets: r.secrets)
     }
 
     /// file-posix's parsing of the preallocation option.

@@ -11,21 +11,22 @@ public enum RbdProtocol {
             name: "rbd", prefixes: ["rbd:"], parseName: parseName,
             open: { options, writable in try RbdImage(options: RbdLocation(options: options), writable: writable) },
             create: { options, size, values in
-                for k in ["encrypt.format", "encrypt.cipher-alg", "encrypt.key-secret", "password-secret"]
-                where values?.isSet(k) == true {
-                    throw InstarError.unsupported("instar does not support the rbd create option '\(k)'")
-                }
-                try create(RbdLocation(options: options), size: size, objectSize: values?.size("cluster_size"))
+                let loc = try RbdLocation(options: options)
+                let encrypt = try EncryptionCreate(values)
+                try create(loc, size: size, objectSize: values?.size("cluster_size"), encrypt: encrypt,
+                           legacySecret: values?.text("password-secret"))
             })
-        // qemu_rbd_create_opts; encryption at create is not done here (luks images go through instar's luks).
+        d.nameOptions = RbdLocation.nameOptions
+        d.takesSecrets = true
+        // qemu_rbd_create_opts, in its order (the order of create's "Formatting" line).
         d.createOptions = [
             CreateOptionSpec("size", .size, "Virtual disk size"),
             CreateOptionSpec("cluster_size", .size, "RBD object size"),
+            CreateOptionSpec("password-secret", .string, "ID of secret providing the password"),
+            CreateOptionSpec("encrypt.format", .string, "Encrypt the image, format choices: 'luks', 'luks2'"),
             CreateOptionSpec("encrypt.cipher-alg", .string,
                              "Name of encryption cipher algorithm (allowed values: aes-128, aes-256)"),
-            CreateOptionSpec("encrypt.format", .string, "Encrypt the image, format choices: 'luks', 'luks2'"),
             CreateOptionSpec("encrypt.key-secret", .string, "ID of secret providing LUKS passphrase"),
-            CreateOptionSpec("password-secret", .string, "ID of secret providing the password"),
         ]
         return d
     }()
@@ -119,17 +120,107 @@ public enum RbdProtocol {
 
     /// qemu_rbd_co_create_opts: rbd_create with the size and librbd's default object size; a snapshot in the
     /// name is ignored (qemu builds the location without it).
-    static func create(_ loc: RbdLocation, size: UInt64, objectSize: UInt64? = nil) throws {
+    static func create(_ loc: RbdLocation, size: UInt64, objectSize: UInt64? = nil, encrypt: EncryptionCreate? = nil,
+                       legacySecret: String? = nil) throws {
         var order: Int32 = 0
         if let objsize = objectSize {
             if objsize & (objsize &- 1) != 0 { throw InstarError(.invalid, "obj size needs to be power of 2", errno: EINVAL) }
             if objsize < 4096 { throw InstarError(.invalid, "obj size too small", errno: EINVAL) }
             order = Int32(objsize.trailingZeroBitCount)
         }
-        let conn = try RbdConnection(loc)
+        let conn = try RbdConnection(loc, legacySecret: legacySecret)
         defer { conn.close() }
         let r = rbd_create(conn.ioctx, loc.image, size, &order)
         if r < 0 { throw InstarError.system(-r, "error rbd create") }
+        guard let encrypt else { return }
+        var img: rbd_image_t?
+        let o = rbd_open(conn.ioctx, loc.image, &img, nil)
+        if o < 0 { throw InstarError.system(-o, "error opening image '\(loc.image)' for encryption format") }
+        do {
+            try formatEncryption(img, encrypt, loc: loc)
+            rbd_close(img)
+        } catch {
+            // As qemu: a failed format removes the image it made.
+            rbd_close(img)
+            rbd_remove(conn.ioctx, loc.image)
+            throw error
+        }
+    }
+
+    /// The `encrypt.*` create options (qemu's RbdEncryptionCreateOptions), checked in qemu's order; nil when
+    /// none is given.
+    struct EncryptionCreate {
+        var format: rbd_encryption_format_t
+        var keySecret: String
+        /// encrypt.cipher-alg as QCryptoCipherAlgorithm's index (nil: librbd's AES-256 default).
+        var cipher: Int?
+
+        /// QCryptoCipherAlgorithm's names, in enum order (qemu prints an unsupported one by its number).
+        static let cipherNames = ["aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128",
+                                  "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256"]
+
+        init?(_ values: CreateOptionValues?) throws {
+            guard let values, ["encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg"].contains(where: values.isSet)
+            else { return nil }
+            switch values.text("encrypt.format") {
+            case nil: throw InstarError.invalid("Parameter 'format' is missing")
+            case "luks": format = RBD_ENCRYPTION_FORMAT_LUKS1
+            case "luks2": format = RBD_ENCRYPTION_FORMAT_LUKS2
+            case let f?: throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
+            }
+            guard let ks = values.text("encrypt.key-secret") else {
+                throw InstarError.invalid("Parameter 'key-secret' is missing")
+            }
+            keySecret = ks
+            if let alg = values.text("encrypt.cipher-alg") {
+                guard let n = EncryptionCreate.cipherNames.firstIndex(of: alg) else {
+                    throw InstarError.invalid("Parameter 'cipher-alg' does not accept value '\(alg)'")
+                }
+                cipher = n
+            }
+        }
+    }
+
+    /// qemu_rbd_encryption_format: formats the image with librbd's LUKS and grows it by the header's size, so
+    /// the encrypted image shows the size asked for.
+    static func formatEncryption(_ img: rbd_image_t?, _ e: EncryptionCreate, loc: RbdLocation) throws {
+        var rawSize: UInt64 = 0
+        var r = rbd_get_size(img, &rawSize)
+        if r < 0 { throw InstarError.system(-r, "cannot get raw image size") }
+        let passphrase = try loc.secretBytes(e.keySecret)
+        var algorithm = RBD_ENCRYPTION_ALGORITHM_AES256
+        switch e.cipher {
+        case nil, 2?: break
+        case 0?: algorithm = RBD_ENCRYPTION_ALGORITHM_AES128
+        case let n?: throw InstarError.system(ENOTSUP, "unknown encryption algorithm: \(n)")
+        }
+        r = passphrase.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { c in
+                var opts = rbd_encryption_luks1_format_options_t(alg: algorithm, passphrase: c.baseAddress,
+                                                                 passphrase_size: c.count)
+                // The luks1 and luks2 option structs have the same layout.
+                return rbd_encryption_format(img, e.format, &opts, MemoryLayout<rbd_encryption_luks1_format_options_t>.size)
+            }
+        }
+        if r < 0 { throw InstarError.system(-r, "encryption format fail") }
+        var effective: UInt64 = 0
+        r = rbd_get_size(img, &effective)
+        if r < 0 { throw InstarError.system(-r, "cannot get effective image size") }
+        r = rbd_resize(img, rawSize &+ (rawSize &- effective))
+        if r < 0 { throw InstarError.system(-r, "cannot resize image after format") }
+    }
+
+    /// qemu_rbd_encryption_load: librbd decrypts the image from here on (its size is the payload's).
+    static func loadEncryption(_ img: rbd_image_t?, format: String, passphrase bytes: [UInt8]) throws {
+        let f = format == "luks2" ? RBD_ENCRYPTION_FORMAT_LUKS2 : RBD_ENCRYPTION_FORMAT_LUKS1
+        let r = bytes.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { c in
+                var opts = rbd_encryption_luks1_format_options_t(alg: RBD_ENCRYPTION_ALGORITHM_AES256,
+                                                                 passphrase: c.baseAddress, passphrase_size: c.count)
+                return rbd_encryption_load(img, f, &opts, MemoryLayout<rbd_encryption_luks1_format_options_t>.size)
+            }
+        }
+        if r < 0 { throw InstarError.system(-r, "encryption load fail") }
     }
 }
 
@@ -143,28 +234,73 @@ struct RbdLocation {
     var user: String?
     /// Cluster settings from a plain name (key, value), set in order.
     var pairs: [(String, String)] = []
+    /// "server": monitors (host, port), in order; set as mon_host.
+    var servers: [(String, String)]?
+    /// "key-secret" (or the legacy "password-secret"): the id of the secret holding the cephx key.
+    var keySecret: String?
+    var passwordSecret: String?
+    /// "auth-client-required": "cephx" / "none", in order.
+    var authClientRequired: [String]?
+    /// "encrypt": the format ("luks", "luks2") and the id of the passphrase's secret, for rbd_encryption_load.
+    var encryptFormat: String?
+    var encryptKeySecret: String?
+    /// `--object secret` values by id ("=secrets", given by the opener).
+    var secrets: [String: String] = [:]
 
     init(options: [(String, QObject)]) throws {
         var havePool = false, haveImage = false
-        for (k, v) in options {
-            func text() throws -> String {
-                switch v {
-                case let .string(s): return s
-                case let .int(n): return String(n)
-                case let .uint(n): return String(n)
-                case let .bool(b): return b ? "on" : "off"
-                default: throw InstarError.invalid("Invalid parameter type for '\(k)', expected: string")
-                }
+        var encryptKeys: [String: String] = [:]
+        var serverFields: [Int: [String: String]] = [:]
+        var authFields: [Int: String] = [:]
+        var authList: [String]?
+        func text(_ k: String, _ v: QObject) throws -> String {
+            switch v {
+            case let .string(s): return s
+            case let .int(n): return String(n)
+            case let .uint(n): return String(n)
+            case let .bool(b): return b ? "on" : "off"
+            default: throw InstarError.invalid("Invalid parameter type for '\(k)', expected: string")
             }
+        }
+        /// "server.N.field" / "auth-client-required.N" (flattened, as --image-opts gives them): N.
+        func index(_ s: Substring) throws -> Int {
+            guard let n = Int(s), n >= 0, n < 1 << 16 else { throw InstarError.invalid("Invalid parameter 'server.\(s)'") }
+            return n
+        }
+        for (k, v) in options {
             switch k {
-            case "pool": pool = try text(); havePool = true
-            case "image": image = try text(); haveImage = true
-            case "namespace": namespace = try text()
-            case "snapshot": snapshot = try text()
-            case "conf": conf = try text()
-            case "user": user = try text()
+            case "pool": pool = try text(k, v); havePool = true
+            case "image": image = try text(k, v); haveImage = true
+            case "namespace": namespace = try text(k, v)
+            case "snapshot": snapshot = try text(k, v)
+            case "conf": conf = try text(k, v)
+            case "user": user = try text(k, v)
+            case "key-secret": keySecret = try text(k, v)
+            case "password-secret": passwordSecret = try text(k, v)
+            case "=secrets":
+                if case let .dict(items) = v {
+                    for (id, value) in items { if let t = value.stringValue { secrets[id] = t } }
+                }
+            case "encrypt":
+                throw InstarError.invalid("Invalid parameter type for 'encrypt', expected: object")
+            case "server":
+                guard case let .list(items) = v else {
+                    throw InstarError.invalid("Invalid parameter type for 'server', expected: array")
+                }
+                for (i, item) in items.prefix(1 << 16).enumerated() {
+                    guard case let .dict(fields) = item else {
+                        throw InstarError.invalid("Invalid parameter type for 'server.\(i)', expected: object")
+                    }
+                    for (f, fv) in fields { serverFields[i, default: [:]][f] = try text("server.\(i).\(f)", fv) }
+                    if fields.isEmpty { serverFields[i] = [:] }
+                }
+            case "auth-client-required":
+                guard case let .list(items) = v else {
+                    throw InstarError.invalid("Invalid parameter type for 'auth-client-required', expected: array")
+                }
+                authList = try items.enumerated().map { try text("auth-client-required.\($0.offset)", $0.element) }
             case RbdProtocol.keyvaluePairs:
-                guard case let .list(items) = try JSONParser.parse(try text()), items.count % 2 == 0 else {
+                guard case let .list(items) = try JSONParser.parse(try text(k, v)), items.count % 2 == 0 else {
                     throw InstarError.invalid("Invalid key-value pairs")
                 }
                 let strings = items.compactMap { $0.stringValue }
@@ -175,11 +311,121 @@ struct RbdLocation {
                     i += 2
                 }
             default:
-                throw InstarError.invalid("Invalid parameter '\(k)'")
+                if k.hasPrefix("encrypt.") {
+                    let f = String(k.dropFirst(8))
+                    guard f == "format" || f == "key-secret" else {
+                        throw InstarError.invalid("Parameter '\(k)' is unexpected")
+                    }
+                    encryptKeys[f] = try text(k, v)
+                } else if k.hasPrefix("server.") {
+                    let parts = k.split(separator: ".", omittingEmptySubsequences: false)
+                    // {"server": {...}} arrives flattened (server.host): not the array qemu wants.
+                    if Int(parts[1]) == nil {
+                        throw InstarError.invalid("Invalid parameter type for 'server', expected: array")
+                    }
+                    guard parts.count == 3 else { throw InstarError.invalid("Invalid parameter '\(k)'") }
+                    serverFields[try index(parts[1]), default: [:]][String(parts[2])] = try text(k, v)
+                } else if k.hasPrefix("auth-client-required.") {
+                    authFields[try index(k.dropFirst(21))] = try text(k, v)
+                } else {
+                    throw InstarError.invalid("Invalid parameter '\(k)'")
+                }
             }
         }
+        // QAPI's order: pool, namespace, image, conf, snapshot, encrypt, user, auth-client-required, key-secret,
+        // server.
         if !havePool { throw InstarError.invalid("Parameter 'pool' is missing") }
         if !haveImage { throw InstarError.invalid("Parameter 'image' is missing") }
+        if !encryptKeys.isEmpty {
+            guard let f = encryptKeys["format"] else { throw InstarError.invalid("Parameter 'encrypt.format' is missing") }
+            guard f == "luks" || f == "luks2" else {
+                throw InstarError.invalid("Parameter 'format' does not accept value '\(f)'")
+            }
+            guard let ks = encryptKeys["key-secret"] else {
+                throw InstarError.invalid("Parameter 'encrypt.key-secret' is missing")
+            }
+            encryptFormat = f
+            encryptKeySecret = ks
+        }
+        /// qdict_crumple's check of a flattened list's indices.
+        func contiguous(_ indices: [Int]) throws {
+            if let top = indices.max(), top >= indices.count {
+                throw InstarError.invalid("List indices are not contiguous, saw \(indices.count) elements but \(top) largest index")
+            }
+        }
+        try contiguous(Array(serverFields.keys))
+        try contiguous(Array(authFields.keys))
+        if authList == nil && !authFields.isEmpty {
+            authList = try (0..<authFields.count).map { i in
+                guard let a = authFields[i] else { throw InstarError.invalid("Parameter 'auth-client-required.\(i)' is missing") }
+                return a
+            }
+        }
+        if let list = authList {
+            for a in list where a != "cephx" && a != "none" {
+                throw InstarError.invalid("Parameter 'null' does not accept value '\(a)'")
+            }
+            authClientRequired = list
+        }
+        if !serverFields.isEmpty || options.contains(where: { $0.0 == "server" }) {
+            var list: [(String, String)] = []
+            for i in 0..<serverFields.count {
+                guard let fields = serverFields[i] else { throw InstarError.invalid("Parameter 'server.\(i)' is missing") }
+                guard let host = fields["host"] else { throw InstarError.invalid("Parameter 'server.\(i).host' is missing") }
+                guard let port = fields["port"] else { throw InstarError.invalid("Parameter 'server.\(i).port' is missing") }
+                if let extra = fields.keys.sorted().first(where: { $0 != "host" && $0 != "port" }) {
+                    throw InstarError.invalid("Parameter 'server.\(i).\(extra)' is unexpected")
+                }
+                list.append((host, port))
+            }
+            servers = list
+        }
+    }
+
+    /// A secret by id, or qemu's error.
+    func secret(_ id: String) throws -> String {
+        guard let s = secrets[id] else { throw InstarError.invalid("No secret with id '\(id)'") }
+        return s
+    }
+
+    /// A secret's exact bytes (qcrypto_secret_lookup).
+    func secretBytes(_ id: String) throws -> [UInt8] {
+        let s = try secret(id)
+        return secrets[SecretObjects.base64Key(id)].flatMap { SecretObjects.base64Decode($0) } ?? Array(s.utf8)
+    }
+
+    /// qcrypto_secret_lookup_as_base64: the secret's bytes in base64.
+    func secretBase64(_ id: String) throws -> String {
+        let s = try secret(id)
+        return secrets[SecretObjects.base64Key(id)] ?? SecretObjects.base64Encode(Array(s.utf8))
+    }
+
+    /// qemu_rbd_mon_host: "host:port" joined by ";", IPv6 hosts in brackets; nil without servers or with none.
+    var monHost: String? {
+        guard let servers, !servers.isEmpty else { return nil }
+        return servers.map { $0.0.contains(":") ? "[\($0.0)]:\($0.1)" : "\($0.0):\($0.1)" }.joined(separator: ";")
+    }
+
+    /// The options a json: name shows (qemu's strong_runtime_opts: pool, namespace, image, conf, snapshot,
+    /// user, server.*, password-secret), the server list flattened as qemu's QDict holds it.
+    static func nameOptions(_ options: [(String, QObject)]) -> [(String, QObject)] {
+        var out: [(String, QObject)] = []
+        for (k, v) in options {
+            switch k {
+            case "pool", "namespace", "image", "conf", "snapshot", "user", "password-secret": out.append((k, v))
+            case "server":
+                if case let .list(items) = v {
+                    for (i, item) in items.enumerated() {
+                        if case let .dict(fields) = item {
+                            for (f, fv) in fields { out.append(("server.\(i).\(f)", fv)) }
+                        }
+                    }
+                }
+            default:
+                if k.hasPrefix("server.") { out.append((k, v)) }
+            }
+        }
+        return out
     }
 }
 
@@ -188,7 +434,12 @@ final class RbdConnection {
     var cluster: rados_t?
     var ioctx: rados_ioctx_t?
 
-    init(_ loc: RbdLocation) throws {
+    init(_ loc: RbdLocation, legacySecret: String? = nil) throws {
+        var keySecret = loc.keySecret
+        if let legacy = legacySecret ?? loc.passwordSecret {
+            if keySecret != nil { throw InstarError.invalid("Legacy 'password-secret' clashes with 'key-secret'") }
+            keySecret = legacy
+        }
         var c: rados_t?
         var r = rados_create(&c, loc.user)
         if r < 0 { throw InstarError.system(-r, "error initializing") }
@@ -200,6 +451,19 @@ final class RbdConnection {
             for (k, v) in loc.pairs {
                 r = rados_conf_set(c, k, v)
                 if r < 0 { throw InstarError(.invalid, "invalid conf option \(k)", errno: -r) }
+            }
+            if let mon = loc.monHost {
+                r = rados_conf_set(c, "mon_host", mon)
+                if r < 0 { throw InstarError.system(-r, "Could not set 'mon_host'") }
+            }
+            // qemu_rbd_set_auth: the cephx key from a secret (base64 of its bytes), the allowed auth modes.
+            if let id = keySecret {
+                r = rados_conf_set(c, "key", try loc.secretBase64(id))
+                if r < 0 { throw InstarError.system(-r, "Could not set 'key'") }
+            }
+            if let modes = loc.authClientRequired {
+                r = rados_conf_set(c, "auth_client_required", modes.joined(separator: ";"))
+                if r < 0 { throw InstarError.system(-r, "Could not set 'auth_client_required'") }
             }
             rados_conf_set(c, "rbd_cache", "true")
             r = rados_connect(c)
@@ -239,8 +503,11 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     /// The size as last seen (qemu's image_size), guarded by `lock`: writes past it grow the image first.
     private var cachedSize: UInt64
     private let lock: UnsafeMutablePointer<pthread_mutex_t>
+    /// Writes, zero writes and discards in flight (RbdWriteBehind).
+    private let pending: RbdWriteBehind
 
     init(options loc: RbdLocation, writable: Bool) throws {
+        pending = RbdWriteBehind(name: loc.image)
         lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
         lock.initialize(to: pthread_mutex_t())
         pthread_mutex_init(lock, nil)
@@ -254,6 +521,15 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
             throw InstarError.system(-r, "error reading header from \(loc.image)")
         }
         image = img
+        if let format = loc.encryptFormat, let id = loc.encryptKeySecret {
+            do {
+                try RbdProtocol.loadEncryption(img, format: format, passphrase: try loc.secretBytes(id))
+            } catch {
+                rbd_close(img)
+                conn.close()
+                throw error
+            }
+        }
         var info = rbd_image_info_t()
         let s = rbd_stat(img, &info, MemoryLayout<rbd_image_info_t>.size)
         if s < 0 {
@@ -280,6 +556,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         pthread_mutex_lock(lock)
         defer { pthread_mutex_unlock(lock) }
         if end <= cachedSize { return }
+        try pending.wait()
         let r = rbd_resize(image, end)
         if r < 0 { throw InstarError.system(-r, "error growing \(name)") }
         cachedSize = end
@@ -313,6 +590,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         let end = try size()
         guard offset < end, let base = buffer.baseAddress else { return 0 }
         let want = Int(min(UInt64(buffer.count), end - offset))
+        try pending.wait(from: offset, to: offset + UInt64(want))
         var done = 0
         while done < want {
             let n = rbd_read(image, offset + UInt64(done), want - done, (base + done).assumingMemoryBound(to: CChar.self))
@@ -325,14 +603,12 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         guard let base = buffer.baseAddress else { return }
+        try pending.check()
         try growForWrite(to: try offset.adding(UInt64(buffer.count)))
-        var done = 0
-        while done < buffer.count {
-            let n = rbd_write(image, offset + UInt64(done), buffer.count - done,
-                              (base + done).assumingMemoryBound(to: CChar.self))
-            if n < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -n), "error writing \(name)") }
-            if n == 0 { throw InstarError.system(EIO, "error writing \(name)") }
-            done += n
+        let img = image
+        try pending.queue(offset: offset, length: UInt64(buffer.count), data: UnsafeRawBufferPointer(start: base, count: buffer.count),
+                          what: "writing") { c, data in
+            rbd_aio_write(img, offset, buffer.count, data, c)
         }
     }
 
@@ -342,21 +618,32 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         let flags: Int32 = mayUnmap ? 0 : Int32(RBD_WRITE_ZEROES_FLAG_THICK_PROVISION)
         var pos = offset
         let end = try offset.adding(length)
+        try pending.check()
         try growForWrite(to: end)
+        let img = image
         while pos < end {
             let n = min(end - pos, 1 << 30)
-            let r = rbd_write_zeroes(image, pos, Int(n), flags, 0)
-            if r < 0 { throw InstarError.system(Int32(truncatingIfNeeded: -r), "error writing zeroes to \(name)") }
+            let at = pos
+            try pending.queue(offset: at, length: n, data: nil, what: "writing zeroes to") { c, _ in
+                rbd_aio_write_zeroes(img, at, Int(n), c, flags, 0)
+            }
             pos += n
         }
     }
 
     func discard(at offset: UInt64, length: UInt64) throws {
-        let r = rbd_discard(image, offset, length)
-        if r < 0 { throw InstarError.system(-r, "error discarding in \(name)") }
+        let img = image
+        try pending.queue(offset: offset, length: length, data: nil, what: "discarding in") { c, _ in
+            rbd_aio_discard(img, offset, length, c)
+        }
+    }
+
+    func settle() throws {
+        try pending.wait()
     }
 
     func flush() throws {
+        try pending.wait()
         let r = rbd_flush(image)
         if r < 0 { throw InstarError.system(-r, "error flushing \(name)") }
     }
@@ -364,6 +651,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     func truncate(to length: UInt64) throws {
         pthread_mutex_lock(lock)
         defer { pthread_mutex_unlock(lock) }
+        try pending.wait()
         let r = rbd_resize(image, length)
         if r < 0 { throw InstarError.system(-r, "Failed to resize file") }
         cachedSize = length
@@ -374,6 +662,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     /// object boundary (and no answer for striped or cloned images), as qemu works around its bug.
     func extent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent {
         let all = ProtocolExtent(length: length, data: true, zero: false)
+        try pending.wait()
         var features: UInt64 = 0
         if rbd_get_features(image, &features) < 0 || features & UInt64(RBD_FEATURE_FAST_DIFF) == 0 { return all }
         var flags: UInt64 = 0
@@ -432,6 +721,8 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     }
 
     func close() {
+        // Whatever failed was thrown by settle/flush already, or is lost with the handle as in any close.
+        try? pending.wait()
         if let img = image { rbd_close(img) }
         image = nil
         conn.close()
