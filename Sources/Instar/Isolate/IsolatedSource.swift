@@ -326,9 +326,6 @@ extension IsolatedMode {
             snapshot = ConvertOperation.SnapshotSelector(options: options, id: try r.optStr(), name: try r.optStr())
         }
         try r.finish()
-        if commandLine && imageOpts && format != nil {
-            throw InstarError.invalid("--image-opts and --format are mutually exclusive")
-        }
         let warnings = WarningBox()
         var sources: [ImageLayer] = []
         defer { for s in sources { try? s.close() } }
