@@ -29,7 +29,11 @@ enum IsolateFrame: UInt32 {
     case result = 3    // helper -> caller: the operation's encoded result
     case failure = 4   // helper -> caller: an InstarError
     case progress = 5  // helper -> caller: f64 percent (the caller's progress callback may cancel)
+    case plain = 6     // helper -> caller, answering a convert source's read: path, u64 offset (IsolatedSource)
 }
+
+/// The caller could not read a plain range the helper pointed it to: it asks for the bytes instead.
+struct PlainRangeUnreadable: Error {}
 
 public enum IsolatedMode {
     /// The helper's address-space limit when the caller gives none (INSTAR_ISOLATE_AS_MB overrides it).
@@ -633,6 +637,8 @@ final class HelperSession {
         if finished { return }
         finished = true
         Glibc.close(sock)
+        for fd in brokered.values { Glibc.close(fd) }
+        brokered = [:]
         if !reaped {
             kill(pid, SIGKILL)
             var status: Int32 = 0
@@ -664,6 +670,17 @@ final class HelperSession {
                 try receive(into: buffer)
                 return WireReader([])
             }
+            if let buffer = into, type == IsolateFrame.plain.rawValue {
+                // The bytes are stored plainly in a file the broker opened: read them from the caller's copy
+                // of that descriptor (no parsing; the helper could read them itself).
+                guard len <= 1 << 16 else { throw WireReader.malformed() }
+                var r = WireReader(try receive(Int(len)))
+                let path = try r.str()
+                let offset = try r.u64()
+                try r.finish()
+                guard readBrokered(path, at: offset, into: buffer) else { throw PlainRangeUnreadable() }
+                return WireReader([])
+            }
             let body = try receive(Int(len))
             switch IsolateFrame(rawValue: type) {
             case .open?:
@@ -689,6 +706,25 @@ final class HelperSession {
                 throw WireReader.malformed()
             }
         }
+    }
+
+    /// The descriptors the broker opened, by name, kept (when `keepsBrokeredFiles`) for plain-range reads.
+    var keepsBrokeredFiles = false
+    private var brokered: [String: Int32] = [:]
+
+    /// Exactly `buffer.count` bytes of the brokered file `path` at `offset`; false when it is not one, or it is
+    /// shorter.
+    private func readBrokered(_ path: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let fd = brokered[path], let base = buffer.baseAddress, offset <= UInt64(Int64.max),
+              UInt64(buffer.count) <= UInt64(Int64.max) - offset else { return false }
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, base + done, buffer.count - done, off_t(offset + UInt64(done)))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
     }
 
     /// The broker: a read-only open of the name the helper asks for, or a refusal (-errno).
@@ -725,7 +761,15 @@ final class HelperSession {
         }
         var w = WireWriter()
         w.u32(UInt32(bitPattern: result))
-        defer { if fd >= 0 { Glibc.close(fd) } }
+        var keep = false
+        if fd >= 0 && keepsBrokeredFiles && flags & instar_shim_o_direct() == 0 {
+            let path = String(decoding: pathBytes, as: UTF8.self)
+            if brokered[path] == nil {
+                brokered[path] = fd
+                keep = true
+            }
+        }
+        defer { if fd >= 0 && !keep { Glibc.close(fd) } }
         guard IsolatedMode.sendAll(sock, w.bytes, fd: fd) else { throw ended() }
     }
 

@@ -84,7 +84,7 @@ final class SourceLink {
         do {
             return try session.run(request: payload, progress: nil, into: into)
         } catch {
-            if session.answeredWithError { throw error }
+            if session.answeredWithError || error is PlainRangeUnreadable { throw error }
             let e = (error as? InstarError) ?? InstarError(.isolation, "\(error)")
             failure = e
             session.finish()
@@ -135,6 +135,7 @@ final class RemoteSourceFormat: ImageFormat {
             throw InstarError(.range, "read past the end of the image")
         }
         var done = 0
+        var allowPlain = true
         while done < buffer.count {
             try CallBudget.checkpoint()
             let n = min(buffer.count - done, SourceLink.maxRead)
@@ -143,7 +144,14 @@ final class RemoteSourceFormat: ImageFormat {
             w.u32(id)
             w.u64(offset + UInt64(done))
             w.u64(UInt64(n))
-            _ = try link.request(w.bytes, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)]))
+            w.bool(allowPlain)
+            do {
+                _ = try link.request(w.bytes, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)]))
+            } catch is PlainRangeUnreadable {
+                allowPlain = false
+                continue
+            }
+            allowPlain = true
             done += n
         }
     }
@@ -204,6 +212,11 @@ final class RemoteBitmapStore: PersistentBitmapStore {
     }
 }
 
+/// The diagnostics a source's open gave in the helper, for the caller to replay.
+final class DiagnosticsBox {
+    var items: [Diagnostics.Message] = []
+}
+
 extension ConvertOperation.SnapshotSelector {
     init(options: Bool, id: String?, name: String?) {
         self.options = options
@@ -238,6 +251,7 @@ extension IsolatedMode {
         }
         let timeoutMs = CallBudget.current.map { $0.timeoutMs > 0 ? $0.timeoutMs : 0 } ?? 0
         let (session, request) = try spawn(.source, w.bytes)
+        session.keepsBrokeredFiles = true
         let link = SourceLink(session: session, callTimeoutMs: timeoutMs)
         var sources: [ImageLayer] = []
         do {
@@ -246,6 +260,12 @@ extension IsolatedMode {
             for _ in 0..<nw {
                 let s = try r.str()
                 warn?(s)
+            }
+            // What the drivers reported while opening (qemu's warn_report lines), as the in-process open prints.
+            let nd = try r.count(minSize: 9)
+            for _ in 0..<nd {
+                let text = try r.str()
+                Diagnostics.sink?(Diagnostics.Message(text, prefixed: try r.bool()))
             }
             let ns = try r.count(minSize: 8)
             guard ns == names.count else { throw WireReader.malformed() }
@@ -320,6 +340,9 @@ extension IsolatedMode {
         let keySecret = try r.optStr()
         var open = try ImageOpenOptions.decodeIsolated(&r)
         open.noShareWrite = true
+        // Data stored plainly in a file is read by the caller from its copy of the descriptor (not with O_DIRECT,
+        // whose alignment rules the caller's buffers need not meet).
+        let plainReads = !open.direct && flags & UInt32(INSTAR_OPEN_NO_CACHE) == 0
         var snapshot: ConvertOperation.SnapshotSelector?
         if try r.bool() {
             let options = try r.bool()
@@ -327,6 +350,10 @@ extension IsolatedMode {
         }
         try r.finish()
         let warnings = WarningBox()
+        let diagnostics = DiagnosticsBox()
+        Diagnostics.sink = { m in
+            if diagnostics.items.count < 1024 { diagnostics.items.append(m) }
+        }
         var sources: [ImageLayer] = []
         defer { for s in sources { try? s.close() } }
         for name in names {
@@ -346,8 +373,14 @@ extension IsolatedMode {
         }
         if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: sources) }
 
+        Diagnostics.sink = nil
         var out = WireWriter()
         writeWarnings(&out, warnings.items)
+        out.u64(UInt64(diagnostics.items.count))
+        for m in diagnostics.items {
+            out.str(m.text)
+            out.bool(m.prefixed)
+        }
         out.u64(UInt64(sources.count))
         var layers: [ImageLayer] = []
         for s in sources {
@@ -413,6 +446,7 @@ extension IsolatedMode {
                 case .read:
                     let offset = try q.u64()
                     let length = try q.u64()
+                    let allowPlain = try q.bool()
                     try q.finish()
                     guard length <= UInt64(SourceLink.maxRead) else { throw InstarError.invalid("read too large") }
                     reads += 1
@@ -429,6 +463,13 @@ extension IsolatedMode {
                             continue
                         default: break
                         }
+                    }
+                    if plainReads && allowPlain, let (path, host) = plainRange(layer, at: offset, length: length) {
+                        var a = WireWriter()
+                        a.str(path)
+                        a.u64(host)
+                        guard sendFrame(sock, .plain, a.bytes) else { return }
+                        continue
                     }
                     let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(length)])
                     try layer.read(into: part, at: offset)
@@ -471,6 +512,23 @@ extension IsolatedMode {
             try ChainStatus.recurseIntoHostFile(file, hostOffset: host, status: &out)
         }
         return out
+    }
+
+    /// Where the guest range [offset, +length) of `layer`'s chain is stored plainly, in one piece, inside one
+    /// whole file (data, not zero, not past the file's end): the file's name as the broker opened it, and the
+    /// offset. Nil when it is not (compressed, encrypted, split, a hole), or on any error (the read then reports it).
+    static func plainRange(_ layer: ImageLayer, at offset: UInt64, length: UInt64) -> (String, UInt64)? {
+        guard length > 0, offset < layer.virtualSize, length <= layer.virtualSize - offset,
+              let st = try? ChainStatus.aboveStatus(layer, at: offset, length: length),
+              st.data, !st.zero, st.length >= length, let host = st.hostOffset, let name = st.hostFile else {
+            return nil
+        }
+        let chain = layer.chain
+        guard st.depth < chain.count,
+              let file = chain[st.depth].format.hostFiles.first(where: { $0.path == name }),
+              file.isWholeLocalFile, !file.direct,
+              let size = try? file.size(), host <= size, length <= size - host else { return nil }
+        return (name, host)
     }
 
     static func sendFrame(_ sock: Int32, _ type: IsolateFrame, _ payload: [UInt8]) -> Bool {
