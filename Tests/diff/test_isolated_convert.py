@@ -191,3 +191,12 @@ def test_helper_failing_mid_stream(images, monkeypatch, hook, error, words):
     monkeypatch.delenv("INSTAR_ISOLATE_TEST")
     lib.convert(src, dst, isolated=True)
     assert qemu("compare", "-F", "raw", src, dst).rc == 0
+
+
+def test_plain_range_the_caller_cannot_read(images, monkeypatch):
+    """The helper names a plain range in a file the caller does not hold: the caller asks again for the bytes,
+    and the result is the in-process convert's."""
+    src = os.path.join(images, "top.qcow2")
+    monkeypatch.setenv("INSTAR_ISOLATE_TEST", "unreadable-plain-read:1")
+    p, plain, iso = _both(images, ["-O", "raw"], [src], "unreadable-plain")
+    assert p.rc == 0, p

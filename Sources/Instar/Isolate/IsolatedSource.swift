@@ -413,7 +413,8 @@ extension IsolatedMode {
         let sock = Int32(INSTAR_ISOLATE_SOCK_FD)
         guard sendFrame(sock, .result, out.bytes) else { return }
 
-        // Test hooks of the serving phase: "abort-read:N", "hang-read:N", "garbage-read:N" act on the N-th read.
+        // Test hooks of the serving phase: "abort-read:N", "hang-read:N", "garbage-read:N",
+        // "unreadable-plain-read:N" act on the N-th read.
         var hookAction = ""
         var hookAt = 0
         if let colon = test.firstIndex(of: ":"), test[..<colon].hasSuffix("-read"), let n = Int(test[test.index(after: colon)...]) {
@@ -460,6 +461,13 @@ extension IsolatedMode {
                             g.u64(4)
                             g.u32(0xdead_beef)
                             _ = sendAll(sock, g.bytes)
+                            continue
+                        case "unreadable-plain-read":
+                            // A plain range in a file the caller does not hold: it must ask again for the bytes.
+                            var a = WireWriter()
+                            a.str("/nonexistent/plain-range")
+                            a.u64(0)
+                            guard sendFrame(sock, .plain, a.bytes) else { return }
                             continue
                         default: break
                         }
