@@ -487,10 +487,18 @@ typedef struct instar_convert_options {
     const instar_limits_t *limits; /**< time and CPU limits of the call, NULL for none */
     const char *backing_key_secret; /**< the passphrase of the encrypted images below the source (its backing file
                                       *   and theirs), each one's encrypt.key-secret, NULL for none */
+    /**
+     * INSTAR_OPEN_* for the source (`flags` holds INSTAR_CONVERT_*, whose bits differ). INSTAR_OPEN_ISOLATED
+     * parses the (untrusted) source in the confined helper process and streams its block status and guest
+     * bytes back; the target is written by this process as without it (docs/isolated.md). A helper that
+     * crashes or misbehaves fails the call with INSTAR_E_ISOLATION, one past its deadline with INSTAR_E_LIMIT.
+     * INSTAR_OPEN_FORCE_SHARE and INSTAR_OPEN_NO_CACHE apply to the source too.
+     */
+    uint32_t open_flags;
 } instar_convert_options_t;
 
 #define INSTAR_CONVERT_OPTIONS_INIT { sizeof(instar_convert_options_t), 0, NULL, NULL, NULL, NULL, -1, NULL, NULL, \
-                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL, NULL, NULL }
+                                      NULL, NULL, NULL, NULL, 8, 0, NULL, NULL, NULL, NULL, 0 }
 /**
  * Fills *opts with the defaults (the values of INSTAR_CONVERT_OPTIONS_INIT), at most `size` bytes of it, and sets
  * struct_size to the bytes written. Returns INSTAR_OK, or INSTAR_E_INVALID for NULL or a size below 4.

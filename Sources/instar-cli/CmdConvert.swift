@@ -8,6 +8,7 @@ private let optSalvage: Int32 = 260
 private let optTargetIsZero: Int32 = 261
 private let optBitmaps: Int32 = 262
 private let optSkipBrokenBitmaps: Int32 = 263
+private let optIsolated: Int32 = 264
 
 /// Prints qemu's progress records to stdout as they come.
 func progressPrinter(_ enabled: Bool) -> ((Double) throws -> Void)? {
@@ -35,6 +36,7 @@ func convertCommand(_ args: [String]) -> Int32 {
         LongOption(name: "bitmaps", argument: .none, value: optBitmaps),
         LongOption(name: "skip-broken-bitmaps", argument: .none, value: optSkipBrokenBitmaps),
         LongOption(name: "force-share", argument: .none, value: .opt("U")),
+        LongOption(name: "isolated", argument: .none, value: optIsolated),
     ])
     var sourceFormat: String?
     var targetFormat: String?
@@ -51,6 +53,7 @@ func convertCommand(_ args: [String]) -> Int32 {
     var explicitSparse = false
     var salvage = false
     var snapshot: ConvertOperation.SnapshotSelector?
+    var isolated = false
     for (c, arg) in parsed.options {
         let a = arg ?? ""
         switch c {
@@ -100,6 +103,7 @@ func convertCommand(_ args: [String]) -> Int32 {
         case optTargetIsZero: options.targetIsZero = true
         case optBitmaps: options.bitmaps = true
         case optSkipBrokenBitmaps: options.skipBrokenBitmaps = true
+        case optIsolated: isolated = true
         default: break
         }
     }
@@ -171,22 +175,48 @@ func convertCommand(_ args: [String]) -> Int32 {
     try? meter.advance(0, max: 100)
     let status = runConvert(sourceNames: sourceNames, target: target, sourceFormat: sourceFormat,
                             options: options, imageOpts: imageOpts, forceShare: forceShare, sourceCache: srcCache,
-                            snapshot: snapshot)
+                            snapshot: snapshot, isolated: isolated)
     progressEnd(progress)
     return status
 }
 
 private func runConvert(sourceNames: [String], target: String, sourceFormat: String?, options: ConvertOptions,
                         imageOpts: Bool, forceShare: Bool, sourceCache: CacheMode,
-                        snapshot: ConvertOperation.SnapshotSelector?) -> Int32 {
+                        snapshot: ConvertOperation.SnapshotSelector?, isolated: Bool = false) -> Int32 {
     var sources: [ImageLayer] = []
-    defer { for s in sources { try? s.close() } }
-    for name in sourceNames {
-        guard let s = cliOpenImage(name, format: sourceFormat, imageOpts: imageOpts, forceShare: forceShare,
-                                   direct: sourceCache.direct, noShareWrite: true) else { return 1 }
-        sources.append(s)
+    var isolatedSources: IsolatedSources?
+    defer {
+        for s in sources { try? s.close() }
+        isolatedSources?.close()
     }
-    if let sel = snapshot {
+    if isolated {
+        // --isolated: the sources are parsed in the confined helper (which loads -l's snapshot too) and read
+        // through it; the target is written here (docs/isolated.md).
+        var open = ImageOpenOptions()
+        open.forceShare = forceShare
+        open.direct = sourceCache.direct
+        open.secrets = cliSecrets
+        do {
+            let s = try IsolatedMode.openSources(sourceNames, format: sourceFormat, commandLine: true,
+                                                 imageOpts: imageOpts, open: open, snapshot: snapshot,
+                                                 warn: { CLI.error("warning: \($0)") })
+            isolatedSources = s
+            sources = s.layers
+        } catch let e as InstarError {
+            CLI.error(e.message)
+            return 1
+        } catch {
+            CLI.error("\(error)")
+            return 1
+        }
+    } else {
+        for name in sourceNames {
+            guard let s = cliOpenImage(name, format: sourceFormat, imageOpts: imageOpts, forceShare: forceShare,
+                                       direct: sourceCache.direct, noShareWrite: true) else { return 1 }
+            sources.append(s)
+        }
+    }
+    if let sel = snapshot, !isolated {
         do {
             try ConvertOperation.loadSnapshot(sel, sources: sources)
         } catch let e as InstarError {
@@ -203,6 +233,10 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
         return 0
     } catch is CompressedEndRefused {
         // The copy is complete, but the end-of-stream compressed write failed: qemu-img exits 1 silently.
+        return 1
+    } catch let e as StepError where isolated && (e.error.code == .isolation || e.error.code == .limit) {
+        // The helper ended (crashed, misbehaved, overran its deadline): how, instead of a meaningless errno.
+        CLI.error(e.instarError.message)
         return 1
     } catch let e as StepError {
         // qemu-img names the step and the chunk, then strerror of the block layer's code.

@@ -144,7 +144,8 @@ opt_limits(pTHX_ HV *hv, instar_limits_t *lim)
 
 static const flag_name_t open_flag_names[] = {
     { "read_write", INSTAR_OPEN_READ_WRITE }, { "force_share", INSTAR_OPEN_FORCE_SHARE },
-    { "no_backing", INSTAR_OPEN_NO_BACKING }, { "no_cache", INSTAR_OPEN_NO_CACHE }, { NULL, 0 }
+    { "no_backing", INSTAR_OPEN_NO_BACKING }, { "no_cache", INSTAR_OPEN_NO_CACHE },
+    { "isolated", INSTAR_OPEN_ISOLATED }, { NULL, 0 }
 };
 
 /* ---- progress: Perl code refs called on the calling thread only ---- */
@@ -617,6 +618,7 @@ convert(source, target, opts = &PL_sv_undef)
     o.rate_limit = opt_i64(aTHX_ hv, "rate_limit", 0);
     o.key_secret = opt_str(aTHX_ hv, "key_secret", NULL);
     o.target_key_secret = opt_str(aTHX_ hv, "target_key_secret", NULL);
+    o.open_flags = opt_flags(aTHX_ hv, "open_flags", open_flag_names);
     progress_init(aTHX_ &p, hv);
     o.progress = PROGRESS_FN(&p);
     o.progress_data = &p;

@@ -8,7 +8,7 @@ func convertOptionsDefaults() -> instar_convert_options_t {
                              target_cache: nil, sparse_size: -1, progress: nil, progress_data: nil,
                              options: nil, backing_file: nil, backing_format: nil, snapshot: nil,
                              coroutines: 8, rate_limit: 0, key_secret: nil, target_key_secret: nil, limits: nil,
-                             backing_key_secret: nil)
+                             backing_key_secret: nil, open_flags: 0)
 }
 
 @_cdecl("instar_convert_options_init")
@@ -86,10 +86,26 @@ public func instar_convert(_ source: UnsafePointer<CChar>?, _ target: UnsafePoin
 
         var flags: UInt32 = sourceCache.direct ? UInt32(INSTAR_OPEN_NO_CACHE) : 0
         if o.flags & UInt32(INSTAR_CONVERT_FORCE_SHARE) != 0 { flags |= UInt32(INSTAR_OPEN_FORCE_SHARE) }
-        let image = try openForOperation(src, format: optionalString(o.source_format), flags: flags, noShareWrite: true,
-                                         keySecret: o.key_secret, backingKeySecret: o.backing_key_secret)
+        flags |= o.open_flags & (UInt32(INSTAR_OPEN_FORCE_SHARE) | UInt32(INSTAR_OPEN_NO_CACHE))
+        let image: ImageLayer
+        var isolated: IsolatedSources?
+        defer { isolated?.close() }
+        if o.open_flags & UInt32(INSTAR_OPEN_ISOLATED) != 0 {
+            // The source is parsed in the helper (the snapshot loaded there too); the target is written here.
+            let s = try IsolatedMode.openSources([src], format: optionalString(o.source_format), commandLine: false,
+                                                 flags: flags, keySecret: optionalString(o.key_secret),
+                                                 backingKeySecret: optionalString(o.backing_key_secret),
+                                                 snapshot: snapshot)
+            isolated = s
+            guard let top = s.layers.first else { throw InstarError(.isolation, "The isolated helper opened no source") }
+            image = top
+        } else {
+            image = try openForOperation(src, format: optionalString(o.source_format), flags: flags,
+                                         noShareWrite: true, keySecret: o.key_secret,
+                                         backingKeySecret: o.backing_key_secret)
+            if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: [image]) }
+        }
         defer { try? image.close() }
-        if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: [image]) }
         do {
             try ConvertOperation.convert(sources: [image], target: dst, options: options)
         } catch let e as ConvertStopped {

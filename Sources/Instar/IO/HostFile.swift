@@ -159,6 +159,10 @@ public final class HostFile {
         return HostFile(path: path, fd: fd, writable: writable, direct: direct)
     }
 
+    /// A whole file of this host, opened by its name (not a window of another file, not a protocol node): its
+    /// bytes at an offset are the file's own (isolated convert reads plain ranges through the broker's copy).
+    var isWholeLocalFile: Bool { base == nil && remote == nil && fd >= 0 }
+
     /// The file length in bytes.
     public func size() throws -> UInt64 {
         if base != nil { return windowSize }

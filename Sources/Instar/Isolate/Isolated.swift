@@ -17,6 +17,9 @@ enum IsolatedOp: UInt8 {
     case map = 3
     case measure = 4
     case compare = 5
+    /// The reading side of convert: the helper opens the sources and then answers block-status, read and bitmap
+    /// requests until the caller closes it (IsolatedSource.swift).
+    case source = 6
 }
 
 /// Frame types on the helper's socket: a frame is u32 type, u64 length, then the payload.
@@ -26,7 +29,11 @@ enum IsolateFrame: UInt32 {
     case result = 3    // helper -> caller: the operation's encoded result
     case failure = 4   // helper -> caller: an InstarError
     case progress = 5  // helper -> caller: f64 percent (the caller's progress callback may cancel)
+    case plain = 6     // helper -> caller, answering a convert source's read: path, u64 offset (IsolatedSource)
 }
+
+/// The caller could not read a plain range the helper pointed it to: it asks for the bytes instead.
+struct PlainRangeUnreadable: Error {}
 
 public enum IsolatedMode {
     /// The helper's address-space limit when the caller gives none (INSTAR_ISOLATE_AS_MB overrides it).
@@ -248,7 +255,7 @@ public enum IsolatedMode {
         return String(path[..<slash])
     }
 
-    private static func envNumber(_ name: String) -> Int64? {
+    static func envNumber(_ name: String) -> Int64? {
         guard let p = getenv(name) else { return nil }
         return Int64(String(cString: p))
     }
@@ -257,11 +264,21 @@ public enum IsolatedMode {
     /// saying how the helper ended).
     static func call(_ op: IsolatedOp, _ payload: [UInt8],
                      progress: ((Double) throws -> Void)? = nil) throws -> WireReader {
+        let (session, request) = try spawn(op, payload)
+        defer { session.finish() }
+        return try session.run(request: request, progress: progress)
+    }
+
+    /// Starts a helper for `op` and returns it with the request to send it first (the call's limits, the test
+    /// hook and `payload`). The caller must `finish()` the session. A convert source has no CPU rlimit unless
+    /// the call sets one (a long copy may rightly use minutes of CPU); each of its requests has the wall-clock
+    /// deadline instead.
+    static func spawn(_ op: IsolatedOp, _ payload: [UInt8]) throws -> (HelperSession, [UInt8]) {
         let budget = CallBudget.current
         let timeoutMs = budget.map { $0.timeoutMs > 0 ? $0.timeoutMs : 0 } ?? 0
         let cpuMs = budget.map { $0.cpuMs > 0 ? $0.cpuMs : 0 } ?? 0
         let wallMs = timeoutMs > 0 ? timeoutMs : (envNumber("INSTAR_ISOLATE_TIMEOUT_MS") ?? defaultTimeoutMs)
-        let cpuSeconds = cpuMs > 0 ? UInt64(cpuMs + 999) / 1000 : defaultCPUSeconds
+        let cpuSeconds = cpuMs > 0 ? UInt64(cpuMs + 999) / 1000 : (op == .source ? 0 : defaultCPUSeconds)
         var addressSpace = defaultAddressSpace
         if let mb = envNumber("INSTAR_ISOLATE_AS_MB"), mb > 0, mb < 1 << 24 { addressSpace = UInt64(mb) << 20 }
 
@@ -288,8 +305,7 @@ public enum IsolatedMode {
         }
         let session = HelperSession(sock: fds[0], pid: pid, deadline: CallBudget.now(CLOCK_MONOTONIC)
                                         &+ UInt64(max(1, wallMs)) &* 1_000_000, wallMs: wallMs)
-        defer { session.finish() }
-        return try session.run(request: w.bytes, progress: progress)
+        return (session, w.bytes)
     }
 
     // MARK: the helper process (helper side)
@@ -320,6 +336,13 @@ public enum IsolatedMode {
                 throw InstarError(.isolation, "The isolated helper could not confine itself: \(strerrorString(-lrc))")
             }
             try runTestHook(test)
+            if op == .source {
+                // Sends its own frames: the sources' description, then one answer per request until closed.
+                try CallBudget.run(CallBudget.make(timeoutMs: timeoutMs, cpuMs: cpuMs)) {
+                    try serveSources(&r, test: test)
+                }
+                return 0
+            }
             try CallBudget.run(CallBudget.make(timeoutMs: timeoutMs, cpuMs: cpuMs)) {
                 try runOp(op, &r, &out)
             }
@@ -361,6 +384,8 @@ public enum IsolatedMode {
         let warn: (String) -> Void = { collected.items.append($0) }
         var warnings: [String] { collected.items }
         switch op {
+        case .source:
+            throw WireReader.malformed()
         case .measure:
             try runMeasure(&r, &out, warn) { collected.items }
         case .compare:
@@ -535,7 +560,7 @@ public enum IsolatedMode {
         }
     }
 
-    private static func writeWarnings(_ out: inout WireWriter, _ warnings: [String]) {
+    static func writeWarnings(_ out: inout WireWriter, _ warnings: [String]) {
         out.u64(UInt64(warnings.count))
         for s in warnings { out.str(s) }
     }
@@ -596,8 +621,8 @@ final class WarningBox {
 final class HelperSession {
     let sock: Int32
     let pid: Int32
-    let deadline: UInt64
-    let wallMs: Int64
+    var deadline: UInt64
+    var wallMs: Int64
     var timedOut = false
     var reaped = false
 
@@ -609,8 +634,17 @@ final class HelperSession {
         _ = fcntl(sock, F_SETFL, fcntl(sock, F_GETFL) | O_NONBLOCK)
     }
 
+    /// The last `run` ended with an error the helper sent (a failure frame): the helper itself is fine.
+    var answeredWithError = false
+    private var finished = false
+
+    /// Closes the socket and kills and reaps the helper; later calls do nothing.
     func finish() {
+        if finished { return }
+        finished = true
         Glibc.close(sock)
+        for fd in brokered.values { Glibc.close(fd) }
+        brokered = [:]
         if !reaped {
             kill(pid, SIGKILL)
             var status: Int32 = 0
@@ -618,18 +652,41 @@ final class HelperSession {
         }
     }
 
-    func run(request: [UInt8], progress: ((Double) throws -> Void)?) throws -> WireReader {
+    /// Files the helper opened through the broker, over the whole session.
+    var opens = 0
+
+    /// Sends `request` and serves the helper's open requests until its answer: the result (or its error). With
+    /// `into`, the result must be exactly `into.count` bytes and is received straight into it (an empty reader
+    /// is returned).
+    func run(request: [UInt8], progress: ((Double) throws -> Void)?,
+             into: UnsafeMutableRawBufferPointer? = nil) throws -> WireReader {
         var head = WireWriter()
         head.u32(IsolateFrame.request.rawValue)
         head.u64(UInt64(request.count))
+        answeredWithError = false
         try send(head.bytes + request)
-        var opens = 0
         while true {
             let h = try receive(12)
             var hr = WireReader(h)
             let type = try hr.u32()
             let len = try hr.u64()
             guard len <= IsolatedMode.maxResultBytes else { throw WireReader.malformed() }
+            if let buffer = into, type == IsolateFrame.result.rawValue {
+                guard len == UInt64(buffer.count) else { throw WireReader.malformed() }
+                try receive(into: buffer)
+                return WireReader([])
+            }
+            if let buffer = into, type == IsolateFrame.plain.rawValue {
+                // The bytes are stored plainly in a file the broker opened: read them from the caller's copy
+                // of that descriptor (no parsing; the helper could read them itself).
+                guard len <= 1 << 16 else { throw WireReader.malformed() }
+                var r = WireReader(try receive(Int(len)))
+                let path = try r.str()
+                let offset = try r.u64()
+                try r.finish()
+                guard readBrokered(path, at: offset, into: buffer) else { throw PlainRangeUnreadable() }
+                return WireReader([])
+            }
             let body = try receive(Int(len))
             switch IsolateFrame(rawValue: type) {
             case .open?:
@@ -649,11 +706,31 @@ final class HelperSession {
                 var r = WireReader(body)
                 let e = try r.error()
                 try r.finish()
+                answeredWithError = true
                 throw e
             default:
                 throw WireReader.malformed()
             }
         }
+    }
+
+    /// The descriptors the broker opened, by name, kept (when `keepsBrokeredFiles`) for plain-range reads.
+    var keepsBrokeredFiles = false
+    private var brokered: [String: Int32] = [:]
+
+    /// Exactly `buffer.count` bytes of the brokered file `path` at `offset`; false when it is not one, or it is
+    /// shorter.
+    private func readBrokered(_ path: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let fd = brokered[path], let base = buffer.baseAddress, offset <= UInt64(Int64.max),
+              UInt64(buffer.count) <= UInt64(Int64.max) - offset else { return false }
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, base + done, buffer.count - done, off_t(offset + UInt64(done)))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
     }
 
     /// The broker: a read-only open of the name the helper asks for, or a refusal (-errno).
@@ -690,7 +767,15 @@ final class HelperSession {
         }
         var w = WireWriter()
         w.u32(UInt32(bitPattern: result))
-        defer { if fd >= 0 { Glibc.close(fd) } }
+        var keep = false
+        if fd >= 0 && keepsBrokeredFiles && flags & instar_shim_o_direct() == 0 {
+            let path = String(decoding: pathBytes, as: UTF8.self)
+            if brokered[path] == nil {
+                brokered[path] = fd
+                keep = true
+            }
+        }
+        defer { if fd >= 0 && !keep { Glibc.close(fd) } }
         guard IsolatedMode.sendAll(sock, w.bytes, fd: fd) else { throw ended() }
     }
 
@@ -710,6 +795,23 @@ final class HelperSession {
             }
             if n <= 0 { throw ended() }
             off += n
+        }
+    }
+
+    /// Exactly `buffer.count` bytes, straight into `buffer`.
+    private func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+        guard let base = buffer.baseAddress else { return }
+        var got = 0
+        while got < buffer.count {
+            var fd: Int32 = -1
+            let k = instar_isolate_recv(sock, base + got, buffer.count - got, &fd)
+            if fd >= 0 { Glibc.close(fd) }
+            if k == -Int(EAGAIN) {
+                try wait(Int16(POLLIN))
+                continue
+            }
+            if k <= 0 { throw ended() }
+            got += k
         }
     }
 

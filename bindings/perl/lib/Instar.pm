@@ -249,7 +249,8 @@ Like C<qemu-img convert>. Options: C<source_format> (-f), C<target_format> (-O),
 C<target_cache> (-t), C<sparse_size> (-S), C<options> (-o), C<backing_file> (-B), C<backing_format> (-F),
 C<snapshot> (-l), C<coroutines> (-m), C<rate_limit> (-r, bytes per second), C<no_create> (-n),
 C<target_is_zero>, C<compress> (-c), C<unordered_writes> (-W), C<bitmaps>, C<skip_broken_bitmaps>,
-C<force_share> (-U), C<key_secret>, C<target_key_secret>, C<progress>.
+C<force_share> (-U), C<key_secret>, C<target_key_secret>, C<progress>, C<isolated> (the source is parsed
+in the confined helper and read through it, docs/isolated.md; the other calls that open an image take it too).
 
 =item create($filename, %opts)
 

@@ -60,7 +60,7 @@ class ConvertOptions(Options):
                 ("backing_format", ctypes.c_char_p), ("snapshot", ctypes.c_char_p), ("coroutines", ctypes.c_int32),
                 ("rate_limit", ctypes.c_int64), ("key_secret", ctypes.c_char_p),
                 ("target_key_secret", ctypes.c_char_p), ("limits", ctypes.POINTER(Limits)),
-                ("backing_key_secret", ctypes.c_char_p)]
+                ("backing_key_secret", ctypes.c_char_p), ("open_flags", ctypes.c_uint32)]
 
 
 def _setup() -> ctypes.CDLL:
@@ -187,13 +187,15 @@ def convert(src: str, dst: str, source_format: Optional[str] = None, target_form
             snapshot: Optional[str] = None, coroutines: int = 8, rate_limit: int = 0, unordered_writes: bool = False,
             bitmaps: bool = False, skip_broken_bitmaps: bool = False, key_secret: Optional[str] = None,
             target_key_secret: Optional[str] = None, cancel: Optional[Cancel] = None, copy_range: bool = False,
-            salvage: bool = False, backing_key_secret: Optional[str] = None) -> None:
+            salvage: bool = False, backing_key_secret: Optional[str] = None, isolated: bool = False) -> None:
     """Converts like `qemu-img convert`. `fmt` (or `target_format`) is -O, `options` the -o string, `compress`
     -c, `backing_file`/`backing_format` -B/-F, `snapshot` -l, `coroutines` -m, `rate_limit` -r (bytes/s).
     `key_secret` unlocks an encrypted source, `backing_key_secret` the encrypted images below it (its backing
     file and theirs), `target_key_secret` an encrypted target (existing with
     no_create, or new with options asking for encrypt.format=luks or aes). `copy_range` is -C (copy
-    offloading), `salvage` --salvage (unreadable sectors become zeroes).
+    offloading), `salvage` --salvage (unreadable sectors become zeroes). `isolated` parses the (untrusted)
+    source in the confined helper process and reads it through it; the target is written in this process
+    (a crash or hang of the helper raises IsolationFailed or LimitReached).
     `progress(percent)` gets qemu's progress values; a true return cancels, and so does `cancel.cancel()` from
     another thread (instar.Cancelled is raised)."""
     L = _setup()
@@ -208,5 +210,6 @@ def convert(src: str, dst: str, source_format: Optional[str] = None, target_form
                           cb, None, encode(options), encode(backing_file), encode(backing_format), encode(snapshot),
                           coroutines, rate_limit, encode(key_secret), encode(target_key_secret))
     opts.backing_key_secret = encode(backing_key_secret)
+    opts.open_flags = OPEN_ISOLATED if isolated else 0
     err = Error()
     check(L.instar_convert(encode(src), encode(dst), ctypes.byref(opts), ctypes.byref(err)), err)
