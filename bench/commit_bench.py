@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """commit benchmark: qemu-img vs instar committing an overlay that holds 1 GiB of data (16 extents of 64 MiB
-of random bytes, every other 64 MiB of a 2 GiB disk) into its base, median of N runs. Before each run the
+of random bytes, every other 64 MiB of a 2 GiB disk) into its base, median of N runs, the tools taking turns. Before each run the
 pristine base and overlay are copied into place and the page cache is written back; the copy is not timed.
 Bases: an empty 2 GiB qcow2 (every cluster allocated by the commit) and a 2 GiB raw file.
 Prints wall seconds, CPU seconds (user + system of the child) and the ratio qemu/instar (> 1: instar is faster).
@@ -78,15 +78,20 @@ def bench(base_fmt, instar, runs):
     tools = {"qemu-img": ["qemu-img"], "instar": [instar]}
     print(f"== commit of an overlay with 1 GiB of data into a 2 GiB {base_fmt} base, median of {runs} ==")
     med = {}
-    for name, argv in tools.items():
-        walls, cpus = [], []
-        for _ in range(runs):
+    # The tools take turns (the order alternating from run to run), so a change in the machine's load hits both.
+    got = {name: ([], []) for name in tools}
+    for k in range(runs):
+        order = list(tools.items())
+        for name, argv in (order if k % 2 == 0 else order[::-1]):
             w, c = timed_commit(argv, base, work_top_src, work_base, work_top)
-            walls.append(w)
-            cpus.append(c)
+            got[name][0].append(w)
+            got[name][1].append(c)
+    for name, (walls, cpus) in got.items():
         med[name] = (statistics.median(walls), statistics.median(cpus))
         print(f"  {name:10s} wall {med[name][0]:.3f} s  cpu {med[name][1]:.3f} s  runs: "
               + " ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(walls, cpus)))
+    ratios = [q / i for q, i in zip(got["qemu-img"][0], got["instar"][0])]
+    print("  qemu-img/instar wall per run (same turn): " + " ".join(f"{r:.2f}" for r in ratios))
     for f in (work_base, work_top):
         if os.path.exists(f):
             os.unlink(f)

@@ -59,3 +59,11 @@ int64_t instar_shim_copy_file_range(int in, int64_t *in_off, int out, int64_t *o
     *out_off = b;
     return n;
 }
+
+int instar_shim_sync_file_range(int fd, int64_t offset, int64_t length, unsigned int flags) {
+    int r;
+    do {
+        r = sync_file_range(fd, (off64_t)offset, (off64_t)length, flags);
+    } while (r != 0 && errno == EINTR);
+    return r == 0 ? 0 : -errno;
+}

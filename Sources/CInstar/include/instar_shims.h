@@ -29,6 +29,9 @@ int instar_shim_zero_range(int fd, int64_t offset, int64_t length);
 /** copy_file_range(2) from `in` at *in_off to `out` at *out_off (both advanced); returns bytes copied or -errno. */
 int64_t instar_shim_copy_file_range(int in, int64_t *in_off, int out, int64_t *out_off, int64_t length);
 
+/** sync_file_range(2) of [offset, offset + length) with `flags` (SYNC_FILE_RANGE_* bits); returns 0 or -errno. */
+int instar_shim_sync_file_range(int fd, int64_t offset, int64_t length, unsigned int flags);
+
 /* ---- isolated mode (isolate.c, docs/isolated.md) ---- */
 /** The helper's end of its socket is this descriptor in the helper process. */
 #define INSTAR_ISOLATE_SOCK_FD 3

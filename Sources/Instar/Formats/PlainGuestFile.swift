@@ -42,6 +42,7 @@ extension HostFile {
             if n <= 0 { break }
             done += UInt64(n)
         }
+        if pacer != nil, done > 0 { paceWrite(at: offset, length: done) }
         return done
     }
 }

@@ -15,6 +15,11 @@ public final class HostFile {
     public let address: ProtocolAddress?
     /// qemu's cache=unsafe (BDRV_O_NO_FLUSH): flushes of this file return at once.
     public var noFlush = false
+    /// Early writeback of what is written (EarlyWriteback.swift), while an operation asks for it.
+    var pacer: WritebackPacer?
+    /// A writeback error the kernel reported to an early-writeback request (and so no longer reports to
+    /// fdatasync): every later flush of the file fails with it.
+    var writebackError: Int32 = 0
     public let writable: Bool
     public let direct: Bool
     /// O_DIRECT alignment for offsets, lengths and buffers.
@@ -257,6 +262,7 @@ public final class HostFile {
             }
             done += n
         }
+        if pacer != nil { paceWrite(at: offset, length: UInt64(buffer.count)) }
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -278,6 +284,7 @@ public final class HostFile {
             return
         }
         if let remote { return try remote.flush() }
+        if writebackError != 0 { throw InstarError.system(writebackError, "Could not flush '\(path)'") }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
     }
 

@@ -66,6 +66,11 @@ public enum RebaseOperation {
             throw InstarError.invalid("Invalid format name: '\(f)'")
         }
         if !options.unsafe {
+            // The copied differences are flushed before the backing link changes: as in commit, the image's
+            // files write them out while the copy goes on (EarlyWriteback.swift), with a writeback cache only.
+            let pace = !cache.writethrough && !cache.direct && cache.flushes
+            if pace { for f in layer.format.hostFiles { f.beginEarlyWriteback() } }
+            defer { if pace { for f in layer.format.hostFiles { f.endEarlyWriteback() } } }
             try copyDifferences(layer, options: options, sourceCache: sourceCache, meter: &meter)
         }
         do {
