@@ -24,9 +24,10 @@ final class NbdBackend: ProtocolBackend {
     static let maxBuffer: UInt64 = 32 << 20
     /// qemu's block layer never asks more than about INT_MAX bytes of a zero or trim request.
     static let maxRange: UInt64 = 1 << 30
-    /// Large reads and writes go out as requests of at most this size, spread over the connections (half a
-    /// convert chunk: fewer wakeups per byte than nbdcopy's 256 KiB, still several requests per chunk).
-    static let piece: UInt64 = 1 << 20
+    /// Large reads and writes go out as requests of at most this size, spread over the connections (nbdcopy's
+    /// default: qemu-nbd takes 256 KiB requests much faster than 1 MiB ones, about 2.5 s against 16 s per GiB
+    /// into a file here).
+    static let piece: UInt64 = 256 << 10
     /// Write-behind buffers: at most this many bytes of written data waiting for replies.
     static let behindBytes: UInt64 = 32 << 20
 
