@@ -5,7 +5,9 @@ It only prints; nothing here asserts.
 The source is a 1 GiB raw file full of data (a different 4 KiB pattern per MiB, so nothing reads as zeroes),
 made once in the cache dir. The target is a fresh `nbdkit memory 1G` server on a Unix socket per run (so the
 server, not a disk, is what the copy waits on); nbdkit advertises multi-conn, so every tool may use several
-connections. `--target qemu-nbd` uses `qemu-nbd` over a sparse file instead (one connection).
+connections. `--target qemu-nbd` uses `qemu-nbd` over a sparse file instead (one connection); every run starts
+after a sync, so the writeback of one run's file does not slow the next, and with the source read through
+once, so every tool finds it in the page cache.
 
 Usage: bench/nbd_bench.py [--build build] [--cache /tmp/instar-bench] [--target nbdkit|qemu-nbd]
 """
@@ -30,6 +32,12 @@ def source(cache):
             f.write((block * (MIB // len(block) + 1))[:MIB])
     os.rename(path + ".tmp", path)
     return path
+
+
+def warm(path):
+    with open(path, "rb") as f:
+        while f.read(8 * MIB):
+            pass
 
 
 def wait_socket(proc, path, deadline=60):
@@ -87,6 +95,10 @@ def main():
         p, sock = start_target(a.target, a.cache)
         url = f"nbd+unix:///?socket={sock}"
         try:
+            # The previous run's dirty pages (qemu-nbd's target file) must not throttle this one, and every tool
+            # finds the source in the page cache (the first one would otherwise read it from the disk).
+            os.sync()
+            warm(src)
             t0 = time.perf_counter()
             subprocess.run(argv(url), check=True, stdout=subprocess.DEVNULL)
             times[name] = time.perf_counter() - t0

@@ -456,15 +456,59 @@ int nbd_add_meta_context(struct nbd_handle *h, const char *name) {
     return real(h, name);
 }
 
-int nbd_aio_command_completed(struct nbd_handle *h, uint64_t cookie) {
-    static int (*cached)(struct nbd_handle *h, uint64_t cookie);
-    int (*real)(struct nbd_handle *h, uint64_t cookie) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+int64_t nbd_aio_block_status(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, nbd_completion_callback completion_callback, uint32_t flags) {
+    static int64_t (*cached)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, nbd_completion_callback completion_callback, uint32_t flags);
+    int64_t (*real)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, nbd_completion_callback completion_callback, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
     if (!real) {
-        real = (int (*)(struct nbd_handle *h, uint64_t cookie))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_command_completed");
+        real = (int64_t (*)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, nbd_completion_callback completion_callback, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_block_status");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int64_t)-ENOSYS; }
+    return real(h, count, offset, extent_callback, completion_callback, flags);
+}
+
+int64_t nbd_aio_flush(struct nbd_handle *h, nbd_completion_callback completion_callback, uint32_t flags) {
+    static int64_t (*cached)(struct nbd_handle *h, nbd_completion_callback completion_callback, uint32_t flags);
+    int64_t (*real)(struct nbd_handle *h, nbd_completion_callback completion_callback, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int64_t (*)(struct nbd_handle *h, nbd_completion_callback completion_callback, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_flush");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int64_t)-ENOSYS; }
+    return real(h, completion_callback, flags);
+}
+
+unsigned nbd_aio_get_direction(struct nbd_handle *h) {
+    static unsigned (*cached)(struct nbd_handle *h);
+    unsigned (*real)(struct nbd_handle *h) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (unsigned (*)(struct nbd_handle *h))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_get_direction");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (unsigned)-ENOSYS; }
+    return real(h);
+}
+
+int nbd_aio_get_fd(struct nbd_handle *h) {
+    static int (*cached)(struct nbd_handle *h);
+    int (*real)(struct nbd_handle *h) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_get_fd");
         __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
     }
     if (!real) { errno = ENOSYS; return (int)-1; }
-    return real(h, cookie);
+    return real(h);
+}
+
+int nbd_aio_is_closed(struct nbd_handle *h) {
+    static int (*cached)(struct nbd_handle *h);
+    int (*real)(struct nbd_handle *h) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_is_closed");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h);
 }
 
 int nbd_aio_is_dead(struct nbd_handle *h) {
@@ -472,6 +516,28 @@ int nbd_aio_is_dead(struct nbd_handle *h) {
     int (*real)(struct nbd_handle *h) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
     if (!real) {
         real = (int (*)(struct nbd_handle *h))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_is_dead");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h);
+}
+
+int nbd_aio_notify_read(struct nbd_handle *h) {
+    static int (*cached)(struct nbd_handle *h);
+    int (*real)(struct nbd_handle *h) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_notify_read");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int)-1; }
+    return real(h);
+}
+
+int nbd_aio_notify_write(struct nbd_handle *h) {
+    static int (*cached)(struct nbd_handle *h);
+    int (*real)(struct nbd_handle *h) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int (*)(struct nbd_handle *h))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_notify_write");
         __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
     }
     if (!real) { errno = ENOSYS; return (int)-1; }
@@ -500,15 +566,26 @@ int64_t nbd_aio_pwrite(struct nbd_handle *h, const void *buf, size_t count, uint
     return real(h, buf, count, offset, completion_callback, flags);
 }
 
-int nbd_block_status(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, uint32_t flags) {
-    static int (*cached)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, uint32_t flags);
-    int (*real)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+int64_t nbd_aio_trim(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags) {
+    static int64_t (*cached)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags);
+    int64_t (*real)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
     if (!real) {
-        real = (int (*)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_extent_callback extent_callback, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_block_status");
+        real = (int64_t (*)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_trim");
         __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
     }
-    if (!real) { errno = ENOSYS; return (int)-1; }
-    return real(h, count, offset, extent_callback, flags);
+    if (!real) { errno = ENOSYS; return (int64_t)-ENOSYS; }
+    return real(h, count, offset, completion_callback, flags);
+}
+
+int64_t nbd_aio_zero(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags) {
+    static int64_t (*cached)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags);
+    int64_t (*real)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
+    if (!real) {
+        real = (int64_t (*)(struct nbd_handle *h, uint64_t count, uint64_t offset, nbd_completion_callback completion_callback, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_aio_zero");
+        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
+    }
+    if (!real) { errno = ENOSYS; return (int64_t)-ENOSYS; }
+    return real(h, count, offset, completion_callback, flags);
 }
 
 int nbd_can_flush(struct nbd_handle *h) {
@@ -609,17 +686,6 @@ struct nbd_handle * nbd_create(void) {
     return real();
 }
 
-int nbd_flush(struct nbd_handle *h, uint32_t flags) {
-    static int (*cached)(struct nbd_handle *h, uint32_t flags);
-    int (*real)(struct nbd_handle *h, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
-    if (!real) {
-        real = (int (*)(struct nbd_handle *h, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_flush");
-        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
-    }
-    if (!real) { errno = ENOSYS; return (int)-1; }
-    return real(h, flags);
-}
-
 int64_t nbd_get_block_size(struct nbd_handle *h, int size_type) {
     static int64_t (*cached)(struct nbd_handle *h, int size_type);
     int64_t (*real)(struct nbd_handle *h, int size_type) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
@@ -673,17 +739,6 @@ int nbd_is_read_only(struct nbd_handle *h) {
     }
     if (!real) { errno = ENOSYS; return (int)-1; }
     return real(h);
-}
-
-int nbd_poll(struct nbd_handle *h, int timeout) {
-    static int (*cached)(struct nbd_handle *h, int timeout);
-    int (*real)(struct nbd_handle *h, int timeout) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
-    if (!real) {
-        real = (int (*)(struct nbd_handle *h, int timeout))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_poll");
-        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
-    }
-    if (!real) { errno = ENOSYS; return (int)-1; }
-    return real(h, timeout);
 }
 
 int nbd_set_export_name(struct nbd_handle *h, const char *export_name) {
@@ -761,28 +816,6 @@ int nbd_shutdown(struct nbd_handle *h, uint32_t flags) {
     }
     if (!real) { errno = ENOSYS; return (int)-1; }
     return real(h, flags);
-}
-
-int nbd_trim(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags) {
-    static int (*cached)(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags);
-    int (*real)(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
-    if (!real) {
-        real = (int (*)(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_trim");
-        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
-    }
-    if (!real) { errno = ENOSYS; return (int)-1; }
-    return real(h, count, offset, flags);
-}
-
-int nbd_zero(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags) {
-    static int (*cached)(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags);
-    int (*real)(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags) = __atomic_load_n(&cached, __ATOMIC_ACQUIRE);
-    if (!real) {
-        real = (int (*)(struct nbd_handle *h, uint64_t count, uint64_t offset, uint32_t flags))lazy_sym(lazy_open(&libnbd_handle, &libnbd_once, libnbd_init), "nbd_zero");
-        __atomic_store_n(&cached, real, __ATOMIC_RELEASE);
-    }
-    if (!real) { errno = ENOSYS; return (int)-1; }
-    return real(h, count, offset, flags);
 }
 
 #pragma GCC visibility pop

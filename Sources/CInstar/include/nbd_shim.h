@@ -1,73 +1,68 @@
 #include <libnbd.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <poll.h>
 
-/* libnbd's block status hands extents to a C callback; Swift gets them as an array instead. The extents of
- * `context` (e.g. "base:allocation") starting at the request's offset are copied as (length, flags) pairs into
- * `out` (at most `max` pairs); `*count` is how many were stored. Extents of other contexts are ignored. */
-struct instar_nbd_extents {
+/* One request of the NBD backend's connection threads (NbdBackend.swift): what to send, and, filled in by libnbd's
+ * callbacks on the connection's thread, whether it is done and its errno. For block status the first extent of
+ * `context` is kept as (length, flags). */
+enum { INSTAR_NBD_READ, INSTAR_NBD_WRITE, INSTAR_NBD_ZERO, INSTAR_NBD_TRIM, INSTAR_NBD_FLUSH, INSTAR_NBD_STATUS };
+
+struct instar_nbd_req {
+    int kind;
+    void *buf;
+    uint64_t len;
+    uint64_t offset;
+    uint32_t flags;
     const char *context;
-    uint64_t *out;
-    size_t max;
-    size_t count;
+    uint64_t extent_len;
+    uint64_t extent_flags;
+    int extent_count;
+    int done;
+    int error;
 };
 
-static int instar_nbd_extent_cb(void *user_data, const char *metacontext, uint64_t offset, uint32_t *entries,
-                                size_t nr_entries, int *error) {
+static int instar_nbd_req_done(void *user_data, int *error) {
+    struct instar_nbd_req *r = (struct instar_nbd_req *)user_data;
+    r->error = *error;
+    __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    return 1; /* retire the command: nothing asks libnbd about it later */
+}
+
+static int instar_nbd_req_extent(void *user_data, const char *metacontext, uint64_t offset, uint32_t *entries,
+                                 size_t nr_entries, int *error) {
     (void)offset;
     (void)error;
-    struct instar_nbd_extents *x = (struct instar_nbd_extents *)user_data;
-    if (strcmp(metacontext, x->context) != 0) return 0;
-    for (size_t i = 0; i + 1 < nr_entries && x->count < x->max; i += 2) {
-        x->out[2 * x->count] = entries[i];
-        x->out[2 * x->count + 1] = entries[i + 1];
-        x->count++;
+    struct instar_nbd_req *r = (struct instar_nbd_req *)user_data;
+    if (r->context == NULL || strcmp(metacontext, r->context) != 0) return 0;
+    if (r->extent_count == 0 && nr_entries >= 2) {
+        r->extent_len = entries[0];
+        r->extent_flags = entries[1];
+        r->extent_count = 1;
     }
     return 0;
 }
 
-static inline int instar_nbd_block_status(struct nbd_handle *h, uint64_t length, uint64_t offset,
-                                          const char *context, uint64_t *out, size_t max, size_t *count) {
-    struct instar_nbd_extents x = { context, out, max, 0 };
-    nbd_extent_callback cb = { instar_nbd_extent_cb, &x, NULL };
-    int r = nbd_block_status(h, length, offset, cb, LIBNBD_CMD_FLAG_REQ_ONE);
-    *count = x.count;
-    return r;
+static inline int instar_nbd_req_is_done(const struct instar_nbd_req *r) {
+    return __atomic_load_n(&r->done, __ATOMIC_ACQUIRE);
 }
 
-/* One read or write of `count` bytes split into requests of at most `piece` bytes, all sent before the first
- * reply is awaited (libnbd's aio calls), so the server works on several at once over the one connection.
- * Returns 0, or -1 with libnbd's error set (after every request sent has retired, so `buf` is no longer used). */
-static inline int instar_nbd_rw_pipelined(struct nbd_handle *h, void *buf, size_t count, uint64_t offset,
-                                          size_t piece, int is_write) {
-    enum { MAX_IN_FLIGHT = 64 };
-    int64_t cookies[MAX_IN_FLIGHT];
-    size_t done = 0;
-    int failed = 0;
-    if (piece == 0) piece = count;
-    while (done < count && !failed) {
-        int n = 0;
-        while (done < count && n < MAX_IN_FLIGHT) {
-            size_t len = count - done < piece ? count - done : piece;
-            nbd_completion_callback none = { NULL, NULL, NULL };
-            int64_t c = is_write
-                ? nbd_aio_pwrite(h, (const char *)buf + done, len, offset + done, none, 0)
-                : nbd_aio_pread(h, (char *)buf + done, len, offset + done, none, 0);
-            if (c == -1) { failed = 1; break; }
-            cookies[n++] = c;
-            done += len;
-        }
-        for (int i = 0; i < n; i++) {
-            int r;
-            while ((r = nbd_aio_command_completed(h, cookies[i])) == 0) {
-                if (nbd_poll(h, -1) == -1) { failed = 1; break; }
-            }
-            if (r == -1) failed = 1;
-            /* a dead connection retires nothing more: stop waiting (libnbd no longer touches the buffer) */
-            if (failed && nbd_aio_is_dead(h)) return -1;
-        }
+/* Sends `r` without waiting (libnbd's aio calls); the completion callback marks it done. -1 with libnbd's error
+ * set when it could not be queued (no callback is then called). */
+static inline int64_t instar_nbd_submit(struct nbd_handle *h, struct instar_nbd_req *r) {
+    nbd_completion_callback done = { instar_nbd_req_done, r, NULL };
+    switch (r->kind) {
+    case INSTAR_NBD_READ: return nbd_aio_pread(h, r->buf, r->len, r->offset, done, 0);
+    case INSTAR_NBD_WRITE: return nbd_aio_pwrite(h, r->buf, r->len, r->offset, done, 0);
+    case INSTAR_NBD_ZERO: return nbd_aio_zero(h, r->len, r->offset, done, r->flags);
+    case INSTAR_NBD_TRIM: return nbd_aio_trim(h, r->len, r->offset, done, 0);
+    case INSTAR_NBD_FLUSH: return nbd_aio_flush(h, done, 0);
+    default: {
+        nbd_extent_callback ext = { instar_nbd_req_extent, r, NULL };
+        return nbd_aio_block_status(h, r->len, r->offset, ext, done, LIBNBD_CMD_FLAG_REQ_ONE);
     }
-    return failed ? -1 : 0;
+    }
 }
 
 /* nbd_set_tls_hostname (newer libnbd than 1.14): the name a server's certificate is checked against when libnbd did not

@@ -48,9 +48,10 @@ public final class ImageLayer: GuestReader {
         var firstError: Error?
         for layer in chain {
             do { try layer.format.close() } catch { if firstError == nil { firstError = error } }
-            // Protocol backends with write-behind (rbd): a write that failed after its call returned fails here.
-            for f in layer.format.hostFiles {
-                do { try f.settle() } catch { if firstError == nil { firstError = error } }
+            // Writes a protocol backend still has in flight (NBD's write-behind) finish here, failures reported.
+            guard layer.writable else { continue }
+            for file in layer.format.hostFiles {
+                do { try file.finishWrites() } catch { if firstError == nil { firstError = error } }
             }
         }
         if let e = firstError { throw e }

@@ -276,11 +276,12 @@ public final class HostFile {
         if ftruncate(fd, off_t(length)) != 0 { throw InstarError.system(errno, "Could not resize file") }
     }
 
-    /// fdatasync(2), as qemu's flush on a file with a writeback cache.
+    /// fdatasync(2), as qemu's flush on a file with a writeback cache. A protocol backend with write-behind
+    /// still waits for its writes (and reports their failure) under cache=unsafe.
     public func sync() throws {
         if let base { return try base.sync() }
         if noFlush {
-            try remote?.settle()
+            if let remote { try remote.finishWrites(durable: false) }
             return
         }
         if let remote { return try remote.flush() }
@@ -288,11 +289,12 @@ public final class HostFile {
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
     }
 
-    /// Waits for writes a protocol backend still has in flight and throws the first that failed (a host file
-    /// writes synchronously: nothing to wait for).
-    public func settle() throws {
-        if let base { return try base.settle() }
-        try remote?.settle()
+    /// Waits for the writes a protocol backend has accepted and not finished (NBD's write-behind) and throws the
+    /// first that failed; flushes them unless the cache mode is unsafe. Nothing to do for a host file (its writes
+    /// finish before `write` returns). Writers' close paths call it so a late failure is never lost.
+    public func finishWrites() throws {
+        if let base { return try base.finishWrites() }
+        if let remote { try remote.finishWrites(durable: !noFlush) }
     }
 
     /// The start of the next data extent at or after `offset`, or nil when only a hole follows (SEEK_DATA).

@@ -22,8 +22,11 @@ public protocol ProtocolBackend: AnyObject {
     func discard(at offset: UInt64, length: UInt64) throws
     /// Makes written data durable.
     func flush() throws
-    /// Waits for writes a backend still has in flight (write-behind) and throws the first that failed.
-    func settle() throws
+    /// Waits for every write the backend accepted and has not finished (write-behind), throwing the first that
+    /// failed; with `durable` (the cache mode flushes), written data is then made durable. `durable` false also
+    /// tells the backend not to flush when it closes (qemu's cache=unsafe). Backends that finish each write
+    /// before returning have nothing to do.
+    func finishWrites(durable: Bool) throws
     /// Changes the device's length, where the protocol can.
     func truncate(to length: UInt64) throws
     /// The status of the extent starting at `offset`, at most `length` bytes long (at least one byte when
@@ -42,8 +45,8 @@ public protocol ProtocolBackend: AnyObject {
 extension ProtocolBackend {
     public var clusterSize: UInt64? { nil }
     public var snapshots: ProtocolSnapshotting? { nil }
+    public func finishWrites(durable: Bool) throws {}
     public func formatSpecific() throws -> QObject? { nil }
-    public func settle() throws {}
 }
 
 /// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to

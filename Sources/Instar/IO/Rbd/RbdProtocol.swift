@@ -638,7 +638,9 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         }
     }
 
-    func settle() throws {
+    /// Waits for the AIO requests in flight and throws the first that failed (rbd_close flushes librbd's cache
+    /// itself, so `durable` asks for nothing more).
+    func finishWrites(durable: Bool) throws {
         try pending.wait()
     }
 
@@ -721,7 +723,7 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     }
 
     func close() {
-        // Whatever failed was thrown by settle/flush already, or is lost with the handle as in any close.
+        // Whatever failed was thrown by finishWrites/flush already, or is lost with the handle as in any close.
         try? pending.wait()
         if let img = image { rbd_close(img) }
         image = nil

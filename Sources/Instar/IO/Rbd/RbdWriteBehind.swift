@@ -9,7 +9,7 @@ import Glibc
 /// - At most `maxRequests` requests and `maxBytes` bytes of copied data are in flight; a new request waits.
 /// - A request overlapping one in flight waits for it, so overlapping writes land in call order.
 /// - Reads, block status, resizes, flushes and close first wait for the requests they could observe.
-/// - The first failed completion is kept and thrown by every later call (and by `settle`), so no error is lost.
+/// - The first failed completion is kept and thrown by every later call (and by `finishWrites`), so no error is lost.
 final class RbdWriteBehind {
     static let maxRequests = 32
     static let maxBytes = 64 << 20
