@@ -129,11 +129,14 @@ extension Qcow2Writer {
     /// qcow2_write_snapshots: the table is written anew in v3 form (at least 24 bytes of extra data) into
     /// fresh clusters, the header switched to it, and the old table freed (and discarded, as qemu passes
     /// snapshot discards down by default).
-    /// `report` receives the line qemu prints when freeing the old table fails.
+    /// `report` receives the line qemu prints when freeing the old table fails. With `incompatibleFeatures`
+    /// (version 3 only) the header write switching to the new table carries those bits too (bytes 60-79 are
+    /// contiguous), sparing a snapshot update a header write and sync of its own for the dirty bit.
     func writeSnapshotTable(_ entries: [Qcow2SnapshotEntry], oldSize: UInt64,
                             report: (String) -> Void = { _ in },
                             overlapCheck: (UInt64, UInt64) throws -> Void = { _, _ in },
-                            crashPrefix: String? = nil, syncFirst: Bool = true) throws {
+                            crashPrefix: String? = nil, syncFirst: Bool = true,
+                            incompatibleFeatures: UInt64? = nil) throws {
         var size: UInt64 = 0
         for e in entries {
             size = try size.alignedUp(8)
@@ -178,9 +181,17 @@ extension Qcow2Writer {
         }
         if size > 0 || syncFirst { try file.sync() }
         if let p = crashPrefix { CrashPoint.hit(p + ":table-before-header") }
-        // qcow2.txt: header bytes 60-63 nb_snapshots, 64-71 snapshots_offset, written at once.
-        try file.write(be(UInt64(entries.count), 4) + be(tableOffset, 8), at: 60)
+        // qcow2.txt: header bytes 60-63 nb_snapshots, 64-71 snapshots_offset (72-79 incompatible_features),
+        // written at once.
+        let features = header.version >= 3 ? incompatibleFeatures : nil
+        try file.write(be(UInt64(entries.count), 4) + be(tableOffset, 8) + (features.map { be($0, 8) } ?? []),
+                       at: 60)
         try file.sync()
+        if let f = features {
+            header.incompatibleFeatures = f
+            format.header.incompatibleFeatures = f
+            markedDirty = f & Qcow2.incompatDirty != 0
+        }
         if let p = crashPrefix { CrashPoint.hit(p + ":header-written") }
         let oldOffset = header.snapshotsOffset
         header.nbSnapshots = UInt32(entries.count)

@@ -131,8 +131,11 @@ extension Qcow2Format: ImageSnapshottable {
         if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
         CrashPoint.hit("snapshot-create:l1-copied")
         // Between the raised refcounts and the cleared copied flags no order is consistent: the image is marked
-        // dirty first, and stays dirty if a step fails (the next read/write open repairs it).
-        try w.markDirtyForUpdate()
+        // dirty first, and stays dirty if a step fails (the next read/write open repairs it). Once the raised
+        // refcounts and cleared flags are on disk they agree again, and nothing after the header names the new
+        // snapshot can make them disagree (freeing the old table only leaks on a crash): the header write that
+        // names it clears the bit the call set here.
+        let setDirty = try w.markDirtyForUpdate()
         var entries = table.entries
         do {
             try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
@@ -145,7 +148,8 @@ extension Qcow2Format: ImageSnapshottable {
             try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
                 try self.preventOverlap(offset: o, size: n, snapshots: entries,
                                         tableOffset: self.header.snapshotsOffset, tableSize: table.size)
-            }, crashPrefix: "snapshot-create", syncFirst: false)
+            }, crashPrefix: "snapshot-create", syncFirst: false,
+               incompatibleFeatures: setDirty ? w.header.incompatibleFeatures & ~Qcow2.incompatDirty : nil)
         } catch {
             keepDirtyAfterWriteFailure(error)
             throw error
@@ -235,8 +239,9 @@ extension Qcow2Format: ImageSnapshottable {
         try w.prepare()
         // The refcounts are lowered before the copied flags are set again: an update cut short in between
         // leaves flags missing on clusters now counted once. The image is marked dirty first and stays dirty
-        // if a step fails, so the next read/write open repairs it.
-        try w.markDirtyForUpdate()
+        // if a step fails, so the next read/write open repairs it. Until the header stops naming the snapshot
+        // nothing disagrees (the new table goes to fresh clusters whose refcounts are written first), so the
+        // header write that switches tables sets the bit (version 3; version 2 has none).
         var entries = table.entries
         entries.remove(at: index)
         do {
@@ -244,7 +249,8 @@ extension Qcow2Format: ImageSnapshottable {
                 try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
                     try self.preventOverlap(offset: o, size: n, snapshots: entries,
                                             tableOffset: self.header.snapshotsOffset, tableSize: table.size)
-                }, crashPrefix: "snapshot-delete", syncFirst: false)
+                }, crashPrefix: "snapshot-delete", syncFirst: false,
+                   incompatibleFeatures: w.header.incompatibleFeatures | Qcow2.incompatDirty)
             } catch let e as InstarError {
                 let err = e.errnoValue != 0 ? e.errnoValue : EIO
                 throw InstarError(e.code, "Failed to remove snapshot from snapshot list: \(strerrorString(err))",

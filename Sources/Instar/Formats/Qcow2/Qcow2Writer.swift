@@ -189,12 +189,15 @@ final class Qcow2Writer {
     /// (a snapshot's refcounts raised before the tables' copied flags are cleared): with the dirty bit on disk
     /// first, an update cut short by an I/O error or a crash leaves an image the next read/write open repairs
     /// (version 3 only; version 2 has no dirty bit). Close clears the bit once everything is written.
-    func markDirtyForUpdate() throws {
-        guard header.version >= 3, header.incompatibleFeatures & Qcow2.incompatDirty == 0 else { return }
+    /// Returns whether this call set the bit (false when it was set already, as with lazy refcounts, or v2).
+    @discardableResult
+    func markDirtyForUpdate() throws -> Bool {
+        guard header.version >= 3, header.incompatibleFeatures & Qcow2.incompatDirty == 0 else { return false }
         header.incompatibleFeatures |= Qcow2.incompatDirty
         try writeHeaderU64(header.incompatibleFeatures, at: 72)   // qcow2.txt: bytes 72-79
         format.header.incompatibleFeatures = header.incompatibleFeatures
         markedDirty = true
+        return true
     }
 
     func writeHeaderU64(_ v: UInt64, at offset: UInt64) throws {
