@@ -59,9 +59,8 @@ final class ChunkReader {
     private let depth: Int
     private let storage: UnsafeMutableRawBufferPointer
     private let chunks: UnsafeMutablePointer<Chunk>
-    /// Guards `produced`, `consumed` and `stopping`; `changed` is signalled whenever one of them moves.
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let changed: UnsafeMutablePointer<pthread_cond_t>
+    /// Guards `produced`, `consumed` and `stopping`; broadcast whenever one of them moves.
+    private let monitor = ConditionLock()
     private var produced = 0
     private var consumed = 0
     private var stopping = false
@@ -87,12 +86,6 @@ final class ChunkReader {
             let buf = UnsafeMutableRawBufferPointer(rebasing: storage[(i * bytes)..<((i + 1) * bytes)])
             (chunks + i).initialize(to: Chunk(buffer: buf))
         }
-        mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-        changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-        changed.initialize(to: pthread_cond_t())
-        pthread_cond_init(changed, nil)
     }
 
     deinit {
@@ -101,10 +94,6 @@ final class ChunkReader {
         if let tid = thread {
             if pthread_equal(tid, pthread_self()) != 0 { pthread_detach(tid) } else { stop() }
         }
-        pthread_cond_destroy(changed)
-        changed.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
         chunks.deinitialize(count: depth)
         chunks.deallocate()
         storage.deallocate()
@@ -129,10 +118,10 @@ final class ChunkReader {
     /// Stops the reader (it finishes the read in progress) and waits for it. Safe to call more than once.
     func stop() {
         guard let tid = thread else { return }
-        pthread_mutex_lock(mutex)
+        monitor.lock()
         stopping = true
-        pthread_cond_broadcast(changed)
-        pthread_mutex_unlock(mutex)
+        monitor.broadcast()
+        monitor.unlock()
         pthread_join(tid, nil)
         thread = nil
     }
@@ -145,9 +134,9 @@ final class ChunkReader {
             produce(into: slot)
             return slot
         }
-        pthread_mutex_lock(mutex)
-        while produced == consumed { pthread_cond_wait(changed, mutex) }
-        pthread_mutex_unlock(mutex)
+        monitor.lock()
+        while produced == consumed { monitor.wait() }
+        monitor.unlock()
         return slot
     }
 
@@ -157,10 +146,10 @@ final class ChunkReader {
             consumed += 1
             return
         }
-        pthread_mutex_lock(mutex)
+        monitor.lock()
         consumed += 1
-        pthread_cond_broadcast(changed)
-        pthread_mutex_unlock(mutex)
+        monitor.broadcast()
+        monitor.unlock()
     }
 
     /// The reader thread: fills free slots in order until the end, an error, or `stop()`.
@@ -170,17 +159,17 @@ final class ChunkReader {
 
     private func runLoop() {
         while true {
-            pthread_mutex_lock(mutex)
-            while produced - consumed == depth && !stopping { pthread_cond_wait(changed, mutex) }
+            monitor.lock()
+            while produced - consumed == depth && !stopping { monitor.wait() }
             let quit = stopping || nextSector >= totalSectors
             let slot = chunks + (produced % depth)
-            pthread_mutex_unlock(mutex)
+            monitor.unlock()
             if quit { return }
             let ok = produce(into: slot)
-            pthread_mutex_lock(mutex)
+            monitor.lock()
             produced += 1
-            pthread_cond_broadcast(changed)
-            pthread_mutex_unlock(mutex)
+            monitor.broadcast()
+            monitor.unlock()
             if !ok { return }
         }
     }

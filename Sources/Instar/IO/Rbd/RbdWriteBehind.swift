@@ -31,9 +31,8 @@ final class RbdWriteBehind {
     }
 
     let name: String
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    private let changed: UnsafeMutablePointer<pthread_cond_t>
-    /// Requests in flight by id: (start, end) in bytes. Guarded by `mutex`.
+    private let monitor = ConditionLock()
+    /// Requests in flight by id: (start, end) in bytes. Guarded by `monitor`.
     private var ranges: [Int: (UInt64, UInt64)] = [:]
     private var bytesInFlight = 0
     private var nextID = 0
@@ -46,20 +45,10 @@ final class RbdWriteBehind {
 
     init(name: String) {
         self.name = name
-        mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-        changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-        changed.initialize(to: pthread_cond_t())
-        pthread_cond_init(changed, nil)
     }
 
     deinit {
         for (p, _) in spare { free(p) }
-        pthread_cond_destroy(changed)
-        changed.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
     }
 
     private func overlaps(_ start: UInt64, _ end: UInt64) -> Bool {
@@ -68,20 +57,20 @@ final class RbdWriteBehind {
 
     /// Throws the first failure seen so far.
     func check() throws {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        monitor.lock()
+        defer { monitor.unlock() }
         if let f = failure { throw f }
     }
 
     /// Waits until no request in flight overlaps [start, end) (everything when `end` is nil), then throws the
     /// first failure seen, if any.
     func wait(from start: UInt64 = 0, to end: UInt64? = nil) throws {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        monitor.lock()
+        defer { monitor.unlock() }
         if let end {
-            while overlaps(start, end) { pthread_cond_wait(changed, mutex) }
+            while overlaps(start, end) { monitor.wait() }
         } else {
-            while !ranges.isEmpty { pthread_cond_wait(changed, mutex) }
+            while !ranges.isEmpty { monitor.wait() }
         }
         if let f = failure { throw f }
     }
@@ -89,12 +78,12 @@ final class RbdWriteBehind {
     /// Waits for room for a request on [start, end) carrying `bytes` of data and registers it; throws the first
     /// failure seen instead of queueing more.
     private func admit(_ start: UInt64, _ end: UInt64, bytes: Int) throws -> Int {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
+        monitor.lock()
+        defer { monitor.unlock() }
         while failure == nil && (ranges.count >= RbdWriteBehind.maxRequests
                                  || (bytes > 0 && bytesInFlight > 0 && bytesInFlight + bytes > RbdWriteBehind.maxBytes)
                                  || overlaps(start, end)) {
-            pthread_cond_wait(changed, mutex)
+            monitor.wait()
         }
         if let f = failure { throw f }
         let id = nextID
@@ -106,7 +95,7 @@ final class RbdWriteBehind {
 
     /// A request is over (librbd's callback thread, or a submission that failed): records the first failure.
     fileprivate func finish(_ req: Request, result: Int) {
-        pthread_mutex_lock(mutex)
+        monitor.lock()
         if let d = req.data {
             if spare.count < RbdWriteBehind.maxRequests && spareBytes + req.bytes <= RbdWriteBehind.maxBytes {
                 spare.append((d, req.bytes))
@@ -120,21 +109,21 @@ final class RbdWriteBehind {
         if result < 0 && failure == nil {
             failure = InstarError.system(Int32(truncatingIfNeeded: -result), "error \(req.what) \(name)")
         }
-        pthread_cond_broadcast(changed)
-        pthread_mutex_unlock(mutex)
+        monitor.broadcast()
+        monitor.unlock()
     }
 
     /// A buffer of exactly `bytes` (a request's `bytes` is what `finish` keeps it as): a spare one of that size,
     /// else a new one.
     private func takeBuffer(_ bytes: Int) -> UnsafeMutableRawPointer? {
-        pthread_mutex_lock(mutex)
+        monitor.lock()
         if let i = spare.firstIndex(where: { $0.1 == bytes }) {
             let p = spare.remove(at: i).0
             spareBytes -= bytes
-            pthread_mutex_unlock(mutex)
+            monitor.unlock()
             return p
         }
-        pthread_mutex_unlock(mutex)
+        monitor.unlock()
         return malloc(bytes)
     }
 
