@@ -104,6 +104,17 @@ class Context:
         return get(data, "header_length") if get(data, "version") >= 3 else 72
 
 
+def build(root, names):
+    """Builds the named variants under `root` (one directory each, sharing one base context); name -> image."""
+    ctx = Context(os.path.join(root, "_base"))
+    out = {}
+    for name in names:
+        d = os.path.join(root, name)
+        os.makedirs(d)
+        out[name] = VARIANTS[name](ctx, d)
+    return out
+
+
 def write(dir, name, data):
     p = os.path.join(dir, name)
     with open(p, "wb") as f:

@@ -152,14 +152,7 @@ HOSTILE = sorted(H.VARIANTS)[::12]
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("iso-hostile"))
-    ctx = H.Context(os.path.join(root, "_base"))
-    out = {}
-    for name in HOSTILE:
-        d = os.path.join(root, name)
-        os.makedirs(d)
-        out[name] = H.VARIANTS[name](ctx, d)
-    return out
+    return H.build(str(tmp_path_factory.mktemp("iso-hostile")), HOSTILE)
 
 
 @pytest.mark.parametrize("name", HOSTILE)

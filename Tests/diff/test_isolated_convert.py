@@ -140,14 +140,7 @@ HOSTILE = ["compressed-zlib-zeroed", "l2-compressed-bogus", "trunc-past-data-8",
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("isoconv-hostile"))
-    ctx = H.Context(os.path.join(root, "_base"))
-    out = {}
-    for name in HOSTILE:
-        d = os.path.join(root, name)
-        os.makedirs(d)
-        out[name] = H.VARIANTS[name](ctx, d)
-    return out
+    return H.build(str(tmp_path_factory.mktemp("isoconv-hostile")), HOSTILE)
 
 
 @pytest.mark.parametrize("name", HOSTILE)
