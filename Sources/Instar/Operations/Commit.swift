@@ -250,7 +250,16 @@ struct CommitJob {
                     let want = UInt64(left) * granularity
                     var method = Method.copy
                     var io: UInt64
-                    let status = try? ChainStatus.aboveStatus(top, at: pos, length: want)
+                    // A failed block status falls back to copying, but a call limit that fires inside it must
+                    // stop the commit: the limit fires once, so swallowing it would let the copy run to the end.
+                    let status: ChainBlockStatus?
+                    do {
+                        status = try ChainStatus.aboveStatus(top, at: pos, length: want)
+                    } catch let e as InstarError where e.code == .limit {
+                        throw e
+                    } catch {
+                        status = nil
+                    }
                     if let s = status {
                         io = s.data ? min(s.length, CommitOperation.maxIOBytes) : s.length
                     } else {
