@@ -111,9 +111,10 @@ final class BenchState {
     let o: BenchOperation.Options
     let size: UInt64
     let concurrent: Bool
-    var mutex = pthread_mutex_t()
-    var cond = pthread_cond_t()
-    var ioMutex = pthread_mutex_t()
+    /// Guards the counters below; its condition wakes workers held back by a draining flush.
+    let state = ConditionLock()
+    /// Serialises the I/O of a format that is not `ConcurrentGuestIO`.
+    let ioLock = ConditionLock()
     var issued = 0
     var completed = 0
     var inFlight = 0
@@ -128,15 +129,6 @@ final class BenchState {
         size = layer.virtualSize
         concurrent = layer.format is ConcurrentGuestIO
         nextOffset = UInt64(max(0, options.offset))
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
-        pthread_mutex_init(&ioMutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(&mutex)
-        pthread_cond_destroy(&cond)
-        pthread_mutex_destroy(&ioMutex)
     }
 
     func runThreads(_ n: Int) {
@@ -163,8 +155,8 @@ final class BenchState {
         // blk_aio_* refuse a request past the end of the image.
         let (end, over) = offset.addingReportingOverflow(UInt64(buf.count))
         if over || end > size { throw InstarError(.io, "Failed request: Input/output error", errno: EIO) }
-        if !concurrent { pthread_mutex_lock(&ioMutex) }
-        defer { if !concurrent { pthread_mutex_unlock(&ioMutex) } }
+        if !concurrent { ioLock.lock() }
+        defer { if !concurrent { ioLock.unlock() } }
         do {
             if o.write {
                 try layer.format.write(UnsafeRawBufferPointer(buf), at: offset, backing: layer.backing)
@@ -178,8 +170,8 @@ final class BenchState {
     }
 
     private func flush() throws {
-        if !concurrent { pthread_mutex_lock(&ioMutex) }
-        defer { if !concurrent { pthread_mutex_unlock(&ioMutex) } }
+        if !concurrent { ioLock.lock() }
+        defer { if !concurrent { ioLock.unlock() } }
         do {
             try layer.format.flush()
         } catch let e as InstarError {
@@ -194,20 +186,20 @@ final class BenchState {
         memset(buf.baseAddress!, Int32(o.pattern), buf.count)
         let req = UnsafeMutableRawBufferPointer(rebasing: buf[0..<o.bufferSize])
         let step = UInt64(o.step == 0 ? o.bufferSize : o.step)
-        pthread_mutex_lock(&mutex)
+        state.lock()
         while true {
-            while flushing && failure == nil { pthread_cond_wait(&cond, &mutex) }
+            while flushing && failure == nil { state.wait() }
             if failure != nil || issued >= o.count { break }
             let offset = nextOffset
             issued += 1
             inFlight += 1
             nextOffset = size == 0 ? 0 : (nextOffset &+ step) % size
-            pthread_mutex_unlock(&mutex)
+            state.unlock()
             var err: InstarError?
             do { try io(req, at: offset) } catch let e as InstarError { err = e } catch {
                 err = InstarError(.io, "Failed request: Input/output error", errno: EIO)
             }
-            pthread_mutex_lock(&mutex)
+            state.lock()
             inFlight -= 1
             completed += 1
             if let err, failure == nil { failure = err }
@@ -224,24 +216,24 @@ final class BenchState {
                 if o.drainOnFlush {
                     // Hold back new requests, wait for those in flight, flush, go on.
                     flushing = true
-                    while inFlight > 0 && failure == nil { pthread_cond_wait(&cond, &mutex) }
-                    pthread_mutex_unlock(&mutex)
+                    while inFlight > 0 && failure == nil { state.wait() }
+                    state.unlock()
                     var ferr: InstarError?
                     do { try flush() } catch let e as InstarError { ferr = e } catch {}
-                    pthread_mutex_lock(&mutex)
+                    state.lock()
                     if let ferr, failure == nil { failure = ferr }
                     flushing = false
                 } else {
-                    pthread_mutex_unlock(&mutex)
+                    state.unlock()
                     var ferr: InstarError?
                     do { try flush() } catch let e as InstarError { ferr = e } catch {}
-                    pthread_mutex_lock(&mutex)
+                    state.lock()
                     if let ferr, failure == nil { failure = ferr }
                 }
             }
-            pthread_cond_broadcast(&cond)
+            state.broadcast()
         }
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&mutex)
+        state.broadcast()
+        state.unlock()
     }
 }
