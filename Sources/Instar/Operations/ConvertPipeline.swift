@@ -60,7 +60,8 @@ final class ChunkReader {
     private let minSparse: UInt64
     private let depth: Int
     /// The chunk buffers: a slot takes a fresh one for each chunk, so buffers a write-behind backend still
-    /// borrows are left alone (beyond the slots, at most about 32 MiB of them).
+    /// borrows are left alone (beyond the slots, at most about 64 MiB of them: what NBD's and RBD's write-behind
+    /// keep in flight).
     private let pool: LendingPool
     private let chunks: UnsafeMutablePointer<Chunk>
     /// Guards `produced`, `consumed` and `stopping`; broadcast whenever one of them moves.
@@ -84,7 +85,7 @@ final class ChunkReader {
         self.depth = max(2, depth)
         let bytes = Int(bufSectors * ConvertOperation.sectorSize)
         pool = LendingPool(bytes: bytes, alignment: HostFile.directAlignment,
-                           limit: self.depth + max(2, (32 << 20) / max(bytes, 1)))
+                           limit: self.depth + max(2, (64 << 20) / max(bytes, 1)))
         chunks = UnsafeMutablePointer<Chunk>.allocate(capacity: self.depth)
         for i in 0..<self.depth {
             (chunks + i).initialize(to: Chunk())

@@ -10,7 +10,7 @@ import Glibc
 /// with the fewest outstanding.
 ///
 /// Writes, zeroes and trims are write-behind: a write keeps the caller's buffer when the caller lends it
-/// (`WriteLoan`: convert's chunk buffers, at most `behindBytes` of them at once) or copies its bytes into a pooled
+/// (`WriteLoan`: convert's chunk buffers, at most `borrowBytes` of them at once) or copies its bytes into a pooled
 /// buffer (`slotCount` slots of `slotBytes`, allocated at the first such write), and returns once the request is
 /// queued; the caller that waits is the next one that needs the result. The first write-like request waits for its reply, so a server that refuses
 /// writes fails the call that wrote. Ordering: a request waits until no earlier request overlapping its range is
@@ -31,6 +31,9 @@ final class NbdBackend: ProtocolBackend {
     static let piece: UInt64 = 256 << 10
     /// Write-behind buffers: at most this many bytes of written data waiting for replies.
     static let behindBytes: UInt64 = 32 << 20
+    /// Borrowed buffers: at most this many bytes of the caller's data waiting for replies (as much as nbdcopy
+    /// keeps in flight: 4 connections of 64 requests of 256 KiB).
+    static let borrowBytes: UInt64 = 64 << 20
 
     let address: NbdAddress
     let exportSize: UInt64
@@ -352,7 +355,7 @@ final class NbdBackend: ProtocolBackend {
         if let bytes, bytes.baseAddress != nil, let loan = WriteLoan.borrow(bytes) {
             // The caller's buffer stays as it is until the request is retired: no copy.
             pthread_mutex_lock(lock)
-            while borrowedBytes > 0 && borrowedBytes + bytes.count > Int(NbdBackend.behindBytes) && !closed {
+            while borrowedBytes > 0 && borrowedBytes + bytes.count > Int(NbdBackend.borrowBytes) && !closed {
                 pthread_cond_wait(changed, lock)
             }
             borrowedBytes += bytes.count
