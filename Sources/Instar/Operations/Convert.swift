@@ -572,8 +572,10 @@ public enum ConvertOperation {
                         }
                     } else {
                         let prefix = Int(step.pointee.offloadBytes)
-                        try writer.write(UnsafeMutableRawBufferPointer(rebasing: chunk[0..<prefix]), sector: sector,
-                                         count: UInt64(prefix) / sectorSize, status: .data, noZeroSector: true)
+                        try WriteLoan.lending(step.pointee.owner) {
+                            try writer.write(UnsafeMutableRawBufferPointer(rebasing: chunk[0..<prefix]), sector: sector,
+                                             count: UInt64(prefix) / sectorSize, status: .data, noZeroSector: true)
+                        }
                         if prefix == chunk.count {
                             reader.release()
                             sector += n
@@ -597,8 +599,12 @@ public enum ConvertOperation {
                     }
                 } else {
                     try batch?.drain(&writer)
-                    try writer.write(chunk, sector: sector, count: n, status: status,
-                                     noZeroSector: step.pointee.noZeroSector)
+                    // The chunk's buffer is lent to write-behind backends below (WriteLoan): the reader does
+                    // not refill it until they are done with it.
+                    try WriteLoan.lending(step.pointee.owner) {
+                        try writer.write(chunk, sector: sector, count: n, status: status,
+                                         noZeroSector: step.pointee.noZeroSector)
+                    }
                 }
             } catch let f as CompressedWriteFailure {
                 throw writeError(f)

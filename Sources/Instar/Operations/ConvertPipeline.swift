@@ -23,6 +23,8 @@ final class ChunkReader {
         var noZeroSector = false
         /// The bytes read (or zeroed for -S 0): the first min(count, bufSectors) sectors of the slot's buffer.
         var buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        /// The pool buffer `buffer` lies in, which the writer lends to the backends (WriteLoan).
+        var owner: LendableBuffer?
         /// -C: the leading bytes of a data chunk that qemu's copy offload would copy (stored plainly in the
         /// sources, so written unchanged, without looking for zeroes); 0 when the chunk is not offloaded.
         var offloadBytes: UInt64 = 0
@@ -57,7 +59,10 @@ final class ChunkReader {
     private let bufSectors: UInt64
     private let minSparse: UInt64
     private let depth: Int
-    private let storage: UnsafeMutableRawBufferPointer
+    /// The chunk buffers: a slot takes a fresh one for each chunk, so buffers a write-behind backend still
+    /// borrows are left alone (beyond the slots, at most about 64 MiB of them: what NBD's and RBD's write-behind
+    /// keep in flight).
+    private let pool: LendingPool
     private let chunks: UnsafeMutablePointer<Chunk>
     /// Guards `produced`, `consumed` and `stopping`; broadcast whenever one of them moves.
     private let monitor = ConditionLock()
@@ -79,12 +84,11 @@ final class ChunkReader {
         self.minSparse = minSparse
         self.depth = max(2, depth)
         let bytes = Int(bufSectors * ConvertOperation.sectorSize)
-        storage = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes * self.depth,
-                                                         alignment: HostFile.directAlignment)
+        pool = LendingPool(bytes: bytes, alignment: HostFile.directAlignment,
+                           limit: self.depth + max(2, (64 << 20) / max(bytes, 1)))
         chunks = UnsafeMutablePointer<Chunk>.allocate(capacity: self.depth)
         for i in 0..<self.depth {
-            let buf = UnsafeMutableRawBufferPointer(rebasing: storage[(i * bytes)..<((i + 1) * bytes)])
-            (chunks + i).initialize(to: Chunk(buffer: buf))
+            (chunks + i).initialize(to: Chunk())
         }
     }
 
@@ -96,7 +100,6 @@ final class ChunkReader {
         }
         chunks.deinitialize(count: depth)
         chunks.deallocate()
-        storage.deallocate()
     }
 
     /// Starts the reader thread; without one (pthread_create failed) `next()` reads each chunk itself.
@@ -179,6 +182,10 @@ final class ChunkReader {
     @discardableResult
     private func produce(into slot: UnsafeMutablePointer<Chunk>) -> Bool {
         let sector = nextSector
+        if let old = slot.pointee.owner { pool.put(old) }
+        let fresh = pool.take()
+        slot.pointee.owner = fresh
+        slot.pointee.buffer = fresh.memory
         slot.pointee.sector = sector
         slot.pointee.statusError = nil
         slot.pointee.readError = nil

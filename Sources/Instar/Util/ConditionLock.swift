@@ -26,6 +26,13 @@ final class ConditionLock {
     func unlock() { pthread_mutex_unlock(mutex) }
     /// Sleeps until a broadcast; the caller holds the lock (and holds it again on return).
     func wait() { pthread_cond_wait(condition, mutex) }
+    /// Sleeps until a broadcast or `seconds` have passed (the caller holds the lock, and holds it again on return).
+    func wait(seconds: Int) {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        ts.tv_sec += seconds
+        pthread_cond_timedwait(condition, mutex, &ts)
+    }
     /// Wakes every waiter; called with the lock held.
     func broadcast() { pthread_cond_broadcast(condition) }
 }

@@ -9,9 +9,10 @@ import Glibc
 /// export (multi-conn) more connections are opened on demand, up to `maxConnections`, and requests go to the one
 /// with the fewest outstanding.
 ///
-/// Writes, zeroes and trims are write-behind: a write copies its bytes into a pooled buffer (`slotCount` slots of
-/// `slotBytes`, allocated at the first write) and returns once the request is queued; the caller that waits is the
-/// next one that needs the result. The first write-like request waits for its reply, so a server that refuses
+/// Writes, zeroes and trims are write-behind: a write keeps the caller's buffer when the caller lends it
+/// (`WriteLoan`: convert's chunk buffers, at most `borrowBytes` of them at once) or copies its bytes into a pooled
+/// buffer (`slotCount` slots of `slotBytes`, allocated at the first such write), and returns once the request is
+/// queued; the caller that waits is the next one that needs the result. The first write-like request waits for its reply, so a server that refuses
 /// writes fails the call that wrote. Ordering: a request waits until no earlier request overlapping its range is
 /// outstanding (so reads see earlier writes and overlapping writes land in order), and a flush waits for every
 /// earlier request (qcow2's metadata barriers). A write-behind request that fails is remembered (the lowest
@@ -30,6 +31,9 @@ final class NbdBackend: ProtocolBackend {
     static let piece: UInt64 = 256 << 10
     /// Write-behind buffers: at most this many bytes of written data waiting for replies.
     static let behindBytes: UInt64 = 32 << 20
+    /// Borrowed buffers: at most this many bytes of the caller's data waiting for replies (as much as nbdcopy
+    /// keeps in flight: 4 connections of 64 requests of 256 KiB).
+    static let borrowBytes: UInt64 = 64 << 20
 
     let address: NbdAddress
     let exportSize: UInt64
@@ -58,6 +62,8 @@ final class NbdBackend: ProtocolBackend {
     private var behind = 0
     private var slots: UnsafeMutableRawPointer?
     private var freeSlots: [Int] = []
+    /// Bytes of borrowed buffers held by write-behind requests.
+    private var borrowedBytes = 0
     /// The write-behind failure with the lowest offset, thrown from the next write-like call.
     private var deferred: (offset: UInt64, error: InstarError)?
     /// A write-like request has been answered: later ones are write-behind.
@@ -185,6 +191,8 @@ final class NbdBackend: ProtocolBackend {
         let isBehind: Bool
         /// The write-behind buffer slot it holds, -1 for none.
         var slot = -1
+        /// The caller's buffer it writes from, borrowed (WriteLoan), given back when it is retired.
+        var loan: LendableBuffer?
         /// Set under the backend's lock when the connection's thread retires it.
         var finished = false
         var failure: InstarError?
@@ -344,7 +352,17 @@ final class NbdBackend: ProtocolBackend {
             pthread_mutex_unlock(lock)
             return
         }
-        if let bytes, let src = bytes.baseAddress {
+        if let bytes, bytes.baseAddress != nil, let loan = WriteLoan.borrow(bytes) {
+            // The caller's buffer stays as it is until the request is retired: no copy.
+            pthread_mutex_lock(lock)
+            while borrowedBytes > 0 && borrowedBytes + bytes.count > Int(NbdBackend.borrowBytes) && !closed {
+                pthread_cond_wait(changed, lock)
+            }
+            borrowedBytes += bytes.count
+            pthread_mutex_unlock(lock)
+            r.loan = loan
+            r.c.pointee.buf = UnsafeMutableRawPointer(mutating: bytes.baseAddress)
+        } else if let bytes, let src = bytes.baseAddress {
             pthread_mutex_lock(lock)
             if slots == nil {
                 slots = UnsafeMutableRawPointer.allocate(byteCount: slotBytes * slotCount, alignment: 4096)
@@ -364,15 +382,28 @@ final class NbdBackend: ProtocolBackend {
         pthread_mutex_lock(lock)
         defer { pthread_mutex_unlock(lock) }
         if closed {
-            if r.slot >= 0 { freeSlots.append(r.slot) }
+            dropBuffersLocked(r)
             throw InstarError(.io, "NBD connection closed", errno: EIO)
         }
         dirty = true
         do {
             try enqueueLocked(r)
         } catch {
-            if r.slot >= 0 { freeSlots.append(r.slot) }
+            dropBuffersLocked(r)
             throw error
+        }
+    }
+
+    /// Frees the slot or gives back the borrowed buffer of a write-behind request that is over or never
+    /// started (lock held).
+    private func dropBuffersLocked(_ r: Request) {
+        if r.slot >= 0 { freeSlots.append(r.slot) }
+        r.slot = -1
+        if let loan = r.loan {
+            borrowedBytes -= Int(r.c.pointee.len)
+            r.loan = nil
+            r.c.pointee.buf = nil
+            loan.giveBack()
         }
     }
 
@@ -395,8 +426,7 @@ final class NbdBackend: ProtocolBackend {
         if let i = outstanding.firstIndex(where: { $0 === r }) { outstanding.remove(at: i) }
         if r.isBehind {
             behind -= 1
-            if r.slot >= 0 { freeSlots.append(r.slot) }
-            r.slot = -1
+            dropBuffersLocked(r)
             if let e = failure, deferred.map({ r.c.pointee.offset < $0.offset }) ?? true {
                 deferred = (r.c.pointee.offset, e)
             }

@@ -430,9 +430,16 @@ struct RbdLocation {
 }
 
 /// A connected cluster handle and an I/O context on the pool (qemu_rbd_connect).
+///
+/// Connecting costs round trips to the monitors (about a third of a second each on a loaded machine), and one
+/// convert connects twice (the create, then the open of the new image), as does an open after a probe: a handle
+/// whose connection is over is parked in `RbdClusterCache` for a few seconds and the next connection with the
+/// same cluster settings takes it instead of connecting again.
 final class RbdConnection {
     var cluster: rados_t?
     var ioctx: rados_ioctx_t?
+    /// The cluster settings the handle was made with (RbdClusterCache's key).
+    private var key = ""
 
     init(_ loc: RbdLocation, legacySecret: String? = nil) throws {
         var keySecret = loc.keySecret
@@ -440,8 +447,33 @@ final class RbdConnection {
             if keySecret != nil { throw InstarError.invalid("Legacy 'password-secret' clashes with 'key-secret'") }
             keySecret = legacy
         }
+        var r: Int32 = 0
+        // Everything rados_connect depends on: the user, the conf file (or the default search, which reads
+        // $CEPH_CONF), the settings, the monitors, the key and the auth modes.
+        var parts = ["user=\(loc.user ?? "\u{0}")", "conf=\(loc.conf ?? "\u{0}")",
+                     "env=\(getenv("CEPH_CONF").map { String(cString: $0) } ?? "\u{0}")",
+                     "mon=\(loc.monHost ?? "\u{0}")"]
+        for (k, v) in loc.pairs { parts.append("pair=\(k)=\(v)") }
+        // A key that cannot be had fails below, in its turn: no cached handle then.
+        var cacheable = true
+        if let id = keySecret {
+            if let k = try? loc.secretBase64(id) { parts.append("key=\(k)") } else { cacheable = false }
+        }
+        if let modes = loc.authClientRequired { parts.append("auth=\(modes.joined(separator: ";"))") }
+        let settings = cacheable ? parts.joined(separator: "\u{1}") : ""
+        if !settings.isEmpty, let parked = RbdClusterCache.take(settings) {
+            cluster = parked
+            key = settings
+            do {
+                try openPool(loc)
+            } catch {
+                close()
+                throw error
+            }
+            return
+        }
         var c: rados_t?
-        var r = rados_create(&c, loc.user)
+        r = rados_create(&c, loc.user)
         if r < 0 { throw InstarError.system(-r, "error initializing") }
         cluster = c
         do {
@@ -468,28 +500,117 @@ final class RbdConnection {
             rados_conf_set(c, "rbd_cache", "true")
             r = rados_connect(c)
             if r < 0 { throw InstarError.system(-r, "error connecting") }
-            var io: rados_ioctx_t?
-            r = rados_ioctx_create(c, loc.pool, &io)
-            if r < 0 { throw InstarError.system(-r, "error opening pool \(loc.pool)") }
-            ioctx = io
-            if !loc.namespace.isEmpty {
-                var exists = false
-                r = rbd_namespace_exists(io, loc.namespace, &exists)
-                if r < 0 { throw InstarError.system(-r, "error checking namespace") }
-                if !exists { throw InstarError(.notFound, "namespace '\(loc.namespace)' does not exist", errno: ENOENT) }
-            }
-            rados_ioctx_set_namespace(io, loc.namespace)
+            // Connected: parked at the close from here on.
+            key = settings
+            try openPool(loc)
         } catch {
             close()
             throw error
         }
     }
 
+    /// The I/O context on the pool and namespace of `loc` (a parked handle's too: it is made fresh each time).
+    private func openPool(_ loc: RbdLocation) throws {
+        guard let c = cluster else { throw InstarError.system(EIO, "error connecting") }
+        var r: Int32 = 0
+        var io: rados_ioctx_t?
+        r = rados_ioctx_create(c, loc.pool, &io)
+        if r < 0 { throw InstarError.system(-r, "error opening pool \(loc.pool)") }
+        ioctx = io
+        if !loc.namespace.isEmpty {
+            var exists = false
+            r = rbd_namespace_exists(io, loc.namespace, &exists)
+            if r < 0 { throw InstarError.system(-r, "error checking namespace") }
+            if !exists { throw InstarError(.notFound, "namespace '\(loc.namespace)' does not exist", errno: ENOENT) }
+        }
+        rados_ioctx_set_namespace(io, loc.namespace)
+    }
+
+    /// Destroys the I/O context and parks the cluster handle (a connected one) for the next connection.
     func close() {
         if let io = ioctx { rados_ioctx_destroy(io) }
         ioctx = nil
-        if let c = cluster { rados_shutdown(c) }
+        if let c = cluster {
+            if key.isEmpty { rados_shutdown(c) } else { RbdClusterCache.park(key, c) }
+        }
         cluster = nil
+    }
+}
+
+/// Connected cluster handles nobody uses, by their settings, each kept `idleSeconds` for the next connection
+/// (then shut down by a reaper thread, or at exit).
+enum RbdClusterCache {
+    static let idleSeconds = 5
+    private static let monitor = ConditionLock()
+    private static var idle: [(key: String, handle: rados_t, until: Int)] = []
+    private static var reaper = false
+    private static var atExit = false
+
+    /// A parked handle made with `key`, taken out of the cache.
+    static func take(_ key: String) -> rados_t? {
+        monitor.lock()
+        defer { monitor.unlock() }
+        guard let i = idle.firstIndex(where: { $0.key == key }) else { return nil }
+        return idle.remove(at: i).handle
+    }
+
+    static func park(_ key: String, _ handle: rados_t) {
+        monitor.lock()
+        idle.append((key, handle, monotonicSeconds() + idleSeconds))
+        if !atExit {
+            atExit = true
+            // Before librados' own static destructors (registered when it was loaded, earlier).
+            atexit { RbdClusterCache.shutdownAll() }
+        }
+        let start = !reaper
+        if start { reaper = true }
+        monitor.broadcast()
+        monitor.unlock()
+        guard start else { return }
+        var tid = pthread_t()
+        if pthread_create(&tid, nil, { _ in
+            RbdClusterCache.reap()
+            return nil
+        }, nil) == 0 {
+            pthread_detach(tid)
+        } else {
+            monitor.lock()
+            reaper = false
+            monitor.unlock()
+        }
+    }
+
+    /// The reaper thread: shuts handles down once their time is up; ends when none is left.
+    private static func reap() {
+        monitor.lock()
+        while !idle.isEmpty {
+            let now = monotonicSeconds()
+            let expired = idle.filter { $0.until <= now }
+            idle.removeAll { $0.until <= now }
+            if !expired.isEmpty {
+                monitor.unlock()
+                for e in expired { rados_shutdown(e.handle) }
+                monitor.lock()
+                continue
+            }
+            monitor.wait(seconds: 1)
+        }
+        reaper = false
+        monitor.unlock()
+    }
+
+    static func shutdownAll() {
+        monitor.lock()
+        let all = idle
+        idle = []
+        monitor.unlock()
+        for e in all { rados_shutdown(e.handle) }
+    }
+
+    private static func monotonicSeconds() -> Int {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return ts.tv_sec
     }
 }
 

@@ -2,7 +2,8 @@ import CRbd
 import Glibc
 
 /// Write-behind for an open RBD image: writes, zero writes and discards go to librbd as AIO requests and the
-/// call returns once the request is queued (the data copied), so many requests are in flight at once as in
+/// call returns once the request is queued (the data copied, or borrowed when the caller lends its buffer:
+/// `WriteLoan`), so many requests are in flight at once as in
 /// qemu's rbd driver, where a single-threaded writer (convert's) would otherwise wait out one round trip per
 /// chunk.
 ///
@@ -21,12 +22,16 @@ final class RbdWriteBehind {
         let data: UnsafeMutableRawPointer?
         let bytes: Int
         let what: String
-        init(queue: RbdWriteBehind, id: Int, data: UnsafeMutableRawPointer?, bytes: Int, what: String) {
+        /// The caller's buffer `data` points into (not a copy), given back on completion.
+        let loan: LendableBuffer?
+        init(queue: RbdWriteBehind, id: Int, data: UnsafeMutableRawPointer?, bytes: Int, what: String,
+             loan: LendableBuffer? = nil) {
             self.queue = queue
             self.id = id
             self.data = data
             self.bytes = bytes
             self.what = what
+            self.loan = loan
         }
     }
 
@@ -96,7 +101,9 @@ final class RbdWriteBehind {
     /// A request is over (librbd's callback thread, or a submission that failed): records the first failure.
     fileprivate func finish(_ req: Request, result: Int) {
         monitor.lock()
-        if let d = req.data {
+        if let loan = req.loan {
+            loan.giveBack()
+        } else if let d = req.data {
             if spare.count < RbdWriteBehind.maxRequests && spareBytes + req.bytes <= RbdWriteBehind.maxBytes {
                 spare.append((d, req.bytes))
                 spareBytes += req.bytes
@@ -135,7 +142,11 @@ final class RbdWriteBehind {
         let bytes = data?.count ?? 0
         let id = try admit(offset, end, bytes: bytes)
         var copy: UnsafeMutableRawPointer?
-        if let data, let src = data.baseAddress, bytes > 0 {
+        var loan: LendableBuffer?
+        if let data, let src = data.baseAddress, bytes > 0, let lent = WriteLoan.borrow(data) {
+            loan = lent
+            copy = UnsafeMutableRawPointer(mutating: src)
+        } else if let data, let src = data.baseAddress, bytes > 0 {
             guard let p = takeBuffer(bytes) else {
                 finish(Request(queue: self, id: id, data: nil, bytes: bytes, what: what), result: Int(-ENOMEM))
                 try check()
@@ -144,7 +155,7 @@ final class RbdWriteBehind {
             memcpy(p, src, bytes)
             copy = p
         }
-        let req = Request(queue: self, id: id, data: copy, bytes: bytes, what: what)
+        let req = Request(queue: self, id: id, data: copy, bytes: bytes, what: what, loan: loan)
         let arg = Unmanaged.passRetained(req).toOpaque()
         var completion: rbd_completion_t?
         var r = rbd_aio_create_completion(arg, { c, arg in
