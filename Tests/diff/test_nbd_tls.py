@@ -214,3 +214,57 @@ def test_credential_objects_checked_when_created(tmp, pki):
         assert r.rc == 1 and "duplicate" in r.err, (objs, r)
     r = assert_same("info", "--object", psk, "-f", "raw", img)
     assert r.rc == 0, r
+
+
+def test_objects_added_through_the_library(tmp, servers, pki):
+    """A library caller's --object: TLS credentials added with instar.object_add (instar_object_add) serve an nbd
+    node's tls-creds in info and convert from a qemu-nbd export that requires TLS (x509 over TCP, PSK over a Unix
+    socket), the same output and bytes as qemu-img with --object; a secret added the same way unlocks a LUKS
+    image's key-secret; a duplicate id, an unknown type and a deleted object fail with qemu-img's messages."""
+    import instar
+    disk = sparse_raw(tmp)
+    x = x509_server(servers, tmp, pki, disk)
+    p = psk_server(servers, tmp, pki, sparse_raw(tmp, "p.raw"))
+    x509 = f"tls-creds-x509,id=apitls,dir={pki['client']},endpoint=client"
+    psk = f"tls-creds-psk,id=apipsk,dir={pki['psk']},endpoint=client,username=qemu"
+    instar.object_add(x509)
+    instar.object_add(psk)
+    try:
+        for s, obj, oid in ((x, x509, "apitls"), (p, psk, "apipsk")):
+            node = dict(s.node(), **{"tls-creds": oid})
+            if node["server"].get("host"):
+                node["server"]["host"] = "localhost"
+            name = "json:" + json.dumps({"driver": "raw", "file": node})
+            assert instar.info_json(name) == qemu("info", "--output=json", "--object", obj, name).out
+            out = os.path.join(tmp, f"out_{oid}.raw")
+            instar.convert(name, out, fmt="raw")
+            assert read_file(out) == read_file(disk)
+        # qemu-img's --object errors for a second object with a taken id and for a type it does not have
+        for definition, taken in ((x509, x509), ("secret,id=apitls,data=x", x509), ("nosuchtype,id=t9", None)):
+            with pytest.raises(instar.InstarError) as e:
+                instar.object_add(definition)
+            q = qemu("info", *([] if taken is None else ["--object", taken]), "--object", definition, disk)
+            assert q.rc == 1 and q.err == f"qemu-img: {e.value.message}\n", (q, e.value.message)
+        # a secret for a LUKS image's key-secret
+        luks = os.path.join(tmp, "enc.luks")
+        qimg("create", "-q", "--object", "secret,id=s0,data=pw", "-f", "luks", "-o", "key-secret=s0,iter-time=10",
+             luks, "1M")
+        instar.object_add("secret,id=apisec,data=pw")
+        name = "json:" + json.dumps({"driver": "luks", "key-secret": "apisec",
+                                     "file": {"driver": "file", "filename": luks}})
+        assert instar.info_json(name) == qemu("info", "--output=json", "--object", "secret,id=apisec,data=pw",
+                                              name).out
+        instar.object_del("apisec")
+    finally:
+        instar.object_del("apitls")
+        instar.object_del("apipsk")
+    with pytest.raises(instar.NotFound):
+        instar.object_del("apitls")
+    # once deleted, the node names nothing: qemu's error without the --object
+    node = dict(p.node(), **{"tls-creds": "apipsk"})
+    name = "json:" + json.dumps({"driver": "raw", "file": node})
+    with pytest.raises(instar.InstarError) as e:
+        instar.info_json(name)
+    q = qemu("info", name)
+    assert q.rc == 1 and q.err == f"qemu-img: Could not open '{name}': {e.value.message}\n" \
+        or q.err == f"qemu-img: {e.value.message}\n", (q, e.value.message)
