@@ -492,17 +492,17 @@ def test_convert_n_into_a_json_target(tmp, servers):
     """convert -n with a json: target name (img_open_file: -O's format, raw by default, is the top driver and wins
     over the name's): raw over an nbd file node is written as qemu-img writes it; -O qcow2 over it, a top-level
     nbd node under the default raw, and a json: target without -n fail with qemu's messages."""
-    src = make_source(tmp, size="16M")
+    src = make_source(tmp)
     target = os.path.join(tmp, "t.raw")
     with open(target, "wb") as f:
-        f.truncate(16 << 20)
+        f.truncate(64 << 20)
     s = qemu_nbd(servers, tmp, target, extra=("--shared=4",))
     raw = "json:" + json.dumps({"driver": "raw", "file": s.node()})
     top = "json:" + json.dumps(s.node())
     written = {}
     for tool in ("qemu", "instar"):
         with open(target, "r+b") as f:
-            f.write(b"\xee" * (16 << 20))
+            f.write(b"\xee" * (64 << 20))
         r = (qemu if tool == "qemu" else instar)("convert", "-n", src, raw)
         assert (r.rc, r.out, r.err) == (0, "", ""), r
         written[tool] = open(target, "rb").read()

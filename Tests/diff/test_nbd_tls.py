@@ -244,7 +244,7 @@ def test_objects_added_through_the_library(tmp, servers, pki):
             with pytest.raises(instar.InstarError) as e:
                 instar.object_add(definition)
             q = qemu("info", *([] if taken is None else ["--object", taken]), "--object", definition, disk)
-            assert q.rc == 1 and q.err == f"qemu-img: {e.value.message}\n", (q, e.value.message)
+            assert q.rc == 1 and q.err == f"instar: {e.value.message}\n", (q, e.value.message)
         # a secret for a LUKS image's key-secret
         luks = os.path.join(tmp, "enc.luks")
         qimg("create", "-q", "--object", "secret,id=s0,data=pw", "-f", "luks", "-o", "key-secret=s0,iter-time=10",
@@ -266,5 +266,5 @@ def test_objects_added_through_the_library(tmp, servers, pki):
     with pytest.raises(instar.InstarError) as e:
         instar.info_json(name)
     q = qemu("info", name)
-    assert q.rc == 1 and q.err == f"qemu-img: Could not open '{name}': {e.value.message}\n" \
-        or q.err == f"qemu-img: {e.value.message}\n", (q, e.value.message)
+    assert q.rc == 1 and q.err == f"instar: Could not open '{name}': {e.value.message}\n" \
+        or q.err == f"instar: {e.value.message}\n", (q, e.value.message)

@@ -151,6 +151,8 @@ public enum ConvertOperation {
             guard let d = FormatRegistry.descriptor(named: fmt) else {
                 throw InstarError.invalid("Unknown file format '\(fmt)'")
             }
+            // bdrv_find_protocol: a name with a prefix no protocol driver has (json: among them) stops here.
+            if target.hasPrefix("json:") { _ = try ImageOpener.fileName(fromPlainName: target) }
             guard let c = d.creator else {
                 throw InstarError.unsupported("Format driver '\(fmt)' does not support image creation")
             }
