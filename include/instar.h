@@ -1343,6 +1343,25 @@ void instar_inspect_report_free(instar_inspect_report_t *report);
 /** The name of a violation code ("backing-file", ...; the CLI's JSON and --fatal use them), NULL when unknown. */
 const char *instar_inspect_code_name(uint32_t code);
 
+/* ---- Objects (qemu's --object) ------------------------------------------------------------------------ */
+
+/**
+ * Adds an object to the process's object table, as qemu-img's `--object DEFINITION` does: `definition` is the same
+ * text ("secret,id=sec0,data=PASSPHRASE", "secret,id=sec0,file=PATH[,format=base64]",
+ * "tls-creds-x509,id=tls0,dir=DIR[,endpoint=client][,verify-peer=on|off]",
+ * "tls-creds-psk,id=tls0,dir=DIR[,username=NAME]"), checked as qemu checks it (credential files must exist; a
+ * PSK user must be in keys.psk). Every later call of any thread sees the object: an nbd node's tls-creds=ID, and
+ * key-secret=ID (luks, rbd) and encrypt.key-secret=ID in a json: name or in option lists, find it (the
+ * call's own key_secret fields come first). Errors are qemu's: "Parameter 'qom-type' does not accept value 'X'"
+ * for a type it lacks, "attempt to add duplicate property 'ID' to object (type 'container')" for an id already
+ * taken. This table is the library's one piece of process-wide state; INSTAR_OPEN_ISOLATED helpers do not see it.
+ */
+int instar_object_add(const char *definition, instar_error_t *err);
+
+/** Removes the object `id` added with instar_object_add (qemu's object-del). INSTAR_E_NOT_FOUND with "object 'ID'
+ * not found" when there is none. Images already open keep what they took from it. */
+int instar_object_del(const char *id, instar_error_t *err);
+
 #ifdef __cplusplus
 }
 #endif

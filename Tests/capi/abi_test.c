@@ -564,6 +564,18 @@ int main(int argc, char **argv) {
         CHECK(strlen(instar_strerror(INSTAR_E_POLICY)) > 0);
     }
 
+    /* qemu's --object for library callers: add, a duplicate id, an unknown type, delete. */
+    {
+        CHECK(instar_object_add("secret,id=abisec,data=pw", &err) == INSTAR_OK);
+        CHECK(instar_object_add("secret,id=abisec,data=pw", &err) == INSTAR_E_INVALID
+              && strcmp(err.message, "attempt to add duplicate property 'abisec' to object (type 'container')") == 0);
+        CHECK(instar_object_add("nosuchtype,id=x", &err) == INSTAR_E_INVALID
+              && strcmp(err.message, "Parameter 'qom-type' does not accept value 'nosuchtype'") == 0);
+        CHECK(instar_object_add(NULL, NULL) == INSTAR_E_INVALID);
+        CHECK(instar_object_del("abisec", &err) == INSTAR_OK);
+        CHECK(instar_object_del("abisec", &err) == INSTAR_E_NOT_FOUND);
+    }
+
     printf("%s %d checks, %d failed\n", failures ? "FAIL" : "ok", checks, failures);
     return failures ? 1 : 0;
 }

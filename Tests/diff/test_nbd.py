@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import INSTAR, assert_same, both, qemu, qemu_io, qimg, run
+from conftest import INSTAR, assert_same, both, instar, qemu, qemu_io, qimg, run
 
 DEADLINE = 60
 
@@ -486,3 +486,27 @@ def test_qcow2_over_multi_conn_nbd(tmp, servers):
     assert qemu("compare", src, s.url).rc == 0
     i = json.loads(qemu("info", "--output=json", s.url).out)
     assert (i["format"], i["virtual-size"]) == ("qcow2", 48 << 20)
+
+
+def test_convert_n_into_a_json_target(tmp, servers):
+    """convert -n with a json: target name (img_open_file: -O's format, raw by default, is the top driver and wins
+    over the name's): raw over an nbd file node is written as qemu-img writes it; -O qcow2 over it, a top-level
+    nbd node under the default raw, and a json: target without -n fail with qemu's messages."""
+    src = make_source(tmp)
+    target = os.path.join(tmp, "t.raw")
+    with open(target, "wb") as f:
+        f.truncate(64 << 20)
+    s = qemu_nbd(servers, tmp, target, extra=("--shared=4",))
+    raw = "json:" + json.dumps({"driver": "raw", "file": s.node()})
+    top = "json:" + json.dumps(s.node())
+    written = {}
+    for tool in ("qemu", "instar"):
+        with open(target, "r+b") as f:
+            f.write(b"\xee" * (64 << 20))
+        r = (qemu if tool == "qemu" else instar)("convert", "-n", src, raw)
+        assert (r.rc, r.out, r.err) == (0, "", ""), r
+        written[tool] = open(target, "rb").read()
+    assert written["instar"] == written["qemu"]
+    for args in (("-n", "-O", "qcow2", src, raw), ("-n", src, top), (src, raw)):
+        r = assert_same("convert", *args)
+        assert r.rc == 1, r

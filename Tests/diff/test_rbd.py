@@ -316,3 +316,21 @@ def test_encrypt_create_errors(conf, tmp):
                                              name(conf, n), "16M"), imgs)
         listed = rbd(conf, "ls").out.split()
         assert [n in listed for n in imgs] == [False, False]
+
+
+def test_convert_n_into_json_targets(conf, tmp):
+    """convert -n with a json: target (raw over an rbd file node, and a top-level rbd node under -O raw): qemu-img's
+    result, output and bytes."""
+    src = source(tmp)
+    imgs = pair("js", conf)
+    for n in imgs:
+        rbd(conf, "create", "--size", "64M", f"rbd/{n}")
+
+    def node(n):
+        return {"driver": "rbd", "pool": "rbd", "image": n, "conf": conf}
+    r = assert_same_renamed(conf, lambda n: ("convert", "-n", src, "json:" + json.dumps({"driver": "raw",
+                                                                                         "file": node(n)})), imgs)
+    assert (r.rc, r.out, r.err) == (0, "", ""), r
+    assert export(conf, imgs[0], tmp) == export(conf, imgs[1], tmp)
+    r = assert_same_renamed(conf, lambda n: ("convert", "-n", src, "json:" + json.dumps(node(n))), imgs)
+    assert r.rc == 1, r

@@ -433,6 +433,26 @@ strerror(code)
   OUTPUT:
     RETVAL
 
+void
+object_add(definition)
+    const char *definition
+  PREINIT:
+    instar_error_t err;
+    int rc;
+  CODE:
+    rc = instar_object_add(definition, &err);
+    CHECK(rc, err);
+
+void
+object_del(id)
+    const char *id
+  PREINIT:
+    instar_error_t err;
+    int rc;
+  CODE:
+    rc = instar_object_del(id, &err);
+    CHECK(rc, err);
+
 SV *
 _info(filename, opts = &PL_sv_undef)
     const char *filename

@@ -180,6 +180,9 @@ public enum ImageOpener {
     public static func open(_ spec: ImageSpec, options: ImageOpenOptions, writable: Bool = false,
                             openBacking: Bool = true) throws -> ImageLayer {
         var seen: [String] = []
+        // Secrets a library caller added with instar_object_add serve every open, after the call's own.
+        var options = options
+        options.secrets = ObjectRegistry.secrets(adding: options.secrets)
         return try openLayer(spec, options: options, writable: writable, openBacking: openBacking, depth: 0, seen: &seen)
     }
 

@@ -125,8 +125,16 @@ public enum ConvertOperation {
         options.direct = cache.direct
         options.noFlush = !cache.flushes
         options.secrets = secrets
-        return try ImageOpener.open(spec ?? ImageSpec(filename: try ImageOpener.fileName(fromPlainName: path), format: format), options: options,
-                                    writable: true, openBacking: openBacking)
+        // A json: name (convert -n's target, as img_open_file takes it): -O's format is the top node's driver.
+        let named: ImageSpec
+        if let spec {
+            named = spec
+        } else if path.hasPrefix("json:") {
+            named = try ImageOpener.parseSpec(path, format: format)
+        } else {
+            named = ImageSpec(filename: try ImageOpener.fileName(fromPlainName: path), format: format)
+        }
+        return try ImageOpener.open(named, options: options, writable: true, openBacking: openBacking)
     }
 
     /// What img_convert does once the sources are open: creates the target through the format's creator with
@@ -143,6 +151,8 @@ public enum ConvertOperation {
             guard let d = FormatRegistry.descriptor(named: fmt) else {
                 throw InstarError.invalid("Unknown file format '\(fmt)'")
             }
+            // bdrv_find_protocol: a name with a prefix no protocol driver has (json: among them) stops here.
+            if target.hasPrefix("json:") { _ = try ImageOpener.fileName(fromPlainName: target) }
             guard let c = d.creator else {
                 throw InstarError.unsupported("Format driver '\(fmt)' does not support image creation")
             }
@@ -197,7 +207,7 @@ public enum ConvertOperation {
         if let c = creator, let v = values {
             do {
                 var request = CreateRequest(filename: try ImageOpener.fileName(fromPlainName: target), options: v)
-                request.secrets = options.secrets
+                request.secrets = ObjectRegistry.secrets(adding: options.secrets)
                 try c.create(request)
             } catch let e as InstarError {
                 throw e.prepending("\(target): error while converting \(fmt): ")

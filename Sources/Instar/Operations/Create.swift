@@ -137,7 +137,7 @@ public enum Create {
         }
         if size == nil { throw InstarError.invalid("Image creation needs a size parameter") }
         var prepared = Prepared(filename: p.filename, format: p.format, creator: creator, options: values)
-        prepared.secrets = p.secrets
+        prepared.secrets = ObjectRegistry.secrets(adding: p.secrets)
         return prepared
     }
 

@@ -60,6 +60,15 @@ public struct TlsCredentials: Equatable {
         objects[c.id] = c
     }
 
+    /// Drops the object `id` from the table (TLS credentials or another object's id); whether there was one.
+    static func remove(id: String) -> Bool {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        let creds = objects.removeValue(forKey: id) != nil
+        let other = otherIds.remove(id) != nil
+        return creds || other
+    }
+
     /// Whether TLS credentials already have this id (another object may not take it).
     public static func hasCredentials(id: String) -> Bool {
         pthread_mutex_lock(lock)

@@ -336,6 +336,13 @@ C<< { requests, bytes, seconds } >>. Options as in C<instar_bench_options_t>.
 
 =item version(), strerror($code)
 
+=item object_add($definition), object_del($id)
+
+qemu-img's C<--object> for the whole process (C<instar_object_add>): C<< object_add("secret,id=sec0,data=...") >>,
+C<< object_add("tls-creds-x509,id=tls0,dir=/etc/pki/qemu,endpoint=client") >> or C<tls-creds-psk,...>; later
+calls find it by id (an nbd node's C<tls-creds>, C<key-secret> and C<encrypt.key-secret> in json: names and option
+lists). Dies with qemu-img's message for a duplicate id or an unknown type.
+
 =back
 
 =head2 Instar::Image

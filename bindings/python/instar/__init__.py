@@ -59,3 +59,7 @@ __all__ = [
 from ._lib import IsolationFailed  # noqa: E402,F401
 from .image import OPEN_ISOLATED  # noqa: E402,F401
 __all__ += ["IsolationFailed", "OPEN_ISOLATED"]
+
+# qemu's --object for library callers (TLS credentials, secrets).
+from .objects import object_add, object_del  # noqa: E402,F401
+__all__ += ["object_add", "object_del"]

@@ -19,6 +19,11 @@ struct NbdAddress: Equatable {
     var tlsCreds: String?
     /// tls-hostname: the name the server's certificate must carry (qemu's default: the inet host).
     var tlsHostname: String?
+    /// reconnect-delay: seconds requests wait, after the connection drops, while the client connects again
+    /// (0: they fail at once). qemu keeps it as a uint32.
+    var reconnectDelay: UInt32 = 0
+    /// open-timeout: seconds the open keeps trying to connect (0: one attempt).
+    var openTimeout: UInt32 = 0
 
     /// NBD_DEFAULT_PORT.
     static let defaultPort = "10809"
@@ -61,6 +66,8 @@ struct NbdAddress: Equatable {
             case "x-dirty-bitmap": bitmap = text
             case "tls-creds": tlsCreds = text
             case "tls-hostname": tlsHostname = text
+            case "reconnect-delay": reconnectDelay = try NbdAddress.seconds(k, text)
+            case "open-timeout": openTimeout = try NbdAddress.seconds(k, text)
             default: break
             }
         }
@@ -115,6 +122,31 @@ struct NbdAddress: Equatable {
             if tlsHostname == nil, case let .inet(host, _) = self.server { tlsHostname = host }
             self.tlsHostname = tlsHostname
         }
+    }
+
+    /// A QEMU_OPT_NUMBER option as qemu_strtou64 reads it (base 0, a leading '-' negating), kept as qemu's
+    /// uint32 field keeps it; qemu's errors for text that is no number or too large a one.
+    static func seconds(_ name: String, _ text: String) throws -> UInt32 {
+        var body = Substring(text)
+        while let c = body.first, c == " " || c == "\t" || c == "\n" { body = body.dropFirst() }
+        var negative = false
+        if body.hasPrefix("-") { negative = true; body = body.dropFirst() } else if body.hasPrefix("+") { body = body.dropFirst() }
+        var radix = 10
+        if body.hasPrefix("0x") || body.hasPrefix("0X") {
+            radix = 16
+            body = body.dropFirst(2)
+        } else if body.hasPrefix("0") && body.count > 1 {
+            radix = 8
+            body = body.dropFirst()
+        }
+        guard !body.isEmpty, body.allSatisfy({ $0.hexDigitValue.map { $0 < radix } ?? false }) else {
+            throw InstarError.invalid("Parameter '\(name)' expects a number")
+        }
+        guard let n = UInt64(body, radix: radix) else {
+            throw InstarError.invalid("Value '\(text)' is too large for parameter '\(name)'")
+        }
+        let value = negative ? 0 &- n : n
+        return UInt32(truncatingIfNeeded: value)
     }
 
     /// nbd_refresh_filename: the URL qemu shows for the node, or nil when it has none.

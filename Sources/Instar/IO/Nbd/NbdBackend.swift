@@ -76,7 +76,10 @@ final class NbdBackend: ProtocolBackend {
 
     init(address: NbdAddress, writable: Bool) throws {
         self.address = address
-        let h = try NbdBackend.connect(address)
+        // nbd_process_options resolves tls-creds before any attempt; open-timeout then retries the connection.
+        _ = try NbdTls.credentials(address)
+        let h = try NbdBackend.connect(address, until: address.openTimeout > 0
+                                       ? NbdBackend.now() + Double(address.openTimeout) : nil)
         let size = nbd_get_size(h)
         guard size >= 0 else {
             let e = NbdBackend.lastError()
@@ -159,6 +162,35 @@ final class NbdBackend: ProtocolBackend {
         return h
     }
 
+    /// A monotonic clock in seconds.
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// Connects as nbd/client-connection.c's connect thread does with retries on: attempt after attempt, 1, 2, 4,
+    /// 8 then 16 s apart, until one succeeds or `deadline` (CLOCK_MONOTONIC seconds) passes, when the last
+    /// attempt's error is thrown (qemu's timer cancels the wait with it). Without a deadline, one attempt.
+    static func connect(_ address: NbdAddress, until deadline: Double?) throws -> OpaquePointer {
+        var pause = 1.0
+        while true {
+            do {
+                return try connect(address)
+            } catch {
+                guard let deadline else { throw error }
+                let left = deadline - now()
+                if left <= 0 { throw error }
+                let wait = min(pause, left)
+                var ts = timespec(tv_sec: Int(wait), tv_nsec: Int((wait - Double(Int(wait))) * 1e9))
+                var rest = timespec()
+                while nanosleep(&ts, &rest) != 0 && errno == EINTR { ts = rest }
+                if now() >= deadline { throw error }
+                pause = min(pause * 2, 16)
+            }
+        }
+    }
+
     /// libnbd's last error on this thread, without its "nbd_call: " prefix.
     static func lastError(_ fallback: Int32 = EIO) -> InstarError {
         let err = nbd_get_errno()
@@ -219,7 +251,8 @@ final class NbdBackend: ProtocolBackend {
 
     /// A connection and the thread that sends its requests and reads its replies.
     final class Lane {
-        let handle: OpaquePointer
+        /// The connection; replaced by the lane's thread when it reconnects (reconnect-delay).
+        var handle: OpaquePointer
         /// An eventfd the thread polls beside the socket: written when a request is queued or the lane stops.
         let wake: Int32
         /// Queued by callers, not yet taken by the thread (guarded by the backend's lock).
@@ -440,39 +473,90 @@ final class NbdBackend: ProtocolBackend {
 
     /// A lane's thread: takes queued requests, sends them, polls the socket and the eventfd, retires what
     /// finished; stops when told to and nothing is outstanding.
+    ///
+    /// reconnect-delay (qemu's NBD_CLIENT_CONNECTING_WAIT): when the connection drops, the requests in flight and
+    /// those queued after them are kept; the next pass connects again, retrying until the delay (counted from
+    /// that first attempt) runs out, and sends them again in their order on the new connection. When it runs
+    /// out they fail with EIO, and later requests fail too unless one attempt made for them connects.
     private func serve(_ lane: Lane) {
-        let h = lane.handle
+        var h = lane.handle
         var sent: [Request] = []
         var dead = false
+        let delay = address.reconnectDelay
+        /// The current outage's wait has run out: requests fail unless a single attempt connects.
+        var expired = false
         while true {
             pthread_mutex_lock(lock)
             lane.idle = false
-            let fresh = lane.queue
+            var fresh = lane.queue
             lane.queue.removeAll(keepingCapacity: true)
             let stopping = lane.stopping
             pthread_mutex_unlock(lock)
+            if dead && delay > 0 && !(sent.isEmpty && fresh.isEmpty) {
+                let deadline = expired ? nil : NbdBackend.now() + Double(delay)
+                if let fresh2 = try? NbdBackend.connect(address, until: deadline) {
+                    // Closing the old handle runs whatever callbacks it still owes before its requests are reused.
+                    _ = nbd_shutdown(h, 0)
+                    nbd_close(h)
+                    pthread_mutex_lock(lock)
+                    lane.handle = fresh2
+                    lane.graveyard = []
+                    pthread_mutex_unlock(lock)
+                    h = fresh2
+                    dead = false
+                    expired = false
+                    for r in sent {
+                        r.c.pointee.done = 0
+                        r.c.pointee.error = 0
+                        r.c.pointee.extent_count = 0
+                    }
+                    fresh = sent + fresh
+                    sent = []
+                } else {
+                    expired = true
+                }
+            }
             var failed: [(Request, InstarError)] = []
             for r in fresh {
-                if dead {
-                    failed.append((r, NbdBackend.requestError(ENOTCONN)))
+                if dead && delay > 0 && !expired {
+                    sent.append(r)
+                } else if dead {
+                    failed.append((r, NbdBackend.requestError(EIO)))
                 } else if instar_nbd_submit(h, r.c) < 0 {
-                    failed.append((r, NbdBackend.lastError()))
-                    if nbd_aio_is_dead(h) != 0 || nbd_aio_is_closed(h) != 0 { dead = true }
+                    if nbd_aio_is_dead(h) != 0 || nbd_aio_is_closed(h) != 0 {
+                        dead = true
+                        if delay > 0 {
+                            // Kept, with everything after it, for the new connection.
+                            expired = false
+                            sent.append(r)
+                            continue
+                        }
+                        failed.append((r, NbdBackend.requestError(EIO)))
+                    } else {
+                        failed.append((r, NbdBackend.lastError()))
+                    }
                 } else {
                     sent.append(r)
                 }
             }
+            if !dead && (nbd_aio_is_dead(h) != 0 || nbd_aio_is_closed(h) != 0) {
+                dead = true
+                expired = false
+            }
+            let keep = dead && delay > 0 && !expired
             var done: [(Request, InstarError?)] = failed.map { ($0.0, $0.1) }
             sent.removeAll { r in
                 guard instar_nbd_req_is_done(r.c) != 0 else { return false }
                 let code = r.c.pointee.error
-                done.append((r, code != 0 ? NbdBackend.requestError(code) : nil))
+                // A request libnbd aborted with its connection is sent again once reconnected.
+                if keep && code != 0 { return false }
+                done.append((r, code != 0 ? NbdBackend.requestError(dead ? EIO : code) : nil))
                 return true
             }
-            if dead && !sent.isEmpty {
+            if dead && !keep && !sent.isEmpty {
                 // libnbd answers nothing more on a dead connection; keep the requests alive in case it still
                 // calls their callbacks when the handle closes.
-                for r in sent { done.append((r, NbdBackend.requestError(ENOTCONN))) }
+                for r in sent { done.append((r, NbdBackend.requestError(EIO))) }
                 pthread_mutex_lock(lock)
                 lane.graveyard += sent
                 pthread_mutex_unlock(lock)
@@ -484,6 +568,7 @@ final class NbdBackend: ProtocolBackend {
                 pthread_cond_broadcast(changed)
                 pthread_mutex_unlock(lock)
             }
+            if keep && !sent.isEmpty { continue }
             if stopping && sent.isEmpty {
                 pthread_mutex_lock(lock)
                 let empty = lane.queue.isEmpty
@@ -502,6 +587,7 @@ final class NbdBackend: ProtocolBackend {
                     fds[1] = pollfd(fd: fd, events: ev, revents: 0)
                 } else {
                     dead = true
+                    expired = false
                     continue
                 }
             }
@@ -520,7 +606,10 @@ final class NbdBackend: ProtocolBackend {
                 var r: Int32 = 0
                 if rev & Int16(POLLIN | POLLHUP | POLLERR) != 0 { r = nbd_aio_notify_read(h) }
                 if r == 0 && rev & Int16(POLLOUT) != 0 { r = nbd_aio_notify_write(h) }
-                if r != 0 || nbd_aio_is_dead(h) != 0 || nbd_aio_is_closed(h) != 0 { dead = true }
+                if r != 0 || nbd_aio_is_dead(h) != 0 || nbd_aio_is_closed(h) != 0 {
+                    dead = true
+                    expired = false
+                }
             }
         }
     }
