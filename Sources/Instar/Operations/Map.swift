@@ -49,6 +49,8 @@ public struct MapEntry: Equatable {
 public enum MapOperation {
     /// qemu-img map probes at most 1 GiB per query.
     static let probeLimit: UInt64 = 1 << 30
+    /// The largest query the map walk grows to.
+    static let maxProbe: UInt64 = 1 << 62
 
     /// Walks `[start, start + maxLength)` (clamped to the image) and hands each merged entry to `emit`, with
     /// whether another entry follows. With `humanCoalescing`, ranges without plain data are treated alike after
@@ -62,15 +64,19 @@ public enum MapOperation {
         }
         var curr = MapEntry(start: start, length: 0, depth: 0, present: false, zero: false, data: false,
                             offset: nil, filename: nil)
+        // The probe grows while each answer covers all of it: a header can declare exabytes (parallels, nbd), and
+        // 1 GiB steps would walk such an image for hours. Entries merge, so the output is the same.
+        var probe = probeLimit
         while curr.start &+ curr.length < length {
             let offset = curr.start + curr.length
-            let n = min(probeLimit, length - offset)
+            let n = min(probe, length - offset)
             let s: ChainBlockStatus
             do {
                 s = try ChainStatus.mapStatus(image, at: offset, length: n)
             } catch let e as InstarError {
                 throw InstarError(e.code, "Could not read file metadata: \(e.message)", errno: e.errnoValue)
             }
+            probe = s.length >= n ? min(probe << 1, maxProbe) : probeLimit
             var next = MapEntry(start: offset, length: s.length, depth: s.depth, present: s.allocated, zero: s.zero,
                                 data: s.data, offset: s.hostOffset, filename: s.hostOffset == nil ? nil : s.hostFile)
             if curr.canMerge(next) {
