@@ -52,7 +52,7 @@ unit-test:
 	$(SWIFT) test
 
 diff-test:
-	scripts/ceph-single-node.sh run env INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile Tests/diff
+	scripts/ceph-single-node.sh run env INSTAR_BUILD=$(CURDIR)/$(OUT) $(PYTHON) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25 Tests/diff
 
 demo: deps build
 	bash bench/demo.sh $(OUT)/bin/instar
