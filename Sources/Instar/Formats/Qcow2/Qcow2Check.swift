@@ -333,12 +333,17 @@ final class Qcow2Checker {
     }
 
     /// The L2 entry and (extended L2) its subcluster bitmap at `index` of a raw table.
+    /// Read in place (no reader object per entry: a hostile L1 can make check visit millions of entries).
     private func l2Entry(_ table: [UInt8], _ index: Int) -> (UInt64, UInt64) {
-        let r = ByteReader(table)
         let base = index * l2EntryBytes
-        let entry = (try? r.u64be(at: base)) ?? 0
-        let bitmap = extendedL2 ? ((try? r.u64be(at: base + 8)) ?? 0) : 0
-        return (entry, bitmap)
+        let extended = extendedL2
+        return table.withUnsafeBytes { raw in
+            func be(_ o: Int) -> UInt64 {
+                guard o >= 0, o <= raw.count - 8 else { return 0 }
+                return UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
+            }
+            return (be(base), extended ? be(base + 8) : 0)
+        }
     }
 
     /// check_refcounts_l2.
