@@ -453,7 +453,8 @@ def test_fault_injection(shim, case, tmp):
     failures = [x for x in results if x[4]]
     if os.environ.get("FAULTINJ_REPORT"):
         with open(os.environ["FAULTINJ_REPORT"], "a") as f:
-            f.write(f"{case.name}-{getattr(case, 'label', case.fmt)} K={k} injections={len(jobs)} failures={len(failures)}\n")
+            label = getattr(case, "label", case.fmt)
+            f.write(f"{case.name}-{label} K={k} injections={len(jobs)} failures={len(failures)}\n")
     assert not failures, "\n".join(f"N={n} {m}: rc={rc} {err!r}: {p}" for n, m, rc, err, p in failures)
 
 
