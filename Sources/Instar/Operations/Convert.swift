@@ -671,7 +671,8 @@ public enum ConvertOperation {
                 } catch {
                     status = nil
                 }
-                guard let st = status, st.data, !st.zero, let host = st.hostOffset, let name = st.hostFile, st.length > 0 else {
+                guard let st = status, st.data, !st.zero, let host = st.hostOffset, let name = st.hostFile,
+                      st.length > 0 else {
                     return (done, pieces)
                 }
                 let chain = sources[i].chain
