@@ -210,3 +210,37 @@ tsan: deps build
 # NBD over TLS: Sources/CInstar/nbd_tls.c reads gnutls' header (the library itself is libnbd's, opened at run
 # time); Tests/diff/test_nbd_tls.py makes its certificates and DH parameters with openssl.
 APT_PKGS += libgnutls28-dev openssl
+
+# Fuzz smoke in make test (issue 14): every format's libFuzzer target runs FUZZ_TEST_SECONDS (3 s; two targets at a
+# time) at the end of make test, and a crash fails make test. The slow part, the sanitized build and the seeds
+# (fuzz/run.sh with FUZZ_RUN=0), starts in the background before the release build under SCHED_IDLE (`chrt -i`;
+# not nice, which the swift driver resets for its frontends), so it takes only the CPU the rest of make test leaves
+# idle. fuzz-smoke-check waits for it (it holds prepare.lock until done), first raising it to normal priority if
+# it is not done, then runs the targets. Everything lands in $(OUT)/fuzz. FUZZ_IN_TEST=0 leaves it out.
+FUZZ_IN_TEST      ?= 1
+FUZZ_TEST_SECONDS ?= 3
+FUZZ_TEST_ENV     := FUZZ_DIR=$(CURDIR)/$(OUT)/fuzz FUZZ_OPT=-Onone FUZZ_KEEP_CORPUS=0
+.PHONY: fuzz-smoke-prepare fuzz-smoke-check
+ifeq ($(FUZZ_IN_TEST),1)
+ifneq ($(filter test,$(MAKECMDGOALS)),)
+build: fuzz-smoke-prepare
+endif
+test: fuzz-smoke-check
+endif
+# (setsid: the job leads its own session, whose processes fuzz-smoke-check can find; its pid is the session id.)
+fuzz-smoke-prepare: deps
+	@mkdir -p $(OUT)/fuzz && rm -f $(OUT)/fuzz/prepare.rc
+	@exec 9>$(OUT)/fuzz/prepare.lock && flock 9 && \
+	  setsid chrt -i 0 sh -c '$(FUZZ_TEST_ENV) FUZZ_RUN=0 bash fuzz/run.sh >$(OUT)/fuzz/prepare.log 2>&1; \
+	    echo $$? >$(OUT)/fuzz/prepare.rc' </dev/null >/dev/null 2>&1 & echo $$! >$(OUT)/fuzz/prepare.pid
+	@echo "fuzz: building the fuzz binary and the seeds in the background ($(OUT)/fuzz/prepare.log)"
+fuzz-smoke-check: deps
+	@mkdir -p $(OUT)/fuzz; \
+	if ! flock -n $(OUT)/fuzz/prepare.lock true && [ -f $(OUT)/fuzz/prepare.pid ]; then \
+	  echo "fuzz: the background build is not done; it runs at normal priority now"; \
+	  for p in $$(pgrep -s "$$(cat $(OUT)/fuzz/prepare.pid)"); do chrt -o -p 0 $$p 2>/dev/null || true; done; \
+	fi; \
+	flock $(OUT)/fuzz/prepare.lock true
+	@if [ -f $(OUT)/fuzz/prepare.rc ] && [ "$$(cat $(OUT)/fuzz/prepare.rc)" != 0 ]; then \
+	  tail -20 $(OUT)/fuzz/prepare.log; echo "fuzz: the background build failed" >&2; exit 1; fi
+	$(FUZZ_TEST_ENV) FUZZ_SECONDS=$(FUZZ_TEST_SECONDS) FUZZ_JOBS=2 bash fuzz/run.sh

@@ -8,6 +8,8 @@
 #   FUZZ_TIMEOUT  seconds one input may take (default 120) FUZZ_BUILD  0 reuses the binary, 1 rebuilds it
 #                                                         (default: rebuilt when a source is newer than it)
 #   FUZZ_KEEP_CORPUS  0: start from the seeds alone and keep nothing (make fuzz-smoke); default 1 grows corpus/
+#   FUZZ_RUN      0: build the binary and make the seeds, run nothing (make test does that in the background)
+#   FUZZ_JOBS     targets run at a time (default 1)
 # Extra arguments go to the fuzzer (with one target in FUZZ_TARGETS: a crash file, to reproduce it).
 set -euo pipefail
 # The whole script is one block, read before it runs: editing it while a long run goes on is harmless.
@@ -143,10 +145,13 @@ for t in "${TARGETS[@]}"; do
   printf '%s\n' "$commands" >"$SEEDS.made-by"
 done
 
+if [ "${FUZZ_RUN:-1}" = 0 ]; then echo "fuzz: binary $BIN and seeds ready"; exit 0; fi
+
 # ---- The runs ---------------------------------------------------------------------------------------------------
-failed=()
-summary=()
-for t in "${TARGETS[@]}"; do
+# Each target's run leaves its summary line in $S/<target>.summary and its exit status in $S/<target>.rc.
+run_target() {
+  local t=$1 inputs rc=0 largest max_len log cov execs rate artifact
+  shift
   # Inputs up to the largest seed (at least 256 KiB): some formats' smallest image is megabytes of metadata.
   largest=$(find "$WORK/seeds/$t" -type f -printf '%s\n' | sort -n | tail -1)
   max_len=$(( largest > 262144 ? largest : 262144 ))
@@ -154,22 +159,36 @@ for t in "${TARGETS[@]}"; do
   echo "fuzz: $t: $(ls "$WORK/seeds/$t" | wc -l) seeds, corpus $(ls "$WORK/corpus/$t" | wc -l) files, max_len $max_len, running ${SECONDS_TO_RUN}s"
   # Files among the extra arguments (a crash to reproduce) are run alone; otherwise the corpus, then the seeds.
   inputs=("corpus/$t" "seeds/$t")
-  if [ "${FUZZ_KEEP_CORPUS:-1}" = 0 ]; then rm -rf "$S/corpus" && mkdir "$S/corpus" && inputs=("$S/corpus" "seeds/$t"); fi
+  if [ "${FUZZ_KEEP_CORPUS:-1}" = 0 ]; then
+    rm -rf "$S/corpus-$t" && mkdir "$S/corpus-$t" && inputs=("$S/corpus-$t" "seeds/$t")
+  fi
   for a in "$@"; do [[ $a == -* ]] || inputs=(); done
-  rc=0
   (cd "$WORK" && INSTAR_FUZZ_FORMAT=$t ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} "$BIN" \
       -max_total_time="$SECONDS_TO_RUN" -max_len="$max_len" -timeout="$TIMEOUT" -rss_limit_mb=2048 \
       -artifact_prefix="$WORK/crashes/$t-" -print_final_stats=1 "$@" "${inputs[@]}" </dev/null) >"$log" 2>&1 || rc=$?
   cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || true)
   execs=$(awk '/stat::number_of_executed_units/ { print $2 }' "$log")
   rate=$(awk '/stat::average_exec_per_sec/ { print $2 }' "$log")
-  summary+=("$(printf '%-8s %-22s execs %-8s exec/s %-6s' "$t" "${cov:-cov: ?}" "${execs:-?}" "${rate:-?}")")
+  printf '%-8s %-22s execs %-8s exec/s %-6s\n' "$t" "${cov:-cov: ?}" "${execs:-?}" "${rate:-?}" >"$S/$t.summary"
   if [ "$rc" -ne 0 ]; then
     artifact=$(grep -oE 'Test unit written to [^ ]+' "$log" | tail -1 | cut -d' ' -f5- || true)
     echo "fuzz: $t FAILED (exit $rc): ${artifact:-no input saved}; log $log" >&2
     grep -E '^(==[0-9]+==ERROR|SUMMARY|Fatal error|.*error: )' "$log" | head -5 >&2 || true
-    failed+=("$t")
   fi
+  echo "$rc" >"$S/$t.rc"
+}
+running=0
+for t in "${TARGETS[@]}"; do
+  if [ "$running" -ge "${FUZZ_JOBS:-1}" ]; then wait -n || true; running=$((running - 1)); fi
+  run_target "$t" "$@" &
+  running=$((running + 1))
+done
+wait
+failed=()
+summary=()
+for t in "${TARGETS[@]}"; do
+  summary+=("$(cat "$S/$t.summary" 2>/dev/null || echo "$t: no result")")
+  [ "$(cat "$S/$t.rc" 2>/dev/null)" = 0 ] || failed+=("$t")
 done
 echo "fuzz: results (logs in $WORK/logs)"
 printf '  %s\n' "${summary[@]}"

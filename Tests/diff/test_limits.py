@@ -114,6 +114,20 @@ def test_commit_past_its_time_limit_leaves_the_chain_valid(tmp):
     assert qemu("compare", top, ref).rc == 0
 
 
+def test_convert_with_copy_offload_past_its_time_limit(big_raw, tmp):
+    """convert -C asks the block status of each chunk's source range before offloading it (the kernel copies the
+    data, nothing reads it): a limit firing inside that query stops the copy (it fires once, so swallowing it there
+    could let the copy run to the end; CallLimitTests checks that query alone)."""
+    dst = os.path.join(tmp, "o.raw")
+    with pytest.raises(instar.LimitReached):
+        with instar.limits(timeout=0.001):
+            instar.convert(big_raw, dst, source_format="raw", fmt="raw", copy_range=True)
+    if os.path.exists(dst):
+        os.unlink(dst)
+    instar.convert(big_raw, dst, source_format="raw", fmt="raw", copy_range=True)
+    assert qemu("compare", big_raw, dst).rc == 0
+
+
 def test_vdsm_untrusted_info_runs_under_the_cpu_limit(tmp, monkeypatch):
     from instar.compat import vdsm
     p = os.path.join(tmp, "a.qcow2")

@@ -651,9 +651,11 @@ public enum ConvertOperation {
 
     /// How many leading bytes of the data range [sector, +bytes) of the concatenated sources qemu's copy_range
     /// would copy before it meets a range it cannot offload (one not stored plainly in a host file: compressed,
-    /// encrypted, or a read error), and where they are. Errors end the prefix (qemu's read then reports them).
+    /// encrypted, or a read error), and where they are. Errors end the prefix (qemu's read then reports them),
+    /// except a call limit firing inside the block-status query, which is thrown: the limit fires once, so
+    /// swallowing it would let the copy run to the end.
     static func offloadablePieces(_ sources: [ImageLayer], _ sizes: [UInt64], sector: UInt64, bytes: UInt64)
-        -> (bytes: UInt64, pieces: [HostPiece])
+        throws -> (bytes: UInt64, pieces: [HostPiece])
     {
         var pieces: [HostPiece] = []
         var done: UInt64 = 0
@@ -677,8 +679,16 @@ public enum ConvertOperation {
                 guardSteps += 1
                 let want = min(left, size > offset ? size - offset : 0)
                 if want == 0 { return (done, pieces) }
-                guard let st = try? ChainStatus.aboveStatus(sources[i], at: offset, length: want),
-                      st.data, !st.zero, let host = st.hostOffset, let name = st.hostFile, st.length > 0 else {
+                let status: ChainBlockStatus?
+                do {
+                    status = try ChainStatus.aboveStatus(sources[i], at: offset, length: want)
+                } catch let e as InstarError where e.code == .limit {
+                    throw e
+                } catch {
+                    status = nil
+                }
+                guard let st = status, st.data, !st.zero, let host = st.hostOffset, let name = st.hostFile,
+                      st.length > 0 else {
                     return (done, pieces)
                 }
                 let chain = sources[i].chain

@@ -218,8 +218,17 @@ final class ChunkReader {
         let chunk = UnsafeMutableRawBufferPointer(
             rebasing: slot.pointee.buffer[0..<Int(min(n, bufSectors) * ConvertOperation.sectorSize)])
         if status == .data && offload {
-            let plain = ConvertOperation.offloadablePieces(sources, sourceSectors, sector: sector,
-                                                           bytes: UInt64(chunk.count))
+            let plain: (bytes: UInt64, pieces: [ConvertOperation.HostPiece])
+            do {
+                plain = try ConvertOperation.offloadablePieces(sources, sourceSectors, sector: sector,
+                                                               bytes: UInt64(chunk.count))
+            } catch {
+                // Only a call limit comes here (other errors end the offloadable prefix): it stops the copy.
+                slot.pointee.statusError = error
+                slot.pointee.count = 0
+                nextSector = totalSectors
+                return false
+            }
             slot.pointee.offloadBytes = plain.bytes - plain.bytes % ConvertOperation.sectorSize
             if slot.pointee.offloadBytes < UInt64(chunk.count) {
                 // qemu copies what it can, then falls back to reading for this chunk and the ones after those
