@@ -146,6 +146,7 @@ extension Qcow2Format: ImageSnapshottable {
             CrashPoint.hit("snapshot-create:l1-copied")
         }
         var setDirty = false
+        var l1Written = !batched
         var entries = table.entries
         w.unordered = batched
         defer {
@@ -157,6 +158,7 @@ extension Qcow2Format: ImageSnapshottable {
                                          flush: !batched, beforeFlagChange: { setDirty = try w.markDirtyForUpdate() })
             CrashPoint.hit("snapshot-create:refcounts")
             if batched {
+                l1Written = true
                 if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
                 CrashPoint.hit("snapshot-create:l1-copied")
                 w.crashBetweenCaches = "snapshot-create:tables-written"
@@ -172,6 +174,8 @@ extension Qcow2Format: ImageSnapshottable {
             }, crashPrefix: "snapshot-create", syncFirst: false,
                incompatibleFeatures: setDirty ? w.header.incompatibleFeatures & ~Qcow2.incompatDirty : nil)
         } catch {
+            // qemu writes the copy before the refcounts: a failed update (a refcount overflow) leaves it written.
+            if !l1Written && l1Bytes > 0 { try? file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
             keepDirtyAfterWriteFailure(error)
             throw error
         }
