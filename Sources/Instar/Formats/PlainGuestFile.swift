@@ -36,6 +36,7 @@ extension HostFile {
         var outOff = Int64(clamping: offset)
         var done: UInt64 = 0
         if source.fd < 0 || fd < 0 { return 0 }
+        noteChange()
         while done < length {
             let n = instar_shim_copy_file_range(source.fd, &inOff, fd, &outOff, Int64(min(length - done, 1 << 30)))
             if n == -Int64(EINTR) { continue }

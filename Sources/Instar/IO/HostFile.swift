@@ -20,6 +20,12 @@ public final class HostFile {
     /// A writeback error the kernel reported to an early-writeback request (and so no longer reports to
     /// fdatasync): every later flush of the file fails with it.
     var writebackError: Int32 = 0
+    /// qemu's write_gen/flushed_gen: a change to the file (write, truncate, punch, fallocate, or a kernel copy
+    /// into it, see `noteChange`) bumps `changeGeneration`; a successful fdatasync records the generation it
+    /// started at, and a flush with no change since the last one returns at once (qemu's bdrv_co_flush skips
+    /// it the same way). Starts unsynced, so the first flush of every open file is made.
+    private var changeGeneration: UInt64 = 1
+    private var syncedGeneration: UInt64 = 0
     public let writable: Bool
     public let direct: Bool
     /// O_DIRECT alignment for offsets, lengths and buffers.
@@ -246,12 +252,20 @@ public final class HostFile {
         return out
     }
 
+    /// Records a change made to the file other than through this type's methods (a kernel copy into its
+    /// descriptor, a fallocate call): the next `sync` must reach the disk.
+    func noteChange() {
+        if let base { return base.noteChange() }
+        changeGeneration &+= 1
+    }
+
     /// Writes all of `buffer` at `offset`.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         if buffer.count == 0 { return }
         if let base { return try base.write(buffer, at: try windowed(offset, UInt64(buffer.count))) }
         guard offset <= UInt64(Int64.max) else { throw InstarError.invalid("write offset out of range") }
         if let remote { return try remote.write(buffer, at: offset) }
+        changeGeneration &+= 1
         if direct { return try directWrite(buffer, at: offset) }
         var done = 0
         while done < buffer.count {
@@ -273,6 +287,7 @@ public final class HostFile {
         guard length <= UInt64(Int64.max) else { throw InstarError.invalid("size out of range") }
         if base != nil { throw InstarError.unsupported("Cannot resize fixed-size raw disks") }
         if let remote { return try remote.truncate(to: length) }
+        changeGeneration &+= 1
         if ftruncate(fd, off_t(length)) != 0 { throw InstarError.system(errno, "Could not resize file") }
     }
 
@@ -286,7 +301,10 @@ public final class HostFile {
         }
         if let remote { return try remote.flush() }
         if writebackError != 0 { throw InstarError.system(writebackError, "Could not flush '\(path)'") }
+        let generation = changeGeneration
+        if generation == syncedGeneration { return }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
+        syncedGeneration = generation
     }
 
     /// Waits for the writes a protocol backend has accepted and not finished (NBD's write-behind) and throws the
@@ -348,6 +366,7 @@ public final class HostFile {
         if length == 0 { return }
         if let base { return try base.punchHole(at: try windowed(offset, length), length: length) }
         if let remote { return try remote.writeZeroes(at: offset, length: length, mayUnmap: true) }
+        changeGeneration &+= 1
         if instar_shim_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
         try writeZeroes(at: offset, length: length)
     }
@@ -374,6 +393,7 @@ public final class HostFile {
         if length == 0 { return }
         if let base { return try base.allocate(at: try windowed(offset, length), length: length) }
         if remote != nil { return try writeZeroes(at: offset, length: length) }
+        changeGeneration &+= 1
         let r = posix_fallocate(fd, off_t(offset), off_t(length))
         if r != 0 { throw InstarError.system(r, "Could not preallocate data for the new file") }
     }
@@ -397,6 +417,7 @@ public final class HostFile {
         if length == 0 { return }
         if let base { return try base.discard(at: try windowed(offset, length), length: length) }
         if let remote { return try remote.discard(at: offset, length: length) }
+        changeGeneration &+= 1
         _ = instar_shim_punch_hole(fd, Int64(offset), Int64(length))
     }
 

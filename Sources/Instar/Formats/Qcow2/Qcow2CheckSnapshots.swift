@@ -207,7 +207,8 @@ extension Qcow2Writer {
                 report("qcow2_free_clusters failed: \(strerrorString(e != 0 ? e : EINVAL))")
                 return
             }
-            try flushAll()
+            // (in an unordered update the caller's flush writes the refcounts)
+            if !unordered { try flushAll() }
             let first = oldOffset >> clusterBits
             let last = (oldOffset + oldSize - 1) >> clusterBits
             for c in first...last where try refcount(ofCluster: c) == 0 {

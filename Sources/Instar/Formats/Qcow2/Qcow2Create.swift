@@ -833,6 +833,7 @@ final class Qcow2Builder {
             // qemu's bdrv_pwrite_zeroes ends in fallocate(FALLOC_FL_ZERO_RANGE) on a local file; the same call
             // keeps the file's allocation (and so `disk size`) as qemu leaves it.
             let span = try length.alignedUp(cs)
+            file.noteChange()
             if file.fd < 0 || instar_shim_zero_range(file.fd, Int64(offset), Int64(span)) != 0 {
                 try file.writeZeroes(at: offset, length: span)
             }

@@ -120,6 +120,9 @@ extension Qcow2Format: ImageSnapshottable {
         if header.hasDataFile { throw InstarError(.unsupported, strerrorString(ENOTSUP), errno: ENOTSUP) }
         let w = try writeSide()
         try w.prepare()
+        // What earlier writes left in the caches goes to the disk in its own order first: the update below is
+        // written back without order.
+        try w.flushAll()
         let id = Qcow2Format.newSnapshotID(table.entries)
         // qemu-img copies the name into a 256-byte buffer.
         let nameBytes = Array(name.utf8.prefix(255).prefix { $0 != 0 })
@@ -128,18 +131,38 @@ extension Qcow2Format: ImageSnapshottable {
         let l1Offset = try w.allocateClusters(l1Bytes.divCeil(w.clusterSize))
         try preventOverlap(offset: l1Offset, size: l1Bytes, snapshots: table.entries,
                            tableOffset: header.snapshotsOffset, tableSize: table.size)
-        if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
-        CrashPoint.hit("snapshot-create:l1-copied")
         // Between the raised refcounts and the cleared copied flags no order is consistent: the image is marked
-        // dirty first, and stays dirty if a step fails (the next read/write open repairs it). Once the raised
-        // refcounts and cleared flags are on disk they agree again, and nothing after the header names the new
-        // snapshot can make them disagree (freeing the old table only leaks on a crash): the header write that
-        // names it clears the bit the call set here.
-        let setDirty = try w.markDirtyForUpdate()
+        // dirty first (an 8-byte header write and flush of its own, before the first change to a flag, and not
+        // at all when no flag changes, e.g. a second snapshot with no write since the first), and stays dirty
+        // if a step fails (the next read/write open repairs it). From there until the header names the new snapshot nothing on disk
+        // references what changes (the snapshot's L1 copy, the new table, and their refcounts) and the dirty
+        // bit covers the refcounts and flags, so the copy, the refcount blocks, the L2 and L1 tables and the
+        // new table are written in any order and flushed once (`unordered`), before the header write that
+        // names the snapshot and clears the bit this call set. Freeing the old table after that only leaks on
+        // a crash. Version 2 has no dirty bit: its steps keep qemu's order, each flushed before the next.
+        let batched = header.version >= 3
+        if !batched {
+            if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
+            CrashPoint.hit("snapshot-create:l1-copied")
+        }
+        var setDirty = false
+        var l1Written = !batched
         var entries = table.entries
+        w.unordered = batched
+        defer {
+            w.unordered = false
+            w.crashBetweenCaches = nil
+        }
         do {
-            try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1)
+            try w.updateSnapshotRefcount(l1Offset: header.l1TableOffset, l1Size: l1.count, addend: 1,
+                                         flush: !batched, beforeFlagChange: { setDirty = try w.markDirtyForUpdate() })
             CrashPoint.hit("snapshot-create:refcounts")
+            if batched {
+                l1Written = true
+                if l1Bytes > 0 { try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
+                CrashPoint.hit("snapshot-create:l1-copied")
+                w.crashBetweenCaches = "snapshot-create:tables-written"
+            }
             entries.append(Qcow2SnapshotEntry(
                 l1TableOffset: l1Offset, l1Size: UInt32(l1.count), vmStateSize: 0, dateSec: dateSec,
                 dateNsec: dateNsec, vmClockNsec: 0, icount: 0, diskSize: virtualSize,
@@ -151,6 +174,8 @@ extension Qcow2Format: ImageSnapshottable {
             }, crashPrefix: "snapshot-create", syncFirst: false,
                incompatibleFeatures: setDirty ? w.header.incompatibleFeatures & ~Qcow2.incompatDirty : nil)
         } catch {
+            // qemu writes the copy before the refcounts: a failed update (a refcount overflow) leaves it written.
+            if !l1Written && l1Bytes > 0 { try? file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset) }
             keepDirtyAfterWriteFailure(error)
             throw error
         }
@@ -237,13 +262,23 @@ extension Qcow2Format: ImageSnapshottable {
         if let (msg, err) = validateSnapshotL1(sn) { throw InstarError(.invalid, msg, errno: err) }
         let w = try writeSide()
         try w.prepare()
-        // The refcounts are lowered before the copied flags are set again: an update cut short in between
-        // leaves flags missing on clusters now counted once. The image is marked dirty first and stays dirty
-        // if a step fails, so the next read/write open repairs it. Until the header stops naming the snapshot
-        // nothing disagrees (the new table goes to fresh clusters whose refcounts are written first), so the
-        // header write that switches tables sets the bit (version 3; version 2 has none).
+        // What earlier writes left in the caches goes to the disk in its own order first.
+        try w.flushAll()
+        // Lowered refcounts and copied flags set again disagree until both are on disk, whatever the order:
+        // the image is marked dirty first and stays dirty if a step fails, so the next read/write open repairs
+        // it. Until the header stops naming the snapshot nothing disagrees (the new table goes to fresh
+        // clusters, counted and written, then flushed, before the header names it), so the header write that
+        // switches tables sets the bit (version 3). Nothing on disk reaches the snapshot's clusters after that
+        // write, and the bit covers the refcounts and flags: the refcount blocks, the L2 and L1 tables and the
+        // punched clusters are written in any order (`unordered`) and flushed once, before close clears the bit.
+        // Version 2 has no dirty bit: its steps keep their order, each flushed before the next.
         var entries = table.entries
         entries.remove(at: index)
+        w.unordered = header.version >= 3
+        defer {
+            w.unordered = false
+            w.crashBetweenCaches = nil
+        }
         do {
             do {
                 try w.writeSnapshotTable(entries, oldSize: table.size, report: plainReport, overlapCheck: { o, n in
@@ -266,6 +301,7 @@ extension Qcow2Format: ImageSnapshottable {
                 throw InstarError(e.code, "Failed to free the cluster and L1 table: \(strerrorString(err))",
                                   errno: err)
             }
+            if w.unordered { w.crashBetweenCaches = "snapshot-delete:tables-written" }
             if sn.l1Size > 0 {
                 // qcow2_free_clusters: a failure leaks the table; qemu says so and goes on.
                 if let err = try w.releaseRefusal(sn.l1TableOffset, UInt64(sn.l1Size) * 8) {
@@ -302,7 +338,19 @@ extension Qcow2Writer {
     /// (the snapshot left the table, or the active table was replaced), so the lowered refcounts are written
     /// before the tables whose flags they change: a crash in between leaves a flag missing (a needless copy
     /// later), never a flag on a shared cluster.
-    func updateSnapshotRefcount(l1Offset: UInt64, l1Size: Int, addend: Int, flush: Bool = true) throws {
+    ///
+    /// With `beforeFlagChange` (raising only), that is called once, before the first change that would alter a
+    /// copied flag (of an L2 entry or an L1 entry) is made in the caches: what was changed before it altered no
+    /// flag, so it may reach the disk in any order.
+    func updateSnapshotRefcount(l1Offset: UInt64, l1Size: Int, addend: Int, flush: Bool = true,
+                                beforeFlagChange: (() throws -> Void)? = nil) throws {
+        var pendingNotice = addend > 0 ? beforeFlagChange : nil
+        /// `changes`: whether the step about to be made alters a copied flag.
+        func announce(_ changes: Bool) throws {
+            guard changes, let notice = pendingNotice else { return }
+            pendingNotice = nil
+            try notice()
+        }
         let active = l1Offset == header.l1TableOffset
         var l1: [UInt64]
         if active {
@@ -335,6 +383,8 @@ extension Qcow2Writer {
                     let offset = entry & Qcow2.l2OffsetMask
                     var count: UInt64
                     if entry & Qcow2.l2Compressed != 0 {
+                        // (the flag ends clear)
+                        if addend > 0 { try announce(oldEntry & Qcow2.l2Copied != 0) }
                         if addend != 0 {
                             let d = Qcow2CompressedDescriptor(entry: entry, clusterBits: UInt32(clusterBits))
                             try changeRange(d.hostOffset, d.length, addend: addend)
@@ -342,6 +392,7 @@ extension Qcow2Writer {
                         count = 2   // compressed clusters are never written in place
                     } else if offset == 0 {
                         // Unallocated, or a zero cluster without a host cluster.
+                        if addend > 0 { try announce(oldEntry & Qcow2.l2Copied != 0) }
                         count = 0
                     } else {
                         if offset & (clusterSize - 1) != 0 {
@@ -356,6 +407,13 @@ extension Qcow2Writer {
                         if addend < 0 {
                             count = try dropReference(ofCluster: c, block: block)
                         } else if addend > 0 {
+                            if pendingNotice != nil {
+                                // The flag ends set exactly when the raised refcount is 1.
+                                let before = block.map {
+                                    Qcow2RefcountReader.entry($0.table, index: c & refIndexMask, order: refOrder)
+                                } ?? 0
+                                try announce((before == 0) != (oldEntry & Qcow2.l2Copied != 0))
+                            }
                             count = try addReference(ofCluster: c, block: block)
                         } else {
                             count = block.map {
@@ -370,6 +428,9 @@ extension Qcow2Writer {
                     }
                 }
                 let l2Cluster = l2Offset >> clusterBits
+                if pendingNotice != nil {
+                    try announce((try refcount(ofCluster: l2Cluster) == 0) != (old & Qcow2.l2Copied != 0))
+                }
                 if addend != 0 { try changeRange(l2Offset, clusterSize, addend: addend) }
                 let tableCount = try refcount(ofCluster: l2Cluster)
                 // A table nothing references any more is dropped from the cache unwritten (qemu discards it).
@@ -385,15 +446,17 @@ extension Qcow2Writer {
                     try trimCaches()
                 }
             }
-            if flush {
+            if flush && unordered {
+                // Written back unsynced: the caller's flush ends the stretch.
+                try flushAll()
+            } else if flush {
                 // qemu's bdrv_flush: the caches, then the file (the cache write-backs sync it when they write).
-                let written = l2Cache.hasDirty || rbCache.hasDirty
                 if addend <= 0 {
                     refcountDependsOnL2 = false
                     try flushRefcounts()
                 }
                 try flushAll()
-                if !written { try file.sync() }
+                try file.sync()
             }
         } catch {
             failure = error
@@ -404,8 +467,10 @@ extension Qcow2Writer {
         if let f = failure { throw f }
         if addend >= 0 && l1Modified {
             try file.write(Qcow2Writer.encodeBE64(l1), at: l1Offset)
-            try file.sync()
+            if !unordered { try file.sync() }
         }
+        // An unordered stretch ends with this pass: one flush for all of it.
+        if flush && unordered { try file.sync() }
     }
 
     /// One reference more or less on every cluster of a host range (update_refcount); references dropped to

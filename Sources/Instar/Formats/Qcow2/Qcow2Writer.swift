@@ -31,6 +31,13 @@ final class Qcow2Writer {
     var l2DependsOnRefcount = false
     var refcountDependsOnL2 = false
     var l2DependsOnFlush = false
+    /// An update whose steps need no order among themselves (a snapshot update between the header write that
+    /// makes it safe and the one that publishes it, see Qcow2SnapshotOps.swift): the caches are written back
+    /// without syncs and without the dependencies above, and the caller ends the stretch with one flush.
+    /// Only set while the caches held nothing dirty from before.
+    var unordered = false
+    /// Crash-test hook: the point hit between the two caches' write-backs of `flushAll` (see CrashPoint).
+    var crashBetweenCaches: String?
 
     /// Where the next free-cluster search starts (qemu's free_cluster_index).
     var freeHint: UInt64 = 0
@@ -87,17 +94,18 @@ final class Qcow2Writer {
     }
 
     func setL2DependsOnRefcount() throws {
-        if lazyRefcounts { return }
+        if lazyRefcounts || unordered { return }
         if refcountDependsOnL2 { try flushL2() }
         l2DependsOnRefcount = true
     }
 
     func setRefcountDependsOnL2() throws {
+        if unordered { return }
         if l2DependsOnRefcount { try flushRefcounts() }
         refcountDependsOnL2 = true
     }
 
-    /// Writes every dirty refcount block (after the L2 tables it waits for) and syncs.
+    /// Writes every dirty refcount block (after the L2 tables it waits for) and syncs (not while `unordered`).
     func flushRefcounts() throws {
         if refcountDependsOnL2 {
             refcountDependsOnL2 = false
@@ -108,11 +116,12 @@ final class Qcow2Writer {
             try file.write(e.table, at: off)
             e.dirty = false
         }
-        if !dirty.isEmpty { try file.sync() }
+        if !dirty.isEmpty && !unordered { try file.sync() }
         l2DependsOnRefcount = false
     }
 
-    /// Writes every dirty L2 table (after the refcounts and data it depends on) and syncs.
+    /// Writes every dirty L2 table (after the refcounts and data it depends on) and syncs (not while
+    /// `unordered`).
     func flushL2() throws {
         if l2DependsOnRefcount {
             l2DependsOnRefcount = false
@@ -126,7 +135,7 @@ final class Qcow2Writer {
             try file.write(Qcow2Writer.encodeBE64(e.table), at: off)
             e.dirty = false
         }
-        if !dirty.isEmpty { try file.sync() }
+        if !dirty.isEmpty && !unordered { try file.sync() }
         refcountDependsOnL2 = false
         pendingFree.removeAll()
     }
@@ -138,6 +147,7 @@ final class Qcow2Writer {
             try flushL2()
         } else {
             try flushL2()
+            if let p = crashBetweenCaches { CrashPoint.hit(p) }
             try flushRefcounts()
         }
         // Freed clusters whose L2 tables are now on disk may be reused without another write-back.
@@ -211,6 +221,8 @@ final class Qcow2Writer {
         try format.dataFile.sync()
     }
 
+    /// Writes both caches back and syncs (a sync with nothing written since the last one costs nothing, see
+    /// HostFile.sync).
     func flush() throws {
         try flushAll()
         if format.externalDataFile != nil { try syncData() }
