@@ -55,4 +55,9 @@ void instar_isolate_die_at_parent_exit(void);
 const char *instar_isolate_own_path(void);
 /** Test hook: a plain open(2), which the helper's filter must kill. */
 int instar_isolate_test_open(const char *path);
+
+/** A 64-bit word read and changed from several threads (sequentially consistent). */
+static inline void instar_atomic_add_u64(uint64_t *word, uint64_t n) { __atomic_fetch_add(word, n, __ATOMIC_SEQ_CST); }
+static inline uint64_t instar_atomic_load_u64(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_SEQ_CST); }
+static inline void instar_atomic_store_u64(uint64_t *word, uint64_t v) { __atomic_store_n(word, v, __ATOMIC_SEQ_CST); }
 #endif

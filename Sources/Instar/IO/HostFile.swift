@@ -24,8 +24,9 @@ public final class HostFile {
     /// into it, see `noteChange`) bumps `changeGeneration`; a successful fdatasync records the generation it
     /// started at, and a flush with no change since the last one returns at once (qemu's bdrv_co_flush skips
     /// it the same way). Starts unsynced, so the first flush of every open file is made.
-    private var changeGeneration: UInt64 = 1
-    private var syncedGeneration: UInt64 = 0
+    /// Atomic: a shared handle is written and flushed from several threads.
+    private let changeGeneration = AtomicCounter(1)
+    private let syncedGeneration = AtomicCounter(0)
     public let writable: Bool
     public let direct: Bool
     /// O_DIRECT alignment for offsets, lengths and buffers.
@@ -256,7 +257,7 @@ public final class HostFile {
     /// descriptor, a fallocate call): the next `sync` must reach the disk.
     func noteChange() {
         if let base { return base.noteChange() }
-        changeGeneration &+= 1
+        changeGeneration.increment()
     }
 
     /// Writes all of `buffer` at `offset`.
@@ -265,7 +266,7 @@ public final class HostFile {
         if let base { return try base.write(buffer, at: try windowed(offset, UInt64(buffer.count))) }
         guard offset <= UInt64(Int64.max) else { throw InstarError.invalid("write offset out of range") }
         if let remote { return try remote.write(buffer, at: offset) }
-        changeGeneration &+= 1
+        changeGeneration.increment()
         if direct { return try directWrite(buffer, at: offset) }
         var done = 0
         while done < buffer.count {
@@ -287,7 +288,7 @@ public final class HostFile {
         guard length <= UInt64(Int64.max) else { throw InstarError.invalid("size out of range") }
         if base != nil { throw InstarError.unsupported("Cannot resize fixed-size raw disks") }
         if let remote { return try remote.truncate(to: length) }
-        changeGeneration &+= 1
+        changeGeneration.increment()
         if ftruncate(fd, off_t(length)) != 0 { throw InstarError.system(errno, "Could not resize file") }
     }
 
@@ -301,10 +302,10 @@ public final class HostFile {
         }
         if let remote { return try remote.flush() }
         if writebackError != 0 { throw InstarError.system(writebackError, "Could not flush '\(path)'") }
-        let generation = changeGeneration
-        if generation == syncedGeneration { return }
+        let generation = changeGeneration.value
+        if generation == syncedGeneration.value { return }
         if fdatasync(fd) != 0 { throw InstarError.system(errno, "Could not flush '\(path)'") }
-        syncedGeneration = generation
+        syncedGeneration.store(generation)
     }
 
     /// Waits for the writes a protocol backend has accepted and not finished (NBD's write-behind) and throws the
@@ -366,7 +367,7 @@ public final class HostFile {
         if length == 0 { return }
         if let base { return try base.punchHole(at: try windowed(offset, length), length: length) }
         if let remote { return try remote.writeZeroes(at: offset, length: length, mayUnmap: true) }
-        changeGeneration &+= 1
+        changeGeneration.increment()
         if instar_shim_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
         try writeZeroes(at: offset, length: length)
     }
@@ -393,7 +394,7 @@ public final class HostFile {
         if length == 0 { return }
         if let base { return try base.allocate(at: try windowed(offset, length), length: length) }
         if remote != nil { return try writeZeroes(at: offset, length: length) }
-        changeGeneration &+= 1
+        changeGeneration.increment()
         let r = posix_fallocate(fd, off_t(offset), off_t(length))
         if r != 0 { throw InstarError.system(r, "Could not preallocate data for the new file") }
     }
@@ -417,7 +418,7 @@ public final class HostFile {
         if length == 0 { return }
         if let base { return try base.discard(at: try windowed(offset, length), length: length) }
         if let remote { return try remote.discard(at: offset, length: length) }
-        changeGeneration &+= 1
+        changeGeneration.increment()
         _ = instar_shim_punch_hole(fd, Int64(offset), Int64(length))
     }
 
