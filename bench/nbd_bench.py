@@ -12,7 +12,8 @@ the source read through once, so every tool finds it in the page cache.
 The machine may be loaded: the tools run interleaved (instar, qemu-img, nbdcopy, then the next round in a
 rotated order) and the tables give the median of the rounds: wall seconds, MiB/s, the tool's own CPU seconds
 (user + system, from wait4; the server's are not counted), and "other / instar" wall-time ratios (above 1: instar
-is faster). The first round of each tool checks the target with `qemu-img compare`.
+is faster). The first round of each tool checks the target with `qemu-img compare`. Every tool makes the copy
+durable: qemu-img and instar flush at the end by default, nbdcopy is run with --flush.
 
 Usage: bench/nbd_bench.py [--build build] [--cache /tmp/instar-bench] [--target nbdkit|qemu-nbd|both]
                           [--sizes 256,1024] [--runs 5]
@@ -109,7 +110,9 @@ def main():
     tools = {
         "instar": lambda src, url: [instar, "convert", "-n", "-f", "raw", "-O", "raw", src, url],
         "qemu-img": lambda src, url: ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, url],
-        "nbdcopy": lambda src, url: ["nbdcopy", src, url],
+        # --flush: qemu-img and instar flush the target at the end (cache=writeback), nbdcopy only when told; into
+        # qemu-nbd that flush is the fdatasync of the whole copy, so without it nbdcopy does less work.
+        "nbdcopy": lambda src, url: ["nbdcopy", "--flush", src, url],
     }
     names = list(tools)
     targets = ["nbdkit", "qemu-nbd"] if a.target == "both" else [a.target]
