@@ -166,3 +166,19 @@ def test_open_timeout(tmp, servers):
         b.stop()
         assert outs[tool][1] == 0, outs
     assert outs[QEMU_IMG] == outs[INSTAR]
+
+
+def test_json_numbers_as_qemu_reads_them(tmp):
+    """qemu turns a JSON number of an nbd node into text as "%.17g" prints it: 2.0 and 1e0 are whole seconds,
+    1.5 is refused where a number is expected, and a number where a string goes is that text. No server listens:
+    the open fails at the connection, or before it."""
+    sock = os.path.join(tmp, "nobody.sock")
+    for extra in ('"reconnect-delay":1.5', '"reconnect-delay":2.0', '"open-timeout":1e0', '"export":1.5'):
+        name = 'json:{"driver":"nbd","server":{"type":"unix","path":"%s"},%s}' % (sock, extra)
+        q = run([QEMU_IMG, "info", name])
+        i = run([INSTAR, "info", name])
+        assert q.rc == 1 and (i.rc, i.out, i.err.replace("instar: ", "qemu-img: ")) == (q.rc, q.out, q.err), (q, i)
+    name = 'json:{"driver":"nbd","server":{"type":"unix","path":1.5}}'
+    q = run([QEMU_IMG, "info", name], cwd=tmp)
+    i = run([INSTAR, "info", name], cwd=tmp)
+    assert q.rc == 1 and (i.rc, i.err.replace("instar: ", "qemu-img: ")) == (q.rc, q.err), (q, i)

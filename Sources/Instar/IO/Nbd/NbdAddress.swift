@@ -51,6 +51,9 @@ struct NbdAddress: Equatable {
             case let .int(n): text = String(n)
             case let .uint(n): text = String(n)
             case let .bool(b): text = b ? "on" : "off"
+            // qemu turns a JSON number into text as it prints it ("%.17g": 2.0 is "2", 1.5 stays "1.5" and is
+            // then refused where a number is expected).
+            case let .double(d): text = QJSON.formatDouble(d)
             default: throw InstarError.invalid("Invalid parameter type for '\(k)', expected: string")
             }
             if k.hasPrefix("server.") {
