@@ -241,7 +241,11 @@ private func runConvert(sourceNames: [String], target: String, sourceFormat: Str
     } catch let e as StepError {
         // qemu-img names the step and the chunk, then strerror of the block layer's code.
         switch e.step {
-        case .read: CLI.error("error while reading at byte \(e.offset): \(strerrorString(e.errnoValue))")
+        case .read:
+            CLI.error("error while reading at byte \(e.offset): \(strerrorString(e.errnoValue))")
+            for more in e.alsoFailed {
+                CLI.error("error while reading at byte \(more.offset): \(strerrorString(more.errnoValue))")
+            }
         case .write: CLI.error("error while writing at byte \(e.offset): \(strerrorString(e.errnoValue))")
         case .blockStatus:
             CLI.error("error while reading block status at offset \(e.offset): \(strerrorString(e.errnoValue))")

@@ -510,3 +510,42 @@ def test_convert_n_into_a_json_target(tmp, servers):
     for args in (("-n", "-O", "qcow2", src, raw), ("-n", src, top), (src, raw)):
         r = assert_same("convert", *args)
         assert r.rc == 1, r
+
+
+def test_source_read_error_mid_copy(tmp, servers):
+    """A source export whose reads fail from one offset on: convert reads it on several threads (8 reads in
+    flight, as qemu-img's coroutines) and reports each failed read of the chunks in flight, in guest order, as each
+    of qemu's coroutines does; exit 1. The source is 8 chunks, all taken by qemu's 8 coroutines before any read
+    ends, so which reads were in flight does not depend on timing. Reads fail from the third chunk on, then from
+    the first."""
+    data = os.path.join(tmp, "readerr.raw")
+    with open(data, "wb") as f:
+        for i in range(16):
+            f.write(bytes([i + 1]) * (1 << 20))
+    script = os.path.join(tmp, "readerr.sh")
+    for bad in (5 << 20, 0):
+        with open(script, "w") as f:
+            f.write(f"""#!/bin/bash
+case "$1" in
+  get_size) echo {16 << 20} ;;
+  can_write) exit 3 ;;
+  pread)
+    if [ $(( $4 + $3 )) -gt {bad} ]; then echo "EIO injected" >&2; exit 1; fi
+    dd if={data} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none ;;
+  *) exit 2 ;;
+esac
+""")
+        os.chmod(script, 0o755)
+        s = nbdkit(servers, tmp, "-r", "sh", script)
+        outs = []
+        for tool in ("q", "i"):
+            out = os.path.join(tmp, f"readerr_{tool}.raw")
+            argv = ["convert", "-f", "raw", "-O", "raw", s.url, out]
+            outs.append(qemu(*argv) if tool == "q" else run([INSTAR, *argv]))
+        q, i = outs
+        # Every chunk from the bad one to the end fails: one line each.
+        lines = q.err.splitlines()
+        assert q.rc == 1 and len(lines) == (6 if bad else 8), q
+        assert all(line.startswith("instar: error while reading at byte ") for line in lines), q
+        assert (i.rc, i.out, i.err) == (q.rc, q.out, q.err), (q, i)
+        s.stop()

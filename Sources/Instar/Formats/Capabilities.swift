@@ -78,7 +78,11 @@ public protocol PersistentBitmapEditing: ImageFormat {
 /// A format whose `read` and `write` may run on several threads at once for different guest ranges (a plain
 /// file behind it, no metadata to keep consistent). Operations that keep several requests in flight (bench)
 /// send them in parallel only to such formats and serialise the rest.
-public protocol ConcurrentGuestIO: ImageFormat {}
+public protocol ConcurrentGuestIO: ImageFormat {
+    /// Reads a sequential copy (convert) should keep in flight on its own threads: more than 1 where the bytes
+    /// come over a network (`HostFile.readsInFlight`).
+    var readsInFlight: Int { get }
+}
 
 /// A format with internal snapshots (qemu's bdrv_snapshot_* driver callbacks). A driver without it gets qemu's
 /// answers for a format that has none (see `SnapshotOperation`).

@@ -399,6 +399,13 @@ public final class HostFile {
         if r != 0 { throw InstarError.system(r, "Could not preallocate data for the new file") }
     }
 
+    /// Reads worth keeping in flight for a sequential copy (`ProtocolBackend.readsInFlight`); 1 for a host file,
+    /// which the kernel reads ahead by itself.
+    public var readsInFlight: Int {
+        if let base { return base.readsInFlight }
+        return remote?.readsInFlight ?? 1
+    }
+
     /// The protocol backend's block status for the extent at `offset` (at most `length` bytes), or nil for a
     /// host file, whose status comes from `nextData`/`nextHole`.
     public func protocolExtent(at offset: UInt64, length: UInt64) throws -> ProtocolExtent? {

@@ -40,6 +40,10 @@ public protocol ProtocolBackend: AnyObject {
     var snapshots: ProtocolSnapshotting? { get }
     /// info's "format-specific" when the protocol is opened as the top node (`{"type": "rbd", "data": {}}`).
     func formatSpecific() throws -> QObject?
+    /// How many reads a sequential copy should keep in flight to go at the storage's pace: each one waits a
+    /// network round trip (RBD's OSDs, an NBD server), so several overlap. 1 for a backend with no latency to
+    /// hide.
+    var readsInFlight: Int { get }
 }
 
 extension ProtocolBackend {
@@ -47,6 +51,7 @@ extension ProtocolBackend {
     public var snapshots: ProtocolSnapshotting? { nil }
     public func finishWrites(durable: Bool) throws {}
     public func formatSpecific() throws -> QObject? { nil }
+    public var readsInFlight: Int { 1 }
 }
 
 /// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to

@@ -539,11 +539,14 @@ public enum ConvertOperation {
                 : max(1, min(8, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
             batch = CompressedBatch(writer: cw, clusterBytes: Int(bufSectors * sectorSize), threads: threads)
         }
-        // The reads run ahead on their own thread: 4 chunks in flight (up to 64 small clusters, 8 MiB).
+        // The reads run ahead on their own thread: 4 chunks in flight (up to 64 small clusters, 8 MiB); over a
+        // network, on as many threads as the sources want reads in flight (--salvage reads one at a time).
         let bufferBytes = Int(bufSectors * sectorSize)
+        let readers = options.salvage ? 1
+            : sources.map { ($0.format as? ConcurrentGuestIO)?.readsInFlight ?? 1 }.min() ?? 1
         let reader = ChunkReader(iterator: base, sources: sources, sourceSectors: sourceSectors,
                                  totalSectors: totalSectors, bufSectors: bufSectors, minSparse: minSparse,
-                                 depth: min(64, max(4, (8 << 20) / max(bufferBytes, 1))))
+                                 depth: min(64, max(4, (8 << 20) / max(bufferBytes, 1))), readers: readers)
         reader.offload = options.copyRange && (targetFormat as? CopyOffloadTarget)?.acceptsCopyOffload == true
         reader.kernelCopy = reader.offload && targetFormat is PlainGuestFile
         reader.salvage = options.salvage
@@ -563,7 +566,11 @@ public enum ConvertOperation {
                 try meter.set(done: done, total: allocated)
             }
             for w in step.pointee.warnings { options.salvageWarning?(w) }
-            if let e = step.pointee.readError { throw e }
+            if let e = step.pointee.readError {
+                guard var first = e as? StepError else { throw e }
+                first.alsoFailed = reader.readErrors(after: step).compactMap { $0 as? StepError }
+                throw first
+            }
             let chunk = UnsafeMutableRawBufferPointer(rebasing: step.pointee.buffer[0..<Int(min(n, bufSectors) * sectorSize)])
             if status == .data && step.pointee.offloadBytes > 0 {
                 do {

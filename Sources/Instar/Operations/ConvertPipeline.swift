@@ -4,8 +4,16 @@ import Glibc
 /// writer into a small ring of aligned chunk buffers, so reading the next chunks overlaps writing the current
 /// one (qemu overlaps them with its coroutines). The writer still takes the chunks strictly in guest order, one
 /// at a time, so the sequence of target writes — and with it a qcow2 target's layout — is the same as a
-/// sequential loop's. A failed block-status query or read is handed over in the chunk where it happened and the
-/// reader stops there; the writer throws it when it gets that far, after writing everything before it.
+/// sequential loop's. A failed block-status query is handed over in the chunk where it happened and the reader
+/// stops there; the writer throws it when it gets that far, after writing everything before it. A failed read
+/// is handed over the same way; with worker threads, the reader goes on to the end of qemu's coroutine window
+/// (the chunks its other coroutines hold when one fails, `coroutines` in all) and each of those reads that fails
+/// is reported too (`readErrors(after:)`), as each of qemu's coroutines prints its own.
+///
+/// Over a network (`ConcurrentGuestIO.readsInFlight` above 1: RBD, NBD) one read at a time waits a round trip
+/// each; there the reader thread only walks the block status and hands each data chunk's read (and its zero
+/// scan) to one of `readers` worker threads, as qemu's coroutines keep several reads going. The chunks still
+/// reach the writer in guest order: it waits for the next one's read, whatever finished after it.
 final class ChunkReader {
     /// One chunk as the writer sees it.
     struct Chunk {
@@ -72,17 +80,35 @@ final class ChunkReader {
     /// Where the reader continues (reader side only).
     private var nextSector: UInt64 = 0
     private var thread: pthread_t?
+    /// Worker threads for the reads (none: the reader thread reads each chunk itself).
+    private let readers: Int
+    private var workers: [pthread_t] = []
+    /// Per slot: its chunk is complete (read, or needing no read). Guarded by `monitor`.
+    private let ready: UnsafeMutablePointer<Bool>
+    /// Chunks (by their number, `produced` counting) whose read a worker has still to do, in guest order.
+    /// Guarded by `monitor`.
+    private var jobs: [Int] = []
+    private var jobsTaken = 0
+    /// The number of the first chunk whose read failed: the reader stops at the end of its window. Guarded by
+    /// `monitor`.
+    private var failedAt: Int?
+    /// The reader thread is done: no more jobs come. Guarded by `monitor`.
+    private var dispatchDone = false
 
     /// `depth` chunk buffers of `bufSectors` sectors each, allocated once.
     init(iterator: ConvertOperation.Iterator, sources: [ImageLayer], sourceSectors: [UInt64], totalSectors: UInt64,
-         bufSectors: UInt64, minSparse: UInt64, depth: Int) {
+         bufSectors: UInt64, minSparse: UInt64, depth: Int, readers: Int = 1) {
         self.iterator = iterator
         self.sources = sources
         self.sourceSectors = sourceSectors
         self.totalSectors = totalSectors
         self.bufSectors = bufSectors
         self.minSparse = minSparse
-        self.depth = max(2, depth)
+        self.readers = max(1, min(readers, 16))
+        // Room for every worker's chunk, the writer's, and one the reader is setting up.
+        self.depth = max(2, depth, self.readers + 2)
+        ready = UnsafeMutablePointer<Bool>.allocate(capacity: self.depth)
+        ready.initialize(repeating: false, count: self.depth)
         let bytes = Int(bufSectors * ConvertOperation.sectorSize)
         pool = LendingPool(bytes: bytes, alignment: HostFile.directAlignment,
                            limit: self.depth + max(2, (64 << 20) / max(bytes, 1)))
@@ -100,25 +126,50 @@ final class ChunkReader {
         }
         chunks.deinitialize(count: depth)
         chunks.deallocate()
+        ready.deallocate()
     }
 
-    /// Starts the reader thread; without one (pthread_create failed) `next()` reads each chunk itself.
+    /// Starts the reader thread (and the workers, with `readers` above 1); without it (pthread_create failed)
+    /// `next()` reads each chunk itself. With fewer workers than asked for, those there are share the reads;
+    /// with none, the reader thread reads.
     func start() {
-        let me = Unmanaged.passRetained(self).toOpaque()
+        if readers > 1 {
+            for _ in 0..<readers {
+                guard let tid = spawn({ $0.work() }) else { break }
+                workers.append(tid)
+            }
+        }
+        thread = spawn({ $0.run() })
+        if thread == nil { stopWorkers() }
+    }
+
+    /// A thread running `body` on this reader (which it keeps alive until it ends); nil when none could start.
+    private func spawn(_ body: @escaping (ChunkReader) -> Void) -> pthread_t? {
+        final class Start {
+            let reader: ChunkReader
+            let body: (ChunkReader) -> Void
+            init(_ reader: ChunkReader, _ body: @escaping (ChunkReader) -> Void) {
+                self.reader = reader
+                self.body = body
+            }
+        }
+        let start = Unmanaged.passRetained(Start(self, body)).toOpaque()
         var tid = pthread_t()
         let rc = pthread_create(&tid, nil, { arg in
             guard let arg else { return nil }
-            Unmanaged<ChunkReader>.fromOpaque(arg).takeRetainedValue().run()
+            let s = Unmanaged<Start>.fromOpaque(arg).takeRetainedValue()
+            s.body(s.reader)
             return nil
-        }, me)
-        if rc == 0 {
-            thread = tid
-        } else {
-            Unmanaged<ChunkReader>.fromOpaque(me).release()
+        }, start)
+        if rc != 0 {
+            Unmanaged<Start>.fromOpaque(start).release()
+            return nil
         }
+        return tid
     }
 
-    /// Stops the reader (it finishes the read in progress) and waits for it. Safe to call more than once.
+    /// Stops the reader and the workers (each finishes the read in progress) and waits for them. Safe to call
+    /// more than once.
     func stop() {
         guard let tid = thread else { return }
         monitor.lock()
@@ -127,6 +178,19 @@ final class ChunkReader {
         monitor.unlock()
         pthread_join(tid, nil)
         thread = nil
+        stopWorkers()
+    }
+
+    private func stopWorkers() {
+        monitor.lock()
+        stopping = true
+        monitor.broadcast()
+        monitor.unlock()
+        for tid in workers {
+            // A worker dropping the last reference stops the others from its own thread.
+            if pthread_equal(tid, pthread_self()) != 0 { pthread_detach(tid) } else { pthread_join(tid, nil) }
+        }
+        workers = []
     }
 
     /// The next chunk in guest order, waiting for the reader when it has not got there yet. The writer must
@@ -134,11 +198,11 @@ final class ChunkReader {
     func next() -> UnsafeMutablePointer<Chunk> {
         let slot = chunks + (consumed % depth)
         if thread == nil {
-            produce(into: slot)
+            if produce(into: slot) == .needsRead && !read(slot) { nextSector = totalSectors }
             return slot
         }
         monitor.lock()
-        while produced == consumed { monitor.wait() }
+        while produced == consumed || !ready[consumed % depth] { monitor.wait() }
         monitor.unlock()
         return slot
     }
@@ -161,26 +225,105 @@ final class ChunkReader {
     }
 
     private func runLoop() {
-        while true {
+        defer {
             monitor.lock()
-            while produced - consumed == depth && !stopping { monitor.wait() }
-            let quit = stopping || nextSector >= totalSectors
-            let slot = chunks + (produced % depth)
-            monitor.unlock()
-            if quit { return }
-            let ok = produce(into: slot)
-            monitor.lock()
-            produced += 1
+            dispatchDone = true
             monitor.broadcast()
             monitor.unlock()
-            if !ok { return }
+        }
+        let hand = !workers.isEmpty
+        while true {
+            monitor.lock()
+            while produced - consumed == depth && !stopping && !windowClosed { monitor.wait() }
+            let quit = stopping || windowClosed || nextSector >= totalSectors
+            let number = produced
+            let index = number % depth
+            monitor.unlock()
+            if quit { return }
+            var step = produce(into: chunks + index)
+            var readFailed = false
+            if step == .needsRead && !hand {
+                readFailed = !read(chunks + index)
+                step = .ready
+            }
+            monitor.lock()
+            produced += 1
+            if step == .needsRead {
+                ready[index] = false
+                jobs.append(number)
+            } else {
+                ready[index] = true
+            }
+            if readFailed && failedAt.map({ number < $0 }) ?? true { failedAt = number }
+            monitor.broadcast()
+            monitor.unlock()
+            if step == .failed { return }
         }
     }
 
-    /// One step of the sequential loop's read side (convert_iteration_sectors and convert_co_read) into `slot`;
-    /// false when it failed and nothing after it may be read.
-    @discardableResult
-    private func produce(into slot: UnsafeMutablePointer<Chunk>) -> Bool {
+    /// A read failed and the reader has set up every chunk of its window (lock held).
+    private var windowClosed: Bool {
+        guard let f = failedAt else { return false }
+        return produced >= f + errorWindow
+    }
+
+    /// The chunks a failed read's error shares the report with: qemu's coroutines (at most the ring) when the
+    /// reads run in parallel as theirs do; the failed chunk alone when the reader thread reads one at a time.
+    private var errorWindow: Int { workers.isEmpty ? 1 : max(1, min(coroutines, depth)) }
+
+    /// The read errors of the chunks after `chunk` (the writer's, whose read failed) in its window, in guest
+    /// order, once the reads in flight there are over: what qemu's other coroutines print after the first.
+    func readErrors(after chunk: UnsafeMutablePointer<Chunk>) -> [Error] {
+        let first = consumed
+        guard chunk == chunks + (first % depth), thread != nil, !workers.isEmpty else { return [] }
+        monitor.lock()
+        defer { monitor.unlock() }
+        // The reader has got as far as it goes, or fills the ring (the writer holds this chunk).
+        while !dispatchDone && !windowClosed && produced - consumed < depth && !stopping { monitor.wait() }
+        var errors: [Error] = []
+        var number = first + 1
+        while number < min(produced, first + errorWindow) {
+            let index = number % depth
+            while !ready[index] && !stopping { monitor.wait() }
+            if !ready[index] { break }
+            if let e = chunks[index].readError { errors.append(e) }
+            number += 1
+        }
+        return errors
+    }
+
+    /// A worker thread: reads the chunks handed to it, oldest first, until the reader is done and no job is
+    /// left, or `stop()`.
+    private func work() {
+        CallBudget.run(budget) {
+            monitor.lock()
+            while true {
+                while jobsTaken == jobs.count && !stopping && !dispatchDone { monitor.wait() }
+                if stopping || jobsTaken == jobs.count { break }
+                let number = jobs[jobsTaken]
+                let index = number % depth
+                jobsTaken += 1
+                if jobsTaken == jobs.count {
+                    jobs.removeAll(keepingCapacity: true)
+                    jobsTaken = 0
+                }
+                monitor.unlock()
+                let ok = read(chunks + index)
+                monitor.lock()
+                ready[index] = true
+                if !ok && failedAt.map({ number < $0 }) ?? true { failedAt = number }
+                monitor.broadcast()
+            }
+            monitor.unlock()
+        }
+    }
+
+    enum Step { case ready, needsRead, failed }
+
+    /// One step of the sequential loop's read side (convert_iteration_sectors and convert_co_read) into `slot`,
+    /// but the data read itself (`read`); `.failed` when the block status failed and nothing after it may be
+    /// read.
+    private func produce(into slot: UnsafeMutablePointer<Chunk>) -> Step {
         let sector = nextSector
         if let old = slot.pointee.owner { pool.put(old) }
         let fresh = pool.take()
@@ -204,7 +347,7 @@ final class ChunkReader {
             slot.pointee.statusError = error
             slot.pointee.count = 0
             nextSector = totalSectors
-            return false
+            return .failed
         }
         let status = iterator.status
         if !iterator.warnings.isEmpty {
@@ -215,8 +358,7 @@ final class ChunkReader {
         slot.pointee.count = n
         slot.pointee.status = status
         nextSector = sector + n
-        let chunk = UnsafeMutableRawBufferPointer(
-            rebasing: slot.pointee.buffer[0..<Int(min(n, bufSectors) * ConvertOperation.sectorSize)])
+        let chunk = bytes(of: slot)
         if status == .data && offload {
             let plain: (bytes: UInt64, pieces: [ConvertOperation.HostPiece])
             do {
@@ -227,7 +369,7 @@ final class ChunkReader {
                 slot.pointee.statusError = error
                 slot.pointee.count = 0
                 nextSector = totalSectors
-                return false
+                return .failed
             }
             slot.pointee.offloadBytes = plain.bytes - plain.bytes % ConvertOperation.sectorSize
             if slot.pointee.offloadBytes < UInt64(chunk.count) {
@@ -237,34 +379,45 @@ final class ChunkReader {
             } else if kernelCopy {
                 slot.pointee.unread = true
                 slot.pointee.pieces = plain.pieces
-                return true
+                return .ready
             }
         }
-        if status == .data {
-            do {
-                if salvage {
-                    slot.pointee.warnings += try ConvertOperation.readSalvaging(sources, sourceSectors, sector: sector,
-                                                                               into: chunk)
-                } else {
-                    try ConvertOperation.readSources(sources, sourceSectors, sector: sector, into: chunk)
-                }
-            } catch let e as InstarError {
-                slot.pointee.readError = StepError(.read, at: sector * ConvertOperation.sectorSize, e)
-            } catch {
-                slot.pointee.readError = error
-            }
-            if slot.pointee.readError != nil {
-                nextSector = totalSectors
-                return false
-            }
-            if minSparse > 0, let base = chunk.baseAddress {
-                let size = Int(ConvertOperation.sectorSize)
-                var at = 0
-                while at < chunk.count && !ConvertOperation.isZero(UnsafeRawPointer(base + at), size) { at += size }
-                slot.pointee.noZeroSector = at >= chunk.count
-            }
-        } else if minSparse == 0 && status == .zero {
+        if status == .data { return .needsRead }
+        if minSparse == 0 && status == .zero {
             chunk.initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        return .ready
+    }
+
+    /// The chunk's bytes in its buffer: the first min(count, bufSectors) sectors.
+    private func bytes(of slot: UnsafeMutablePointer<Chunk>) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(
+            rebasing: slot.pointee.buffer[0..<Int(min(slot.pointee.count, bufSectors) * ConvertOperation.sectorSize)])
+    }
+
+    /// convert_co_read for a data chunk `produce` set up, and the zero scan of what it read; false when the read
+    /// failed (the error is in the chunk). Runs on the reader thread or on a worker.
+    private func read(_ slot: UnsafeMutablePointer<Chunk>) -> Bool {
+        let sector = slot.pointee.sector
+        let chunk = bytes(of: slot)
+        do {
+            if salvage {
+                slot.pointee.warnings += try ConvertOperation.readSalvaging(sources, sourceSectors, sector: sector,
+                                                                           into: chunk)
+            } else {
+                try ConvertOperation.readSources(sources, sourceSectors, sector: sector, into: chunk)
+            }
+        } catch let e as InstarError {
+            slot.pointee.readError = StepError(.read, at: sector * ConvertOperation.sectorSize, e)
+        } catch {
+            slot.pointee.readError = error
+        }
+        if slot.pointee.readError != nil { return false }
+        if minSparse > 0, let base = chunk.baseAddress {
+            let size = Int(ConvertOperation.sectorSize)
+            var at = 0
+            while at < chunk.count && !ConvertOperation.isZero(UnsafeRawPointer(base + at), size) { at += size }
+            slot.pointee.noZeroSector = at >= chunk.count
         }
         return true
     }

@@ -14,6 +14,9 @@ public struct StepError: Error, CustomStringConvertible {
     public var operand: Int
     /// What the engine threw.
     public var error: InstarError
+    /// convert: the failed reads of later chunks that were in flight beside this one, in guest order (each of
+    /// qemu's coroutines reports its own failure).
+    public var alsoFailed: [StepError] = []
 
     public init(_ step: Step, at offset: UInt64, operand: Int = 0, _ error: InstarError) {
         self.step = step

@@ -23,6 +23,8 @@ public final class ProtocolFormat: ImageFormat, ConcurrentGuestIO {
 
     public var virtualSize: UInt64 { (try? file.size()) ?? 0 }
 
+    public var readsInFlight: Int { file.readsInFlight }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, backing: GuestReader?) throws {
         try file.readZeroPadded(into: buffer, at: offset)
     }
