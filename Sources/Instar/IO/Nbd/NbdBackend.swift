@@ -25,15 +25,17 @@ final class NbdBackend: ProtocolBackend {
     static let maxBuffer: UInt64 = 32 << 20
     /// qemu's block layer never asks more than about INT_MAX bytes of a zero or trim request.
     static let maxRange: UInt64 = 1 << 30
-    /// Large reads and writes go out as requests of at most this size, spread over the connections (nbdcopy's
-    /// default: qemu-nbd takes 256 KiB requests much faster than 1 MiB ones, about 2.5 s against 16 s per GiB
-    /// into a file here).
-    static let piece: UInt64 = 256 << 10
+    /// Large reads and writes go out as requests of at most this size, spread over the connections. Measured
+    /// per GiB copied on 2 cores, with the 4 MiB send buffer (`widenSendBuffer`): 1 MiB requests take less CPU
+    /// than nbdcopy's 256 KiB (0.5 against 0.6 s) and are faster into both servers (qemu-nbd over a file: 0.76
+    /// against 0.87 s); 2 MiB ones, qemu-img's, often send qemu-nbd into seconds of kernel time as it writes its
+    /// file (up to 12 s per GiB here).
+    static let piece: UInt64 = 1 << 20
     /// Write-behind buffers: at most this many bytes of written data waiting for replies.
     static let behindBytes: UInt64 = 32 << 20
-    /// Borrowed buffers: at most this many bytes of the caller's data waiting for replies (as much as nbdcopy
-    /// keeps in flight: 4 connections of 64 requests of 256 KiB).
-    static let borrowBytes: UInt64 = 64 << 20
+    /// Borrowed buffers: at most this many bytes of the caller's data waiting for replies (32 requests of 1 MiB;
+    /// twice that was no faster and kept more of the caller's buffers from it).
+    static let borrowBytes: UInt64 = 32 << 20
 
     let address: NbdAddress
     let exportSize: UInt64
@@ -159,7 +161,18 @@ final class NbdBackend: ProtocolBackend {
             }
             throw e
         }
+        NbdBackend.widenSendBuffer(h)
         return h
+    }
+
+    /// A bigger socket send buffer than the default (208 KiB on Linux): a 2 MiB write is then queued in a few
+    /// sends instead of a dozen, each a poll and a wakeup of the connection's thread. Best effort; the kernel
+    /// caps it at net.core.wmem_max.
+    static func widenSendBuffer(_ h: OpaquePointer) {
+        let fd = nbd_aio_get_fd(h)
+        guard fd >= 0 else { return }
+        var bytes: Int32 = 4 << 20
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, socklen_t(MemoryLayout<Int32>.size))
     }
 
     /// A monotonic clock in seconds.
@@ -617,6 +630,9 @@ final class NbdBackend: ProtocolBackend {
     // MARK: ProtocolBackend
 
     func size() throws -> UInt64 { exportSize }
+
+    /// As qemu-img convert's 8 coroutines: reads from several threads share the lanes, pipelined on each.
+    var readsInFlight: Int { 8 }
 
     func allocatedSize() throws -> UInt64? { nil }
 
