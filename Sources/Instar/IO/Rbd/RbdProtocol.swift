@@ -539,11 +539,19 @@ final class RbdConnection {
 
 /// Connected cluster handles nobody uses, by their settings, each kept `idleSeconds` for the next connection
 /// (then shut down by a reaper thread, or at exit).
+///
+/// At exit, and when a host unloads libinstar (dlclose): `shutdownAll` runs from an `atexit` hook, which glibc
+/// ties to this library (atexit comes from libc_nonshared, with libinstar's __dso_handle), so it runs before the
+/// code is unmapped, and before librados' own destructors at exit. It stops the reaper and joins it, so no
+/// thread is left running libinstar's code.
 enum RbdClusterCache {
     static let idleSeconds = 5
     private static let monitor = ConditionLock()
     private static var idle: [(key: String, handle: rados_t, until: Int)] = []
-    private static var reaper = false
+    /// The reaper thread while one runs (joined by `shutdownAll`, or by the next `park` once it ended).
+    private static var reaper: pthread_t?
+    private static var reaperRunning = false
+    private static var shuttingDown = false
     private static var atExit = false
 
     /// A parked handle made with `key`, taken out of the cache.
@@ -556,34 +564,43 @@ enum RbdClusterCache {
 
     static func park(_ key: String, _ handle: rados_t) {
         monitor.lock()
+        if shuttingDown {
+            monitor.unlock()
+            rados_shutdown(handle)
+            return
+        }
         idle.append((key, handle, monotonicSeconds() + idleSeconds))
         if !atExit {
             atExit = true
-            // Before librados' own static destructors (registered when it was loaded, earlier).
+            // Registered after librados was loaded: runs before its static destructors.
             atexit { RbdClusterCache.shutdownAll() }
         }
-        let start = !reaper
-        if start { reaper = true }
+        var ended: pthread_t?
+        let start = !reaperRunning
+        if start {
+            // A reaper that ran out of handles has ended (or is about to): join it before starting the next.
+            ended = reaper
+            reaper = nil
+            reaperRunning = true
+        }
         monitor.broadcast()
         monitor.unlock()
         guard start else { return }
+        if let ended { pthread_join(ended, nil) }
         var tid = pthread_t()
-        if pthread_create(&tid, nil, { _ in
+        let rc = pthread_create(&tid, nil, { _ in
             RbdClusterCache.reap()
             return nil
-        }, nil) == 0 {
-            pthread_detach(tid)
-        } else {
-            monitor.lock()
-            reaper = false
-            monitor.unlock()
-        }
+        }, nil)
+        monitor.lock()
+        if rc == 0 { reaper = tid } else { reaperRunning = false }
+        monitor.unlock()
     }
 
-    /// The reaper thread: shuts handles down once their time is up; ends when none is left.
+    /// The reaper thread: shuts handles down once their time is up; ends when none is left, or at shutdown.
     private static func reap() {
         monitor.lock()
-        while !idle.isEmpty {
+        while !idle.isEmpty && !shuttingDown {
             let now = monotonicSeconds()
             let expired = idle.filter { $0.until <= now }
             idle.removeAll { $0.until <= now }
@@ -595,15 +612,23 @@ enum RbdClusterCache {
             }
             monitor.wait(seconds: 1)
         }
-        reaper = false
+        reaperRunning = false
+        monitor.broadcast()
         monitor.unlock()
     }
 
+    /// Shuts every parked handle down and waits for the reaper to end; handles parked later are shut down at
+    /// once.
     static func shutdownAll() {
         monitor.lock()
+        shuttingDown = true
         let all = idle
         idle = []
+        let tid = reaper
+        reaper = nil
+        monitor.broadcast()
         monitor.unlock()
+        if let tid, pthread_equal(tid, pthread_self()) == 0 { pthread_join(tid, nil) }
         for e in all { rados_shutdown(e.handle) }
     }
 
@@ -693,6 +718,9 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
     func allocatedSize() throws -> UInt64? { nil }
 
     var clusterSize: UInt64? { objectSize }
+
+    /// qemu-img convert keeps 8 requests going (its coroutines); each RBD read waits for an OSD.
+    var readsInFlight: Int { 8 }
 
     /// qemu_rbd_get_specific_info: "encryption-format" when the image starts with a LUKS header librbd wrote.
     func formatSpecific() throws -> QObject? {
