@@ -6,7 +6,10 @@ The source is a raw file full of data (a different 4 KiB pattern per MiB, so not
 size asked for, made once in the cache dir. The target is a fresh server on a Unix socket per run:
 `nbdkit memory SIZE` (the server, not a disk, is what the copy waits on; nbdkit advertises multi-conn, so every
 tool may use several connections), and/or `qemu-nbd` over a sparse file (one connection: no -e, so no
-multi-conn). Every run starts after a sync, so the writeback of one run's file does not slow the next, and with
+multi-conn). qemu-nbd's file is on /dev/shm by default (--disk-dir): into a file on this machine's ext4, qemu-nbd's
+own buffered writes now and then spend seconds in the kernel (contended inode lock, slow page-cache copies) for
+whichever tool is running, and that, with the final fdatasync, swamps the clients' difference. Every run starts
+after a sync, so the writeback of one run's file does not slow the next, and with
 the source read through once, so every tool finds it in the page cache.
 
 The machine may be loaded: the tools run interleaved (instar, qemu-img, nbdcopy, then the next round in a
@@ -16,7 +19,7 @@ is faster). The first round of each tool checks the target with `qemu-img compar
 durable: qemu-img and instar flush at the end by default, nbdcopy is run with --flush.
 
 Usage: bench/nbd_bench.py [--build build] [--cache /tmp/instar-bench] [--target nbdkit|qemu-nbd|both]
-                          [--sizes 256,1024] [--runs 5]
+                          [--sizes 256,1024] [--runs 5] [--disk-dir /dev/shm]
 """
 import argparse
 import os
@@ -61,7 +64,7 @@ def wait_socket(proc, path, deadline=60):
     raise SystemExit("server did not start")
 
 
-def start_target(kind, cache, size):
+def start_target(kind, cache, size, disk_dir):
     sock = os.path.join(cache, f"nbd-bench-{os.getpid()}.sock")
     if os.path.exists(sock):
         os.unlink(sock)
@@ -69,7 +72,7 @@ def start_target(kind, cache, size):
     if kind == "nbdkit":
         argv = ["nbdkit", "-f", "-U", sock, "memory", str(size)]
     else:
-        disk = os.path.join(cache, f"nbd-bench-target-{os.getpid()}.raw")
+        disk = os.path.join(disk_dir or cache, f"nbd-bench-target-{os.getpid()}.raw")
         with open(disk, "wb") as f:
             f.truncate(size)
         argv = ["qemu-nbd", "--persistent", "-f", "raw", "-k", sock, disk]
@@ -101,6 +104,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--cache", default="/tmp/instar-bench")
+    ap.add_argument("--disk-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                    help="where qemu-nbd's target file goes (default /dev/shm; use the cache dir for a disk)")
     ap.add_argument("--target", choices=["nbdkit", "qemu-nbd", "both"], default="both")
     ap.add_argument("--sizes", default="256,1024", help="source sizes in MiB, comma-separated")
     ap.add_argument("--runs", type=int, default=5)
@@ -127,7 +132,7 @@ def main():
             for rnd in range(a.runs):
                 order = names[rnd % len(names):] + names[:rnd % len(names)]
                 for name in order:
-                    p, sock, disk = start_target(target, a.cache, size)
+                    p, sock, disk = start_target(target, a.cache, size, a.disk_dir)
                     url = f"nbd+unix:///?socket={sock}"
                     try:
                         # The previous run's dirty pages (qemu-nbd's target file) must not throttle this one,
