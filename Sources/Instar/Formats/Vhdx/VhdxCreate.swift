@@ -68,6 +68,9 @@ public enum VhdxCreate {
         let file = try HostFile.open(r.filename, writable: true)
         try ImageLock.acquireForOpen(file, writable: true, forceShare: false)
         try build(file, size: size, logSize: logSize, blockSize: bs, fixed: fixed, zeroBlocks: zeroBlocks)
+        // The region tables, BAT and metadata written after the headers' flushes: on disk before create
+        // returns, as qemu's close flushes them.
+        try file.sync()
     }
 
     static func build(_ file: HostFile, size: UInt64, logSize: UInt64, blockSize: UInt64, fixed: Bool,
