@@ -630,9 +630,10 @@ final class Qcow2Builder {
 
     func setRefcount(_ cluster: UInt64, _ value: UInt64) {
         let t = cluster >> refblockBits
-        var block = refblocks[t] ?? [UInt8](repeating: 0, count: Int(refblockEntries))
-        block[Int(cluster & (refblockEntries - 1))] = UInt8(truncatingIfNeeded: value)
-        refblocks[t] = block
+        // Changed in place in the dictionary: a copy taken out and stored back copied the whole block per
+        // cluster, most of a large preallocation=metadata create's time.
+        refblocks[t, default: [UInt8](repeating: 0, count: Int(refblockEntries))][Int(cluster & (refblockEntries - 1))] =
+            UInt8(truncatingIfNeeded: value)
         dirtyRefblocks.insert(t)
     }
 
