@@ -191,15 +191,21 @@ public enum HostFileCreate {
     public enum Preallocation: String { case off, falloc, full }
 
     /// Creates (or truncates) `path` and gives it `size` bytes the way file-posix does: ftruncate for off,
-    /// posix_fallocate for falloc, written zeroes for full.
+    /// posix_fallocate for falloc, written zeroes for full. Returns the open file, still locked, so a caller
+    /// that writes nothing more can flush it (nothing is flushed here: a format's create writes its header
+    /// next and flushes once at the end); nil when a protocol's own create made the node, which is not opened.
+    @discardableResult
     public static func create(_ path: String, size: UInt64, preallocation: Preallocation,
-                              options: CreateOptionValues? = nil, secrets: [String: String] = [:]) throws {
+                              options: CreateOptionValues? = nil, secrets: [String: String] = [:]) throws -> HostFile? {
         if let address = try ProtocolAddress.fromPlainName(path),
            let create = ProtocolRegistry.descriptor(named: address.driver)?.create {
             // The protocol's own create makes the whole node (qemu does not open it afterwards).
-            return try create(address.options(secrets: secrets), size, options)
+            try create(address.options(secrets: secrets), size, options)
+            return nil
         }
-        try grow(try createEmpty(path), to: size, preallocation: preallocation)
+        let file = try createEmpty(path)
+        try grow(file, to: size, preallocation: preallocation)
+        return file
     }
 
     /// A name a protocol driver claims (rbd:) is created by that driver with `size` bytes and opened, as

@@ -52,5 +52,7 @@ public enum ParallelsCreate {
             throw InstarError(e.code, "Failed to create Parallels image: \(strerrorString(e.errnoValue))",
                               errno: e.errnoValue)
         }
+        // On disk before create returns (qemu's close flushes it).
+        try file.sync()
     }
 }

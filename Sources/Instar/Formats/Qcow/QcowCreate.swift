@@ -95,5 +95,7 @@ public enum QcowCreate {
             }
             done += n
         }
+        // On disk before create returns (qemu's close flushes it).
+        try file.sync()
     }
 }

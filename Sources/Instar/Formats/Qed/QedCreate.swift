@@ -60,5 +60,7 @@ public enum QedCreate {
                                                        at: UInt64(clusterSize) + done) }
             done += n
         }
+        // On disk before create returns (qemu's close flushes it).
+        try file.sync()
     }
 }

@@ -14,7 +14,12 @@ public enum RawCreate {
             try HostFileCreate.create(r.filename, size: 0, preallocation: .off)
         }
         let mode = try preallocation(r.options.text("preallocation"))
-        try HostFileCreate.create(r.filename, size: size, preallocation: mode, options: r.options, secrets: r.secrets)
+        let file = try HostFileCreate.create(r.filename, size: size, preallocation: mode, options: r.options,
+                                             secrets: r.secrets)
+        // On disk before create returns: its length, the first block file-posix writes, a full preallocation's
+        // zeroes. qemu syncs only the full preallocation (file-posix's truncate); one fdatasync of a file with
+        // no data written costs little, and a raw image's length is all it has.
+        try file?.sync()
     }
 
     /// file-posix's parsing of the preallocation option.

@@ -63,6 +63,8 @@ public enum VdiCreate {
         if isStatic {
             try file.truncate(to: offset + blocks * blockSize)
         }
+        // On disk before create returns (qemu's close flushes it).
+        try file.sync()
     }
 
     /// qemu_uuid_generate (version 4), stored with its first three fields byte-swapped as vdi stores them.

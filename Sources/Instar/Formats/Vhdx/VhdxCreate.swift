@@ -68,6 +68,11 @@ public enum VhdxCreate {
         let file = try HostFile.open(r.filename, writable: true)
         try ImageLock.acquireForOpen(file, writable: true, forceShare: false)
         try build(file, size: size, logSize: logSize, blockSize: bs, fixed: fixed, zeroBlocks: zeroBlocks)
+        // Everything on disk before create returns, in one flush. qemu also flushes after each header (its
+        // vhdx_update_header writes through bdrv_pwrite_sync), but the new file is no image before the region
+        // tables and metadata that follow are written: a crash before the final flush leaves no image with
+        // qemu either, so those flushes order nothing anyone can read.
+        try file.sync()
     }
 
     static func build(_ file: HostFile, size: UInt64, logSize: UInt64, blockSize: UInt64, fixed: Bool,
@@ -92,7 +97,6 @@ public enum VhdxCreate {
         for off in [Vhdx.header1Offset, Vhdx.header2Offset] {
             let block = h.encoded(over: [UInt8](repeating: 0, count: Vhdx.headerSize))
             try file.write(Array(block[0..<Vhdx.headerStructSize]), at: off)
-            try file.sync()
             h.sequenceNumber &+= 1
         }
 

@@ -104,7 +104,8 @@ public enum VmdkCreate {
             } else {
                 rel = "\(prefix)-flat\(postfix)"
             }
-            _ = try createExtent(path + rel, size: cur, flat: flat, compress: compress, zeroedGrain: zeroedGrain)
+            // Each extent file is complete here: on disk before it is closed, as qemu's close of it flushes.
+            try createExtent(path + rel, size: cur, flat: flat, compress: compress, zeroedGrain: zeroedGrain).sync()
             extentLines += line(cur.divCeil(512), path + rel)
             created += cur
             index += 1
@@ -136,6 +137,8 @@ public enum VmdkCreate {
             try descFile.write(bytes, at: 0)
             try descFile.truncate(to: UInt64(bytes.count))
         }
+        // The descriptor (with a monolithic image's header and tables) on disk before create returns.
+        try descFile.sync()
     }
 
     /// filename_decompose: the directory part (with its slash), the base name before its last dot, and the rest.

@@ -131,6 +131,8 @@ public enum VpcCreate {
                 throw InstarError(e.code, "Unable to write VHD header: \(strerrorString(e.errnoValue))",
                                   errno: e.errnoValue)
             }
+            // On disk before create returns (qemu's close flushes it).
+            try file.sync()
             return
         }
         do {
@@ -159,5 +161,6 @@ public enum VpcCreate {
         } catch let e as InstarError {
             throw InstarError(e.code, "Unable to create or write VHD header", errno: e.errnoValue)
         }
+        try file.sync()
     }
 }
