@@ -220,7 +220,7 @@ def test_objects_added_through_the_library(tmp, servers, pki):
     """A library caller's --object: TLS credentials added with instar.object_add (instar_object_add) serve an nbd
     node's tls-creds in info and convert from a qemu-nbd export that requires TLS (x509 over TCP, PSK over a Unix
     socket), the same output and bytes as qemu-img with --object; a secret added the same way unlocks an
-    encrypted image's encrypt.key-secret; a duplicate id, an unknown type and a deleted object fail with qemu-img's messages."""
+    encrypted image's encrypt.key-secret, in process and in an isolated helper; a duplicate id, an unknown type and a deleted object fail with qemu-img's messages."""
     import instar
     disk = sparse_raw(tmp)
     x = x509_server(servers, tmp, pki, disk)
@@ -263,6 +263,10 @@ def test_objects_added_through_the_library(tmp, servers, pki):
                 instar.convert(name, out, fmt="raw")
             plain[tool] = read_file(out)
         assert plain["instar"] == plain["qemu"] and plain["qemu"][4096:4100] == b"\x5a" * 4
+        # isolated: the helper process that parses the image gets the caller's registered secrets too
+        out = os.path.join(tmp, "plain_isolated.raw")
+        instar.convert(name, out, fmt="raw", isolated=True)
+        assert read_file(out) == plain["qemu"]
         instar.object_del("apisec")
         with pytest.raises(instar.InstarError):
             instar.convert(name, os.path.join(tmp, "gone.raw"), fmt="raw")

@@ -289,6 +289,14 @@ public enum IsolatedMode {
         w.i64(timeoutMs)
         w.i64(cpuMs)
         w.str(getenv("INSTAR_ISOLATE_TEST").map { String(cString: $0) } ?? "")
+        // The caller's instar_object_add secrets, which its in-process opens would consult (TLS credentials are
+        // not passed: a helper opens no network connection).
+        let registered = ObjectRegistry.allSecrets()
+        w.u64(UInt64(registered.count))
+        for (k, v) in registered.sorted(by: { $0.key < $1.key }) {
+            w.str(k)
+            w.str(v)
+        }
         w.bytes.append(contentsOf: payload)
 
         let helper = try helperPath()
@@ -328,6 +336,13 @@ public enum IsolatedMode {
             let timeoutMs = try r.i64()
             let cpuMs = try r.i64()
             let test = try r.str()
+            let n = try r.count(minSize: 16)
+            var registered: [String: String] = [:]
+            for _ in 0..<n {
+                let k = try r.str()
+                registered[k] = try r.str()
+            }
+            ObjectRegistry.install(registered)
             // Libraries that read files on first use (libgcrypt's FIPS check) get that done before the lockdown.
             Gcrypt.ensureReady()
             instar_broker_fd = sock

@@ -41,6 +41,20 @@ public enum ObjectRegistry {
         throw InstarError(.notFound, "object '\(id)' not found", errno: ENOENT)
     }
 
+    /// Every registered secret (ids and their exact-bytes entries), for an isolated helper to install.
+    static func allSecrets() -> [String: String] {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        return secrets
+    }
+
+    /// The isolated helper's side: the caller's registered secrets become this process's (it has no others).
+    static func install(_ entries: [String: String]) {
+        pthread_mutex_lock(lock)
+        defer { pthread_mutex_unlock(lock) }
+        secrets.merge(entries) { old, _ in old }
+    }
+
     /// `own` with the registered secrets added under the ids it does not set itself.
     public static func secrets(adding own: [String: String]) -> [String: String] {
         pthread_mutex_lock(lock)
