@@ -72,8 +72,15 @@ final class ChunkReader {
     /// keep in flight).
     private let pool: LendingPool
     private let chunks: UnsafeMutablePointer<Chunk>
-    /// Guards `produced`, `consumed` and `stopping`; broadcast whenever one of them moves.
-    private let monitor = ConditionLock()
+    /// Guards `produced`, `consumed`, `stopping` and the workers' state. Each kind of thread sleeps on a
+    /// condition of its own, so a change wakes only who waits for it (not eight idle workers each time).
+    private let monitor: ConditionLock
+    /// The writer waits here for its next chunk (and `readErrors` for the window's reads).
+    private let toWriter: LockCondition
+    /// The reader thread waits here for a free slot.
+    private let toReader: LockCondition
+    /// Workers wait here for jobs.
+    private let toWorkers: LockCondition
     private var produced = 0
     private var consumed = 0
     private var stopping = false
@@ -98,6 +105,11 @@ final class ChunkReader {
     /// `depth` chunk buffers of `bufSectors` sectors each, allocated once.
     init(iterator: ConvertOperation.Iterator, sources: [ImageLayer], sourceSectors: [UInt64], totalSectors: UInt64,
          bufSectors: UInt64, minSparse: UInt64, depth: Int, readers: Int = 1) {
+        let monitor = ConditionLock()
+        self.monitor = monitor
+        toWriter = LockCondition(monitor)
+        toReader = LockCondition(monitor)
+        toWorkers = LockCondition(monitor)
         self.iterator = iterator
         self.sources = sources
         self.sourceSectors = sourceSectors
@@ -174,7 +186,7 @@ final class ChunkReader {
         guard let tid = thread else { return }
         monitor.lock()
         stopping = true
-        monitor.broadcast()
+        wakeAll()
         monitor.unlock()
         pthread_join(tid, nil)
         thread = nil
@@ -184,13 +196,20 @@ final class ChunkReader {
     private func stopWorkers() {
         monitor.lock()
         stopping = true
-        monitor.broadcast()
+        wakeAll()
         monitor.unlock()
         for tid in workers {
             // A worker dropping the last reference stops the others from its own thread.
             if pthread_equal(tid, pthread_self()) != 0 { pthread_detach(tid) } else { pthread_join(tid, nil) }
         }
         workers = []
+    }
+
+    /// Every waiter, for a stop (lock held).
+    private func wakeAll() {
+        toWriter.broadcast()
+        toReader.broadcast()
+        toWorkers.broadcast()
     }
 
     /// The next chunk in guest order, waiting for the reader when it has not got there yet. The writer must
@@ -202,7 +221,7 @@ final class ChunkReader {
             return slot
         }
         monitor.lock()
-        while produced == consumed || !ready[consumed % depth] { monitor.wait() }
+        while produced == consumed || !ready[consumed % depth] { toWriter.wait() }
         monitor.unlock()
         return slot
     }
@@ -215,7 +234,7 @@ final class ChunkReader {
         }
         monitor.lock()
         consumed += 1
-        monitor.broadcast()
+        toReader.signal()
         monitor.unlock()
     }
 
@@ -228,13 +247,14 @@ final class ChunkReader {
         defer {
             monitor.lock()
             dispatchDone = true
-            monitor.broadcast()
+            toWorkers.broadcast()
+            toWriter.signal()
             monitor.unlock()
         }
         let hand = !workers.isEmpty
         while true {
             monitor.lock()
-            while produced - consumed == depth && !stopping && !windowClosed { monitor.wait() }
+            while produced - consumed == depth && !stopping && !windowClosed { toReader.wait() }
             let quit = stopping || windowClosed || nextSector >= totalSectors
             let number = produced
             let index = number % depth
@@ -251,11 +271,12 @@ final class ChunkReader {
             if step == .needsRead {
                 ready[index] = false
                 jobs.append(number)
+                toWorkers.signal()
             } else {
                 ready[index] = true
             }
             if readFailed && failedAt.map({ number < $0 }) ?? true { failedAt = number }
-            monitor.broadcast()
+            toWriter.signal()
             monitor.unlock()
             if step == .failed { return }
         }
@@ -279,12 +300,12 @@ final class ChunkReader {
         monitor.lock()
         defer { monitor.unlock() }
         // The reader has got as far as it goes, or fills the ring (the writer holds this chunk).
-        while !dispatchDone && !windowClosed && produced - consumed < depth && !stopping { monitor.wait() }
+        while !dispatchDone && !windowClosed && produced - consumed < depth && !stopping { toWriter.wait() }
         var errors: [Error] = []
         var number = first + 1
         while number < min(produced, first + errorWindow) {
             let index = number % depth
-            while !ready[index] && !stopping { monitor.wait() }
+            while !ready[index] && !stopping { toWriter.wait() }
             if !ready[index] { break }
             if let e = chunks[index].readError { errors.append(e) }
             number += 1
@@ -298,7 +319,7 @@ final class ChunkReader {
         CallBudget.run(budget) {
             monitor.lock()
             while true {
-                while jobsTaken == jobs.count && !stopping && !dispatchDone { monitor.wait() }
+                while jobsTaken == jobs.count && !stopping && !dispatchDone { toWorkers.wait() }
                 if stopping || jobsTaken == jobs.count { break }
                 let number = jobs[jobsTaken]
                 let index = number % depth
@@ -311,8 +332,12 @@ final class ChunkReader {
                 let ok = read(chunks + index)
                 monitor.lock()
                 ready[index] = true
-                if !ok && failedAt.map({ number < $0 }) ?? true { failedAt = number }
-                monitor.broadcast()
+                if !ok && failedAt.map({ number < $0 }) ?? true {
+                    failedAt = number
+                    // The reader may now have its window and stop.
+                    toReader.signal()
+                }
+                toWriter.signal()
             }
             monitor.unlock()
         }

@@ -3,7 +3,7 @@ import Glibc
 /// A mutex with one condition variable, kept on the heap (pthread objects must not move): the hand-offs between
 /// convert's reader and writer and the completion bookkeeping of the protocols' write-behind queues.
 final class ConditionLock {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    fileprivate let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
 
     init() {
@@ -33,6 +33,32 @@ final class ConditionLock {
         ts.tv_sec += seconds
         pthread_cond_timedwait(condition, mutex, &ts)
     }
+    /// Wakes every waiter; called with the lock held.
+    func broadcast() { pthread_cond_broadcast(condition) }
+}
+
+/// A condition variable of its own on a `ConditionLock`'s mutex, so threads waiting for different things under
+/// one lock are woken separately (`signal` wakes one waiter, not every thread that sleeps on the lock).
+final class LockCondition {
+    private let lock: ConditionLock
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
+
+    init(_ lock: ConditionLock) {
+        self.lock = lock
+        condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+        condition.initialize(to: pthread_cond_t())
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        condition.deallocate()
+    }
+
+    /// Sleeps until signalled; the caller holds the lock (and holds it again on return).
+    func wait() { pthread_cond_wait(condition, lock.mutex) }
+    /// Wakes one waiter; called with the lock held.
+    func signal() { pthread_cond_signal(condition) }
     /// Wakes every waiter; called with the lock held.
     func broadcast() { pthread_cond_broadcast(condition) }
 }
