@@ -26,6 +26,14 @@ struct WireWriter {
         bool(s != nil)
         if let s { str(s) }
     }
+    /// A string map (secrets by id), in key order.
+    mutating func strMap(_ m: [String: String]) {
+        u64(UInt64(m.count))
+        for (k, v) in m.sorted(by: { $0.key < $1.key }) {
+            str(k)
+            str(v)
+        }
+    }
     mutating func optU64(_ v: UInt64?) {
         bool(v != nil)
         if let v { u64(v) }
@@ -117,6 +125,15 @@ struct WireReader {
         return Array(try take(n))
     }
     mutating func optStr() throws -> String? { try bool() ? try str() : nil }
+    mutating func strMap() throws -> [String: String] {
+        let n = try count(minSize: 16)
+        var m: [String: String] = [:]
+        for _ in 0..<n {
+            let k = try str()
+            m[k] = try str()
+        }
+        return m
+    }
     mutating func optU64() throws -> UInt64? { try bool() ? try u64() : nil }
     mutating func optBool() throws -> Bool? {
         switch try u8() {
@@ -285,11 +302,7 @@ extension ImageOpenOptions {
         w.bool(forceShare)
         w.bool(direct)
         w.optStr(keySecret)
-        w.u64(UInt64(secrets.count))
-        for (k, v) in secrets.sorted(by: { $0.key < $1.key }) {
-            w.str(k)
-            w.str(v)
-        }
+        w.strMap(secrets)
         w.optStr(backingKeySecret)
     }
 
@@ -298,11 +311,7 @@ extension ImageOpenOptions {
         o.forceShare = try r.bool()
         o.direct = try r.bool()
         o.keySecret = try r.optStr()
-        let n = try r.count(minSize: 16)
-        for _ in 0..<n {
-            let k = try r.str()
-            o.secrets[k] = try r.str()
-        }
+        o.secrets = try r.strMap()
         o.backingKeySecret = try r.optStr()
         return o
     }

@@ -146,11 +146,7 @@ public enum IsolatedMode {
         w.optU64(p.size)
         w.bool(p.forceShare)
         w.optStr(p.keySecret)
-        w.u64(UInt64(p.secrets.count))
-        for (k, v) in p.secrets.sorted(by: { $0.key < $1.key }) {
-            w.str(k)
-            w.str(v)
-        }
+        w.strMap(p.secrets)
         var r = try call(.measure, w.bytes)
         try replayWarnings(&r, p.warn)
         let required = try r.u64()
@@ -291,12 +287,7 @@ public enum IsolatedMode {
         w.str(getenv("INSTAR_ISOLATE_TEST").map { String(cString: $0) } ?? "")
         // The caller's instar_object_add secrets, which its in-process opens would consult (TLS credentials are
         // not passed: a helper opens no network connection).
-        let registered = ObjectRegistry.allSecrets()
-        w.u64(UInt64(registered.count))
-        for (k, v) in registered.sorted(by: { $0.key < $1.key }) {
-            w.str(k)
-            w.str(v)
-        }
+        w.strMap(ObjectRegistry.allSecrets())
         w.bytes.append(contentsOf: payload)
 
         let helper = try helperPath()
@@ -336,13 +327,7 @@ public enum IsolatedMode {
             let timeoutMs = try r.i64()
             let cpuMs = try r.i64()
             let test = try r.str()
-            let n = try r.count(minSize: 16)
-            var registered: [String: String] = [:]
-            for _ in 0..<n {
-                let k = try r.str()
-                registered[k] = try r.str()
-            }
-            ObjectRegistry.install(registered)
+            ObjectRegistry.install(try r.strMap())
             // Libraries that read files on first use (libgcrypt's FIPS check) get that done before the lockdown.
             Gcrypt.ensureReady()
             instar_broker_fd = sock
@@ -506,11 +491,7 @@ public enum IsolatedMode {
         p.size = try r.optU64()
         p.forceShare = try r.bool()
         p.keySecret = try r.optStr()
-        let n = try r.count(minSize: 16)
-        for _ in 0..<n {
-            let k = try r.str()
-            p.secrets[k] = try r.str()
-        }
+        p.secrets = try r.strMap()
         try r.finish()
         p.warn = warn
         let m = try Measure.measure(p)
