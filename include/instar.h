@@ -559,7 +559,8 @@ void instar_create_options_init(instar_create_options_t *opts);
  * Creates an image like `qemu-img create` (raw or qcow2; the same bytes qemu-img writes). An existing file is
  * overwritten. Errors carry qemu-img's message, including the "FILENAME: " prefix: INSTAR_E_INVALID (bad
  * option or size, missing backing format), INSTAR_E_UNSUPPORTED (format cannot create, encryption),
- * INSTAR_E_RANGE (image too large), INSTAR_E_IO, INSTAR_E_NOT_FOUND (backing file).
+ * INSTAR_E_RANGE (image too large), INSTAR_E_IO, INSTAR_E_NOT_FOUND (backing file). Every file it writes
+ * (extents, a data file) is flushed to disk before it returns INSTAR_OK.
  */
 int instar_create(const char *filename, const instar_create_options_t *opts, instar_error_t *err);
 
@@ -1354,7 +1355,8 @@ const char *instar_inspect_code_name(uint32_t code);
  * key-secret=ID (luks, rbd) and encrypt.key-secret=ID in a json: name or in option lists, find it (the
  * call's own key_secret fields come first). Errors are qemu's: "Parameter 'qom-type' does not accept value 'X'"
  * for a type it lacks, "attempt to add duplicate property 'ID' to object (type 'container')" for an id already
- * taken. This table is the library's one piece of process-wide state; INSTAR_OPEN_ISOLATED helpers do not see it.
+ * taken. This table is the library's one piece of process-wide state. INSTAR_OPEN_ISOLATED helpers get its
+ * secrets with each call; not its TLS credentials (a helper opens no connection).
  */
 int instar_object_add(const char *definition, instar_error_t *err);
 
