@@ -19,8 +19,14 @@ import Glibc
 /// failed offset) and thrown, as a StepError naming that offset, from the next write, zero, trim, flush or
 /// `finishWrites` after every outstanding request has finished.
 final class NbdBackend: ProtocolBackend {
-    /// The most connections opened to a multi-conn server.
-    static let maxConnections = 4
+    /// The most connections opened to a multi-conn server: 4, but no more than the processors online (at least
+    /// 2). Each connection is a thread here and at least one in the server; on 2 cores, copying 1 GiB into
+    /// `nbdkit memory` took 0.77 s with 2 connections against 0.85 s with 4 (nbdcopy too keeps to one
+    /// connection per core: 0.85 s, and 0.89 s with 4 threads).
+    static let maxConnections: Int = {
+        let online = sysconf(Int32(_SC_NPROCESSORS_ONLN))
+        return online > 0 ? min(4, max(2, online)) : 4
+    }()
     /// NBD_MAX_BUFFER_SIZE: qemu's largest request when the server gives no maximum.
     static let maxBuffer: UInt64 = 32 << 20
     /// qemu's block layer never asks more than about INT_MAX bytes of a zero or trim request.
