@@ -23,17 +23,48 @@ enum CLI {
     private static let qemuImgCheck = Array("qemu-img check -r".utf8)
 
     private static func namesQemuImgCheck(_ message: String) -> Bool {
-        let needle = qemuImgCheck
-        let utf8 = message.utf8
-        return utf8.withContiguousStorageIfAvailable { bytes -> Bool in
-            guard bytes.count >= needle.count else { return false }
-            for start in 0...(bytes.count - needle.count) where bytes[start] == needle[0] {
-                var i = 1
-                while i < needle.count && bytes[start + i] == needle[i] { i += 1 }
-                if i == needle.count { return true }
+        message.utf8.withContiguousStorageIfAvailable { bytes -> Bool in
+            qemuImgCheck.withUnsafeBytes { needle -> Bool in
+                guard let base = bytes.baseAddress, let first = needle.first, bytes.count >= needle.count else {
+                    return false
+                }
+                // memchr to each candidate first byte, memcmp for the rest.
+                var at = 0
+                let last = bytes.count - needle.count
+                while at <= last, let hit = memchr(base + at, Int32(first), last - at + 1) {
+                    let i = UnsafeRawPointer(hit) - UnsafeRawPointer(base)
+                    if let n = needle.baseAddress, memcmp(base + i, n, needle.count) == 0 { return true }
+                    at = i + 1
+                }
+                return false
             }
-            return false
         } ?? message.contains("qemu-img check -r")
+    }
+
+    /// Prints `line` and a newline to stderr in one write, as qemu's fprintf to its unbuffered stderr does,
+    /// after flushing stdout. For lines a check can print millions of (one per bad table entry): no joined
+    /// copy of the line, no stdio.
+    static func stderrLine(_ line: String) {
+        out.flush()
+        var line = line
+        line.withUTF8 { text in
+            var newline: UInt8 = 10
+            withUnsafeMutablePointer(to: &newline) { nl in
+                var iov = [iovec(iov_base: UnsafeMutableRawPointer(mutating: text.baseAddress), iov_len: text.count),
+                           iovec(iov_base: UnsafeMutableRawPointer(nl), iov_len: 1)]
+                var n = writev(2, &iov, 2)
+                while n < 0 && errno == EINTR { n = writev(2, &iov, 2) }
+                guard n >= 0, n < text.count + 1 else { return }
+                // A short write: the rest with plain writes.
+                var done = n
+                while done < text.count + 1 {
+                    let m = done < text.count ? write(2, text.baseAddress! + done, text.count - done) : write(2, nl, 1)
+                    if m < 0 && errno == EINTR { continue }
+                    if m <= 0 { return }
+                    done += m
+                }
+            }
+        }
     }
 
     /// Prints without the trailing newline (a few qemu messages end without one).
@@ -44,8 +75,7 @@ enum CLI {
 
     /// Prints a warning line as qemu's warn_report() callers see it: stdout flushed first, no program prefix.
     static func warnLine(_ message: String) {
-        out.flush()
-        fputs(message + "\n", stderr)
+        stderrLine(message)
     }
 
     /// Runs a subcommand's work: 0 when it succeeds, else its error printed as error() does and 1.

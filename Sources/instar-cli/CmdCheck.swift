@@ -122,8 +122,7 @@ private func checkOne(_ filename: String, options: CheckOperation.Options, json:
             if message.errorReport {
                 CLI.error(message.text)
             } else {
-                CLI.out.flush()
-                fputs(CLI.ownName(message.text) + "\n", stderr)
+                CLI.stderrLine(CLI.ownName(message.text))
             }
         }
     } catch is CheckNotSupported {

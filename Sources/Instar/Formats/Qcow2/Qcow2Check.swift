@@ -269,9 +269,11 @@ final class Qcow2Checker {
     func incRefcounts(_ imrt: inout Qcow2RefcountArray, offset: Int64, size: Int64) throws {
         if size <= 0 { return }
         // The file only grows while a check runs (repairs append), so a region inside the length seen last
-        // needs no new fstat: this runs once per L2 entry.
+        // needs no new fstat: this runs once per L2 entry. A file opened read-only does not change under the
+        // check (the image lock keeps writers out), so one fstat serves every region past its end too (a hostile
+        // table can name hundreds of thousands of them).
         var fileLength = knownFileLength
-        if offset &+ size > fileLength {
+        if offset &+ size > fileLength && (file.writable || fileLength == 0) {
             do {
                 fileLength = Int64(try file.size())
             } catch {
@@ -332,33 +334,47 @@ final class Qcow2Checker {
         return .normal
     }
 
-    /// The L2 entry and (extended L2) its subcluster bitmap at `index` of a raw table.
-    /// Read in place (no reader object per entry: a hostile L1 can make check visit millions of entries).
-    private func l2Entry(_ table: [UInt8], _ index: Int) -> (UInt64, UInt64) {
-        let base = index * l2EntryBytes
-        let extended = extendedL2
-        return table.withUnsafeBytes { raw in
-            func be(_ o: Int) -> UInt64 {
-                guard o >= 0, o <= raw.count - 8 else { return 0 }
-                return UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self))
-            }
-            return (be(base), extended ? be(base + 8) : 0)
+    /// A raw L2 table's 64-bit words in host order: entry `i` is word `i * l2Stride`, its subcluster bitmap
+    /// (extended L2) the next one.
+    private func l2Words(_ table: [UInt8]) -> [UInt64] {
+        Qcow2Mapper.decodeBE64(table, count: l2Entries * l2Stride)
+    }
+
+    /// The L2 table at `offset` as `l2Words` gives it, read straight into the array and swapped in place (a
+    /// hostile L1 can make check visit millions of tables). Entries past the end of the file read as zeroes, and
+    /// a zero entry is one check passes over without a word, so only the entries the file holds are returned (the
+    /// last one zero-padded): a table wholly past the end is empty.
+    private func readL2Words(at offset: UInt64) throws -> [UInt64] {
+        let capacity = l2Entries * l2Stride
+        let entryBytes = l2EntryBytes
+        return try [UInt64](unsafeUninitializedCapacity: capacity) { words, count in
+            let raw = UnsafeMutableRawBufferPointer(words)
+            let got = try file.read(into: raw, at: offset)
+            let used = (got + entryBytes - 1) / entryBytes * (entryBytes / 8)
+            if got < used * 8, let base = raw.baseAddress { memset(base + got, 0, used * 8 - got) }
+            for k in 0..<used { words[k] = UInt64(bigEndian: words[k]) }
+            count = used
         }
     }
 
+    /// 64-bit words per L2 entry: 2 with extended L2 (entry, subcluster bitmap), else 1.
+    private var l2Stride: Int { l2EntryBytes / 8 }
+
     /// check_refcounts_l2.
     private func checkL2(_ imrt: inout Qcow2RefcountArray, l2Offset: UInt64, flags: Int, active: Bool) throws {
-        var table: [UInt8]
+        let words: [UInt64]
         do {
-            table = try file.readBytes(at: l2Offset, count: l2Entries * l2EntryBytes)
+            words = try readL2Words(at: l2Offset)
         } catch {
             say("ERROR: I/O error in check_refcounts_l2")
             res.checkErrors += 1
             throw Qcow2CheckAbort(errno: EIO)
         }
         var nextContiguous: Int64 = 0
-        for i in 0..<l2Entries {
-            var (entry, bitmap) = l2Entry(table, i)
+        let stride = l2Stride
+        for i in 0..<(words.count / stride) {
+            var entry = words[i * stride]
+            let bitmap = stride == 2 ? words[i * stride + 1] : 0
             let type = clusterType(entry)
             if type != .compressed && entry & Self.l2StdReservedMask != 0 {
                 say("ERROR found l2 entry with reserved bits set: \(Self.x(entry))")
@@ -402,7 +418,7 @@ final class Qcow2Checker {
                         say("\(fix.contains(.errors) ? "Repairing" : "ERROR") offset=\(Self.x(offset)): Preallocated "
                             + "cluster is not properly aligned; L2 entry corrupted.")
                         if fix.contains(.errors) {
-                            if try fixL2EntryByZero(&table, l2Offset: l2Offset, index: i, bitmap: bitmap, active: active) {
+                            if try fixL2EntryByZero(l2Offset: l2Offset, index: i, bitmap: bitmap, active: active) {
                                 continue
                             }
                         }
@@ -430,16 +446,15 @@ final class Qcow2Checker {
     }
 
     /// fix_l2_entry_by_zero: turns an entry into a plain zero cluster on disk. True when fixed.
-    private func fixL2EntryByZero(_ table: inout [UInt8], l2Offset: UInt64, index: Int, bitmap: UInt64,
-                                  active: Bool) throws -> Bool {
+    private func fixL2EntryByZero(l2Offset: UInt64, index: Int, bitmap: UInt64, active: Bool) throws -> Bool {
         let base = index * l2EntryBytes
+        var fixed = [UInt8](repeating: 0, count: l2EntryBytes)
         if extendedL2 {
             var b = bitmap | (bitmap << 32)
             b &= Self.l2BitmapAllZeroes
-            table.putU64be(0, at: base)
-            table.putU64be(b, at: base + 8)
+            fixed.putU64be(b, at: 8)
         } else {
-            table.putU64be(Qcow2.l2Zero, at: base)
+            fixed.putU64be(Qcow2.l2Zero, at: 0)
         }
         let entryOffset = l2Offset &+ UInt64(base)
         guard writeAllowed(ignore: active ? Self.olActiveL2 : Self.olInactiveL2, offset: Int64(bitPattern: entryOffset),
@@ -449,7 +464,7 @@ final class Qcow2Checker {
             throw Qcow2CheckAbort(errno: EIO)
         }
         do {
-            try file.write(Array(table[base..<(base + l2EntryBytes)]), at: entryOffset)
+            try file.write(fixed, at: entryOffset)
         } catch {
             say("ERROR: Failed to overwrite L2 table entry: \(strerrorString(EIO))")
             res.checkErrors += 1
@@ -728,8 +743,9 @@ final class Qcow2Checker {
                 throw Qcow2CheckAbort(errno: EIO)
             }
             var dirty: Int64 = 0
+            let words = l2Words(table)
             for j in 0..<l2Entries {
-                let (entry, _) = l2Entry(table, j)
+                let entry = words[j * l2Stride]
                 let type = clusterType(entry)
                 guard type == .normal || type == .zeroAlloc else { continue }
                 let refcount: UInt64
