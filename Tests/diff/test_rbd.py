@@ -8,13 +8,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 
 import pytest
 
-from conftest import ROOT, assert_same, both, instar, qemu, qemu_io, qimg, run
+from conftest import LIBINSTAR, ROOT, assert_same, both, instar, qemu, qemu_io, qimg, run
 
 SCRIPT = os.path.join(ROOT, "scripts", "ceph-single-node.sh")
 START_DEADLINE = 240
@@ -126,6 +127,42 @@ def test_info_names_and_errors(conf, tmp):
     assert_same("map", "--output=json", "--image-opts", f"driver=rbd,pool=rbd,image={info1},conf={conf}")
     env = dict(os.environ, CEPH_CONF=conf)
     assert_same("info", "-f", "raw", f"rbd:rbd/{info1}", env=env)
+
+
+UNLOAD = r"""
+import ctypes, _ctypes, os, sys, time
+def threads():
+    return len(os.listdir("/proc/self/task"))
+lib = ctypes.CDLL(sys.argv[1])
+lib.instar_info_json.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+lib.instar_string_free.argtypes = [ctypes.c_void_p]
+out = ctypes.c_void_p()
+assert lib.instar_info_json(sys.argv[2].encode(), None, ctypes.byref(out), None) == 0
+assert b'"format": "raw"' in ctypes.string_at(out.value)
+lib.instar_string_free(out)
+print("threads before", threads(), flush=True)
+handle = lib._handle
+del lib
+_ctypes.dlclose(handle)
+print("mapped after", any("libinstar" in line for line in open("/proc/self/maps")), flush=True)
+print("threads after", threads(), flush=True)
+time.sleep(float(sys.argv[3]))
+print("alive", flush=True)
+"""
+
+
+def test_unload_with_a_parked_cluster_handle(conf, tmp):
+    """A host that unloads libinstar (dlclose) right after an RBD call: the cluster handle parked for the next
+    call is shut down and the cache's reaper thread joined before the code is unmapped, so no librados or reaper
+    thread is left running in unmapped code (the process lives on past the reaper's 5 s period)."""
+    image = img("unload")
+    qimg("create", "-q", "-f", "raw", name(conf, image), "8M")
+    r = subprocess.run([sys.executable, "-c", UNLOAD, LIBINSTAR, name(conf, image), "6"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r
+    lines = r.stdout.splitlines()
+    assert int(lines[0].split()[-1]) > 1, r.stdout  # librados' threads and the reaper were running
+    assert lines[1:] == ["mapped after False", "threads after 1", "alive"], r.stdout
 
 
 def test_create_resize_and_errors(conf, tmp):
