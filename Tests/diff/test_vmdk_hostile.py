@@ -138,6 +138,12 @@ VARIANTS["stream-marker-size-2cl"] = _stream(lambda b: struct.pack_into("<I", b,
 VARIANTS["stream-garbage-zlib"] = _stream(lambda b: b.__setitem__(slice(_grain_at(b) + 12, _grain_at(b) + 40),
                                                                   b"\xAB" * 28))
 VARIANTS["stream-no-marker-flag"] = _stream(lambda b: struct.pack_into("<I", b, 8, 3 | (1 << 16)))
+# Grains of 384 MiB (qemu allows up to 1 GiB): qemu's read of a compressed grain takes three grain-sized buffers
+# (1.2 GB here); instar streams it, so it stays inside the address-space limit (the differential fuzzer's
+# vmdk-stream-132 was this: instar died allocating the output buffer).
+VARIANTS["stream-granularity-c0080"] = _stream(lambda b: struct.pack_into("<Q", b, 20, 0xC0080))
+VARIANTS["stream-granularity-c0080-gtes-1"] = _stream(lambda b: (struct.pack_into("<Q", b, 20, 0xC0080),
+                                                                 struct.pack_into("<I", b, 44, 1)))
 VARIANTS["stream-gd-at-end-no-footer"] = _stream(lambda b: struct.pack_into("<Q", b, 56, 0xFFFFFFFFFFFFFFFF))
 VARIANTS["cowd-magic"] = lambda d: (_patch(_sparse(d), 0, ">I", 0x434F5744), os.path.join(d, "img.vmdk"))[1]
 
@@ -382,3 +388,34 @@ def test_same_result_where_qemu_accepts(results, name):
         assert i.out == q.out, f"{name}: {cmd}\n qemu: {q}\n instar: {i}"
         if cmd == "convert":
             assert i.digest == q.digest, f"{name}: converted bytes differ"
+
+
+def test_write_into_huge_grains(tmp):
+    """convert -n into a monolithicSparse vmdk whose header gives 128 MiB grains: each new grain is filled around
+    the request (get_whole_cluster) a step at a time, so instar stays inside a 128 MiB address-space limit (it
+    used to allocate the whole grain and died). The result is qemu-img's, but for the descriptor's random CID."""
+    src = os.path.join(tmp, "src.raw")
+    with open(src, "wb") as f:
+        for i in range(8):
+            f.write(bytes([i + 1]) * (1 << 20))
+    files = {}
+    for who in ("qemu", "instar"):
+        os.makedirs(os.path.join(tmp, who))
+        img = os.path.join(tmp, who, "img.vmdk")
+        qimg("create", "-q", "-f", "vmdk", img, "8M")
+        _patch(img, FIELDS["granularity"][0], "<Q", 0x40000)
+        argv = ["convert", "-n", "-f", "raw", "-O", "vmdk", src, img]
+        if who == "qemu":
+            r = subprocess.run(["qemu-img", *argv], capture_output=True, text=True, timeout=TIMEOUT)
+        else:
+            r = subprocess.run(["prlimit", "--as=134217728", "--", INSTAR, *argv], capture_output=True, text=True,
+                               timeout=TIMEOUT)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (who, r)
+        assert subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, img],
+                              capture_output=True).returncode == 0, who
+        with open(img, "rb") as f:
+            files[who] = f.read()
+    q, i = files["qemu"], files["instar"]
+    assert len(q) == len(i)
+    cid = q.index(b"CID=") + 4
+    assert q[:cid] + q[cid + 8:] == i[:cid] + i[cid + 8:]

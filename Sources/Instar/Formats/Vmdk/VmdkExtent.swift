@@ -281,34 +281,83 @@ final class VmdkExtent {
             try file.readZeroPadded(into: buffer, at: at)
             return
         }
+        try inflateGrain(into: buffer, clusterOffset: clusterOffset, inCluster: inCluster)
+    }
+
+    /// Bytes of compressed input read, and of output inflated, per step of `inflateGrain`.
+    static let inflateStep = 1 << 20
+
+    /// A compressed grain as qemu's vmdk_read_extent reads it (2 grains of bytes from `clusterOffset`, zeroes
+    /// past the end of the file; a marker's length field says how many are zlib data; `uncompress` into one
+    /// grain, which must succeed, then the asked-for window must lie inside what came out), but streamed: the
+    /// input is read and the output inflated a step at a time, keeping only the window the caller asked for. A
+    /// hostile header may give grains of up to 1 GiB (qemu's limit), and qemu's three grain-sized buffers of
+    /// such a grain would be 3 GiB.
+    private func inflateGrain(into buffer: UnsafeMutableRawBufferPointer, clusterOffset: UInt64,
+                              inCluster: UInt64) throws {
         let cb = Int(clusterBytes)
-        try CallBudget.reserve(cb * 3, what: "the decompression buffers of a compressed grain")
-        defer { CallBudget.release(cb * 3) }
-        let raw = try file.readBytes(at: clusterOffset, count: cb * 2)
+        let step = VmdkExtent.inflateStep
+        try CallBudget.reserve(step * 2, what: "the decompression buffers of a compressed grain")
+        defer { CallBudget.release(step * 2) }
         var dataStart = 0
         var dataLen = cb
         if hasMarker {
+            var marker = [UInt8](repeating: 0, count: 12)
+            try marker.withUnsafeMutableBytes { try file.readZeroPadded(into: $0, at: clusterOffset) }
             dataStart = 12
-            dataLen = Int(try ByteReader(raw).u32le(at: 8))
+            dataLen = Int(try ByteReader(marker).u32le(at: 8))
         }
         guard dataLen != 0, dataLen <= cb * 2 else { throw VmdkExtent.invalid() }
-        let avail = min(dataLen, raw.count - dataStart)
-        var out = [UInt8](repeating: 0, count: cb)
-        var outLen = uLongf(cb)
-        let rc = raw.withUnsafeBytes { src -> Int32 in
-            out.withUnsafeMutableBytes { dst -> Int32 in
-                guard let s = src.baseAddress, let d = dst.baseAddress else { return Z_BUF_ERROR }
-                return uncompress(d.assumingMemoryBound(to: Bytef.self), &outLen,
-                                  (s + dataStart).assumingMemoryBound(to: Bytef.self), uLong(avail))
-            }
+        // uncompress's input: the data, cut at the end of the 2-grain buffer.
+        var inputLeft = min(dataLen, cb * 2 - dataStart)
+        var inputAt = clusterOffset &+ UInt64(dataStart)
+        let input = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 16)
+        defer { input.deallocate() }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: step, alignment: 16)
+        defer { scratch.deallocate() }
+        guard let inBase = input.baseAddress, let outBase = scratch.baseAddress else { throw VmdkExtent.invalid() }
+        var strm = z_stream()
+        guard inflateInit_(&strm, zlibVersion(), Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
+            throw InstarError(.noMemory, "Cannot allocate memory", errno: ENOMEM)
         }
-        guard rc == Z_OK else { throw VmdkExtent.invalid() }
-        guard inCluster + UInt64(buffer.count) <= UInt64(outLen) else { throw VmdkExtent.invalid() }
-        out.withUnsafeBytes { src in
-            if let d = buffer.baseAddress, let s = src.baseAddress {
-                memcpy(d, s + Int(inCluster), buffer.count)
+        defer { inflateEnd(&strm) }
+        // The window of the grain the caller wants, and the grain bytes that have come out so far.
+        let want = (from: Int(inCluster), to: Int(inCluster) + buffer.count)
+        var produced = 0
+        var outLeft = cb
+        var rc: Int32 = Z_OK
+        // zlib's uncompress loop, with the output buffer a window that moves along the grain.
+        repeat {
+            if strm.avail_out == 0 {
+                let n = min(outLeft, step)
+                strm.next_out = outBase.assumingMemoryBound(to: Bytef.self)
+                strm.avail_out = uInt(n)
+                outLeft -= n
             }
-        }
+            if strm.avail_in == 0 {
+                let n = min(inputLeft, step)
+                try file.readZeroPadded(into: UnsafeMutableRawBufferPointer(rebasing: input[0..<n]), at: inputAt)
+                strm.next_in = inBase.assumingMemoryBound(to: Bytef.self)
+                strm.avail_in = uInt(n)
+                inputLeft -= n
+                inputAt = inputAt &+ UInt64(n)
+            }
+            let before = Int(strm.total_out)
+            rc = CZlib.inflate(&strm, Z_NO_FLUSH)
+            let n = Int(strm.total_out) - before
+            if n > 0 {
+                // Bytes [produced, produced + n) of the grain, the last n written before next_out.
+                let lo = max(produced, want.from)
+                let hi = min(produced + n, want.to)
+                if lo < hi, let dst = buffer.baseAddress, let end = strm.next_out {
+                    let src = UnsafeRawPointer(end) - n + (lo - produced)
+                    memcpy(dst + (lo - want.from), src, hi - lo)
+                }
+                produced += n
+            }
+        } while rc == Z_OK
+        guard rc == Z_STREAM_END else { throw VmdkExtent.invalid() }
+        guard want.to <= produced else { throw VmdkExtent.invalid() }
     }
 
     static func invalid() -> InstarError { InstarError(.invalid, "Invalid argument", errno: EINVAL) }

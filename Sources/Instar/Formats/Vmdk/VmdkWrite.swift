@@ -58,23 +58,21 @@ extension VmdkFormat {
             let grainStart = pos - inCluster
             let skipStart = Int(inCluster)
             let skipEnd = skipStart + data.count
-            var whole = [UInt8](repeating: 0, count: cb)
             if let b = backing { try checkParentCID(b) }
-            if let b = backing, l != .zeroed {
-                try whole.withUnsafeMutableBytes { raw in
-                    if skipStart > 0 {
-                        try b.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<skipStart]), at: grainStart)
+            // A step at a time (a hostile header may give grains of up to 1 GiB): each piece of the grain outside
+            // the request is read from the backing file (or left zero) and written.
+            let fromBacking = l != .zeroed ? backing : nil
+            var scratch = [UInt8](repeating: 0, count: min(cb, VmdkExtent.inflateStep))
+            for (from, to) in [(0, skipStart), (skipEnd, cb)] {
+                var at = from
+                while at < to {
+                    let n = min(scratch.count, to - at)
+                    try scratch.withUnsafeMutableBytes { raw in
+                        let part = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
+                        if let b = fromBacking { try b.read(into: part, at: grainStart + UInt64(at)) }
+                        try e.file.write(UnsafeRawBufferPointer(part), at: host + UInt64(at))
                     }
-                    if skipEnd < cb {
-                        try b.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[skipEnd..<cb]),
-                                   at: grainStart + UInt64(skipEnd))
-                    }
-                }
-            }
-            try whole.withUnsafeBytes { raw in
-                if skipStart > 0 { try e.file.write(UnsafeRawBufferPointer(rebasing: raw[0..<skipStart]), at: host) }
-                if skipEnd < cb {
-                    try e.file.write(UnsafeRawBufferPointer(rebasing: raw[skipEnd..<cb]), at: host + UInt64(skipEnd))
+                    at += n
                 }
             }
             try e.file.write(data, at: host + inCluster)
