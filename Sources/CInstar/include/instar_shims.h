@@ -60,4 +60,5 @@ int instar_isolate_test_open(const char *path);
 static inline void instar_atomic_add_u64(uint64_t *word, uint64_t n) { __atomic_fetch_add(word, n, __ATOMIC_SEQ_CST); }
 static inline uint64_t instar_atomic_load_u64(const uint64_t *word) { return __atomic_load_n(word, __ATOMIC_SEQ_CST); }
 static inline void instar_atomic_store_u64(uint64_t *word, uint64_t v) { __atomic_store_n(word, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t instar_atomic_exchange_u64(uint64_t *word, uint64_t v) { return __atomic_exchange_n(word, v, __ATOMIC_SEQ_CST); }
 #endif

@@ -74,7 +74,9 @@ public enum MapOperation {
             do {
                 s = try ChainStatus.mapStatus(image, at: offset, length: n)
             } catch let e as InstarError {
-                throw InstarError(e.code, "Could not read file metadata: \(e.message)", errno: e.errnoValue)
+                // qemu prints the errno's text (a qcow2 corruption event has printed its own line before).
+                let why = e.errnoValue != 0 ? strerrorString(e.errnoValue) : e.message
+                throw InstarError(e.code, "Could not read file metadata: \(why)", errno: e.errnoValue)
             }
             probe = s.length >= n ? min(probe << 1, maxProbe) : probeLimit
             var next = MapEntry(start: offset, length: s.length, depth: s.depth, present: s.allocated, zero: s.zero,

@@ -15,4 +15,6 @@ final class AtomicCounter {
     func increment() { instar_atomic_add_u64(word, 1) }
     var value: UInt64 { instar_atomic_load_u64(word) }
     func store(_ value: UInt64) { instar_atomic_store_u64(word, value) }
+    /// Stores `value` and returns what was there.
+    func exchange(_ value: UInt64) -> UInt64 { instar_atomic_exchange_u64(word, value) }
 }

@@ -54,6 +54,8 @@ public final class Qcow2Format: ImageFormat {
     /// A check marked the image corrupt while it was open (qemu then detaches the driver: nothing more is
     /// written, not even the clean mark of close).
     var corruptionSignalled = false
+    /// A read-only open has said its one "Image is corrupt" line (set from any reading thread).
+    private let readCorruptionTold = AtomicCounter()
     /// A metadata update that marked the image dirty failed part way: the refcounts and copied flags on disk
     /// may disagree, so close leaves the dirty bit for the repair of the next read/write open.
     var keepDirtyAfterFailure = false
@@ -220,6 +222,17 @@ public final class Qcow2Format: ImageFormat {
         // qcow2_do_open loads every bitmap, read-only opens included: a broken table fails the open.
         liveBitmaps = try Qcow2LiveBitmap.load(bitmaps, file: file, clusterSize: h.clusterSize,
                                                virtualSize: h.size / 512 * 512)
+        if !writable {
+            // qcow2_signal_corruption on an image opened read-only: not fatal (nothing is marked), and said once
+            // per open image, before the request fails with EIO.
+            let told = readCorruptionTold
+            mapper.onCorruption = { message in
+                guard told.exchange(1) == 0 else { return }
+                Diagnostics.sink?(Diagnostics.Message(
+                    "qcow2: Image is corrupt: \(message); further non-fatal corruption events will be suppressed\n",
+                    prefixed: false))
+            }
+        }
     }
 
     /// The writer, created on first use; read-only images refuse.

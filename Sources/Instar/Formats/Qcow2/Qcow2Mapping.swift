@@ -73,6 +73,8 @@ final class Qcow2Mapper {
     /// Set while the image is open for writing: L2 tables then come from the writer's write-back cache, so
     /// reads see entries that are not on disk yet.
     var l2Provider: ((UInt64) throws -> [UInt64])?
+    /// Told of each corruption event a lookup finds, before the lookup throws it.
+    var onCorruption: ((String) -> Void)?
     /// Decoded L2 tables: plain entries, or (entry, bitmap) pairs with extended L2.
     let cache: Qcow2TableCache<[UInt64]>
     private let clusterBits: UInt64
@@ -248,8 +250,10 @@ final class Qcow2Mapper {
         return Qcow2Extent(kind: kind, length: bytes - inCluster, hostOffset: host)
     }
 
+    /// A corruption event (qcow2_signal_corruption): `onCorruption` hears of it, the request fails with EIO.
     private func corruption(_ what: String) -> InstarError {
-        InstarError(.corrupt, what, errno: EIO)
+        onCorruption?(what)
+        return InstarError(.corrupt, what, errno: EIO)
     }
 }
 
