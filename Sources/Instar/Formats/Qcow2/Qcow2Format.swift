@@ -226,12 +226,14 @@ public final class Qcow2Format: ImageFormat {
             // qcow2_signal_corruption on an image opened read-only: not fatal (nothing is marked), and said once
             // per open image, before the request fails with EIO.
             let told = readCorruptionTold
-            mapper.onCorruption = { message in
+            let event: (String) -> Void = { message in
                 guard told.exchange(1) == 0 else { return }
                 Diagnostics.sink?(Diagnostics.Message(
                     "qcow2: Image is corrupt: \(message); further non-fatal corruption events will be suppressed\n",
                     prefixed: false))
             }
+            mapper.onCorruption = event
+            refcounts.onCorruption = event
         }
     }
 
@@ -367,7 +369,17 @@ public final class Qcow2Format: ImageFormat {
     }
 
     public func blockStatus(at offset: UInt64, length: UInt64) throws -> BlockStatus {
-        if metadataPreallocated == nil { metadataPreallocated = try refcounts.looksMetadataPreallocated() }
+        if metadataPreallocated == nil {
+            // qcow2_co_block_status takes a failed detection (a damaged refcount structure) as "no": the status
+            // is still answered. A call limit still stops the call.
+            do {
+                metadataPreallocated = try refcounts.looksMetadataPreallocated()
+            } catch let e as InstarError where e.code == .limit {
+                throw e
+            } catch {
+                metadataPreallocated = false
+            }
+        }
         let run = try mapper.lookup(offset, maxBytes: min(length, UInt64(Int32.max)))
         let len = max(run.length, 1)
         var status: BlockStatus

@@ -10,6 +10,8 @@ final class Qcow2RefcountReader {
     let blockBits: UInt64
     private var table: [UInt64]?
     private let blocks: Qcow2TableCache<[UInt8]>
+    /// Told of a corruption event (an unaligned refblock offset) before the lookup throws it.
+    var onCorruption: ((String) -> Void)?
 
     init(header: Qcow2Header, file: HostFile) {
         self.header = header
@@ -46,8 +48,9 @@ final class Qcow2RefcountReader {
         let blockOffset = t[Int(tableIndex)] & Qcow2.reftableOffsetMask
         if blockOffset == 0 { return 0 }
         if blockOffset & (header.clusterSize - 1) != 0 {
-            throw InstarError(.corrupt, "Refblock offset \(hex(blockOffset)) unaligned (reftable index: \(hex(tableIndex)))",
-                              errno: EIO)
+            let what = "Refblock offset \(hex(blockOffset)) unaligned (reftable index: \(hex(tableIndex)))"
+            onCorruption?(what)
+            throw InstarError(.corrupt, what, errno: EIO)
         }
         let block = try blocks.table(at: blockOffset) { try file.readBytes(at: blockOffset, count: Int(header.clusterSize)) }
         let index = cluster & ((1 << blockBits) - 1)
