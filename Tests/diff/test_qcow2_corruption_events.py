@@ -1,14 +1,15 @@
 """qcow2 corruption events on images opened read-only: when a lookup finds a damaged L1 or L2 entry, qemu-img
 prints "qcow2: Image is corrupt: ...; further non-fatal corruption events will be suppressed" once for the image
 (qcow2_signal_corruption), then the operation's own error with the errno's text. instar prints the same lines
-(stdout, stderr and exit code compared with qemu-img's) for info, map (human and JSON), convert and compare.
+(stdout, stderr and exit code compared with qemu-img's) for info, map (human and JSON), convert and compare, in
+process and --isolated.
 A damaged refcount structure only fails block status's metadata-preallocation probe, which qemu ignores."""
 import os
 import struct
 
 import pytest
 
-from conftest import assert_same
+from conftest import INSTAR, assert_same, run
 from test_check import Q, make
 
 
@@ -73,6 +74,12 @@ def test_corruption_event_lines(tmp, case):
     for argv in (["info", name], ["map", name], ["map", "--output=json", name],
                  ["convert", "-O", "raw", name, "out.raw"], ["compare", name, name]):
         r = assert_same(*argv, cwd=tmp)
+        # --isolated: the helper sends the event line to the caller as it happens, so the output is the same.
+        iso = run([INSTAR, argv[0], "--isolated", *argv[1:]], cwd=tmp)
+        assert (iso.rc, iso.out, iso.err.replace("instar: ", "qemu-img: ")) == (r.rc, r.out, r.err.replace(
+            "instar: ", "qemu-img: ")), (argv, iso, r)
+        if os.path.exists(os.path.join(tmp, "out.raw")):
+            os.unlink(os.path.join(tmp, "out.raw"))
         if argv[0] in ("map", "convert", "compare"):
             # Once per open image (compare opens the file twice, and may meet it in both).
             assert (r.err.count("qcow2: Image is corrupt: ") >= 1) == event, (argv, r)

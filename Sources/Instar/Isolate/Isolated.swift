@@ -30,6 +30,7 @@ enum IsolateFrame: UInt32 {
     case failure = 4   // helper -> caller: an InstarError
     case progress = 5  // helper -> caller: f64 percent (the caller's progress callback may cancel)
     case plain = 6     // helper -> caller, answering a convert source's read: path, u64 offset (IsolatedSource)
+    case diagnostic = 7 // helper -> caller, before the answer: a Diagnostics message (text, prefixed) to replay
 }
 
 /// The caller could not read a plain range the helper pointed it to: it asks for the bytes instead.
@@ -336,6 +337,9 @@ public enum IsolatedMode {
                 throw InstarError(.isolation, "The isolated helper could not confine itself: \(strerrorString(-lrc))")
             }
             try runTestHook(test)
+            // What the drivers print while they work (a qcow2 corruption event, qemu's warn_report lines) goes
+            // to the caller as it happens, to be printed there in its place among the answers.
+            Diagnostics.sink = diagnosticFrames(sock)
             if op == .source {
                 // Sends its own frames: the sources' description, then one answer per request until closed.
                 try CallBudget.run(CallBudget.make(timeoutMs: timeoutMs, cpuMs: cpuMs)) {
@@ -360,6 +364,23 @@ public enum IsolatedMode {
         head.u64(UInt64(out.bytes.count))
         guard sendAll(sock, head.bytes), sendAll(sock, out.bytes) else { return 2 }
         return 0
+    }
+
+    /// The most diagnostic frames a helper sends (and a caller replays) in one session.
+    static let maxDiagnostics = 1024
+
+    /// A Diagnostics sink for the helper: each message as a `.diagnostic` frame on `sock`, up to
+    /// `maxDiagnostics` of them.
+    static func diagnosticFrames(_ sock: Int32) -> (Diagnostics.Message) -> Void {
+        let sent = AtomicCounter()
+        return { m in
+            guard sent.value < UInt64(maxDiagnostics) else { return }
+            sent.increment()
+            var w = WireWriter()
+            w.str(m.text)
+            w.bool(m.prefixed)
+            _ = sendFrame(sock, .diagnostic, w.bytes)
+        }
     }
 
     /// Test hooks (INSTAR_ISOLATE_TEST in the caller's environment), run after the lockdown: "abort" crashes the
@@ -650,6 +671,8 @@ final class HelperSession {
 
     /// Files the helper opened through the broker, over the whole session.
     var opens = 0
+    /// Diagnostic frames received over the whole session (those past `maxDiagnostics` are not replayed).
+    var diagnostics = 0
 
     /// Sends `request` and serves the helper's open requests until its answer: the result (or its error). With
     /// `into`, the result must be exactly `into.count` bytes and is received straight into it (an empty reader
@@ -691,6 +714,15 @@ final class HelperSession {
                     throw InstarError(.isolation, "The isolated helper asked for too many files")
                 }
                 try serveOpen(body)
+            case .diagnostic?:
+                var dr = WireReader(body)
+                let text = try dr.str()
+                let prefixed = try dr.bool()
+                try dr.finish()
+                diagnostics += 1
+                if diagnostics <= IsolatedMode.maxDiagnostics {
+                    Diagnostics.sink?(Diagnostics.Message(text, prefixed: prefixed))
+                }
             case .progress?:
                 var pr = WireReader(body)
                 let percent = Double(bitPattern: try pr.u64())

@@ -378,7 +378,9 @@ extension IsolatedMode {
         }
         if let sel = snapshot { try ConvertOperation.loadSnapshot(sel, sources: sources) }
 
-        Diagnostics.sink = nil
+        // From here on, what the drivers print while serving reads goes to the caller as frames.
+        let sock = Int32(INSTAR_ISOLATE_SOCK_FD)
+        Diagnostics.sink = IsolatedMode.diagnosticFrames(sock)
         var out = WireWriter()
         writeWarnings(&out, warnings.items)
         out.u64(UInt64(diagnostics.items.count))
@@ -415,7 +417,6 @@ extension IsolatedMode {
                 layers.append(layer)
             }
         }
-        let sock = Int32(INSTAR_ISOLATE_SOCK_FD)
         guard sendFrame(sock, .result, out.bytes) else { return }
 
         // Test hooks of the serving phase: "abort-read:N", "hang-read:N", "garbage-read:N",
