@@ -316,6 +316,13 @@ public final class HostFile {
         if let remote { try remote.finishWrites(durable: !noFlush) }
     }
 
+    /// Waits for the protocol's write-behind requests and throws the first failure (`ProtocolBackend.drainWrites`);
+    /// nothing to wait for on a host file.
+    public func drainWrites() throws {
+        if let base { return try base.drainWrites() }
+        if let remote { try remote.drainWrites() }
+    }
+
     /// The start of the next data extent at or after `offset`, or nil when only a hole follows (SEEK_DATA).
     /// Falls back to "all data" where the filesystem lacks SEEK_DATA.
     public func nextData(from offset: UInt64) -> UInt64? {

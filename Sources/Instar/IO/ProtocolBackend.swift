@@ -44,6 +44,9 @@ public protocol ProtocolBackend: AnyObject {
     /// network round trip (RBD's OSDs, an NBD server), so several overlap. 1 for a backend with no latency to
     /// hide.
     var readsInFlight: Int { get }
+    /// Waits until every write-behind request has been answered, and throws the first that failed (as the next
+    /// write would), without flushing or changing what close does. Nothing to wait for by default.
+    func drainWrites() throws
 }
 
 extension ProtocolBackend {
@@ -52,6 +55,7 @@ extension ProtocolBackend {
     public func finishWrites(durable: Bool) throws {}
     public func formatSpecific() throws -> QObject? { nil }
     public var readsInFlight: Int { 1 }
+    public func drainWrites() throws {}
 }
 
 /// Snapshots kept by the storage under a protocol node (qemu's bdrv_snapshot_* falling through a raw format to

@@ -555,6 +555,9 @@ public enum ConvertOperation {
         reader.start()
         defer { reader.stop() }
         var done: UInt64 = 0
+        // The report that reaches 100% waits until every write is answered (qemu reports a chunk once its write
+        // completed; write-behind targets answer later): a failed write must not follow a "100%".
+        var fullReportPending = false
         sector = 0
         while sector < totalSectors {
             let step = reader.next()
@@ -563,7 +566,11 @@ public enum ConvertOperation {
             var status = step.pointee.status
             if status == .data || (minSparse == 0 && status == .zero) {
                 done += n
-                try meter.set(done: done, total: allocated)
+                if done < allocated {
+                    try meter.set(done: done, total: allocated)
+                } else {
+                    fullReportPending = true
+                }
             }
             for w in step.pointee.warnings { options.salvageWarning?(w) }
             if let e = step.pointee.readError {
@@ -633,6 +640,14 @@ public enum ConvertOperation {
         }
         do {
             try batch?.drain(&writer)
+            for f in targetFormat.hostFiles { try f.drainWrites() }
+        } catch let f as CompressedWriteFailure {
+            throw writeError(f)
+        } catch let e as InstarError {
+            throw StepError(.write, at: sector * sectorSize, e)
+        }
+        if fullReportPending { try meter.set(done: done, total: allocated) }
+        do {
             // convert_do_copy ends a successful compressed copy with an empty compressed write.
             try compressor?.finishCompressedWrites()
             if options.targetCache.flushes { try targetFormat.flush() }

@@ -726,6 +726,10 @@ final class NbdBackend: ProtocolBackend {
         try throwDeferred()
     }
 
+    func drainWrites() throws {
+        try throwDeferred(waitAll: true)
+    }
+
     func finishWrites(durable: Bool) throws {
         if !durable {
             pthread_mutex_lock(lock)

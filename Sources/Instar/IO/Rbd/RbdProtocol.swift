@@ -793,6 +793,10 @@ final class RbdImage: ProtocolBackend, ProtocolSnapshotting {
         try pending.wait()
     }
 
+    func drainWrites() throws {
+        try pending.wait()
+    }
+
     func flush() throws {
         try pending.wait()
         let r = rbd_flush(image)
