@@ -5,7 +5,7 @@ PYTHON  ?= /usr/bin/python3
 PREFIX  ?= /usr/local
 OUT     := build
 RELEASE := -c release -Xswiftc -static-stdlib
-APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace
+APT_PKGS := zlib1g-dev libzstd-dev libgcrypt20-dev qemu-utils python3-pytest python3-pytest-xdist pkg-config strace gdb
 APT_PKGS += python3-venv python3-pip python3-setuptools python3-wheel mypy
 APT_PKGS += libbz2-dev
 # RBD (issue 15): librbd to link and qemu-img's rbd driver; the cluster packages come from ceph-deps below.

@@ -196,3 +196,81 @@ def _drop_tmp_path_of_passed_test(request):
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.passed:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# A watchdog for hangs. Every run of a tool goes through run(), which has a timeout, but a test that calls
+# libinstar in this process (the bindings, the C API) or waits on a server of its own has no such bound, and a
+# deadlock there would hold the whole suite until CI's own limit. A test (setup, call and teardown) that runs
+# past TEST_DEADLINE seconds gets its Python stacks, and the native stacks of this process and its children (gdb),
+# written to stderr; then this worker ends, so xdist reports that test as failed and goes on with the rest.
+TEST_DEADLINE = float(os.environ.get("INSTAR_TEST_DEADLINE", "1200"))
+_watch = {"item": None, "since": None}
+
+
+def _children(pid):
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def _dump_hang(nodeid, seconds):
+    import faulthandler
+
+    def say(text):
+        os.write(2, text.encode(errors="replace"))
+
+    say(f"\n=== watchdog: {nodeid} still running after {seconds:.0f} s; stacks follow ===\n")
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    pids, todo = [], [os.getpid()]
+    while todo and len(pids) < 16:
+        pid = todo.pop(0)
+        pids.append(pid)
+        todo.extend(_children(pid))
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        say(f"--- native stacks of {pid}: {cmd[:300]}\n")
+        if shutil.which("gdb"):
+            try:
+                r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 30"],
+                                   capture_output=True, text=True, timeout=120)
+                say("\n".join(l for l in r.stdout.splitlines() if l.startswith(("#", "Thread"))) + "\n")
+            except (OSError, subprocess.TimeoutExpired) as e:
+                say(f"gdb failed: {e}\n")
+    say(f"=== watchdog: ending this worker ===\n")
+
+
+def _watchdog():
+    while True:
+        time.sleep(5)
+        item, since = _watch["item"], _watch["since"]
+        if item is not None and since is not None and time.monotonic() - since > TEST_DEADLINE:
+            try:
+                _dump_hang(item, time.monotonic() - since)
+            finally:
+                os._exit(3)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if _watch.get("thread") is None:
+        import threading
+        _watch["thread"] = threading.Thread(target=_watchdog, name="instar-test-watchdog", daemon=True)
+        _watch["thread"].start()
+    _watch["item"], _watch["since"] = item.nodeid, time.monotonic()
+    try:
+        yield
+    finally:
+        _watch["item"], _watch["since"] = None, None
