@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -221,15 +222,15 @@ def _children(pid):
     return kids
 
 
-def _dump_hang(nodeid, seconds):
+def _dump_hang(nodeid, seconds, out):
     import faulthandler
 
     def say(text):
-        os.write(2, text.encode(errors="replace"))
+        out.write(text)
+        out.flush()
 
     say(f"\n=== watchdog: {nodeid} still running after {seconds:.0f} s; stacks follow ===\n")
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    sys.stderr.flush()
+    faulthandler.dump_traceback(file=out, all_threads=True)
     pids, todo = [], [os.getpid()]
     while todo and len(pids) < 16:
         pid = todo.pop(0)
@@ -249,7 +250,18 @@ def _dump_hang(nodeid, seconds):
                 say("\n".join(l for l in r.stdout.splitlines() if l.startswith(("#", "Thread"))) + "\n")
             except (OSError, subprocess.TimeoutExpired) as e:
                 say(f"gdb failed: {e}\n")
-    say(f"=== watchdog: ending this worker ===\n")
+    for pid in pids[1:]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    say("=== watchdog: ending this worker and its children ===\n")
+
+
+# xdist gives a crashed worker's file, the hung test included, to a new worker: the tests that hung are listed
+# in this file (one per test run), and run again they fail at once, with the stacks as their message (the worker's
+# own stderr is captured by pytest and lost with it), instead of hanging a second time.
+_HUNG = os.path.join("/tmp", f"instar-hung-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
 
 
 def _watchdog():
@@ -258,9 +270,28 @@ def _watchdog():
         item, since = _watch["item"], _watch["since"]
         if item is not None and since is not None and time.monotonic() - since > TEST_DEADLINE:
             try:
-                _dump_hang(item, time.monotonic() - since)
+                stacks = f"{_HUNG}-{os.getpid()}.txt"
+                with open(_HUNG, "a") as f:
+                    f.write(f"{item}\t{stacks}\n")
+                with open(stacks, "w") as out:
+                    _dump_hang(item, time.monotonic() - since, out)
             finally:
                 os._exit(3)
+
+
+def pytest_runtest_setup(item):
+    try:
+        with open(_HUNG) as f:
+            hung = dict(line.split("\t", 1) for line in f.read().splitlines())
+    except OSError:
+        return
+    if item.nodeid in hung:
+        try:
+            with open(hung[item.nodeid]) as f:
+                stacks = f.read()[-60000:]
+        except OSError as e:
+            stacks = f"(no stacks: {e})"
+        pytest.fail(f"this test ran past {TEST_DEADLINE:.0f} s and its worker was ended:\n{stacks}", pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

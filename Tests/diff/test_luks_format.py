@@ -340,7 +340,9 @@ def test_instar_reads_with_key_secret_api(qimages):
                                    ",preallocation=full"])
 def test_measure(extra, qimages):
     d, imgs = qimages
-    for size in ("1M", "1000", "1G", "0"):
+    # Each LUKS measure costs qemu-img its PBKDF2 benchmark (a second or more): the sizes are walked once, with the
+    # default cipher; the other options change only the header, which one size shows.
+    for size in ("1M", "1000", "1G", "0") if not extra else ("1000",):
         for out in ([], ["--output=json"]):
             assert_same("measure", *out, "-O", "luks", *OBJ, "-o", "key-secret=sec0,iter-time=10" + extra,
                         "--size", size)

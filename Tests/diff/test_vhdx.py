@@ -442,6 +442,9 @@ def _run_limited(argv, cwd, timeout=300):
     return p.returncode, p.stdout, p.stderr
 
 
+# qemu-img check -r all on these writes until it dies (see test_hostile).
+QEMU_CHECK_ABORTS = {"log-desc-zero-huge"}
+
 HOSTILE_COMMANDS = [["info"], ["info", "--output=json"], ["map", "--output=json"], ["check"],
                     ["convert", "-O", "raw", "@", "out.raw"], ["compare", "@", "@"]]
 
@@ -500,9 +503,10 @@ def test_hostile(tmp):
             r = _run_limited([INSTAR, *args], tmp)
             if r is None or r[0] < 0:
                 failures.append(f"{name} {args[0]}: {'timed out' if r is None else f'killed by signal {-r[0]}'}")
-            elif args[0] == "check":
+            elif args[0] == "check" and name not in QEMU_CHECK_ABORTS:
                 # the repair's report matches qemu-img's where qemu-img finishes (on a zero descriptor of 2^62
-                # bytes it writes zeroes for ever) and the image is probed as vhdx
+                # bytes it writes zeroes until the address-space limit aborts it, half a minute: not run) and the
+                # image is probed as vhdx
                 shutil.copy(path, c)
                 q = _run_limited(["qemu-img", *args], tmp, timeout=60)
                 if q is not None and q[0] >= 0 and "probing guessed raw" not in q[2]:
