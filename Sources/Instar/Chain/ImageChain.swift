@@ -576,6 +576,17 @@ public enum ImageOpener {
                 }
             }
         }
+        if let known = descriptor.knownOption {
+            // bdrv_open_inherit: options nobody used fail the open, the first in the QDict's order named.
+            // qdict_flatten also flattens lists: a list's first member is the key qemu sees ("name.0").
+            let unused = spec.driverOptionOrder.compactMap { k -> String? in
+                if case let .list(items)? = spec.driverOptions[k] { return items.isEmpty ? nil : "\(k).0" }
+                return known(k) ? nil : k
+            }
+            if let first = QJSON.qdictOrder(unused.map { ($0, QObject.null) }).first?.0 {
+                throw InstarError.invalid("Block format '\(descriptor.name)' does not support the option '\(first)'")
+            }
+        }
         return ImageLayer(format: format, filename: spec.displayName(formatName: format.formatName), backing: backingLayer,
                           fullBackingFilename: fullBacking, writable: writable)
     }

@@ -5,22 +5,26 @@ import Glibc
 /// LUKS- or legacy AES-encrypted images (unlocked with the `encrypt.key-secret` passphrase). The open sequence
 /// and its messages follow qemu's qcow2_do_open.
 public final class Qcow2Format: ImageFormat {
-    public static let descriptor = FormatDescriptor(
-        name: "qcow2",
-        probe: { header, _ in
-            // qemu's qcow2_probe: the magic and a version of 2 or more.
-            let r = ByteReader(header)
-            guard let magic = try? r.u32be(at: 0), magic == Qcow2.magic, let version = try? r.u32be(at: 4),
-                  version >= 2 else { return 0 }
-            return 100
-        },
-        open: { request in
-            let image = try Qcow2Format(request: request)
-            // qcow2_do_open's order: a dirty image is repaired before its bitmaps are marked in use.
-            try image.repairIfDirty(request: request)
-            try image.prepareBitmapsForWriting()
-            return image
-        })
+    public static let descriptor: FormatDescriptor = {
+        var d = FormatDescriptor(
+            name: "qcow2",
+            probe: { header, _ in
+                // qemu's qcow2_probe: the magic and a version of 2 or more.
+                let r = ByteReader(header)
+                guard let magic = try? r.u32be(at: 0), magic == Qcow2.magic, let version = try? r.u32be(at: 4),
+                      version >= 2 else { return 0 }
+                return 100
+            },
+            open: { request in
+                let image = try Qcow2Format(request: request)
+                // qcow2_do_open's order: a dirty image is repaired before its bitmaps are marked in use.
+                try image.repairIfDirty(request: request)
+                try image.prepareBitmapsForWriting()
+                return image
+            })
+        d.knownOption = Qcow2RuntimeOptions.isKnown
+        return d
+    }()
 
     public let formatName = "qcow2"
     let file: HostFile
@@ -131,9 +135,8 @@ public final class Qcow2Format: ImageFormat {
         }
         try h.validateLayout(forCheck: request.options.check)
         let l1 = try Qcow2Mapper.readL1(header: h, file: file)
-        guard h.cryptMethod <= Qcow2.cryptLUKS else {
-            throw InstarError.unsupported("Unsupported encryption method \(h.cryptMethod)")
-        }
+        // qcow2_do_open parses the driver's options once the L1 table is read (the encryption method too).
+        try Qcow2RuntimeOptions.check(request.options.driverOptions, header: h)
         let ext = try Qcow2Extensions.parse(area: area, header: h)
         extensions = ext
         for _ in 0..<ext.ignoredBitmapsExtensions { Qcow2Format.warnIgnoredBitmaps(version: h.version) }
