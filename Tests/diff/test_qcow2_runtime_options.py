@@ -122,3 +122,12 @@ def test_library_refuses_an_unknown_option(images):
         instar.info_json(_json(**{"overlap-check": "sometimes"}, file=file))
     assert "Unsupported value 'sometimes' for qcow2 option 'overlap-check'" in e.value.message
     assert json.loads(instar.info_json(_json(**{"l2-cache-size": "1M"}, file=file)))["format"] == "qcow2"
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "qed", "vhdx", "vmdk", "qcow"])
+@pytest.mark.parametrize("opts", ["nosuch=1", "encrypt.key-secret=s0", "a=1,b=2,c=3", "log-replay=on"])
+def test_formats_without_such_options(tmp, fmt, opts):
+    """The other formats whose drivers have (almost) no options: an unknown name fails the open with qemu's message
+    (qcow takes the encryption options, vmdk its extents' options)."""
+    qimg("create", "-q", "-f", fmt, os.path.join(tmp, f"x.{fmt}"), "1M")
+    _same(tmp, "info", *SECRET, "--image-opts", f"driver={fmt},{opts},file.filename=x.{fmt}")

@@ -422,3 +422,12 @@ public struct FormatCreator {
         self.measure = measure
     }
 }
+
+extension FormatDescriptor {
+    /// The descriptor with `knownOption` set: the options its driver uses, any other refused after the open.
+    public func knowing(_ known: @escaping (String) -> Bool) -> FormatDescriptor {
+        var d = self
+        d.knownOption = known
+        return d
+    }
+}

@@ -15,6 +15,8 @@ public final class QcowFormat: ImageFormat {
             return 100
         },
         open: { try QcowFormat(request: $0) })
+        // qemu's driver takes only the encryption options (encrypt.*): others fail the open.
+        .knowing { $0.hasPrefix("encrypt.") }
 
     /// How a run of guest clusters is stored.
     enum Kind: Equatable {

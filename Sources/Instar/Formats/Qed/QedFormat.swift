@@ -13,6 +13,8 @@ public final class QedFormat: ImageFormat {
             return 100
         },
         open: { try QedFormat(request: $0) })
+        // qemu's driver has no options of its own: any fails the open, after the backing chain.
+        .knowing { _ in false }
 
     /// How one guest range maps (qemu's QED_CLUSTER_*).
     enum Kind { case found, zero, missingL2, missingL1 }

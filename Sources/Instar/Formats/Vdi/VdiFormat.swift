@@ -13,6 +13,8 @@ public final class VdiFormat: ImageFormat {
             return 100
         },
         open: { try VdiFormat(request: $0) })
+        // qemu's driver has no options of its own: any fails the open, after the backing chain.
+        .knowing { _ in false }
 
     static let signature: UInt32 = 0xBEDA_107F
     static let version11: UInt32 = 0x0001_0001

@@ -13,6 +13,8 @@ public final class VhdxFormat: ImageFormat {
             header.count >= 8 && header.prefix(8).elementsEqual(Array("vhdxfile".utf8)) ? 100 : 0
         },
         open: { try VhdxFormat(request: $0) })
+        // qemu's driver has no options of its own: any fails the open, after the backing chain.
+        .knowing { _ in false }
 
     public let formatName = "vhdx"
     let file: HostFile

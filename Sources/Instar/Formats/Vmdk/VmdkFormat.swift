@@ -11,6 +11,8 @@ public final class VmdkFormat: ImageFormat {
         name: "vmdk",
         probe: { header, _ in probe(header) },
         open: { try VmdkFormat(request: $0) })
+        // qemu's driver takes only its extents' options (extents.N.*): others fail the open.
+        .knowing { $0.hasPrefix("extents.") }
 
     /// qemu's DESC_SIZE: the descriptor window CID and parent lookups read.
     static let descWindow = 20 * 512
