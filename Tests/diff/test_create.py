@@ -104,6 +104,10 @@ MESSAGE_CASES = [
     (["-f", "qcow2", "-o", "compression_type=lz"], "1M"),
     (["-f", "qcow2", "-o", "data_file_raw=on"], "1M"),
     (["-f", "qcow2", "-o", "cluster_size=1.5"], "1M"),
+    # A well-formed size past 2^64 has its own message (parse_option_size's ERANGE).
+    (["-f", "qcow2", "-o", "cluster_size=16E"], "1M"),
+    (["-f", "qcow2", "-o", "cluster_size=99999999999999999999"], "1M"),
+    (["-f", "raw", "-o", "extent_size_hint=20E"], "1M"),
     (["-f", "qcow2", "-o", "foo=1"], "1M"),
     (["-f", "qcow2", "-o", "nocow"], "1M"),
     (["-f", "qcow2", "-o", "size=1k"], "2M"),

@@ -105,12 +105,17 @@ public struct CreateOptionValues {
             default: throw InstarError.invalid("Parameter '\(spec.name)' expects a number")
             }
         case .size:
-            guard case .success(let v) = SizeParse.parse(text) else {
+            switch SizeParse.parse(text) {
+            case .success(let v):
+                return v
+            case .failure(.range):
+                // qemu's parse_option_size: a well-formed size past 2^64 has a message of its own.
+                throw InstarError.invalid("Value '\(text)' is out of range for parameter '\(spec.name)'")
+            case .failure:
                 throw InstarError.invalid("Parameter '\(spec.name)' expects a non-negative number below 2^64\n"
                     + "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
                     + "and exabytes, respectively.")
             }
-            return v
         }
     }
 
