@@ -311,8 +311,9 @@ public struct FormatDescriptor {
     public var sharesWrites = false
     /// The json:/--image-opts options the driver takes; nil when it does not declare them (all are passed on).
     public var runtimeOptions: Set<String>?
-    /// The options a driver that checks its own option values while it opens (qcow2) makes use of: any other
-    /// fails the open once the backing chain is open, where qemu's block layer looks for unused options.
+    /// The options a driver uses, for drivers whose options qemu checks after the open (qcow2, qcow, qed, vdi,
+    /// vhdx, vmdk): any other fails the open once the backing chain is open, where qemu's block layer looks for
+    /// unused options.
     public var knownOption: ((String) -> Bool)? = nil
     /// Creation and measurement; nil for formats that cannot create images (filled in by `FormatRegistry`).
     public var creator: FormatCreator? = nil

@@ -8,10 +8,8 @@ import Glibc
 /// A name the driver does not know fails the open too, but only once the backing chain is open, where qemu's
 /// block layer looks for options nobody used (`FormatDescriptor.knownOption`, checked in `ImageOpener`).
 enum Qcow2RuntimeOptions {
-    private enum Kind { case bool, string, size, number }
-
     /// qcow2_runtime_opts (but encrypt.key-secret, which the encryption options below cover).
-    private static let kinds: [String: Kind] = [
+    private static let kinds: [String: CreateOptionSpec.Kind] = [
         "lazy-refcounts": .bool,
         "pass-discard-request": .bool,
         "pass-discard-snapshot": .bool,
@@ -52,7 +50,8 @@ enum Qcow2RuntimeOptions {
         let own = options.filter { kinds[$0.key] != nil }.sorted { $0.key < $1.key }
         for (key, value) in QJSON.qdictOrder(own.map { ($0.key, $0.value) }) {
             guard let kind = kinds[key], let text = scalarText(value) else { continue }
-            try parse(text, as: kind, name: key)
+            // qemu_opt_parse: the same parsers and messages as creation options.
+            try CreateOptionValues.validate(CreateOptionSpec(key, kind, ""), text)
             values[key] = text
         }
 
@@ -155,32 +154,6 @@ enum Qcow2RuntimeOptions {
         case let .uint(n): return String(n)
         case let .double(d): return QJSON.compact(.double(d))
         default: return nil
-        }
-    }
-
-    /// qemu_opt_parse for one option of the list.
-    private static func parse(_ text: String, as kind: Kind, name: String) throws {
-        switch kind {
-        case .string:
-            return
-        case .bool:
-            guard CreateOptionValues.parseBool(text) != nil else {
-                throw InstarError.invalid("Parameter '\(name)' expects 'on' or 'off'")
-            }
-        case .number:
-            switch QemuStrtol.unsigned(text) {
-            case .unsignedValue: return
-            case .range: throw InstarError.invalid("Value '\(text)' is too large for parameter '\(name)'")
-            default: throw InstarError.invalid("Parameter '\(name)' expects a number")
-            }
-        case .size:
-            switch SizeParse.parse(text) {
-            case .success: return
-            case .failure(.range):
-                throw InstarError.invalid("Value '\(text)' is out of range for parameter '\(name)'")
-            case .failure:
-                throw RawFormat.sizeOptionError(name)
-            }
         }
     }
 
